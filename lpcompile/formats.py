@@ -1,0 +1,448 @@
+"""The format registry: every precision lpcompile can assign, with bit-exact references.
+
+A :class:`Format` is a *recipe*: how a weight is stored (element type, scale granularity and
+scale type), what the activations entering the op are rounded to, and how many bits a weight
+costs including the scale overhead. ``quantize_weight`` / ``dequantize`` are the reference
+implementations every pass, runtime and analysis step agrees with; the FP8 and bf16 codes come
+from ml_dtypes, the integer grids are symmetric with round-half-to-even.
+
+Weight layout: a weight tensor has an *output-channel axis* (per-channel scales live along it)
+and a *reduction axis* (int4 blocks run along it). For ``MatMul(x, W[K, N])`` that is channel 1,
+reduction 0; for ``Conv`` weights ``[O, I, kh, kw]`` channel 0, reduction 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+import onnx
+
+from lpcompile.errors import FormatError
+
+logger = logging.getLogger(__name__)
+
+Rounding = Literal["nearest", "stochastic"]
+ScaleKind = Literal["none", "per_channel", "per_block"]
+
+
+@dataclass(frozen=True)
+class FloatSpec:
+    """An IEEE-like floating-point element type.
+
+    Attributes:
+        mantissa_bits: explicit fraction bits.
+        min_exponent: exponent of the smallest normal number (subnormals share its ULP).
+        max_value: largest finite magnitude (saturation bound).
+        np_dtype: the numpy / ml_dtypes type whose casts are the reference (round-to-nearest-even).
+    """
+
+    mantissa_bits: int
+    min_exponent: int
+    max_value: float
+    np_dtype: type
+
+
+FLOAT_SPECS: Mapping[str, FloatSpec] = {
+    "float32": FloatSpec(23, -126, float(np.finfo(np.float32).max), np.float32),
+    "bfloat16": FloatSpec(7, -126, float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), ml_dtypes.bfloat16),
+    "float16": FloatSpec(10, -14, 65504.0, np.float16),
+    "float8_e4m3fn": FloatSpec(3, -6, 448.0, ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": FloatSpec(2, -14, 57344.0, ml_dtypes.float8_e5m2),
+}
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Which axes of a weight tensor carry output channels and the reduction."""
+
+    channel_axis: int
+    reduction_axis: int
+
+
+MATMUL_LAYOUT = WeightLayout(channel_axis=1, reduction_axis=0)
+CONV_LAYOUT = WeightLayout(channel_axis=0, reduction_axis=1)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A precision recipe for one weighted op.
+
+    Attributes:
+        name: registry key, e.g. ``"int4_b128"``.
+        element: storage element type: a key of :data:`FLOAT_SPECS`, or ``"int8"`` / ``"int4"``.
+        storage_bits: bits per stored weight element.
+        scale: scale granularity of the stored weight.
+        scale_dtype: ``"float32"`` or ``"float16"`` (``None`` without scales).
+        block_size: elements per scale block along the reduction axis (``per_block`` only).
+        activation: what the op's activation inputs are rounded to (a float element key such as
+            ``"float8_e4m3fn"`` or ``"bfloat16"``); ``None`` keeps them fp32.
+        description: one line for tables and reports.
+    """
+
+    name: str
+    element: str
+    storage_bits: int
+    scale: ScaleKind = "none"
+    scale_dtype: str | None = None
+    block_size: int | None = None
+    activation: str | None = None
+    description: str = ""
+
+    @property
+    def is_float(self) -> bool:
+        return self.element in FLOAT_SPECS
+
+    @property
+    def is_identity(self) -> bool:
+        """True for fp32: nothing to rewrite."""
+        return self.element == "float32" and self.activation is None
+
+    @property
+    def nominal_bits(self) -> float:
+        """Bits per weight for a large tensor (per-block overhead counted, per-channel ignored)."""
+        if self.scale == "per_block" and self.block_size:
+            return self.storage_bits + _scale_bits(self.scale_dtype) / self.block_size
+        return float(self.storage_bits)
+
+    def bits_for(self, shape: tuple[int, ...], layout: WeightLayout) -> float:
+        """Effective bits per weight of a tensor of ``shape``, scale overhead included."""
+        n = math.prod(shape)
+        if n == 0:
+            return float(self.storage_bits)
+        return (self.storage_bits * n + _scale_bits(self.scale_dtype) * self.num_scales(shape, layout)) / n
+
+    def num_scales(self, shape: tuple[int, ...], layout: WeightLayout) -> int:
+        """How many scale values the stored tensor needs."""
+        if self.scale == "none":
+            return 0
+        if self.scale == "per_channel":
+            return int(shape[layout.channel_axis])
+        return math.prod(_block_scale_shape(shape, layout.reduction_axis, self._block(shape, layout)))
+
+    def _block(self, shape: tuple[int, ...], layout: WeightLayout) -> int:
+        bs = int(self.block_size or 0)
+        return max(1, min(bs, int(shape[layout.reduction_axis]))) if bs else 1
+
+    def onnx_storage_type(self) -> int:
+        """The ONNX ``TensorProto`` data type of the stored weight."""
+        return _ONNX_TYPES[self.element]
+
+
+def _scale_bits(scale_dtype: str | None) -> int:
+    return {None: 0, "float32": 32, "float16": 16}[scale_dtype]
+
+
+_ONNX_TYPES: Mapping[str, int] = {
+    "float32": onnx.TensorProto.FLOAT,
+    "bfloat16": onnx.TensorProto.BFLOAT16,
+    "float16": onnx.TensorProto.FLOAT16,
+    "float8_e4m3fn": onnx.TensorProto.FLOAT8E4M3FN,
+    "float8_e5m2": onnx.TensorProto.FLOAT8E5M2,
+    "int8": onnx.TensorProto.INT8,
+    "int4": onnx.TensorProto.INT4,
+}
+
+INT_RANGES: Mapping[str, tuple[int, int]] = {"int8": (-128, 127), "int4": (-8, 7)}
+# Symmetric grids map amax to +qmax (127 / 7); the extra negative code is only reached by rounding.
+INT_QMAX: Mapping[str, int] = {"int8": 127, "int4": 7}
+
+
+def _build_registry() -> dict[str, Format]:
+    formats = [
+        Format("fp32", "float32", 32, description="fp32 weights and activations (unchanged)"),
+        Format("bf16", "bfloat16", 16, activation="bfloat16", description="W16A16 bf16, fp32 accumulation"),
+        Format("fp16", "float16", 16, activation="float16", description="W16A16 fp16, fp32 accumulation"),
+        Format(
+            "fp8_e4m3",
+            "float8_e4m3fn",
+            8,
+            scale="per_channel",
+            scale_dtype="float32",
+            activation="float8_e4m3fn",
+            description="W8A8 FP8 E4M3FN (per-channel weight scales, per-tensor activation scale)",
+        ),
+        Format(
+            "fp8_e5m2",
+            "float8_e5m2",
+            8,
+            scale="per_channel",
+            scale_dtype="float32",
+            activation="float8_e5m2",
+            description="W8A8 FP8 E5M2 (per-channel weight scales, per-tensor activation scale)",
+        ),
+        Format(
+            "int8",
+            "int8",
+            8,
+            scale="per_channel",
+            scale_dtype="float32",
+            description="int8 symmetric weights per output channel, fp32 activations",
+        ),
+    ]
+    for bs in (32, 64, 128):
+        formats.append(
+            Format(
+                f"int4_b{bs}",
+                "int4",
+                4,
+                scale="per_block",
+                scale_dtype="float16",
+                block_size=bs,
+                description=f"int4 symmetric weights, blocks of {bs} along the reduction axis, fp16 scales",
+            )
+        )
+    return {f.name: f for f in formats}
+
+
+_REGISTRY: Mapping[str, Format] = _build_registry()
+ALIASES: Mapping[str, str] = {"int4": "int4_b128", "fp8": "fp8_e4m3", "e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2"}
+
+
+def format_names() -> tuple[str, ...]:
+    """All canonical format names, cheapest-last order of the registry."""
+    return tuple(_REGISTRY)
+
+
+def canonical_name(name: str) -> str:
+    """Resolve aliases (``int4`` → ``int4_b128``); raise ``FormatError`` on unknown names."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise FormatError(f"unknown format {name!r}; known: {', '.join(format_names())} (aliases: int4, fp8)")
+    return key
+
+
+def get_format(name: str) -> Format:
+    """Look a format up by name or alias."""
+    return _REGISTRY[canonical_name(name)]
+
+
+def parse_format_list(text: str) -> tuple[str, ...]:
+    """Parse ``"fp8_e4m3,int8,int4"`` into canonical names (order kept, duplicates dropped)."""
+    names = [canonical_name(part) for part in text.split(",") if part.strip()]
+    if not names:
+        raise FormatError("empty format list")
+    return tuple(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-level rounding references
+# ---------------------------------------------------------------------------------------------
+
+
+def round_to_float(
+    x: np.ndarray, element: str, rounding: Rounding = "nearest", rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Round float32 values to a float element type, returning codes in that type.
+
+    Round-to-nearest-even is ml_dtypes' cast. FP8 E4M3FN saturates finite values (and ±inf) to
+    ±448 like ONNX ``QuantizeLinear(saturate=1)``; other types overflow to ±inf as IEEE casts do.
+    NaN stays NaN. Stochastic rounding picks the upper neighbour with probability equal to the
+    fractional distance, so it is unbiased.
+    """
+    spec = FLOAT_SPECS[element]
+    x = np.asarray(x, dtype=np.float32)
+    saturate = element.startswith("float8")
+    if saturate:
+        x = np.where(np.isnan(x), x, np.clip(x, -spec.max_value, spec.max_value)).astype(np.float32)
+    if rounding == "nearest":
+        return x.astype(spec.np_dtype)
+    if rng is None:
+        raise ValueError("stochastic rounding needs an rng")
+    xd = x.astype(np.float64)
+    finite = np.isfinite(xd)
+    ax = np.where(finite & (xd != 0), np.abs(xd), 1.0)
+    exp = np.maximum(np.floor(np.log2(ax)), spec.min_exponent)
+    ulp = np.exp2(exp - spec.mantissa_bits)
+    lo = np.floor(xd / ulp) * ulp
+    frac = np.where(finite, (xd - lo) / ulp, 0.0)
+    up = rng.random(size=xd.shape) < frac
+    out = np.where(finite, lo + up * ulp, xd)
+    if saturate:
+        out = np.clip(out, -spec.max_value, spec.max_value)
+    return out.astype(np.float32).astype(spec.np_dtype)
+
+
+def round_to_int(
+    x: np.ndarray, qmin: int, qmax: int, rounding: Rounding = "nearest", rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Round to integers (half-to-even, or stochastic) and clip to ``[qmin, qmax]``; NaN → 0."""
+    x = np.asarray(x, dtype=np.float64)
+    x = np.where(np.isnan(x), 0.0, x)
+    if rounding == "nearest":
+        q = np.rint(x)
+    else:
+        if rng is None:
+            raise ValueError("stochastic rounding needs an rng")
+        q = np.floor(x + rng.random(size=x.shape))
+    return np.clip(q, qmin, qmax).astype(np.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight quantization
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A stored weight: codes, scales and the DequantizeLinear attributes that decode them.
+
+    Attributes:
+        format: the format name.
+        codes: stored elements (ml_dtypes/np float types, or int8 holding int4/int8 values).
+        scale: ``None`` for plain casts; per-channel 1-D (length = channels) or per-block with the
+            weight's rank (reduction axis divided into blocks), in ``float32`` or ``float16``.
+        axis: DequantizeLinear ``axis`` (channel axis for per-channel, reduction axis for blocks).
+        block_size: DequantizeLinear ``block_size`` (0 when not blocked).
+    """
+
+    format: str
+    codes: np.ndarray
+    scale: np.ndarray | None
+    axis: int
+    block_size: int
+
+
+def _block_scale_shape(shape: tuple[int, ...], axis: int, block: int) -> tuple[int, ...]:
+    out = list(shape)
+    out[axis] = -(-shape[axis] // block)
+    return tuple(out)
+
+
+def _finite_amax(w: np.ndarray, axes: tuple[int, ...], keepdims: bool = True) -> np.ndarray:
+    a = np.abs(np.where(np.isnan(w), 0.0, w)).astype(np.float64)
+    a = np.where(np.isinf(a), np.finfo(np.float32).max, a)
+    return np.max(a, axis=axes, keepdims=keepdims) if a.size else np.zeros([1] * w.ndim)
+
+
+def _expand_blocks(scale: np.ndarray, axis: int, block: int, length: int) -> np.ndarray:
+    return np.repeat(scale, block, axis=axis).take(np.arange(length), axis=axis)
+
+
+def quantize_weight(
+    fmt: Format | str,
+    w: np.ndarray,
+    layout: WeightLayout,
+    rounding: Rounding = "nearest",
+    seed: int | None = None,
+) -> QuantizedWeight:
+    """Quantize a float32 weight tensor by ``fmt`` (the reference every pass and check uses).
+
+    Args:
+        fmt: the format or its name.
+        w: the weight, float32.
+        layout: channel and reduction axes.
+        rounding: ``"nearest"`` (half-to-even) or ``"stochastic"`` (seeded by ``seed``).
+        seed: seed for stochastic rounding.
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    w = np.asarray(w, dtype=np.float32)
+    rng = np.random.default_rng(seed) if rounding == "stochastic" else None
+    if w.ndim == 0 and fmt.scale != "none":
+        raise FormatError(f"format {fmt.name} needs a weight of rank >= 1")
+    if fmt.scale == "none":
+        return QuantizedWeight(fmt.name, round_to_float(w, fmt.element, rounding, rng), None, 0, 0)
+    if fmt.scale == "per_channel":
+        c = layout.channel_axis % w.ndim
+        other = tuple(i for i in range(w.ndim) if i != c)
+        amax = _finite_amax(w, other).reshape(-1)
+        if fmt.is_float:
+            qmax = FLOAT_SPECS[fmt.element].max_value
+        else:
+            qmax = INT_QMAX[fmt.element]
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        scale = np.where(scale > 0, scale, np.float32(np.finfo(np.float32).tiny)).astype(np.float32)
+        bshape = [1] * w.ndim
+        bshape[c] = -1
+        scaled = w / scale.reshape(bshape)
+        if fmt.is_float:
+            codes = round_to_float(scaled, fmt.element, rounding, rng)
+        else:
+            codes = round_to_int(scaled, *INT_RANGES[fmt.element], rounding, rng)
+        return QuantizedWeight(fmt.name, codes, scale, c, 0)
+    # per_block along the reduction axis
+    r = layout.reduction_axis % w.ndim
+    block = fmt._block(w.shape, layout)
+    nblk = -(-w.shape[r] // block)
+    pad = nblk * block - w.shape[r]
+    wp = np.pad(w, [(0, pad) if i == r else (0, 0) for i in range(w.ndim)]) if pad else w
+    split = list(wp.shape)
+    split[r : r + 1] = [nblk, block]
+    amax = _finite_amax(wp.reshape(split), (r + 1,), keepdims=False)
+    qmax = INT_QMAX[fmt.element]
+    scale16 = np.minimum(amax / qmax, 65504.0).astype(np.float16)
+    tiny16 = np.float16(np.finfo(np.float16).smallest_subnormal)
+    scale16 = np.where(amax > 0, np.maximum(scale16, tiny16), np.float16(1.0)).astype(np.float16)
+    if fmt.scale_dtype == "float32":  # not in the registry today, kept for completeness
+        scale = (amax / qmax).astype(np.float32)
+    else:
+        scale = scale16
+    full = _expand_blocks(scale.astype(np.float32), r, block, w.shape[r])
+    codes = round_to_int(w / full, *INT_RANGES[fmt.element], rounding, rng)
+    return QuantizedWeight(fmt.name, codes, scale, r, block)
+
+
+def dequantize(q: QuantizedWeight) -> np.ndarray:
+    """Decode a stored weight to float32 exactly as ONNX ``DequantizeLinear`` (+``Cast``) does.
+
+    Per-block int4 with fp16 scales decodes to fp16 (``codes * scale`` rounded once to fp16, the
+    DequantizeLinear output type) and is then widened to fp32.
+    """
+    fmt = get_format(q.format)
+    if q.scale is None:
+        return q.codes.astype(np.float32)
+    values = q.codes.astype(np.float32)
+    if q.block_size:
+        full = _expand_blocks(q.scale.astype(np.float32), q.axis, q.block_size, q.codes.shape[q.axis])
+        out = values * full
+        if fmt.scale_dtype == "float16":
+            out = out.astype(np.float16).astype(np.float32)
+        return out.astype(np.float32)
+    bshape = [1] * q.codes.ndim
+    bshape[q.axis] = -1
+    return (values * q.scale.astype(np.float32).reshape(bshape)).astype(np.float32)
+
+
+def qdq_weight(
+    fmt: Format | str,
+    w: np.ndarray,
+    layout: WeightLayout,
+    rounding: Rounding = "nearest",
+    seed: int | None = None,
+) -> np.ndarray:
+    """Quantize then dequantize: the weight the rewritten model actually computes with."""
+    return dequantize(quantize_weight(fmt, w, layout, rounding, seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation rounding
+# ---------------------------------------------------------------------------------------------
+
+
+def activation_scale(amax: float, element: str) -> float:
+    """Per-tensor scale mapping a calibrated ``amax`` onto an FP8 grid (1.0 for casts)."""
+    if not element.startswith("float8"):
+        return 1.0
+    amax = float(amax)
+    if not math.isfinite(amax) or amax <= 0:
+        return 1.0
+    return float(np.float32(amax / FLOAT_SPECS[element].max_value))
+
+
+def qdq_activation(x: np.ndarray, element: str, scale: float = 1.0) -> np.ndarray:
+    """Round an activation the way the rewritten graph does (QDQ for FP8, Cast round trip else).
+
+    FP8: ``QuantizeLinear(x, scale)`` (x / scale, RNE, saturating) then ``DequantizeLinear``.
+    bf16/fp16: a Cast round trip (RNE).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if element.startswith("float8"):
+        s = np.float32(scale)
+        return (round_to_float(x / s, element).astype(np.float32) * s).astype(np.float32)
+    return x.astype(FLOAT_SPECS[element].np_dtype).astype(np.float32)
