@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from decimal import ROUND_CEILING, Decimal
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,16 +57,20 @@ def _fmt(x: float, digits: int = 12) -> str:
     return format(x, f".{digits}g")
 
 
-def format_up(x: float) -> str:
-    """The shortest decimal string (up to 17 significant digits) whose value is >= ``x``.
+def format_up(x: float, digits: int = 6) -> str:
+    """``x`` as a short decimal string whose value is >= ``x``: exact when ``x`` has at most
+    ``digits`` significant digits (``4.125``), else rounded up at ``digits`` (``21.3334``).
 
     Used to name a minimum budget so that passing the printed number back is feasible.
     """
-    for digits in range(4, 18):
-        s = format(x, f".{digits}g")
-        if float(s) >= x:
+    for d in range(1, digits + 1):
+        s = format(x, f".{d}g")
+        if float(s) == x:
             return s
-    return repr(float(x))  # pragma: no cover - .17g always round-trips
+    exact = Decimal(x)
+    step = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    up = exact.quantize(step, rounding=ROUND_CEILING).normalize()
+    return format(up, "f" if -5 <= up.adjusted() < 16 else "g")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ tied: they must all get the same format, chosen among the formats common to all 
 * ``REGEX`` alone pins matching items to ``fp32``.
 
 The rule splits at its last ``=`` when what follows looks like a format list; otherwise the whole
-text is the regex (so look-aheads such as ``(?=x)`` stay intact). The regex is searched
+text is the regex (so look-aheads such as ``(?=x)`` stay intact). Spaces around the regex and the
+formats are ignored. The regex is searched
 (``re.search``) in item names: anchor with ``^``/``$`` for exact names. Every rule that matches an
 item applies (their restrictions intersect), so rule order does not matter.
 
@@ -180,6 +181,7 @@ def parse_keep(spec: str) -> KeepRule:
         raise UsageError("--keep rule is empty: expected REGEX=FMT, REGEX=!FMT or REGEX")
     text = spec.strip()
     pattern, sep, rhs = text.rpartition("=")
+    pattern = pattern.strip()
     if sep and pattern and _FORMAT_LIST.fullmatch(rhs):
         rhs = rhs.strip()
         exclude = rhs.startswith("!")

@@ -1,0 +1,76 @@
+"""Output-distortion losses, identical in torch (for Hessians) and numpy (for measurements).
+
+With no labels the loss of a perturbed model is the distortion of its own outputs against the
+fp32 outputs: KL(p_fp32 ‖ p) for classifier-like outputs, and the normalised MSE
+``mean((y − y0)²) / mean(y0²)`` otherwise, summed over outputs. Both are zero with zero gradient
+at the fp32 point, so their Hessian there is the Gauss–Newton matrix and ½·δᵀHδ predicts the
+loss of a weight perturbation δ. With labels (``ce``), the task cross-entropy is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+LossKind = Literal["auto", "kl", "mse"]
+_CLASSIFIER_NAME = re.compile(r"logit|prob|score|class", re.IGNORECASE)
+
+
+def output_loss_kinds(names: Sequence[str], shapes: Sequence[tuple[int, ...]], kind: LossKind) -> dict[str, str]:
+    """Choose ``kl`` or ``mse`` per output (``auto``: KL for rank-2 outputs that look like classes)."""
+    out: dict[str, str] = {}
+    for name, shape in zip(names, shapes, strict=True):
+        if kind != "auto":
+            out[name] = kind
+        elif len(shape) == 2 and shape[-1] >= 2 and (_CLASSIFIER_NAME.search(name) or shape[-1] in (10, 100, 1000, 1001)):
+            out[name] = "kl"
+        else:
+            out[name] = "mse"
+    return out
+
+
+def torch_distortion(outputs: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+                     kinds: Mapping[str, str]) -> torch.Tensor:
+    """Σ over outputs of the distortion of ``outputs`` against fixed ``reference`` tensors."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, kind in kinds.items():
+        y = outputs[name].to(torch.float64)
+        y0 = reference[name].to(torch.float64).detach()
+        if kind == "kl":
+            logp0 = torch.log_softmax(y0, dim=-1)
+            logp = torch.log_softmax(y, dim=-1)
+            total = total + (logp0.exp() * (logp0 - logp)).sum(-1).mean()
+        else:
+            denom = (y0 * y0).mean().clamp_min(1e-30)
+            total = total + ((y - y0) ** 2).mean() / denom
+    return total
+
+
+def numpy_distortion(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                     kinds: Mapping[str, str]) -> float:
+    """The numpy twin of :func:`torch_distortion` (float64)."""
+    total = 0.0
+    for name, kind in kinds.items():
+        y = np.asarray(outputs[name], dtype=np.float64)
+        y0 = np.asarray(reference[name], dtype=np.float64)
+        if kind == "kl":
+            logp0 = _log_softmax(y0)
+            logp = _log_softmax(y)
+            total += float(np.mean(np.sum(np.exp(logp0) * (logp0 - logp), axis=-1)))
+        else:
+            denom = max(float(np.mean(y0 * y0)), 1e-30)
+            total += float(np.mean((y - y0) ** 2)) / denom
+    return total
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    z = x - m
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))

@@ -1,0 +1,154 @@
+"""Measured sensitivity: quantize one node to one format, run ONNX Runtime, measure the loss.
+
+This is both the analyzer's validator (Spearman ρ between predicted and measured losses, overall
+and per format) and its fallback when the torch interpreter cannot evaluate a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from scipy.stats import spearmanr
+
+from lpcompile.analysis.losses import numpy_distortion, output_loss_kinds
+from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
+from lpcompile.formats import get_format
+from lpcompile.frontend.calib import CalibrationSet, batches
+from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
+from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+class _Runner:
+    """Runs a (rewritten) model on the fixed calibration batches and scores its distortion."""
+
+    def __init__(self, model: ir.Model, calib: CalibrationSet, batch_size: int, loss: str) -> None:
+        from lpcompile.runtime.ort import make_session, run
+
+        self._run = run
+        self._make = make_session
+        self.batches = list(batches(calib, batch_size))
+        ref_sess = make_session(ir.to_proto(model), numerics="exact")
+        self.refs = [run(ref_sess, b) for b in self.batches]
+        names = list(self.refs[0])
+        self.kinds = output_loss_kinds(names, [tuple(self.refs[0][k].shape) for k in names], loss)  # type: ignore[arg-type]
+        sizes = np.array([len(next(iter(b.values()))) for b in self.batches], dtype=np.float64)
+        self.weights = sizes / sizes.sum()
+
+    def loss_of(self, proto: onnx.ModelProto) -> float:
+        sess = self._make(proto, numerics="exact")
+        total = 0.0
+        for b, ref, w in zip(self.batches, self.refs, self.weights, strict=True):
+            total += float(w) * numpy_distortion(self._run(sess, b), ref, self.kinds)
+        return total
+
+
+def measure_pairs(
+    model: ir.Model,
+    calib: CalibrationSet,
+    pairs: Sequence[tuple[WeightNode, str]],
+    activation_amax: Mapping[str, float],
+    *,
+    batch_size: int = 8,
+    loss: str = "auto",
+    progress: Progress | None = None,
+) -> dict[tuple[str, str], float]:
+    """Loss increase of quantizing each node alone to each format, measured in ONNX Runtime."""
+    from lpcompile.passes.pipeline import apply_plan
+
+    runner = _Runner(model, calib, batch_size, loss)
+    blob = ir.to_proto(model).SerializeToString()
+    out: dict[tuple[str, str], float] = {}
+    for i, (node, fmt_name) in enumerate(pairs):
+        fmt = get_format(fmt_name)
+        if fmt.is_identity:
+            out[(node.name, fmt.name)] = 0.0
+            continue
+        one = PrecisionPlan(
+            nodes=(NodeAssignment(name=node.name, op_type=node.op_type, weight=node.weight, params=node.params,
+                                  format=fmt.name, bits=fmt.bits_for(node.shape, node.layout)),),
+            softmax="keep",
+            activation_scales={node.activation: activation_amax.get(node.activation, 0.0)},
+        )
+        fresh = ir.from_proto(onnx.load_from_string(blob))
+        rewritten, _ = apply_plan(fresh, one, target="qdq")
+        out[(node.name, fmt.name)] = runner.loss_of(ir.to_proto(rewritten))
+        if progress:
+            progress(i + 1, len(pairs))
+    return out
+
+
+def spearman_report(table: SensitivityTable) -> dict[str, object]:
+    """Spearman ρ between predicted and measured losses, overall and per format (fp32 excluded)."""
+    pred, meas, per_fmt = [], [], {}
+    for n in table.nodes:
+        for f, c in n.candidates.items():
+            if f == "fp32" or c.predicted_loss is None or c.measured_loss is None:
+                continue
+            pred.append(c.predicted_loss)
+            meas.append(c.measured_loss)
+            per_fmt.setdefault(f, ([], []))
+            per_fmt[f][0].append(c.predicted_loss)
+            per_fmt[f][1].append(c.measured_loss)
+
+    def rho(a: list[float], b: list[float]) -> float | None:
+        if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+            return None
+        r = float(spearmanr(a, b).statistic)
+        return None if math.isnan(r) else round(r, 4)
+
+    return {
+        "spearman": rho(pred, meas),
+        "per_format": {f: rho(a, b) for f, (a, b) in sorted(per_fmt.items())},
+        "pairs": len(pred),
+    }
+
+
+def validate(table: SensitivityTable, model: ir.Model, calib: CalibrationSet, *, batch_size: int = 8,
+             loss: str = "auto", progress: Progress | None = None) -> SensitivityTable:
+    """Fill ``measured_loss`` for every (node, format) and attach the Spearman report."""
+    nodes = {n.name: n for n in find_weight_nodes(model)}
+    pairs = [(nodes[n.name], f) for n in table.nodes for f in n.candidates if f != "fp32"]
+    measured = measure_pairs(model, calib, pairs, table.activation_amax, batch_size=batch_size, loss=loss,
+                             progress=progress)
+    new_nodes = tuple(
+        replace(n, candidates={f: replace(c, measured_loss=measured.get((n.name, f), 0.0 if f == "fp32" else None))
+                               for f, c in n.candidates.items()})
+        for n in table.nodes
+    )
+    validated = replace(table, nodes=new_nodes)
+    return validated.with_validation(spearman_report(validated), new_nodes)
+
+
+def analyze_by_measurement(model: ir.Model, calib: CalibrationSet, formats: Sequence[str], *, batch_size: int = 8,
+                           loss: str = "auto", progress: Progress | None = None) -> SensitivityTable:
+    """Fallback analysis without gradients: every (node, format) measured in ORT."""
+    from lpcompile.runtime.calibrate import collect_amax
+
+    nodes = find_weight_nodes(model)
+    fmts = tuple(dict.fromkeys([*(get_format(f).name for f in formats), "fp32"]))
+    acts = sorted({n.activation for n in nodes})
+    amax = collect_amax(ir.to_proto(model), batches(calib, batch_size), acts) if acts else {}
+    pairs = [(n, f) for n in nodes for f in fmts]
+    measured = measure_pairs(model, calib, pairs, amax, batch_size=batch_size, loss=loss, progress=progress)
+    groups = tied_groups(nodes)
+    table_nodes = tuple(
+        NodeSensitivity(
+            name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, shape=n.shape, group=groups.get(n.name),
+            candidates={f: Candidate(bits=get_format(f).bits_for(n.shape, n.layout), predicted_loss=measured[(n.name, f)],
+                                     measured_loss=measured[(n.name, f)]) for f in fmts},
+        )
+        for n in nodes
+    )
+    return SensitivityTable(nodes=table_nodes, formats=fmts, method="measured", loss=loss, calib=calib.source,
+                            num_samples=int(sum(len(next(iter(b.values()))) for b in batches(calib, batch_size))),
+                            synthetic_calib=calib.synthetic, activation_amax=amax)

@@ -1,0 +1,234 @@
+"""Hessian sensitivity: Hutchinson estimates of the Gauss–Newton diagonal, per weight and activation.
+
+For the distortion loss L (see :mod:`lpcompile.analysis.losses`) at the fp32 point, the diagonal
+of the Hessian of every weight tensor (and of every activation tensor an activation format would
+round) is estimated with Hutchinson's method: D ≈ mean over Rademacher probes v of v ⊙ Hv, with
+Hv by double backward through the torch interpretation of the ONNX graph. One probe covers all
+tensors at once (cross terms vanish in expectation). Probes are spread over the calibration
+batches, so memory holds one batch's graph at a time.
+
+The predicted loss of format f on node l is ½·Σ_i D_i·δ_i² with δ = Q_f(W) − W the format's actual
+rounding error (``method="diag"``), or HAWQ-v2's ½·Tr(H)/n·‖δ‖² (``method="trace"``), plus, for
+formats that round the node's activation input, ½·Σ_i D^a_i·(δa_i)² on each calibration batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from lpcompile.analysis.losses import LossKind, output_loss_kinds, torch_distortion
+from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
+from lpcompile.formats import activation_scale, get_format, qdq_activation, qdq_weight
+from lpcompile.frontend.calib import CalibrationSet, batches
+from lpcompile.graph import find_weight_nodes, tied_groups, weight_array
+from lpcompile.plan import Candidate
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "bf16")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Knobs of the analyzer.
+
+    Attributes:
+        formats: candidate formats (fp32 is always added as the lossless fallback).
+        probes: total Hutchinson probes (Hessian-vector products), spread over the batches.
+        batch_size: calibration samples per batch.
+        max_samples: use at most this many calibration samples (None: all).
+        seed: seeds the probes.
+        method: ``diag`` (½ΣH_iiδ_i²) or ``trace`` (HAWQ-v2 ½·Tr/n·‖δ‖²).
+        loss: ``auto``, ``kl`` or ``mse`` (see :func:`output_loss_kinds`).
+        activations: include the activation-rounding term for formats that round activations.
+    """
+
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    probes: int = 16
+    batch_size: int = 8
+    max_samples: int | None = None
+    seed: int = 0
+    method: Literal["diag", "trace"] = "diag"
+    loss: LossKind = "auto"
+    activations: bool = True
+
+
+def candidate_formats(config: AnalysisConfig) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(get_format(f).name for f in config.formats))
+    return names if "fp32" in names else (*names, "fp32")
+
+
+def _rademacher(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
+
+
+def _activation_elements(fmts: Sequence[str]) -> set[str]:
+    return {e for f in fmts if (e := get_format(f).activation)}
+
+
+def analyze_hessian(
+    model: ir.Model,
+    calib: CalibrationSet,
+    config: AnalysisConfig = AnalysisConfig(),
+    progress: Progress | None = None,
+    module_paths: Mapping[str, str] | None = None,
+) -> SensitivityTable:
+    """Run the Hutchinson analysis of a normalised model on calibration data.
+
+    Raises:
+        UnsupportedOpsError: when the interpreter lacks some ops (callers fall back to measuring).
+    """
+    from lpcompile.analysis.interpreter import TorchGraph
+
+    t0 = time.perf_counter()
+    nodes = find_weight_nodes(model)
+    fmts = candidate_formats(config)
+    proto = ir.to_proto(model)
+    weights = sorted({n.weight for n in nodes})
+    graph = TorchGraph(proto, trainable=weights)
+    data = _limit(calib, config.max_samples)
+    batch_list = list(batches(data, config.batch_size))
+    act_elements = _activation_elements(fmts) if config.activations else set()
+    act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
+    t_build = time.perf_counter()
+
+    # Pass 1: fp32 reference outputs and activation ranges.
+    refs: list[dict[str, torch.Tensor]] = []
+    amax: dict[str, float] = dict.fromkeys(act_tensors, 0.0)
+    out_names = [v.name for v in model.graph.outputs]
+    with torch.no_grad():
+        for b in batch_list:
+            res = graph.forward(b, capture=act_tensors)
+            refs.append({k: res[k].detach() for k in out_names})
+            for t in act_tensors:
+                a = res[t].detach().abs()
+                a = a[torch.isfinite(a)]
+                if a.numel():
+                    amax[t] = max(amax[t], float(a.max()))
+    kinds = output_loss_kinds(out_names, [tuple(refs[0][k].shape) for k in out_names], config.loss)
+    logger.info("distortion loss per output: %s", kinds)
+    t_ref = time.perf_counter()
+
+    # Pass 2: Hutchinson diagonals (weights) and activation-term sums (per tensor × element).
+    sizes = np.array([_batch_len(b) for b in batch_list], dtype=np.float64)
+    bweights = sizes / sizes.sum()
+    per_batch = _spread(config.probes, len(batch_list))
+    gen = torch.Generator().manual_seed(config.seed)
+    diag = {w: torch.zeros_like(graph.params[w]) for w in weights}
+    act_term: dict[tuple[str, str], float] = {(t, e): 0.0 for t in act_tensors for e in act_elements}
+    done, total = 0, sum(per_batch)
+    for b, ref, k, bw in zip(batch_list, refs, per_batch, bweights, strict=True):
+        if k == 0:
+            continue
+        # zero additive leaves on the activation tensors: d/d(leaf) = d/d(activation)
+        perturb = {t: None for t in act_tensors}
+        out = graph.forward(b, perturb=perturb, capture=act_tensors)
+        leaves = [graph.params[w] for w in weights] + [graph.perturbations[t] for t in act_tensors]
+        loss = torch_distortion(out, ref, kinds)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        pairs = [(leaf, g) for leaf, g in zip(leaves, grads, strict=True) if g is not None]
+        acc = [torch.zeros_like(leaf) for leaf, _ in pairs]
+        for _ in range(k):
+            vs = [_rademacher(leaf.shape, gen) for leaf, _ in pairs]
+            hv = torch.autograd.grad([g for _, g in pairs], [leaf for leaf, _ in pairs], grad_outputs=vs,
+                                     retain_graph=True, allow_unused=True)
+            for a, v, h in zip(acc, vs, hv, strict=True):
+                if h is not None:
+                    a.add_(v * h.detach())
+            done += 1
+            if progress:
+                progress(done, total)
+        est = {id(leaf): a / k for (leaf, _), a in zip(pairs, acc, strict=True)}
+        for w in weights:
+            leaf = graph.params[w]
+            if id(leaf) in est:
+                diag[w] += float(bw) * est[id(leaf)]
+        for t in act_tensors:
+            leaf = graph.perturbations[t]
+            if id(leaf) not in est:
+                continue
+            d = est[id(leaf)].double().numpy()
+            a = out[t].detach().float().numpy()
+            for e in act_elements:
+                delta = qdq_activation(a, e, activation_scale(amax[t], e)).astype(np.float64) - a
+                act_term[(t, e)] += float(bw) * 0.5 * float(np.sum(d * delta * delta))
+        del out, loss, grads, pairs
+    t_hvp = time.perf_counter()
+
+    groups = tied_groups(nodes)
+    table_nodes = []
+    for n in nodes:
+        w = weight_array(model, n.weight)
+        d = diag[n.weight].double().numpy()
+        trace = float(d.sum())
+        cands: dict[str, Candidate] = {}
+        for f in fmts:
+            fmt = get_format(f)
+            bits = fmt.bits_for(n.shape, n.layout)
+            if fmt.is_identity:
+                cands[f] = Candidate(bits=bits, predicted_loss=0.0)
+                continue
+            delta = qdq_weight(fmt, w, n.layout).astype(np.float64) - w
+            if config.method == "trace":
+                pred = 0.5 * trace / max(n.params, 1) * float(np.sum(delta * delta))
+            else:
+                pred = 0.5 * float(np.sum(d * delta * delta))
+            if fmt.activation and fmt.activation in act_elements:
+                pred += act_term[(n.activation, fmt.activation)]
+            cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
+        table_nodes.append(
+            NodeSensitivity(
+                name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, shape=n.shape,
+                candidates=cands, trace=trace, group=groups.get(n.name),
+                module_path=(module_paths or {}).get(n.name),
+            )
+        )
+    t_end = time.perf_counter()
+    return SensitivityTable(
+        nodes=tuple(table_nodes),
+        formats=fmts,
+        method=f"hutchinson-{config.method}",
+        loss="+".join(sorted(set(kinds.values()))),
+        probes=config.probes,
+        seed=config.seed,
+        calib=data.source,
+        num_samples=int(sizes.sum()),
+        synthetic_calib=data.synthetic,
+        activation_amax={t: v for t, v in amax.items() if v > 0},
+        timings={
+            "build_s": t_build - t0, "reference_s": t_ref - t_build, "hessian_s": t_hvp - t_ref,
+            "predict_s": t_end - t_hvp, "total_s": t_end - t0,
+        },
+    )
+
+
+def _limit(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:
+    if max_samples is None:
+        return calib
+    from lpcompile.frontend.calib import split
+
+    n = min(max_samples, _batch_len(calib.arrays))
+    return split(calib, n)[0]
+
+
+def _batch_len(b: Mapping[str, np.ndarray]) -> int:
+    return int(next(iter(b.values())).shape[0]) if b else 0
+
+
+def _spread(probes: int, nbatches: int) -> list[int]:
+    """Distribute ``probes`` over batches, at least one per batch when probes ≥ batches."""
+    if nbatches == 0:
+        return []
+    base, extra = divmod(max(probes, 1), nbatches)
+    return [base + (1 if i < extra else 0) for i in range(nbatches)]
+
+

@@ -1,0 +1,41 @@
+"""Tables shared by the compile/plan/apply commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lpcompile.console import Output
+from lpcompile.plan import PrecisionPlan
+
+
+def plan_rows(plan: PrecisionPlan) -> list[dict[str, Any]]:
+    rows = []
+    for n in plan.nodes:
+        ru = n.runner_up()
+        rows.append({
+            "name": n.name, "module_path": n.module_path, "params": n.params, "format": n.format, "bits": n.bits,
+            "predicted_loss": n.predicted_loss, "runner_up": ru[0] if ru else None,
+            "runner_up_loss": ru[1].predicted_loss if ru else None,
+        })
+    return rows
+
+
+def print_plan(out: Output, plan: PrecisionPlan) -> None:
+    rows = [
+        (r["name"], r["params"], r["format"], r["bits"], r["predicted_loss"],
+         f"{r['runner_up']} ({r['runner_up_loss']:.3g})" if r["runner_up"] else None)
+        for r in plan_rows(plan)
+    ]
+    out.table(
+        f"precision plan — {plan.achieved_bits:.4g} bits/weight over {plan.total_params:,} weights"
+        + (f" (budget {plan.budget})" if plan.budget else ""),
+        ["node", "params", "format", "bits", "predicted loss", "runner-up"],
+        rows,
+    )
+
+
+def write_report(path: str, plan: PrecisionPlan, table: Any = None) -> None:
+    """Write the HTML report (lpcompile.report), when that module is available."""
+    from lpcompile.report.html import write_report as _write
+
+    _write(path, plan, table)

@@ -1,0 +1,55 @@
+"""``lpcompile MODEL --budget B``: analyse, solve and rewrite in one go."""
+
+from __future__ import annotations
+
+import argparse
+
+from lpcompile.commands._args import add_analysis_args, add_keep_arg, analysis_config, keep_rules
+from lpcompile.commands._tables import plan_rows, print_plan
+from lpcompile.compiler import compile_file
+from lpcompile.console import Output, StageProgress
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("compile", help="analyse + plan + apply (also: lpcompile MODEL --budget B)")
+    p.add_argument("model", help="input ONNX model (never modified)")
+    p.add_argument("--budget", required=True, help="average bits per weight (4.5bits, 4.5) or size (12MB)")
+    p.add_argument("-o", "--output", help="output model (default MODEL.lp.onnx); the plan goes beside it")
+    add_analysis_args(p)
+    add_keep_arg(p)
+    p.add_argument("--target", choices=["qdq", "ort"], default="qdq")
+    p.add_argument("--softmax", choices=["auto", "two-pass", "keep"], default="auto")
+    p.add_argument("--validate", action="store_true", help="also measure every (node, format) in ORT (slow)")
+    p.add_argument("--report", metavar="HTML", help="write a self-contained HTML report")
+    p.add_argument("--force", action="store_true", help="allow -o to name the input file")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Output(quiet=args.quiet, json=args.json)
+    with StageProgress(out) as progress:
+        result = compile_file(
+            args.model, args.budget, out=args.output, calib_path=args.calib, config=analysis_config(args),
+            keep=keep_rules(args), target=args.target, softmax=args.softmax, validate=args.validate,
+            force=args.force, progress=progress,
+        )
+    print_plan(out, result.plan)
+    if result.table.validation:
+        out.line(f"validation: Spearman ρ(predicted, measured) = {result.table.validation.get('spearman')}")
+    out.line(
+        f"wrote {result.applied.output} and {result.applied.plan_path}: {result.plan.achieved_bits:.4g} bits/weight "
+        f"(budget {args.budget}), {result.applied.output_bytes:,} bytes; "
+        f"analysis {result.timings['analyze_s']:.1f}s, total {result.timings['total_s']:.1f}s"
+    )
+    if args.report:
+        from lpcompile.commands._tables import write_report
+
+        write_report(args.report, result.plan, result.table)
+        out.line(f"report: {args.report}")
+    out.emit_json({
+        "output": str(result.applied.output), "plan": str(result.applied.plan_path),
+        "budget": args.budget, "achieved_bits": result.plan.achieved_bits,
+        "predicted_loss": result.plan.predicted_loss, "validation": result.table.validation,
+        "timings": dict(result.timings), "nodes": plan_rows(result.plan),
+    })
+    return 0

@@ -1,0 +1,66 @@
+"""``lpcompile plan SENS.json --budget B | --sweep A:B:S``: solve budgets from a saved analysis."""
+
+from __future__ import annotations
+
+import argparse
+
+from lpcompile.analysis.table import SensitivityTable
+from lpcompile.commands._args import add_keep_arg, keep_rules
+from lpcompile.commands._tables import plan_rows, print_plan
+from lpcompile.compiler import items_from_table, plan_from_table
+from lpcompile.console import Output
+from lpcompile.errors import UsageError
+from lpcompile.formats import parse_format_list
+from lpcompile.solver import apply_rules, pareto_front, parse_sweep, sweep
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("plan", help="choose formats for a budget from a sensitivity file (no re-analysis)")
+    p.add_argument("sensitivity", help=".sens.json from `lpcompile analyze`")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budget", help="average bits per weight (4.5bits, 4.5) or size (12MB)")
+    g.add_argument("--sweep", metavar="A:B:S", help="Pareto table over budgets A..B step S (bits)")
+    p.add_argument("-o", "--output", help="plan JSON (default SENS→.plan.json; not written for --sweep)")
+    p.add_argument("--formats", help="restrict to these formats (default: all in the table)")
+    p.add_argument("--softmax", choices=["auto", "two-pass", "keep"], default="auto")
+    add_keep_arg(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Output(quiet=args.quiet, json=args.json)
+    table = SensitivityTable.load(args.sensitivity)
+    formats = parse_format_list(args.formats) if args.formats else None
+    rules = keep_rules(args)
+    if args.sweep:
+        if args.output:
+            raise UsageError("--sweep prints a table; -o applies to --budget only")
+        items = apply_rules(items_from_table(table, formats), rules)
+        sols = sweep(items, parse_sweep(args.sweep))
+        front = {id(s) for s in pareto_front(sols)}
+        rows = []
+        for s in sols:
+            mix: dict[str, int] = {}
+            for it in items:
+                mix[s.assignments[it.name]] = mix.get(s.assignments[it.name], 0) + it.params
+            total = sum(mix.values()) or 1
+            rows.append((str(s.budget), s.achieved_bits, s.predicted_loss, "yes" if id(s) in front else "",
+                         ", ".join(f"{f} {100 * v / total:.0f}%" for f, v in sorted(mix.items()))))
+        out.table("Pareto sweep (predicted loss vs bits)", ["budget", "achieved bits", "predicted loss", "front", "mix"],
+                  rows)
+        out.emit_json([{"budget": str(s.budget), "achieved_bits": s.achieved_bits, "predicted_loss": s.predicted_loss,
+                        "assignments": s.assignments} for s in sols])
+        return 0
+    plan, solution = plan_from_table(table, args.budget, formats=formats, keep=rules, softmax=args.softmax)
+    target = args.output or _default_plan_path(args.sensitivity)
+    plan.save(target)
+    print_plan(out, plan)
+    out.line(f"wrote {target}: {plan.achieved_bits:.4g} bits/weight, predicted loss {plan.predicted_loss:.4g} "
+             f"({solution.status})")
+    out.emit_json({"output": target, "achieved_bits": plan.achieved_bits, "predicted_loss": plan.predicted_loss,
+                   "status": solution.status, "nodes": plan_rows(plan)})
+    return 0
+
+
+def _default_plan_path(sens: str) -> str:
+    return sens[: -len(".sens.json")] + ".plan.json" if sens.endswith(".sens.json") else sens + ".plan.json"

@@ -1,0 +1,184 @@
+"""analyze → plan → apply: the library behind ``lpcompile MODEL --budget B``.
+
+``analyze_file`` writes nothing; ``plan_from_table`` is pure (a table and a budget in, a plan out);
+``compile_file`` runs both and writes the model and its plan through :func:`workflow.apply_to_file`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import onnx_ir as ir
+
+from lpcompile.analysis.sensitivity import AnalysisConfig, analyze_hessian
+from lpcompile.analysis.table import SensitivityTable
+from lpcompile.budget import Budget, parse_budget
+from lpcompile.errors import FormatError, UnsupportedOpsError
+from lpcompile.formats import get_format
+from lpcompile.frontend.calib import CalibrationSet
+from lpcompile.plan import NodeAssignment, PrecisionPlan
+from lpcompile.solver import Choice, Item, KeepRule, Solution, apply_rules, solve
+from lpcompile.workflow import (
+    ApplyResult,
+    apply_to_file,
+    check_output_path,
+    default_output,
+    load_calib_for,
+    normalized_model,
+)
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """Everything ``lpcompile MODEL --budget B`` produced."""
+
+    table: SensitivityTable
+    plan: PrecisionPlan
+    solution: Solution
+    applied: ApplyResult
+    timings: Mapping[str, float]
+
+
+def analyze_model(
+    model: ir.Model,
+    calib: CalibrationSet,
+    config: AnalysisConfig = AnalysisConfig(),
+    *,
+    validate: bool = False,
+    progress: Progress | None = None,
+    module_paths: Mapping[str, str] | None = None,
+) -> SensitivityTable:
+    """Hutchinson analysis, or measurement when the interpreter lacks ops; optionally validated."""
+    from lpcompile.analysis import measure
+
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    try:
+        table = analyze_hessian(model, calib, config, progress=stage("hessian"), module_paths=module_paths)
+    except UnsupportedOpsError as exc:
+        logger.warning("%s; falling back to forward-only perturbation measurement (slower)", exc)
+        table = measure.analyze_by_measurement(model, calib, config.formats, batch_size=config.batch_size,
+                                               loss=config.loss, progress=stage("measure"))
+    if validate:
+        t0 = time.perf_counter()
+        table = measure.validate(table, model, calib, batch_size=config.batch_size, loss=config.loss,
+                                 progress=stage("validate"))
+        table = replace(table, timings={**table.timings, "validate_s": time.perf_counter() - t0})
+    return table
+
+
+def analyze_file(
+    model_path: str | os.PathLike[str],
+    calib_path: str | os.PathLike[str] | None,
+    config: AnalysisConfig = AnalysisConfig(),
+    *,
+    validate: bool = False,
+    progress: Progress | None = None,
+) -> SensitivityTable:
+    """Load, normalise, analyse. The table records the model's file name."""
+    model = normalized_model(model_path)
+    calib = load_calib_for(model, calib_path, seed=config.seed, num_samples=max(16, config.batch_size))
+    table = analyze_model(model, calib, config, validate=validate, progress=progress)
+    return replace(table, model=Path(model_path).name)
+
+
+def items_from_table(table: SensitivityTable, formats: Sequence[str] | None = None) -> list[Item]:
+    """Solver items from a table, restricted to ``formats`` (fp32 always allowed)."""
+    allowed = None if formats is None else {get_format(f).name for f in formats} | {"fp32"}
+    items = []
+    for n in table.nodes:
+        choices = tuple(
+            Choice(format=f, bits=c.bits, loss=float(c.predicted_loss or 0.0))
+            for f, c in n.candidates.items()
+            if allowed is None or f in allowed
+        )
+        if not choices:
+            raise FormatError(f"node {n.name!r} has none of the requested formats in the sensitivity table")
+        items.append(Item(name=n.name, params=n.params, choices=choices, group=n.group))
+    return items
+
+
+def plan_from_solution(table: SensitivityTable, solution: Solution, budget_text: str | None,
+                       softmax: str = "auto") -> PrecisionPlan:
+    nodes = []
+    by_name = {n.name: n for n in table.nodes}
+    for name, fmt in solution.assignments.items():
+        n = by_name[name]
+        c = n.candidates[fmt]
+        nodes.append(
+            NodeAssignment(name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, format=fmt, bits=c.bits,
+                           predicted_loss=c.predicted_loss, module_path=n.module_path, candidates=dict(n.candidates))
+        )
+    order = {n.name: i for i, n in enumerate(table.nodes)}
+    nodes.sort(key=lambda a: order[a.name])
+    budget_bits = None
+    if solution.budget is not None and solution.budget.kind == "bits":
+        budget_bits = float(solution.budget.value)
+    elif solution.budget is not None and solution.total_params:
+        budget_bits = solution.budget.max_total_bits(solution.total_params) / solution.total_params
+    return PrecisionPlan(
+        nodes=tuple(nodes),
+        budget=budget_text,
+        budget_bits=budget_bits,
+        model=table.model,
+        softmax=softmax,
+        activation_scales=dict(table.activation_amax),
+        metadata={"analysis": {"method": table.method, "loss": table.loss, "probes": table.probes,
+                               "seed": table.seed, "calib": table.calib, "num_samples": table.num_samples,
+                               "validation": table.validation},
+                  "solver": {"status": solution.status, "optimal": solution.optimal}},
+    )
+
+
+def plan_from_table(
+    table: SensitivityTable,
+    budget: str | Budget,
+    *,
+    formats: Sequence[str] | None = None,
+    keep: Sequence[KeepRule] = (),
+    softmax: str = "auto",
+) -> tuple[PrecisionPlan, Solution]:
+    """Solve the budget problem on a saved table (no re-analysis)."""
+    b = parse_budget(budget) if isinstance(budget, str) else budget
+    items = apply_rules(items_from_table(table, formats), keep)
+    solution = solve(items, b)
+    return plan_from_solution(table, solution, str(budget), softmax), solution
+
+
+def compile_file(
+    model_path: str | os.PathLike[str],
+    budget: str,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    calib_path: str | os.PathLike[str] | None = None,
+    config: AnalysisConfig = AnalysisConfig(),
+    keep: Sequence[KeepRule] = (),
+    target: str = "qdq",
+    softmax: str = "auto",
+    validate: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> CompileResult:
+    """``lpcompile MODEL --budget B``: analyse, solve, rewrite; writes OUT and OUT.plan.json."""
+    t0 = time.perf_counter()
+    parse_budget(budget)  # fail fast on a malformed budget or output path, before minutes of analysis
+    check_output_path(model_path, out or default_output(model_path), force)
+    table = analyze_file(model_path, calib_path, config, validate=validate, progress=progress)
+    t1 = time.perf_counter()
+    plan, solution = plan_from_table(table, budget, formats=config.formats, keep=keep, softmax=softmax)
+    t2 = time.perf_counter()
+    applied = apply_to_file(model_path, out, plan=plan, calib_path=calib_path, target=target, seed=config.seed,
+                            force=force)
+    t3 = time.perf_counter()
+    return CompileResult(table=table, plan=applied.plan, solution=solution, applied=applied,
+                         timings={"analyze_s": t1 - t0, "plan_s": t2 - t1, "apply_s": t3 - t2, "total_s": t3 - t0})

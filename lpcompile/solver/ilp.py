@@ -1,0 +1,288 @@
+"""The budget solver: a multiple-choice knapsack solved as an ILP with ``scipy.optimize.milp`` (HiGHS).
+
+Variables are binary x[u, f], one per (unit, format), where a unit is an untied item or a whole
+tied group (one variable per (group, format), the group's cost and loss being the sums over its
+members). Constraints: Σ_f x[u, f] = 1 for every unit and Σ bits·params·x ≤ the budget's total
+bits. Objective, lexicographic: minimise the predicted loss, then, among loss-optimal answers,
+the total bits (the smaller model). The second level is a second solve with the loss bounded by
+the first optimum; an answer is only replaced by a strictly better one, checked in exact sums.
+
+Before the ILP each unit's formats are reduced to its Pareto frontier (a format with no fewer bits
+and no less loss than another is never needed) and formats that cannot fit in the budget are
+dropped; costs and losses are shifted and scaled so HiGHS sees well-conditioned numbers. When the
+lowest-loss format of every unit fits, no ILP is solved at all.
+
+Exactness: the budget is compared with a relative slack of ``REL_SLACK`` (1e-12) so that a
+budget printed as "the smallest feasible budget" is feasible when passed back; the final
+assignment is checked against the budget in correctly rounded sums (``math.fsum``).
+Determinism: units and formats are sorted by name before the problem is built, so the same
+items (in any order) give the same answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from lpcompile.budget import Budget
+from lpcompile.errors import BudgetError, PlanError
+from lpcompile.solver.problem import Item, Solution
+
+logger = logging.getLogger(__name__)
+
+#: relative slack on the budget, absorbs rounding of ``value × Σparams``.
+REL_SLACK = 1e-12
+
+# HiGHS options scipy does not list are passed through verbatim (with a RuntimeWarning we
+# silence): an exact optimum needs mip_abs_gap = 0, HiGHS' default is 1e-6.
+_EXTRA_HIGHS_OPTIONS = {"mip_abs_gap": 0.0}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One decision of the knapsack: an untied item or a tied group.
+
+    ``formats``/``costs``/``losses`` hold the unit's Pareto frontier sorted by cost ascending
+    (so losses strictly descending); ``costs`` are Σ bits·params over the members.
+    """
+
+    key: str
+    is_group: bool
+    members: tuple[Item, ...]
+    formats: tuple[str, ...]
+    costs: tuple[float, ...]
+    losses: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class CompiledProblem:
+    """Items reduced to units, built once and solvable for many budgets (see ``pareto.sweep``)."""
+
+    items: tuple[Item, ...]
+    units: tuple[Unit, ...]
+    total_params: int
+    min_total_bits: float
+    """Σ bits·params with every unit at its cheapest format."""
+    free_total_bits: float
+    """Σ bits·params with every unit at its lowest-loss format: any budget above needs no ILP."""
+
+
+def compile_problem(items: Sequence[Item]) -> CompiledProblem:
+    """Group, validate and reduce ``items``; see the module docstring.
+
+    Raises:
+        PlanError: duplicate item names, or a tied group with no format common to its members.
+    """
+    items = tuple(items)
+    names = [it.name for it in items]
+    if len(set(names)) != len(names):
+        dups = sorted({n for n in names if names.count(n) > 1})
+        raise PlanError(f"duplicate item names: {', '.join(dups[:5])}")
+    buckets: dict[tuple[str, bool], list[Item]] = {}
+    for it in items:
+        key = (it.group, True) if it.group is not None else (it.name, False)
+        buckets.setdefault(key, []).append(it)
+    units = []
+    for (key, is_group), members in sorted(buckets.items()):
+        members.sort(key=lambda it: it.name)
+        common = set(members[0].formats).intersection(*(m.formats for m in members[1:]))
+        if not common:
+            shown = ", ".join(f"{m.name} [{', '.join(m.formats)}]" for m in members[:6])
+            raise PlanError(f"tied group {key!r} has no format common to all its members: {shown}")
+        entries = []
+        for fmt in sorted(common):
+            chosen = [m.choice(fmt) for m in members]
+            cost = math.fsum(c.bits * m.params for c, m in zip(chosen, members, strict=True))
+            entries.append((cost, math.fsum(c.loss for c in chosen), fmt))
+        entries.sort()
+        frontier: list[tuple[float, float, str]] = []
+        for cost, loss, fmt in entries:
+            if not frontier or loss < frontier[-1][1]:
+                frontier.append((cost, loss, fmt))
+        units.append(
+            Unit(
+                key=key,
+                is_group=is_group,
+                members=tuple(members),
+                formats=tuple(e[2] for e in frontier),
+                costs=tuple(e[0] for e in frontier),
+                losses=tuple(e[1] for e in frontier),
+            )
+        )
+    return CompiledProblem(
+        items=items,
+        units=tuple(units),
+        total_params=sum(it.params for it in items),
+        min_total_bits=math.fsum(u.costs[0] for u in units),
+        free_total_bits=math.fsum(u.costs[-1] for u in units),
+    )
+
+
+def solve(items: Sequence[Item], budget: Budget, *, time_limit: float = 30.0) -> Solution:
+    """Choose one format per item (per tied group) minimising predicted loss within ``budget``.
+
+    An empty ``items`` gives a trivial solution (no assignments, status ``"empty"``).
+
+    Raises:
+        BudgetError: the budget is infeasible; the message names the smallest feasible budget
+            in the unit the budget was given in.
+        PlanError: inconsistent items (see ``compile_problem``).
+    """
+    return solve_compiled(compile_problem(items), budget, time_limit=time_limit)
+
+
+def solve_compiled(problem: CompiledProblem, budget: Budget, *, time_limit: float = 30.0) -> Solution:
+    """``solve`` for an already compiled problem (reuse it across budgets)."""
+    if not math.isfinite(time_limit) or time_limit <= 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    units = problem.units
+    if not units:
+        logger.warning("no quantizable items: nothing to solve")
+        return _solution(problem, budget, [], True, "empty: no quantizable items")
+    cap = budget.max_total_bits(problem.total_params) * (1.0 + REL_SLACK)
+    if problem.min_total_bits > cap:
+        smallest = budget.describe_total(problem.min_total_bits, problem.total_params)
+        raise BudgetError(
+            f"budget {budget} is infeasible: the smallest feasible budget is {smallest} "
+            "(all nodes at their cheapest allowed format)"
+        )
+    free = [len(u.formats) - 1 for u in units]
+    if problem.free_total_bits <= cap:
+        return _solution(problem, budget, free, True, "optimal: budget not binding, every node at its lowest-loss format")
+    return _solve_ilp(problem, budget, cap, time_limit)
+
+
+def _solve_ilp(problem: CompiledProblem, budget: Budget, cap: float, time_limit: float) -> Solution:
+    units = problem.units
+    slack = cap - problem.min_total_bits  # > 0 here: free_total_bits > cap >= min_total_bits
+    # Variables: formats of each unit that fit in the slack; single-format units are fixed.
+    var_unit: list[int] = []
+    var_choice: list[int] = []
+    for ui, u in enumerate(units):
+        kept = [j for j, cost in enumerate(u.costs) if cost - u.costs[0] <= slack]
+        if len(kept) > 1:
+            var_unit.extend([ui] * len(kept))
+            var_choice.extend(kept)
+    if not var_unit:  # no unit can afford more than its cheapest format
+        return _solution(problem, budget, [0] * len(units), True, "optimal: only the cheapest formats fit")
+    vu = np.asarray(var_unit)
+    vc = np.asarray(var_choice)
+    extra = np.array([units[i].costs[j] - units[i].costs[0] for i, j in zip(var_unit, var_choice, strict=True)])
+    # loss above the unit's lowest loss among its kept formats (the last kept one)
+    last_kept = {i: j for i, j in zip(var_unit, var_choice, strict=True)}
+    excess = np.array(
+        [units[i].losses[j] - units[i].losses[last_kept[i]] for i, j in zip(var_unit, var_choice, strict=True)]
+    )
+    loss_scale = float(excess.max())  # > 0: frontier losses strictly decrease
+    weight = extra / slack
+    objective = excess / loss_scale
+    rows = np.unique(vu, return_inverse=True)[1]
+    n_rows, n_vars = int(rows.max()) + 1, len(var_unit)
+    one_hot = LinearConstraint(
+        csr_array((np.ones(n_vars), (rows, np.arange(n_vars))), shape=(n_rows, n_vars)), 1.0, 1.0
+    )
+    fixed_choice = [0] * len(units)
+
+    def assignment(x: np.ndarray) -> list[int]:
+        chosen = list(fixed_choice)
+        best = np.full(len(units), -1.0)
+        for k in range(n_vars):  # argmax per unit; ties -> first (cheapest) format
+            if x[k] > best[vu[k]]:
+                best[vu[k]] = x[k]
+                chosen[vu[k]] = int(vc[k])
+        return chosen
+
+    def cost_of(chosen: list[int]) -> float:
+        return math.fsum(u.costs[j] for u, j in zip(units, chosen, strict=True))
+
+    def loss_of(chosen: list[int]) -> float:
+        return math.fsum(u.losses[j] for u, j in zip(units, chosen, strict=True))
+
+    deadline = time.monotonic() + time_limit
+
+    def run(c: np.ndarray, extra_rows: list[LinearConstraint]) -> tuple[list[int] | None, bool, str]:
+        """Solve, round, and re-solve with a tighter budget row while rounding overshoots."""
+        rhs = 1.0
+        for _ in range(4):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None, False, "time limit reached"
+            budget_row = LinearConstraint(weight.reshape(1, -1), -np.inf, rhs)
+            res = _milp(c, [one_hot, budget_row, *extra_rows], left)
+            if res.x is None:
+                return None, False, str(res.message)
+            chosen = assignment(res.x)
+            over = cost_of(chosen) - cap
+            if over <= 0:
+                return chosen, res.status == 0, str(res.message)
+            logger.debug("rounded ILP answer overshoots the budget by %g bits; tightening", over)
+            rhs -= over / slack + 1e-12
+        return None, False, "could not meet the budget exactly after rounding"
+
+    t0 = time.monotonic()
+    first, optimal, message = run(objective, [])
+    if first is None:
+        cheapest = [0] * len(units)
+        logger.warning("ILP gave no answer (%s); falling back to the cheapest formats", message)
+        return _solution(problem, budget, cheapest, False, f"not optimal: {message}; every node at its cheapest format")
+    status = "optimal" if optimal else f"not optimal: {message}"
+    if optimal:
+        # second level: fewest bits among loss-optimal answers
+        loss1 = loss_of(first)
+        bound = float(math.fsum(objective[k] for k in range(n_vars) if first[vu[k]] == vc[k]))
+        loss_row = LinearConstraint(objective.reshape(1, -1), -np.inf, bound + 1e-9)
+        second, _, message2 = run(weight, [loss_row])
+        if second is not None:
+            loss2, tol = loss_of(second), 1e-12 * max(abs(loss1), loss_scale)
+            better_loss = loss2 < loss1 - tol
+            same_loss_fewer_bits = abs(loss2 - loss1) <= tol and cost_of(second) < cost_of(first)
+            if better_loss or same_loss_fewer_bits:
+                first = second
+        else:
+            status = f"optimal loss; fewest-bits tie-break skipped ({message2})"
+    logger.debug("ILP with %d variables solved in %.3f s: %s", n_vars, time.monotonic() - t0, status)
+    return _solution(problem, budget, first, optimal, status)
+
+
+def _milp(c: np.ndarray, constraints: list[LinearConstraint], time_limit: float):  # noqa: ANN202
+    options = {"time_limit": time_limit, "mip_rel_gap": 0.0, "presolve": True, "disp": False}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unrecognized options", category=RuntimeWarning)
+        return milp(
+            c,
+            integrality=np.ones_like(c),
+            bounds=Bounds(0.0, 1.0),
+            constraints=constraints,
+            options={**options, **_EXTRA_HIGHS_OPTIONS},
+        )
+
+
+def _solution(
+    problem: CompiledProblem, budget: Budget, chosen: list[int], optimal: bool, status: str
+) -> Solution:
+    assignments: dict[str, str] = {}
+    for u, j in zip(problem.units, chosen, strict=True):
+        for m in u.members:
+            assignments[m.name] = u.formats[j]
+    ordered = {it.name: assignments[it.name] for it in problem.items}
+    picked = [it.choice(ordered[it.name]) for it in problem.items]
+    total_bits = math.fsum(c.bits * it.params for c, it in zip(picked, problem.items, strict=True))
+    total_params = problem.total_params
+    return Solution(
+        assignments=ordered,
+        total_bits=total_bits,
+        achieved_bits=total_bits / total_params if total_params else 0.0,
+        predicted_loss=math.fsum(c.loss for c in picked),
+        optimal=optimal,
+        status=status,
+        budget=budget,
+        total_params=total_params,
+    )

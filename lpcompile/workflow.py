@@ -1,0 +1,180 @@
+"""Library entry points the CLI calls: apply a plan to a file, calibrate what a plan needs.
+
+Each function takes paths or in-memory objects, never parses command lines and never prints;
+the CLI modules under ``lpcompile.commands`` turn their results into tables and JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import onnx_ir as ir
+
+from lpcompile.errors import UsageError
+from lpcompile.formats import get_format
+from lpcompile.frontend.calib import CalibrationSet, check_against_model, load_calibration, synthesize
+from lpcompile.frontend.onnx_io import load_model, save_model
+from lpcompile.graph import WeightNode, find_weight_nodes
+from lpcompile.plan import PrecisionPlan, validate_against
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What :func:`apply_to_file` wrote and how the model changed."""
+
+    output: Path
+    plan_path: Path
+    plan: PrecisionPlan
+    modified_by: tuple[str, ...]
+    input_bytes: int
+    output_bytes: int
+    softmax_substituted: tuple[str, ...]
+
+
+def check_output_path(model_path: str | os.PathLike[str], out: str | os.PathLike[str], force: bool) -> Path:
+    """Refuse to write over the input model (unless ``force``) or into a missing folder."""
+    model_path, out = Path(model_path), Path(out)
+    if out.exists() and model_path.exists() and out.resolve() == model_path.resolve() and not force:
+        raise UsageError(f"output {out} is the input model; choose another -o (or --force to replace it)")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a directory; give a file name")
+    return out
+
+
+def default_output(model_path: str | os.PathLike[str], suffix: str = ".lp.onnx") -> Path:
+    p = Path(model_path)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(stem + suffix)
+
+
+def plan_path_for(output: Path) -> Path:
+    stem = output.name[: -len(".onnx")] if output.name.endswith(".onnx") else output.name
+    return output.with_name(stem + ".plan.json")
+
+
+def load_calib_for(model: ir.Model, calib_path: str | os.PathLike[str] | None, seed: int = 0,
+                   num_samples: int = 16) -> CalibrationSet:
+    """Calibration data for ``model``: the user's file/folder checked against the inputs, or synthetic."""
+    if calib_path is None:
+        return synthesize(model, num_samples=num_samples, seed=seed)
+    calib = load_calibration(calib_path)
+    check_against_model(calib, model)
+    return calib
+
+
+def fp8_activation_tensors(plan: PrecisionPlan, nodes: Sequence[WeightNode]) -> list[str]:
+    """Activation tensors that an FP8 format in ``plan`` quantizes with a calibrated scale."""
+    by_name = {n.name: n for n in nodes}
+    out: list[str] = []
+    for a in plan.nodes:
+        act = get_format(a.format).activation
+        if act and act.startswith("float8") and a.name in by_name:
+            out.append(by_name[a.name].activation)
+    return sorted(set(out))
+
+
+def calibrate_plan(model: ir.Model, plan: PrecisionPlan, calib: CalibrationSet, batch_size: int = 16) -> PrecisionPlan:
+    """Fill ``plan.activation_scales`` (calibrated amax) for every FP8 activation still missing one."""
+    from lpcompile.frontend.calib import batches
+    from lpcompile.runtime.calibrate import collect_amax
+
+    needed = [t for t in fp8_activation_tensors(plan, find_weight_nodes(model)) if t not in plan.activation_scales]
+    if not needed:
+        return plan
+    amax = collect_amax(ir.to_proto(model), batches(calib, batch_size), needed)
+    logger.info("calibrated %d activation tensor(s) on %s", len(amax), calib.source)
+    return replace(plan, activation_scales={**plan.activation_scales, **amax})
+
+
+def normalized_model(model_path: str | os.PathLike[str]) -> ir.Model:
+    """Load and normalise (Gemm → MatMul, Constant weights → initializers)."""
+    from lpcompile.passes.normalize import NormalizeWeightsPass
+
+    model = load_model(model_path)
+    NormalizeWeightsPass()(model)
+    return model
+
+
+def apply_to_file(
+    model_path: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    *,
+    plan: PrecisionPlan | None = None,
+    uniform: str | None = None,
+    calib_path: str | os.PathLike[str] | None = None,
+    target: str = "qdq",
+    softmax: str | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    force: bool = False,
+) -> ApplyResult:
+    """Rewrite ``model_path`` by a plan (or one uniform format) and write model + plan atomically.
+
+    Args:
+        model_path: the fp32 ONNX model (never modified).
+        out: output path (default ``MODEL.lp.onnx``); refused when it is the input unless ``force``.
+        plan: the precision plan; exactly one of ``plan`` and ``uniform`` is given.
+        uniform: one format for every weighted node (baselines).
+        calib_path: calibration data for FP8 activation scales (synthetic when absent).
+        target: ``"qdq"`` (standard DequantizeLinear everywhere) or ``"ort"`` (int4 MatMul weights
+            as com.microsoft MatMulNBits).
+        softmax: ``auto`` / ``two-pass`` / ``keep``; ``None`` keeps the plan's setting.
+        rounding: weight rounding, ``nearest`` or ``stochastic`` (seeded).
+        seed: seed for synthetic calibration data and stochastic rounding.
+        force: allow ``out`` to equal the input.
+    """
+    from lpcompile.passes.pipeline import apply_plan, uniform_plan
+
+    if (plan is None) == (uniform is None):
+        raise UsageError("give either a plan file or --uniform FORMAT")
+    if target not in ("qdq", "ort"):
+        raise UsageError(f"unknown target {target!r}; use qdq or ort")
+    out_path = check_output_path(model_path, out or default_output(model_path), force)
+    model = normalized_model(model_path)
+    nodes = find_weight_nodes(model)
+    if uniform is not None:
+        plan = uniform_plan(model, uniform)
+    if plan is None:  # unreachable after the check above; keeps type checkers honest
+        raise UsageError("no plan")
+    validate_against(plan, [n.name for n in nodes])
+    if softmax is not None:
+        plan = replace(plan, softmax=softmax)
+    plan = replace(plan, model=Path(model_path).name)
+    if fp8_activation_tensors(plan, nodes):
+        plan = calibrate_plan(model, plan, load_calib_for(model, calib_path, seed=seed))
+    extra = _softmax_passes(plan)
+    rewritten, modified = apply_plan(model, plan, target=target, rounding=rounding, seed=seed, extra_passes=extra)
+    substituted = tuple(getattr(extra[0], "substituted", ())) if extra else ()
+    save_model(rewritten, out_path)
+    plan_path = plan_path_for(out_path)
+    plan.save(plan_path)
+    return ApplyResult(
+        output=out_path,
+        plan_path=plan_path,
+        plan=plan,
+        modified_by=tuple(modified),
+        input_bytes=_file_bytes(Path(model_path)),
+        output_bytes=_file_bytes(out_path),
+        softmax_substituted=substituted,
+    )
+
+
+def _softmax_passes(plan: PrecisionPlan) -> list[object]:
+    try:
+        from lpcompile.passes.softmax_two_pass import TwoPassSoftmaxPass
+    except ImportError:  # pragma: no cover - the pass ships with the package
+        return []
+    low = frozenset(n.name for n in plan.nodes if n.format != "fp32")
+    return [TwoPassSoftmaxPass(plan.softmax, low)]
+
+
+def _file_bytes(path: Path) -> int:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)

@@ -1,0 +1,373 @@
+"""ONNX Runtime sessions with explicit numerics, and running them on numpy inputs.
+
+Two numerics settings:
+
+* ``"exact"`` — what every *measurement* uses: ``ORT_ENABLE_BASIC`` graph optimisation (no
+  layout or fusion rewrites that change arithmetic), the session config entry
+  ``session.qdq_matmulnbits_accuracy_level = "0"`` (so ORT never silently replaces a weight
+  DequantizeLinear→MatMul by a MatMulNBits with int8 activations, see FACTS.md), deterministic
+  compute and a fixed thread count.
+* ``"fast"`` — ``ORT_ENABLE_ALL`` for latency runs; numerics may differ from the graph as written.
+
+:func:`run` converts numpy inputs to the element type the session expects (float64 → float32,
+int32 → int64, float → bfloat16 / float8 / int4 through OrtValues) and returns numpy arrays, with
+bfloat16 / float8 / int4 outputs as ml_dtypes arrays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from lpcompile.errors import CalibrationError, ModelLoadError
+from lpcompile.frontend.onnx_io import EXTERNAL_THRESHOLD, load_proto, model_bytes_estimate
+
+logger = logging.getLogger(__name__)
+
+Numerics = Literal["exact", "fast"]
+DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
+QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+
+# ORT type string -> (numpy dtype of the values, onnx element type)
+_ORT_TYPES: dict[str, tuple[np.dtype, int]] = {
+    "tensor(float)": (np.dtype(np.float32), onnx.TensorProto.FLOAT),
+    "tensor(double)": (np.dtype(np.float64), onnx.TensorProto.DOUBLE),
+    "tensor(float16)": (np.dtype(np.float16), onnx.TensorProto.FLOAT16),
+    "tensor(bfloat16)": (np.dtype(ml_dtypes.bfloat16), onnx.TensorProto.BFLOAT16),
+    "tensor(float8e4m3fn)": (np.dtype(ml_dtypes.float8_e4m3fn), onnx.TensorProto.FLOAT8E4M3FN),
+    "tensor(float8e4m3fnuz)": (np.dtype(ml_dtypes.float8_e4m3fnuz), onnx.TensorProto.FLOAT8E4M3FNUZ),
+    "tensor(float8e5m2)": (np.dtype(ml_dtypes.float8_e5m2), onnx.TensorProto.FLOAT8E5M2),
+    "tensor(float8e5m2fnuz)": (np.dtype(ml_dtypes.float8_e5m2fnuz), onnx.TensorProto.FLOAT8E5M2FNUZ),
+    "tensor(int4)": (np.dtype(ml_dtypes.int4), onnx.TensorProto.INT4),
+    "tensor(uint4)": (np.dtype(ml_dtypes.uint4), onnx.TensorProto.UINT4),
+    "tensor(int8)": (np.dtype(np.int8), onnx.TensorProto.INT8),
+    "tensor(uint8)": (np.dtype(np.uint8), onnx.TensorProto.UINT8),
+    "tensor(int16)": (np.dtype(np.int16), onnx.TensorProto.INT16),
+    "tensor(uint16)": (np.dtype(np.uint16), onnx.TensorProto.UINT16),
+    "tensor(int32)": (np.dtype(np.int32), onnx.TensorProto.INT32),
+    "tensor(uint32)": (np.dtype(np.uint32), onnx.TensorProto.UINT32),
+    "tensor(int64)": (np.dtype(np.int64), onnx.TensorProto.INT64),
+    "tensor(uint64)": (np.dtype(np.uint64), onnx.TensorProto.UINT64),
+    "tensor(bool)": (np.dtype(np.bool_), onnx.TensorProto.BOOL),
+}
+_FP8 = {"tensor(float8e4m3fn)", "tensor(float8e4m3fnuz)", "tensor(float8e5m2)", "tensor(float8e5m2fnuz)"}
+_INT4 = {"tensor(int4)", "tensor(uint4)"}
+_FLOAT_TYPES = {"tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"} | _FP8
+_ML_FLOATS = {
+    np.dtype(t)
+    for t in (
+        ml_dtypes.bfloat16,
+        ml_dtypes.float8_e4m3fn,
+        ml_dtypes.float8_e4m3fnuz,
+        ml_dtypes.float8_e5m2,
+        ml_dtypes.float8_e5m2fnuz,
+    )
+}
+# Types whose values ORT's numpy bridge cannot produce: read through OrtValue memory instead.
+_RAW_OUTPUT = {"tensor(bfloat16)"} | _INT4 | _FP8
+
+
+def session_options(numerics: Numerics = "exact", threads: int | None = None) -> ort.SessionOptions:
+    """Session options for ``"exact"`` (measurement) or ``"fast"`` (latency) numerics.
+
+    Args:
+        numerics: ``"exact"`` or ``"fast"`` (see the module docstring).
+        threads: intra-op threads; default ``min(4, os.cpu_count())``. Always fixed, never
+            ORT's "all cores" default, so runs are comparable.
+    """
+    if numerics not in ("exact", "fast"):
+        raise ValueError(f"numerics must be 'exact' or 'fast', not {numerics!r}")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = int(threads) if threads else min(4, os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if numerics == "exact":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.add_session_config_entry(QDQ_ACCURACY_KEY, "0")
+        if hasattr(so, "use_deterministic_compute"):
+            so.use_deterministic_compute = True
+    else:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
+_IR_VERSION_RE = re.compile(r"max supported IR version: (\d+)")
+
+
+def _max_ir_version_from(exc: Exception) -> int | None:
+    m = _IR_VERSION_RE.search(str(exc))
+    return int(m.group(1)) if m else None
+
+
+def _proto_bytes(proto: onnx.ModelProto) -> int:
+    return sum(
+        t.ByteSize() for t in onnx.external_data_helper._get_all_tensors(proto)
+    )  # private helper, stable since onnx 1.10
+
+
+def _session_from_bytes(data: bytes, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(data, so, providers=providers)
+    except Exception as exc:
+        max_ir = _max_ir_version_from(exc)
+        if max_ir is None:
+            raise ModelLoadError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+    # onnx may stamp an IR version newer than this ORT build reads; the IR content we emit is
+    # older, so lowering the number is safe.
+    proto = onnx.ModelProto()
+    proto.ParseFromString(data)
+    logger.debug("lowering ir_version %d -> %d for ONNX Runtime", proto.ir_version, max_ir)
+    proto.ir_version = max_ir
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
+    except Exception as exc:
+        raise ModelLoadError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+
+
+def _session_from_large(
+    model: ir.Model, so: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    with tempfile.TemporaryDirectory(prefix="lpcompile-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        return _session_from_path(path, so, providers)
+
+
+def _session_from_path(path: Path, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as exc:
+        max_ir = _max_ir_version_from(exc)
+        if max_ir is None:
+            raise ModelLoadError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from None
+    proto = load_proto(path)
+    proto.ir_version = max_ir
+    return _session_from_proto(proto, so, providers)
+
+
+def _session_from_proto(
+    proto: onnx.ModelProto, so: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    if _proto_bytes(proto) > EXTERNAL_THRESHOLD:
+        return _session_from_large(ir.from_proto(proto), so, providers)
+    return _session_from_bytes(proto.SerializeToString(), so, providers)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def make_session(
+    model: onnx.ModelProto | ir.Model | str | os.PathLike[str],
+    numerics: Numerics = "exact",
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """An ``InferenceSession`` for a model given as a proto, an onnx-ir model or a file path.
+
+    Models whose initializers exceed the protobuf limit are written to a temporary folder with
+    external data and loaded from there. A model stamped with an IR version newer than this ORT
+    reads is loaded with the version lowered to ORT's maximum.
+    """
+    so = session_options(numerics, threads)
+    provs = list(providers) if providers is not None else list(DEFAULT_PROVIDERS)
+    if isinstance(model, ir.Model):
+        if model_bytes_estimate(model) > EXTERNAL_THRESHOLD:
+            return _session_from_large(model, so, provs)
+        return _session_from_proto(ir.to_proto(model), so, provs)
+    if isinstance(model, onnx.ModelProto):
+        return _session_from_proto(model, so, provs)
+    return _session_from_path(Path(model), so, provs)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def _convert_input(name: str, array: np.ndarray, type_str: str) -> np.ndarray | ort.OrtValue:
+    """Convert one numpy input to what the session expects (a numpy array or an OrtValue)."""
+    if type_str not in _ORT_TYPES:
+        raise CalibrationError(f"input {name!r} has type {type_str}, which lpcompile cannot feed")
+    target, onnx_type = _ORT_TYPES[type_str]
+    a = np.asarray(array)
+    src_float = np.issubdtype(a.dtype, np.floating) or a.dtype in _ML_FLOATS
+    if type_str not in _FLOAT_TYPES and src_float:
+        af = a.astype(np.float64)
+        if not np.all(np.isfinite(af)) or not np.all(af == np.round(af)):
+            raise CalibrationError(f"input {name!r} expects {type_str} but got non-integer float values")
+    if type_str in _FP8 or type_str == "tensor(bfloat16)":
+        a = np.ascontiguousarray(a.astype(target))
+        view = np.uint8 if type_str in _FP8 else np.uint16
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(a.view(view), onnx_type)
+    if type_str in _INT4:
+        return _int4_ortvalue(a.astype(target), onnx_type)
+    if a.dtype != target:
+        a = a.astype(target)
+    return np.ascontiguousarray(a)
+
+
+def _int4_ortvalue(a: np.ndarray, onnx_type: int) -> ort.OrtValue:
+    """int4/uint4 cannot cross the numpy bridge: allocate an OrtValue and copy packed nibbles in."""
+    ov = ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), onnx_type)
+    packed = onnx.numpy_helper.from_array(np.ascontiguousarray(a)).raw_data
+    if packed:
+        ctypes.memmove(ov.data_ptr(), packed, len(packed))
+    return ov
+
+
+def _ortvalue_to_numpy(ov: ort.OrtValue, type_str: str) -> np.ndarray:
+    if type_str not in _RAW_OUTPUT:
+        return np.asarray(ov.numpy())
+    shape = tuple(int(d) for d in ov.shape())
+    dtype, onnx_type = _ORT_TYPES[type_str]
+    n = int(np.prod(shape, dtype=np.int64))
+    if type_str in _INT4:
+        nbytes = (n + 1) // 2
+        raw = _copy_bytes(ov, nbytes)
+        tensor = onnx.helper.make_tensor("t", onnx_type, shape, raw, raw=True)
+        return onnx.numpy_helper.to_array(tensor).astype(dtype).reshape(shape)
+    raw = _copy_bytes(ov, n * dtype.itemsize)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def _copy_bytes(ov: ort.OrtValue, nbytes: int) -> bytes:
+    if nbytes == 0:
+        return b""
+    if ov.device_name().lower() != "cpu":
+        raise CalibrationError(f"cannot read a {ov.data_type()} output that lives on {ov.device_name()}")
+    return ctypes.string_at(ov.data_ptr(), nbytes)
+
+
+def prepare_inputs(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> dict[str, object]:
+    """Check names and ranks against the session and convert every input (see :func:`run`)."""
+    specs = {i.name: i for i in session.get_inputs()}
+    missing = [n for n in specs if n not in inputs]
+    unknown = [n for n in inputs if n not in specs]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown input(s) {', '.join(unknown)}")
+        raise CalibrationError(f"{'; '.join(parts)}; the model takes {', '.join(specs) or 'no inputs'}")
+    feed: dict[str, object] = {}
+    for name, spec in specs.items():
+        a = np.asarray(inputs[name])
+        shape = spec.shape
+        if isinstance(shape, list):
+            if len(shape) != a.ndim:
+                raise CalibrationError(
+                    f"input {name!r} has rank {a.ndim} {tuple(a.shape)}, "
+                    f"the model expects rank {len(shape)} {tuple(shape)}"
+                )
+            for axis, (want, got) in enumerate(zip(shape, a.shape, strict=True)):
+                if isinstance(want, int) and want >= 0 and want != got:
+                    raise CalibrationError(
+                        f"input {name!r} has shape {tuple(a.shape)}, "
+                        f"the model expects {tuple(shape)} (axis {axis})"
+                    )
+        feed[name] = _convert_input(name, a, spec.type)
+    return feed
+
+
+def run(
+    session: ort.InferenceSession,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``session`` once and return ``{output name: array}`` in the session's output order.
+
+    Inputs are converted to the element type the session expects (float64 → float32,
+    int32 → int64, floats → float8/bfloat16 through OrtValues, int4 packed into OrtValues);
+    wrong names, ranks, fixed dims or non-integral values for integer inputs raise
+    ``CalibrationError``. bfloat16 / float8 / int4 outputs come back as ml_dtypes arrays.
+
+    Args:
+        session: the session.
+        inputs: one array per graph input.
+        outputs: names of outputs to fetch (default: all).
+    """
+    feed = prepare_inputs(session, inputs)
+    return _run_feed(session, feed, outputs)
+
+
+def _run_feed(
+    session: ort.InferenceSession, feed: Mapping[str, object], outputs: Sequence[str] | None
+) -> dict[str, np.ndarray]:
+    out_types = {o.name: o.type for o in session.get_outputs()}
+    names = list(outputs) if outputs is not None else list(out_types)
+    unknown = [n for n in names if n not in out_types]
+    if unknown:
+        raise CalibrationError(f"unknown output(s) {', '.join(unknown)}")
+    ort_feed = {
+        k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.asarray(v))
+        for k, v in feed.items()
+    }
+    try:
+        values = session.run_with_ort_values(names, ort_feed)
+    except Exception as exc:
+        raise CalibrationError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
+    return {n: _ortvalue_to_numpy(v, out_types[n]) for n, v in zip(names, values, strict=True)}
+
+
+def concat_outputs(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate per-batch outputs along axis 0 (rank-0 outputs are stacked)."""
+    if not parts:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    for name in parts[0]:
+        arrays = [p[name] for p in parts]
+        out[name] = np.stack(arrays) if arrays[0].ndim == 0 else np.concatenate(arrays, axis=0)
+    return out
+
+
+def run_batches(
+    session: ort.InferenceSession,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    outputs: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run every batch and concatenate each output along axis 0."""
+    parts = [run(session, b, outputs) for b in batches]
+    if not parts:
+        raise CalibrationError("no input batches to run")
+    return concat_outputs(parts)
+
+
+def latency_ms(
+    session: ort.InferenceSession,
+    inputs: Mapping[str, np.ndarray],
+    warmup: int = 3,
+    repeat: int = 20,
+) -> list[float]:
+    """Wall-clock milliseconds of ``repeat`` runs after ``warmup`` runs (callers take the median)."""
+    feed = prepare_inputs(session, inputs)
+    ort_feed = {
+        k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.asarray(v))
+        for k, v in feed.items()
+    }
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(max(0, warmup)):
+        session.run_with_ort_values(names, ort_feed)
+    times: list[float] = []
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        session.run_with_ort_values(names, ort_feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
