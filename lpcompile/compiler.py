@@ -117,7 +117,8 @@ def plan_from_solution(table: SensitivityTable, solution: Solution, budget_text:
         c = n.candidates[fmt]
         nodes.append(
             NodeAssignment(name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, format=fmt, bits=c.bits,
-                           predicted_loss=c.predicted_loss, module_path=n.module_path, candidates=dict(n.candidates))
+                           predicted_loss=c.predicted_loss, module_path=n.module_path, candidates=dict(n.candidates),
+                           trace=n.trace)
         )
     order = {n.name: i for i, n in enumerate(table.nodes)}
     nodes.sort(key=lambda a: order[a.name])

@@ -17,6 +17,7 @@ JSON schema (version 1)::
          "format": "int4_b128", "bits": 4.125,
          "predicted_loss": 0.001 | null,     # optional
          "module_path": "encoder.layer.0..." # optional (PyTorch entry)
+         "trace": 12.3,                      # optional: Hutchinson estimate of Tr(H) of the weight
          "candidates": {"int8": {"bits": 8.08, "predicted_loss": 1e-5, "measured_loss": null}, ...}
         }, ...
       ],
@@ -69,13 +70,17 @@ class NodeAssignment:
     predicted_loss: float | None = None
     module_path: str | None = None
     candidates: Mapping[str, Candidate] = field(default_factory=dict)
+    trace: float | None = None
 
     def runner_up(self) -> tuple[str, Candidate] | None:
-        """The lowest-loss candidate other than the chosen format (None without candidates)."""
-        others = [(f, c) for f, c in self.candidates.items() if f != self.format and c.predicted_loss is not None]
+        """The alternative that explains the choice: the next cheaper candidate (what saving more bits
+        would have cost in loss), or, for the cheapest choice, the next more expensive one."""
+        others = sorted(((f, c) for f, c in self.candidates.items() if f != self.format),
+                        key=lambda fc: (fc[1].bits, fc[0]))
         if not others:
             return None
-        return min(others, key=lambda fc: (fc[1].predicted_loss, fc[1].bits, fc[0]))
+        cheaper = [fc for fc in others if fc[1].bits < self.bits]
+        return cheaper[-1] if cheaper else others[0]
 
 
 @dataclass(frozen=True)
@@ -203,9 +208,8 @@ def _is_number(v: Any) -> bool:
 
 
 def _round(v: float | None) -> float | None:
-    if v is None:
-        return None
-    return float(f"{v:.10g}")
+    """Floats are written at full precision (Python's shortest repr round-trips exactly)."""
+    return None if v is None else float(v)
 
 
 def _node_to_dict(n: NodeAssignment) -> dict[str, Any]:
@@ -221,6 +225,8 @@ def _node_to_dict(n: NodeAssignment) -> dict[str, Any]:
         out["predicted_loss"] = _round(n.predicted_loss)
     if n.module_path:
         out["module_path"] = n.module_path
+    if n.trace is not None:
+        out["trace"] = _round(n.trace)
     if n.candidates:
         out["candidates"] = {
             f: {
@@ -270,6 +276,7 @@ def _node_from_dict(i: int, d: Any) -> NodeAssignment:
         predicted_loss=_opt_float(d.get("predicted_loss")),
         module_path=d.get("module_path"),
         candidates=candidates,
+        trace=_opt_float(d.get("trace")),
     )
 
 

@@ -41,9 +41,6 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 import onnx_ir as ir
-
-from lpcompile.errors import PlanError
-from lpcompile.formats import FLOAT_SPECS, activation_scale, get_format
 from lpcompile.passes._common import (
     ACT_DQ,
     ACT_Q,
@@ -59,6 +56,9 @@ from lpcompile.passes._common import (
     nodes_by_name,
 )
 from lpcompile.passes.opset import ensure_opset
+
+from lpcompile.errors import PlanError
+from lpcompile.formats import FLOAT_SPECS, activation_scale, get_format
 from lpcompile.plan import PrecisionPlan, validate_against
 
 logger = logging.getLogger(__name__)

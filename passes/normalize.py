@@ -26,7 +26,6 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
 from lpcompile.passes._common import (
     Namer,
     add_initializer,
@@ -58,24 +57,18 @@ class NormalizeWeightsPass(ir.passes.InPlacePass):
 def _lift_weight_constants(graph: ir.Graph) -> int:
     count = 0
     for node in list(graph):
-        if not is_onnx_op(node, tuple(_WEIGHT_INPUTS)):
-            continue
-        for idx in _WEIGHT_INPUTS[node.op_type]:
-            if idx >= len(node.inputs) or node.inputs[idx] is None:
-                continue
+        for idx in _weight_constant_inputs(node):
             value = node.inputs[idx]
             producer = value.producer()
-            if producer is None or not is_onnx_op(producer, "Constant") or value.is_graph_output():
+            if producer is None:  # lifted already (shared by an earlier node)
                 continue
-            attr = producer.attributes.get("value")
-            if attr is None or len(producer.attributes) != 1:
-                continue
-            tensor = attr.as_tensor()
+            tensor = producer.attributes["value"].as_tensor()
             name = value.name or ""
             # Detach the value from the Constant node: create the initializer under the same name.
             init = ir.Value(name=None, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
             value.replace_all_uses_with(init)
             graph.remove(producer, safe=True)
+            value.name = None
             init.name = name
             init.const_value = ir.tensor(np.asarray(tensor.numpy()), name=name)
             graph.register_initializer(init)
@@ -83,13 +76,34 @@ def _lift_weight_constants(graph: ir.Graph) -> int:
     return count
 
 
-def _gemm_candidate(node: ir.Node) -> bool:
+def needs_normalization(model: ir.Model) -> bool:
+    """Whether :class:`NormalizeWeightsPass` would change ``model``."""
+    return any(_gemm_candidate(node, warn=False) or _weight_constant_inputs(node) for node in model.graph)
+
+
+def _weight_constant_inputs(node: ir.Node) -> list[int]:
+    if not is_onnx_op(node, tuple(_WEIGHT_INPUTS)):
+        return []
+    out = []
+    for idx in _WEIGHT_INPUTS[node.op_type]:
+        value = node.inputs[idx] if idx < len(node.inputs) else None
+        producer = value.producer() if value is not None else None
+        if producer is None or not is_onnx_op(producer, "Constant") or value.is_graph_output():
+            continue
+        if producer.attributes.get("value") is None or len(producer.attributes) != 1:
+            continue
+        out.append(idx)
+    return out
+
+
+def _gemm_candidate(node: ir.Node, warn: bool = True) -> bool:
     if not is_onnx_op(node, "Gemm") or len(node.inputs) < 2 or node.inputs[0] is None:
         return False
     if not float_initializer(node.inputs[1]) or len(node.inputs[1].shape or ()) != 2:
         return False
     if _int_attr(node, "transA", 0):
-        logger.warning("Gemm %r has transA=1: left as Gemm (its weight is not normalised)", node.name)
+        if warn:
+            logger.warning("Gemm %r has transA=1: left as Gemm (its weight is not normalised)", node.name)
         return False
     return True
 
@@ -154,9 +168,7 @@ def _rewrite_gemm(graph: ir.Graph, namer: Namer, node: ir.Node, weight: ir.Value
     old_b = node.inputs[1]
     use_bias = c is not None and beta != 0.0
     mm_out_name = namer.value(f"{out.name}_matmul") if use_bias else namer.value(f"{out.name}_tmp")
-    mm = make_node(
-        "MatMul", [a, weight], None, name=name, out_name=mm_out_name, out_dtype=dtype, out_shape=out_shape
-    )
+    mm = make_node("MatMul", [a, weight], None, name=name, out_name=mm_out_name, out_dtype=dtype, out_shape=out_shape)
     new_nodes.append(mm)
     last = mm.outputs[0]
     if use_bias:

@@ -76,7 +76,7 @@ def _ensure_proto(model: onnx.ModelProto, current: int | None, version: int) -> 
         except Exception as exc:
             raise LpError(
                 f"cannot convert the model from opset {current} to opset {version} "
-                f"(needed for int4/fp8/blocked QDQ): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"(needed for int4/fp8/blocked QDQ): {_describe(exc)}"
             ) from None
     out.ir_version = max(out.ir_version, min_ir_version(version))
     if (default_opset(out) or 0) < version:
@@ -90,11 +90,17 @@ def _convert_ir(model: ir.Model, current: int, version: int) -> None:
     try:
         ConvertVersionPass(target_version=version, fallback=True)(model)
     except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else ""
         raise LpError(
             f"cannot convert the model from opset {current} to opset {version} "
-            f"(needed for int4/fp8/blocked QDQ): {type(exc).__name__}: {msg}"
+            f"(needed for int4/fp8/blocked QDQ): {_describe(exc)}"
         ) from None
     reached = default_opset(model) or 0
     if reached < version:
-        raise LpError(f"cannot convert the model from opset {current} to opset {version} (converter stopped at {reached})")
+        raise LpError(
+            f"cannot convert the model from opset {current} to opset {version} (converter stopped at {reached})"
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

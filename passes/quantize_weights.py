@@ -49,10 +49,6 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-
-from lpcompile.errors import PlanError, UsageError
-from lpcompile.formats import Format, QuantizedWeight, get_format, quantize_weight
-from lpcompile.graph import WeightNode, find_weight_nodes
 from lpcompile.passes._common import (
     ELEMENT_DTYPES,
     MS_DOMAIN,
@@ -60,7 +56,6 @@ from lpcompile.passes._common import (
     WEIGHT_DQ,
     Namer,
     add_initializer,
-    add_serves,
     cast_to,
     get_int_attr,
     is_onnx_op,
@@ -70,6 +65,10 @@ from lpcompile.passes._common import (
     remove_if_unused,
 )
 from lpcompile.passes.opset import ensure_opset
+
+from lpcompile.errors import PlanError, UsageError
+from lpcompile.formats import Format, QuantizedWeight, get_format, quantize_weight
+from lpcompile.graph import WeightNode, find_weight_nodes
 from lpcompile.plan import NodeAssignment, PrecisionPlan, validate_against
 
 logger = logging.getLogger(__name__)

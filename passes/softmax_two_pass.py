@@ -99,9 +99,7 @@ class TwoPassSoftmaxPass(InPlacePass):
         if self.mode == "keep":
             return PassResult(model, modified=False)
         opset = _default_opset(model)
-        softmaxes = [
-            n for n in RecursiveGraphIterator(model.graph) if n.op_type == "Softmax" and n.domain == ""
-        ]
+        softmaxes = [n for n in RecursiveGraphIterator(model.graph) if n.op_type == "Softmax" and n.domain == ""]
         chosen = [n for n in softmaxes if self._selected(n)]
         if not chosen:
             return PassResult(model, modified=False)

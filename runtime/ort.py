@@ -138,9 +138,7 @@ def _session_from_bytes(data: bytes, so: ort.SessionOptions, providers: list[str
         raise ModelLoadError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
 
 
-def _session_from_large(
-    model: ir.Model, so: ort.SessionOptions, providers: list[str]
-) -> ort.InferenceSession:
+def _session_from_large(model: ir.Model, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
     with tempfile.TemporaryDirectory(prefix="lpcompile-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")
@@ -161,9 +159,7 @@ def _session_from_path(path: Path, so: ort.SessionOptions, providers: list[str])
     return _session_from_proto(proto, so, providers)
 
 
-def _session_from_proto(
-    proto: onnx.ModelProto, so: ort.SessionOptions, providers: list[str]
-) -> ort.InferenceSession:
+def _session_from_proto(proto: onnx.ModelProto, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
     if _proto_bytes(proto) > EXTERNAL_THRESHOLD:
         return _session_from_large(ir.from_proto(proto), so, providers)
     return _session_from_bytes(proto.SerializeToString(), so, providers)
@@ -280,8 +276,7 @@ def prepare_inputs(session: ort.InferenceSession, inputs: Mapping[str, np.ndarra
             for axis, (want, got) in enumerate(zip(shape, a.shape, strict=True)):
                 if isinstance(want, int) and want >= 0 and want != got:
                     raise CalibrationError(
-                        f"input {name!r} has shape {tuple(a.shape)}, "
-                        f"the model expects {tuple(shape)} (axis {axis})"
+                        f"input {name!r} has shape {tuple(a.shape)}, the model expects {tuple(shape)} (axis {axis})"
                     )
         feed[name] = _convert_input(name, a, spec.type)
     return feed

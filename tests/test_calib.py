@@ -68,11 +68,16 @@ def test_load_folder_sorted_and_concatenated(tmp_path) -> None:
     assert calib.arrays["x"][:, 0].tolist() == [1.0, 2.0, 2.0]
 
 
+def _write_text(path, text: str):
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
         (lambda p: p / "missing.npz", "not found"),
-        (lambda p: (p / "x.npz").write_text("hello") or p / "x.npz", "not an .npz"),
+        (lambda p: _write_text(p / "x.npz", "hello"), "not an .npz"),
         (lambda p: np.savez(p / "e.npz") or p / "e.npz", "no arrays"),
         (lambda p: np.savez(p / "i.npz", a=np.zeros((2, 1)), b=np.zeros((3, 1))) or p / "i.npz", "inconsistent"),
         (lambda p: np.savez(p / "z.npz", a=np.zeros((0, 2))) or p / "z.npz", "no samples"),
@@ -158,5 +163,9 @@ def test_batches_and_split() -> None:
     first, rest = split(calib, 3)
     assert first.num_samples == 3 and rest.num_samples == 2
     assert rest.arrays["x"][0].tolist() == [6, 7]
-    with pytest.raises(CalibrationError, match="cannot split"):
-        split(calib, 5)
+    everything, nothing = split(calib, 5)
+    assert everything.num_samples == 5 and nothing.num_samples == 0
+    assert list(batches(nothing, 2)) == []
+    for bad in (-1, 6):
+        with pytest.raises(CalibrationError, match="cannot split"):
+            split(calib, bad)

@@ -220,3 +220,15 @@ def test_collect_tensors_one_batch() -> None:
     w1 = numpy_helper.to_array(model.graph.initializer[0])
     np.testing.assert_allclose(vals["r"], np.maximum(x @ w1, 0), rtol=1e-6, atol=1e-6)
     assert vals["idx"].tolist() == [0, 0]
+
+
+def test_large_model_route_through_external_data(monkeypatch) -> None:
+    import lpcompile.runtime.ort as ort_mod
+
+    monkeypatch.setattr(ort_mod, "EXTERNAL_THRESHOLD", 0)  # pretend every model exceeds 2 GB
+    model = _mlp()
+    feed = {"x": np.ones((2, 4), np.float32), "idx": np.zeros(2, np.int64)}
+    for m in (model, ir.from_proto(_mlp())):
+        out = run(make_session(m), feed)["y"]
+        w1, w2 = (numpy_helper.to_array(t) for t in model.graph.initializer)
+        np.testing.assert_allclose(out, np.maximum(feed["x"] @ w1, 0) @ w2, rtol=1e-5, atol=1e-5)

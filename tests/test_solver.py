@@ -68,7 +68,8 @@ def brute_force(items: list[Item], budget: Budget) -> tuple[float, float, float]
     return best[0], best[1], min_cost
 
 
-def min_cost_of(items: list[Item]) -> float:
+def min_cost_of(items: list[Item], pick=min) -> float:  # noqa: ANN001
+    """Σ over units of the cheapest (``pick=max``: dearest) total bits; inf if a group has no common format."""
     groups: dict[object, list[Item]] = {}
     for it in items:
         groups.setdefault(it.group if it.group is not None else ("solo", it.name), []).append(it)
@@ -77,7 +78,7 @@ def min_cost_of(items: list[Item]) -> float:
         common = set.intersection(*(set(m.formats) for m in members))
         if not common:
             return math.inf
-        total.append(min(math.fsum(m.choice(f).bits * m.params for m in members) for f in common))
+        total.append(pick(math.fsum(m.choice(f).bits * m.params for m in members) for f in common))
     return math.fsum(total)
 
 
@@ -112,17 +113,21 @@ def instances(draw: st.DrawFn, dyadic: bool) -> list[Item]:
 @st.composite
 def problems(draw: st.DrawFn, dyadic: bool) -> tuple[list[Item], Budget]:
     items = draw(instances(dyadic))
-    kind = draw(st.sampled_from(["bits", "bits", "bits", "bytes", "min"]))
+    kind = draw(st.sampled_from(["between", "between", "between", "bits", "bytes", "min"]))
     total_params = sum(it.params for it in items)
-    if kind == "bits":
+    low, high = min_cost_of(items), min_cost_of(items, max)
+    if not (total_params and math.isfinite(low)):
+        kind = "bits"
+    if kind == "between":  # where the budget binds: between all-cheapest and all-dearest
+        t = draw(st.floats(0.0, 1.0))
+        budget = Budget.bits(max(low + t * (high - low), 1.0) / total_params)
+    elif kind == "bits":
         budget = Budget.bits(draw(st.floats(1.0, 34.0)))
     elif kind == "bytes":
-        budget = Budget.bytes(draw(st.floats(1.0, 6 * 5000 * 32 / 8)), draw(st.sampled_from(["B", "KB", "KiB"])))
-        if budget.kind == "bytes" and budget.unit != "B":
-            budget = Budget.bytes(budget.value / 1000, budget.unit)
+        unit = draw(st.sampled_from(["B", "KB", "KiB"]))
+        budget = Budget.bytes(draw(st.floats(0.5, 1.1)) * high / 8 / (1 if unit == "B" else 1000), unit)
     else:  # exactly the smallest feasible budget, in bits per weight
-        smallest = min_cost_of(items) / total_params if total_params else math.inf
-        budget = Budget.bits(max(smallest, 1.0) if math.isfinite(smallest) else 4.0)
+        budget = Budget.bits(low / total_params)
     return items, budget
 
 

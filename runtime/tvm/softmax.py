@@ -147,6 +147,75 @@ def _reduce(v: Any, n: Any) -> Any:
     return v - n * _f(_LN2_HI) - n * _f(_LN2_LO)
 
 
+def _let(value: Any, body: Any) -> Any:
+    """``body(v)`` with ``v`` bound to ``value`` by a Let expression.
+
+    (TVM 0.27 vectorises a ``v = expr`` statement inside ``T.vectorized`` wrongly: every lane gets
+    the last lane's value. Let expressions are vectorised correctly.)
+    """
+    from tvm import tirx
+
+    var = tirx.Var("v", "float32")
+    return tirx.Let(var, value, body(var))
+
+
+def _tp_n(xv: Any) -> Any:
+    """Two-pass exponent n = round(clamp(x)·log2 e) (a float32 integer)."""
+    from tvm import tirx
+
+    xc = tirx.min(tirx.max(xv, _f(-_CLAMP)), _f(_CLAMP))
+    return tirx.round(xc * _f(_LOG2E))
+
+
+def _tp_pn(xv: Any, body: Any) -> Any:
+    """``body(p, n)`` with e^x = p·2^n (two-pass decomposition; p = 0 for x = −inf)."""
+    from tvm import tirx
+
+    def with_x(x: Any) -> Any:
+        xc = tirx.min(tirx.max(x, _f(-_CLAMP)), _f(_CLAMP))
+        return _let(
+            xc,
+            lambda c: _let(
+                tirx.round(c * _f(_LOG2E)),
+                lambda n: _let(
+                    tirx.Select(x < _f(_NEG_BIG), _f(0.0), _let(_reduce(c, n), _poly)),
+                    lambda p: body(p, n),
+                ),
+            ),
+        )
+
+    return _let(xv, with_x)
+
+
+def _pair_m(m1: Any, e1: Any, m2: Any, e2: Any) -> Any:
+    """Mantissa of (m1, e1) ⊕ (m2, e2) = (m1·2^(e1−e') + m2·2^(e2−e'), e' = max(e1, e2))."""
+    from tvm import tirx
+
+    return _let(tirx.max(e1, e2), lambda en: m1 * _exp2i(e1 - en) + m2 * _exp2i(e2 - en))
+
+
+def _tp_accumulate(m: Any, e: Any, xv: Any) -> Any:
+    """Mantissa of the pair (m, e) ⊕ (p, n) for e^x = p·2^n; the exponent is max(e, _tp_n(x))."""
+    return _tp_pn(xv, lambda p, n: _pair_m(m, e, p, n))
+
+
+def _tp_write(xv: Any, inv_m: Any, e: Any, dtype: str) -> Any:
+    """y = p·(1/m)·2^(n − e), cast to the output dtype."""
+    from tvm import tirx
+
+    return tirx.Cast(dtype, _tp_pn(xv, lambda p, n: p * inv_m * _exp2i(n - e)))
+
+
+def _exp_shifted(xv: Any, mx: Any) -> Any:
+    """e^(x − max) with the same reduction, polynomial and 2^n as the two-pass kernel."""
+    from tvm import tirx
+
+    return _let(
+        tirx.max(xv - mx, _f(_THREE_PASS_DMIN)),
+        lambda d: _let(tirx.round(d * _f(_LOG2E)), lambda n: _let(_reduce(d, n), _poly) * _exp2i(n)),
+    )
+
+
 def _load(buf: Any, *idx: Any) -> Any:
     from tvm import tirx
 
@@ -154,95 +223,93 @@ def _load(buf: Any, *idx: Any) -> Any:
     return v if buf.dtype == "float32" else tirx.Cast("float32", v)
 
 
+class _Split:
+    """Index arithmetic of a plan: task ``b`` = (row ``b // K``, chunk ``b % K``)."""
+
+    def __init__(self, plan: SoftmaxPlan) -> None:
+        self.K, self.CH, self.C = plan.chunks, plan.chunk, plan.cols
+
+    def row(self, b: Any) -> Any:
+        return b // self.K
+
+    def base(self, b: Any) -> Any:
+        return b % self.K * self.CH
+
+    def length(self, b: Any) -> Any:
+        from tvm import tirx
+
+        return tirx.min(self.CH, self.C - b % self.K * self.CH)
+
+
 # ----------------------------------------------------------------------------------------------
-# CPU (llvm) kernels
+# CPU (llvm) kernels: T.parallel over rows × chunks, T.vectorized over `lanes` accumulators.
+# Per-task buffers use the default ("global") scope: TVM keeps those below 1 KiB on the stack
+# (alloca, promoted to registers), while "local" scope would become a heap workspace.
 # ----------------------------------------------------------------------------------------------
 
 
 def _two_pass_cpu(plan: SoftmaxPlan, dtype: str) -> Any:
     from tvm.script import tirx as T
 
-    R, C, K, CH, W = plan.rows, plan.cols, plan.chunks, plan.chunk, plan.lanes
-    CLAMP, NEG_BIG, LOG2E = _f(_CLAMP), _f(_NEG_BIG), _f(_LOG2E)
+    R, C, K, W = plan.rows, plan.cols, plan.chunks, plan.lanes
+    sp = _Split(plan)
 
     @T.prim_func(private=True)
     def two_pass(X: T.Buffer((R, C), dtype), Y: T.Buffer((R, C), dtype)):
         T.func_attr({"tir.noalias": True})
-        PM = T.alloc_buffer((R, K), "float32")
-        PE = T.alloc_buffer((R, K), "float32")
+        PM = T.alloc_buffer((R * K,), "float32")
+        PE = T.alloc_buffer((R * K,), "float32")
         INV = T.alloc_buffer((R,), "float32")
         EE = T.alloc_buffer((R,), "float32")
         # pass 1: one read of x -> per-chunk (m, e)
-        for task in T.parallel(R * K):
-            r: T.int32 = task // K
-            k: T.int32 = task % K
-            lo: T.int32 = k * CH
-            ln: T.int32 = T.min(CH, C - lo)
-            am = T.alloc_buffer((W,), "float32", scope="local")
-            ae = T.alloc_buffer((W,), "float32", scope="local")
+        for b in T.parallel(R * K):
+            am = T.alloc_buffer((W,), "float32")
+            ae = T.alloc_buffer((W,), "float32")
             for v in T.vectorized(W):
                 am[v] = T.float32(0)
                 ae[v] = T.float32(_E_ID)
-            for i in range(ln // W):
+            for i in range(sp.length(b) // W):
                 for v in T.vectorized(W):
-                    xv = _load(X, r, lo + i * W + v)
-                    xc = T.min(T.max(xv, -CLAMP), CLAMP)
-                    n = T.round(xc * LOG2E)
-                    p = T.Select(xv < NEG_BIG, T.float32(0), _poly(_reduce(xc, n)))
-                    en = T.max(ae[v], n)
-                    am[v] = am[v] * _exp2i(ae[v] - en) + p * _exp2i(n - en)
-                    ae[v] = en
-            for j in range(ln % W):
-                xv = _load(X, r, lo + (ln // W) * W + j)
-                xc = T.min(T.max(xv, -CLAMP), CLAMP)
-                n = T.round(xc * LOG2E)
-                p = T.Select(xv < NEG_BIG, T.float32(0), _poly(_reduce(xc, n)))
-                en = T.max(ae[j], n)
-                am[j] = am[j] * _exp2i(ae[j] - en) + p * _exp2i(n - en)
-                ae[j] = en
-            # merge the lanes
-            cm = T.alloc_buffer((1,), "float32", scope="local")
-            ce = T.alloc_buffer((1,), "float32", scope="local")
+                    am[v] = _tp_accumulate(am[v], ae[v], _load(X, sp.row(b), sp.base(b) + i * W + v))
+                    ae[v] = T.max(ae[v], _tp_n(_load(X, sp.row(b), sp.base(b) + i * W + v)))
+            for j in range(sp.length(b) % W):
+                am[j] = _tp_accumulate(am[j], ae[j], _load(X, sp.row(b), sp.base(b) + sp.length(b) // W * W + j))
+                ae[j] = T.max(ae[j], _tp_n(_load(X, sp.row(b), sp.base(b) + sp.length(b) // W * W + j)))
+            cm = T.alloc_buffer((1,), "float32")
+            ce = T.alloc_buffer((1,), "float32")
             cm[0] = am[0]
             ce[0] = ae[0]
             for v in range(1, W):
-                en = T.max(ce[0], ae[v])
-                cm[0] = cm[0] * _exp2i(ce[0] - en) + am[v] * _exp2i(ae[v] - en)
-                ce[0] = en
-            PM[r, k] = cm[0]
-            PE[r, k] = ce[0]
+                cm[0] = _pair_m(cm[0], ce[0], am[v], ae[v])
+                ce[0] = T.max(ce[0], ae[v])
+            PM[b] = cm[0]
+            PE[b] = ce[0]
         # merge the chunks of each row
         for r in T.parallel(R):
-            cm = T.alloc_buffer((1,), "float32", scope="local")
-            ce = T.alloc_buffer((1,), "float32", scope="local")
-            cm[0] = PM[r, 0]
-            ce[0] = PE[r, 0]
+            cm = T.alloc_buffer((1,), "float32")
+            ce = T.alloc_buffer((1,), "float32")
+            cm[0] = PM[r * K]
+            ce[0] = PE[r * K]
             for k in range(1, K):
-                en = T.max(ce[0], PE[r, k])
-                cm[0] = cm[0] * _exp2i(ce[0] - en) + PM[r, k] * _exp2i(PE[r, k] - en)
-                ce[0] = en
-            # m >= 0.707 unless the row is fully masked (m = 0, every p = 0): y = 0 there
+                cm[0] = _pair_m(cm[0], ce[0], PM[r * K + k], PE[r * K + k])
+                ce[0] = T.max(ce[0], PE[r * K + k])
+            # m >= 0.707 unless the row is fully masked (m = 0 and every p = 0): y = 0 there
             INV[r] = T.float32(1) / T.max(cm[0], T.float32(0.5))
             EE[r] = ce[0]
         # pass 2: second read of x, one write of y
-        for task in T.parallel(R * K):
-            r: T.int32 = task // K
-            k: T.int32 = task % K
-            lo: T.int32 = k * CH
-            ln: T.int32 = T.min(CH, C - lo)
-            for i in range(ln // W):
+        for b in T.parallel(R * K):
+            for i in range(sp.length(b) // W):
                 for v in T.vectorized(W):
-                    xv = _load(X, r, lo + i * W + v)
-                    xc = T.min(T.max(xv, -CLAMP), CLAMP)
-                    n = T.round(xc * LOG2E)
-                    p = T.Select(xv < NEG_BIG, T.float32(0), _poly(_reduce(xc, n)))
-                    Y[r, lo + i * W + v] = T.Cast(dtype, p * INV[r] * _exp2i(n - EE[r]))
-            for j in range(ln % W):
-                xv = _load(X, r, lo + (ln // W) * W + j)
-                xc = T.min(T.max(xv, -CLAMP), CLAMP)
-                n = T.round(xc * LOG2E)
-                p = T.Select(xv < NEG_BIG, T.float32(0), _poly(_reduce(xc, n)))
-                Y[r, lo + (ln // W) * W + j] = T.Cast(dtype, p * INV[r] * _exp2i(n - EE[r]))
+                    Y[sp.row(b), sp.base(b) + i * W + v] = _tp_write(
+                        _load(X, sp.row(b), sp.base(b) + i * W + v), INV[sp.row(b)], EE[sp.row(b)], dtype
+                    )
+            for j in range(sp.length(b) % W):
+                Y[sp.row(b), sp.base(b) + sp.length(b) // W * W + j] = _tp_write(
+                    _load(X, sp.row(b), sp.base(b) + sp.length(b) // W * W + j),
+                    INV[sp.row(b)],
+                    EE[sp.row(b)],
+                    dtype,
+                )
 
     return two_pass
 
@@ -250,84 +317,73 @@ def _two_pass_cpu(plan: SoftmaxPlan, dtype: str) -> Any:
 def _three_pass_cpu(plan: SoftmaxPlan, dtype: str) -> Any:
     from tvm.script import tirx as T
 
-    R, C, K, CH, W = plan.rows, plan.cols, plan.chunks, plan.chunk, plan.lanes
-    LOG2E, DMIN = _f(_LOG2E), _f(_THREE_PASS_DMIN)
+    R, C, K, W = plan.rows, plan.cols, plan.chunks, plan.lanes
+    sp = _Split(plan)
 
     @T.prim_func(private=True)
     def three_pass(X: T.Buffer((R, C), dtype), Y: T.Buffer((R, C), dtype)):
         T.func_attr({"tir.noalias": True})
-        PMX = T.alloc_buffer((R, K), "float32")
-        PS = T.alloc_buffer((R, K), "float32")
+        PMX = T.alloc_buffer((R * K,), "float32")
+        PS = T.alloc_buffer((R * K,), "float32")
         MX = T.alloc_buffer((R,), "float32")
         INV = T.alloc_buffer((R,), "float32")
         # pass 1: max
-        for task in T.parallel(R * K):
-            r: T.int32 = task // K
-            k: T.int32 = task % K
-            lo: T.int32 = k * CH
-            ln: T.int32 = T.min(CH, C - lo)
-            am = T.alloc_buffer((W,), "float32", scope="local")
+        for b in T.parallel(R * K):
+            am = T.alloc_buffer((W,), "float32")
             for v in T.vectorized(W):
                 am[v] = T.float32("-inf")
-            for i in range(ln // W):
+            for i in range(sp.length(b) // W):
                 for v in T.vectorized(W):
-                    am[v] = T.max(am[v], _load(X, r, lo + i * W + v))
-            for j in range(ln % W):
-                am[j] = T.max(am[j], _load(X, r, lo + (ln // W) * W + j))
-            cm = T.alloc_buffer((1,), "float32", scope="local")
+                    am[v] = T.max(am[v], _load(X, sp.row(b), sp.base(b) + i * W + v))
+            for j in range(sp.length(b) % W):
+                am[j] = T.max(am[j], _load(X, sp.row(b), sp.base(b) + sp.length(b) // W * W + j))
+            cm = T.alloc_buffer((1,), "float32")
             cm[0] = am[0]
             for v in range(1, W):
                 cm[0] = T.max(cm[0], am[v])
-            PMX[r, k] = cm[0]
+            PMX[b] = cm[0]
         for r in T.parallel(R):
-            cm = T.alloc_buffer((1,), "float32", scope="local")
-            cm[0] = PMX[r, 0]
+            cm = T.alloc_buffer((1,), "float32")
+            cm[0] = PMX[r * K]
             for k in range(1, K):
-                cm[0] = T.max(cm[0], PMX[r, k])
+                cm[0] = T.max(cm[0], PMX[r * K + k])
             MX[r] = cm[0]
         # pass 2: sum of exp(x - max)
-        for task in T.parallel(R * K):
-            r: T.int32 = task // K
-            k: T.int32 = task % K
-            lo: T.int32 = k * CH
-            ln: T.int32 = T.min(CH, C - lo)
-            acc = T.alloc_buffer((W,), "float32", scope="local")
+        for b in T.parallel(R * K):
+            acc = T.alloc_buffer((W,), "float32")
             for v in T.vectorized(W):
                 acc[v] = T.float32(0)
-            for i in range(ln // W):
+            for i in range(sp.length(b) // W):
                 for v in T.vectorized(W):
-                    d = T.max(_load(X, r, lo + i * W + v) - MX[r], DMIN)
-                    n = T.round(d * LOG2E)
-                    acc[v] = acc[v] + _poly(_reduce(d, n)) * _exp2i(n)
-            for j in range(ln % W):
-                d = T.max(_load(X, r, lo + (ln // W) * W + j) - MX[r], DMIN)
-                n = T.round(d * LOG2E)
-                acc[j] = acc[j] + _poly(_reduce(d, n)) * _exp2i(n)
-            cs = T.alloc_buffer((1,), "float32", scope="local")
+                    acc[v] = acc[v] + _exp_shifted(_load(X, sp.row(b), sp.base(b) + i * W + v), MX[sp.row(b)])
+            for j in range(sp.length(b) % W):
+                acc[j] = acc[j] + _exp_shifted(
+                    _load(X, sp.row(b), sp.base(b) + sp.length(b) // W * W + j), MX[sp.row(b)]
+                )
+            cs = T.alloc_buffer((1,), "float32")
             cs[0] = acc[0]
             for v in range(1, W):
                 cs[0] = cs[0] + acc[v]
-            PS[r, k] = cs[0]
+            PS[b] = cs[0]
         for r in T.parallel(R):
-            cs = T.alloc_buffer((1,), "float32", scope="local")
-            cs[0] = PS[r, 0]
+            cs = T.alloc_buffer((1,), "float32")
+            cs[0] = PS[r * K]
             for k in range(1, K):
-                cs[0] = cs[0] + PS[r, k]
+                cs[0] = cs[0] + PS[r * K + k]
             INV[r] = T.float32(1) / cs[0]
         # pass 3: recompute exp(x - max), write
-        for task in T.parallel(R * K):
-            r: T.int32 = task // K
-            k: T.int32 = task % K
-            lo: T.int32 = k * CH
-            ln: T.int32 = T.min(CH, C - lo)
-            for i in range(ln // W):
+        for b in T.parallel(R * K):
+            for i in range(sp.length(b) // W):
                 for v in T.vectorized(W):
-                    d = T.max(_load(X, r, lo + i * W + v) - MX[r], DMIN)
-                    n = T.round(d * LOG2E)
-                    Y[r, lo + i * W + v] = T.Cast(dtype, _poly(_reduce(d, n)) * _exp2i(n) * INV[r])
-            for j in range(ln % W):
-                d = T.max(_load(X, r, lo + (ln // W) * W + j) - MX[r], DMIN)
-                n = T.round(d * LOG2E)
-                Y[r, lo + (ln // W) * W + j] = T.Cast(dtype, _poly(_reduce(d, n)) * _exp2i(n) * INV[r])
+                    Y[sp.row(b), sp.base(b) + i * W + v] = T.Cast(
+                        dtype,
+                        _exp_shifted(_load(X, sp.row(b), sp.base(b) + i * W + v), MX[sp.row(b)]) * INV[sp.row(b)],
+                    )
+            for j in range(sp.length(b) % W):
+                Y[sp.row(b), sp.base(b) + sp.length(b) // W * W + j] = T.Cast(
+                    dtype,
+                    _exp_shifted(_load(X, sp.row(b), sp.base(b) + sp.length(b) // W * W + j), MX[sp.row(b)])
+                    * INV[sp.row(b)],
+                )
 
     return three_pass

@@ -1,0 +1,172 @@
+"""Write the precision map into the model (node and model ``metadata_props``, doc strings).
+
+Per planned node (``metadata_props``; numbers with 6 significant digits, ``f"{x:.6g}"``):
+
+* ``lpcompile.format`` – the format name; ``lpcompile.bits`` – the plan's bits;
+  ``lpcompile.params`` – parameter count;
+* ``lpcompile.predicted_loss`` – when the plan knows it;
+* ``lpcompile.runner_up`` / ``lpcompile.runner_up_loss`` – the best other candidate, when the
+  plan has candidates with losses;
+* ``lpcompile.module_path`` – the PyTorch module, when known;
+* ``doc_string``: a first line ``lpcompile: int4_b128 (4.125 bits): predicted loss 0.00012;
+  runner-up int8 8.06 bits loss 3e-06`` (any doc string the node had is kept below it).
+
+Nodes inserted by the other passes (Q/DQ/Cast, recognised by their ``lpcompile.serves`` key)
+get ``lpcompile.serves`` recomputed from the graph: the sorted, comma-separated names of the
+planned nodes they feed (through other inserted nodes).
+
+Model ``metadata_props``: ``lpcompile.version``, ``lpcompile.budget`` (only when the plan has
+one), ``lpcompile.achieved_bits``, ``lpcompile.plan`` (compact JSON of ``plan.to_dict()``) and
+``lpcompile.format_mix`` (JSON ``{format: params}``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import onnx_ir as ir
+from lpcompile.passes._common import SERVES_KEY, nodes_by_name
+
+import lpcompile
+from lpcompile.plan import NodeAssignment, PrecisionPlan, validate_against
+
+logger = logging.getLogger(__name__)
+
+DOC_PREFIX = "lpcompile: "
+NODE_KEYS = (
+    "lpcompile.format",
+    "lpcompile.bits",
+    "lpcompile.params",
+    "lpcompile.predicted_loss",
+    "lpcompile.runner_up",
+    "lpcompile.runner_up_loss",
+    "lpcompile.module_path",
+)
+
+
+def fmt_number(x: float) -> str:
+    """How numbers are written into metadata (6 significant digits)."""
+    return f"{float(x):.6g}"
+
+
+def node_metadata(a: NodeAssignment) -> dict[str, str]:
+    """The ``metadata_props`` a planned node gets."""
+    out = {
+        "lpcompile.format": a.format,
+        "lpcompile.bits": fmt_number(a.bits),
+        "lpcompile.params": str(int(a.params)),
+    }
+    if a.predicted_loss is not None:
+        out["lpcompile.predicted_loss"] = fmt_number(a.predicted_loss)
+    ru = a.runner_up()
+    if ru is not None:
+        out["lpcompile.runner_up"] = ru[0]
+        if ru[1].predicted_loss is not None:
+            out["lpcompile.runner_up_loss"] = fmt_number(ru[1].predicted_loss)
+    if a.module_path:
+        out["lpcompile.module_path"] = a.module_path
+    return out
+
+
+def node_doc(a: NodeAssignment) -> str:
+    """One line such as ``int4_b128 (4.125 bits): predicted loss 0.00012; runner-up int8 8.06 bits loss 3e-06``."""
+    text = f"{a.format} ({a.bits:.6g} bits)"
+    if a.predicted_loss is not None:
+        text += f": predicted loss {a.predicted_loss:.2g}"
+    ru = a.runner_up()
+    if ru is not None:
+        fmt, cand = ru
+        text += f"; runner-up {fmt} {cand.bits:.3g} bits"
+        if cand.predicted_loss is not None:
+            text += f" loss {cand.predicted_loss:.2g}"
+    return text
+
+
+def model_metadata(plan: PrecisionPlan) -> dict[str, str]:
+    """The model-level ``metadata_props``."""
+    mix: dict[str, int] = {}
+    for n in plan.nodes:
+        mix[n.format] = mix.get(n.format, 0) + int(n.params)
+    out = {
+        "lpcompile.version": lpcompile.__version__,
+        "lpcompile.achieved_bits": fmt_number(plan.achieved_bits),
+        "lpcompile.plan": json.dumps(plan.to_dict(), separators=(",", ":"), allow_nan=False),
+        "lpcompile.format_mix": json.dumps(mix, separators=(",", ":")),
+    }
+    if plan.budget is not None:
+        out["lpcompile.budget"] = str(plan.budget)
+    return out
+
+
+class AnnotatePass(ir.passes.InPlacePass):
+    """Attach the plan to the nodes and the model (see the module docstring)."""
+
+    def __init__(self, plan: PrecisionPlan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        by_name = nodes_by_name(graph)
+        validate_against(self.plan, list(by_name))
+        modified = False
+        for a in self.plan.nodes:
+            node = by_name[a.name]
+            modified |= _set_props(node.metadata_props, node_metadata(a), clear=NODE_KEYS)
+            doc = _merge_doc(node.doc_string, node_doc(a))
+            if doc != (node.doc_string or ""):
+                node.doc_string = doc
+                modified = True
+        modified |= _update_serves(graph, {a.name for a in self.plan.nodes})
+        modified |= _set_props(model.metadata_props, model_metadata(self.plan), clear=("lpcompile.budget",))
+        return ir.passes.PassResult(model, modified)
+
+
+def _set_props(props: dict[str, str], new: dict[str, str], clear: tuple[str, ...] = ()) -> bool:
+    changed = False
+    for key in clear:
+        if key in props and key not in new:
+            del props[key]
+            changed = True
+    for key, value in new.items():
+        if props.get(key) != value:
+            props[key] = value
+            changed = True
+    return changed
+
+
+def _merge_doc(existing: str | None, line: str) -> str:
+    kept = [ln for ln in (existing or "").splitlines() if not ln.startswith(DOC_PREFIX)]
+    return "\n".join([DOC_PREFIX + line, *kept])
+
+
+def _update_serves(graph: ir.Graph, planned: set[str]) -> bool:
+    """Recompute ``lpcompile.serves`` of inserted nodes from the planned nodes they feed."""
+    inserted = [n for n in graph if SERVES_KEY in n.metadata_props]
+    served: dict[int, set[str]] = {id(n): set() for n in inserted}
+    memo: dict[int, set[str]] = {}
+
+    def feeds(node: ir.Node) -> set[str]:
+        if id(node) in memo:
+            return memo[id(node)]
+        memo[id(node)] = set()  # cycle guard
+        out: set[str] = set()
+        for value in node.outputs:
+            for use in value.uses():
+                consumer = use.node
+                if consumer.name in planned and SERVES_KEY not in consumer.metadata_props:
+                    out.add(consumer.name)
+                elif SERVES_KEY in consumer.metadata_props:
+                    out |= feeds(consumer)
+        memo[id(node)] = out
+        return out
+
+    changed = False
+    for node in inserted:
+        served[id(node)] = feeds(node)
+        value = ",".join(sorted(served[id(node)]))
+        if node.metadata_props.get(SERVES_KEY) != value:
+            node.metadata_props[SERVES_KEY] = value
+            changed = True
+    return changed

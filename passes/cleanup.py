@@ -1,0 +1,154 @@
+"""Tidy a rewritten graph without touching the rounding it was rewritten for.
+
+Rules, applied to a fixed point in the main graph:
+
+1. **No-op casts**: ``Cast(to=T)`` of a value already of type ``T`` is dropped.
+2. **Exact round trips**: ``Cast(to=T0)(Cast(to=T1)(z))`` with ``z`` of type ``T0`` is ``z``
+   when ``T1`` represents every ``T0`` value exactly (bf16/fp16/fp8 → fp32 → back, fp32 → fp64
+   → fp32, ...). This is also what makes a second bf16 round trip on an already rounded tensor
+   vanish. ``fp32 → bf16 → fp32`` is *not* exact and is never touched.
+3. **Repeated Q/DQ**: ``QuantizeLinear(DequantizeLinear(q, s, zp), s, zp)`` with the same scale
+   and zero point (same values, same ``axis``/``block_size``, saturating) and an fp32 scale
+   within [2⁻¹⁰⁰, 2¹⁰⁰] gives back ``q`` exactly, so the second quantization is dropped.
+4. **Duplicates**: Cast / QuantizeLinear / DequantizeLinear nodes with identical inputs and
+   attributes are merged (one round trip per tensor and type).
+5. **Dead code**: unused nodes and initializers are removed (onnx_ir's RemoveUnusedNodesPass).
+
+Graph outputs are never renamed or removed: a rule that would replace a graph output is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from lpcompile.passes._common import cast_to, is_onnx_op
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+logger = logging.getLogger(__name__)
+
+_FLOATS_8 = (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2)
+# T0 -> types that hold every T0 value exactly.
+_EXACT_WIDENING: dict[ir.DataType, tuple[ir.DataType, ...]] = {
+    ir.DataType.FLOAT8E4M3FN: (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE),
+    ir.DataType.FLOAT8E5M2: (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE),
+    ir.DataType.FLOAT16: (ir.DataType.FLOAT, ir.DataType.DOUBLE),
+    ir.DataType.BFLOAT16: (ir.DataType.FLOAT, ir.DataType.DOUBLE),
+    ir.DataType.FLOAT: (ir.DataType.DOUBLE,),
+}
+_CSE_OPS = ("Cast", "QuantizeLinear", "DequantizeLinear")
+_MAX_ROUNDS = 20
+
+
+class CleanupPass(ir.passes.InPlacePass):
+    """Fold no-op casts, exact round trips and repeated Q/DQ; merge duplicates; drop dead code."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for _ in range(_MAX_ROUNDS):
+            changed = _fold_casts(graph)
+            changed |= _fold_requantize(graph)
+            changed |= _merge_duplicates(graph)
+            changed |= RemoveUnusedNodesPass()(model).modified
+            modified |= changed
+            if not changed:
+                break
+        return ir.passes.PassResult(model, modified)
+
+
+def _replace(value: ir.Value, replacement: ir.Value) -> bool:
+    """Point every user of ``value`` at ``replacement`` (not for graph outputs)."""
+    if value is replacement or value.is_graph_output() or not value.uses():
+        return False
+    value.replace_all_uses_with(replacement)
+    return True
+
+
+def _fold_casts(graph: ir.Graph) -> bool:
+    changed = False
+    for node in list(graph):
+        to = cast_to(node)
+        if to is None or node.inputs[0] is None:
+            continue
+        src = node.inputs[0]
+        if src.dtype == to:
+            changed |= _replace(node.outputs[0], src)
+            continue
+        inner = src.producer()
+        inner_to = cast_to(inner) if inner is not None else None
+        if inner is None or inner_to is None or inner.inputs[0] is None:
+            continue
+        z = inner.inputs[0]
+        if z.dtype == to and inner_to in _EXACT_WIDENING.get(to, ()):
+            changed |= _replace(node.outputs[0], z)
+    return changed
+
+
+def _same_constant(a: ir.Value | None, b: ir.Value | None) -> bool:
+    if a is b:
+        return True
+    if a is None or b is None or a.const_value is None or b.const_value is None:
+        return False
+    if a.dtype != b.dtype:
+        return False
+    x, y = a.const_value.numpy(), b.const_value.numpy()
+    return x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+def _attrs(node: ir.Node, names: tuple[str, ...]) -> tuple:
+    out = []
+    for name in names:
+        attr = node.attributes.get(name)
+        out.append(None if attr is None else repr(attr.value))
+    return tuple(out)
+
+
+def _fold_requantize(graph: ir.Graph) -> bool:
+    changed = False
+    for node in list(graph):
+        if not is_onnx_op(node, "QuantizeLinear") or len(node.inputs) < 3 or node.inputs[0] is None:
+            continue
+        dq = node.inputs[0].producer()
+        if dq is None or not is_onnx_op(dq, "DequantizeLinear") or len(dq.inputs) < 3:
+            continue
+        q_scale, q_zp = node.inputs[1], node.inputs[2]
+        if not (_same_constant(q_scale, dq.inputs[1]) and _same_constant(q_zp, dq.inputs[2])):
+            continue
+        if _attrs(node, ("axis", "block_size")) != _attrs(dq, ("axis", "block_size")):
+            continue
+        sat = node.attributes.get("saturate")
+        if sat is not None and sat.as_int() == 0 and q_zp is not None and q_zp.dtype in _FLOATS_8:
+            continue
+        if q_scale is None or q_scale.dtype != ir.DataType.FLOAT or q_scale.const_value is None:
+            continue
+        s = np.abs(np.asarray(q_scale.const_value.numpy(), dtype=np.float64))
+        if s.size == 0 or s.min() < 2.0**-100 or s.max() > 2.0**100:
+            continue
+        out_dtype = node.attributes.get("output_dtype")
+        codes = dq.inputs[0]
+        if out_dtype is not None and out_dtype.as_int() not in (0, int(codes.dtype or 0)):
+            continue
+        changed |= _replace(node.outputs[0], codes)
+    return changed
+
+
+def _merge_duplicates(graph: ir.Graph) -> bool:
+    changed = False
+    seen: dict[tuple, ir.Node] = {}
+    for node in list(graph):
+        if not is_onnx_op(node, _CSE_OPS) or len(node.outputs) != 1:
+            continue
+        key = (
+            node.op_type,
+            tuple(id(v) for v in node.inputs),
+            tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items())),
+        )
+        first = seen.get(key)
+        if first is None:
+            seen[key] = node
+            continue
+        if _replace(node.outputs[0], first.outputs[0]):
+            changed = True
+    return changed

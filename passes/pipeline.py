@@ -1,0 +1,127 @@
+"""The apply pipeline: normalise → weights → activations → [extra] → cleanup → annotate.
+
+Plan node names are the names *after* :class:`NormalizeWeightsPass` (a Gemm keeps its name as
+the MatMul that replaces it, so they are stable). :func:`apply_plan` accepts a raw or an
+already-normalised model (normalising twice is a no-op); :func:`uniform_plan` needs a
+normalised model (use :func:`normalize` or :func:`plan_nodes_for` first).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import onnx_ir as ir
+from lpcompile.passes.activations import ActivationPrecisionPass
+from lpcompile.passes.annotate import AnnotatePass
+from lpcompile.passes.cleanup import CleanupPass
+from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
+from lpcompile.passes.quantize_weights import QuantizeWeightsPass
+
+from lpcompile.errors import PlanError
+from lpcompile.formats import canonical_name, get_format
+from lpcompile.graph import WeightNode, find_weight_nodes
+from lpcompile.plan import NodeAssignment, PrecisionPlan
+
+logger = logging.getLogger(__name__)
+
+
+class _Recorded(ir.passes.InPlacePass):
+    """Runs an in-place pass and records its name when it modified the model."""
+
+    def __init__(self, inner: ir.passes.PassBase, log: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.log = log
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = self.inner(model)
+        if result.model is not model:
+            raise PlanError(f"pass {type(self.inner).__name__} is not in place; apply_plan needs in-place passes")
+        if result.modified:
+            self.log.append(type(self.inner).__name__)
+        return ir.passes.PassResult(model, result.modified)
+
+
+def apply_plan(
+    model: ir.Model,
+    plan: PrecisionPlan,
+    *,
+    target: Literal["qdq", "ort"] = "qdq",
+    rounding: str = "nearest",
+    seed: int | None = None,
+    extra_passes: Sequence[ir.passes.PassBase] = (),
+) -> tuple[ir.Model, list[str]]:
+    """Rewrite ``model`` in place by ``plan``; return it and the names of the passes that changed it.
+
+    Args:
+        model: the model (raw or already normalised).
+        plan: the precision plan (node names after normalisation).
+        target: ``"qdq"`` (standard ops only) or ``"ort"`` (int4 MatMul → MatMulNBits).
+        rounding: weight rounding, ``"nearest"`` or ``"stochastic"``.
+        seed: seed of stochastic rounding.
+        extra_passes: in-place passes run after the activation pass and before cleanup
+            (e.g. the two-pass softmax).
+    """
+    log: list[str] = []
+    passes: list[ir.passes.PassBase] = [
+        NormalizeWeightsPass(),
+        QuantizeWeightsPass(plan, target=target, rounding=rounding, seed=seed),
+        ActivationPrecisionPass(plan),
+        *extra_passes,
+        CleanupPass(),
+        AnnotatePass(plan),
+    ]
+    manager = ir.passes.PassManager([_Recorded(p, log) for p in passes], steps=1)
+    try:
+        result = manager(model)
+    except ir.passes.PassError as exc:
+        # Surface our own one-line errors (PlanError, LpError) instead of the wrapped PassError.
+        cause = exc.__cause__
+        while cause is not None:
+            if isinstance(cause, Exception) and type(cause).__module__.startswith("lpcompile"):
+                raise cause from None
+            cause = cause.__cause__
+        raise
+    return result.model, log
+
+
+def normalize(model: ir.Model) -> bool:
+    """Run :class:`NormalizeWeightsPass` on ``model`` in place; return whether it changed."""
+    return NormalizeWeightsPass()(model).modified
+
+
+def plan_nodes_for(model: ir.Model) -> list[WeightNode]:
+    """The weighted nodes a plan for ``model`` names (as after normalisation), without changing it."""
+    if not needs_normalization(model):
+        return find_weight_nodes(model)
+    clone = model.clone()
+    normalize(clone)
+    return find_weight_nodes(clone)
+
+
+def uniform_plan(model: ir.Model, fmt: str, *, activation_scales: dict[str, float] | None = None) -> PrecisionPlan:
+    """A plan with every weighted node of a *normalised* model at format ``fmt``.
+
+    Bits are ``Format.bits_for(shape, layout)`` per node. Raises ``PlanError`` when the model
+    still has Gemm weights or weight Constants (normalise it first).
+    """
+    if needs_normalization(model):
+        raise PlanError(
+            "uniform_plan needs a normalised model: run NormalizeWeightsPass (passes.pipeline.normalize) first"
+        )
+    name = canonical_name(fmt)
+    f = get_format(name)
+    nodes = tuple(
+        NodeAssignment(
+            name=w.name,
+            op_type=w.op_type,
+            weight=w.weight,
+            params=w.params,
+            format=name,
+            bits=f.bits_for(w.shape, w.layout),
+        )
+        for w in find_weight_nodes(model)
+    )
+    return PrecisionPlan(nodes=nodes, activation_scales=dict(activation_scales or {}))
