@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from lpcompile.analysis.sensitivity import AnalysisConfig, analyze_hessian
+from lpcompile.analysis.config import AnalysisConfig
 from lpcompile.analysis.table import SensitivityTable
 from lpcompile.budget import Budget, parse_budget
 from lpcompile.errors import FormatError, UnsupportedOpsError
@@ -59,6 +59,7 @@ def analyze_model(
 ) -> SensitivityTable:
     """Hutchinson analysis, or measurement when the interpreter lacks ops; optionally validated."""
     from lpcompile.analysis import measure
+    from lpcompile.analysis.sensitivity import analyze_hessian
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: progress(name, done, total)) if progress else None

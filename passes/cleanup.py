@@ -11,7 +11,8 @@ Rules, applied to a fixed point in the main graph:
    and zero point (same values, same ``axis``/``block_size``, saturating) and an fp32 scale
    within [2⁻¹⁰⁰, 2¹⁰⁰] gives back ``q`` exactly, so the second quantization is dropped.
 4. **Duplicates**: Cast / QuantizeLinear / DequantizeLinear nodes with identical inputs and
-   attributes are merged (one round trip per tensor and type).
+   attributes are merged (one round trip per tensor and type); small constant inputs (scales,
+   zero points) count as identical when their contents are.
 5. **Dead code**: unused nodes and initializers are removed (onnx_ir's RemoveUnusedNodesPass).
 
 Graph outputs are never renamed or removed: a rule that would replace a graph output is skipped.
@@ -39,6 +40,7 @@ _EXACT_WIDENING: dict[ir.DataType, tuple[ir.DataType, ...]] = {
 }
 _CSE_OPS = ("Cast", "QuantizeLinear", "DequantizeLinear")
 _MAX_ROUNDS = 20
+_CONST_KEY_LIMIT = 4096  # constants up to this many elements are compared by content
 
 
 class CleanupPass(ir.passes.InPlacePass):
@@ -66,6 +68,25 @@ def _replace(value: ir.Value, replacement: ir.Value) -> bool:
     return True
 
 
+def _dtype(value: ir.Value | None) -> ir.DataType | None:
+    """The value's element type, from its type info or (when missing) from its producer."""
+    if value is None:
+        return None
+    if value.dtype is not None:
+        return value.dtype
+    producer = value.producer()
+    if producer is None:
+        return None
+    to = cast_to(producer)
+    if to is not None:
+        return to
+    if is_onnx_op(producer, "DequantizeLinear") and len(producer.inputs) > 1:
+        return _dtype(producer.inputs[1])
+    if is_onnx_op(producer, "QuantizeLinear") and len(producer.inputs) > 2:
+        return _dtype(producer.inputs[2])
+    return None
+
+
 def _fold_casts(graph: ir.Graph) -> bool:
     changed = False
     for node in list(graph):
@@ -73,7 +94,7 @@ def _fold_casts(graph: ir.Graph) -> bool:
         if to is None or node.inputs[0] is None:
             continue
         src = node.inputs[0]
-        if src.dtype == to:
+        if _dtype(src) == to:
             changed |= _replace(node.outputs[0], src)
             continue
         inner = src.producer()
@@ -81,7 +102,7 @@ def _fold_casts(graph: ir.Graph) -> bool:
         if inner is None or inner_to is None or inner.inputs[0] is None:
             continue
         z = inner.inputs[0]
-        if z.dtype == to and inner_to in _EXACT_WIDENING.get(to, ()):
+        if _dtype(z) == to and inner_to in _EXACT_WIDENING.get(to, ()):
             changed |= _replace(node.outputs[0], z)
     return changed
 
@@ -128,10 +149,24 @@ def _fold_requantize(graph: ir.Graph) -> bool:
             continue
         out_dtype = node.attributes.get("output_dtype")
         codes = dq.inputs[0]
-        if out_dtype is not None and out_dtype.as_int() not in (0, int(codes.dtype or 0)):
+        if out_dtype is not None and out_dtype.as_int() not in (0, int(_dtype(codes) or 0)):
             continue
         changed |= _replace(node.outputs[0], codes)
     return changed
+
+
+def _input_key(value: ir.Value | None) -> tuple:
+    """Identity of an input for merging: small constant initializers by content, others by object."""
+    if (
+        value is not None
+        and value.is_initializer()
+        and not value.is_graph_input()
+        and value.const_value is not None
+        and value.const_value.size <= _CONST_KEY_LIMIT
+    ):
+        arr = value.const_value.numpy()
+        return ("const", int(value.const_value.dtype), tuple(arr.shape), arr.tobytes())
+    return ("value", id(value))
 
 
 def _merge_duplicates(graph: ir.Graph) -> bool:
@@ -142,7 +177,7 @@ def _merge_duplicates(graph: ir.Graph) -> bool:
             continue
         key = (
             node.op_type,
-            tuple(id(v) for v in node.inputs),
+            tuple(_input_key(v) for v in node.inputs),
             tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items())),
         )
         first = seen.get(key)

@@ -19,7 +19,7 @@ from lpcompile.passes.cleanup import CleanupPass
 from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
 from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 
-from lpcompile.errors import PlanError
+from lpcompile.errors import LpError, PlanError
 from lpcompile.formats import canonical_name, get_format
 from lpcompile.graph import WeightNode, find_weight_nodes
 from lpcompile.plan import NodeAssignment, PrecisionPlan
@@ -80,7 +80,7 @@ def apply_plan(
         # Surface our own one-line errors (PlanError, LpError) instead of the wrapped PassError.
         cause = exc.__cause__
         while cause is not None:
-            if isinstance(cause, Exception) and type(cause).__module__.startswith("lpcompile"):
+            if isinstance(cause, LpError):
                 raise cause from None
             cause = cause.__cause__
         raise

@@ -13,12 +13,23 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from pass_helpers import assert_matmul_close, check, fp32_dot_bound, ops, parse, run, signature, snapshot, to_ir, ulp_bound
+from lpcompile.passes.activations import ActivationPrecisionPass, region_graph
+from pass_helpers import (
+    assert_matmul_close,
+    check,
+    fp32_dot_bound,
+    ops,
+    parse,
+    run,
+    signature,
+    snapshot,
+    to_ir,
+    ulp_bound,
+)
 
 from lpcompile.errors import PlanError
 from lpcompile.formats import activation_scale, get_format, qdq_activation
 from lpcompile.graph import find_weight_nodes
-from lpcompile.passes.activations import ActivationPrecisionPass, region_graph
 from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 RNG = np.random.default_rng(5)
@@ -74,12 +85,19 @@ def test_fp8_pair_on_graph_input(fmt: str) -> None:
     assert ops(out) == ["QuantizeLinear", "DequantizeLinear", "MatMul"]
     q, dq, mm = out.graph.node
     assert (q.name, dq.name) == ("n0/act_q", "n0/act_dq")
-    assert list(q.input) == ["x", "x_act_scale", "x_act_zp"] and list(dq.input) == ["x_act_q", "x_act_scale", "x_act_zp"]
+    assert list(q.input) == ["x", "x_act_scale", "x_act_zp"] and list(dq.input) == [
+        "x_act_q",
+        "x_act_scale",
+        "x_act_zp",
+    ]
     assert {a.name: a.i for a in q.attribute} == {"saturate": 1}
     element = get_format(fmt).activation
     zp = next(t for t in out.graph.initializer if t.name == "x_act_zp")
     scale = next(t for t in out.graph.initializer if t.name == "x_act_scale")
-    assert zp.data_type == {"float8_e4m3fn": onnx.TensorProto.FLOAT8E4M3FN, "float8_e5m2": onnx.TensorProto.FLOAT8E5M2}[element]
+    assert (
+        zp.data_type
+        == {"float8_e4m3fn": onnx.TensorProto.FLOAT8E4M3FN, "float8_e5m2": onnx.TensorProto.FLOAT8E5M2}[element]
+    )
     assert list(zp.dims) == [] and list(scale.dims) == [] and scale.data_type == onnx.TensorProto.FLOAT
     assert props(q)["lpcompile.serves"] == "n0"
     assert mm.input[0] == "x_act_dq"

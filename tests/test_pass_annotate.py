@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from lpcompile.passes.activations import ActivationPrecisionPass
+from lpcompile.passes.annotate import AnnotatePass
+from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 from pass_helpers import check, parse, snapshot, to_ir
 
 import lpcompile
 from lpcompile.errors import PlanError
 from lpcompile.frontend.onnx_io import load_model, save_model
-from lpcompile.passes.activations import ActivationPrecisionPass
-from lpcompile.passes.annotate import AnnotatePass
-from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
 
 RNG = np.random.default_rng(3)
@@ -126,9 +126,7 @@ def test_idempotent_and_keeps_foreign_doc_string() -> None:
 def test_reannotating_with_new_plan_replaces_keys() -> None:
     model, plan = model_and_plan()
     AnnotatePass(plan)(model)
-    plan2 = plan.with_nodes(
-        [NodeAssignment("n0", "MatMul", "W1", 6144, "int8", 8.09375), plan.nodes[1]]
-    )
+    plan2 = plan.with_nodes([NodeAssignment("n0", "MatMul", "W1", 6144, "int8", 8.09375), plan.nodes[1]])
     plan2 = PrecisionPlan(nodes=plan2.nodes)  # no budget
     assert AnnotatePass(plan2)(model).modified
     node = next(n for n in model.graph if n.name == "n0")

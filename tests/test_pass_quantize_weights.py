@@ -15,12 +15,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from lpcompile.passes.quantize_weights import QuantizeWeightsPass, pack_matmul_nbits, weight_seed
 from pass_helpers import assert_matmul_close, check, fp32_dot_bound, ops, parse, run, signature, snapshot, to_ir
 
 from lpcompile.errors import LpError, PlanError
 from lpcompile.formats import CONV_LAYOUT, MATMUL_LAYOUT, get_format, qdq_weight, quantize_weight
 from lpcompile.graph import find_weight_nodes
-from lpcompile.passes.quantize_weights import QuantizeWeightsPass, pack_matmul_nbits, weight_seed
 from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 RNG = np.random.default_rng(11)
@@ -98,9 +98,7 @@ def test_matmul_weight_formats_qdq(fmt: str) -> None:
     else:
         assert ops(out) == ["Cast", "MatMul"]
         assert nodes["n0/weight_cast"].input[0] == "W_q"
-    assert all(
-        {p.key: p.value for p in n.metadata_props}.get("lpcompile.serves") == "n0" for n in out.graph.node[:-1]
-    )
+    assert all({p.key: p.value for p in n.metadata_props}.get("lpcompile.serves") == "n0" for n in out.graph.node[:-1])
     (y,) = run(out, x=x)
     assert_matmul_close(y, x, qdq_weight(fmt, w, MATMUL_LAYOUT))
     # idempotent: nothing left to do, same model
@@ -267,7 +265,7 @@ def test_fp32_plan_changes_nothing() -> None:
 
 
 def test_stochastic_rounding_is_seeded() -> None:
-    proto, w, x = one_matmul(k=64, n=8)
+    proto, w, _ = one_matmul(k=64, n=8)
     outs = []
     for _ in range(2):
         model = to_ir(proto)

@@ -95,17 +95,20 @@ def instances(draw: st.DrawFn, dyadic: bool) -> list[Item]:
         fmts = draw(st.lists(st.sampled_from(FORMATS), min_size=1, max_size=4, unique=True))
         if group is not None and shared[group] not in fmts and draw(st.integers(0, 9)) > 0:
             fmts = [*fmts[:3], shared[group]]
-        choices = []
-        for f in fmts:
-            bits = FORMAT_BITS[f]
-            if not dyadic and draw(st.booleans()):
-                bits += draw(st.floats(0.0, 0.5, allow_subnormal=False))  # per-item scale overhead
-            if dyadic:
-                loss = draw(st.integers(0, 40)) / 4
-            else:
-                loss = draw(st.one_of(st.just(0.0), st.floats(0.0, 100.0, allow_subnormal=False)))
-            choices.append(Choice(f, bits, loss))
-        params = draw(st.one_of(st.just(0), st.integers(1, 5000)))
+        bits = [FORMAT_BITS[f] for f in fmts]
+        if not dyadic:  # per-item scale overhead
+            bits = [b + draw(st.sampled_from([0.0, 0.0, draw(st.floats(0.0, 0.5))])) for b in bits]
+        if dyadic:
+            losses = draw(st.lists(st.integers(0, 40).map(lambda k: k / 4), min_size=len(fmts), max_size=len(fmts)))
+        else:
+            loss_values = st.one_of(st.just(0.0), st.floats(0.0, 100.0, allow_subnormal=False))
+            losses = draw(st.lists(loss_values, min_size=len(fmts), max_size=len(fmts)))
+        if draw(st.integers(0, 4)) > 0:  # usually fewer bits -> more loss, as in real models
+            order = sorted(range(len(fmts)), key=lambda k: bits[k])
+            ranked = sorted(losses, reverse=True)
+            losses = [ranked[order.index(k)] for k in range(len(fmts))]
+        choices = [Choice(f, b, loss) for f, b, loss in zip(fmts, bits, losses, strict=True)]
+        params = 0 if draw(st.integers(0, 9)) == 0 else draw(st.integers(1, 5000))
         items.append(Item(f"node{i}", params, tuple(choices), group))
     return items
 

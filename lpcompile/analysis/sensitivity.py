@@ -17,13 +17,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
+from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig, candidate_formats
 from lpcompile.analysis.losses import LossKind, output_loss_kinds, torch_distortion
 from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
 from lpcompile.formats import activation_scale, get_format, qdq_activation, qdq_weight
@@ -33,38 +32,7 @@ from lpcompile.plan import Candidate
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "bf16")
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class AnalysisConfig:
-    """Knobs of the analyzer.
-
-    Attributes:
-        formats: candidate formats (fp32 is always added as the lossless fallback).
-        probes: total Hutchinson probes (Hessian-vector products), spread over the batches.
-        batch_size: calibration samples per batch.
-        max_samples: use at most this many calibration samples (None: all).
-        seed: seeds the probes.
-        method: ``diag`` (½ΣH_iiδ_i²) or ``trace`` (HAWQ-v2 ½·Tr/n·‖δ‖²).
-        loss: ``auto``, ``kl`` or ``mse`` (see :func:`output_loss_kinds`).
-        activations: include the activation-rounding term for formats that round activations.
-    """
-
-    formats: tuple[str, ...] = DEFAULT_FORMATS
-    probes: int = 16
-    batch_size: int = 8
-    max_samples: int | None = None
-    seed: int = 0
-    method: Literal["diag", "trace"] = "diag"
-    loss: LossKind = "auto"
-    activations: bool = True
-
-
-def candidate_formats(config: AnalysisConfig) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(get_format(f).name for f in config.formats))
-    return names if "fp32" in names else (*names, "fp32")
 
 
 def _rademacher(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
@@ -232,3 +200,6 @@ def _spread(probes: int, nbatches: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(nbatches)]
 
 
+
+
+__all__ = ["DEFAULT_FORMATS", "AnalysisConfig", "analyze_hessian", "candidate_formats"]

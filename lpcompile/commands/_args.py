@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from lpcompile.analysis.sensitivity import DEFAULT_FORMATS, AnalysisConfig
+from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig
 from lpcompile.formats import parse_format_list
-from lpcompile.solver import KeepRule, parse_keep
 
 
 def add_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -35,5 +34,7 @@ def add_keep_arg(p: argparse.ArgumentParser) -> None:
                    help="pin or restrict nodes: 'REGEX=FMT', 'REGEX=!FMT', or 'REGEX' (= fp32); repeatable")
 
 
-def keep_rules(args: argparse.Namespace) -> list[KeepRule]:
+def keep_rules(args: argparse.Namespace) -> list:
+    from lpcompile.solver import parse_keep
+
     return [parse_keep(s) for s in args.keep]

@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 
 from lpcompile.commands._args import add_analysis_args, analysis_config
-from lpcompile.compiler import analyze_file
 from lpcompile.console import Output, StageProgress
-from lpcompile.workflow import default_output
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lpcompile.compiler import analyze_file
+    from lpcompile.workflow import default_output
     out = Output(quiet=args.quiet, json=args.json)
     target = Path(args.output) if args.output else default_output(args.model, ".sens.json")
     with StageProgress(out) as progress:

@@ -6,7 +6,6 @@ import argparse
 
 from lpcompile.console import Output
 from lpcompile.plan import PrecisionPlan
-from lpcompile.workflow import apply_to_file
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lpcompile.workflow import apply_to_file
     out = Output(quiet=args.quiet, json=args.json)
     plan = PrecisionPlan.load(args.plan) if args.plan else None
     result = apply_to_file(

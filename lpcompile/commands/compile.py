@@ -6,7 +6,6 @@ import argparse
 
 from lpcompile.commands._args import add_analysis_args, add_keep_arg, analysis_config, keep_rules
 from lpcompile.commands._tables import plan_rows, print_plan
-from lpcompile.compiler import compile_file
 from lpcompile.console import Output, StageProgress
 
 
@@ -26,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lpcompile.compiler import compile_file
     out = Output(quiet=args.quiet, json=args.json)
     with StageProgress(out) as progress:
         result = compile_file(

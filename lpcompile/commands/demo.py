@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lpcompile.analysis.sensitivity import AnalysisConfig
-from lpcompile.compiler import compile_file
-from lpcompile.console import Output, StageProgress
 from lpcompile.commands._tables import print_plan
+from lpcompile.console import Output, StageProgress
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.compiler import compile_file
     from lpcompile.evaluate import evaluate
     from lpcompile.frontend.calib import load_calibration
     from lpcompile.runtime.ort import make_session, run_batches

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 
 from lpcompile.console import Output
-from lpcompile.evaluate import evaluate
-from lpcompile.frontend.calib import load_calibration
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lpcompile.evaluate import evaluate
+    from lpcompile.frontend.calib import load_calibration
     out = Output(quiet=args.quiet, json=args.json)
     calib = load_calibration(args.calib) if args.calib else None
     report = evaluate(args.model, args.reference, calib, batch_size=args.batch_size)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from lpcompile.analysis.table import SensitivityTable
 from lpcompile.commands._args import add_keep_arg, keep_rules
 from lpcompile.commands._tables import plan_rows, print_plan
-from lpcompile.compiler import items_from_table, plan_from_table
 from lpcompile.console import Output
 from lpcompile.errors import UsageError
 from lpcompile.formats import parse_format_list
-from lpcompile.solver import apply_rules, pareto_front, parse_sweep, sweep
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lpcompile.analysis.table import SensitivityTable
+    from lpcompile.compiler import items_from_table, plan_from_table
+    from lpcompile.solver import apply_rules, pareto_front, parse_sweep, sweep
     out = Output(quiet=args.quiet, json=args.json)
     table = SensitivityTable.load(args.sensitivity)
     formats = parse_format_list(args.formats) if args.formats else None

@@ -112,7 +112,7 @@ class OverlayNode:
     serves: tuple[str, ...] = ()
 
 
-ModelSource = Any  # ir.Model | onnx.ModelProto | PrecisionPlan | str | os.PathLike
+ModelSource = Any  # ir.Model | onnx.ModelProto | PrecisionPlan | str | os.PathLike | list[OverlayNode]
 
 
 def precision_map(source: ModelSource) -> list[OverlayNode]:
@@ -123,6 +123,8 @@ def precision_map(source: ModelSource) -> list[OverlayNode]:
     """
     if isinstance(source, PrecisionPlan):
         return [OverlayNode(n.name, n.format, n.bits, n.predicted_loss) for n in source.nodes]
+    if isinstance(source, list | tuple) and all(isinstance(n, OverlayNode) for n in source):
+        return list(source)  # already a precision map
     nodes = list(_model_node_props(source))
     planned: dict[str, OverlayNode] = {}
     out: list[OverlayNode] = []

@@ -387,3 +387,180 @@ def _three_pass_cpu(plan: SoftmaxPlan, dtype: str) -> Any:
                 )
 
     return three_pass
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernels: one thread block of `threads` threads per (row, chunk); each thread strides over
+# the chunk; a shared-memory tree merges the threads. Three launches per pass structure:
+# partials, per-row merge (one block per row), write.
+# ----------------------------------------------------------------------------------------------
+
+
+def _two_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
+    from tvm.script import tirx as T
+
+    R, C, K, NT = plan.rows, plan.cols, plan.chunks, plan.threads
+    LOG_NT = NT.bit_length() - 1
+    sp = _Split(plan)
+    CH = plan.chunk
+
+    @T.prim_func(private=True)
+    def two_pass(X: T.Buffer((R, C), dtype), Y: T.Buffer((R, C), dtype)):
+        T.func_attr({"tir.noalias": True})
+        PM = T.alloc_buffer((R * K,), "float32")
+        PE = T.alloc_buffer((R * K,), "float32")
+        INV = T.alloc_buffer((R,), "float32")
+        EE = T.alloc_buffer((R,), "float32")
+        # pass 1: per-(row, chunk) (m, e)
+        for b in T.thread_binding(R * K, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                sm = T.alloc_buffer((NT,), "float32", scope="shared")
+                se = T.alloc_buffer((NT,), "float32", scope="shared")
+                am = T.alloc_buffer((1,), "float32", scope="local")
+                ae = T.alloc_buffer((1,), "float32", scope="local")
+                am[0] = T.float32(0)
+                ae[0] = T.float32(_E_ID)
+                for i in range(T.ceildiv(CH, NT)):
+                    if i * NT + tx < sp.length(b):
+                        am[0] = _tp_accumulate(am[0], ae[0], _load(X, sp.row(b), sp.base(b) + i * NT + tx))
+                        ae[0] = T.max(ae[0], _tp_n(_load(X, sp.row(b), sp.base(b) + i * NT + tx)))
+                sm[tx] = am[0]
+                se[tx] = ae[0]
+                T.tvm_storage_sync("shared")
+                for s in T.unroll(LOG_NT):
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = _pair_m(sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)])
+                        se[tx] = T.max(se[tx], se[tx + T.shift_right(NT, s + 1)])
+                    T.tvm_storage_sync("shared")
+                if tx == 0:
+                    PM[b] = sm[0]
+                    PE[b] = se[0]
+        # merge the chunks: one block per row
+        for r in T.thread_binding(R, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                sm = T.alloc_buffer((NT,), "float32", scope="shared")
+                se = T.alloc_buffer((NT,), "float32", scope="shared")
+                am = T.alloc_buffer((1,), "float32", scope="local")
+                ae = T.alloc_buffer((1,), "float32", scope="local")
+                am[0] = T.float32(0)
+                ae[0] = T.float32(_E_ID)
+                for i in range(T.ceildiv(K, NT)):
+                    if i * NT + tx < K:
+                        am[0] = _pair_m(am[0], ae[0], PM[r * K + i * NT + tx], PE[r * K + i * NT + tx])
+                        ae[0] = T.max(ae[0], PE[r * K + i * NT + tx])
+                sm[tx] = am[0]
+                se[tx] = ae[0]
+                T.tvm_storage_sync("shared")
+                for s in T.unroll(LOG_NT):
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = _pair_m(sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)])
+                        se[tx] = T.max(se[tx], se[tx + T.shift_right(NT, s + 1)])
+                    T.tvm_storage_sync("shared")
+                if tx == 0:
+                    INV[r] = T.float32(1) / T.max(sm[0], T.float32(0.5))
+                    EE[r] = se[0]
+        # pass 2: write
+        for b in T.thread_binding(R * K, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                for i in range(T.ceildiv(CH, NT)):
+                    if i * NT + tx < sp.length(b):
+                        Y[sp.row(b), sp.base(b) + i * NT + tx] = _tp_write(
+                            _load(X, sp.row(b), sp.base(b) + i * NT + tx), INV[sp.row(b)], EE[sp.row(b)], dtype
+                        )
+
+    return two_pass
+
+
+def _three_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
+    from tvm.script import tirx as T
+
+    R, C, K, NT = plan.rows, plan.cols, plan.chunks, plan.threads
+    LOG_NT = NT.bit_length() - 1
+    sp = _Split(plan)
+    CH = plan.chunk
+
+    @T.prim_func(private=True)
+    def three_pass(X: T.Buffer((R, C), dtype), Y: T.Buffer((R, C), dtype)):
+        T.func_attr({"tir.noalias": True})
+        PMX = T.alloc_buffer((R * K,), "float32")
+        PS = T.alloc_buffer((R * K,), "float32")
+        MX = T.alloc_buffer((R,), "float32")
+        INV = T.alloc_buffer((R,), "float32")
+        # pass 1: partial max
+        for b in T.thread_binding(R * K, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                sm = T.alloc_buffer((NT,), "float32", scope="shared")
+                am = T.alloc_buffer((1,), "float32", scope="local")
+                am[0] = T.float32("-inf")
+                for i in range(T.ceildiv(CH, NT)):
+                    if i * NT + tx < sp.length(b):
+                        am[0] = T.max(am[0], _load(X, sp.row(b), sp.base(b) + i * NT + tx))
+                sm[tx] = am[0]
+                T.tvm_storage_sync("shared")
+                for s in T.unroll(LOG_NT):
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = T.max(sm[tx], sm[tx + T.shift_right(NT, s + 1)])
+                    T.tvm_storage_sync("shared")
+                if tx == 0:
+                    PMX[b] = sm[0]
+        for r in T.thread_binding(R, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                sm = T.alloc_buffer((NT,), "float32", scope="shared")
+                am = T.alloc_buffer((1,), "float32", scope="local")
+                am[0] = T.float32("-inf")
+                for i in range(T.ceildiv(K, NT)):
+                    if i * NT + tx < K:
+                        am[0] = T.max(am[0], PMX[r * K + i * NT + tx])
+                sm[tx] = am[0]
+                T.tvm_storage_sync("shared")
+                for s in T.unroll(LOG_NT):
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = T.max(sm[tx], sm[tx + T.shift_right(NT, s + 1)])
+                    T.tvm_storage_sync("shared")
+                if tx == 0:
+                    MX[r] = sm[0]
+        # pass 2: partial sums of exp(x - max)
+        for b in T.thread_binding(R * K, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                sm = T.alloc_buffer((NT,), "float32", scope="shared")
+                am = T.alloc_buffer((1,), "float32", scope="local")
+                am[0] = T.float32(0)
+                for i in range(T.ceildiv(CH, NT)):
+                    if i * NT + tx < sp.length(b):
+                        am[0] = am[0] + _exp_shifted(_load(X, sp.row(b), sp.base(b) + i * NT + tx), MX[sp.row(b)])
+                sm[tx] = am[0]
+                T.tvm_storage_sync("shared")
+                for s in T.unroll(LOG_NT):
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = sm[tx] + sm[tx + T.shift_right(NT, s + 1)]
+                    T.tvm_storage_sync("shared")
+                if tx == 0:
+                    PS[b] = sm[0]
+        for r in T.thread_binding(R, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                sm = T.alloc_buffer((NT,), "float32", scope="shared")
+                am = T.alloc_buffer((1,), "float32", scope="local")
+                am[0] = T.float32(0)
+                for i in range(T.ceildiv(K, NT)):
+                    if i * NT + tx < K:
+                        am[0] = am[0] + PS[r * K + i * NT + tx]
+                sm[tx] = am[0]
+                T.tvm_storage_sync("shared")
+                for s in T.unroll(LOG_NT):
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = sm[tx] + sm[tx + T.shift_right(NT, s + 1)]
+                    T.tvm_storage_sync("shared")
+                if tx == 0:
+                    INV[r] = T.float32(1) / sm[0]
+        # pass 3: write
+        for b in T.thread_binding(R * K, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                for i in range(T.ceildiv(CH, NT)):
+                    if i * NT + tx < sp.length(b):
+                        Y[sp.row(b), sp.base(b) + i * NT + tx] = T.Cast(
+                            dtype,
+                            _exp_shifted(_load(X, sp.row(b), sp.base(b) + i * NT + tx), MX[sp.row(b)])
+                            * INV[sp.row(b)],
+                        )
+
+    return three_pass

@@ -1,0 +1,292 @@
+"""Serve a model in a graph viewer on loopback: Model Explorer (default) or Netron.
+
+The viewer runs in a child process (its own session, so a terminal Ctrl-C reaches only the
+parent, which then stops the child by its process-group id); :func:`serve` waits until the page
+answers on ``127.0.0.1``, reports the URL, and stops the child on Ctrl-C, on SIGTERM, when it
+exits, or after ``timeout`` seconds.
+
+The child is this module run as ``python -m lpcompile.report.server VIEWER --port P --model M
+[--node-data J ...]``: for Model Explorer it loads the ``model_explorer_onnx`` extension, turns
+off the release check (no network is reached) and never opens a browser; for Netron it calls
+``netron.serve`` on the loopback address.
+
+Model Explorer takes the model and the node-data overlays from the URL (``?data=`` holds the
+JSON ``{"models": [{"url": PATH}], "nodeData": [PATH, ...], "nodeDataTargets": ["", ...]}``,
+as ``model_explorer.config.ModelExplorerConfig.to_url_param_value`` writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+from urllib.parse import quote
+
+from lpcompile.errors import LpError
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_VIEWER = "model-explorer"
+READY_TIMEOUT_S = 180.0
+_POLL_S = 0.25
+
+
+class ViewerError(LpError):
+    """The viewer is not installed, could not start, or the port is taken."""
+
+
+@dataclass(frozen=True)
+class ViewerSpec:
+    """A graph viewer lpcompile can serve.
+
+    Attributes:
+        name: the ``--viewer`` choice.
+        title: what users call it.
+        modules: importable modules it needs.
+        pip: the pip packages that provide them.
+    """
+
+    name: str
+    title: str
+    modules: tuple[str, ...]
+    pip: tuple[str, ...]
+
+
+VIEWERS: dict[str, ViewerSpec] = {
+    "model-explorer": ViewerSpec("model-explorer", "Model Explorer", ("model_explorer", "model_explorer_onnx"),
+                                 ("ai-edge-model-explorer", "model-explorer-onnx")),
+    "netron": ViewerSpec("netron", "Netron", ("netron",), ("netron",)),
+}
+
+
+def check_viewer(name: str) -> ViewerSpec:
+    """The viewer's spec; raises :class:`ViewerError` when it is unknown or not installed."""
+    spec = VIEWERS.get(name)
+    if spec is None:
+        raise ViewerError(f"unknown viewer {name!r} (choose {', '.join(VIEWERS)})")
+    missing = [m for m in spec.modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ViewerError(f"{spec.title} is not installed (missing {', '.join(missing)}): "
+                          f"pip install 'lpcompile[view]'  or  pip install {' '.join(spec.pip)}")
+    return spec
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def viewer_url(viewer: str, port: int, model: str | os.PathLike[str] | None = None,
+               node_data: Sequence[str | os.PathLike[str]] = ()) -> str:
+    """The page to open: Model Explorer's URL carries the model and overlay paths; Netron's is the root."""
+    base = f"http://{LOOPBACK}:{port}/"
+    if viewer != "model-explorer" or model is None:
+        return base
+    data: dict[str, object] = {"models": [{"url": str(Path(model).resolve())}]}
+    if node_data:
+        data["nodeData"] = [str(Path(p).resolve()) for p in node_data]
+        data["nodeDataTargets"] = ["" for _ in node_data]
+    return f"{base}?data={quote(json.dumps(data))}"
+
+
+def _no_proxy_get(url: str, timeout: float = 2.0) -> int:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=timeout) as resp:
+        resp.read(256)
+        return int(resp.status)
+
+
+class ViewerProcess:
+    """One viewer child process serving ``model`` on ``127.0.0.1:port`` (use as a context manager)."""
+
+    def __init__(self, viewer: str, model: str | os.PathLike[str], node_data: Sequence[str | os.PathLike[str]] = (),
+                 port: int = 0) -> None:
+        self.spec = check_viewer(viewer)
+        self.model = Path(model).resolve()
+        self.node_data = [Path(p).resolve() for p in node_data]
+        if port and port_in_use(port):
+            raise ViewerError(f"port {port} on {LOOPBACK} is already in use")
+        self.port = port or free_port()
+        self.url = viewer_url(viewer, self.port, self.model, self.node_data)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "lpcompile.report.server", self.spec.name, "--port", str(self.port),
+               "--model", str(self.model)]
+        for p in self.node_data:
+            cmd += ["--node-data", str(p)]
+        return cmd
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, ready_timeout: float = READY_TIMEOUT_S) -> str:
+        """Start the child and wait until its page answers; returns the URL.
+
+        Raises:
+            ViewerError: the child exited or did not answer within ``ready_timeout`` seconds.
+        """
+        env = dict(os.environ)
+        env["NO_PROXY"] = env["no_proxy"] = ",".join(filter(None, [LOOPBACK, "localhost", env.get("NO_PROXY")]))
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        logger.debug("starting %s", " ".join(self.command()))
+        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
+                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + ready_timeout
+        root = f"http://{LOOPBACK}:{self.port}/"
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                tail = self.log_tail()
+                self.stop()
+                raise ViewerError(f"{self.spec.title} exited with status {code} before serving"
+                                  + (f": {tail}" if tail else ""))
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                if _no_proxy_get(root) == 200:
+                    return self.url
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ViewerError(f"{self.spec.title} did not answer on {root} within {ready_timeout:g} s")
+            time.sleep(_POLL_S)
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 1) -> str:
+        """The last non-empty lines the child printed."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        text = self._log.read().decode("utf-8", "replace")
+        kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return " | ".join(kept[-lines:])
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop the child (SIGTERM to its process group, SIGKILL after ``grace`` seconds). Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=grace)
+        if proc is not None and proc.poll() is not None:
+            _signal_group(proc.pid, signal.SIGKILL)  # leftovers of the child's own session, if any
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> ViewerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def serve(proc: ViewerProcess, timeout: float | None = None, on_ready: Callable[[str], None] | None = None,
+          ready_timeout: float = READY_TIMEOUT_S) -> str:
+    """Start ``proc``, call ``on_ready(url)``, and block until it should stop; always stops it.
+
+    Returns:
+        Why it stopped: ``"timeout"``, ``"interrupted"`` (Ctrl-C or SIGTERM) or ``"exited"``.
+    """
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        def _on_term(signum: int, frame: FrameType | None) -> None:
+            raise KeyboardInterrupt
+
+        restore = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        url = proc.start(ready_timeout=ready_timeout)
+        if on_ready is not None:
+            on_ready(url)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while proc.running():
+            if deadline is not None and time.monotonic() >= deadline:
+                return "timeout"
+            time.sleep(_POLL_S)
+        return "exited"
+    except KeyboardInterrupt:
+        return "interrupted"
+    finally:
+        proc.stop()
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+
+
+# -- the child process --------------------------------------------------------------------------
+def _run_model_explorer(port: int, model: str, node_data: Sequence[str]) -> None:
+    from model_explorer import server as me_server
+    from model_explorer.config import ModelExplorerConfig
+
+    # the release check asks PyPI and GitHub: nothing outside loopback is reached
+    me_server._check_new_version = lambda print_msg=True: {"version": "", "runningVersion": ""}
+    config = ModelExplorerConfig()
+    config.add_model_from_path(model)
+    for p in node_data:
+        config.add_node_data_from_path(p)
+    me_server.start(host=LOOPBACK, port=port, config=config, no_open_in_browser=True,
+                    extensions=["model_explorer_onnx"])
+
+
+def _run_netron(port: int, model: str) -> None:
+    import netron
+
+    netron.serve(model, None, address=(LOOPBACK, port), browse=False)
+    netron.wait()
+
+
+def _child_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lpcompile.report.server")
+    p.add_argument("viewer", choices=sorted(VIEWERS))
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--node-data", action="append", default=[])
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if args.viewer == "model-explorer":
+        _run_model_explorer(args.port, args.model, args.node_data)
+    else:
+        _run_netron(args.port, args.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
