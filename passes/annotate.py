@@ -2,7 +2,7 @@
 
 Per planned node (``metadata_props``; numbers with 6 significant digits, ``f"{x:.6g}"``):
 
-* ``lpcompile.format`` – the format name; ``lpcompile.bits`` – the plan's bits;
+* ``lpcompile.format`` – the format name; ``lpcompile.bits`` – the plan's bits (exact repr);
   ``lpcompile.params`` – parameter count;
 * ``lpcompile.predicted_loss`` – when the plan knows it;
 * ``lpcompile.runner_up`` / ``lpcompile.runner_up_loss`` – the best other candidate, when the
@@ -54,7 +54,7 @@ def node_metadata(a: NodeAssignment) -> dict[str, str]:
     """The ``metadata_props`` a planned node gets."""
     out = {
         "lpcompile.format": a.format,
-        "lpcompile.bits": fmt_number(a.bits),
+        "lpcompile.bits": repr(float(a.bits)),  # exact: equals the plan's JSON value
         "lpcompile.params": str(int(a.params)),
     }
     if a.predicted_loss is not None:

@@ -111,7 +111,7 @@ def test_apply_plan_end_to_end(target: str) -> None:
     meta = {n.name: {p.key: p.value for p in n.metadata_props} for n in out.graph.node}
     for a in plan.nodes:
         assert meta[a.name]["lpcompile.format"] == a.format
-        assert meta[a.name]["lpcompile.bits"] == f"{a.bits:.6g}"
+        assert float(meta[a.name]["lpcompile.bits"]) == a.bits
     assert meta["n4/to_bf16"]["lpcompile.serves"] == "n4"
     (y,) = run(out, x=X)
     ref, r2, w3 = reference(X, nbits=target == "ort")  # MatMulNBits decodes code·scale in fp32

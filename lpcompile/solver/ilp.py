@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 #: relative slack on the budget, absorbs rounding of ``value × Σparams``.
 REL_SLACK = 1e-12
+OBJ_SCALE = 1e6
 
 # HiGHS options scipy does not list are passed through verbatim (with a RuntimeWarning we
 # silence): an exact optimum needs mip_abs_gap = 0, HiGHS' default is 1e-6.
@@ -183,7 +184,7 @@ def _solve_ilp(problem: CompiledProblem, budget: Budget, cap: float, time_limit:
     )
     loss_scale = float(excess.max())  # > 0: frontier losses strictly decrease
     weight = extra / slack
-    objective = excess / loss_scale
+    objective = excess / loss_scale * OBJ_SCALE
     rows = np.unique(vu, return_inverse=True)[1]
     n_rows, n_vars = int(rows.max()) + 1, len(var_unit)
     one_hot = LinearConstraint(

@@ -429,8 +429,12 @@ def _two_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
                 T.tvm_storage_sync("shared")
                 for s in T.unroll(LOG_NT):
                     if tx < T.shift_right(NT, s + 1):
-                        sm[tx] = _pair_m(sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)])
-                        se[tx] = T.max(se[tx], se[tx + T.shift_right(NT, s + 1)])
+                        am[0] = _pair_m(sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)])
+                        ae[0] = T.max(se[tx], se[tx + T.shift_right(NT, s + 1)])
+                    T.tvm_storage_sync("shared")
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = am[0]
+                        se[tx] = ae[0]
                     T.tvm_storage_sync("shared")
                 if tx == 0:
                     PM[b] = sm[0]
@@ -453,8 +457,12 @@ def _two_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
                 T.tvm_storage_sync("shared")
                 for s in T.unroll(LOG_NT):
                     if tx < T.shift_right(NT, s + 1):
-                        sm[tx] = _pair_m(sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)])
-                        se[tx] = T.max(se[tx], se[tx + T.shift_right(NT, s + 1)])
+                        am[0] = _pair_m(sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)])
+                        ae[0] = T.max(se[tx], se[tx + T.shift_right(NT, s + 1)])
+                    T.tvm_storage_sync("shared")
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = am[0]
+                        se[tx] = ae[0]
                     T.tvm_storage_sync("shared")
                 if tx == 0:
                     INV[r] = T.float32(1) / T.max(sm[0], T.float32(0.5))
@@ -499,7 +507,10 @@ def _three_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
                 T.tvm_storage_sync("shared")
                 for s in T.unroll(LOG_NT):
                     if tx < T.shift_right(NT, s + 1):
-                        sm[tx] = T.max(sm[tx], sm[tx + T.shift_right(NT, s + 1)])
+                        am[0] = T.max(sm[tx], sm[tx + T.shift_right(NT, s + 1)])
+                    T.tvm_storage_sync("shared")
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = am[0]
                     T.tvm_storage_sync("shared")
                 if tx == 0:
                     PMX[b] = sm[0]
@@ -515,7 +526,10 @@ def _three_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
                 T.tvm_storage_sync("shared")
                 for s in T.unroll(LOG_NT):
                     if tx < T.shift_right(NT, s + 1):
-                        sm[tx] = T.max(sm[tx], sm[tx + T.shift_right(NT, s + 1)])
+                        am[0] = T.max(sm[tx], sm[tx + T.shift_right(NT, s + 1)])
+                    T.tvm_storage_sync("shared")
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = am[0]
                     T.tvm_storage_sync("shared")
                 if tx == 0:
                     MX[r] = sm[0]
@@ -532,7 +546,10 @@ def _three_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
                 T.tvm_storage_sync("shared")
                 for s in T.unroll(LOG_NT):
                     if tx < T.shift_right(NT, s + 1):
-                        sm[tx] = sm[tx] + sm[tx + T.shift_right(NT, s + 1)]
+                        am[0] = sm[tx] + sm[tx + T.shift_right(NT, s + 1)]
+                    T.tvm_storage_sync("shared")
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = am[0]
                     T.tvm_storage_sync("shared")
                 if tx == 0:
                     PS[b] = sm[0]
@@ -548,7 +565,10 @@ def _three_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
                 T.tvm_storage_sync("shared")
                 for s in T.unroll(LOG_NT):
                     if tx < T.shift_right(NT, s + 1):
-                        sm[tx] = sm[tx] + sm[tx + T.shift_right(NT, s + 1)]
+                        am[0] = sm[tx] + sm[tx + T.shift_right(NT, s + 1)]
+                    T.tvm_storage_sync("shared")
+                    if tx < T.shift_right(NT, s + 1):
+                        sm[tx] = am[0]
                     T.tvm_storage_sync("shared")
                 if tx == 0:
                     INV[r] = T.float32(1) / sm[0]
@@ -564,3 +584,196 @@ def _three_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
                         )
 
     return three_pass
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def cpu_target() -> dict[str, str]:
+    """The LLVM target for this machine's CPU (``{"kind": "llvm", "mcpu": <host cpu>}``)."""
+    from tvm.target import codegen
+
+    try:
+        cpu = codegen.llvm_get_system_cpu()
+    except Exception:  # pragma: no cover - exotic hosts
+        cpu = "generic"
+    return {"kind": "llvm", "mcpu": cpu}
+
+
+def _as_target(target: Any) -> Any:
+    import tvm
+
+    if isinstance(target, str) and target == "llvm":
+        target = cpu_target()
+    elif isinstance(target, str) and target == "cuda":
+        target = {"kind": "cuda", "arch": "sm_90"}
+    try:
+        return tvm.target.Target(target)
+    except Exception as exc:
+        raise UsageError(f"invalid TVM target {target!r}: {exc}") from exc
+
+
+def _is_gpu(target: Any) -> bool:
+    return str(target.kind.name) in ("cuda", "rocm", "vulkan", "metal", "opencl", "webgpu")
+
+
+def _primfunc(kind: Kind, rows: int, cols: int, dtype: str, target: Any, plan: SoftmaxPlan | None) -> Any:
+    _check_dtype(dtype)
+    tgt = _as_target(target)
+    gpu = _is_gpu(tgt)
+    plan = plan or plan_softmax(rows, cols, gpu=gpu)
+    if (plan.rows, plan.cols) != (rows, cols):
+        raise UsageError(f"plan is for ({plan.rows}, {plan.cols}), not ({rows}, {cols})")
+    builders = {
+        ("two-pass", False): _two_pass_cpu,
+        ("two-pass", True): _two_pass_gpu,
+        ("three-pass", False): _three_pass_cpu,
+        ("three-pass", True): _three_pass_gpu,
+    }
+    if (kind, gpu) not in builders:
+        raise UsageError(f"unknown softmax kind {kind!r}; expected 'two-pass' or 'three-pass'")
+    name = kind.replace("-", "_") + "_softmax"
+    return builders[(kind, gpu)](plan, dtype).with_attr("global_symbol", name)
+
+
+def two_pass_softmax_primfunc(
+    rows: int,
+    cols: int,
+    dtype: str = "float32",
+    *,
+    target: Any = "llvm",
+    plan: SoftmaxPlan | None = None,
+) -> Any:
+    """TIR PrimFunc ``two_pass_softmax(X: (rows, cols) dtype, Y: (rows, cols) dtype)``.
+
+    Args:
+        rows, cols: static shape; the softmax runs along ``cols``.
+        dtype: "float32", "float16" or "bfloat16" (arithmetic and the (m, e) pairs are float32).
+        target: decides the schedule: CPU (T.parallel + T.vectorized) for llvm, thread blocks
+            for cuda. "llvm" means this host's CPU.
+        plan: the work split (default :func:`plan_softmax`).
+    """
+    return _primfunc("two-pass", rows, cols, dtype, target, plan)
+
+
+def three_pass_softmax_primfunc(
+    rows: int,
+    cols: int,
+    dtype: str = "float32",
+    *,
+    target: Any = "llvm",
+    plan: SoftmaxPlan | None = None,
+) -> Any:
+    """TIR PrimFunc ``three_pass_softmax(X, Y)``: max pass, sum-of-exp pass, write pass, with the
+    same schedule and ``exp`` as :func:`two_pass_softmax_primfunc`."""
+    return _primfunc("three-pass", rows, cols, dtype, target, plan)
+
+
+@dataclass(frozen=True)
+class SoftmaxKernel:
+    """A compiled softmax kernel: ``kernel(x)`` runs it on a numpy array (CPU targets, or CUDA
+    where a GPU exists); ``kernel.function`` is the packed function ``f(X, Y)`` on TVM tensors."""
+
+    kind: Kind
+    dtype: str
+    plan: SoftmaxPlan
+    target: Any
+    executable: Any = field(repr=False)
+    entry: str
+
+    @property
+    def is_gpu(self) -> bool:
+        return _is_gpu(self.target)
+
+    @property
+    def module(self) -> Any:
+        """The runnable runtime module (JIT-linked if the target needs it)."""
+        return self.executable.jit() if self.is_gpu else self.executable.mod
+
+    @property
+    def function(self) -> Any:
+        return self.module[self.entry]
+
+    def device(self) -> Any:
+        import tvm
+
+        return tvm.cuda(0) if self.is_gpu else tvm.cpu(0)
+
+    def source(self, fmt: str | None = None) -> str:
+        """Generated source: CUDA C for cuda targets, else ``fmt`` ("asm" default, or "ll")."""
+        if self.is_gpu:
+            for mod in self.executable.mod.imports:
+                try:
+                    return str(mod.inspect_source(fmt or "cuda"))
+                except Exception:  # pragma: no cover - try the next import
+                    continue
+            raise LpError("no CUDA source in the compiled module")
+        return str(self.executable.mod.inspect_source(fmt or "asm"))
+
+    def tensors(self, x: np.ndarray) -> tuple[Any, Any]:
+        """(input, output) TVM tensors on the kernel's device for ``x``."""
+        import tvm
+
+        shape = (self.plan.rows, self.plan.cols)
+        if tuple(x.shape) != shape:
+            raise UsageError(f"kernel is for shape {shape}, got {tuple(x.shape)}")
+        dev = self.device()
+        xt = tvm.runtime.tensor(np.ascontiguousarray(x.astype(_np_dtype(self.dtype))), dev)
+        yt = tvm.runtime.empty(shape, self.dtype, dev)
+        return xt, yt
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        xt, yt = self.tensors(x)
+        self.function(xt, yt)
+        return yt.numpy()
+
+
+def _np_dtype(dtype: str) -> Any:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def build_softmax(
+    kind: Kind,
+    rows: int,
+    cols: int,
+    dtype: str = "float32",
+    target: Any = "llvm",
+    *,
+    plan: SoftmaxPlan | None = None,
+) -> SoftmaxKernel:
+    """Compile the ``kind`` ("two-pass" or "three-pass") softmax for ``(rows, cols)`` ``dtype``.
+
+    ``target``: "llvm" (this host's CPU), "cuda" (sm_90), a target dict such as
+    ``{"kind": "cuda", "arch": "sm_90"}``, or a ``tvm.target.Target``. CUDA source can be
+    generated without a GPU (``kernel.source()``); running it needs one.
+    """
+    import tvm
+
+    func = _primfunc(kind, rows, cols, dtype, target, plan)
+    tgt = _as_target(target)
+    name = str(func.attrs["global_symbol"])
+    try:
+        ex = tvm.compile(tvm.IRModule({name: func}), target=tgt)
+    except Exception as exc:
+        raise LpError(f"TVM build of the {kind} softmax for {tgt.kind.name} failed: {exc}") from exc
+    real_plan = plan or plan_softmax(rows, cols, gpu=_is_gpu(tgt))
+    logger.debug("built %s softmax %s on %s", kind, real_plan, tgt.kind.name)
+    return SoftmaxKernel(kind, dtype, real_plan, tgt, ex, name)
+
+
+__all__ = [
+    "DTYPES",
+    "SoftmaxKernel",
+    "SoftmaxPlan",
+    "build_softmax",
+    "cpu_target",
+    "plan_softmax",
+    "three_pass_softmax_primfunc",
+    "two_pass_softmax_primfunc",
+]
