@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from decimal import ROUND_CEILING, Decimal
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
 from typing import Literal
 
 from lpcompile.errors import BudgetError
@@ -165,7 +165,9 @@ def parse_budget(text: str) -> Budget:
     if unit in BYTE_UNITS:
         return Budget("bytes", value * BYTE_UNITS[unit], unit)
     if unit.lower() == "b":
-        raise BudgetError(f"ambiguous budget unit in {text.strip()!r}: write 'bits' for bits per weight or 'B' for bytes")
+        raise BudgetError(
+            f"ambiguous budget unit in {text.strip()!r}: write 'bits' for bits per weight or 'B' for bytes"
+        )
     raise BudgetError(
         f"unknown budget unit {unit!r} in {text.strip()!r}: use bits (or no unit) for bits per weight, "
         f"or {', '.join(BYTE_UNITS)} for bytes"

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,10 +19,11 @@ import onnx_ir as ir
 from lpcompile.analysis.config import AnalysisConfig
 from lpcompile.analysis.table import SensitivityTable
 from lpcompile.budget import Budget, parse_budget
-from lpcompile.errors import FormatError, UnsupportedOpsError
+from lpcompile.checks import check_model
+from lpcompile.errors import FormatError, LpError, UnsupportedOpsError
 from lpcompile.formats import get_format
 from lpcompile.frontend.calib import CalibrationSet
-from lpcompile.plan import NodeAssignment, PrecisionPlan
+from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
 from lpcompile.solver import Choice, Item, KeepRule, Solution, apply_rules, solve
 from lpcompile.workflow import (
     ApplyResult,
@@ -88,9 +90,45 @@ def analyze_file(
 ) -> SensitivityTable:
     """Load, normalise, analyse. The table records the model's file name."""
     model = normalized_model(model_path)
+    checks = check_model(model)
+    checks.log()
     calib = load_calib_for(model, calib_path, seed=config.seed, num_samples=max(16, config.batch_size))
-    table = analyze_model(model, calib, config, validate=validate, progress=progress)
+    from lpcompile.frontend.torch_export import module_paths_from_metadata
+
+    table = analyze_model(model, calib, config, validate=validate, progress=progress,
+                          module_paths=module_paths_from_metadata(model))
+    table = finite_table(table, checks.keep_fp32)
     return replace(table, model=Path(model_path).name)
+
+
+def finite_table(table: SensitivityTable, keep_fp32: frozenset[str] = frozenset()) -> SensitivityTable:
+    """Restrict ``keep_fp32`` nodes to fp32; refuse non-finite sensitivities anywhere else.
+
+    A node with NaN/Inf weights (:mod:`lpcompile.checks`) keeps only its fp32 candidate. A
+    non-finite trace or predicted loss on any other node means the model's fp32 outputs are not
+    finite on the calibration data: no budget can be solved from that, so it is an error.
+
+    Raises:
+        LpError: naming the nodes with non-finite sensitivities.
+    """
+    nodes, bad = [], []
+    for n in table.nodes:
+        if n.name in keep_fp32:
+            cands = {f: c for f, c in n.candidates.items() if f == "fp32"} or {"fp32": Candidate(bits=32.0)}
+            cands = {f: replace(c, predicted_loss=0.0, measured_loss=None) for f, c in cands.items()}
+            nodes.append(replace(n, candidates=cands, trace=None))
+            continue
+        values = [n.trace, *(x for c in n.candidates.values() for x in (c.predicted_loss, c.measured_loss))]
+        if any(v is not None and not math.isfinite(v) for v in values):
+            bad.append(n.name)
+        nodes.append(n)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise LpError(
+            f"analysis gave non-finite sensitivities for {len(bad)} node(s) ({shown}): the model's fp32 outputs "
+            "are not finite on the calibration data (NaN/Inf weights or inputs?)"
+        )
+    return replace(table, nodes=tuple(nodes))
 
 
 def items_from_table(table: SensitivityTable, formats: Sequence[str] | None = None) -> list[Item]:
@@ -142,6 +180,27 @@ def plan_from_solution(table: SensitivityTable, solution: Solution, budget_text:
     )
 
 
+def rules_with_module_paths(table: SensitivityTable, keep: Sequence[KeepRule]) -> list[KeepRule]:
+    """``--keep`` rules that also match PyTorch module paths.
+
+    Solver items carry only node names, so a rule whose regex matches the module path of some node
+    (``encoder.layer.0.attention.self.query``) is rewritten into an exact-name rule for every node
+    whose name *or* module path it matches (its ``spec``, used in messages, is unchanged). Rules
+    that match no module path are kept as they are.
+    """
+    import re
+
+    out = []
+    for rule in keep:
+        if not any(n.module_path and rule.matches(n.module_path) for n in table.nodes):
+            out.append(rule)
+            continue
+        names = [n.name for n in table.nodes if rule.matches(n.name) or (n.module_path and rule.matches(n.module_path))]
+        pattern = "^(?:" + "|".join(re.escape(name) for name in names) + ")$"
+        out.append(replace(rule, pattern=pattern, spec=rule.spec))
+    return out
+
+
 def plan_from_table(
     table: SensitivityTable,
     budget: str | Budget,
@@ -152,7 +211,7 @@ def plan_from_table(
 ) -> tuple[PrecisionPlan, Solution]:
     """Solve the budget problem on a saved table (no re-analysis)."""
     b = parse_budget(budget) if isinstance(budget, str) else budget
-    items = apply_rules(items_from_table(table, formats), keep)
+    items = apply_rules(items_from_table(table, formats), rules_with_module_paths(table, keep))
     solution = solve(items, b)
     return plan_from_solution(table, solution, str(budget), softmax), solution
 
@@ -174,13 +233,13 @@ def compile_file(
     """``lpcompile MODEL --budget B``: analyse, solve, rewrite; writes OUT and OUT.plan.json."""
     t0 = time.perf_counter()
     parse_budget(budget)  # fail fast on a malformed budget or output path, before minutes of analysis
-    check_output_path(model_path, out or default_output(model_path), force)
+    check_output_path(model_path, out or default_output(model_path), force, [calib_path])
     table = analyze_file(model_path, calib_path, config, validate=validate, progress=progress)
     t1 = time.perf_counter()
     plan, solution = plan_from_table(table, budget, formats=config.formats, keep=keep, softmax=softmax)
     t2 = time.perf_counter()
     applied = apply_to_file(model_path, out, plan=plan, calib_path=calib_path, target=target, seed=config.seed,
-                            force=force)
+                            force=force, log_checks=False)
     t3 = time.perf_counter()
     return CompileResult(table=table, plan=applied.plan, solution=solution, applied=applied,
                          timings={"analyze_s": t1 - t0, "plan_s": t2 - t1, "apply_s": t3 - t2, "total_s": t3 - t0})

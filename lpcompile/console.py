@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,19 +59,21 @@ class StageProgress:
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), console=output.console, transient=False)
         self._tasks: dict[str, int] = {}
+        self._started = False
 
     def __enter__(self) -> StageProgress:
-        if self._enabled:
-            self._progress.start()
-        return self
+        return self  # the bar starts on the first update: a command that fails early prints nothing
 
     def __exit__(self, *exc: object) -> None:
-        if self._enabled:
+        if self._started:
             self._progress.stop()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self._enabled:
             return
+        if not self._started:
+            self._progress.start()
+            self._started = True
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=total)
         self._progress.update(self._tasks[stage], completed=done, total=total)
@@ -95,3 +99,10 @@ def setup_logging(verbosity: int, quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+    warnings.showwarning = _log_warning  # Python warnings (numpy's RuntimeWarning...) as one log line
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, message,
+                                             os.path.basename(filename), lineno)

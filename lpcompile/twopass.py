@@ -37,7 +37,6 @@ Semantics shared by the reference, the ONNX function and the TVM kernels
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import ml_dtypes
@@ -179,9 +178,7 @@ def two_pass_softmax(
         neg_inf = np.isneginf(xs)
         xc = np.where(np.isnan(xs), xs, np.clip(xs, cd.type(-X_CLAMP), cd.type(X_CLAMP))).astype(cd)
         n = np.round((xc * cd.type(LOG2E)).astype(cd))
-        t = ((xc - (n * cd.type(LN2_HI)).astype(cd)).astype(cd) - (n * cd.type(LN2_LO)).astype(cd)).astype(
-            cd
-        )
+        t = ((xc - (n * cd.type(LN2_HI)).astype(cd)).astype(cd) - (n * cd.type(LN2_LO)).astype(cd)).astype(cd)
         p = np.where(neg_inf, cd.type(0), _exp(t, cd)).astype(cd)
         # pass 1: one read of x -> (m, e) per row
         m, e = _tree_pairs(p, n.astype(np.float64), cd)
@@ -236,15 +233,11 @@ def softmax_f64(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def _const_f(name: str, value: float) -> onnx.NodeProto:
-    return oh.make_node(
-        "Constant", [], [name], value=oh.make_tensor(name, TensorProto.FLOAT, [], [value])
-    )
+    return oh.make_node("Constant", [], [name], value=oh.make_tensor(name, TensorProto.FLOAT, [], [value]))
 
 
 def _const_i64(name: str, values: list[int]) -> onnx.NodeProto:
-    return oh.make_node(
-        "Constant", [], [name], value=oh.make_tensor(name, TensorProto.INT64, [len(values)], values)
-    )
+    return oh.make_node("Constant", [], [name], value=oh.make_tensor(name, TensorProto.INT64, [len(values)], values))
 
 
 def _with_ref(node: onnx.NodeProto, attr: str) -> onnx.NodeProto:
@@ -371,15 +364,17 @@ def add_function_to_model(model: onnx.ModelProto) -> bool:
     return changed
 
 
-def ulp(dtype: Any, value: float = 1.0) -> float:
-    """Spacing of ``dtype`` at ``|value|`` (for tolerances derived from the format)."""
+def ulp(dtype: Any, value: Any = 1.0) -> Any:
+    """Spacing of ``dtype`` at ``|value|`` (a float for a scalar, an array for an array): the unit
+    for tolerances derived from the format. Subnormal range: the smallest subnormal."""
     dt = _as_dtype(dtype)
-    v = abs(float(value))
-    if v == 0.0:
-        return float(ml_dtypes.finfo(dt).smallest_subnormal)
-    exp = math.floor(math.log2(v))
-    exp = max(exp, int(ml_dtypes.finfo(dt).minexp))
-    return 2.0 ** (exp - int(ml_dtypes.finfo(dt).nmant))
+    fi = ml_dtypes.finfo(dt)
+    v = np.abs(np.asarray(value, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exp = np.where(v > 0, np.floor(np.log2(np.where(v > 0, v, 1.0))), float(fi.minexp))
+    exp = np.maximum(exp, int(fi.minexp))
+    out = np.exp2(exp - int(fi.nmant))
+    return float(out) if out.ndim == 0 else out
 
 
 __all__ = [

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from lpcompile.errors import UsageError
+from lpcompile.checks import ModelCheck, check_model
+from lpcompile.errors import LpError, UsageError
 from lpcompile.formats import get_format
 from lpcompile.frontend.calib import CalibrationSet, check_against_model, load_calibration, synthesize
 from lpcompile.frontend.onnx_io import load_model, save_model
 from lpcompile.graph import WeightNode, find_weight_nodes
+from lpcompile.io_utils import check_outputs
 from lpcompile.plan import PrecisionPlan, validate_against
 
 logger = logging.getLogger(__name__)
@@ -35,15 +37,21 @@ class ApplyResult:
     input_bytes: int
     output_bytes: int
     softmax_substituted: tuple[str, ...]
+    checks: ModelCheck = ModelCheck()
 
 
-def check_output_path(model_path: str | os.PathLike[str], out: str | os.PathLike[str], force: bool) -> Path:
-    """Refuse to write over the input model (unless ``force``) or into a missing folder."""
-    model_path, out = Path(model_path), Path(out)
-    if out.exists() and model_path.exists() and out.resolve() == model_path.resolve() and not force:
-        raise UsageError(f"output {out} is the input model; choose another -o (or --force to replace it)")
-    if out.is_dir():
-        raise UsageError(f"output {out} is a directory; give a file name")
+def check_output_path(model_path: str | os.PathLike[str], out: str | os.PathLike[str], force: bool,
+                      inputs: Sequence[str | os.PathLike[str] | None] = (),
+                      plan_input: str | os.PathLike[str] | None = None) -> Path:
+    """Refuse to write the model or its plan over an input (unless ``force``) or onto a directory.
+
+    ``inputs`` are the command's other input files (calibration data), protected too. The plan
+    written beside ``out`` may replace ``plan_input`` (the plan the model is rewritten by: the
+    output plan is that plan, completed), but the model may not.
+    """
+    out = Path(out)
+    check_outputs([out], [model_path, plan_input, *inputs], force=force)
+    check_outputs([plan_path_for(out)], [model_path, *inputs], force=force)
     return out
 
 
@@ -113,6 +121,8 @@ def apply_to_file(
     rounding: str = "nearest",
     seed: int = 0,
     force: bool = False,
+    plan_path: str | os.PathLike[str] | None = None,
+    log_checks: bool = True,
 ) -> ApplyResult:
     """Rewrite ``model_path`` by a plan (or one uniform format) and write model + plan atomically.
 
@@ -128,6 +138,9 @@ def apply_to_file(
         rounding: weight rounding, ``nearest`` or ``stochastic`` (seeded).
         seed: seed for synthetic calibration data and stochastic rounding.
         force: allow ``out`` to equal the input.
+        plan_path: the file ``plan`` was read from: the output model may not replace it (the
+            output plan may: it is the same plan, completed).
+        log_checks: log the model checks (:mod:`lpcompile.checks`); compile has logged them already.
     """
     from lpcompile.passes.pipeline import apply_plan, uniform_plan
 
@@ -135,34 +148,67 @@ def apply_to_file(
         raise UsageError("give either a plan file or --uniform FORMAT")
     if target not in ("qdq", "ort"):
         raise UsageError(f"unknown target {target!r}; use qdq or ort")
-    out_path = check_output_path(model_path, out or default_output(model_path), force)
+    out_path = check_output_path(model_path, out or default_output(model_path), force, [calib_path], plan_path)
     model = normalized_model(model_path)
     nodes = find_weight_nodes(model)
+    checks = check_model(model)
+    if log_checks:
+        checks.log()
     if uniform is not None:
         plan = uniform_plan(model, uniform)
     if plan is None:  # unreachable after the check above; keeps type checkers honest
         raise UsageError("no plan")
     validate_against(plan, [n.name for n in nodes])
+    plan = pin_fp32(plan, checks.keep_fp32)
     if softmax is not None:
         plan = replace(plan, softmax=softmax)
     plan = replace(plan, model=Path(model_path).name)
     if fp8_activation_tensors(plan, nodes):
         plan = calibrate_plan(model, plan, load_calib_for(model, calib_path, seed=seed))
     extra = _softmax_passes(plan)
-    rewritten, modified = apply_plan(model, plan, target=target, rounding=rounding, seed=seed, extra_passes=extra)
+    try:
+        rewritten, modified = apply_plan(model, plan, target=target, rounding=rounding, seed=seed, extra_passes=extra)
+    except ir.passes.PassError as exc:
+        if os.environ.get("LPCOMPILE_DEBUG"):
+            raise
+        raise LpError(f"internal error while rewriting the model: {_root_cause(exc)} "
+                      "(set LPCOMPILE_DEBUG=1 for a traceback)") from exc
     substituted = tuple(getattr(extra[0], "substituted", ())) if extra else ()
-    save_model(rewritten, out_path)
-    plan_path = plan_path_for(out_path)
-    plan.save(plan_path)
+    data_path = save_model(rewritten, out_path)
+    plan_out = plan_path_for(out_path)
+    plan.save(plan_out)
     return ApplyResult(
         output=out_path,
-        plan_path=plan_path,
+        plan_path=plan_out,
         plan=plan,
         modified_by=tuple(modified),
         input_bytes=_file_bytes(Path(model_path)),
-        output_bytes=_file_bytes(out_path),
+        output_bytes=out_path.stat().st_size + (data_path.stat().st_size if data_path else 0),
         softmax_substituted=substituted,
+        checks=checks,
     )
+
+
+def pin_fp32(plan: PrecisionPlan, names: frozenset[str] | set[str]) -> PrecisionPlan:
+    """``plan`` with the nodes in ``names`` set to fp32 (a warning for each one the plan had lower)."""
+    changed = [n.name for n in plan.nodes if n.name in names and n.format != "fp32"]
+    if not changed:
+        return plan
+    logger.info("kept in fp32 (NaN/Inf weights) despite the plan: %s", ", ".join(changed))
+    fp32 = get_format("fp32")
+    nodes = tuple(
+        replace(n, format="fp32", bits=float(fp32.storage_bits), predicted_loss=0.0 if n.predicted_loss is not None else None)
+        if n.name in changed else n
+        for n in plan.nodes
+    )
+    return replace(plan, nodes=nodes)
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _softmax_passes(plan: PrecisionPlan) -> list[object]:

@@ -87,6 +87,11 @@ def _ensure_proto(model: onnx.ModelProto, current: int | None, version: int) -> 
 def _convert_ir(model: ir.Model, current: int, version: int) -> None:
     from onnxscript.version_converter import ConvertVersionPass
 
+    # onnxscript logs its fallback (and failures, with a traceback) as warnings; we report the
+    # outcome ourselves in one line, so keep its logger quiet during the conversion.
+    converter_logger = logging.getLogger("onnxscript.version_converter")
+    saved = converter_logger.level
+    converter_logger.setLevel(logging.ERROR)
     try:
         ConvertVersionPass(target_version=version, fallback=True)(model)
     except Exception as exc:
@@ -94,6 +99,8 @@ def _convert_ir(model: ir.Model, current: int, version: int) -> None:
             f"cannot convert the model from opset {current} to opset {version} "
             f"(needed for int4/fp8/blocked QDQ): {_describe(exc)}"
         ) from None
+    finally:
+        converter_logger.setLevel(saved)
     reached = default_opset(model) or 0
     if reached < version:
         raise LpError(

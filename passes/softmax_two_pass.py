@@ -78,7 +78,8 @@ def _resolved_axis(node: ir.Node, version: int) -> int | None:
 class TwoPassSoftmaxPass(InPlacePass):
     """Substitute ``Softmax`` by ``lpcompile.TwoPassSoftmax`` (see the module docstring).
 
-    After a call, ``substituted`` lists the names of the nodes replaced by that call.
+    After a call, ``substituted`` lists the names of the nodes replaced by that call (an unnamed
+    node appears as ``<unnamed: OUTPUT>``).
     """
 
     def __init__(self, mode: Mode = "auto", low_precision_nodes: Iterable[str] = frozenset()) -> None:
@@ -120,7 +121,7 @@ class TwoPassSoftmaxPass(InPlacePass):
             node.version = None
             node.attributes["axis"] = ir.AttrInt64("axis", axis)
             node.metadata_props[METADATA_KEY] = METADATA_VALUE
-            self.substituted.append(node.name or "")
+            self.substituted.append(node.name or f"<unnamed: {node.outputs[0].name}>")
         modified = bool(self.substituted)
         if modified:
             _ensure_function(model, opset)

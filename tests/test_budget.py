@@ -111,8 +111,16 @@ def test_max_total_bits() -> None:
 
 @pytest.mark.parametrize(
     ("kind", "value", "unit"),
-    [("bits", 0.0, ""), ("bits", -1.0, ""), ("bits", math.nan, ""), ("bytes", math.inf, ""),
-     ("words", 1.0, ""), ("bits", 4.0, "MB"), ("bytes", 4.0, "mb"), ("bits", "x", "")],
+    [
+        ("bits", 0.0, ""),
+        ("bits", -1.0, ""),
+        ("bits", math.nan, ""),
+        ("bytes", math.inf, ""),
+        ("words", 1.0, ""),
+        ("bits", 4.0, "MB"),
+        ("bytes", 4.0, "mb"),
+        ("bits", "x", ""),
+    ],
 )
 def test_budget_validates(kind: str, value: float, unit: str) -> None:
     with pytest.raises(BudgetError):

@@ -23,6 +23,9 @@ class AnalysisConfig:
         method: ``diag`` (½ΣH_iiδ_i²) or ``trace`` (HAWQ-v2 ½·Tr/n·‖δ‖²).
         loss: ``auto``, ``kl`` or ``mse`` (see :func:`lpcompile.analysis.losses.output_loss_kinds`).
         activations: include the activation-rounding term for formats that round activations.
+        estimator: how the Hessian diagonal is estimated: ``ggn`` (output-space probes z with
+            Cov(z) = M on the Gauss–Newton factorisation H = JᵀMJ, one backward per probe) or
+            ``hvp`` (classic Hutchinson v ⊙ Hv with Hessian-vector products by double backward).
     """
 
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -33,6 +36,7 @@ class AnalysisConfig:
     method: Literal["diag", "trace"] = "diag"
     loss: Literal["auto", "kl", "mse"] = "auto"
     activations: bool = True
+    estimator: Literal["ggn", "hvp"] = "ggn"
 
 
 def candidate_formats(config: AnalysisConfig) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner
 import torch
 
 from lpcompile.analysis import ops as _ops
@@ -201,6 +202,7 @@ class TorchGraph:
 
     Attributes:
         params: the trainable initializers, by name.
+        perturbations: the additive perturbation leaves of the last perturbing ``forward``.
         constants: all other initializers, by name.
         nodes: the (inlined, topologically sorted) nodes.
         input_names: graph inputs that are not initializers.
@@ -296,6 +298,8 @@ class TorchGraph:
         self.nodes: tuple[NodeSpec, ...] = tuple(s.spec for s in steps)
         produced = {o for s in steps for o in s.spec.outputs if o}
         self._known = produced | init_names | {i.name for i in graph.input}
+        #: the additive perturbation leaves of the last ``forward(..., perturb=...)`` call
+        self.perturbations: dict[str, torch.Tensor] = {}
         logger.debug("TorchGraph: %d nodes, %d initializers", len(steps), len(init_names))
 
     # ----------------------------------------------------------------------------------------
@@ -313,8 +317,9 @@ class TorchGraph:
         inputs: Mapping[str, np.ndarray | torch.Tensor],
         overrides: Mapping[str, torch.Tensor] | None = None,
         capture: Iterable[str] = (),
+        perturb: Mapping[str, torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        return self.forward(inputs, overrides, capture)
+        return self.forward(inputs, overrides, capture, perturb)
 
     def _feed(self, inputs: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
         graph_inputs = set(self.input_names) | self._optional_inputs
@@ -335,6 +340,7 @@ class TorchGraph:
         inputs: Mapping[str, np.ndarray | torch.Tensor],
         overrides: Mapping[str, torch.Tensor] | None = None,
         capture: Iterable[str] = (),
+        perturb: Mapping[str, torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Evaluate the graph.
 
@@ -343,22 +349,28 @@ class TorchGraph:
                 declared element type where it differs).
             overrides: values that replace initializers or intermediate tensors by name. The
                 producer of an overridden intermediate is skipped when nothing else needs it, so
-                gradients flow to a leaf override.
+                gradients flow to a leaf override (and not upstream of it).
             capture: intermediate tensor names to return besides the graph outputs.
+            perturb: additive perturbations by tensor name: the tensor's value becomes
+                ``value + delta`` for every consumer (and in the result). ``None`` makes a zero
+                leaf with ``requires_grad=True``, so ``d/d(delta)`` is the gradient w.r.t. the
+                activation while gradients still flow upstream to the parameters. The deltas
+                used are left in ``self.perturbations`` (replaced on every call that perturbs).
 
         Returns:
             The graph outputs and the captured tensors, by name.
         """
         overrides = dict(overrides or {})
         capture = list(capture)
-        unknown = sorted(n for n in [*overrides, *capture] if n not in self._known)
+        perturb = dict(perturb or {})
+        unknown = sorted(n for n in {*overrides, *capture, *perturb} if n not in self._known)
         if unknown:
             raise LpError(f"unknown tensor names: {', '.join(unknown)}")
         feeds = self._feed(inputs)
         wanted = list(dict.fromkeys([*self.output_names, *capture]))
 
-        # prune: run only the nodes the wanted values depend on, stopping at overrides
-        need: set[str] = set(wanted)
+        # prune: run only the nodes the wanted (and perturbed) values depend on, stopping at overrides
+        need: set[str] = set(wanted) | set(perturb)
         plan: list[_Step] = []
         for step in reversed(self._steps):
             if any(o in need and o not in overrides for o in step.spec.outputs if o):
@@ -366,9 +378,7 @@ class TorchGraph:
                 need.update(n for n in step.spec.inputs if n)
         plan.reverse()
 
-        missing = sorted(
-            n for n in self.input_names if n in need and n not in feeds and n not in overrides
-        )
+        missing = sorted(n for n in self.input_names if n in need and n not in feeds and n not in overrides)
         if missing:
             raise CalibrationError(f"missing model inputs: {', '.join(missing)}")
 
@@ -377,16 +387,40 @@ class TorchGraph:
             for n in step.spec.inputs:
                 if n:
                     refs[n] = refs.get(n, 0) + 1
-        pinned = set(wanted)
+        pinned = set(wanted) | set(perturb)
         env: dict[str, torch.Tensor] = {}
+        if perturb:
+            self.perturbations = {}
+
+        def add_delta(name: str, value: torch.Tensor) -> torch.Tensor:
+            delta = perturb[name]
+            if delta is None:
+                if not value.is_floating_point():
+                    raise LpError(f"cannot perturb non-float tensor {name!r} ({value.dtype})")
+                delta = torch.zeros_like(value.detach()).requires_grad_(True)
+            self.perturbations[name] = delta
+            return value + delta
+
+        # perturbed values that no planned node produces (inputs, initializers, overrides)
+        produced = {o for step in plan for o in step.spec.outputs if o and o not in overrides}
+        for name in perturb:
+            if name not in produced:
+                base = overrides.get(name)
+                if base is None:
+                    base = feeds.get(name)
+                if base is None:
+                    base = self.params.get(name, self.constants.get(name))
+                if base is None:
+                    raise LpError(f"tensor {name!r} has no value to perturb")
+                env[name] = add_delta(name, base)
 
         def get(name: str) -> torch.Tensor | None:
             if not name:
                 return None
-            if name in overrides:
-                return overrides[name]
             if name in env:
                 return env[name]
+            if name in overrides:
+                return overrides[name]
             if name in feeds:
                 return feeds[name]
             if name in self.params:
@@ -410,7 +444,7 @@ class TorchGraph:
                     raise _ops.OpEvalError(
                         f"{step.spec.op_type} node {step.spec.name!r}: output {i} is not implemented"
                     )
-                env[name] = outs[i]
+                env[name] = add_delta(name, outs[i]) if name in perturb else outs[i]
             for n in step.spec.inputs:
                 if n and n in refs:
                     refs[n] -= 1

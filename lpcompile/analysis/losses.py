@@ -10,6 +10,7 @@ loss of a weight perturbation δ. With labels (``ce``), the task cross-entropy i
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -74,3 +75,22 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x, axis=-1, keepdims=True)
     z = x - m
     return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def ggn_output_probe(y_ref: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """A random vector z on the output space with Cov(z) = M, the Hessian of the distortion at y_ref.
+
+    Then g = Jᵀz (one backward pass) satisfies E[g ⊙ g] = diag(JᵀMJ), the Gauss–Newton diagonal.
+    For the normalised MSE, M = 2/(N·mean(y0²))·I; for KL(p0‖softmax(y)) averaged over B samples,
+    M = (diag(p) − ppᵀ)/B per sample, and z = (diag(√p) − p√pᵀ)u/√B with u Rademacher.
+    """
+    y0 = y_ref.detach().to(torch.float64)
+    u = torch.randint(0, 2, y0.shape, generator=gen, dtype=torch.int8).to(torch.float64).mul_(2).sub_(1)
+    if kind == "kl":
+        p = torch.softmax(y0, dim=-1)
+        a = p.sqrt()
+        samples = y0.numel() // y0.shape[-1]
+        z = a * u - p * (a * u).sum(-1, keepdim=True)
+        return (z / math.sqrt(max(samples, 1))).to(y_ref.dtype)
+    denom = float((y0 * y0).mean().clamp_min(1e-30))
+    return (u * math.sqrt(2.0 / (y0.numel() * denom))).to(y_ref.dtype)

@@ -65,7 +65,10 @@ class OpContext:
         return self.output_types[i] if i < len(self.output_types) else 0
 
 
-OpFn = Callable[[OpContext, list[torch.Tensor | None], dict[str, Any]], list[torch.Tensor]]
+Args = list[torch.Tensor | None]
+Attrs = dict[str, Any]
+Outs = list[torch.Tensor]
+OpFn = Callable[[OpContext, Args, Attrs], Outs]
 
 
 class OpEvalError(LpError):
@@ -128,12 +131,13 @@ _INT_RANGE: dict[int, tuple[int, int]] = {
     TP.UINT4: (0, 15),
 }
 
-#: largest finite value and the smallest magnitude that overflows without saturation
+#: largest finite value and the magnitude beyond which a non-saturating cast overflows
+#: (E4M3: > 464 -> NaN; E5M2: >= 61440 -> Inf, as ml_dtypes and the ONNX reference do)
 _FLOAT8_LIMITS: dict[int, tuple[float, float]] = {
     TP.FLOAT8E4M3FN: (448.0, 464.0),
     TP.FLOAT8E4M3FNUZ: (240.0, 248.0),
-    TP.FLOAT8E5M2: (57344.0, 59392.0),
-    TP.FLOAT8E5M2FNUZ: (57344.0, 59392.0),
+    TP.FLOAT8E5M2: (57344.0, 61440.0),
+    TP.FLOAT8E5M2FNUZ: (57344.0, 61440.0),
 }
 
 
@@ -152,9 +156,7 @@ def numpy_to_torch(arr: np.ndarray) -> torch.Tensor:
 
     dt = arr.dtype
     if dt == ml_dtypes.bfloat16:
-        return torch.from_numpy(arr.view(np.uint16).astype(np.int32) << 16).view(torch.float32).to(
-            torch.bfloat16
-        )
+        return torch.from_numpy(arr.view(np.uint16).astype(np.int32) << 16).view(torch.float32).to(torch.bfloat16)
     fp8 = {
         ml_dtypes.float8_e4m3fn: torch.float8_e4m3fn,
         ml_dtypes.float8_e5m2: torch.float8_e5m2,
@@ -202,7 +204,7 @@ def _req_ints(t: torch.Tensor | None) -> list[int]:
     return [int(v) for v in t.detach().reshape(-1).tolist()]
 
 
-def _opt(inputs: list[torch.Tensor | None], i: int) -> torch.Tensor | None:
+def _opt(inputs: Args, i: int) -> torch.Tensor | None:
     return inputs[i] if i < len(inputs) else None
 
 
@@ -251,7 +253,7 @@ def registered_ops() -> frozenset[str]:
 
 
 def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> OpFn:
-    def impl(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+    def impl(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
         return [fn(inputs[0])]
 
     return impl
@@ -291,19 +293,19 @@ for _name, _fn in _UNARY.items():
 
 
 @_reg("IsInf")
-def _isinf(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _isinf(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     pos, neg = attrs.get("detect_positive", 1), attrs.get("detect_negative", 1)
     return [(torch.isposinf(x) & bool(pos)) | (torch.isneginf(x) & bool(neg))]
 
 
 @_reg("Identity")
-def _identity(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _identity(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [inputs[0]]
 
 
 @_reg("Dropout")
-def _dropout(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _dropout(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     out = [x]
     if ctx.num_outputs > 1:
@@ -312,17 +314,17 @@ def _dropout(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str,
 
 
 @_reg("Add")
-def _add(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _add(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [inputs[0] + inputs[1]]
 
 
 @_reg("Sub")
-def _sub(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _sub(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [inputs[0] - inputs[1]]
 
 
 @_reg("Mul")
-def _mul(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _mul(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     a, b = inputs[0], inputs[1]
     if a.dtype == torch.bool:
         return [a & b]
@@ -330,7 +332,7 @@ def _mul(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any
 
 
 @_reg("Div")
-def _div(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _div(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     a, b = inputs[0], inputs[1]
     if _is_float(a):
         return [a / b]
@@ -338,7 +340,7 @@ def _div(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any
 
 
 @_reg("Pow")
-def _pow(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _pow(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, y = inputs[0], inputs[1]
     if _is_float(x) and not _is_float(y):
         y = y.to(x.dtype)
@@ -347,7 +349,7 @@ def _pow(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any
 
 
 @_reg("Mod")
-def _mod(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _mod(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     a, b = inputs[0], inputs[1]
     if attrs.get("fmod", 0) or _is_float(a):
         return [torch.fmod(a, b)]
@@ -355,7 +357,7 @@ def _mod(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any
 
 
 def _cmp(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> OpFn:
-    def impl(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+    def impl(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
         return [fn(inputs[0], inputs[1])]
 
     return impl
@@ -378,12 +380,12 @@ for _name, _fn2 in {
 
 
 @_reg("BitwiseNot")
-def _bitwise_not(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _bitwise_not(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [torch.bitwise_not(inputs[0])]
 
 
 def _variadic(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], mean: bool = False) -> OpFn:
-    def impl(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+    def impl(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
         xs = [x for x in inputs if x is not None]
         out = xs[0]
         for x in xs[1:]:
@@ -402,7 +404,7 @@ _OPS["Mean"] = _variadic(torch.add, mean=True)
 
 
 @_reg("Where")
-def _where(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _where(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [torch.where(inputs[0].to(torch.bool), inputs[1], inputs[2])]
 
 
@@ -412,28 +414,28 @@ def _where(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, A
 
 
 @_reg("LeakyRelu")
-def _leaky_relu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _leaky_relu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [F.leaky_relu(inputs[0], attrs.get("alpha", 0.01))]
 
 
 @_reg("PRelu")
-def _prelu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _prelu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, slope = inputs[0], inputs[1]
     return [torch.where(x < 0, x * slope, x)]
 
 
 @_reg("Elu")
-def _elu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _elu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [F.elu(inputs[0], attrs.get("alpha", 1.0))]
 
 
 @_reg("Celu")
-def _celu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _celu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [F.celu(inputs[0], attrs.get("alpha", 1.0))]
 
 
 @_reg("Selu")
-def _selu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _selu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     alpha = attrs.get("alpha", 1.67326319217681884765625)
     gamma = attrs.get("gamma", 1.05070102214813232421875)
@@ -441,37 +443,35 @@ def _selu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, An
 
 
 @_reg("ThresholdedRelu")
-def _thresholded_relu(
-    ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]
-) -> list[torch.Tensor]:
+def _thresholded_relu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     return [torch.where(x > attrs.get("alpha", 1.0), x, torch.zeros_like(x))]
 
 
 @_reg("HardSigmoid")
-def _hard_sigmoid(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _hard_sigmoid(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     return [torch.clamp(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0.0, 1.0)]
 
 
 @_reg("HardSwish")
-def _hard_swish(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _hard_swish(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     return [x * torch.clamp(x / 6.0 + 0.5, 0.0, 1.0)]
 
 
 @_reg("Gelu")
-def _gelu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _gelu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [F.gelu(inputs[0], approximate=attrs.get("approximate", "none"))]
 
 
 @_reg("Gelu", domain="com.microsoft")
-def _ms_gelu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _ms_gelu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [F.gelu(inputs[0])]
 
 
 @_reg("FastGelu", domain="com.microsoft")
-def _ms_fast_gelu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _ms_fast_gelu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     bias = _opt(inputs, 1)
     if bias is not None:
@@ -480,7 +480,7 @@ def _ms_fast_gelu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict
 
 
 @_reg("Clip")
-def _clip(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _clip(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     if ctx.opset < 11:
         lo: Any = attrs.get("min", -math.inf)
@@ -493,7 +493,7 @@ def _clip(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, An
 
 
 def _softmax_like(fn: Callable[..., torch.Tensor]) -> OpFn:
-    def impl(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+    def impl(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
         x = inputs[0]
         if ctx.opset >= 13:
             return [fn(x, dim=attrs.get("axis", -1))]
@@ -522,7 +522,7 @@ _OPS["Hardmax"] = _softmax_like(_hardmax)
 
 
 @_reg("LayerNormalization")
-def _layer_norm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _layer_norm(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, scale, bias = inputs[0], _opt(inputs, 1), _opt(inputs, 2)
     axis = _axis(attrs.get("axis", -1), x.dim())
     eps = attrs.get("epsilon", 1e-5)
@@ -551,15 +551,14 @@ def _rms(x: torch.Tensor, scale: torch.Tensor | None, axis: int, eps: float, sta
 
 
 @_reg("RMSNormalization")
-def _rms_norm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _rms_norm(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     axis = _axis(attrs.get("axis", -1), x.dim())
     return _rms(x, _opt(inputs, 1), axis, attrs.get("epsilon", 1e-5), attrs.get("stash_type", 1) == 1)[:1]
 
 
-@_reg("SimplifiedLayerNormalization")
-@_reg("SimplifiedLayerNormalization", domain="com.microsoft")
-def _simplified_ln(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+@_reg("SimplifiedLayerNormalization")  # ORT contrib op registered in the default domain
+def _simplified_ln(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     axis = _axis(attrs.get("axis", -1), x.dim())
     y, inv = _rms(x, _opt(inputs, 1), axis, attrs.get("epsilon", 1e-5), attrs.get("stash_type", 1) == 1)
@@ -567,9 +566,7 @@ def _simplified_ln(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dic
 
 
 @_reg("SkipSimplifiedLayerNormalization", domain="com.microsoft")
-def _skip_simplified_ln(
-    ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]
-) -> list[torch.Tensor]:
+def _skip_simplified_ln(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, skip, gamma, bias = inputs[0], inputs[1], _opt(inputs, 2), _opt(inputs, 3)
     s = x + skip
     if bias is not None:
@@ -580,7 +577,7 @@ def _skip_simplified_ln(
 
 
 @_reg("SkipLayerNormalization", domain="com.microsoft")
-def _skip_ln(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _skip_ln(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, skip, gamma, beta, bias = (inputs + [None] * 5)[:5]
     s = x + skip
     if bias is not None:
@@ -592,7 +589,7 @@ def _skip_ln(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str,
 
 
 @_reg("BatchNormalization")
-def _batch_norm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _batch_norm(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, scale, bias, mean, var = inputs[:5]
     if attrs.get("training_mode", 0):
         raise OpEvalError(f"BatchNormalization {ctx.name!r}: training_mode=1 is not supported")
@@ -604,7 +601,7 @@ def _batch_norm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[s
 
 
 @_reg("InstanceNormalization")
-def _instance_norm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _instance_norm(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, scale, bias = inputs[:3]
     dims = tuple(range(2, x.dim()))
     mean = x.mean(dim=dims, keepdim=True)
@@ -616,7 +613,7 @@ def _instance_norm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dic
 
 
 @_reg("GroupNormalization")
-def _group_norm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _group_norm(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, scale, bias = inputs[:3]
     g = attrs["num_groups"]
     n, c = x.shape[0], x.shape[1]
@@ -639,12 +636,12 @@ def _group_norm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[s
 
 
 @_reg("MatMul")
-def _matmul(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _matmul(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [torch.matmul(inputs[0], inputs[1])]
 
 
 @_reg("Gemm")
-def _gemm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _gemm(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     a, b, c = inputs[0], inputs[1], _opt(inputs, 2)
     if attrs.get("transA", 0):
         a = a.transpose(0, 1)
@@ -660,7 +657,7 @@ def _gemm(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, An
 
 
 @_reg("Einsum")
-def _einsum(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _einsum(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [torch.einsum(attrs["equation"], *[x for x in inputs if x is not None])]
 
 
@@ -712,7 +709,7 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 @_reg("Conv")
-def _conv(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _conv(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, w, b = inputs[0], inputs[1], _opt(inputs, 2)
     n = w.dim() - 2
     if n not in _CONV:
@@ -729,7 +726,7 @@ def _conv(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, An
 
 
 @_reg("ConvTranspose")
-def _conv_transpose(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _conv_transpose(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, w, b = inputs[0], inputs[1], _opt(inputs, 2)
     n = w.dim() - 2
     if n not in _CONV_T:
@@ -741,26 +738,9 @@ def _conv_transpose(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: di
     group = attrs.get("group", 1)
     in_sp = list(x.shape[2:])
     full = [strides[i] * (in_sp[i] - 1) + out_pad[i] + (kernel[i] - 1) * dilations[i] + 1 for i in range(n)]
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if "output_shape" in attrs:
-        out_shape = list(attrs["output_shape"])[-n:]
-        total = [full[i] - out_shape[i] for i in range(n)]
-        if auto_pad == "SAME_UPPER":
-            begins = [t // 2 for t in total]
-        else:
-            begins = [t - t // 2 for t in total]
-        pads = begins + [total[i] - begins[i] for i in range(n)]
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        total = [full[i] - in_sp[i] * strides[i] for i in range(n)]
-        if auto_pad == "SAME_UPPER":
-            begins = [t // 2 for t in total]
-        else:
-            begins = [t - t // 2 for t in total]
-        pads = begins + [total[i] - begins[i] for i in range(n)]
-    elif auto_pad == "VALID":
-        pads = [0] * (2 * n)
-    else:
-        pads = list(attrs.get("pads", [0] * (2 * n)))
+    pads = _conv_transpose_pads(attrs, in_sp, strides, full)
+    if any(p < 0 for p in pads):
+        raise OpEvalError(f"ConvTranspose {ctx.name!r}: output_shape larger than the full output")
     y = _CONV_T[n](x, w, None, stride=strides, padding=0, output_padding=0, groups=group, dilation=dilations)
     if any(out_pad):
         spec: list[int] = []
@@ -774,12 +754,33 @@ def _conv_transpose(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: di
     return [y]
 
 
+def _conv_transpose_pads(
+    attrs: dict[str, Any], in_sp: Sequence[int], strides: Sequence[int], full: Sequence[int]
+) -> list[int]:
+    """ONNX ConvTranspose pads: explicit, or from output_shape / SAME_* (total padding split with
+    the larger half at the end for SAME_UPPER, at the start otherwise)."""
+    n = len(full)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if "output_shape" in attrs or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if "output_shape" in attrs:
+            target = list(attrs["output_shape"])[-n:]
+        else:
+            target = [in_sp[i] * strides[i] for i in range(n)]
+        total = [full[i] - target[i] for i in range(n)]
+        small = [t // 2 for t in total]
+        begins = small if auto_pad == "SAME_UPPER" else [t - h for t, h in zip(total, small, strict=True)]
+        return begins + [total[i] - begins[i] for i in range(n)]
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    return list(attrs.get("pads", [0] * (2 * n)))
+
+
 _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
 @_reg("AveragePool")
-def _avg_pool(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _avg_pool(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     kernel = list(attrs["kernel_shape"])
     n = len(kernel)
@@ -801,7 +802,7 @@ def _avg_pool(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str
 
 
 @_reg("MaxPool")
-def _max_pool(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _max_pool(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     if ctx.num_outputs > 1:
         raise OpEvalError(f"MaxPool {ctx.name!r}: the Indices output is not supported")
@@ -817,13 +818,13 @@ def _max_pool(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str
 
 
 @_reg("GlobalAveragePool")
-def _global_avg(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _global_avg(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     return [x.mean(dim=tuple(range(2, x.dim())), keepdim=True)]
 
 
 @_reg("GlobalMaxPool")
-def _global_max(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _global_max(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     return [x.amax(dim=tuple(range(2, x.dim())), keepdim=True)]
 
@@ -833,7 +834,7 @@ def _global_max(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[s
 # --------------------------------------------------------------------------------------------
 
 
-def _reduce_axes(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[int] | None:
+def _reduce_axes(ctx: OpContext, inputs: Args, attrs: Attrs) -> list[int] | None:
     axes = _ints(_opt(inputs, 1))
     if axes is None:
         axes = list(attrs["axes"]) if "axes" in attrs else None
@@ -841,7 +842,7 @@ def _reduce_axes(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[
 
 
 def _reducer(fn: Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor]) -> OpFn:
-    def impl(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+    def impl(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
         x = inputs[0]
         keep = bool(attrs.get("keepdims", 1))
         axes = _reduce_axes(ctx, inputs, attrs)
@@ -880,7 +881,7 @@ for _name, _rfn in _REDUCERS.items():
 
 
 def _arg_reduce(largest: bool) -> OpFn:
-    def impl(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+    def impl(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
         x = inputs[0]
         axis = _axis(attrs.get("axis", 0), x.dim())
         keep = bool(attrs.get("keepdims", 1))
@@ -898,7 +899,7 @@ _OPS["ArgMin"] = _arg_reduce(False)
 
 
 @_reg("CumSum")
-def _cumsum(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _cumsum(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     axis = _axis(int(inputs[1].reshape(-1)[0]), x.dim())
     if attrs.get("reverse", 0):
@@ -912,7 +913,7 @@ def _cumsum(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, 
 
 
 @_reg("TopK")
-def _topk(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _topk(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     k = attrs["k"] if ctx.opset < 10 else int(inputs[1].reshape(-1)[0])
     axis = _axis(attrs.get("axis", -1), x.dim())
@@ -926,7 +927,7 @@ def _topk(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, An
 
 
 @_reg("Reshape")
-def _reshape(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _reshape(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     shape = _req_ints(inputs[1]) if ctx.opset >= 5 else list(attrs["shape"])
     if not attrs.get("allowzero", 0):
@@ -935,34 +936,33 @@ def _reshape(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str,
 
 
 @_reg("Flatten")
-def _flatten(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _flatten(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     axis = _axis(attrs.get("axis", 1), x.dim())
     return [x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))]
 
 
 @_reg("Transpose")
-def _transpose(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _transpose(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     perm = attrs.get("perm", list(reversed(range(x.dim()))))
     return [x.permute(*perm)]
 
 
 @_reg("Concat")
-def _concat(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _concat(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     xs = [x for x in inputs if x is not None]
     return [torch.cat(xs, dim=attrs["axis"])]
 
 
 @_reg("Split")
-def _split(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _split(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     axis = _axis(attrs.get("axis", 0), x.dim())
     dim = x.shape[axis]
     n_out = ctx.num_outputs
-    sizes = _ints(_opt(inputs, 1)) if ctx.opset >= 13 else attrs.get("split")
-    if ctx.opset < 13 and ctx.opset >= 2 and sizes is None:
-        sizes = _ints(_opt(inputs, 1)) if len(inputs) > 1 else None
+    # input since opset 13; attribute in opsets 2-12 (optional input in opset 1)
+    sizes = _ints(_opt(inputs, 1)) if ctx.opset >= 13 else attrs.get("split") or _ints(_opt(inputs, 1))
     if not sizes:
         if "num_outputs" in attrs:
             n_out = attrs["num_outputs"]
@@ -973,14 +973,14 @@ def _split(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, A
     return list(torch.split(x, list(sizes), dim=axis))
 
 
-def _axes_arg(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[int] | None:
+def _axes_arg(ctx: OpContext, inputs: Args, attrs: Attrs) -> list[int] | None:
     if ctx.opset >= 13:
         return _ints(_opt(inputs, 1))
     return list(attrs["axes"]) if "axes" in attrs else None
 
 
 @_reg("Unsqueeze")
-def _unsqueeze(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _unsqueeze(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     axes = _axes_arg(ctx, inputs, attrs) or []
     rank = x.dim() + len(axes)
@@ -990,7 +990,7 @@ def _unsqueeze(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[st
 
 
 @_reg("Squeeze")
-def _squeeze(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _squeeze(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     axes = _axes_arg(ctx, inputs, attrs)
     if not axes:
@@ -1000,7 +1000,7 @@ def _squeeze(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str,
 
 
 @_reg("Expand")
-def _expand(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _expand(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     shape = _req_ints(inputs[1])
     out = torch.broadcast_shapes(tuple(x.shape), tuple(shape))
@@ -1008,7 +1008,7 @@ def _expand(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, 
 
 
 @_reg("Tile")
-def _tile(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _tile(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     reps = _req_ints(inputs[1])
     return [inputs[0].repeat(*reps)]
 
@@ -1034,7 +1034,7 @@ def _slice_dim(x: torch.Tensor, axis: int, start: int, end: int, step: int) -> t
 
 
 @_reg("Slice")
-def _slice(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _slice(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     if ctx.opset < 10:
         starts, ends = list(attrs["starts"]), list(attrs["ends"])
@@ -1050,16 +1050,16 @@ def _slice(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, A
 
 
 @_reg("Gather")
-def _gather(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _gather(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, idx = inputs[0], inputs[1].to(torch.int64)
     axis = _axis(attrs.get("axis", 0), x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = x.index_select(axis, idx.reshape(-1))
-    return [out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])]
+    return [out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))]
 
 
 @_reg("GatherElements")
-def _gather_elements(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _gather_elements(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, idx = inputs[0], inputs[1].to(torch.int64)
     axis = _axis(attrs.get("axis", 0), x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
@@ -1067,7 +1067,7 @@ def _gather_elements(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: d
 
 
 @_reg("GatherND")
-def _gather_nd(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _gather_nd(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     data, idx = inputs[0], inputs[1].to(torch.int64)
     b = attrs.get("batch_dims", 0)
     k = idx.shape[-1]
@@ -1079,11 +1079,11 @@ def _gather_nd(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[st
     ind = torch.where(ind < 0, ind + dims, ind)
     bidx = torch.arange(nb, dtype=torch.int64).reshape(nb, 1).expand(nb, ind.shape[1])
     out = d[(bidx, *[ind[..., j] for j in range(k)])]
-    return [out.reshape(*idx.shape[:-1], *data.shape[b + k :])]
+    return [out.reshape((*idx.shape[:-1], *data.shape[b + k :]))]
 
 
 @_reg("ScatterND")
-def _scatter_nd(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _scatter_nd(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     data, idx, upd = inputs[0], inputs[1].to(torch.int64), inputs[2]
     k = idx.shape[-1]
     dims = torch.tensor(data.shape[:k], dtype=torch.int64)
@@ -1100,9 +1100,7 @@ def _scatter_nd(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[s
 
 
 @_reg("ScatterElements")
-def _scatter_elements(
-    ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]
-) -> list[torch.Tensor]:
+def _scatter_elements(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     data, idx, upd = inputs[0], inputs[1].to(torch.int64), inputs[2]
     axis = _axis(attrs.get("axis", 0), data.dim())
     idx = torch.where(idx < 0, idx + data.shape[axis], idx)
@@ -1114,7 +1112,7 @@ def _scatter_elements(
 
 
 @_reg("Shape")
-def _shape(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _shape(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     shape = list(inputs[0].shape)
     rank = len(shape)
     start = attrs.get("start", 0)
@@ -1125,12 +1123,12 @@ def _shape(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, A
 
 
 @_reg("Size")
-def _size(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _size(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [torch.tensor(inputs[0].numel(), dtype=torch.int64)]
 
 
 @_reg("Trilu")
-def _trilu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _trilu(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     k_t = _opt(inputs, 1)
     k = int(k_t.reshape(-1)[0]) if k_t is not None else 0
@@ -1138,7 +1136,7 @@ def _trilu(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, A
 
 
 @_reg("Pad")
-def _pad(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _pad(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x = inputs[0]
     mode = attrs.get("mode", "constant")
     if ctx.opset < 11:
@@ -1180,7 +1178,7 @@ def _pad(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any
 
 
 @_reg("Resize")
-def _resize(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _resize(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     """Resize for the common modes: nearest (asymmetric, floor), linear/cubic (half_pixel,
     pytorch_half_pixel, align_corners), over the spatial dims only."""
     x = inputs[0]
@@ -1232,7 +1230,7 @@ def _resize(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, 
 
 
 @_reg("Constant")
-def _constant(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _constant(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     if "value" in attrs:
         return [attrs["value"]]
     if "sparse_value" in attrs:
@@ -1249,9 +1247,7 @@ def _constant(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str
 
 
 @_reg("ConstantOfShape")
-def _constant_of_shape(
-    ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]
-) -> list[torch.Tensor]:
+def _constant_of_shape(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     shape = _ints(inputs[0]) or []
     value = attrs.get("value")
     if value is None:
@@ -1260,14 +1256,14 @@ def _constant_of_shape(
 
 
 @_reg("Range")
-def _range(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _range(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     start, limit, delta = inputs[0], inputs[1], inputs[2]
     n = max(math.ceil((limit.item() - start.item()) / delta.item()), 0)
     return [start + torch.arange(n, dtype=start.dtype) * delta]
 
 
 def _cast_to(x: torch.Tensor, to: int, saturate: bool = True) -> torch.Tensor:
-    """Cast following ONNX Cast semantics (float8 saturation, int4 wrap-free clamp)."""
+    """Cast following ONNX Cast semantics (float8 with or without saturation)."""
     if to in _FLOAT8_LIMITS:
         xf = x.float() if not x.is_floating_point() or x.dtype.itemsize == 1 else x
         mx, overflow = _FLOAT8_LIMITS[to]
@@ -1282,10 +1278,8 @@ def _cast_to(x: torch.Tensor, to: int, saturate: bool = True) -> torch.Tensor:
                 y = torch.where(big, torch.full_like(xf, math.nan), y)
             y = y.to(ONNX_TO_TORCH[to])
         return y
-    if to in (TP.INT4, TP.UINT4):
-        lo, hi = _INT_RANGE[to]
-        xi = torch.round(x.float()) if x.is_floating_point() else x
-        return torch.clamp(xi, lo, hi).to(ONNX_TO_TORCH[to])
+    if to in (TP.INT4, TP.UINT4):  # semantics differ between runtimes (wrap vs saturate)
+        raise OpEvalError("Cast to INT4/UINT4 is not supported; use QuantizeLinear")
     dt = torch_dtype(to)
     if x.dtype.itemsize == 1 and x.is_floating_point() and dt != torch.float32:
         x = x.float()
@@ -1293,12 +1287,12 @@ def _cast_to(x: torch.Tensor, to: int, saturate: bool = True) -> torch.Tensor:
 
 
 @_reg("Cast")
-def _cast(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _cast(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [_cast_to(inputs[0], attrs["to"], bool(attrs.get("saturate", 1)))]
 
 
 @_reg("CastLike")
-def _cast_like(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _cast_like(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     target = ctx.input_type(1) or TORCH_TO_ONNX[inputs[1].dtype]
     return [_cast_to(inputs[0], target, bool(attrs.get("saturate", 1)))]
 
@@ -1308,9 +1302,7 @@ def _cast_like(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def _q_broadcast(
-    p: torch.Tensor, x: torch.Tensor, axis: int, block_size: int, what: str
-) -> torch.Tensor:
+def _q_broadcast(p: torch.Tensor, x: torch.Tensor, axis: int, block_size: int, what: str) -> torch.Tensor:
     """Broadcast a scale / zero point (per-tensor, per-axis or blocked) against ``x``."""
     if p.numel() == 1 and block_size == 0:
         return p.reshape([])
@@ -1327,25 +1319,23 @@ def _q_broadcast(
 
 
 @_reg("DequantizeLinear")
-def _dequantize(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _dequantize(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, scale, zp = inputs[0], inputs[1], _opt(inputs, 2)
     axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
-    out_dtype = scale.dtype
+    out_dtype = torch_dtype(attrs["output_dtype"]) if attrs.get("output_dtype") else scale.dtype
     s = _q_broadcast(scale, x, axis, block, "scale")
-    xf = x.float() if x.dtype.itemsize == 1 or not x.is_floating_point() else x
-    if x.dtype == torch.int32 or x.dtype == torch.int64:
-        xf = x.double()
-    if zp is not None and not zp.is_floating_point():
-        z = _q_broadcast(zp, x, axis, block, "zero point")
-        xf = xf - (z.double() if xf.dtype == torch.float64 else z.float())
-    y = xf * s
-    if "output_dtype" in attrs and attrs["output_dtype"]:
-        out_dtype = torch_dtype(attrs["output_dtype"])
+    if x.is_floating_point():  # float8: zero point must be 0
+        y = x.float() * s
+    else:  # integer domain subtraction, then convert, as ORT does
+        xi = x.to(torch.int64)
+        if zp is not None:
+            xi = xi - _q_broadcast(zp, x, axis, block, "zero point").to(torch.int64)
+        y = xi.to(s.dtype) * s
     return [y.to(out_dtype)]
 
 
 @_reg("QuantizeLinear")
-def _quantize(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _quantize(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     x, scale, zp = inputs[0], inputs[1], _opt(inputs, 2)
     axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
     to = ctx.input_type(2) if zp is not None else 0
@@ -1367,7 +1357,7 @@ def _quantize(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str
 
 
 @_reg("MatMulNBits", domain="com.microsoft")
-def _matmul_nbits(ctx: OpContext, inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> list[torch.Tensor]:
+def _matmul_nbits(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     """y = A @ dequant(B)^T (+ bias), B packed as [N, n_blocks, blob] little-endian nibbles."""
     a, b, scales = inputs[0], inputs[1], inputs[2]
     zp, g_idx, bias = _opt(inputs, 3), _opt(inputs, 4), _opt(inputs, 5)

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import torch
 
 from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig, candidate_formats
-from lpcompile.analysis.losses import LossKind, output_loss_kinds, torch_distortion
+from lpcompile.analysis.losses import ggn_output_probe, output_loss_kinds, torch_distortion
 from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
 from lpcompile.formats import activation_scale, get_format, qdq_activation, qdq_weight
 from lpcompile.frontend.calib import CalibrationSet, batches
@@ -101,21 +101,13 @@ def analyze_hessian(
         perturb = {t: None for t in act_tensors}
         out = graph.forward(b, perturb=perturb, capture=act_tensors)
         leaves = [graph.params[w] for w in weights] + [graph.perturbations[t] for t in act_tensors]
-        loss = torch_distortion(out, ref, kinds)
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        pairs = [(leaf, g) for leaf, g in zip(leaves, grads, strict=True) if g is not None]
-        acc = [torch.zeros_like(leaf) for leaf, _ in pairs]
-        for _ in range(k):
-            vs = [_rademacher(leaf.shape, gen) for leaf, _ in pairs]
-            hv = torch.autograd.grad([g for _, g in pairs], [leaf for leaf, _ in pairs], grad_outputs=vs,
-                                     retain_graph=True, allow_unused=True)
-            for a, v, h in zip(acc, vs, hv, strict=True):
-                if h is not None:
-                    a.add_(v * h.detach())
-            done += 1
-            if progress:
-                progress(done, total)
-        est = {id(leaf): a / k for (leaf, _), a in zip(pairs, acc, strict=True)}
+        outputs = [out[name] for name in kinds]
+        step = (lambda: progress(done, total)) if progress else None
+        if config.estimator == "hvp":
+            est = _hvp_diagonals(outputs, ref, kinds, leaves, k, gen, step)
+        else:
+            est = _ggn_diagonals(outputs, ref, kinds, leaves, k, gen, step)
+        done += k
         for w in weights:
             leaf = graph.params[w]
             if id(leaf) in est:
@@ -129,7 +121,7 @@ def analyze_hessian(
             for e in act_elements:
                 delta = qdq_activation(a, e, activation_scale(amax[t], e)).astype(np.float64) - a
                 act_term[(t, e)] += float(bw) * 0.5 * float(np.sum(d * delta * delta))
-        del out, loss, grads, pairs
+        del out, outputs, est
     t_hvp = time.perf_counter()
 
     groups = tied_groups(nodes)
@@ -164,7 +156,7 @@ def analyze_hessian(
     return SensitivityTable(
         nodes=tuple(table_nodes),
         formats=fmts,
-        method=f"hutchinson-{config.method}",
+        method=f"hutchinson-{config.estimator}-{config.method}",
         loss="+".join(sorted(set(kinds.values()))),
         probes=config.probes,
         seed=config.seed,
@@ -177,6 +169,46 @@ def analyze_hessian(
             "predict_s": t_end - t_hvp, "total_s": t_end - t0,
         },
     )
+
+
+def _hvp_diagonals(outputs: list[torch.Tensor], ref: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
+                   leaves: list[torch.Tensor], k: int, gen: torch.Generator,
+                   step: Callable[[], None] | None) -> dict[int, torch.Tensor]:
+    """Hutchinson: diag(H) ≈ mean over Rademacher v of v ⊙ Hv, Hv by double backward of the loss."""
+    loss = torch_distortion(dict(zip(kinds, outputs, strict=True)), ref, kinds)
+    grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    pairs = [(leaf, g) for leaf, g in zip(leaves, grads, strict=True) if g is not None and g.requires_grad]
+    acc = [torch.zeros_like(leaf) for leaf, _ in pairs]
+    for _ in range(k):
+        vs = [_rademacher(leaf.shape, gen) for leaf, _ in pairs]
+        hv = torch.autograd.grad([g for _, g in pairs], [leaf for leaf, _ in pairs], grad_outputs=vs,
+                                 retain_graph=True, allow_unused=True)
+        for a, v, h in zip(acc, vs, hv, strict=True):
+            if h is not None:
+                a.add_(v * h.detach())
+        if step:
+            step()
+    return {id(leaf): a / k for (leaf, _), a in zip(pairs, acc, strict=True)}
+
+
+def _ggn_diagonals(outputs: list[torch.Tensor], ref: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
+                   leaves: list[torch.Tensor], k: int, gen: torch.Generator,
+                   step: Callable[[], None] | None) -> dict[int, torch.Tensor]:
+    """Output-space Hutchinson on H = JᵀMJ: diag(H) ≈ mean over z (Cov z = M) of (Jᵀz)², one backward each.
+
+    Unbiased like the HVP form, but every sample is non-negative and free of the off-diagonal
+    terms that dominate v ⊙ Hv for small diagonal entries.
+    """
+    acc = [torch.zeros_like(leaf) for leaf in leaves]
+    for _ in range(k):
+        zs = [ggn_output_probe(ref[name], kind, gen) for name, kind in kinds.items()]
+        gs = torch.autograd.grad(outputs, leaves, grad_outputs=zs, retain_graph=True, allow_unused=True)
+        for a, g in zip(acc, gs, strict=True):
+            if g is not None:
+                a.add_(g.detach() * g.detach())
+        if step:
+            step()
+    return {id(leaf): a / k for leaf, a in zip(leaves, acc, strict=True)}
 
 
 def _limit(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:

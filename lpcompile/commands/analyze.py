@@ -21,9 +21,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.compiler import analyze_file
+    from lpcompile.io_utils import check_outputs
     from lpcompile.workflow import default_output
     out = Output(quiet=args.quiet, json=args.json)
     target = Path(args.output) if args.output else default_output(args.model, ".sens.json")
+    check_outputs([target], [args.model, args.calib])
     with StageProgress(out) as progress:
         table = analyze_file(args.model, args.calib, analysis_config(args), validate=args.validate, progress=progress)
     table.save(target)

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     plan = PrecisionPlan.load(args.plan) if args.plan else None
     result = apply_to_file(
         args.model, args.output, plan=plan, uniform=args.uniform, calib_path=args.calib, target=args.target,
-        softmax=args.softmax, rounding=args.rounding, seed=args.seed, force=args.force,
+        softmax=args.softmax, rounding=args.rounding, seed=args.seed, force=args.force, plan_path=args.plan,
     )
     rows = [(n.name, n.op_type, n.params, n.format, n.bits) for n in result.plan.nodes]
     out.table("precision map", ["node", "op", "params", "format", "bits"], rows)
@@ -47,5 +47,6 @@ def run(args: argparse.Namespace) -> int:
         "output_bytes": result.output_bytes,
         "modified_by": list(result.modified_by),
         "softmax_substituted": list(result.softmax_substituted),
+        "checks": result.checks.to_list(),
     })
     return 0

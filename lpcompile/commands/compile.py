@@ -26,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.compiler import compile_file
+    from lpcompile.io_utils import check_outputs
     out = Output(quiet=args.quiet, json=args.json)
+    if args.report:
+        check_outputs([args.report], [args.model, args.calib], force=args.force)
     with StageProgress(out) as progress:
         result = compile_file(
             args.model, args.budget, out=args.output, calib_path=args.calib, config=analysis_config(args),
@@ -51,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
         "budget": args.budget, "achieved_bits": result.plan.achieved_bits,
         "predicted_loss": result.plan.predicted_loss, "validation": result.table.validation,
         "timings": dict(result.timings), "nodes": plan_rows(result.plan),
+        "checks": result.applied.checks.to_list(),
     })
     return 0

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from lpcompile.analysis.table import SensitivityTable
     from lpcompile.compiler import items_from_table, plan_from_table
+    from lpcompile.io_utils import check_outputs
     from lpcompile.solver import apply_rules, pareto_front, parse_sweep, sweep
     out = Output(quiet=args.quiet, json=args.json)
     table = SensitivityTable.load(args.sensitivity)
@@ -51,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
         out.emit_json([{"budget": str(s.budget), "achieved_bits": s.achieved_bits, "predicted_loss": s.predicted_loss,
                         "assignments": s.assignments} for s in sols])
         return 0
-    plan, solution = plan_from_table(table, args.budget, formats=formats, keep=rules, softmax=args.softmax)
     target = args.output or _default_plan_path(args.sensitivity)
+    check_outputs([target], [args.sensitivity])
+    plan, solution = plan_from_table(table, args.budget, formats=formats, keep=rules, softmax=args.softmax)
     plan.save(target)
     print_plan(out, plan)
     out.line(f"wrote {target}: {plan.achieved_bits:.4g} bits/weight, predicted loss {plan.predicted_loss:.4g} "

@@ -1,4 +1,17 @@
-"""Loading and saving ONNX models safely (clear errors, atomic writes, external data)."""
+"""Loading and saving ONNX models safely (clear errors, atomic writes, external data).
+
+Loading (:func:`load_proto`, :func:`load_model`) turns every way a file can be wrong into a
+one-line :class:`~lpcompile.errors.ModelLoadError`: missing, not a file, empty, unreadable,
+truncated or not ONNX, failing ``onnx.checker``, or with external data whose ``location``
+is absolute, escapes the model's folder (``../x``, symlinks out of it) or is missing.
+
+External data: :func:`load_model` maps external tensors lazily (onnx-ir ``ExternalTensor``)
+and reads them into memory only when they fit in one protobuf (so the model can still be
+handed to ONNX Runtime or the analyzer as a proto); bigger models stay memory-mapped.
+:func:`save_model` writes ``<name>.data`` beside the model when the initializers exceed
+:data:`EXTERNAL_THRESHOLD` (or when asked), data file first, model second, each through a
+temp file and an atomic rename, so a reader never sees a model pointing at missing data.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +19,60 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
-from lpcompile.errors import ModelLoadError
+from lpcompile.errors import LpError, ModelLoadError
 from lpcompile.io_utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2**31 - 1
-EXTERNAL_THRESHOLD = 1_800_000_000  # bytes of initializers beyond which we save external data
+EXTERNAL_THRESHOLD = 1_800_000_000
+"""Bytes of initializers beyond which :func:`save_model` writes external data."""
+INLINE_EXTERNAL_LIMIT = 1_000_000_000
+"""External data up to this many bytes is read into memory on load (the model then fits one proto)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _external_location(tensor: onnx.TensorProto) -> str:
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
 
 
 def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:
+    """Refuse external data outside ``base`` (absolute, ``..``, symlinks out) or missing.
+
+    Raises:
+        ModelLoadError: naming the tensor and its location.
+    """
     base_resolved = base.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        location = _external_location(tensor)
+        what = f"external data location {location!r} of tensor {tensor.name!r}"
+        if not location or "\x00" in location:
+            raise ModelLoadError(f"{what} is empty or malformed")
         loc = Path(location)
-        if not location or loc.is_absolute() or ".." in loc.parts:
-            raise ModelLoadError(f"external data location {location!r} of tensor {tensor.name!r} escapes the model folder")
-        if not (base_resolved / loc).resolve().is_relative_to(base_resolved):
-            raise ModelLoadError(f"external data location {location!r} of tensor {tensor.name!r} escapes the model folder")
+        if loc.is_absolute() or location.startswith(("/", "\\")) or ".." in loc.parts or ".." in location.split("\\"):
+            raise ModelLoadError(f"{what} escapes the model folder (absolute or '..' paths are refused)")
+        try:
+            inside = (base_resolved / loc).resolve().is_relative_to(base_resolved)
+        except (OSError, RuntimeError, ValueError):
+            inside = False
+        if not inside:
+            raise ModelLoadError(f"{what} escapes the model folder (through a link)")
         if not (base / loc).is_file():
             raise ModelLoadError(f"external data file {location!r} of tensor {tensor.name!r} not found beside the model")
 
 
-def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read an ONNX file with its external data, or raise ``ModelLoadError`` with one line."""
-    path = Path(path)
+def _read_header(path: Path) -> onnx.ModelProto:
+    """Parse the model file without its external data (one-line errors for unreadable files)."""
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
     if not path.is_file():
@@ -44,15 +81,43 @@ def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelLoadError(f"model file is empty: {path}")
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError / RuntimeWarning-ish variety
+    except PermissionError:
+        raise ModelLoadError(f"model file is not readable (permission denied): {path}") from None
+    except Exception as exc:  # protobuf DecodeError, UnicodeDecodeError, ...
         raise ModelLoadError(f"not a readable ONNX model: {path} ({type(exc).__name__})") from None
-    if not proto.graph.node and not proto.graph.output:
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelLoadError(f"not an ONNX model (no graph): {path}")
+    return proto
+
+
+def check_file(path: str | os.PathLike[str]) -> None:
+    """Run ``onnx.checker`` on a model file (external data and >2 GB models included).
+
+    Raises:
+        ModelLoadError: ``model fails the ONNX checker: <first line of its message>``.
+    """
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"model fails the ONNX checker: {path}: {_first_line(exc)}") from None
+
+
+def load_proto(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file with its external data, or raise ``ModelLoadError`` with one line.
+
+    Args:
+        path: the ``.onnx`` file.
+        check: run ``onnx.checker`` on it (default).
+    """
+    path = Path(path)
+    proto = _read_header(path)
     _check_external_locations(proto, path.parent)
+    if check:
+        check_file(path)
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
     except Exception as exc:
-        raise ModelLoadError(f"cannot read external data of {path}: {exc}") from None
+        raise ModelLoadError(f"cannot read external data of {path}: {_first_line(exc)}") from None
     return proto
 
 
@@ -75,13 +140,51 @@ def ensure_node_names(model: ir.Model) -> int:
     return renamed
 
 
-def load_model(path: str | os.PathLike[str]) -> ir.Model:
-    """Load an ONNX model into onnx-ir with unique node names."""
-    proto = load_proto(path)
+def _all_initializers(model: ir.Model) -> list[ir.Value]:
+    return [v for g in model.graphs() for v in g.initializers.values()]
+
+
+def external_tensors(model: ir.Model) -> list[ir.Value]:
+    """Initializers (subgraphs included) whose data lives in an external file."""
+    return [v for v in _all_initializers(model) if isinstance(v.const_value, ir.ExternalTensor)]
+
+
+def materialize(model: ir.Model) -> int:
+    """Read every external initializer into memory (the model no longer refers to files); return how many."""
+    n = 0
+    for v in external_tensors(model):
+        t = v.const_value
+        v.const_value = ir.Tensor(np.array(t.numpy()), name=t.name, doc_string=t.doc_string)
+        n += 1
+    return n
+
+
+def load_model(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
+    """Load an ONNX model into onnx-ir with unique node names.
+
+    External data is memory-mapped; when it totals at most :data:`INLINE_EXTERNAL_LIMIT` bytes
+    it is read into memory so the model is self-contained.
+    """
+    path = Path(path)
+    proto = _read_header(path)
+    _check_external_locations(proto, path.parent)
+    if check:
+        check_file(path)
     try:
         model = ir.from_proto(proto)
+        ir.external_data.set_base_dir(model.graph, path.parent)
+        for g in model.graphs():
+            ir.external_data.set_base_dir(g, path.parent)
+        ext = external_tensors(model)
+        if ext and sum(v.const_value.nbytes for v in ext) <= INLINE_EXTERNAL_LIMIT:
+            materialize(model)
+        elif ext:
+            logger.info("%d external initializer(s) of %s stay memory-mapped", len(ext), path)
+    except ModelLoadError:
+        raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot convert ONNX model {path}: {exc}") from None
+        raise ModelLoadError(f"cannot read ONNX model {path}: {_first_line(exc)}") from None
+    del proto
     n = ensure_node_names(model)
     if n:
         logger.info("named %d unnamed node(s)", n)
@@ -89,25 +192,51 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
 
 
 def model_bytes_estimate(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    """Bytes of all initializers (subgraphs included)."""
+    return sum(v.const_value.nbytes for v in _all_initializers(model) if v.const_value is not None)
 
 
-def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Save atomically; models too large for one protobuf get a ``<name>.data`` external file."""
+def external_data_name(path: str | os.PathLike[str]) -> str:
+    """The external data file :func:`save_model` writes beside ``path``: ``<name>.data``."""
+    return Path(path).name + ".data"
+
+
+def save_model(
+    model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], *, external: bool | None = None
+) -> Path | None:
+    """Save atomically; return the external data file written, if any.
+
+    Args:
+        model: the model (not modified).
+        path: the ``.onnx`` file.
+        external: write initializers to ``<name>.data`` beside ``path``; ``None`` (default) does
+            so when they exceed :data:`EXTERNAL_THRESHOLD` bytes. Without external data a stale
+            ``<name>.data`` beside the target is left alone; the new model does not refer to it.
+    """
     path = Path(path)
     if isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
-    large = model_bytes_estimate(model) > EXTERNAL_THRESHOLD
-    if large:
-        data_name = path.name + ".data"
-        with atomic_path(path.parent / data_name) as tmp_data, atomic_path(path) as tmp:
-            # onnx-ir writes the external file relative to the model path under the given name;
-            # write both under temp names, then rename data first, model second.
-            ir.save(model, tmp, external_data=tmp_data.name)
-            _rewrite_location(tmp, tmp_data.name, data_name)
-    else:
+    if external is None:
+        external = model_bytes_estimate(model) > EXTERNAL_THRESHOLD
+    try:
+        if external:
+            data_path = path.with_name(external_data_name(path))
+            # Write both under temp names; rename the data first and the model second, so the model
+            # never points at data that is not there yet.
+            with atomic_path(path) as tmp_model:
+                with atomic_path(data_path) as tmp_data:
+                    ir.save(model, tmp_model, external_data=tmp_data.name, size_threshold_bytes=1024)
+                    _rewrite_location(tmp_model, tmp_data.name, data_path.name)
+            return data_path
+        external_left = external_tensors(model)
+        if external_left:  # never let the output refer to the input's data file
+            model = model.clone()
+            materialize(model)
         with atomic_path(path) as tmp:
             ir.save(model, tmp)
+        return None
+    except OSError as exc:
+        raise LpError(f"cannot write {path}: {_first_line(exc)}") from None
 
 
 def _rewrite_location(model_path: Path, old: str, new: str) -> None:

@@ -169,11 +169,15 @@ def sweep_points(ctx: _Context) -> tuple[list[SweepPoint], str]:
         return [], "no parameters to sweep"
     lo = sum(min(c.bits for c in it.choices) * it.params for it in items) / total
     hi = sum(max(c.bits for c in it.choices) * it.params for it in items) / total
+    lo *= 1 + 1e-9  # the cheapest assignment itself, clear of rounding in the solver's bound
     start, end = max(SWEEP_BITS[0], lo), min(SWEEP_BITS[1], hi)
     if end <= start:
         start, end = lo, hi
     count = SWEEP_POINTS if end > start else 1
-    budgets = [Budget("bits", start + (end - start) * k / max(count - 1, 1)) for k in range(count)]
+    values = {start + (end - start) * k / max(count - 1, 1) for k in range(count)}
+    if ctx.plan.budget_bits is not None and lo <= ctx.plan.budget_bits:
+        values.add(float(ctx.plan.budget_bits))  # the plan's own budget is one of the points
+    budgets = [Budget("bits", v) for v in sorted(values)]
     try:
         sols = sweep(items, budgets, time_limit=5.0)
     except (BudgetError, FormatError, PlanError) as exc:
@@ -294,9 +298,11 @@ def _validation_section(ctx: _Context) -> str:
     rho, source = ctx.spearman()
     svg = plots.predicted_vs_measured([p for p, _, _ in pairs], [m for _, m, _ in pairs], [f for _, _, f in pairs], rho)
     rho_text = f"{rho:.3f}" if rho is not None else "n/a"
+    hidden = sum(1 for p, m, _ in pairs if not (p > 0 and m > 0))
+    hidden_text = f"; {hidden} with a zero loss are not drawn on the log axes" if hidden else ""
     return (f'<section id="validation"><h2>Predicted vs measured loss</h2>'
-            f'<p class="note">Spearman ρ = <b id="spearman">{_e(rho_text)}</b> ({_e(source)}, '
-            f"{len(pairs)} pairs).</p>{svg}</section>")
+            f'<p class="note">Spearman ρ = <b id="spearman">{_e(rho_text)}</b> ({_e(source)}; '
+            f"{len(pairs)} (node, format) pairs{_e(hidden_text)}).</p>{svg}</section>")
 
 
 def _pareto_section(ctx: _Context) -> str:

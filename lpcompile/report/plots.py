@@ -15,9 +15,11 @@ import re
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+from matplotlib.axis import Axis
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from lpcompile.report.overlay import LOSS_STOPS, format_color
 
@@ -36,6 +38,26 @@ def render_svg(fig: Figure, name: str) -> str:
     svg = _XML_HEAD.sub("", buf.getvalue(), count=1)
     svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
     return svg.replace("<svg ", f'<svg class="plot" data-plot="{name}" role="img" ', 1)
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _decade(value: float, _pos: object = None) -> str:
+    """Tick label of a log axis as plain text (``10⁻³``); mathtext labels cost seconds to lay out."""
+    if value == 0:
+        return "0"
+    if not value > 0:
+        return ""
+    exp = math.log10(value)
+    if abs(exp - round(exp)) > 1e-9:
+        return ""
+    return "10" + str(round(exp)).translate(_SUPERSCRIPT)
+
+
+def _plain_log(axis: Axis) -> None:
+    axis.set_major_formatter(FuncFormatter(_decade))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _short(label: str, width: int = 42) -> str:
@@ -86,8 +108,8 @@ def loss_heatmap(
     height = min(2.0 + 0.2 * n, 40.0)
     fig = Figure(figsize=(WIDTH_IN, height), layout="constrained")
     ax = fig.add_subplot()
-    cmap = matplotlib.colors.LinearSegmentedColormap.from_list("lploss", list(LOSS_STOPS))
-    cmap.set_bad("#eeeeee")
+    cmap = matplotlib.colors.LinearSegmentedColormap.from_list("lploss", list(LOSS_STOPS)).with_extremes(
+        bad="#eeeeee")
     norm = LogNorm(vmin=float(finite.min()), vmax=float(max(finite.max(), finite.min() * 10))) if finite.size else None
     im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_xticks(range(len(formats)), list(formats), rotation=30, ha="right")
@@ -102,6 +124,7 @@ def loss_heatmap(
     if finite.size:
         cb = fig.colorbar(im, ax=ax, shrink=min(1.0, 6.0 / height) if height > 6 else 1.0)
         cb.set_label("predicted loss (log scale)")
+        _plain_log(cb.ax.yaxis)
     ax.set_title("predicted loss per (node, format); box = chosen format, grey = 0 or unknown", fontsize=9)
     return render_svg(fig, "heatmap")
 
@@ -123,10 +146,12 @@ def predicted_vs_measured(
         ax.plot([lo, hi], [lo, hi], color="#888888", ls="--", lw=0.8, label="y = x")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_log(ax.xaxis)
+        _plain_log(ax.yaxis)
     ax.set_xlabel("predicted loss (Hessian)")
     ax.set_ylabel("measured loss (quantize one node, run)")
     title = f"Spearman ρ = {rho:.3f}" if rho is not None and math.isfinite(rho) else "Spearman ρ: n/a"
-    ax.set_title(f"{title} over {len(pairs)} (node, format) pairs", fontsize=9)
+    ax.set_title(f"{title}; {len(pairs)} pairs with non-zero losses drawn", fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     return render_svg(fig, "scatter")
 
@@ -135,21 +160,38 @@ def pareto_curve(
     bits: Sequence[float], losses: Sequence[float], front: Sequence[bool],
     current: tuple[float, float] | None, budget_bits: float | None,
 ) -> str:
-    """Predicted loss against achieved bits over a budget sweep; the front joined, the plan starred."""
+    """Predicted loss against achieved bits over a budget sweep; the front as a step line, the plan starred.
+
+    Log loss axis; solutions that predict exactly 0 sit on the decade below the smallest positive
+    loss, whose tick reads ``0``.
+    """
+    values = [*losses, *([current[1]] if current is not None else [])]
+    positive = [v for v in values if v > 0]
+    zero_at = 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive and len(positive) < len(values) else None
+
+    def y(v: float) -> float:
+        return v if v > 0 or zero_at is None else zero_at
+
     fig = Figure(figsize=(WIDTH_IN, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    ax.scatter(bits, [max(v, 1e-300) for v in losses], s=14, color="#bbbbbb", label="solved budgets", zorder=2)
+    ax.scatter(bits, [y(v) for v in losses], s=14, color="#bbbbbb", label="solved budgets", zorder=2)
     fb = [(b, v) for b, v, f in zip(bits, losses, front, strict=True) if f]
     if fb:
-        ax.plot([b for b, _ in fb], [max(v, 1e-300) for _, v in fb], marker="o", ms=4, color="#4e79a7",
-                label="Pareto front", zorder=3)
+        # best loss reachable with at most b bits: a step function through the front's points
+        ax.plot([b for b, _ in fb], [y(v) for _, v in fb], marker="o", ms=4, color="#4e79a7", label="Pareto front",
+                drawstyle="steps-post", zorder=3)
     if current is not None:
-        ax.scatter([current[0]], [max(current[1], 1e-300)], marker="*", s=160, color="#c0392b", zorder=4,
+        ax.scatter([current[0]], [y(current[1])], marker="*", s=160, color="#c0392b", zorder=4,
                    label=f"this plan ({current[0]:.4g} bits)")
     if budget_bits is not None:
         ax.axvline(budget_bits, color="#333333", ls="--", lw=0.8, label=f"budget {budget_bits:g} bits")
-    if any(v > 0 for v in losses):
+    if positive:
         ax.set_yscale("log")
+        _plain_log(ax.yaxis)
+        if zero_at is not None:
+            ax.axhline(zero_at, color="#cccccc", lw=0.6, ls=":")
+            ax.yaxis.set_major_formatter(FuncFormatter(
+                lambda v, pos: "0" if math.isclose(v, zero_at, rel_tol=1e-6) else _decade(v, pos)))
     ax.set_xlabel("achieved bits per weight")
     ax.set_ylabel("predicted loss (sum over nodes)")
     ax.legend(fontsize=8, frameon=False)

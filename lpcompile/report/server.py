@@ -253,6 +253,9 @@ def serve(proc: ViewerProcess, timeout: float | None = None, on_ready: Callable[
 
 # -- the child process --------------------------------------------------------------------------
 def _run_model_explorer(port: int, model: str, node_data: Sequence[str]) -> None:
+    # Model Explorer imports torch when it can, for its PyTorch adapter; ONNX does not need it and the
+    # import costs seconds: make ``import torch`` fail here (model_explorer guards it with try/except)
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     from model_explorer import server as me_server
     from model_explorer.config import ModelExplorerConfig
 

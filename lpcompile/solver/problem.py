@@ -11,9 +11,9 @@ tied: they must all get the same format, chosen among the formats common to all 
 * ``REGEX=!FMT`` (or ``REGEX=!FMT1,FMT2``) excludes formats;
 * ``REGEX`` alone pins matching items to ``fp32``.
 
-The rule splits at its last ``=`` when what follows looks like a format list; otherwise the whole
-text is the regex (so look-aheads such as ``(?=x)`` stay intact). Spaces around the regex and the
-formats are ignored. The regex is searched
+The rule splits at its last ``=`` unless that ``=`` belongs to regex syntax (``(?=``, ``(?<=``,
+``(?P=``), in which case the whole text is the regex. Spaces around the regex and the formats are
+ignored. The regex is searched
 (``re.search``) in item names: anchor with ``^``/``$`` for exact names. Every rule that matches an
 item applies (their restrictions intersect), so rule order does not matter.
 
@@ -182,18 +182,16 @@ def parse_keep(spec: str) -> KeepRule:
     text = spec.strip()
     pattern, sep, rhs = text.rpartition("=")
     pattern = pattern.strip()
-    if sep and pattern and _FORMAT_LIST.fullmatch(rhs):
-        rhs = rhs.strip()
-        exclude = rhs.startswith("!")
-        formats = tuple(f.strip() for f in rhs.lstrip("!").split(","))
-        return KeepRule(pattern, formats, exclude, text)
-    if sep and not pattern:
+    if not sep or pattern.endswith(("(?", "(?<", "(?P")):  # no '=', or regex syntax: (?=, (?<=, (?P=
+        return KeepRule(text, (DEFAULT_KEEP_FORMAT,), False, text)
+    if not pattern:
         raise UsageError(f"--keep {spec!r}: the regex before '=' is empty")
-    if sep and not rhs.strip():
-        raise UsageError(f"--keep {spec!r}: the format after '=' is empty")
-    if sep and rhs.strip().startswith("!") and rhs.strip() == "!":
-        raise UsageError(f"--keep {spec!r}: '!' must be followed by a format")
-    return KeepRule(text, (DEFAULT_KEEP_FORMAT,), False, text)
+    if not _FORMAT_LIST.fullmatch(rhs.strip()):
+        raise UsageError(f"--keep {spec!r}: expected a format (or FMT1,FMT2, or !FMT) after '=', got {rhs.strip()!r}")
+    rhs = rhs.strip()
+    exclude = rhs.startswith("!")
+    formats = tuple(f.strip() for f in rhs[1:].split(",")) if exclude else tuple(f.strip() for f in rhs.split(","))
+    return KeepRule(pattern, formats, exclude, text)
 
 
 def apply_rules(items: Sequence[Item], rules: Sequence[KeepRule]) -> tuple[Item, ...]:

@@ -20,6 +20,15 @@ pass. Three-pass: a max pass, a sum-of-``exp(x − max)`` pass, a write pass tha
 ``exp``: three reads, one write. Semantics of the two-pass kernel are those of
 :mod:`lpcompile.twopass` (inputs clamped to ±16384, ``−inf`` contributes 0, fully masked rows
 give zeros); the three-pass kernel is the textbook algorithm (NaN for a fully masked row).
+Both kernels flush results below 2^−126 to zero, and neither propagates NaN inputs (LLVM's
+min/max return the non-NaN operand, so a NaN acts as a masked element; the ONNX function and the
+numpy reference do propagate NaN).
+
+TVM 0.27 notes (worked around here): a ``v = expr`` binding inside ``T.vectorized`` gives every
+lane the last lane's value, so vector bodies bind with Let expressions (:func:`_let`); scalar
+bindings and ``"local"``-scope buffers inside ``T.parallel`` become heap workspaces, so tasks use
+small default-scope buffers (stack, registers) and inline index arithmetic; TVM's bf16 cast
+legalisation duplicates Let nodes, so bf16 is converted with explicit bit operations.
 
 Use :func:`build_softmax` to get a compiled :class:`SoftmaxKernel`; the ``*_primfunc``
 functions return the TIR for other lowering code.
@@ -58,6 +67,8 @@ _C4 = float.fromhex("0x1.573A1Ap-5")
 _C5 = float.fromhex("0x1.0F9F9Cp-7")
 _MAGIC = 12583039.0
 """0x1.8000FEp23: ``bits(k + _MAGIC) << 23`` is the float 2^k for integer −127 ≤ k ≤ 0 (k = −127: 0.0)."""
+MAX_CPU_CHUNK = 16384
+"""Longest column chunk of one CPU task (256 serial terms per lane at 64 lanes)."""
 _THREE_PASS_DMIN = -104.0
 """x − max is clamped here in the three-pass exp: e^−104 < 2^−149, so the result is 0 anyway."""
 
@@ -92,7 +103,9 @@ def plan_softmax(
 ) -> SoftmaxPlan:
     """Choose the chunking (the same plan is used for both kernels).
 
-    CPU: enough tasks to keep ``4 × workers`` threads busy, but no chunk under 4096 columns.
+    CPU: enough tasks to keep ``4 × workers`` threads busy, but no chunk under 4096 columns and
+    none over :data:`MAX_CPU_CHUNK` (which bounds the serial accumulation per lane to
+    ``MAX_CPU_CHUNK / lanes`` terms, and with it the summation error of long rows).
     CUDA: chunks of ``threads × 16`` columns (at least one block per row).
     """
     if rows < 1 or cols < 1:
@@ -105,7 +118,7 @@ def plan_softmax(
         else:
             workers = workers or os.cpu_count() or 1
             want = math.ceil(4 * workers / rows) if rows < 4 * workers else 1
-            chunks = max(1, min(want, cols // 4096))
+            chunks = max(1, min(want, cols // 4096), math.ceil(cols / MAX_CPU_CHUNK))
     chunks = max(1, min(chunks, cols))
     unit = 1 if gpu else lanes
     chunk = math.ceil(math.ceil(cols / chunks) / unit) * unit
@@ -147,7 +160,7 @@ def _reduce(v: Any, n: Any) -> Any:
     return v - n * _f(_LN2_HI) - n * _f(_LN2_LO)
 
 
-def _let(value: Any, body: Any) -> Any:
+def _let(value: Any, body: Any, dtype: str = "float32") -> Any:
     """``body(v)`` with ``v`` bound to ``value`` by a Let expression.
 
     (TVM 0.27 vectorises a ``v = expr`` statement inside ``T.vectorized`` wrongly: every lane gets
@@ -155,7 +168,7 @@ def _let(value: Any, body: Any) -> Any:
     """
     from tvm import tirx
 
-    var = tirx.Var("v", "float32")
+    var = tirx.Var("v", dtype)
     return tirx.Let(var, value, body(var))
 
 
@@ -201,9 +214,29 @@ def _tp_accumulate(m: Any, e: Any, xv: Any) -> Any:
 
 def _tp_write(xv: Any, inv_m: Any, e: Any, dtype: str) -> Any:
     """y = p·(1/m)·2^(n − e), cast to the output dtype."""
+
+    return _cast_out(_tp_pn(xv, lambda p, n: p * inv_m * _exp2i(n - e)), dtype)
+
+
+def _cast_out(value: Any, dtype: str) -> Any:
+    """Cast a float32 result to the output dtype, binding it first: the bf16 legalisation expands
+    the cast into an expression that uses its operand several times, and a Let node must not be
+    duplicated (the vectoriser rejects a Let var bound twice)."""
     from tvm import tirx
 
-    return tirx.Cast(dtype, _tp_pn(xv, lambda p, n: p * inv_m * _exp2i(n - e)))
+    if dtype == "float32":
+        return value
+    if dtype == "bfloat16":
+        # round to nearest even on the bits (TVM's own bf16 cast legalisation trips the vectoriser)
+        def rne(bits: Any) -> Any:
+            one = tirx.const(1, "uint32")
+            rounded = bits + tirx.const(0x7FFF, "uint32") + (tirx.shift_right(bits, tirx.const(16, "uint32")) & one)
+            return tirx.reinterpret(
+                "bfloat16", tirx.Cast("uint16", tirx.shift_right(rounded, tirx.const(16, "uint32")))
+            )
+
+        return _let(tirx.reinterpret("uint32", value), rne, "uint32")
+    return _let(value, lambda y: tirx.Cast(dtype, y))
 
 
 def _exp_shifted(xv: Any, mx: Any) -> Any:
@@ -220,7 +253,12 @@ def _load(buf: Any, *idx: Any) -> Any:
     from tvm import tirx
 
     v = buf[idx]
-    return v if buf.dtype == "float32" else tirx.Cast("float32", v)
+    if buf.dtype == "float32":
+        return v
+    if buf.dtype == "bfloat16":
+        bits = tirx.Cast("uint32", tirx.reinterpret("uint16", v))
+        return tirx.reinterpret("float32", tirx.shift_left(bits, tirx.const(16, "uint32")))
+    return tirx.Cast("float32", v)
 
 
 class _Split:
@@ -375,15 +413,15 @@ def _three_pass_cpu(plan: SoftmaxPlan, dtype: str) -> Any:
         for b in T.parallel(R * K):
             for i in range(sp.length(b) // W):
                 for v in T.vectorized(W):
-                    Y[sp.row(b), sp.base(b) + i * W + v] = T.Cast(
-                        dtype,
+                    Y[sp.row(b), sp.base(b) + i * W + v] = _cast_out(
                         _exp_shifted(_load(X, sp.row(b), sp.base(b) + i * W + v), MX[sp.row(b)]) * INV[sp.row(b)],
+                        dtype,
                     )
             for j in range(sp.length(b) % W):
-                Y[sp.row(b), sp.base(b) + sp.length(b) // W * W + j] = T.Cast(
-                    dtype,
+                Y[sp.row(b), sp.base(b) + sp.length(b) // W * W + j] = _cast_out(
                     _exp_shifted(_load(X, sp.row(b), sp.base(b) + sp.length(b) // W * W + j), MX[sp.row(b)])
                     * INV[sp.row(b)],
+                    dtype,
                 )
 
     return three_pass
@@ -429,7 +467,9 @@ def _two_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
                 T.tvm_storage_sync("shared")
                 for s in T.unroll(LOG_NT):
                     if tx < T.shift_right(NT, s + 1):
-                        am[0] = _pair_m(sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)])
+                        am[0] = _pair_m(
+                            sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)]
+                        )
                         ae[0] = T.max(se[tx], se[tx + T.shift_right(NT, s + 1)])
                     T.tvm_storage_sync("shared")
                     if tx < T.shift_right(NT, s + 1):
@@ -457,7 +497,9 @@ def _two_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
                 T.tvm_storage_sync("shared")
                 for s in T.unroll(LOG_NT):
                     if tx < T.shift_right(NT, s + 1):
-                        am[0] = _pair_m(sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)])
+                        am[0] = _pair_m(
+                            sm[tx], se[tx], sm[tx + T.shift_right(NT, s + 1)], se[tx + T.shift_right(NT, s + 1)]
+                        )
                         ae[0] = T.max(se[tx], se[tx + T.shift_right(NT, s + 1)])
                     T.tvm_storage_sync("shared")
                     if tx < T.shift_right(NT, s + 1):
@@ -577,10 +619,9 @@ def _three_pass_gpu(plan: SoftmaxPlan, dtype: str) -> Any:
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
                 for i in range(T.ceildiv(CH, NT)):
                     if i * NT + tx < sp.length(b):
-                        Y[sp.row(b), sp.base(b) + i * NT + tx] = T.Cast(
+                        Y[sp.row(b), sp.base(b) + i * NT + tx] = _cast_out(
+                            _exp_shifted(_load(X, sp.row(b), sp.base(b) + i * NT + tx), MX[sp.row(b)]) * INV[sp.row(b)],
                             dtype,
-                            _exp_shifted(_load(X, sp.row(b), sp.base(b) + i * NT + tx), MX[sp.row(b)])
-                            * INV[sp.row(b)],
                         )
 
     return three_pass

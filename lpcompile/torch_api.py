@@ -1,0 +1,597 @@
+"""The Python API for PyTorch users: ``lpcompile.compile(module, example_inputs, budget="4.5bits")``.
+
+The module is exported (``torch.export`` → ``torch.onnx.export(dynamo=True)``, normalised so
+Linear/Gemm become MatMul; :mod:`lpcompile.frontend.torch_export`), analysed, solved and rewritten
+exactly like an ONNX file (:mod:`lpcompile.compiler`), and the result carries the rewritten ONNX
+model, its plan, and hooks to save it, report on it and lower it to MLIR.
+
+Analysis on the module (``analysis="module"``, the default). The Hutchinson estimate of the
+Gauss–Newton diagonal is computed by exact autograd on the ``nn.Module`` itself (double
+backward through the module's own forward, no ONNX interpretation), with
+``torch.func.functional_call`` swapping each quantizable weight for a leaf tensor and forward
+pre-hooks adding zero perturbation leaves to the inputs of the quantizable ``Linear`` / ``Conv``
+modules (the activation term of formats that round activations). Everything else mirrors
+:func:`lpcompile.analysis.sensitivity.analyze_hessian` on the exported graph: the same
+calibration batches, loss, probe count and spreading, and the *same probe vectors* (drawn from
+one generator seeded with ``config.seed``, in the ONNX path's order and ONNX orientation, then
+transposed onto the parameters) — so, for a given seed, both paths estimate the same diagonal and
+differ only by float rounding, not by Hutchinson noise. One difference is by design: the ONNX
+path perturbs an activation tensor for all its consumers, the module path only at the inputs of
+the quantizable modules (what the rewrite actually rounds); they agree whenever a weighted node's
+input feeds only weighted nodes (pre-LN blocks, MLPs), and differ in the activation term where it
+also feeds a residual (post-LN BERT). ``scaled_dot_product_attention`` runs with the math backend
+during analysis (the fused CPU kernels do not support double backward). When a weight cannot be
+traced back to a parameter (an exporter rewrite), or an activation input to a module call, the
+analysis falls back to the ONNX path with a warning.
+
+Names. Plan rows, node metadata (``lpcompile.module_path``) and the report carry the PyTorch
+module path (``encoder.layer.0.attention.self.query``) next to the ONNX node name, and ``keep``
+rules match either.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig
+from lpcompile.analysis.table import SensitivityTable
+from lpcompile.errors import CalibrationError, LpError, UsageError
+from lpcompile.frontend.calib import CalibrationSet
+from lpcompile.frontend.torch_export import ExportedModule, ParamRef
+from lpcompile.plan import PrecisionPlan
+from lpcompile.solver import KeepRule, Solution
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TorchCompileResult", "analyze_module", "compile"]
+
+Progress = Callable[[str, int, int], None]
+Analysis = Literal["module", "onnx"]
+_ACT_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
+class ModuleAnalysisUnsupported(LpError):
+    """The module-level analysis cannot mirror this export (callers fall back to the ONNX path)."""
+
+
+# --------------------------------------------------------------------------------------------
+# result
+
+
+@dataclass(frozen=True)
+class TorchCompileResult:
+    """What :func:`compile` produced.
+
+    Attributes:
+        plan: the precision plan (node names of the ONNX export, with module paths).
+        model: the rewritten ONNX model (QDQ/Cast, per-node ``lpcompile.*`` metadata).
+        table: the sensitivity table the plan was solved from (reusable for other budgets).
+        solution: the solver's answer.
+        exported: the fp32 export (normalised ``ir.Model``) and its name maps.
+        calib: the calibration data the analysis used.
+        example_inputs: the example inputs by ONNX input name (the shapes MLIR is emitted for).
+        analysis: ``"module"`` (autograd on the module) or ``"onnx"`` (the ONNX interpretation).
+        timings: seconds per stage.
+    """
+
+    plan: PrecisionPlan
+    model: onnx.ModelProto
+    table: SensitivityTable
+    solution: Solution
+    exported: ExportedModule
+    calib: CalibrationSet
+    example_inputs: Mapping[str, np.ndarray]
+    analysis: str
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def reference_model(self) -> onnx.ModelProto:
+        """The fp32 export (normalised), as a proto."""
+        return ir.to_proto(self.exported.model)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the rewritten model to ``path`` and its plan beside it (``<stem>.plan.json``), each
+        atomically; return the model path."""
+        from lpcompile.frontend.onnx_io import save_model
+        from lpcompile.workflow import plan_path_for
+
+        out = Path(path)
+        if out.is_dir():
+            raise UsageError(f"output {out} is a directory; give a file name")
+        save_model(self.model, out)
+        self.plan.save(plan_path_for(out))
+        return out
+
+    def write_report(self, path: str | os.PathLike[str]) -> Path:
+        """Write the HTML report (plots of sensitivities, bits, Pareto front) to ``path``."""
+        try:
+            from lpcompile.report.html import write_report
+        except ImportError as exc:  # the report module is optional
+            raise LpError(f"the HTML report is not available: {exc}") from None
+        return Path(write_report(path, self.plan, self.table))
+
+    def run(self, inputs: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Run the rewritten model in ONNX Runtime (exact numerics) on ``inputs`` (default: the examples)."""
+        from lpcompile.runtime.ort import make_session, run
+
+        return run(make_session(self.model, numerics="exact"), dict(inputs or self.example_inputs))
+
+    def evaluate(self, calib: CalibrationSet | None = None, batch_size: int = 8) -> Any:
+        """Compare the rewritten model with the fp32 export in ONNX Runtime (an ``EvalReport``)."""
+        from lpcompile.evaluate import evaluate
+
+        return evaluate(self.model, self.reference_model, calib or self.calib, batch_size=batch_size)
+
+    def to_mlir(self, level: str = "linalg", path: str | os.PathLike[str] | None = None) -> Any:
+        """MLIR of the rewritten model through torch-mlir (``torch``, ``linalg``, ``stablehlo`` or
+        ``tosa``), for the example input shapes, with the plan's precisions as element types; written
+        to ``path`` when given. Returns the ``torch_mlir.ir.Module``."""
+        from lpcompile.runtime.mlir import import_onnx, write_module
+
+        module = import_onnx(self.model, level, example_inputs=self.example_inputs)
+        if path is not None:
+            write_module(module, path)
+        return module
+
+
+# --------------------------------------------------------------------------------------------
+# compile
+
+
+def compile(  # noqa: A001 - the public name the API promises (lpcompile.compile)
+    module: torch.nn.Module,
+    example_inputs: Any,
+    budget: str = "4.5bits",
+    calib: Any = None,
+    formats: Sequence[str] | None = None,
+    seed: int = 0,
+    *,
+    keep: Sequence[str | KeepRule] = (),
+    config: AnalysisConfig | None = None,
+    analysis: Analysis = "module",
+    target: Literal["qdq", "ort"] = "qdq",
+    softmax: str = "auto",
+    dynamic_shapes: Any = "batch",
+    progress: Progress | None = None,
+) -> TorchCompileResult:
+    """Compile a PyTorch module to mixed precision within ``budget``.
+
+    Args:
+        module: an fp32 ``torch.nn.Module`` (put in eval mode while compiling; its training flag is
+            restored).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs; they fix
+            the export's static dims (axis 0 is exported dynamic, see ``dynamic_shapes``).
+        budget: ``4.5bits``, ``4.5`` or a size such as ``12MB``.
+        calib: calibration data: ``None`` (synthetic inputs from the export's signature), a path
+            (``.npz`` / folder), a :class:`CalibrationSet`, a dict ``{input name: array}``, or
+            tensors shaped like ``example_inputs`` with the samples on axis 0.
+        formats: candidate formats (default ``fp8_e4m3, int8, int4_b128, bf16``; fp32 always).
+        seed: seeds the probes, synthetic data and stochastic rounding (overrides ``config.seed``).
+        keep: ``--keep`` rules (``REGEX``, ``REGEX=FMT``, ``REGEX=!FMT``) matched against node names
+            and module paths.
+        config: analyzer settings (probes, batch size, method...).
+        analysis: ``"module"`` (exact autograd on the module) or ``"onnx"`` (interpret the export).
+        target: ``qdq`` (standard ops) or ``ort`` (int4 MatMul as com.microsoft MatMulNBits).
+        softmax: ``auto`` / ``two-pass`` / ``keep``.
+        dynamic_shapes: ``"batch"``, ``None`` or a ``torch.export`` spec.
+        progress: ``progress(stage, done, total)`` callback.
+
+    Raises:
+        ExportError: the module does not export. BudgetError: the budget is infeasible.
+        LpError: other failures (bad calibration data, formats, rules).
+    """
+    from lpcompile.budget import parse_budget
+    from lpcompile.compiler import analyze_model, plan_from_table
+    from lpcompile.frontend.torch_export import export_module
+    from lpcompile.solver import parse_keep
+
+    if analysis not in ("module", "onnx"):
+        raise UsageError(f"analysis must be 'module' or 'onnx', not {analysis!r}")
+    parse_budget(budget)  # fail before the export
+    rules = [r if isinstance(r, KeepRule) else parse_keep(r) for r in keep]
+    cfg = config or AnalysisConfig()
+    cfg = replace(cfg, seed=seed, formats=tuple(formats) if formats is not None else cfg.formats or DEFAULT_FORMATS)
+
+    t0 = time.perf_counter()
+    exported = export_module(module, example_inputs, dynamic_shapes=dynamic_shapes,
+                             progress=(lambda s: progress(s, 0, 1)) if progress else None)
+    examples = _example_arrays(module, example_inputs, exported)
+    data = _calibration(calib, exported, examples, cfg)
+    t1 = time.perf_counter()
+
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    used = analysis
+    table: SensitivityTable | None = None
+    if analysis == "module":
+        try:
+            table = analyze_module(module, exported, data, cfg, example_inputs, progress=stage("hessian"))
+        except ModuleAnalysisUnsupported as exc:
+            logger.warning("%s; analysing the ONNX export instead", exc)
+            used = "onnx"
+    if table is None:
+        table = analyze_model(exported.model, data, cfg, progress=progress, module_paths=exported.module_paths)
+    table = _checked(exported.model, table)
+    table = replace(table, model=type(module).__name__)
+    t2 = time.perf_counter()
+    plan, solution = plan_from_table(table, budget, formats=cfg.formats, keep=rules, softmax=softmax)
+    plan = replace(plan, metadata={**plan.metadata, "frontend": {"source": "torch", "module": type(module).__name__,
+                                                                  "analysis": used}})
+    t3 = time.perf_counter()
+    rewritten, plan = _apply(exported.model, plan, data, target=target, seed=seed)
+    t4 = time.perf_counter()
+    return TorchCompileResult(
+        plan=plan, model=rewritten, table=table, solution=solution, exported=exported, calib=data,
+        example_inputs=examples, analysis=used,
+        timings={"export_s": exported.export_s, "analyze_s": t2 - t1, "plan_s": t3 - t2, "apply_s": t4 - t3,
+                 "total_s": t4 - t0},
+    )
+
+
+def _checked(model: ir.Model, table: SensitivityTable) -> SensitivityTable:
+    """The model checks of ``analyze_file`` (NaN/Inf weights stay fp32; non-finite sensitivities fail)."""
+    try:
+        from lpcompile.checks import check_model
+        from lpcompile.compiler import finite_table
+    except ImportError:  # older trees without model checks
+        return table
+    checks = check_model(model)
+    checks.log()
+    return finite_table(table, checks.keep_fp32)
+
+
+def _apply(model: ir.Model, plan: PrecisionPlan, calib: CalibrationSet, *, target: str,
+           seed: int) -> tuple[onnx.ModelProto, PrecisionPlan]:
+    """Rewrite a copy of the normalised export by ``plan`` (what ``apply_to_file`` does, in memory)."""
+    from lpcompile.graph import find_weight_nodes
+    from lpcompile.passes.pipeline import apply_plan
+    from lpcompile.plan import validate_against
+    from lpcompile.workflow import _softmax_passes, calibrate_plan, fp8_activation_tensors
+
+    work = model.clone()
+    nodes = find_weight_nodes(work)
+    validate_against(plan, [n.name for n in nodes])
+    if fp8_activation_tensors(plan, nodes):
+        plan = calibrate_plan(work, plan, calib)
+    rewritten, _ = apply_plan(work, plan, target=target, seed=seed, extra_passes=_softmax_passes(plan))
+    return ir.to_proto(rewritten), plan
+
+
+def _example_arrays(module: Any, example_inputs: Any, exported: ExportedModule) -> dict[str, np.ndarray]:
+    import torch
+
+    from lpcompile.frontend.torch_export import flatten_inputs
+
+    _, _, leaves, pos, _ = flatten_inputs(module, example_inputs)
+    tensors = [leaves[i] for i in pos]
+    return {name: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+            for name, t in zip(exported.input_names, tensors, strict=True)}
+
+
+def _calibration(calib: Any, exported: ExportedModule, examples: Mapping[str, np.ndarray],
+                 config: AnalysisConfig) -> CalibrationSet:
+    """Calibration data in any accepted form, checked against the export's inputs."""
+    import torch
+
+    from lpcompile.frontend.calib import check_against_model, load_calibration, synthesize
+
+    model = exported.model
+    if calib is None:
+        return synthesize(model, num_samples=max(16, config.batch_size), seed=config.seed)
+    if isinstance(calib, str | os.PathLike):
+        data = load_calibration(calib)
+    elif isinstance(calib, CalibrationSet):
+        data = calib
+    elif isinstance(calib, Mapping) and all(isinstance(k, str) for k in calib) and set(calib) <= set(examples):
+        data = CalibrationSet({k: _np(v) for k, v in calib.items()}, source="in memory")
+    else:
+        tensors = [calib] if isinstance(calib, torch.Tensor | np.ndarray) else list(
+            calib.values() if isinstance(calib, Mapping) else calib)
+        if len(tensors) != len(exported.input_names):
+            raise CalibrationError(
+                f"calibration data holds {len(tensors)} tensor(s); the module takes {len(exported.input_names)} "
+                f"({', '.join(exported.input_names)})"
+            )
+        data = CalibrationSet({n: _np(t) for n, t in zip(exported.input_names, tensors, strict=True)},
+                              source="in memory")
+    check_against_model(data, model)
+    return data
+
+
+def _np(x: Any) -> np.ndarray:
+    import torch
+
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+# --------------------------------------------------------------------------------------------
+# module-level Hutchinson analysis
+
+
+@dataclass
+class _HookState:
+    """Per-forward state of the activation hooks (local to one analysis run)."""
+
+    perturb: bool = False
+    calls: dict[str, int] = field(default_factory=dict)
+    captured: dict[str, Any] = field(default_factory=dict)
+    leaves: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self, perturb: bool) -> None:
+        self.perturb = perturb
+        self.calls = {}
+        self.captured = {}
+        self.leaves = {}
+
+
+def analyze_module(
+    module: torch.nn.Module,
+    exported: ExportedModule,
+    calib: CalibrationSet,
+    config: AnalysisConfig,
+    example_inputs: Any,
+    progress: Callable[[int, int], None] | None = None,
+) -> SensitivityTable:
+    """Hutchinson analysis by autograd on ``module`` (see the module docstring).
+
+    Raises:
+        ModuleAnalysisUnsupported: a weight or activation of the export cannot be traced back to the
+            module (callers analyse the ONNX export instead).
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils import _pytree as pytree
+
+    from lpcompile.analysis.config import candidate_formats
+    from lpcompile.analysis.losses import output_loss_kinds, torch_distortion
+    from lpcompile.analysis.sensitivity import _activation_elements, _batch_len, _limit, _rademacher, _spread
+    from lpcompile.formats import activation_scale, qdq_activation
+    from lpcompile.frontend.calib import batches
+    from lpcompile.frontend.torch_export import flatten_inputs, rebuild_inputs
+    from lpcompile.graph import find_weight_nodes
+
+    t0 = time.perf_counter()
+    model = exported.model
+    nodes = find_weight_nodes(model)
+    fmts = candidate_formats(config)
+    weights = sorted({n.weight for n in nodes})
+    refs_by_weight = _weight_refs(weights, exported.params)
+    act_elements = _activation_elements(fmts) if config.activations else set()
+    act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
+    acts_by_path = _activation_calls(module, nodes, exported.module_paths) if act_tensors else {}
+
+    _, _, example_leaves, tensor_pos, spec = flatten_inputs(module, example_inputs)
+    example_dtypes = [example_leaves[i].dtype for i in tensor_pos]
+    data = _limit(calib, config.max_samples)
+    batch_list = list(batches(data, config.batch_size))
+    state = _HookState()
+    handles = [_register_hook(module.get_submodule(path), path, names, state)
+               for path, names in acts_by_path.items()]
+    was_training = module.training
+    module.eval()
+    try:
+        base = {w: _param(module, r).detach() for w, r in refs_by_weight.items()}
+
+        def forward(batch: Mapping[str, np.ndarray], leaves: Mapping[str, Any]) -> dict[str, Any]:
+            tensors = [torch.from_numpy(np.ascontiguousarray(batch[name])).to(dt)
+                       for name, dt in zip(exported.input_names, example_dtypes, strict=True)]
+            args, kwargs = rebuild_inputs(example_leaves, tensor_pos, spec, tensors)
+            swap = {refs_by_weight[w].fqn: leaf for w, leaf in leaves.items()}
+            with sdpa_kernel(SDPBackend.MATH):
+                out = torch.func.functional_call(module, swap, args, kwargs, tie_weights=False, strict=False)
+            flat = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if len(flat) != len(exported.output_names):
+                raise ModuleAnalysisUnsupported(
+                    f"the module returned {len(flat)} tensor(s), the export has {len(exported.output_names)} outputs")
+            return dict(zip(exported.output_names, flat, strict=True))
+
+        def check_calls() -> None:
+            for path, names in acts_by_path.items():
+                if state.calls.get(path, 0) != len(names):
+                    raise ModuleAnalysisUnsupported(
+                        f"module {path!r} ran {state.calls.get(path, 0)} time(s), the export shows {len(names)}")
+
+        t_build = time.perf_counter()
+        # Pass 1: fp32 reference outputs and activation ranges.
+        refs: list[dict[str, Any]] = []
+        amax: dict[str, float] = dict.fromkeys(act_tensors, 0.0)
+        with torch.no_grad():
+            for b in batch_list:
+                state.reset(perturb=False)
+                out = forward(b, {})
+                check_calls()
+                refs.append({k: v.detach() for k, v in out.items()})
+                for t in act_tensors:
+                    a = state.captured[t].abs()
+                    a = a[torch.isfinite(a)]
+                    if a.numel():
+                        amax[t] = max(amax[t], float(a.max()))
+        out_names = list(exported.output_names)
+        kinds = output_loss_kinds(out_names, [tuple(refs[0][k].shape) for k in out_names], config.loss)
+        t_ref = time.perf_counter()
+
+        # Pass 2: Hutchinson diagonals with the ONNX path's probe sequence.
+        sizes = np.array([_batch_len(b) for b in batch_list], dtype=np.float64)
+        bweights = sizes / sizes.sum()
+        per_batch = _spread(config.probes, len(batch_list))
+        gen = torch.Generator().manual_seed(config.seed)
+        onnx_shapes = {w: tuple(base[w].T.shape if refs_by_weight[w].transposed else base[w].shape) for w in weights}
+        diag = {w: torch.zeros(onnx_shapes[w]) for w in weights}
+        act_term: dict[tuple[str, str], float] = {(t, e): 0.0 for t in act_tensors for e in act_elements}
+        done, total = 0, sum(per_batch)
+        for b, ref, k, bw in zip(batch_list, refs, per_batch, bweights, strict=True):
+            if k == 0:
+                continue
+            state.reset(perturb=bool(act_tensors))
+            wleaves = {w: base[w].clone().requires_grad_(True) for w in weights}
+            out = forward(b, wleaves)
+            check_calls()
+            missing = [t for t in act_tensors if t not in state.leaves]
+            if missing:
+                raise ModuleAnalysisUnsupported(f"activation(s) {', '.join(missing[:3])} were not reached by a hook")
+            names = [*weights, *act_tensors]
+            leaves = [wleaves[w] for w in weights] + [state.leaves[t] for t in act_tensors]
+            transposed = [refs_by_weight[w].transposed for w in weights] + [False] * len(act_tensors)
+            loss = torch_distortion(out, ref, kinds)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            pairs = [(i, leaf, g) for i, (leaf, g) in enumerate(zip(leaves, grads, strict=True)) if g is not None]
+            acc = [torch.zeros_like(leaf) for _, leaf, _ in pairs]
+            for _ in range(k):
+                vs = []
+                for i, leaf, _g in pairs:
+                    shape = onnx_shapes[names[i]] if i < len(weights) else leaf.shape
+                    v = _rademacher(torch.Size(shape), gen)
+                    vs.append(v.T.contiguous() if transposed[i] else v)
+                hv = torch.autograd.grad([g for _, _, g in pairs], [leaf for _, leaf, _ in pairs], grad_outputs=vs,
+                                         retain_graph=True, allow_unused=True)
+                for a, v, h in zip(acc, vs, hv, strict=True):
+                    if h is not None:
+                        a.add_(v * h.detach())
+                done += 1
+                if progress:
+                    progress(done, total)
+            for (i, _leaf, _g), a in zip(pairs, acc, strict=True):
+                est = a / k
+                if i < len(weights):
+                    diag[names[i]] += float(bw) * (est.T if transposed[i] else est)
+                    continue
+                t = names[i]
+                d = est.double().numpy()
+                x = state.captured[t].float().numpy()
+                for e in act_elements:
+                    delta = qdq_activation(x, e, activation_scale(amax[t], e)).astype(np.float64) - x
+                    act_term[(t, e)] += float(bw) * 0.5 * float(np.sum(d * delta * delta))
+            del out, loss, grads, pairs
+        t_hvp = time.perf_counter()
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+
+    table_nodes = _predict(model, nodes, fmts, config, {w: d.double().numpy() for w, d in diag.items()}, act_term,
+                           act_elements, exported.module_paths)
+    t_end = time.perf_counter()
+    return SensitivityTable(
+        nodes=tuple(table_nodes),
+        formats=fmts,
+        method=f"hutchinson-{config.method}",
+        loss="+".join(sorted(set(kinds.values()))),
+        probes=config.probes,
+        seed=config.seed,
+        calib=data.source,
+        num_samples=int(sizes.sum()),
+        synthetic_calib=data.synthetic,
+        activation_amax={t: v for t, v in amax.items() if v > 0},
+        timings={"build_s": t_build - t0, "reference_s": t_ref - t_build, "hessian_s": t_hvp - t_ref,
+                 "predict_s": t_end - t_hvp, "total_s": t_end - t0},
+    )
+
+
+def _weight_refs(weights: Sequence[str], params: Mapping[str, ParamRef]) -> dict[str, ParamRef]:
+    missing = [w for w in weights if w not in params]
+    if missing:
+        raise ModuleAnalysisUnsupported(
+            f"{len(missing)} weight(s) of the export match no parameter of the module (e.g. {missing[0]!r})")
+    refs = {w: params[w] for w in weights}
+    by_fqn: dict[str, str] = {}
+    for w, r in refs.items():
+        if r.fqn in by_fqn:
+            raise ModuleAnalysisUnsupported(f"weights {by_fqn[r.fqn]!r} and {w!r} of the export are one parameter")
+        by_fqn[r.fqn] = w
+    return refs
+
+
+def _param(module: Any, ref: ParamRef) -> Any:
+    owner = module.get_submodule(ref.module_path) if ref.module_path else module
+    return getattr(owner, ref.attr)
+
+
+def _activation_calls(module: Any, nodes: Sequence[Any], module_paths: Mapping[str, str]) -> dict[str, list[str]]:
+    """Module path → the ONNX activation names of its successive calls (graph order)."""
+    out: dict[str, list[str]] = {}
+    for n in nodes:
+        path = module_paths.get(n.name)
+        if path is None:
+            raise ModuleAnalysisUnsupported(f"node {n.name!r} has no module path for its activation hook")
+        try:
+            sub = module.get_submodule(path)
+        except AttributeError:
+            raise ModuleAnalysisUnsupported(f"module path {path!r} is not a submodule") from None
+        if type(sub).__name__ not in _ACT_MODULES:
+            raise ModuleAnalysisUnsupported(
+                f"node {n.name!r} sits in a {type(sub).__name__} ({path}); activation hooks need Linear/Conv")
+        out.setdefault(path, []).append(n.activation)
+    return out
+
+
+def _register_hook(sub: Any, path: str, names: Sequence[str], state: _HookState) -> Any:
+    import torch
+
+    def hook(_mod: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        i = state.calls.get(path, 0)
+        state.calls[path] = i + 1
+        if i >= len(names) or not args or not isinstance(args[0], torch.Tensor):
+            return None  # reported by check_calls / the missing-leaf check
+        t, x = names[i], args[0]
+        state.captured.setdefault(t, x.detach())
+        if not state.perturb:
+            return None
+        leaf = state.leaves.get(t)
+        if leaf is None:
+            leaf = torch.zeros_like(x, requires_grad=True)
+            state.leaves[t] = leaf
+        elif leaf.shape != x.shape:
+            raise ModuleAnalysisUnsupported(f"activation {t!r} reaches modules with different shapes")
+        return (x + leaf, *args[1:])
+
+    return sub.register_forward_pre_hook(hook)
+
+
+def _predict(model: ir.Model, nodes: Sequence[Any], fmts: Sequence[str], config: AnalysisConfig,
+             diag: Mapping[str, np.ndarray], act_term: Mapping[tuple[str, str], float], act_elements: set[str],
+             module_paths: Mapping[str, str]) -> list[Any]:
+    """Per (node, format) predicted losses; the same formulas as ``analyze_hessian``."""
+    from lpcompile.analysis.table import NodeSensitivity
+    from lpcompile.formats import get_format, qdq_weight
+    from lpcompile.graph import tied_groups, weight_array
+    from lpcompile.plan import Candidate
+
+    groups = tied_groups(nodes)
+    out = []
+    for n in nodes:
+        w = weight_array(model, n.weight)
+        d = diag[n.weight]
+        trace = float(d.sum())
+        cands: dict[str, Candidate] = {}
+        for f in fmts:
+            fmt = get_format(f)
+            bits = fmt.bits_for(n.shape, n.layout)
+            if fmt.is_identity:
+                cands[f] = Candidate(bits=bits, predicted_loss=0.0)
+                continue
+            delta = qdq_weight(fmt, w, n.layout).astype(np.float64) - w
+            if config.method == "trace":
+                pred = 0.5 * trace / max(n.params, 1) * float(np.sum(delta * delta))
+            else:
+                pred = 0.5 * float(np.sum(d * delta * delta))
+            if fmt.activation and fmt.activation in act_elements:
+                pred += act_term[(n.activation, fmt.activation)]
+            cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
+        out.append(NodeSensitivity(name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, shape=n.shape,
+                                   candidates=cands, trace=trace, group=groups.get(n.name),
+                                   module_path=module_paths.get(n.name)))
+    return out

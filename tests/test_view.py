@@ -1,0 +1,180 @@
+"""``lpcompile view``: the viewer serves on 127.0.0.1, answers, and stops on timeout / Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from _report_data import digits_plan
+
+from lpcompile.cli import main
+from lpcompile.report import server
+from lpcompile.report.server import LOOPBACK, ViewerError, ViewerProcess, check_viewer, serve, viewer_url
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+MODEL = EXAMPLES / "digits_mlp.onnx"
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as resp:
+        return resp.status, resp.read()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it is gone when /proc says so or it is a zombie
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
+
+
+def _non_loopback_ip() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET: no packet is sent for UDP connect
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "m.lp.onnx"
+    target.write_bytes(MODEL.read_bytes())
+    digits_plan().save(tmp_path / "m.lp.plan.json")  # the fp32 model has no metadata: the plan beside it colours it
+    return target
+
+
+def test_unknown_or_missing_viewer(monkeypatch: pytest.MonkeyPatch, model_copy: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ViewerError, match="unknown viewer"):
+        check_viewer("tensorboard")
+    real = server.importlib.util.find_spec
+    monkeypatch.setattr(server.importlib.util, "find_spec", lambda name, *a: None if name == "netron" else real(name))
+    with pytest.raises(ViewerError, match=r"Netron is not installed .*pip install"):
+        check_viewer("netron")
+    assert main(["view", str(model_copy), "--viewer", "netron", "--no-browser", "--timeout", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not installed" in err[0]
+
+
+def test_usage_errors(model_copy: Path, tmp_path: Path) -> None:
+    assert main(["view", str(model_copy), "--timeout", "0", "-q"]) == 2
+    assert main(["view", str(model_copy), "--port", "70000", "-q"]) == 2
+    assert main(["view", str(tmp_path / "missing.onnx"), "-q"]) == 1
+
+
+def test_viewer_url_carries_model_and_node_data(tmp_path: Path) -> None:
+    url = viewer_url("model-explorer", 8123, tmp_path / "m.onnx", [tmp_path / "a.json"])
+    assert url.startswith(f"http://{LOOPBACK}:8123/?data=")
+    data = json.loads(urllib.request.unquote(url.split("data=", 1)[1]))
+    assert data == {"models": [{"url": str(tmp_path / "m.onnx")}], "nodeData": [str(tmp_path / "a.json")],
+                    "nodeDataTargets": [""]}
+    assert viewer_url("netron", 8123, tmp_path / "m.onnx") == f"http://{LOOPBACK}:8123/"
+
+
+def test_netron_serves_on_loopback_and_stops_after_timeout(model_copy: Path) -> None:
+    pytest.importorskip("netron")
+    seen: dict[str, object] = {}
+
+    def ready(url: str) -> None:
+        status, body = _get(url)
+        seen["status"], seen["url"] = status, url
+        seen["has_app"] = b"<html" in body.lower()
+        ip = _non_loopback_ip()
+        if ip is not None:  # not reachable from another interface
+            with socket.socket() as s:
+                s.settimeout(1)
+                seen["outside"] = s.connect_ex((ip, proc.port))
+
+    proc = ViewerProcess("netron", model_copy)
+    t0 = time.monotonic()
+    assert serve(proc, timeout=1.0, on_ready=ready) == "timeout"
+    assert time.monotonic() - t0 >= 1.0
+    assert seen["status"] == 200 and seen["has_app"]
+    assert str(seen["url"]).startswith(f"http://{LOOPBACK}:")
+    assert seen.get("outside", 1) != 0
+    assert not proc.running() and not _port_open(proc.port)
+
+
+def test_serve_stops_child_on_interrupt(model_copy: Path) -> None:
+    pytest.importorskip("netron")
+    proc = ViewerProcess("netron", model_copy)
+
+    def interrupt(url: str) -> None:
+        raise KeyboardInterrupt
+
+    assert serve(proc, timeout=30, on_ready=interrupt) == "interrupted"
+    assert not proc.running() and not _port_open(proc.port)
+
+
+def test_busy_port_is_refused(model_copy: Path) -> None:
+    pytest.importorskip("netron")
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        s.listen(1)
+        with pytest.raises(ViewerError, match="already in use"):
+            ViewerProcess("netron", model_copy, port=s.getsockname()[1])
+
+
+def test_cli_ctrl_c_stops_cleanly(model_copy: Path) -> None:
+    """The real command in a child: prints the URL, and SIGINT (Ctrl-C) stops it and its server with exit 0."""
+    pytest.importorskip("netron")
+    cmd = [sys.executable, "-m", "lpcompile.cli", "view", str(model_copy), "--viewer", "netron", "--no-browser",
+           "--timeout", "120"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        assert url.startswith(f"http://{LOOPBACK}:"), url
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        assert _get(url)[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not _port_open(port)
+        err = proc.stderr.read()  # type: ignore[union-attr]
+        assert "stopped" in err and "Traceback" not in err
+        assert (model_copy.parent / "m.lp.format.json").is_file()  # overlays written beside the model
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_model_explorer_serves_model_and_overlays(model_copy: Path) -> None:
+    pytest.importorskip("model_explorer")
+    pytest.importorskip("model_explorer_onnx")
+    from lpcompile.report.overlay import write_overlays
+
+    overlays = write_overlays(digits_plan(), model_copy.parent, "m.lp")
+    proc = ViewerProcess("model-explorer", model_copy, overlays)
+    checks: dict[str, object] = {}
+
+    def ready(url: str) -> None:
+        status, body = _get(url)
+        checks["page"] = status == 200 and b"<app-root" in body
+        status, body = _get(f"http://{LOOPBACK}:{proc.port}/api/v1/read_text_file?path={overlays[0]}")
+        checks["overlay"] = json.loads(json.loads(body)["content"])["results"]["fc1"]["bgColor"]
+        checks["pid"] = proc.pid
+
+    assert serve(proc, timeout=0.5, on_ready=ready) == "timeout"
+    assert checks["page"] is True
+    assert checks["overlay"] == "#b07aa1"
+    assert not proc.running() and not _port_open(proc.port) and not _pid_alive(int(checks["pid"]))
