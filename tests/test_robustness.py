@@ -74,13 +74,13 @@ def gemm_opset11() -> onnx.ModelProto:
     ], {"w1": W1, "w2": W2}, opset=11, ir_version=6)
 
 
-def cast_opset5() -> onnx.ModelProto:
-    """Cast-1's string ``to``: valid at opset 5, which the version converter cannot raise to 21."""
+def pad_opset1() -> onnx.ModelProto:
+    """Pad-1 (``paddings`` attribute): valid at opset 1, but onnx's version converter cannot raise it to 21."""
     return _model([
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc0"),
-        helper.make_node("Cast", ["h"], ["c"], name="cast", to="FLOAT"),
-        helper.make_node("MatMul", ["c", "w2"], ["y"], name="fc1"),
-    ], {"w1": W1, "w2": W2}, opset=5, ir_version=4)
+        helper.make_node("Pad", ["h"], ["p"], name="pad", paddings=[0, 0, 0, 0]),
+        helper.make_node("MatMul", ["p", "w2"], ["y"], name="fc1"),
+    ], {"w1": W1, "w2": W2}, opset=1, ir_version=4)
 
 
 def if_model() -> onnx.ModelProto:
@@ -554,9 +554,9 @@ def test_shared_weight_inside_if_branch_still_runs(work: Path, capsys) -> None:
 
 
 def test_unconvertible_opset_is_one_line(work: Path, capsys) -> None:
-    model = save(work, "cast5.onnx", cast_opset5())
+    model = save(work, "pad1.onnx", pad_opset1())
     expect_error(capsys, work, ["apply", str(model), "--uniform", "int4", "-o", str(work / "o.onnx")],
-                 1, "cannot convert the model from opset 5 to opset 21")
+                 1, "cannot convert the model from opset 1 to opset 21")
 
 
 def test_custom_domain_cannot_be_analysed_or_evaluated(work: Path, capsys) -> None:

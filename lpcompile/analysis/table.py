@@ -7,7 +7,7 @@ Schema (version 1)::
      "synthetic_calib": false, "formats": ["fp8_e4m3", ...],
      "activation_amax": {"tensor": 3.2},
      "validation": {"spearman": 0.93, "per_format": {"int8": 0.9}, "pairs": 120} | null,
-     "timings": {"hessian_s": 12.3, ...},
+     "timings": {"hessian_s": 12.3, ...},    # in memory and to_dict() only: not written by save()
      "nodes": [{"name", "op_type", "weight", "params", "shape", "group", "module_path",
                 "trace", "candidates": {"int8": {"bits", "predicted_loss", "measured_loss"}}}]}
 """
@@ -105,7 +105,10 @@ class SensitivityTable:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        """The file form: everything but ``timings``, so reruns write byte-identical files."""
+        data = self.to_dict()
+        data.pop("timings", None)
+        return json.dumps(data, indent=1, allow_nan=False) + "\n"
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_json())

@@ -2,7 +2,7 @@
 
 Loading (:func:`load_proto`, :func:`load_model`) turns every way a file can be wrong into a
 one-line :class:`~lpcompile.errors.ModelLoadError`: missing, not a file, empty, unreadable,
-truncated or not ONNX, failing ``onnx.checker``, or with external data whose ``location``
+truncated or not ONNX, failing ``onnx.checker`` (full check: types and shapes too), or with external data whose ``location``
 is absolute, escapes the model's folder (``../x``, symlinks out of it) or is missing.
 
 External data: :func:`load_model` maps external tensors lazily (onnx-ir ``ExternalTensor``)
@@ -91,13 +91,17 @@ def _read_header(path: Path) -> onnx.ModelProto:
 
 
 def check_file(path: str | os.PathLike[str]) -> None:
-    """Run ``onnx.checker`` on a model file (external data and >2 GB models included).
+    """Run ``onnx.checker`` with ``full_check`` (strict type and shape inference) on a model file.
+
+    Works from the path, so external data and >2 GB models are checked without loading them. A
+    model that fails here would give a rewritten model that fails it too, or fail later in the
+    analysis with a less clear message.
 
     Raises:
         ModelLoadError: ``model fails the ONNX checker: <first line of its message>``.
     """
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise ModelLoadError(f"model fails the ONNX checker: {path}: {_first_line(exc)}") from None
 
@@ -180,6 +184,7 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
             materialize(model)
         elif ext:
             logger.info("%d external initializer(s) of %s stay memory-mapped", len(ext), path)
+        _check_text(model)
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -189,6 +194,28 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     if n:
         logger.info("named %d unnamed node(s)", n)
     return model
+
+
+def _check_text(model: ir.Model) -> None:
+    """Names and doc strings must be text: protobuf (proto2) lets invalid UTF-8 through as bytes,
+    which onnx-ir cannot write back."""
+
+    def bad(x: object) -> bool:
+        return x is not None and not isinstance(x, str)
+
+    for g in model.graphs():
+        values = [*g.inputs, *g.outputs, *g.initializers.values()]
+        for node in g:
+            if bad(node.name) or bad(node.doc_string) or bad(node.op_type) or bad(node.domain):
+                raise ModelLoadError(f"node {node.name!r} has a name, type or doc string that is not valid UTF-8")
+            values.extend(v for v in (*node.inputs, *node.outputs) if v is not None)
+        for v in values:
+            if bad(v.name):
+                raise ModelLoadError(f"tensor name {v.name!r} is not valid UTF-8")
+    props = [model.doc_string, model.producer_name, model.producer_version, model.domain,
+             *model.metadata_props.keys(), *model.metadata_props.values()]
+    if any(bad(p) for p in props):
+        raise ModelLoadError("model metadata is not valid UTF-8")
 
 
 def model_bytes_estimate(model: ir.Model) -> int:
@@ -220,16 +247,8 @@ def save_model(
         external = model_bytes_estimate(model) > EXTERNAL_THRESHOLD
     try:
         if external:
-            data_path = path.with_name(external_data_name(path))
-            # Write both under temp names; rename the data first and the model second, so the model
-            # never points at data that is not there yet.
-            with atomic_path(path) as tmp_model:
-                with atomic_path(data_path) as tmp_data:
-                    ir.save(model, tmp_model, external_data=tmp_data.name, size_threshold_bytes=1024)
-                    _rewrite_location(tmp_model, tmp_data.name, data_path.name)
-            return data_path
-        external_left = external_tensors(model)
-        if external_left:  # never let the output refer to the input's data file
+            return _save_external(model, path)
+        if external_tensors(model):  # never let the output refer to the input's data file
             model = model.clone()
             materialize(model)
         with atomic_path(path) as tmp:
@@ -239,10 +258,38 @@ def save_model(
         raise LpError(f"cannot write {path}: {_first_line(exc)}") from None
 
 
-def _rewrite_location(model_path: Path, old: str, new: str) -> None:
+def _save_external(model: ir.Model, path: Path) -> Path | None:
+    """Model and ``<name>.data`` under temp names; rename the data first, the model second, so the
+    model on disk never points at data that is not there yet."""
+    data_path = path.with_name(external_data_name(path))
+    with atomic_path(path) as tmp_model:
+        tmp_data = tmp_model.with_name(tmp_model.name + ".data")
+        try:
+            # small tensors stay inline, unless they are external already (they must leave the input's file)
+            threshold = 0 if external_tensors(model) else 1024
+            ir.save(model, tmp_model, external_data=tmp_data.name, size_threshold_bytes=threshold)
+            if not _rewrite_location(tmp_model, tmp_data.name, data_path.name):
+                tmp_data.unlink(missing_ok=True)  # every tensor was small enough to stay inline
+                return None
+            with open(tmp_data, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp_data, os.stat(tmp_model).st_mode & 0o777 or 0o644)
+            os.replace(tmp_data, data_path)
+        except BaseException:
+            tmp_data.unlink(missing_ok=True)
+            raise
+    return data_path
+
+
+def _rewrite_location(model_path: Path, old: str, new: str) -> int:
+    """Point tensors stored in ``old`` at ``new``; return how many tensors are external."""
     proto = onnx.load(str(model_path), load_external_data=False)
+    count = 0
     for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value == old:
                 entry.value = new
-    onnx.save(proto, str(model_path))
+                count += 1
+    if count:
+        onnx.save(proto, str(model_path))
+    return count

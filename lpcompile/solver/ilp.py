@@ -244,9 +244,11 @@ def _solve_ilp(problem: CompiledProblem, budget: Budget, cap: float, time_limit:
 
     t0 = time.monotonic()
     first, optimal, message = run(objective, [])
-    if first is None or loss_of(greedy) < loss_of(first):
+    if first is None:
         logger.warning("ILP gave no usable answer (%s); using the greedy one", message)
         return _solution(problem, budget, greedy, False, f"not optimal: {message}; greedy answer")
+    if loss_of(greedy) < loss_of(first):  # below HiGHS' resolution (losses spanning > 1e12)
+        first = greedy
     status = "optimal" if optimal else f"not optimal: {message}"
     if optimal:
         # second level: fewest bits among loss-optimal answers
