@@ -69,7 +69,7 @@ def prepare(kind: str, work: Path) -> tuple[Path, Path]:
 def report_shot(report: Path, png: Path) -> dict[str, Any]:
     from lpcompile.report.browser import HeadlessChromium
 
-    with HeadlessChromium(width=1200, height=900) as browser:
+    with HeadlessChromium(width=1400, height=900) as browser:
         browser.set_offline()
         browser.open(report.as_uri())
         plots = browser.wait_for("document.querySelectorAll('svg.plot').length")
@@ -80,57 +80,35 @@ def report_shot(report: Path, png: Path) -> dict[str, Any]:
 
 
 def viewer_shot(model: Path, overlays: list[Path], png: Path, node: str | None) -> dict[str, Any]:
+    """Model Explorer with the format overlay shown (loaded last) and ``node`` selected (URL ``uiState``)."""
     from lpcompile.report.browser import HeadlessChromium
     from lpcompile.report.server import ViewerProcess
 
-    with ViewerProcess("model-explorer", model, overlays) as proc:
+    with ViewerProcess("model-explorer", model, list(reversed(overlays)), select=node) as proc:
         url = proc.start()
         with HeadlessChromium(width=1400, height=900, timeout=300) as browser:
             browser.open(url)
             browser.wait_for("document.body.innerText.includes('lpcompile format')", timeout=300)
-            browser.sleep(2)
-            _real_click(browser, ".mat-icon-container.expand-all")
-            browser.sleep(3)
-            # show the format overlay (Model Explorer selects the last one loaded)
-            browser.evaluate("(() => { const e = [...document.querySelectorAll('.icon-container.visibility')]"
-                             ".find(e => !e.classList.contains('selected')); if (e) e.click(); })()")
-            browser.sleep(2)
-            selected = None
             if node is not None:
-                # the node-data table row centres the graph on the node; a click there selects it
-                selected = browser.evaluate(
-                    "(() => { const c = [...document.querySelectorAll('td.node-label')]"
-                    f".filter(c => c.innerText.trim() === 'MatMul')[{json.dumps(_matmul_index(model, node))}];"
-                    " if (!c) return null; c.click(); return c.innerText.trim(); })()")
-                browser.sleep(3)
-                rect = browser.evaluate("(() => { const r = document.querySelector('webgl-renderer')"
-                                        ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")
-                x, y = rect[0] + rect[2] / 2, rect[1] + rect[3] / 2
-                for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-                    browser.mouse(kind, x, y, button="left" if kind != "mouseMoved" else "none",
-                                  clicks=1 if kind != "mouseMoved" else 0)
-                browser.sleep(2)
-            browser.mouse("mouseMoved", 5, 880)
-            browser.sleep(1.5)
+                browser.wait_for(f"document.body.innerText.includes({json.dumps(node)})", timeout=120)
+            browser.sleep(3)  # let the renderer settle
             browser.screenshot(png)
-            info = browser.evaluate("document.body.innerText")
-    return {"url": url, "selected": selected, "node_info": "NODE INFO" in info.upper() and "lpcompile" in info}
+            text = browser.evaluate("document.body.innerText")
+    return {"url": url, "selected": node, "node_info": "NODE INFO" in text.upper()}
 
 
-def _real_click(browser: Any, selector: str) -> None:
-    rect = browser.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-                            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
-    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-        browser.mouse(kind, rect[0], rect[1], button="left" if kind != "mouseMoved" else "none",
-                      clicks=1 if kind != "mouseMoved" else 0)
-
-
-def _matmul_index(model: Path, node: str) -> int:
-    """Position of ``node`` among the MatMul rows of Model Explorer's node-data table (graph order)."""
-    import onnx
-
-    names = [n.name for n in onnx.load(str(model), load_external_data=False).graph.node if n.op_type == "MatMul"]
-    return names.index(node) if node in names else 0
+def pick_node(plan: Any) -> str | None:
+    """A node worth a look: the first one not in the plan's most common format, else the largest predicted loss."""
+    counts: dict[str, int] = {}
+    for n in plan.nodes:
+        counts[n.format] = counts.get(n.format, 0) + 1
+    if not counts:
+        return None
+    common = max(counts, key=counts.get)
+    odd = [n for n in plan.nodes if n.format != common]
+    if odd:
+        return odd[0].name
+    return max(plan.nodes, key=lambda n: n.predicted_loss or 0.0).name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,44 +119,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "out" / "screenshots"))
     p.add_argument("--json-out")
     p.add_argument("--no-validate", action="store_true", help="skip the per-(node, format) ORT measurement")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse MODEL.lp.onnx, its plan and MODEL.sens.json from an earlier run in --work",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.analysis.table import SensitivityTable
     from lpcompile.compiler import compile_file
+    from lpcompile.plan import PrecisionPlan
     from lpcompile.report.html import write_report
     from lpcompile.report.overlay import write_overlays
 
     work, img = Path(args.work), Path(args.img)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, calib = prepare(args.model, work)
     out_model = work / f"{args.model}.lp.onnx"
-    result = compile_file(model, args.budget, out=out_model, calib_path=calib,
-                          config=AnalysisConfig(batch_size=8, probes=16), validate=not args.no_validate, force=True)
+    sens = work / f"{args.model}.sens.json"
+    plan_path = work / f"{args.model}.lp.plan.json"
+    if args.reuse and out_model.exists() and sens.exists() and plan_path.exists():
+        plan, table = PrecisionPlan.load(plan_path), SensitivityTable.load(sens)
+    else:
+        model, calib = prepare(args.model, work)
+        result = compile_file(
+            model,
+            args.budget,
+            out=out_model,
+            calib_path=calib,
+            config=AnalysisConfig(batch_size=8, probes=16),
+            validate=not args.no_validate,
+            force=True,
+        )
+        plan, table = result.plan, result.table
+        table.save(sens)  # for `lpcompile report PLAN --sensitivity SENS`
     t_compile = time.perf_counter() - t0
-    result.table.save(work / f"{args.model}.sens.json")  # for `lpcompile report PLAN --sensitivity SENS`
-    report = write_report(work / f"{args.model}.report.html", result.plan, result.table)
+    report = write_report(work / f"{args.model}.report.html", plan, table)
     overlays = write_overlays(out_model, work, out_model.name[: -len(".onnx")])
-    # the quantized node with the largest predicted loss: the one worth a look
-    worst = max((n for n in result.plan.nodes if n.format != "fp32"), key=lambda n: n.predicted_loss or 0.0,
-                default=None)
+    node = pick_node(plan)
     rep = report_shot(report, img / "report.png")
-    view = viewer_shot(out_model, overlays, img / "viewer.png", worst.name if worst else None)
+    view = viewer_shot(out_model, overlays, img / "viewer.png", node)
     summary = {
-        "model": args.model, "budget": args.budget, "achieved_bits": result.plan.achieved_bits,
-        "nodes": len(result.plan.nodes), "validation": result.table.validation, "compile_s": round(t_compile, 1),
-        "report": str(report), "report_bytes": report.stat().st_size, "report_png": str(img / "report.png"),
-        "viewer_png": str(img / "viewer.png"), "report_check": rep, "viewer_check": view,
-        "selected_node": worst.name if worst else None,
+        "model": args.model,
+        "budget": args.budget,
+        "achieved_bits": plan.achieved_bits,
+        "nodes": len(plan.nodes),
+        "validation": table.validation,
+        "compile_s": round(t_compile, 1),
+        "report": str(report),
+        "report_bytes": report.stat().st_size,
+        "report_png": str(img / "report.png"),
+        "viewer_png": str(img / "viewer.png"),
+        "report_check": rep,
+        "viewer_check": view,
+        "selected_node": node,
     }
-    rows = [("model", args.model), ("budget", args.budget), ("achieved bits", f"{result.plan.achieved_bits:.4g}"),
-            ("planned nodes", len(result.plan.nodes)),
-            ("Spearman ρ", (result.table.validation or {}).get("spearman")),
-            ("report", f"{report} ({report.stat().st_size:,} B, {rep['plots']} plots, {rep['rows']} rows)"),
-            ("external requests (report)", len(rep["external_requests"])),
-            ("report.png", img / "report.png"), ("viewer.png", img / "viewer.png"),
-            ("viewer node selected", f"{view['selected']} ({worst.name if worst else '-'})")]
+    rows = [
+        ("model", args.model),
+        ("budget", args.budget),
+        ("achieved bits", f"{plan.achieved_bits:.4g}"),
+        ("planned nodes", len(plan.nodes)),
+        ("Spearman ρ", (table.validation or {}).get("spearman")),
+        ("report", f"{report} ({report.stat().st_size:,} B, {rep['plots']} plots, {rep['rows']} rows)"),
+        ("external requests (report)", len(rep["external_requests"])),
+        ("report.png", img / "report.png"),
+        ("viewer.png", img / "viewer.png"),
+        ("viewer node selected", f"{node} (node info shown: {view['node_info']})"),
+    ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

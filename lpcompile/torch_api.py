@@ -5,24 +5,25 @@ Linear/Gemm become MatMul; :mod:`lpcompile.frontend.torch_export`), analysed, so
 exactly like an ONNX file (:mod:`lpcompile.compiler`), and the result carries the rewritten ONNX
 model, its plan, and hooks to save it, report on it and lower it to MLIR.
 
-Analysis on the module (``analysis="module"``, the default). The Hutchinson estimate of the
-Gauss–Newton diagonal is computed by exact autograd on the ``nn.Module`` itself (double
-backward through the module's own forward, no ONNX interpretation), with
-``torch.func.functional_call`` swapping each quantizable weight for a leaf tensor and forward
-pre-hooks adding zero perturbation leaves to the inputs of the quantizable ``Linear`` / ``Conv``
-modules (the activation term of formats that round activations). Everything else mirrors
-:func:`lpcompile.analysis.sensitivity.analyze_hessian` on the exported graph: the same
-calibration batches, loss, probe count and spreading, and the *same probe vectors* (drawn from
-one generator seeded with ``config.seed``, in the ONNX path's order and ONNX orientation, then
-transposed onto the parameters) — so, for a given seed, both paths estimate the same diagonal and
-differ only by float rounding, not by Hutchinson noise. One difference is by design: the ONNX
-path perturbs an activation tensor for all its consumers, the module path only at the inputs of
-the quantizable modules (what the rewrite actually rounds); they agree whenever a weighted node's
-input feeds only weighted nodes (pre-LN blocks, MLPs), and differ in the activation term where it
-also feeds a residual (post-LN BERT). ``scaled_dot_product_attention`` runs with the math backend
+Analysis on the module (``analysis="module"``, the default). The Gauss–Newton diagonal is
+estimated by exact autograd on the ``nn.Module`` itself (backward, or double backward, through the
+module's own forward; no ONNX interpretation), with ``torch.func.functional_call`` swapping each
+quantizable weight for a leaf tensor and hooks adding zero perturbation leaves where the
+activation formats round. Everything else is the ONNX path's
+(:func:`lpcompile.analysis.sensitivity.analyze_hessian`): the same calibration batches, loss,
+probe count and spreading, the same estimator functions (``config.estimator``: output-space
+``ggn`` probes or ``hvp`` Rademacher probes) fed from one generator seeded with ``config.seed`` in
+the same order, with weight leaves held in the ONNX orientation (the module sees their transpose
+where the export folded one), and the same prediction formulas. For a given seed both paths draw
+the *same probes* and so estimate the same diagonal up to float rounding, not just up to
+Hutchinson noise. Activations are perturbed as the ONNX path perturbs them (for all their uses):
+at the inputs of the quantizable ``Linear``/``Conv`` modules when only they consume the tensor,
+else at the output of the module that produces it, when that module runs once and hands its
+output object to the consumers; failing that, at the quantizable consumers only (logged; the
+rewrite rounds exactly that input). ``scaled_dot_product_attention`` runs with the math backend
 during analysis (the fused CPU kernels do not support double backward). When a weight cannot be
-traced back to a parameter (an exporter rewrite), or an activation input to a module call, the
-analysis falls back to the ONNX path with a warning.
+traced back to a parameter (an exporter rewrite) or an activation to a module call, the analysis
+falls back to the ONNX path with a warning.
 
 Names. Plan rows, node metadata (``lpcompile.module_path``) and the report carry the PyTorch
 module path (``encoder.layer.0.attention.self.query``) next to the ONNX node name, and ``keep``
@@ -151,7 +152,7 @@ class TorchCompileResult:
 # compile
 
 
-def compile(  # noqa: A001 - the public name the API promises (lpcompile.compile)
+def compile(
     module: torch.nn.Module,
     example_inputs: Any,
     budget: str = "4.5bits",
@@ -206,8 +207,12 @@ def compile(  # noqa: A001 - the public name the API promises (lpcompile.compile
     cfg = replace(cfg, seed=seed, formats=tuple(formats) if formats is not None else cfg.formats or DEFAULT_FORMATS)
 
     t0 = time.perf_counter()
-    exported = export_module(module, example_inputs, dynamic_shapes=dynamic_shapes,
-                             progress=(lambda s: progress(s, 0, 1)) if progress else None)
+    exported = export_module(
+        module,
+        example_inputs,
+        dynamic_shapes=dynamic_shapes,
+        progress=(lambda s: progress(s, 0, 1)) if progress else None,
+    )
     examples = _example_arrays(module, example_inputs, exported)
     data = _calibration(calib, exported, examples, cfg)
     t1 = time.perf_counter()
@@ -229,16 +234,29 @@ def compile(  # noqa: A001 - the public name the API promises (lpcompile.compile
     table = replace(table, model=type(module).__name__)
     t2 = time.perf_counter()
     plan, solution = plan_from_table(table, budget, formats=cfg.formats, keep=rules, softmax=softmax)
-    plan = replace(plan, metadata={**plan.metadata, "frontend": {"source": "torch", "module": type(module).__name__,
-                                                                  "analysis": used}})
+    plan = replace(
+        plan,
+        metadata={**plan.metadata, "frontend": {"source": "torch", "module": type(module).__name__, "analysis": used}},
+    )
     t3 = time.perf_counter()
     rewritten, plan = _apply(exported.model, plan, data, target=target, seed=seed)
     t4 = time.perf_counter()
     return TorchCompileResult(
-        plan=plan, model=rewritten, table=table, solution=solution, exported=exported, calib=data,
-        example_inputs=examples, analysis=used,
-        timings={"export_s": exported.export_s, "analyze_s": t2 - t1, "plan_s": t3 - t2, "apply_s": t4 - t3,
-                 "total_s": t4 - t0},
+        plan=plan,
+        model=rewritten,
+        table=table,
+        solution=solution,
+        exported=exported,
+        calib=data,
+        example_inputs=examples,
+        analysis=used,
+        timings={
+            "export_s": exported.export_s,
+            "analyze_s": t2 - t1,
+            "plan_s": t3 - t2,
+            "apply_s": t4 - t3,
+            "total_s": t4 - t0,
+        },
     )
 
 
@@ -254,8 +272,9 @@ def _checked(model: ir.Model, table: SensitivityTable) -> SensitivityTable:
     return finite_table(table, checks.keep_fp32)
 
 
-def _apply(model: ir.Model, plan: PrecisionPlan, calib: CalibrationSet, *, target: str,
-           seed: int) -> tuple[onnx.ModelProto, PrecisionPlan]:
+def _apply(
+    model: ir.Model, plan: PrecisionPlan, calib: CalibrationSet, *, target: str, seed: int
+) -> tuple[onnx.ModelProto, PrecisionPlan]:
     """Rewrite a copy of the normalised export by ``plan`` (what ``apply_to_file`` does, in memory)."""
     from lpcompile.graph import find_weight_nodes
     from lpcompile.passes.pipeline import apply_plan
@@ -278,12 +297,15 @@ def _example_arrays(module: Any, example_inputs: Any, exported: ExportedModule) 
 
     _, _, leaves, pos, _ = flatten_inputs(module, example_inputs)
     tensors = [leaves[i] for i in pos]
-    return {name: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-            for name, t in zip(exported.input_names, tensors, strict=True)}
+    return {
+        name: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+        for name, t in zip(exported.input_names, tensors, strict=True)
+    }
 
 
-def _calibration(calib: Any, exported: ExportedModule, examples: Mapping[str, np.ndarray],
-                 config: AnalysisConfig) -> CalibrationSet:
+def _calibration(
+    calib: Any, exported: ExportedModule, examples: Mapping[str, np.ndarray], config: AnalysisConfig
+) -> CalibrationSet:
     """Calibration data in any accepted form, checked against the export's inputs."""
     import torch
 
@@ -299,15 +321,19 @@ def _calibration(calib: Any, exported: ExportedModule, examples: Mapping[str, np
     elif isinstance(calib, Mapping) and all(isinstance(k, str) for k in calib) and set(calib) <= set(examples):
         data = CalibrationSet({k: _np(v) for k, v in calib.items()}, source="in memory")
     else:
-        tensors = [calib] if isinstance(calib, torch.Tensor | np.ndarray) else list(
-            calib.values() if isinstance(calib, Mapping) else calib)
+        tensors = (
+            [calib]
+            if isinstance(calib, torch.Tensor | np.ndarray)
+            else list(calib.values() if isinstance(calib, Mapping) else calib)
+        )
         if len(tensors) != len(exported.input_names):
             raise CalibrationError(
                 f"calibration data holds {len(tensors)} tensor(s); the module takes {len(exported.input_names)} "
                 f"({', '.join(exported.input_names)})"
             )
-        data = CalibrationSet({n: _np(t) for n, t in zip(exported.input_names, tensors, strict=True)},
-                              source="in memory")
+        data = CalibrationSet(
+            {n: _np(t) for n, t in zip(exported.input_names, tensors, strict=True)}, source="in memory"
+        )
     check_against_model(data, model)
     return data
 
@@ -320,22 +346,6 @@ def _np(x: Any) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # module-level Hutchinson analysis
-
-
-@dataclass
-class _HookState:
-    """Per-forward state of the activation hooks (local to one analysis run)."""
-
-    perturb: bool = False
-    calls: dict[str, int] = field(default_factory=dict)
-    captured: dict[str, Any] = field(default_factory=dict)
-    leaves: dict[str, Any] = field(default_factory=dict)
-
-    def reset(self, perturb: bool) -> None:
-        self.perturb = perturb
-        self.calls = {}
-        self.captured = {}
-        self.leaves = {}
 
 
 def analyze_module(
@@ -357,8 +367,15 @@ def analyze_module(
     from torch.utils import _pytree as pytree
 
     from lpcompile.analysis.config import candidate_formats
-    from lpcompile.analysis.losses import output_loss_kinds, torch_distortion
-    from lpcompile.analysis.sensitivity import _activation_elements, _batch_len, _limit, _rademacher, _spread
+    from lpcompile.analysis.losses import output_loss_kinds
+    from lpcompile.analysis.sensitivity import (
+        _activation_elements,
+        _batch_len,
+        _ggn_diagonals,
+        _hvp_diagonals,
+        _limit,
+        _spread,
+    )
     from lpcompile.formats import activation_scale, qdq_activation
     from lpcompile.frontend.calib import batches
     from lpcompile.frontend.torch_export import flatten_inputs, rebuild_inputs
@@ -372,51 +389,54 @@ def analyze_module(
     refs_by_weight = _weight_refs(weights, exported.params)
     act_elements = _activation_elements(fmts) if config.activations else set()
     act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
-    acts_by_path = _activation_calls(module, nodes, exported.module_paths) if act_tensors else {}
 
     _, _, example_leaves, tensor_pos, spec = flatten_inputs(module, example_inputs)
     example_dtypes = [example_leaves[i].dtype for i in tensor_pos]
     data = _limit(calib, config.max_samples)
     batch_list = list(batches(data, config.batch_size))
-    state = _HookState()
-    handles = [_register_hook(module.get_submodule(path), path, names, state)
-               for path, names in acts_by_path.items()]
+    hooks = _ActivationHooks(module, model, nodes, exported.module_paths, act_tensors) if act_tensors else None
     was_training = module.training
     module.eval()
     try:
         base = {w: _param(module, r).detach() for w, r in refs_by_weight.items()}
 
         def forward(batch: Mapping[str, np.ndarray], leaves: Mapping[str, Any]) -> dict[str, Any]:
-            tensors = [torch.from_numpy(np.ascontiguousarray(batch[name])).to(dt)
-                       for name, dt in zip(exported.input_names, example_dtypes, strict=True)]
+            tensors = [
+                torch.from_numpy(np.ascontiguousarray(batch[name])).to(dt)
+                for name, dt in zip(exported.input_names, example_dtypes, strict=True)
+            ]
             args, kwargs = rebuild_inputs(example_leaves, tensor_pos, spec, tensors)
-            swap = {refs_by_weight[w].fqn: leaf for w, leaf in leaves.items()}
+            swap = {
+                refs_by_weight[w].fqn: leaf.T if refs_by_weight[w].transposed else leaf for w, leaf in leaves.items()
+            }
             with sdpa_kernel(SDPBackend.MATH):
                 out = torch.func.functional_call(module, swap, args, kwargs, tie_weights=False, strict=False)
             flat = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
             if len(flat) != len(exported.output_names):
                 raise ModuleAnalysisUnsupported(
-                    f"the module returned {len(flat)} tensor(s), the export has {len(exported.output_names)} outputs")
+                    f"the module returned {len(flat)} tensor(s), the export has {len(exported.output_names)} outputs"
+                )
             return dict(zip(exported.output_names, flat, strict=True))
 
-        def check_calls() -> None:
-            for path, names in acts_by_path.items():
-                if state.calls.get(path, 0) != len(names):
-                    raise ModuleAnalysisUnsupported(
-                        f"module {path!r} ran {state.calls.get(path, 0)} time(s), the export shows {len(names)}")
-
         t_build = time.perf_counter()
-        # Pass 1: fp32 reference outputs and activation ranges.
+        # Pass 1: fp32 reference outputs and activation ranges (after one pass that observes where
+        # each activation can be perturbed).
         refs: list[dict[str, Any]] = []
         amax: dict[str, float] = dict.fromkeys(act_tensors, 0.0)
         with torch.no_grad():
+            if hooks is not None and batch_list:
+                hooks.reset(observing=True)
+                forward(batch_list[0], {})
+                hooks.decide()
             for b in batch_list:
-                state.reset(perturb=False)
+                if hooks is not None:
+                    hooks.reset()
                 out = forward(b, {})
-                check_calls()
+                if hooks is not None:
+                    hooks.check()
                 refs.append({k: v.detach() for k, v in out.items()})
                 for t in act_tensors:
-                    a = state.captured[t].abs()
+                    a = hooks.captured[t].abs()
                     a = a[torch.isfinite(a)]
                     if a.numel():
                         amax[t] = max(amax[t], float(a.max()))
@@ -424,71 +444,73 @@ def analyze_module(
         kinds = output_loss_kinds(out_names, [tuple(refs[0][k].shape) for k in out_names], config.loss)
         t_ref = time.perf_counter()
 
-        # Pass 2: Hutchinson diagonals with the ONNX path's probe sequence.
+        # Pass 2: Hutchinson diagonals, by the ONNX path's own estimator functions. Weight leaves are
+        # held in the ONNX orientation (the module sees their transpose where the export folded one),
+        # so the probes drawn from the seeded generator are the ONNX path's probes.
         sizes = np.array([_batch_len(b) for b in batch_list], dtype=np.float64)
         bweights = sizes / sizes.sum()
         per_batch = _spread(config.probes, len(batch_list))
         gen = torch.Generator().manual_seed(config.seed)
-        onnx_shapes = {w: tuple(base[w].T.shape if refs_by_weight[w].transposed else base[w].shape) for w in weights}
-        diag = {w: torch.zeros(onnx_shapes[w]) for w in weights}
+        diag: dict[str, Any] = {}
         act_term: dict[tuple[str, str], float] = {(t, e): 0.0 for t in act_tensors for e in act_elements}
         done, total = 0, sum(per_batch)
+        estimate = _hvp_diagonals if config.estimator == "hvp" else _ggn_diagonals
         for b, ref, k, bw in zip(batch_list, refs, per_batch, bweights, strict=True):
             if k == 0:
                 continue
-            state.reset(perturb=bool(act_tensors))
-            wleaves = {w: base[w].clone().requires_grad_(True) for w in weights}
+            if hooks is not None:
+                hooks.reset(perturb=True)
+            wleaves = {
+                w: (base[w].T if refs_by_weight[w].transposed else base[w]).clone().requires_grad_(True)
+                for w in weights
+            }
             out = forward(b, wleaves)
-            check_calls()
-            missing = [t for t in act_tensors if t not in state.leaves]
-            if missing:
-                raise ModuleAnalysisUnsupported(f"activation(s) {', '.join(missing[:3])} were not reached by a hook")
-            names = [*weights, *act_tensors]
-            leaves = [wleaves[w] for w in weights] + [state.leaves[t] for t in act_tensors]
-            transposed = [refs_by_weight[w].transposed for w in weights] + [False] * len(act_tensors)
-            loss = torch_distortion(out, ref, kinds)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            pairs = [(i, leaf, g) for i, (leaf, g) in enumerate(zip(leaves, grads, strict=True)) if g is not None]
-            acc = [torch.zeros_like(leaf) for _, leaf, _ in pairs]
-            for _ in range(k):
-                vs = []
-                for i, leaf, _g in pairs:
-                    shape = onnx_shapes[names[i]] if i < len(weights) else leaf.shape
-                    v = _rademacher(torch.Size(shape), gen)
-                    vs.append(v.T.contiguous() if transposed[i] else v)
-                hv = torch.autograd.grad([g for _, _, g in pairs], [leaf for _, leaf, _ in pairs], grad_outputs=vs,
-                                         retain_graph=True, allow_unused=True)
-                for a, v, h in zip(acc, vs, hv, strict=True):
-                    if h is not None:
-                        a.add_(v * h.detach())
+            act_leaves = []
+            if hooks is not None:
+                hooks.check()
+                act_leaves = [hooks.leaves[t] for t in act_tensors]
+            leaves = [wleaves[w] for w in weights] + act_leaves
+
+            def step() -> None:
+                nonlocal done
                 done += 1
                 if progress:
                     progress(done, total)
-            for (i, _leaf, _g), a in zip(pairs, acc, strict=True):
-                est = a / k
-                if i < len(weights):
-                    diag[names[i]] += float(bw) * (est.T if transposed[i] else est)
+
+            est = estimate([out[name] for name in kinds], ref, kinds, leaves, k, gen, step)
+            for w in weights:
+                if id(wleaves[w]) in est:
+                    diag[w] = diag.get(w, 0.0) + float(bw) * est[id(wleaves[w])]
+            for t, leaf in zip(act_tensors, act_leaves, strict=True):
+                if id(leaf) not in est or hooks is None:
                     continue
-                t = names[i]
-                d = est.double().numpy()
-                x = state.captured[t].float().numpy()
+                d = est[id(leaf)].double().numpy()
+                x = hooks.captured[t].float().numpy()
                 for e in act_elements:
                     delta = qdq_activation(x, e, activation_scale(amax[t], e)).astype(np.float64) - x
                     act_term[(t, e)] += float(bw) * 0.5 * float(np.sum(d * delta * delta))
-            del out, loss, grads, pairs
+            del out, est
         t_hvp = time.perf_counter()
     finally:
-        for h in handles:
-            h.remove()
+        if hooks is not None:
+            hooks.remove()
         module.train(was_training)
 
-    table_nodes = _predict(model, nodes, fmts, config, {w: d.double().numpy() for w, d in diag.items()}, act_term,
-                           act_elements, exported.module_paths)
+    table_nodes = _predict(
+        model,
+        nodes,
+        fmts,
+        config,
+        {w: _as_numpy(diag.get(w), _onnx_shape(base[w], refs_by_weight[w])) for w in weights},
+        act_term,
+        act_elements,
+        exported.module_paths,
+    )
     t_end = time.perf_counter()
     return SensitivityTable(
         nodes=tuple(table_nodes),
         formats=fmts,
-        method=f"hutchinson-{config.method}",
+        method=f"hutchinson-{config.estimator}-{config.method}",
         loss="+".join(sorted(set(kinds.values()))),
         probes=config.probes,
         seed=config.seed,
@@ -496,16 +518,33 @@ def analyze_module(
         num_samples=int(sizes.sum()),
         synthetic_calib=data.synthetic,
         activation_amax={t: v for t, v in amax.items() if v > 0},
-        timings={"build_s": t_build - t0, "reference_s": t_ref - t_build, "hessian_s": t_hvp - t_ref,
-                 "predict_s": t_end - t_hvp, "total_s": t_end - t0},
+        timings={
+            "build_s": t_build - t0,
+            "reference_s": t_ref - t_build,
+            "hessian_s": t_hvp - t_ref,
+            "predict_s": t_end - t_hvp,
+            "total_s": t_end - t0,
+        },
     )
+
+
+def _onnx_shape(param: Any, ref: ParamRef) -> tuple[int, ...]:
+    return tuple(param.T.shape if ref.transposed else param.shape)
+
+
+def _as_numpy(d: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """An accumulated diagonal as float64 (zeros for a weight no batch reached)."""
+    if d is None or isinstance(d, float):
+        return np.zeros(shape, dtype=np.float64)
+    return d.double().numpy()
 
 
 def _weight_refs(weights: Sequence[str], params: Mapping[str, ParamRef]) -> dict[str, ParamRef]:
     missing = [w for w in weights if w not in params]
     if missing:
         raise ModuleAnalysisUnsupported(
-            f"{len(missing)} weight(s) of the export match no parameter of the module (e.g. {missing[0]!r})")
+            f"{len(missing)} weight(s) of the export match no parameter of the module (e.g. {missing[0]!r})"
+        )
     refs = {w: params[w] for w in weights}
     by_fqn: dict[str, str] = {}
     for w, r in refs.items():
@@ -520,50 +559,174 @@ def _param(module: Any, ref: ParamRef) -> Any:
     return getattr(owner, ref.attr)
 
 
-def _activation_calls(module: Any, nodes: Sequence[Any], module_paths: Mapping[str, str]) -> dict[str, list[str]]:
-    """Module path → the ONNX activation names of its successive calls (graph order)."""
-    out: dict[str, list[str]] = {}
-    for n in nodes:
-        path = module_paths.get(n.name)
-        if path is None:
-            raise ModuleAnalysisUnsupported(f"node {n.name!r} has no module path for its activation hook")
-        try:
-            sub = module.get_submodule(path)
-        except AttributeError:
-            raise ModuleAnalysisUnsupported(f"module path {path!r} is not a submodule") from None
-        if type(sub).__name__ not in _ACT_MODULES:
-            raise ModuleAnalysisUnsupported(
-                f"node {n.name!r} sits in a {type(sub).__name__} ({path}); activation hooks need Linear/Conv")
-        out.setdefault(path, []).append(n.activation)
-    return out
+class _ActivationHooks:
+    """Zero perturbation leaves (and captures) for the activation inputs of the weighted nodes.
 
+    The ONNX path perturbs an activation tensor for *all* its consumers. Here a tensor whose ONNX
+    consumers are all weighted nodes gets one shared leaf added at the inputs of their modules
+    (forward pre-hooks; "consumer" mode). A tensor that also feeds other ops is perturbed at the
+    output of the module that produces it ("producer" mode: a forward hook), when an observing pass
+    shows that module runs once and its output object is exactly what the consumers receive;
+    otherwise it falls back to consumer mode (the rewrite rounds only the weighted consumers'
+    input, which that mode measures) and is logged.
+    """
 
-def _register_hook(sub: Any, path: str, names: Sequence[str], state: _HookState) -> Any:
-    import torch
+    def __init__(
+        self,
+        module: Any,
+        model: ir.Model,
+        nodes: Sequence[Any],
+        module_paths: Mapping[str, str],
+        act_tensors: Sequence[str],
+    ) -> None:
+        from lpcompile.frontend.torch_export import node_module_path
 
-    def hook(_mod: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        i = state.calls.get(path, 0)
-        state.calls[path] = i + 1
-        if i >= len(names) or not args or not isinstance(args[0], torch.Tensor):
-            return None  # reported by check_calls / the missing-leaf check
-        t, x = names[i], args[0]
-        state.captured.setdefault(t, x.detach())
-        if not state.perturb:
-            return None
-        leaf = state.leaves.get(t)
+        self.act_tensors = list(act_tensors)
+        self.consumer_calls: dict[str, list[str]] = {}
+        for n in nodes:
+            path = module_paths.get(n.name)
+            sub = _submodule(module, path)
+            if path is None or sub is None:
+                raise ModuleAnalysisUnsupported(f"node {n.name!r} has no module for its activation hook")
+            if type(sub).__name__ not in _ACT_MODULES:
+                raise ModuleAnalysisUnsupported(
+                    f"node {n.name!r} sits in a {type(sub).__name__} ({path}); activation hooks need Linear/Conv"
+                )
+            self.consumer_calls.setdefault(path, []).append(n.activation)
+        weighted = {n.name for n in nodes}
+        values = {v.name: v for node in model.graph for v in node.outputs if v.name}
+        self.producer_of: dict[str, str] = {}
+        for t in self.act_tensors:
+            value = values.get(t)
+            if value is None or all(use.node.name in weighted for use in value.uses()):
+                continue
+            path = node_module_path(value.producer()) if value.producer() is not None else None
+            if path and _submodule(module, path) is not None and path not in self.producer_of.values():
+                self.producer_of[t] = path
+        self.mode = dict.fromkeys(self.act_tensors, "consumer")
+        self.perturb = False
+        self.observing = False
+        self.calls: dict[str, int] = {}
+        self.produced_calls: dict[str, int] = {}
+        self.produced: dict[str, Any] = {}
+        self.identity: dict[str, bool] = {}
+        self.captured: dict[str, Any] = {}
+        self.leaves: dict[str, Any] = {}
+        self.handles: list[Any] = []
+        for path, names in self.consumer_calls.items():
+            self.handles.append(module.get_submodule(path).register_forward_pre_hook(self._consumer_hook(path, names)))
+        for t, path in self.producer_of.items():
+            self.handles.append(module.get_submodule(path).register_forward_hook(self._producer_hook(t)))
+
+    def reset(self, *, perturb: bool = False, observing: bool = False) -> None:
+        self.perturb, self.observing = perturb, observing
+        self.calls, self.produced_calls, self.produced, self.captured, self.leaves = {}, {}, {}, {}, {}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def decide(self) -> None:
+        """After an observing pass: producer mode where it reproduces the ONNX perturbation."""
+        for t, path in self.producer_of.items():
+            if self.produced_calls.get(t) == 1 and self.identity.get(t, False):
+                self.mode[t] = "producer"
+            else:
+                logger.info(
+                    "activation %s: perturbed at its weighted consumers only (the ONNX path also perturbs "
+                    "its other uses; %s is not a single-output producer)",
+                    t,
+                    path,
+                )
+        self.observing = False
+
+    def check(self) -> None:
+        for path, names in self.consumer_calls.items():
+            if self.calls.get(path, 0) != len(names):
+                raise ModuleAnalysisUnsupported(
+                    f"module {path!r} ran {self.calls.get(path, 0)} time(s), the export shows {len(names)}"
+                )
+        for t in self.act_tensors:
+            if self.mode[t] == "producer" and self.produced_calls.get(t) != 1:
+                raise ModuleAnalysisUnsupported(f"the producer of activation {t!r} ran more than once")
+            if t not in self.captured:
+                raise ModuleAnalysisUnsupported(f"activation {t!r} was not reached by a hook")
+            if self.perturb and t not in self.leaves:
+                raise ModuleAnalysisUnsupported(f"activation {t!r} was not perturbed")
+
+    def _leaf(self, t: str, x: Any) -> Any:
+        import torch
+
+        leaf = self.leaves.get(t)
         if leaf is None:
             leaf = torch.zeros_like(x, requires_grad=True)
-            state.leaves[t] = leaf
+            self.leaves[t] = leaf
         elif leaf.shape != x.shape:
             raise ModuleAnalysisUnsupported(f"activation {t!r} reaches modules with different shapes")
-        return (x + leaf, *args[1:])
+        return leaf
 
-    return sub.register_forward_pre_hook(hook)
+    def _consumer_hook(self, path: str, names: Sequence[str]) -> Callable[..., Any]:
+        import torch
+
+        def hook(_mod: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            i = self.calls.get(path, 0)
+            self.calls[path] = i + 1
+            if i >= len(names) or not args or not isinstance(args[0], torch.Tensor):
+                return None  # reported by check()
+            t, x = names[i], args[0]
+            if t in self.producer_of and (self.observing or self.mode[t] == "producer"):
+                same = x is self.produced.get(t)
+                self.identity[t] = self.identity.get(t, True) and same
+                if self.mode[t] == "producer" and not same:
+                    raise ModuleAnalysisUnsupported(f"activation {t!r} reached {path} through another tensor")
+                if self.mode[t] == "producer":
+                    return None
+            self.captured.setdefault(t, x.detach())
+            if not self.perturb:
+                return None
+            return (x + self._leaf(t, x), *args[1:])
+
+        return hook
+
+    def _producer_hook(self, t: str) -> Callable[..., Any]:
+        import torch
+
+        def hook(_mod: Any, _args: tuple[Any, ...], out: Any) -> Any:
+            if not (self.observing or self.mode[t] == "producer"):
+                return None
+            self.produced_calls[t] = self.produced_calls.get(t, 0) + 1
+            if not isinstance(out, torch.Tensor):
+                self.identity[t] = False
+                return None
+            if self.mode[t] == "producer":
+                self.captured.setdefault(t, out.detach())
+            if self.perturb and self.mode[t] == "producer":
+                out = out + self._leaf(t, out)
+            self.produced[t] = out
+            return out
+
+        return hook
 
 
-def _predict(model: ir.Model, nodes: Sequence[Any], fmts: Sequence[str], config: AnalysisConfig,
-             diag: Mapping[str, np.ndarray], act_term: Mapping[tuple[str, str], float], act_elements: set[str],
-             module_paths: Mapping[str, str]) -> list[Any]:
+def _submodule(module: Any, path: str | None) -> Any | None:
+    if path is None:
+        return None
+    try:
+        return module.get_submodule(path) if path else module
+    except AttributeError:
+        return None
+
+
+def _predict(
+    model: ir.Model,
+    nodes: Sequence[Any],
+    fmts: Sequence[str],
+    config: AnalysisConfig,
+    diag: Mapping[str, np.ndarray],
+    act_term: Mapping[tuple[str, str], float],
+    act_elements: set[str],
+    module_paths: Mapping[str, str],
+) -> list[Any]:
     """Per (node, format) predicted losses; the same formulas as ``analyze_hessian``."""
     from lpcompile.analysis.table import NodeSensitivity
     from lpcompile.formats import get_format, qdq_weight
@@ -591,7 +754,17 @@ def _predict(model: ir.Model, nodes: Sequence[Any], fmts: Sequence[str], config:
             if fmt.activation and fmt.activation in act_elements:
                 pred += act_term[(n.activation, fmt.activation)]
             cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
-        out.append(NodeSensitivity(name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, shape=n.shape,
-                                   candidates=cands, trace=trace, group=groups.get(n.name),
-                                   module_path=module_paths.get(n.name)))
+        out.append(
+            NodeSensitivity(
+                name=n.name,
+                op_type=n.op_type,
+                weight=n.weight,
+                params=n.params,
+                shape=n.shape,
+                candidates=cands,
+                trace=trace,
+                group=groups.get(n.name),
+                module_path=module_paths.get(n.name),
+            )
+        )
     return out

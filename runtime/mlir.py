@@ -179,8 +179,9 @@ def _trace_friendly_ops() -> Iterator[None]:
         yield
 
 
-def _example_tensors(proto: onnx.ModelProto, input_names: Sequence[str],
-                     example_inputs: Mapping[str, Any] | Sequence[Any] | None) -> list[Any]:
+def _example_tensors(
+    proto: onnx.ModelProto, input_names: Sequence[str], example_inputs: Mapping[str, Any] | Sequence[Any] | None
+) -> list[Any]:
     from lpcompile.analysis.ops import numpy_to_torch
 
     if example_inputs is None:
@@ -213,8 +214,11 @@ class OnnxProgram(torch.nn.Module):
         baked: integer values computed from shapes and constants only, evaluated once on the examples.
     """
 
-    def __init__(self, model: onnx.ModelProto | ir.Model | str | os.PathLike[str],
-                 example_inputs: Mapping[str, Any] | Sequence[Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto | ir.Model | str | os.PathLike[str],
+        example_inputs: Mapping[str, Any] | Sequence[Any] | None = None,
+    ) -> None:
         from lpcompile.analysis.interpreter import TorchGraph
 
         super().__init__()
@@ -236,7 +240,8 @@ class OnnxProgram(torch.nn.Module):
         with torch.no_grad():
             values = graph.forward(dict(zip(self.input_names, self.examples, strict=True)), capture=produced)
         self.baked: dict[str, torch.Tensor] = {
-            k: v.detach() for k, v in values.items()
+            k: v.detach()
+            for k, v in values.items()
             if k not in dependent and k not in self.output_names and not v.is_floating_point()
         }
         # initializers that carry numerics: buffers in their own dtype (fp32/bf16/f16/f8/i8)
@@ -274,8 +279,11 @@ class OnnxProgram(torch.nn.Module):
 # import / write / inspect
 
 
-def import_onnx(model: onnx.ModelProto | ir.Model | str | os.PathLike[str], level: str = "linalg",
-                example_inputs: Mapping[str, Any] | Sequence[Any] | None = None) -> Any:
+def import_onnx(
+    model: onnx.ModelProto | ir.Model | str | os.PathLike[str],
+    level: str = "linalg",
+    example_inputs: Mapping[str, Any] | Sequence[Any] | None = None,
+) -> Any:
     """The MLIR module (``torch_mlir.ir.Module``) of an ONNX model at ``level``, verified.
 
     Raises:
@@ -313,8 +321,12 @@ def write_module(module: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def lower_to_mlir(model_path: str | os.PathLike[str], out: str | os.PathLike[str], level: str = "linalg",
-                  example_inputs: Mapping[str, Any] | None = None) -> Path:
+def lower_to_mlir(
+    model_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    level: str = "linalg",
+    example_inputs: Mapping[str, Any] | None = None,
+) -> Path:
     """``lpcompile lower MODEL --target mlir -o OUT --mlir-level LEVEL``: write MLIR of a rewritten model.
 
     The shapes are the example inputs' (default: synthetic, batch 1, symbolic dims 16).
@@ -327,8 +339,12 @@ def lower_to_mlir(model_path: str | os.PathLike[str], out: str | os.PathLike[str
         raise ModelLoadError(f"model file not found: {path}")
     module = import_onnx(path, level, example_inputs)
     out_path = write_module(module, out)
-    logger.info("wrote %s MLIR to %s (element types: %s)", level, out_path,
-                ", ".join(f"{k}×{v}" for k, v in sorted(element_types(module).items())))
+    logger.info(
+        "wrote %s MLIR to %s (element types: %s)",
+        level,
+        out_path,
+        ", ".join(f"{k}×{v}" for k, v in sorted(element_types(module).items())),
+    )
     return out_path
 
 
@@ -422,8 +438,14 @@ def run_linalg(module: Any, inputs: Sequence[np.ndarray], func: str = "main") ->
     ctx = _context()
     work = mlir_ir.Module.parse(str(module), ctx)
     with ctx:
-        fn = next((op for op in work.body.operations
-                   if op.operation.name == "func.func" and op.attributes["sym_name"].value == func), None)
+        fn = next(
+            (
+                op
+                for op in work.body.operations
+                if op.operation.name == "func.func" and op.attributes["sym_name"].value == func
+            ),
+            None,
+        )
         if fn is None:
             raise MlirError(f"the module has no function {func!r}")
         results = mlir_ir.FunctionType(fn.attributes["function_type"].value).results
@@ -440,10 +462,10 @@ def run_linalg(module: Any, inputs: Sequence[np.ndarray], func: str = "main") ->
     if unknown:
         raise MlirError(f"unsupported result element type(s) for the ExecutionEngine: {', '.join(unknown)}")
     engine = ExecutionEngine(work, opt_level=2)
-    args = [ctypes.pointer(ctypes.pointer(npm.get_ranked_memref_descriptor(np.ascontiguousarray(a))))
-            for a in inputs]
-    descs = [npm.make_nd_memref_descriptor(r, _NP_TO_CTYPE[t][1])() for r, t in zip(result_ranks, result_types,
-                                                                                      strict=True)]
+    args = [ctypes.pointer(ctypes.pointer(npm.get_ranked_memref_descriptor(np.ascontiguousarray(a)))) for a in inputs]
+    descs = [
+        npm.make_nd_memref_descriptor(r, _NP_TO_CTYPE[t][1])() for r, t in zip(result_ranks, result_types, strict=True)
+    ]
     if len(descs) == 1:
         holder: Any = descs[0]
     else:

@@ -132,10 +132,12 @@ def test_write_overlays(tmp_path: Path) -> None:
     paths = write_overlays(digits_plan(), tmp_path, "m.lp")
     assert [p.name for p in paths] == ["m.lp.format.json", "m.lp.loss.json"]
     assert json.loads(paths[1].read_text())["results"]["fc1"]["value"] == pytest.approx(
-        digits_table().nodes[1].candidates["int4_b128"].predicted_loss, rel=1e-5)
+        digits_table().nodes[1].candidates["int4_b128"].predicted_loss, rel=1e-5
+    )
     # no losses known: only the format overlay
     no_loss = digits_plan().with_nodes(
-        [n.__class__(**{**n.__dict__, "predicted_loss": None}) for n in digits_plan().nodes])
+        [n.__class__(**{**n.__dict__, "predicted_loss": None}) for n in digits_plan().nodes]
+    )
     assert [p.name for p in write_overlays(no_loss, tmp_path / "b", "m")] == ["m.format.json"]
 
 

@@ -112,6 +112,23 @@ def test_plan_candidates_alone_give_heatmap_and_pareto() -> None:
     assert "not validated" in text and "solved from the plan candidates" in text
 
 
+def test_plot_labels_use_short_module_paths() -> None:
+    from dataclasses import replace
+
+    from lpcompile.report.html import plot_labels
+
+    plan = digits_plan(with_candidates=False)
+    assert plot_labels(plan) == list(CHOSEN)  # no module paths: node names
+    paths = [
+        "model.encoder.layer.0.query",
+        "model.encoder.layer.0.key",
+        "model.encoder.layer.1.query",
+        "model.encoder.layer.1.key",
+    ]
+    plan = plan.with_nodes(replace(n, module_path=m) for n, m in zip(plan.nodes, paths, strict=True))
+    assert plot_labels(plan) == ["layer.0.query", "layer.0.key", "layer.1.query", "layer.1.key"]
+
+
 def test_sweep_points_form_a_front() -> None:
     table = digits_table()
     pts, note = sweep_points(_Context(digits_plan(table), table))

@@ -63,8 +63,9 @@ def model_copy(tmp_path: Path) -> Path:
     return target
 
 
-def test_unknown_or_missing_viewer(monkeypatch: pytest.MonkeyPatch, model_copy: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_or_missing_viewer(
+    monkeypatch: pytest.MonkeyPatch, model_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(ViewerError, match="unknown viewer"):
         check_viewer("tensorboard")
     real = server.importlib.util.find_spec
@@ -86,9 +87,15 @@ def test_viewer_url_carries_model_and_node_data(tmp_path: Path) -> None:
     url = viewer_url("model-explorer", 8123, tmp_path / "m.onnx", [tmp_path / "a.json"])
     assert url.startswith(f"http://{LOOPBACK}:8123/?data=")
     data = json.loads(urllib.request.unquote(url.split("data=", 1)[1]))
-    assert data == {"models": [{"url": str(tmp_path / "m.onnx")}], "nodeData": [str(tmp_path / "a.json")],
-                    "nodeDataTargets": [""]}
+    assert data == {
+        "models": [{"url": str(tmp_path / "m.onnx")}],
+        "nodeData": [str(tmp_path / "a.json")],
+        "nodeDataTargets": [""],
+    }
     assert viewer_url("netron", 8123, tmp_path / "m.onnx") == f"http://{LOOPBACK}:8123/"
+    selected = viewer_url("model-explorer", 8123, tmp_path / "m.onnx", select="fc1")
+    state = json.loads(urllib.request.unquote(selected.split("data=", 1)[1]))["uiState"]["paneStates"][0]
+    assert state["selectedNodeId"] == "fc1"
 
 
 def test_netron_serves_on_loopback_and_stops_after_timeout(model_copy: Path) -> None:
@@ -138,8 +145,18 @@ def test_busy_port_is_refused(model_copy: Path) -> None:
 def test_cli_ctrl_c_stops_cleanly(model_copy: Path) -> None:
     """The real command in a child: prints the URL, and SIGINT (Ctrl-C) stops it and its server with exit 0."""
     pytest.importorskip("netron")
-    cmd = [sys.executable, "-m", "lpcompile.cli", "view", str(model_copy), "--viewer", "netron", "--no-browser",
-           "--timeout", "120"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lpcompile.cli",
+        "view",
+        str(model_copy),
+        "--viewer",
+        "netron",
+        "--no-browser",
+        "--timeout",
+        "120",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()  # type: ignore[union-attr]

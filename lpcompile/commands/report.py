@@ -12,8 +12,11 @@ from lpcompile.plan import PrecisionPlan
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write a self-contained HTML report (plots, per-node table) for a plan")
     p.add_argument("plan", help="plan JSON (MODEL.lp.plan.json from `lpcompile compile/plan/apply`)")
-    p.add_argument("--sensitivity", metavar="SENS.json",
-                   help="the .sens.json it was solved from: adds Tr(H), all candidate losses and the Pareto sweep")
+    p.add_argument(
+        "--sensitivity",
+        metavar="SENS.json",
+        help="the .sens.json it was solved from: adds Tr(H), all candidate losses and the Pareto sweep",
+    )
     p.add_argument("-o", "--output", help="HTML file (default: PLAN with .html instead of .json)")
     return p
 
@@ -29,8 +32,9 @@ def run(args: argparse.Namespace) -> int:
     path = write_report(target, plan, table)
     size = path.stat().st_size
     out.line(f"wrote {path} ({size:,} bytes): {plan.achieved_bits:.4g} bits/weight over {len(plan.nodes)} nodes")
-    out.emit_json({"output": str(path), "bytes": size, "achieved_bits": plan.achieved_bits,
-                   "sensitivity": args.sensitivity})
+    out.emit_json(
+        {"output": str(path), "bytes": size, "achieved_bits": plan.achieved_bits, "sensitivity": args.sensitivity}
+    )
     return 0
 
 

@@ -25,11 +25,16 @@ logger = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("view", help="serve the model with its precision map in Model Explorer or Netron (loopback)")
     p.add_argument("model", help="ONNX model, normally the rewritten MODEL.lp.onnx")
-    p.add_argument("--viewer", choices=sorted(VIEWERS), default=DEFAULT_VIEWER,
-                   help="graph viewer (default: %(default)s)")
-    p.add_argument("--plan", help="plan JSON for the overlays (default: the model's lpcompile metadata, "
-                   "else STEM.plan.json beside the model)")
+    p.add_argument(
+        "--viewer", choices=sorted(VIEWERS), default=DEFAULT_VIEWER, help="graph viewer (default: %(default)s)"
+    )
+    p.add_argument(
+        "--plan",
+        help="plan JSON for the overlays (default: the model's lpcompile metadata, "
+        "else STEM.plan.json beside the model)",
+    )
     p.add_argument("--overlay-dir", help="folder for the node-data overlays (default: beside the model)")
+    p.add_argument("--select", metavar="NODE", help="open Model Explorer with this node (name) selected")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     p.add_argument("--no-browser", action="store_true", help="only serve and print the URL")
     p.add_argument("--timeout", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
@@ -52,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     overlays = write_overlays(source, Path(args.overlay_dir) if args.overlay_dir else model.parent, stem)
     for p in overlays:
         out.line(f"overlay: {p}")
-    proc = ViewerProcess(args.viewer, model, overlays if args.viewer == "model-explorer" else (), port=args.port)
+    # Model Explorer shows the last overlay it loads: the format overlay goes last
+    shown = list(reversed(overlays)) if args.viewer == "model-explorer" else []
+    proc = ViewerProcess(args.viewer, model, shown, port=args.port, select=args.select)
 
     def ready(url: str) -> None:
         out.line(f"{proc.spec.title} serving {model} at:")
@@ -65,8 +72,13 @@ def run(args: argparse.Namespace) -> int:
             webbrowser.open(url)
 
     reason = serve(proc, timeout=args.timeout, on_ready=ready, ready_timeout=args.start_timeout)
-    out.line({"timeout": f"stopped after {args.timeout:g} s", "interrupted": "stopped",
-              "exited": f"{proc.spec.title} exited"}[reason])
+    out.line(
+        {
+            "timeout": f"stopped after {args.timeout:g} s",
+            "interrupted": "stopped",
+            "exited": f"{proc.spec.title} exited",
+        }[reason]
+    )
     return 0 if reason in ("timeout", "interrupted") else 1
 
 

@@ -204,10 +204,17 @@ def _check_text(model: ir.Model) -> None:
         return x is not None and not isinstance(x, str)
 
     for g in model.graphs():
+        if bad(g.name) or bad(g.doc_string):
+            raise ModelLoadError(f"graph name or doc string {g.name!r} is not valid UTF-8")
         values = [*g.inputs, *g.outputs, *g.initializers.values()]
         for node in g:
             if bad(node.name) or bad(node.doc_string) or bad(node.op_type) or bad(node.domain):
                 raise ModelLoadError(f"node {node.name!r} has a name, type or doc string that is not valid UTF-8")
+            for attr in node.attributes.values():
+                v = attr.value
+                if bad(attr.name) or (attr.type == ir.AttributeType.STRING and bad(v)) or (
+                        attr.type == ir.AttributeType.STRINGS and any(bad(x) for x in v)):
+                    raise ModelLoadError(f"attribute {attr.name!r} of node {node.name!r} is not valid UTF-8")
             values.extend(v for v in (*node.inputs, *node.outputs) if v is not None)
         for v in values:
             if bad(v.name):

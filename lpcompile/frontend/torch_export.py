@@ -187,7 +187,9 @@ def _ordered_kwargs(module: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(kwargs.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
-def flatten_inputs(module: Any, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any], list[Any], list[int], Any]:
+def flatten_inputs(
+    module: Any, example_inputs: Any
+) -> tuple[tuple[Any, ...], dict[str, Any], list[Any], list[int], Any]:
     """``(args, kwargs, leaves, tensor leaf positions, treespec)`` of the example inputs."""
     import torch
     from torch.utils import _pytree as pytree
@@ -201,8 +203,9 @@ def flatten_inputs(module: Any, example_inputs: Any) -> tuple[tuple[Any, ...], d
     return args, kwargs, leaves, tensor_pos, spec
 
 
-def rebuild_inputs(example_leaves: Sequence[Any], tensor_pos: Sequence[int], spec: Any,
-                   tensors: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def rebuild_inputs(
+    example_leaves: Sequence[Any], tensor_pos: Sequence[int], spec: Any, tensors: Sequence[Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` with the tensor leaves replaced by ``tensors`` (in order)."""
     from torch.utils import _pytree as pytree
 
@@ -371,8 +374,9 @@ def export_module(
         if progress:
             progress("torch.onnx.export")
         try:
-            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, output_names=out_names,
-                                             verbose=False)
+            onnx_program = torch.onnx.export(
+                program, dynamo=True, opset_version=opset, output_names=out_names, verbose=False
+            )
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     finally:
@@ -394,10 +398,21 @@ def export_module(
     paths = module_paths_from_metadata(model, param_names)
     params = match_parameters(model, module, paths)
     elapsed = time.perf_counter() - t0
-    logger.info("exported %s: %d weighted node(s) mapped to modules, %d to parameters (%.1f s)",
-                type(module).__name__, len(paths), len(params), elapsed)
-    return ExportedModule(model=model, input_names=input_names, output_names=output_names, module_paths=paths,
-                          params=params, export_s=elapsed)
+    logger.info(
+        "exported %s: %d weighted node(s) mapped to modules, %d to parameters (%.1f s)",
+        type(module).__name__,
+        len(paths),
+        len(params),
+        elapsed,
+    )
+    return ExportedModule(
+        model=model,
+        input_names=input_names,
+        output_names=output_names,
+        module_paths=paths,
+        params=params,
+        export_s=elapsed,
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -57,8 +57,7 @@ class HeadlessChromium:
         requests: URLs of every request the page sent (``Network.requestWillBeSent``), in order.
     """
 
-    def __init__(self, binary: str | None = None, width: int = 1400, height: int = 900,
-                 timeout: float = 60.0) -> None:
+    def __init__(self, binary: str | None = None, width: int = 1400, height: int = 900, timeout: float = 60.0) -> None:
         self.binary = binary or find_chromium()
         if not self.binary:
             raise BrowserError("chromium not found (apt-get install chromium)")
@@ -90,13 +89,26 @@ class HeadlessChromium:
         os.close(cmd_r)
         os.close(out_w)
         args = [
-            self.binary, "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
-            "--disable-quic", "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-dev-shm-usage",
-            "--hide-scrollbars", "--mute-audio", f"--user-data-dir={self._tmp.name}",
+            self.binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-unsafe-swiftshader",
+            "--disable-quic",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--mute-audio",
+            f"--user-data-dir={self._tmp.name}",
             f"--window-size={self.width},{self.height}",
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
-            "--remote-debugging-pipe", "about:blank",
+            "--remote-debugging-pipe",
+            "about:blank",
         ]
 
         def _wire_fds() -> None:  # runs in the child before exec; dup2 makes 3 and 4 inheritable
@@ -104,9 +116,15 @@ class HeadlessChromium:
             os.dup2(high_w, 4)
 
         try:
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, close_fds=False, preexec_fn=_wire_fds,
-                                          start_new_session=True)
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=False,
+                preexec_fn=_wire_fds,
+                start_new_session=True,
+            )
         finally:
             os.close(high_r)
             os.close(high_w)
@@ -115,8 +133,10 @@ class HeadlessChromium:
         self._session = self._call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for method in ("Page.enable", "Network.enable", "Runtime.enable"):
             self._call(method)
-        self._call("Emulation.setDeviceMetricsOverride",
-                   {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False})
+        self._call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -147,27 +167,43 @@ class HeadlessChromium:
 
     def set_offline(self, offline: bool = True) -> None:
         """Emulate a page with no network at all (DevTools network emulation)."""
-        self._call("Network.emulateNetworkConditions", {"offline": offline, "latency": 0,
-                                                        "downloadThroughput": -1, "uploadThroughput": -1})
+        self._call(
+            "Network.emulateNetworkConditions",
+            {"offline": offline, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+        )
 
     def click(self, selector: str) -> bool:
         """Click the first element matching ``selector``; False when there is none."""
         query = f"document.querySelector({json.dumps(selector)})"
         return bool(self.evaluate(f"(e => e ? (e.click(), true) : false)({query})"))
 
-    def mouse(self, kind: str, x: float, y: float, *, delta_y: float = 0.0, ctrl: bool = False,
-              button: str = "none", clicks: int = 0) -> None:
+    def mouse(
+        self,
+        kind: str,
+        x: float,
+        y: float,
+        *,
+        delta_y: float = 0.0,
+        ctrl: bool = False,
+        button: str = "none",
+        clicks: int = 0,
+    ) -> None:
         """One mouse event (``kind``: mouseMoved, mousePressed, mouseReleased, mouseWheel) at page (x, y)."""
-        params: dict[str, Any] = {"type": kind, "x": x, "y": y, "modifiers": 2 if ctrl else 0, "button": button,
-                                  "clickCount": clicks}
+        params: dict[str, Any] = {
+            "type": kind,
+            "x": x,
+            "y": y,
+            "modifiers": 2 if ctrl else 0,
+            "button": button,
+            "clickCount": clicks,
+        }
         if kind == "mouseWheel":
             params.update(deltaX=0, deltaY=delta_y)
         self._call("Input.dispatchMouseEvent", params)
 
     def evaluate(self, expression: str) -> Any:
         """The value of a JavaScript expression in the page (awaits promises)."""
-        reply = self._call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True})
+        reply = self._call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
         if "exceptionDetails" in reply:
             raise BrowserError(f"page script failed: {reply['exceptionDetails'].get('text', '')}")
         return reply.get("result", {}).get("value")
@@ -195,8 +231,10 @@ class HeadlessChromium:
         params: dict[str, Any] = {"format": "png"}
         if full_page:
             size = self._call("Page.getLayoutMetrics")["cssContentSize"]
-            params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            )
         data = base64.b64decode(self._call("Page.captureScreenshot", params)["data"])
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,8 +242,9 @@ class HeadlessChromium:
         return path
 
     # -- protocol ----------------------------------------------------------------------------
-    def _call(self, method: str, params: dict[str, Any] | None = None, session: bool = True,
-              timeout: float | None = None) -> dict[str, Any]:
+    def _call(
+        self, method: str, params: dict[str, Any] | None = None, session: bool = True, timeout: float | None = None
+    ) -> dict[str, Any]:
         self._next_id += 1
         msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
         if session and self._session is not None:

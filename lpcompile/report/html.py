@@ -67,10 +67,17 @@ def render_report(plan: PrecisionPlan, table: Any = None) -> str:
         raise PlanError("the plan has no nodes: nothing to report")
     ctx = _Context(plan, table)
     title = f"lpcompile report — {Path(plan.model).name if plan.model else 'model'}"
-    body = "\n".join([
-        _summary(ctx), _nodes_table(ctx), _bits_section(ctx), _heatmap_section(ctx),
-        _validation_section(ctx), _pareto_section(ctx), _mix_section(ctx),
-    ])
+    body = "\n".join(
+        [
+            _summary(ctx),
+            _nodes_table(ctx),
+            _bits_section(ctx),
+            _heatmap_section(ctx),
+            _validation_section(ctx),
+            _pareto_section(ctx),
+            _mix_section(ctx),
+        ]
+    )
     return _PAGE.format(title=_e(title), css=_CSS, js=_JS, body=body, version=_e(lpcompile.__version__))
 
 
@@ -144,9 +151,16 @@ def _nominal_bits(fmt: str, fallback: float | None) -> float:
 
 def _analysis_info(plan: PrecisionPlan, table: Any) -> Mapping[str, Any]:
     if table is not None:
-        return {"method": table.method, "loss": table.loss, "probes": table.probes, "seed": table.seed,
-                "calib": table.calib, "num_samples": table.num_samples,
-                "synthetic_calib": getattr(table, "synthetic_calib", False), "validation": table.validation}
+        return {
+            "method": table.method,
+            "loss": table.loss,
+            "probes": table.probes,
+            "seed": table.seed,
+            "calib": table.calib,
+            "num_samples": table.num_samples,
+            "synthetic_calib": getattr(table, "synthetic_calib", False),
+            "validation": table.validation,
+        }
     info = plan.metadata.get("analysis") if isinstance(plan.metadata, Mapping) else None
     return dict(info) if isinstance(info, Mapping) else {}
 
@@ -183,8 +197,12 @@ def sweep_points(ctx: _Context) -> tuple[list[SweepPoint], str]:
     except (BudgetError, FormatError, PlanError) as exc:
         return [], f"sweep failed: {exc}"
     front = {id(s) for s in pareto_front(sols)}
-    pts = [SweepPoint(float(s.budget.value) if s.budget else float("nan"), s.achieved_bits, s.predicted_loss,
-                      id(s) in front) for s in sols]
+    pts = [
+        SweepPoint(
+            float(s.budget.value) if s.budget else float("nan"), s.achieved_bits, s.predicted_loss, id(s) in front
+        )
+        for s in sols
+    ]
     return pts, f"{len(pts)} budgets from {start:.4g} to {end:.4g} bits, solved from the {source}"
 
 
@@ -201,8 +219,9 @@ def _summary(ctx: _Context) -> str:
     rho, _ = ctx.spearman()
     if rho is not None:
         cards.append(("Spearman ρ", f"{rho:.3f}"))
-    card_html = "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div></div>'
-                        for k, v in cards)
+    card_html = "".join(
+        f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div></div>' for k, v in cards
+    )
     a = ctx.analysis
     facts = [("model", plan.model or "-"), ("softmax", plan.softmax)]
     for key in ("method", "loss", "probes", "seed", "num_samples", "calib"):
@@ -215,10 +234,18 @@ def _summary(ctx: _Context) -> str:
 
 
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("idx", "#", "num"), ("name", "node", "str"), ("op", "op", "str"), ("module", "module", "str"),
-    ("params", "weights", "num"), ("format", "format", "str"), ("bits", "bits", "num"),
-    ("loss", "predicted loss", "num"), ("runner_up", "runner-up", "str"), ("runner_up_loss", "runner-up loss", "num"),
-    ("trace", "Tr(H)", "num"), ("measured", "measured loss", "num"),
+    ("idx", "#", "num"),
+    ("name", "node", "str"),
+    ("op", "op", "str"),
+    ("module", "module", "str"),
+    ("params", "weights", "num"),
+    ("format", "format", "str"),
+    ("bits", "bits", "num"),
+    ("loss", "predicted loss", "num"),
+    ("runner_up", "runner-up", "str"),
+    ("runner_up_loss", "runner-up loss", "num"),
+    ("trace", "Tr(H)", "num"),
+    ("measured", "measured loss", "num"),
 )
 
 
@@ -227,13 +254,17 @@ def _nodes_table(ctx: _Context) -> str:
     has_module = any(n.module_path for n in ctx.plan.nodes)
     has_trace = any(ctx.trace(n.name) is not None for n in ctx.plan.nodes)
     has_measured = bool(ctx.measured_pairs())
-    cols = [c for c in _COLUMNS if (c[0] != "module" or has_module) and (c[0] != "trace" or has_trace)
-            and (c[0] != "measured" or has_measured)]
+    cols = [
+        c
+        for c in _COLUMNS
+        if (c[0] != "module" or has_module) and (c[0] != "trace" or has_trace) and (c[0] != "measured" or has_measured)
+    ]
     for i, n in enumerate(ctx.plan.nodes):
         ru = n.runner_up()
         if ru is None:  # the table may know candidates the plan does not carry
-            others = [(f, c) for f, c in ctx.candidates[n.name].items()
-                      if f != n.format and c.predicted_loss is not None]
+            others = [
+                (f, c) for f, c in ctx.candidates[n.name].items() if f != n.format and c.predicted_loss is not None
+            ]
             ru = min(others, key=lambda fc: (fc[1].predicted_loss, fc[1].bits, fc[0])) if others else None
         chosen = ctx.candidates[n.name].get(n.format)
         values: dict[str, tuple[Any, str]] = {
@@ -256,8 +287,10 @@ def _nodes_table(ctx: _Context) -> str:
             v = "" if raw is None else (repr(float(raw)) if kind == "num" else str(raw))
             if key == "format":
                 bg = format_color(n.format)
-                cells.append(f'<td data-v="{_e(v)}"><span class="fmt" style="background:{bg};color:{text_color(bg)}">'
-                             f"{_e(shown)}</span></td>")
+                cells.append(
+                    f'<td data-v="{_e(v)}"><span class="fmt" style="background:{bg};color:{text_color(bg)}">'
+                    f"{_e(shown)}</span></td>"
+                )
             else:
                 cls = ' class="n"' if kind == "num" else ""
                 cells.append(f'<td{cls} data-v="{_e(v)}">{_e(shown)}</td>')
@@ -268,41 +301,66 @@ def _nodes_table(ctx: _Context) -> str:
         '<p class="note">Click a column header to sort (again to reverse); link a sort with '
         "<code>#sort=bits:desc</code>.</p>"
         f'<div class="scroll"><table id="node-table"><thead><tr>{head}</tr></thead>'
-        f'<tbody>{"".join(rows)}</tbody></table></div></section>'
+        f"<tbody>{''.join(rows)}</tbody></table></div></section>"
     )
+
+
+def plot_labels(plan: PrecisionPlan) -> list[str]:
+    """Short labels for the plots: the module path where known (common dotted prefix removed), else the name."""
+    labels = [n.module_path or n.name for n in plan.nodes]
+    if len(labels) > 1 and all(n.module_path for n in plan.nodes):
+        parts = [lab.split(".") for lab in labels]
+        common = 0
+        while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+            common += 1
+        if common and all(p[common].isdigit() for p in parts):
+            common -= 1  # keep "layer.3", not a bare "3"
+        labels = [".".join(p[common:]) for p in parts]
+    return labels
 
 
 def _bits_section(ctx: _Context) -> str:
     p = ctx.plan
-    svg = plots.bits_along_graph([n.name for n in p.nodes], [n.format for n in p.nodes], [n.bits for n in p.nodes],
-                                 p.budget_bits, p.achieved_bits)
+    svg = plots.bits_along_graph(
+        plot_labels(p), [n.format for n in p.nodes], [n.bits for n in p.nodes], p.budget_bits, p.achieved_bits
+    )
     return f'<section id="bits"><h2>Bits per layer along the graph</h2>{svg}</section>'
 
 
 def _heatmap_section(ctx: _Context) -> str:
     names = [n.name for n in ctx.plan.nodes]
     if not any(c.predicted_loss is not None for cands in ctx.candidates.values() for c in cands.values()):
-        return _missing("heatmap", "Predicted loss per (node, format)",
-                        "the plan carries no candidate losses; pass the sensitivity file (--sensitivity) to see them")
-    losses = [[(ctx.candidates[nm].get(f).predicted_loss if f in ctx.candidates[nm] else None) for f in ctx.formats]
-              for nm in names]
-    svg = plots.loss_heatmap(names, ctx.formats, losses, [n.format for n in ctx.plan.nodes])
+        return _missing(
+            "heatmap",
+            "Predicted loss per (node, format)",
+            "the plan carries no candidate losses; pass the sensitivity file (--sensitivity) to see them",
+        )
+    losses = [
+        [(ctx.candidates[nm].get(f).predicted_loss if f in ctx.candidates[nm] else None) for f in ctx.formats]
+        for nm in names
+    ]
+    svg = plots.loss_heatmap(plot_labels(ctx.plan), ctx.formats, losses, [n.format for n in ctx.plan.nodes])
     return f'<section id="heatmap"><h2>Predicted loss per (node, format)</h2>{svg}</section>'
 
 
 def _validation_section(ctx: _Context) -> str:
     pairs = ctx.measured_pairs()
     if not pairs:
-        return _missing("validation", "Predicted vs measured loss",
-                        "not validated: run with --validate to measure each (node, format) in ONNX Runtime")
+        return _missing(
+            "validation",
+            "Predicted vs measured loss",
+            "not validated: run with --validate to measure each (node, format) in ONNX Runtime",
+        )
     rho, source = ctx.spearman()
     svg = plots.predicted_vs_measured([p for p, _, _ in pairs], [m for _, m, _ in pairs], [f for _, _, f in pairs], rho)
     rho_text = f"{rho:.3f}" if rho is not None else "n/a"
     hidden = sum(1 for p, m, _ in pairs if not (p > 0 and m > 0))
     hidden_text = f"; {hidden} with a zero loss are not drawn on the log axes" if hidden else ""
-    return (f'<section id="validation"><h2>Predicted vs measured loss</h2>'
-            f'<p class="note">Spearman ρ = <b id="spearman">{_e(rho_text)}</b> ({_e(source)}; '
-            f"{len(pairs)} (node, format) pairs{_e(hidden_text)}).</p>{svg}</section>")
+    return (
+        f'<section id="validation"><h2>Predicted vs measured loss</h2>'
+        f'<p class="note">Spearman ρ = <b id="spearman">{_e(rho_text)}</b> ({_e(source)}; '
+        f"{len(pairs)} (node, format) pairs{_e(hidden_text)}).</p>{svg}</section>"
+    )
 
 
 def _pareto_section(ctx: _Context) -> str:
@@ -310,15 +368,24 @@ def _pareto_section(ctx: _Context) -> str:
     if not pts:
         return _missing("pareto", "Pareto curve of a budget sweep", note)
     current = (ctx.plan.achieved_bits, ctx.plan.predicted_loss) if ctx.plan.predicted_loss is not None else None
-    svg = plots.pareto_curve([p.achieved_bits for p in pts], [p.predicted_loss for p in pts],
-                             [p.on_front for p in pts], current, ctx.plan.budget_bits)
-    rows = "".join(f'<tr><td class="n">{p.budget_bits:.4g}</td><td class="n">{p.achieved_bits:.4g}</td>'
-                   f'<td class="n">{_num(p.predicted_loss)}</td><td>{"yes" if p.on_front else ""}</td></tr>'
-                   for p in pts)
-    return (f'<section id="pareto"><h2>Pareto curve of a budget sweep</h2><p class="note">{_e(note)}.</p>{svg}'
-            f'<details><summary>sweep table</summary><table class="small"><thead><tr><th>budget bits</th>'
-            f"<th>achieved bits</th><th>predicted loss</th><th>front</th></tr></thead><tbody>{rows}</tbody>"
-            f"</table></details></section>")
+    svg = plots.pareto_curve(
+        [p.achieved_bits for p in pts],
+        [p.predicted_loss for p in pts],
+        [p.on_front for p in pts],
+        current,
+        ctx.plan.budget_bits,
+    )
+    rows = "".join(
+        f'<tr><td class="n">{p.budget_bits:.4g}</td><td class="n">{p.achieved_bits:.4g}</td>'
+        f'<td class="n">{_num(p.predicted_loss)}</td><td>{"yes" if p.on_front else ""}</td></tr>'
+        for p in pts
+    )
+    return (
+        f'<section id="pareto"><h2>Pareto curve of a budget sweep</h2><p class="note">{_e(note)}.</p>{svg}'
+        f'<details><summary>sweep table</summary><table class="small"><thead><tr><th>budget bits</th>'
+        f"<th>achieved bits</th><th>predicted loss</th><th>front</th></tr></thead><tbody>{rows}</tbody>"
+        f"</table></details></section>"
+    )
 
 
 def _mix_section(ctx: _Context) -> str:
@@ -338,12 +405,16 @@ def _mix_section(ctx: _Context) -> str:
         except LpError:
             desc = ""
         bg = format_color(f)
-        rows.append(f'<tr><td><span class="fmt" style="background:{bg};color:{text_color(bg)}">{_e(f)}</span></td>'
-                    f'<td class="n">{count[f]}</td><td class="n">{mix[f]:,}</td>'
-                    f'<td class="n">{100 * mix[f] / total:.1f}%</td><td>{_e(desc)}</td></tr>')
-    return (f'<section id="mix"><h2>Format mix by parameter count</h2>{svg}<table class="small"><thead><tr>'
-            f"<th>format</th><th>nodes</th><th>weights</th><th>share</th><th>recipe</th></tr></thead>"
-            f'<tbody>{"".join(rows)}</tbody></table></section>')
+        rows.append(
+            f'<tr><td><span class="fmt" style="background:{bg};color:{text_color(bg)}">{_e(f)}</span></td>'
+            f'<td class="n">{count[f]}</td><td class="n">{mix[f]:,}</td>'
+            f'<td class="n">{100 * mix[f] / total:.1f}%</td><td>{_e(desc)}</td></tr>'
+        )
+    return (
+        f'<section id="mix"><h2>Format mix by parameter count</h2>{svg}<table class="small"><thead><tr>'
+        f"<th>format</th><th>nodes</th><th>weights</th><th>share</th><th>recipe</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></section>"
+    )
 
 
 def _missing(sid: str, title: str, why: str) -> str:
@@ -363,7 +434,7 @@ def _num(v: float | None) -> str:
 
 
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1280px;
 padding:0 20px 40px;color:#1f1f1f}
 h1{font-size:22px;margin:24px 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #ddd;border-radius:6px;padding:8px 14px}
@@ -415,4 +486,3 @@ _PAGE = """<!DOCTYPE html>
 
 
 __all__ = ["SECTIONS", "SweepPoint", "render_report", "sweep_points", "write_report"]
-

@@ -141,8 +141,9 @@ def precision_map(source: ModelSource) -> list[OverlayNode]:
             fmts = {planned[s].format for s in served if s in planned}
             if len(fmts) == 1:
                 fmt = fmts.pop()
-                out.append(OverlayNode(name, fmt, planned[served[0]].bits if served[0] in planned else None,
-                                       None, served))
+                out.append(
+                    OverlayNode(name, fmt, planned[served[0]].bits if served[0] in planned else None, None, served)
+                )
     return out
 
 
@@ -151,8 +152,11 @@ def format_overlay(source: ModelSource) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for n in precision_map(source):
         bg = format_color(n.format)
-        results[n.name] = {"value": _json_num(n.bits if n.bits is not None else 0.0), "bgColor": bg,
-                           "textColor": text_color(bg)}
+        results[n.name] = {
+            "value": _json_num(n.bits if n.bits is not None else 0.0),
+            "bgColor": bg,
+            "textColor": text_color(bg),
+        }
     return {"name": "lpcompile format (bits/weight)", "results": results}
 
 
@@ -226,4 +230,3 @@ def _float(text: str | None) -> float | None:
 
 def _json_num(v: float) -> float:
     return float(f"{v:.6g}")
-

@@ -65,8 +65,11 @@ def _short(label: str, width: int = 42) -> str:
 
 
 def bits_along_graph(
-    names: Sequence[str], formats: Sequence[str], bits: Sequence[float],
-    budget_bits: float | None, achieved_bits: float,
+    names: Sequence[str],
+    formats: Sequence[str],
+    bits: Sequence[float],
+    budget_bits: float | None,
+    achieved_bits: float,
 ) -> str:
     """Bars of bits per weight for each planned node in graph order, coloured by format."""
     n = len(names)
@@ -82,17 +85,26 @@ def bits_along_graph(
     ax.set_xlim(-0.6, max(n, 1) - 0.4)
     ax.set_ylim(0, max([*bits, budget_bits or 0, 1]) * 1.12)
     if n <= 40:
-        ax.set_xticks(xs, [_short(s, 24) for s in names], rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(xs, [_short(s, 30) for s in names], rotation=60, ha="right", fontsize=7)
     line_handles = ax.get_legend_handles_labels()[0]
     fmt_handles = [Patch(facecolor=format_color(f), label=f) for f in dict.fromkeys(formats)]
-    ax.legend(handles=[*fmt_handles, *line_handles], fontsize=8, frameon=False, ncols=2,
-              loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(
+        handles=[*fmt_handles, *line_handles],
+        fontsize=8,
+        frameon=False,
+        ncols=6,
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0),
+    )
     ax.spines[["top", "right"]].set_visible(False)
     return render_svg(fig, "bits")
 
 
 def loss_heatmap(
-    names: Sequence[str], formats: Sequence[str], losses: Sequence[Sequence[float | None]], chosen: Sequence[str],
+    names: Sequence[str],
+    formats: Sequence[str],
+    losses: Sequence[Sequence[float | None]],
+    chosen: Sequence[str],
 ) -> str:
     """Predicted loss per (node, format) on a log colour scale; the chosen format is boxed.
 
@@ -108,8 +120,7 @@ def loss_heatmap(
     height = min(2.0 + 0.2 * n, 40.0)
     fig = Figure(figsize=(WIDTH_IN, height), layout="constrained")
     ax = fig.add_subplot()
-    cmap = matplotlib.colors.LinearSegmentedColormap.from_list("lploss", list(LOSS_STOPS)).with_extremes(
-        bad="#eeeeee")
+    cmap = matplotlib.colors.LinearSegmentedColormap.from_list("lploss", list(LOSS_STOPS)).with_extremes(bad="#eeeeee")
     norm = LogNorm(vmin=float(finite.min()), vmax=float(max(finite.max(), finite.min() * 10))) if finite.size else None
     im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_xticks(range(len(formats)), list(formats), rotation=30, ha="right")
@@ -130,7 +141,10 @@ def loss_heatmap(
 
 
 def predicted_vs_measured(
-    predicted: Sequence[float], measured: Sequence[float], formats: Sequence[str], rho: float | None,
+    predicted: Sequence[float],
+    measured: Sequence[float],
+    formats: Sequence[str],
+    rho: float | None,
 ) -> str:
     """Scatter of predicted against measured loss (log-log, coloured by format) with Spearman ρ."""
     pairs = [(p, m, f) for p, m, f in zip(predicted, measured, formats, strict=True) if p > 0 and m > 0]
@@ -138,8 +152,15 @@ def predicted_vs_measured(
     ax = fig.add_subplot()
     for fmt in dict.fromkeys(f for _, _, f in pairs):
         pts = [(p, m) for p, m, f in pairs if f == fmt]
-        ax.scatter([p for p, _ in pts], [m for _, m in pts], s=18, color=format_color(fmt), label=fmt,
-                   edgecolors="#333333", linewidths=0.3)
+        ax.scatter(
+            [p for p, _ in pts],
+            [m for _, m in pts],
+            s=18,
+            color=format_color(fmt),
+            label=fmt,
+            edgecolors="#333333",
+            linewidths=0.3,
+        )
     if pairs:
         lo = min(min(p, m) for p, m, _ in pairs)
         hi = max(max(p, m) for p, m, _ in pairs)
@@ -157,8 +178,11 @@ def predicted_vs_measured(
 
 
 def pareto_curve(
-    bits: Sequence[float], losses: Sequence[float], front: Sequence[bool],
-    current: tuple[float, float] | None, budget_bits: float | None,
+    bits: Sequence[float],
+    losses: Sequence[float],
+    front: Sequence[bool],
+    current: tuple[float, float] | None,
+    budget_bits: float | None,
 ) -> str:
     """Predicted loss against achieved bits over a budget sweep; the front as a step line, the plan starred.
 
@@ -178,11 +202,26 @@ def pareto_curve(
     fb = [(b, v) for b, v, f in zip(bits, losses, front, strict=True) if f]
     if fb:
         # best loss reachable with at most b bits: a step function through the front's points
-        ax.plot([b for b, _ in fb], [y(v) for _, v in fb], marker="o", ms=4, color="#4e79a7", label="Pareto front",
-                drawstyle="steps-post", zorder=3)
+        ax.plot(
+            [b for b, _ in fb],
+            [y(v) for _, v in fb],
+            marker="o",
+            ms=4,
+            color="#4e79a7",
+            label="Pareto front",
+            drawstyle="steps-post",
+            zorder=3,
+        )
     if current is not None:
-        ax.scatter([current[0]], [y(current[1])], marker="*", s=160, color="#c0392b", zorder=4,
-                   label=f"this plan ({current[0]:.4g} bits)")
+        ax.scatter(
+            [current[0]],
+            [y(current[1])],
+            marker="*",
+            s=160,
+            color="#c0392b",
+            zorder=4,
+            label=f"this plan ({current[0]:.4g} bits)",
+        )
     if budget_bits is not None:
         ax.axvline(budget_bits, color="#333333", ls="--", lw=0.8, label=f"budget {budget_bits:g} bits")
     if positive:
@@ -190,8 +229,9 @@ def pareto_curve(
         _plain_log(ax.yaxis)
         if zero_at is not None:
             ax.axhline(zero_at, color="#cccccc", lw=0.6, ls=":")
-            ax.yaxis.set_major_formatter(FuncFormatter(
-                lambda v, pos: "0" if math.isclose(v, zero_at, rel_tol=1e-6) else _decade(v, pos)))
+            ax.yaxis.set_major_formatter(
+                FuncFormatter(lambda v, pos: "0" if math.isclose(v, zero_at, rel_tol=1e-6) else _decade(v, pos))
+            )
     ax.set_xlabel("achieved bits per weight")
     ax.set_ylabel("predicted loss (sum over nodes)")
     ax.legend(fontsize=8, frameon=False)

@@ -71,8 +71,12 @@ class ViewerSpec:
 
 
 VIEWERS: dict[str, ViewerSpec] = {
-    "model-explorer": ViewerSpec("model-explorer", "Model Explorer", ("model_explorer", "model_explorer_onnx"),
-                                 ("ai-edge-model-explorer", "model-explorer-onnx")),
+    "model-explorer": ViewerSpec(
+        "model-explorer",
+        "Model Explorer",
+        ("model_explorer", "model_explorer_onnx"),
+        ("ai-edge-model-explorer", "model-explorer-onnx"),
+    ),
     "netron": ViewerSpec("netron", "Netron", ("netron",), ("netron",)),
 }
 
@@ -84,8 +88,10 @@ def check_viewer(name: str) -> ViewerSpec:
         raise ViewerError(f"unknown viewer {name!r} (choose {', '.join(VIEWERS)})")
     missing = [m for m in spec.modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise ViewerError(f"{spec.title} is not installed (missing {', '.join(missing)}): "
-                          f"pip install 'lpcompile[view]'  or  pip install {' '.join(spec.pip)}")
+        raise ViewerError(
+            f"{spec.title} is not installed (missing {', '.join(missing)}): "
+            f"pip install 'lpcompile[view]'  or  pip install {' '.join(spec.pip)}"
+        )
     return spec
 
 
@@ -105,9 +111,15 @@ def port_in_use(port: int, host: str = LOOPBACK) -> bool:
     return False
 
 
-def viewer_url(viewer: str, port: int, model: str | os.PathLike[str] | None = None,
-               node_data: Sequence[str | os.PathLike[str]] = ()) -> str:
-    """The page to open: Model Explorer's URL carries the model and overlay paths; Netron's is the root."""
+def viewer_url(
+    viewer: str,
+    port: int,
+    model: str | os.PathLike[str] | None = None,
+    node_data: Sequence[str | os.PathLike[str]] = (),
+    select: str | None = None,
+) -> str:
+    """The page to open: Model Explorer's URL carries the model, the overlay paths and the node to select
+    (its ``uiState``); Netron's is the root."""
     base = f"http://{LOOPBACK}:{port}/"
     if viewer != "model-explorer" or model is None:
         return base
@@ -115,6 +127,19 @@ def viewer_url(viewer: str, port: int, model: str | os.PathLike[str] | None = No
     if node_data:
         data["nodeData"] = [str(Path(p).resolve()) for p in node_data]
         data["nodeDataTargets"] = ["" for _ in node_data]
+    if select:
+        data["uiState"] = {
+            "paneStates": [
+                {
+                    "deepestExpandedGroupNodeIds": [],
+                    "selectedNodeId": select,
+                    "selectedGraphId": "",
+                    "selectedCollectionLabel": "",
+                    "widthFraction": 1,
+                    "selected": True,
+                }
+            ]
+        }
     return f"{base}?data={quote(json.dumps(data))}"
 
 
@@ -128,21 +153,35 @@ def _no_proxy_get(url: str, timeout: float = 2.0) -> int:
 class ViewerProcess:
     """One viewer child process serving ``model`` on ``127.0.0.1:port`` (use as a context manager)."""
 
-    def __init__(self, viewer: str, model: str | os.PathLike[str], node_data: Sequence[str | os.PathLike[str]] = (),
-                 port: int = 0) -> None:
+    def __init__(
+        self,
+        viewer: str,
+        model: str | os.PathLike[str],
+        node_data: Sequence[str | os.PathLike[str]] = (),
+        port: int = 0,
+        select: str | None = None,
+    ) -> None:
         self.spec = check_viewer(viewer)
         self.model = Path(model).resolve()
         self.node_data = [Path(p).resolve() for p in node_data]
         if port and port_in_use(port):
             raise ViewerError(f"port {port} on {LOOPBACK} is already in use")
         self.port = port or free_port()
-        self.url = viewer_url(viewer, self.port, self.model, self.node_data)
+        self.url = viewer_url(viewer, self.port, self.model, self.node_data, select)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "lpcompile.report.server", self.spec.name, "--port", str(self.port),
-               "--model", str(self.model)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lpcompile.report.server",
+            self.spec.name,
+            "--port",
+            str(self.port),
+            "--model",
+            str(self.model),
+        ]
         for p in self.node_data:
             cmd += ["--node-data", str(p)]
         return cmd
@@ -161,8 +200,14 @@ class ViewerProcess:
         env["NO_PROXY"] = env["no_proxy"] = ",".join(filter(None, [LOOPBACK, "localhost", env.get("NO_PROXY")]))
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         logger.debug("starting %s", " ".join(self.command()))
-        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + ready_timeout
         root = f"http://{LOOPBACK}:{self.port}/"
         while True:
@@ -170,8 +215,9 @@ class ViewerProcess:
             if code is not None:
                 tail = self.log_tail()
                 self.stop()
-                raise ViewerError(f"{self.spec.title} exited with status {code} before serving"
-                                  + (f": {tail}" if tail else ""))
+                raise ViewerError(
+                    f"{self.spec.title} exited with status {code} before serving" + (f": {tail}" if tail else "")
+                )
             with contextlib.suppress(OSError, urllib.error.URLError):
                 if _no_proxy_get(root) == 200:
                     return self.url
@@ -220,8 +266,12 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def serve(proc: ViewerProcess, timeout: float | None = None, on_ready: Callable[[str], None] | None = None,
-          ready_timeout: float = READY_TIMEOUT_S) -> str:
+def serve(
+    proc: ViewerProcess,
+    timeout: float | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> str:
     """Start ``proc``, call ``on_ready(url)``, and block until it should stop; always stops it.
 
     Returns:
@@ -229,6 +279,7 @@ def serve(proc: ViewerProcess, timeout: float | None = None, on_ready: Callable[
     """
     restore = None
     if threading.current_thread() is threading.main_thread():
+
         def _on_term(signum: int, frame: FrameType | None) -> None:
             raise KeyboardInterrupt
 
@@ -265,8 +316,9 @@ def _run_model_explorer(port: int, model: str, node_data: Sequence[str]) -> None
     config.add_model_from_path(model)
     for p in node_data:
         config.add_node_data_from_path(p)
-    me_server.start(host=LOOPBACK, port=port, config=config, no_open_in_browser=True,
-                    extensions=["model_explorer_onnx"])
+    me_server.start(
+        host=LOOPBACK, port=port, config=config, no_open_in_browser=True, extensions=["model_explorer_onnx"]
+    )
 
 
 def _run_netron(port: int, model: str) -> None:

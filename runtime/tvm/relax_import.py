@@ -137,7 +137,7 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
                 args = [flat, relax.const(np.ones(1, np.float32))]
                 kind = f"round {spec.element}"
             y = self._emit(relax.call_tir(gv, args, self._tensor([total], "float32")))
-            self.calls.append(KernelCall(spec.node, kind, (gv.name_hint,), str(dims)))
+            self.calls.append(KernelCall(spec.node, kind, (gv.name_hint,), "x".join(map(str, dims))))
             return self._emit(relax.op.reshape(y, relax.ShapeExpr(dims)))
 
         def _matmul(self, spec: patterns.Int4MatMul | patterns.Fp8MatMul | patterns.HalfMatMul, x: Any) -> Any:
@@ -201,7 +201,7 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
                 y = self._emit(relax.call_tir(mv, [h, relax.const(spec.packed), *ones], out_t))
                 kernels = (rv.name_hint, mv.name_hint)
                 kind = f"{spec.element}"
-            self.calls.append(KernelCall(spec.node, kind, kernels, f"[{m}, {k}] x [{k}, {n}]"))
+            self.calls.append(KernelCall(spec.node, kind, kernels, f"M={m} K={k} N={n}"))
             return self._emit(relax.op.reshape(y, relax.ShapeExpr([*lead, _int64(n)])))
 
         # -- two-pass softmax ---------------------------------------------------------------------
@@ -216,7 +216,7 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             if builder is None or static is None or not static or dtype not in ("float32", "float16", "bfloat16"):
                 why = "no softmax kernel module" if builder is None else "dynamic shape" if static is None else dtype
                 logger.info("TwoPassSoftmax %r: expanding the ONNX function body (%s)", name, why)
-                self.calls.append(KernelCall(name, "two-pass softmax (ONNX body)", (), str(dims)))
+                self.calls.append(KernelCall(name, "two-pass softmax (ONNX body)", (), "x".join(map(str, dims))))
                 return self._inline_function(x, attrs, name)
             rank = len(static)
             axis = axis % rank
@@ -240,7 +240,7 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             if perm is not None:
                 inverse = [perm.index(i) for i in range(rank)]
                 y = self._emit(relax.op.permute_dims(y, inverse))
-            self.calls.append(KernelCall(name, "two-pass softmax", (gv.name_hint,), str(static)))
+            self.calls.append(KernelCall(name, "two-pass softmax", (gv.name_hint,), "x".join(map(str, static))))
             return y
 
         def _inline_function(self, x: Any, attrs: dict, name: str) -> Any:

@@ -1,0 +1,267 @@
+"""Write the "Real models vs peers (issue 8)" section of benchmarks/RESULTS.md and its plots from the
+``benchmarks/results_<task>.json`` files (other sections of RESULTS.md are kept as they are).
+
+    python benchmarks/report.py [--tasks fashion_mnist_cnn,efficientnet_lite0,minilm,smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import BENCH_DIR, BUDGETS, LPC_VARIANTS, slot  # noqa: E402
+
+SECTION = "## Real models vs peers (issue 8)"
+TASKS = ("fashion_mnist_cnn", "efficientnet_lite0", "minilm", "smollm2")
+TITLES = {"fashion_mnist_cnn": "Fashion-MNIST CNN", "efficientnet_lite0": "EfficientNet-Lite0",
+          "minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M", "digits_mlp": "digits MLP (smoke)"}
+COMMANDS = {
+    "fashion_mnist_cnn": "python benchmarks/bench_fashion_mnist.py --validate",
+    "efficientnet_lite0": "python benchmarks/bench_efficientnet.py --validate",
+    "minilm": "python benchmarks/bench_minilm.py --validate",
+    "smollm2": "python benchmarks/bench_smollm2.py --methods lpcompile,lpcompile-b128only,uniform-int4_b128,"
+               "uniform-int4_b32,uniform-int8,uniform-fp8_e4m3,ort-rtn-b128,ort-rtn-b32,ort-qdq-int8,nncf "
+               "--validate-layers 4",
+}
+PEERS_ORDER = ("lpcompile", "lpcompile-b128only", "lpcompile+b64", "uniform-int4_b128", "uniform-int4_b32",
+               "uniform-int8", "uniform-fp8_e4m3", "ort-rtn-b128", "ort-rtn-b32", "ort-qdq-int8", "nncf")
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        name = re.search(r"Model name:\s*(.+)", out)
+        cpus = re.search(r"^CPU\(s\):\s*(\d+)", out, re.M)
+        return f"{name.group(1).strip() if name else platform.processor()}, {cpus.group(1) if cpus else '?'} cores"
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+
+
+def _fmt(metric: Mapping[str, Any], v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return str(metric["fmt"]).format(v)
+
+
+def better(metric: Mapping[str, Any], a: float, b: float) -> bool:
+    """a strictly better than b."""
+    return a > b if metric["higher_is_better"] else a < b
+
+
+def grid(summary: Mapping[str, Any]) -> dict[str, dict[float, dict[str, Any]]]:
+    """method → budget slot → row (the main lpcompile row, not the matched ones)."""
+    out: dict[str, dict[float, dict[str, Any]]] = {}
+    for r in summary["rows"]:
+        if r["method"] == "fp32" or "error" in r or r.get("matched"):
+            continue
+        s = slot(r)
+        if s is None:
+            continue
+        out.setdefault(r["method"], {})[s] = r
+    return out
+
+
+def primary_table(summary: Mapping[str, Any]) -> list[str]:
+    m = summary["metrics"][0]
+    g = grid(summary)
+    head = "| method | " + " | ".join(f"≤ {b:g} bits" for b in BUDGETS) + " |"
+    lines = [head, "|" + "---|" * (len(BUDGETS) + 1)]
+    for method in PEERS_ORDER:
+        if method not in g and not any(r["method"] == method for r in summary["rows"]):
+            continue
+        cells = []
+        for b in BUDGETS:
+            r = g.get(method, {}).get(b)
+            if r is None:
+                cells.append("")
+                continue
+            over = "⚠" if r["bits"] > b * 1.02 + 1e-9 or (r.get("budget") and r["bits"] > r["budget"] + 0.02) else ""
+            cells.append(f"{_fmt(m, r.get(m['key']))} ({r['bits']:.2f}{over})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    errs = [r for r in summary["rows"] if "error" in r]
+    for method in sorted({r["method"] for r in errs}):
+        e = next(r for r in errs if r["method"] == method)
+        lines.append(f"| {method} | " + f"failed: {e['error'][:110]}".replace("|", "/") + " |" * len(BUDGETS))
+    return lines
+
+
+def detail_table(summary: Mapping[str, Any]) -> list[str]:
+    metrics = summary["metrics"]
+    head = ["method", "budget", "bits", "MB", *[m["label"] for m in metrics], "ms b=1", "×fp32", "mix"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rows"]:
+        if "error" in r:
+            continue
+        name = r["method"] + (f" (= {r['matched']})" if r.get("matched") else "")
+        b = "–" if r.get("budget") is None else f"{r['budget']:g}"
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in (r.get("mix") or {}).items() if v >= 0.005)
+        bits = f"{r['bits']:.3f}" + (f" ({r['bits_ort']:.2f})" if "bits_ort" in r else "")
+        cells = [name, b, bits, f"{r['file_bytes'] / 1e6:.2f}", *[_fmt(m, r.get(m["key"])) for m in metrics],
+                 f"{r['latency_ms']:.2f}" if "latency_ms" in r else "–",
+                 f"{r['latency_ratio']:.2f}" if "latency_ratio" in r else "–", mix]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdicts(summary: Mapping[str, Any]) -> list[str]:
+    """Where lpcompile's primary metric is not at least as good as a peer's in the same budget slot."""
+    m = summary["metrics"][0]
+    g = grid(summary)
+    lpc = g.get("lpcompile", {})
+    wins, losses = 0, []
+    for method, cells in g.items():
+        if method in LPC_VARIANTS:
+            continue
+        for b, r in cells.items():
+            mine = lpc.get(b)
+            if mine is None or r.get(m["key"]) is None:
+                continue
+            if better(m, r[m["key"]], mine[m["key"]]):
+                losses.append(f"{method} at ≤{b:g} bits ({_fmt(m, r[m['key']])} at {r['bits']:.2f} bits vs "
+                              f"lpcompile {_fmt(m, mine[m['key']])} at {mine['bits']:.2f})")
+            else:
+                wins += 1
+    out = [f"lpcompile at least as good as the peer in {wins} of {wins + len(losses)} (peer, budget) cells "
+           f"on {m['label']}."]
+    if losses:
+        out.append("Peer ahead: " + "; ".join(losses) + ".")
+    return out
+
+
+def plot(summary: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = summary["metrics"][0]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    by: dict[str, list[tuple[float, float]]] = {}
+    for r in summary["rows"]:
+        if r["method"] == "fp32" or "error" in r or r.get(m["key"]) is None or r["bits"] > 9:
+            continue
+        by.setdefault(r["method"], []).append((r["bits"], r[m["key"]]))
+    styles = {"lpcompile": dict(color="C3", marker="o", lw=2.2), "lpcompile-b128only": dict(color="C1", marker=".", ls="--"),
+              "lpcompile+b64": dict(color="C5", marker=".", ls=":"), "nncf": dict(color="C0", marker="s", ls="-")}
+    for i, (method, pts) in enumerate(sorted(by.items(), key=lambda kv: PEERS_ORDER.index(kv[0])
+                                             if kv[0] in PEERS_ORDER else 99)):
+        pts.sort()
+        xs, ys = zip(*pts, strict=True)
+        st = styles.get(method, dict(marker="^v<>DPX*"[i % 8], ls="none", color=f"C{(i + 2) % 10}", ms=8))
+        ax.plot(xs, ys, label=method, **st)
+    fp32 = next(r for r in summary["rows"] if r["method"] == "fp32")
+    if m["key"] in ("ppl", "accuracy", "simlex", "wordsim", "sentiment"):
+        ax.axhline(fp32[m["key"]], color="k", lw=0.8, ls=":", label="fp32")
+    if not m["higher_is_better"] and m["key"] not in ("ppl",):
+        ax.set_yscale("log")
+    ax.set_xlabel("average weight bits (scales included, from the file)")
+    ax.set_ylabel(m["label"] + (" (lower is better)" if not m["higher_is_better"] else " (higher is better)"))
+    ax.set_title(TITLES.get(summary["task"], summary["task"]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section(tasks: Sequence[str]) -> str:
+    import time
+
+    lines = [SECTION, ""]
+    lines += [f"Machine: {machine()} (shared with other jobs: timings are medians of interleaved runs; "
+              "ratios are more reliable than absolute ms). Date: " + time.strftime("%Y-%m-%d") + ".", ""]
+    lines += [
+        "How to read: every method quantizes the same normalised graph (Gemm → MatMul + Add). **bits** = stored "
+        "bits of every weight-derived tensor in the output file (codes, scales, zero points, packed nibbles, "
+        "added constants) ÷ number of weights of the MatMul/Gemm/Conv nodes — one rule for every method, "
+        "read from the file. Embeddings (Gather), biases and norms stay fp32 for every method (NNCF is told to "
+        "ignore Gather). A budget column holds a method's point if its bits are ≤ budget (+2 %: uniform int8 at "
+        "8 + 32/K bits sits at 8); ⚠ marks a point over its budget. lpcompile is analysed once per model "
+        "(formats fp8_e4m3, int8, int4_b128, int4_b64, int4_b32, bf16) and every budget is solved from that "
+        "table: `lpcompile` chooses from fp8_e4m3,int8,int4_b128,int4_b32,bf16, `lpcompile-b128only` from the "
+        "default fp8_e4m3,int8,int4_b128,bf16, `lpcompile+b64` also from int4_b64. Quality and bits are "
+        "measured on the `--target qdq` file (fp16 int4 scales, the plan's accounting); latency on the same "
+        "plan applied with `--target ort` (MatMulNBits, whose scales ORT requires in fp32: its bits are in "
+        "parentheses in the detail tables). Latency: ONNX Runtime CPU, 2 threads, ORT_ENABLE_ALL, batch 1, "
+        "median of 20 runs interleaved with 20 runs of the fp32 model in the same process (×fp32 = ratio). "
+        "Peers: `uniform-*` = lpcompile's own one-format baselines; `ort-rtn-b*` = ORT "
+        "`MatMulNBitsQuantizer` (symmetric RTN, fp32 scales; MatMul only); `ort-qdq-int8` = ORT "
+        "`quantize_static` QDQ W8A8 (per-channel int8 weights, uint8 activations, MinMax, 64 calibration "
+        "samples); `nncf` = NNCF 3.4 `compress_weights(mode=INT4_SYM, group_size=128 or the largest dividing "
+        "every K, ratio=r, all_layers=True, sensitivity_metric=HESSIAN_INPUT_ACTIVATION, dataset=calibration)`, "
+        "INT8_ASYM backup, r chosen for the budget from the same bits rule (one correction step). "
+        "`lpcompile (= peer)` rows: lpcompile solved at exactly the bits the peer reached.",
+        "",
+    ]
+    for t in tasks:
+        p = BENCH_DIR / f"results_{t}.json"
+        if not p.exists():
+            lines += [f"### {TITLES.get(t, t)}", "", "Not run yet.", ""]
+            continue
+        s = json.loads(p.read_text())
+        a = s["analysis"]
+        v = a.get("validation") or {}
+        lines += [f"### {TITLES.get(t, t)}", "", s.get("notes", ""), ""]
+        lines.append(f"Weighted nodes: {s['weighted_nodes']}, weights {s['weight_params'] / 1e6:.2f}M. "
+                     f"Analysis ({a['method']}, loss {a['loss']}, {a['probes']} probes, {a['num_samples']} "
+                     f"samples): {a['wall_s']:.0f} s wall"
+                     + (f" (validation included: {a['timings'].get('validate_s', 0):.0f} s)"
+                        if "validate_s" in a["timings"] else "") + ". "
+                     f"Full benchmark run: {s['total_s'] / 60:.0f} min (cached steps excluded).")
+        if v:
+            per = ", ".join(f"{f} {r}" for f, r in (v.get("per_format") or {}).items())
+            lines.append(f"Analyzer quality (`--validate`): Spearman ρ(predicted, measured) = **{v.get('spearman')}** "
+                         f"over {v.get('pairs')} (node, format) pairs; per format: {per}.")
+        vt = s.get("validation_truncated")
+        if vt:
+            vv = vt["validation"] or {}
+            per = ", ".join(f"{f} {r}" for f, r in (vv.get("per_format") or {}).items())
+            lines.append(f"Analyzer quality on the first {vt['layers']} layers + lm_head ({vt['nodes']} nodes; "
+                         f"the full model's single-node ORT runs would take hours here): Spearman ρ = "
+                         f"**{vv.get('spearman')}** over {vv.get('pairs')} pairs; per format: {per}.")
+        m0 = s["metrics"][0]
+        lines += ["", f"Primary metric **{m0['label']}** ({'higher' if m0['higher_is_better'] else 'lower'} is "
+                  "better), achieved bits in parentheses:", ""]
+        lines += primary_table(s)
+        lines += [""] + verdicts(s) + ["", f"![{t}](plot_{t}.png)", "", "<details><summary>All metrics</summary>", ""]
+        lines += detail_table(s)
+        lines += ["", "</details>", ""]
+        lines += [f"Command: `{COMMANDS.get(t, 'python benchmarks/bench_' + t + '.py')}` then "
+                  "`python benchmarks/report.py`.", ""]
+        plot(s, BENCH_DIR / f"plot_{t}.png")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_results(text: str, path: Path = BENCH_DIR / "RESULTS.md") -> None:
+    """Replace this section in RESULTS.md (or append it), keeping every other section."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    start = old.find(SECTION)
+    if start < 0:
+        new = old.rstrip() + "\n\n" + text
+    else:
+        nxt = re.search(r"^## ", old[start + len(SECTION):], re.M)
+        end = start + len(SECTION) + nxt.start() if nxt else len(old)
+        new = old[:start] + text + ("\n" + old[end:] if nxt else "")
+    path.write_text(new)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    args = p.parse_args()
+    write_results(section([t for t in args.tasks.split(",") if t]))
+    print(f"wrote {BENCH_DIR / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""``lpcompile lower MODEL.lp.onnx --target cuda|llvm|mlir -o OUT``: compile a rewritten model."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from lpcompile.console import Output
+from lpcompile.errors import UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("lower", help="compile a rewritten model with TVM (cuda, llvm) or emit MLIR")
+    p.add_argument("model", help="rewritten ONNX model (from `lpcompile apply`)")
+    p.add_argument("--target", choices=["llvm", "cuda", "mlir"], default="llvm",
+                   help="llvm: CPU shared library (correctness path); cuda: GPU library; mlir: MLIR text")
+    p.add_argument("--arch", help="CUDA architecture (default sm_90)")
+    p.add_argument("-o", "--output", required=True, help="output file (.so for llvm/cuda, .mlir for mlir)")
+    p.add_argument("--emit-source", metavar="DIR", help="also write the generated source (.cu [+ .ptx] or .ll)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,..",
+                   help="static shape for an input with symbolic dims; repeatable")
+    p.add_argument("--mlir-level", default="linalg-on-tensors", help="MLIR dialect level for --target mlir")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Output(quiet=args.quiet, json=args.json)
+    if args.target == "mlir":
+        return _run_mlir(args, out)
+    if args.target != "cuda" and args.arch:
+        raise UsageError("--arch applies to --target cuda only")
+    if importlib.util.find_spec("tvm") is None:
+        raise UsageError("--target llvm/cuda needs Apache TVM: pip install 'lpcompile[tvm]'")
+    from lpcompile.runtime.tvm.build import lower_model, parse_shapes
+
+    result = lower_model(args.model, args.output, target=args.target, arch=args.arch,
+                         emit_source=args.emit_source, shapes=parse_shapes(args.shape))
+    out.table("kernel calls", ["node", "kernel", "shape"],
+              [(k["node"], k["kind"], k["shape"]) for k in result.kernels])
+    out.line(f"wrote {result.output} and {result.meta.name} ({len(result.kernels)} lpcompile kernel call(s), "
+             f"{result.folded} weight decode(s) folded into fp32 constants)")
+    for src in result.sources:
+        out.line(f"source: {src}")
+    out.emit_json({
+        "output": str(result.output), "meta": str(result.meta), "target": result.target,
+        "kernels": list(result.kernels), "folded": result.folded, "sources": [str(s) for s in result.sources],
+    })
+    return 0
+
+
+def _run_mlir(args: argparse.Namespace, out: Output) -> int:
+    if importlib.util.find_spec("lpcompile.runtime.mlir") is None:
+        raise UsageError("--target mlir is not available in this build (lpcompile.runtime.mlir is missing)")
+    from lpcompile.runtime.mlir import lower_to_mlir
+
+    result = lower_to_mlir(args.model, args.output, args.mlir_level)
+    out.line(f"wrote {args.output}")
+    out.emit_json({"output": str(args.output), "target": "mlir", "level": args.mlir_level,
+                   "result": str(result) if result is not None else None})
+    return 0
