@@ -113,7 +113,10 @@ def minilm_task(workdir: Path = ARTIFACTS) -> Task:
             part = {k: v[i:i + batch] for k, v in enc.items()}
             width = max(2, int(part["attention_mask"].sum(1).max()))  # trim shared padding: same result
             part = {k: v[:, :width] for k, v in part.items()}
-            out.append(run(sess, part, ["sentence_embedding"])["sentence_embedding"])
+            if callable(sess):  # a torch model wrapped as inputs -> embeddings (bench_modelopt.py)
+                out.append(sess(part))
+            else:
+                out.append(run(sess, part, ["sentence_embedding"])["sentence_embedding"])
         return np.concatenate(out)
 
     def collect(sess: object) -> dict[str, np.ndarray]:

@@ -59,8 +59,9 @@ def main() -> None:
     model = normalized_model(args.model)
     calib = load_calib_for(model, args.calib)
     held = load_calibration(args.heldout)
-    cfg = AnalysisConfig(formats=tuple(args.formats.split(",")), probes=args.probes, batch_size=args.batch_size,
-                         seed=args.seed)
+    cfg = AnalysisConfig(
+        formats=tuple(args.formats.split(",")), probes=args.probes, batch_size=args.batch_size, seed=args.seed
+    )
     t0 = time.perf_counter()
     table = analyze_model(model, calib, cfg)
     t_analyze = time.perf_counter() - t0
@@ -71,13 +72,19 @@ def main() -> None:
     items = items_from_table(table, cfg.formats)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+
         def score(name: str, p=None, uniform=None) -> dict:
-            out = apply_to_file(args.model, Path(tmp) / f"{name}.onnx", plan=p, uniform=uniform,
-                                calib_path=args.calib, force=True)
+            out = apply_to_file(
+                args.model, Path(tmp) / f"{name}.onnx", plan=p, uniform=uniform, calib_path=args.calib, force=True
+            )
             y = _outputs(out.output, held, args.batch_size)
             metrics = {k: v.to_dict() for k, v in compare_outputs(ref, y).items()}
-            return {"name": name, "bits": out.plan.achieved_bits, "distortion": numpy_distortion(y, ref, kinds),
-                    "metrics": metrics}
+            return {
+                "name": name,
+                "bits": out.plan.achieved_bits,
+                "distortion": numpy_distortion(y, ref, kinds),
+                "metrics": metrics,
+            }
 
         ours = score("lpcompile", plan)
         rows.append(ours)
@@ -87,8 +94,15 @@ def main() -> None:
         randoms = []
         while len(randoms) < args.count and tries < 20 * args.count:
             tries += 1
-            rand_items = [Item(it.name, it.params, tuple(Choice(c.format, c.bits, float(rng.random()))
-                                                         for c in it.choices), it.group) for it in items]
+            rand_items = [
+                Item(
+                    it.name,
+                    it.params,
+                    tuple(Choice(c.format, c.bits, float(rng.random())) for c in it.choices),
+                    it.group,
+                )
+                for it in items
+            ]
             sol = solve(rand_items, parse_budget(args.budget))
             if abs(sol.achieved_bits - plan.achieved_bits) > args.window:
                 continue
@@ -101,8 +115,14 @@ def main() -> None:
     for r in rows:
         print(f"{r['name']:18s} {r['bits']:7.3f} {r['distortion']:12.4e}")
     print(f"lpcompile beats {beaten} of {len(randoms)} random plans within ±{args.window} bits")
-    payload = {"model": str(args.model), "budget": args.budget, "analysis_s": t_analyze, "rows": rows,
-               "random_beaten": beaten, "random_count": len(randoms)}
+    payload = {
+        "model": str(args.model),
+        "budget": args.budget,
+        "analysis_s": t_analyze,
+        "rows": rows,
+        "random_beaten": beaten,
+        "random_count": len(randoms),
+    }
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(payload, indent=1, default=str) + "\n")
 

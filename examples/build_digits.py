@@ -1,6 +1,6 @@
 """Rebuild the embedded example models (seeded; about a minute on 2 cores).
 
-    python examples/build_digits.py [--out examples/models] [--seed 0]
+python examples/build_digits.py [--out examples/models] [--seed 0]
 """
 
 from __future__ import annotations

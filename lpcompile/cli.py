@@ -19,19 +19,19 @@ from lpcompile.errors import LpError, UsageError
 
 logger = logging.getLogger(__name__)
 
-# command name -> module under lpcompile.commands exposing register(subparsers) and run(args) -> int
-COMMANDS: dict[str, str] = {
-    "compile": "compile",
-    "apply": "apply",
-    "eval": "evaluate",
-    "analyze": "analyze",
-    "plan": "plan",
-    "lower": "lower",
-    "run": "run",
-    "view": "view",
-    "report": "report",
-    "demo": "demo",
-}
+# modules under lpcompile.commands, each exposing register(subparsers) -> parser and run(args) -> int
+COMMAND_MODULES: tuple[str, ...] = (
+    "compile",
+    "apply",
+    "evaluate",
+    "analyze",
+    "plan",
+    "lower",
+    "run",
+    "view",
+    "report",
+    "demo",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lpcompile {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, module in COMMANDS.items():
+    for module in COMMAND_MODULES:
         try:
             mod = importlib.import_module(f"lpcompile.commands.{module}")
         except ModuleNotFoundError as exc:
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    known = set(parser._subparsers._group_actions[0].choices) if parser._subparsers else set()  # noqa: SLF001
+    known = set(parser._subparsers._group_actions[0].choices) if parser._subparsers else set()
     if argv and argv[0] not in known and not argv[0].startswith("-"):
         argv = ["compile", *argv]
     args = parser.parse_args(argv)
@@ -94,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("LPCOMPILE_DEBUG"):
             raise
         msg = str(exc).splitlines()[0] if str(exc) else ""
-        sys.stderr.write(f"lpcompile: internal error: {type(exc).__name__}: {msg} (set LPCOMPILE_DEBUG=1 for a traceback)\n")
+        sys.stderr.write(
+            f"lpcompile: internal error: {type(exc).__name__}: {msg} (set LPCOMPILE_DEBUG=1 for a traceback)\n"
+        )
         return 1
 
 

@@ -53,13 +53,14 @@ class CompileResult:
 def analyze_model(
     model: ir.Model,
     calib: CalibrationSet,
-    config: AnalysisConfig = AnalysisConfig(),
+    config: AnalysisConfig | None = None,
     *,
     validate: bool = False,
     progress: Progress | None = None,
     module_paths: Mapping[str, str] | None = None,
 ) -> SensitivityTable:
     """Hutchinson analysis, or measurement when the interpreter lacks ops; optionally validated."""
+    config = config or AnalysisConfig()
     from lpcompile.analysis import measure
     from lpcompile.analysis.sensitivity import analyze_hessian
 
@@ -70,12 +71,14 @@ def analyze_model(
         table = analyze_hessian(model, calib, config, progress=stage("hessian"), module_paths=module_paths)
     except UnsupportedOpsError as exc:
         logger.warning("%s; falling back to forward-only perturbation measurement (slower)", exc)
-        table = measure.analyze_by_measurement(model, calib, config.formats, batch_size=config.batch_size,
-                                               loss=config.loss, progress=stage("measure"))
+        table = measure.analyze_by_measurement(
+            model, calib, config.formats, batch_size=config.batch_size, loss=config.loss, progress=stage("measure")
+        )
     if validate:
         t0 = time.perf_counter()
-        table = measure.validate(table, model, calib, batch_size=config.batch_size, loss=config.loss,
-                                 progress=stage("validate"))
+        table = measure.validate(
+            table, model, calib, batch_size=config.batch_size, loss=config.loss, progress=stage("validate")
+        )
         table = replace(table, timings={**table.timings, "validate_s": time.perf_counter() - t0})
     return table
 
@@ -83,20 +86,22 @@ def analyze_model(
 def analyze_file(
     model_path: str | os.PathLike[str],
     calib_path: str | os.PathLike[str] | None,
-    config: AnalysisConfig = AnalysisConfig(),
+    config: AnalysisConfig | None = None,
     *,
     validate: bool = False,
     progress: Progress | None = None,
 ) -> SensitivityTable:
     """Load, normalise, analyse. The table records the model's file name."""
+    config = config or AnalysisConfig()
     model = normalized_model(model_path)
     checks = check_model(model)
     checks.log()
     calib = load_calib_for(model, calib_path, seed=config.seed, num_samples=max(16, config.batch_size))
     from lpcompile.frontend.torch_export import module_paths_from_metadata
 
-    table = analyze_model(model, calib, config, validate=validate, progress=progress,
-                          module_paths=module_paths_from_metadata(model))
+    table = analyze_model(
+        model, calib, config, validate=validate, progress=progress, module_paths=module_paths_from_metadata(model)
+    )
     table = finite_table(table, checks.keep_fp32)
     return replace(table, model=Path(model_path).name)
 
@@ -147,17 +152,27 @@ def items_from_table(table: SensitivityTable, formats: Sequence[str] | None = No
     return items
 
 
-def plan_from_solution(table: SensitivityTable, solution: Solution, budget_text: str | None,
-                       softmax: str = "auto") -> PrecisionPlan:
+def plan_from_solution(
+    table: SensitivityTable, solution: Solution, budget_text: str | None, softmax: str = "auto"
+) -> PrecisionPlan:
     nodes = []
     by_name = {n.name: n for n in table.nodes}
     for name, fmt in solution.assignments.items():
         n = by_name[name]
         c = n.candidates[fmt]
         nodes.append(
-            NodeAssignment(name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, format=fmt, bits=c.bits,
-                           predicted_loss=c.predicted_loss, module_path=n.module_path, candidates=dict(n.candidates),
-                           trace=n.trace)
+            NodeAssignment(
+                name=n.name,
+                op_type=n.op_type,
+                weight=n.weight,
+                params=n.params,
+                format=fmt,
+                bits=c.bits,
+                predicted_loss=c.predicted_loss,
+                module_path=n.module_path,
+                candidates=dict(n.candidates),
+                trace=n.trace,
+            )
         )
     order = {n.name: i for i, n in enumerate(table.nodes)}
     nodes.sort(key=lambda a: order[a.name])
@@ -173,10 +188,18 @@ def plan_from_solution(table: SensitivityTable, solution: Solution, budget_text:
         model=table.model,
         softmax=softmax,
         activation_scales=dict(table.activation_amax),
-        metadata={"analysis": {"method": table.method, "loss": table.loss, "probes": table.probes,
-                               "seed": table.seed, "calib": table.calib, "num_samples": table.num_samples,
-                               "validation": table.validation},
-                  "solver": {"status": solution.status, "optimal": solution.optimal}},
+        metadata={
+            "analysis": {
+                "method": table.method,
+                "loss": table.loss,
+                "probes": table.probes,
+                "seed": table.seed,
+                "calib": table.calib,
+                "num_samples": table.num_samples,
+                "validation": table.validation,
+            },
+            "solver": {"status": solution.status, "optimal": solution.optimal},
+        },
     )
 
 
@@ -222,7 +245,7 @@ def compile_file(
     *,
     out: str | os.PathLike[str] | None = None,
     calib_path: str | os.PathLike[str] | None = None,
-    config: AnalysisConfig = AnalysisConfig(),
+    config: AnalysisConfig | None = None,
     keep: Sequence[KeepRule] = (),
     target: str = "qdq",
     softmax: str = "auto",
@@ -231,6 +254,7 @@ def compile_file(
     progress: Progress | None = None,
 ) -> CompileResult:
     """``lpcompile MODEL --budget B``: analyse, solve, rewrite; writes OUT and OUT.plan.json."""
+    config = config or AnalysisConfig()
     t0 = time.perf_counter()
     parse_budget(budget)  # fail fast on a malformed budget or output path, before minutes of analysis
     check_output_path(model_path, out or default_output(model_path), force, [calib_path])
@@ -238,8 +262,21 @@ def compile_file(
     t1 = time.perf_counter()
     plan, solution = plan_from_table(table, budget, formats=config.formats, keep=keep, softmax=softmax)
     t2 = time.perf_counter()
-    applied = apply_to_file(model_path, out, plan=plan, calib_path=calib_path, target=target, seed=config.seed,
-                            force=force, log_checks=False)
+    applied = apply_to_file(
+        model_path,
+        out,
+        plan=plan,
+        calib_path=calib_path,
+        target=target,
+        seed=config.seed,
+        force=force,
+        log_checks=False,
+    )
     t3 = time.perf_counter()
-    return CompileResult(table=table, plan=applied.plan, solution=solution, applied=applied,
-                         timings={"analyze_s": t1 - t0, "plan_s": t2 - t1, "apply_s": t3 - t2, "total_s": t3 - t0})
+    return CompileResult(
+        table=table,
+        plan=applied.plan,
+        solution=solution,
+        applied=applied,
+        timings={"analyze_s": t1 - t0, "plan_s": t2 - t1, "apply_s": t3 - t2, "total_s": t3 - t0},
+    )

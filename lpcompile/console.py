@@ -56,8 +56,14 @@ class StageProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._enabled = not (output.quiet or output.json)
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), console=output.console, transient=False)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=output.console,
+            transient=False,
+        )
         self._tasks: dict[str, int] = {}
         self._started = False
 
@@ -102,7 +108,14 @@ def setup_logging(verbosity: int, quiet: bool) -> None:
     warnings.showwarning = _log_warning  # Python warnings (numpy's RuntimeWarning...) as one log line
 
 
-def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                 file: object = None, line: str | None = None) -> None:
-    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, message,
-                                             os.path.basename(filename), lineno)
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    logging.getLogger("py.warnings").warning(
+        "%s: %s (%s:%d)", category.__name__, message, os.path.basename(filename), lineno
+    )

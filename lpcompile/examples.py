@@ -115,9 +115,16 @@ def build_digits(folder: str | Path, seed: int = 0, force: bool = False) -> Exam
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {k: folder / f for k, f in [("mlp", "digits_mlp.onnx"), ("cnn", "digits_cnn.onnx"),
-                                         ("calib", "digits_calib.npz"), ("heldout", "digits_heldout.npz"),
-                                         ("labels", "digits_heldout_labels.npy")]}
+    paths = {
+        k: folder / f
+        for k, f in [
+            ("mlp", "digits_mlp.onnx"),
+            ("cnn", "digits_cnn.onnx"),
+            ("calib", "digits_calib.npz"),
+            ("heldout", "digits_heldout.npz"),
+            ("labels", "digits_heldout_labels.npy"),
+        ]
+    }
     xtr, ytr, xte, yte = _digits(seed)
     if all(p.exists() for p in paths.values()) and not force:
         logger.info("example models already in %s", folder)
@@ -126,15 +133,23 @@ def build_digits(folder: str | Path, seed: int = 0, force: bool = False) -> Exam
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         mlp = torch.nn.Sequential(
-            torch.nn.Flatten(), torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
-            torch.nn.ReLU(), torch.nn.Linear(512, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10),
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 512),
+            torch.nn.ReLU(),
+            torch.nn.Linear(512, 512),
+            torch.nn.ReLU(),
+            torch.nn.Linear(512, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 10),
         )
         _train(mlp, xtr, ytr, epochs=15, seed=seed)
-        cnn = torch.nn.ModuleDict({
-            "conv1": torch.nn.Conv2d(1, 32, 3, padding=1),
-            "conv2": torch.nn.Conv2d(32, 64, 3, padding=1, stride=2),
-            "fc": torch.nn.Linear(64, 10),
-        })
+        cnn = torch.nn.ModuleDict(
+            {
+                "conv1": torch.nn.Conv2d(1, 32, 3, padding=1),
+                "conv2": torch.nn.Conv2d(32, 64, 3, padding=1, stride=2),
+                "fc": torch.nn.Linear(64, 10),
+            }
+        )
 
         def cnn_forward(x: torch.Tensor) -> torch.Tensor:
             h = torch.relu(cnn["conv1"](x.reshape(-1, 1, 8, 8)))

@@ -352,10 +352,7 @@ def quantize_weight(
         c = layout.channel_axis % w.ndim
         other = tuple(i for i in range(w.ndim) if i != c)
         amax = _finite_amax(w, other).reshape(-1)
-        if fmt.is_float:
-            qmax = FLOAT_SPECS[fmt.element].max_value
-        else:
-            qmax = INT_QMAX[fmt.element]
+        qmax = FLOAT_SPECS[fmt.element].max_value if fmt.is_float else INT_QMAX[fmt.element]
         scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
         scale = np.where(scale > 0, scale, np.float32(np.finfo(np.float32).tiny)).astype(np.float32)
         bshape = [1] * w.ndim
@@ -379,10 +376,7 @@ def quantize_weight(
     scale16 = np.minimum(amax / qmax, 65504.0).astype(np.float16)
     tiny16 = np.float16(np.finfo(np.float16).smallest_subnormal)
     scale16 = np.where(amax > 0, np.maximum(scale16, tiny16), np.float16(1.0)).astype(np.float16)
-    if fmt.scale_dtype == "float32":  # not in the registry today, kept for completeness
-        scale = (amax / qmax).astype(np.float32)
-    else:
-        scale = scale16
+    scale = (amax / qmax).astype(np.float32) if fmt.scale_dtype == "float32" else scale16
     full = _expand_blocks(scale.astype(np.float32), r, block, w.shape[r])
     codes = round_to_int(w / full, *INT_RANGES[fmt.element], rounding, rng)
     return QuantizedWeight(fmt.name, codes, scale, r, block)

@@ -75,8 +75,9 @@ class NodeAssignment:
     def runner_up(self) -> tuple[str, Candidate] | None:
         """The alternative that explains the choice: the next cheaper candidate (what saving more bits
         would have cost in loss), or, for the cheapest choice, the next more expensive one."""
-        others = sorted(((f, c) for f, c in self.candidates.items() if f != self.format),
-                        key=lambda fc: (fc[1].bits, fc[0]))
+        others = sorted(
+            ((f, c) for f, c in self.candidates.items() if f != self.format), key=lambda fc: (fc[1].bits, fc[0])
+        )
         if not others:
             return None
         cheaper = [fc for fc in others if fc[1].bits < self.bits]
@@ -290,4 +291,6 @@ def validate_against(plan: PrecisionPlan, known_nodes: Sequence[str]) -> None:
     unknown = [n.name for n in plan.nodes if n.name not in known]
     if unknown:
         more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise PlanError(f"plan names node(s) not found among the model's weighted nodes: {', '.join(unknown[:5])}{more}")
+        raise PlanError(
+            f"plan names node(s) not found among the model's weighted nodes: {', '.join(unknown[:5])}{more}"
+        )

@@ -399,6 +399,7 @@ def analyze_module(
     module.eval()
     try:
         base = {w: _param(module, r).detach() for w, r in refs_by_weight.items()}
+        _check_values(model, base, refs_by_weight)
 
         def forward(batch: Mapping[str, np.ndarray], leaves: Mapping[str, Any]) -> dict[str, Any]:
             tensors = [
@@ -526,6 +527,16 @@ def analyze_module(
             "total_s": t_end - t0,
         },
     )
+
+
+def _check_values(model: ir.Model, base: Mapping[str, Any], refs: Mapping[str, ParamRef]) -> None:
+    """The module's parameters must still hold the exported weights (same module, not retrained)."""
+    from lpcompile.graph import weight_array
+
+    for w, ref in refs.items():
+        value = base[w].T if ref.transposed else base[w]
+        if not np.array_equal(value.float().cpu().numpy(), weight_array(model, w)):
+            raise ModuleAnalysisUnsupported(f"parameter {ref.fqn} does not match the exported weight {w!r}")
 
 
 def _onnx_shape(param: Any, ref: ParamRef) -> tuple[int, ...]:

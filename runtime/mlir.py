@@ -58,7 +58,10 @@ __all__ = [
     "OnnxProgram",
     "available",
     "element_types",
+    "expected_element_types",
+    "export_program",
     "import_onnx",
+    "import_program",
     "lower_to_mlir",
     "parse_module",
     "run_linalg",
@@ -73,6 +76,9 @@ LEVELS: dict[str, str] = {
     "stablehlo": "stablehlo",
     "tosa": "tosa",
 }
+
+#: format → the element type that carries it at the linalg level (int4: i8 storage + f16 scales)
+_FORMAT_TYPES = {"bf16": "bf16", "fp16": "f16", "fp8_e4m3": "f8E4M3FN", "fp8_e5m2": "f8E5M2", "int8": "i8"}
 
 #: ONNX ops whose outputs depend only on their input's shape, not its values
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
@@ -279,6 +285,29 @@ class OnnxProgram(torch.nn.Module):
 # import / write / inspect
 
 
+def export_program(
+    model: onnx.ModelProto | ir.Model | str | os.PathLike[str],
+    example_inputs: Mapping[str, Any] | Sequence[Any] | None = None,
+) -> Any:
+    """The ``torch.export`` program of an ONNX model at the example shapes (see :class:`OnnxProgram`);
+    one program can be imported at several levels."""
+    return OnnxProgram(model, example_inputs).export()
+
+
+def import_program(program: Any, level: str = "linalg") -> Any:
+    """Import a ``torch.export`` program with torch-mlir and lower it to ``level``; verified."""
+    output_type = _output_type(level)
+    _require()
+    from torch_mlir import fx
+
+    try:
+        module = fx.export_and_import(program, output_type=output_type)
+    except Exception as exc:  # torch-mlir reports lowering failures as assorted exception types
+        raise MlirError(f"torch-mlir could not lower the model to {level}: {_first_line(exc)}") from exc
+    verify(module)
+    return module
+
+
 def import_onnx(
     model: onnx.ModelProto | ir.Model | str | os.PathLike[str],
     level: str = "linalg",
@@ -289,17 +318,25 @@ def import_onnx(
     Raises:
         UsageError: unknown level. MlirError: torch-mlir missing, or import/lowering/verification failed.
     """
-    output_type = _output_type(level)
+    _output_type(level)
     _require()
-    from torch_mlir import fx
+    return import_program(export_program(model, example_inputs), level)
 
-    program = OnnxProgram(model, example_inputs).export()
-    try:
-        module = fx.export_and_import(program, output_type=output_type)
-    except Exception as exc:  # torch-mlir reports lowering failures as assorted exception types
-        raise MlirError(f"torch-mlir could not lower the model to {level}: {_first_line(exc)}") from exc
-    verify(module)
-    return module
+
+def expected_element_types(formats: Sequence[str], level: str = "linalg") -> set[str]:
+    """The MLIR element types that carry ``formats`` at ``level`` (see the module docstring)."""
+    from lpcompile.formats import canonical_name
+
+    _output_type(level)
+    int8 = "si8" if level == "torch" else "i8"
+    out: set[str] = set()
+    for f in formats:
+        name = canonical_name(f)
+        if name.startswith("int4"):
+            out |= {int8, "f16"}
+        elif name in _FORMAT_TYPES:
+            out.add(int8 if _FORMAT_TYPES[name] == "i8" else _FORMAT_TYPES[name])
+    return out
 
 
 def verify(module: Any) -> None:

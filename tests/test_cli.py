@@ -107,8 +107,9 @@ def _bad_plan(tmp_path: Path, **change: str) -> Path:
         ("no_plan", 2, "either a plan file or --uniform"),
     ],
 )
-def test_bad_input_one_line_no_traceback_input_untouched(tmp_path: Path, case: str, expect_code: int,
-                                                          expect_msg: str, capsys) -> None:
+def test_bad_input_one_line_no_traceback_input_untouched(
+    tmp_path: Path, case: str, expect_code: int, expect_msg: str, capsys
+) -> None:
     model = tmp_path / "m.onnx"
     shutil.copy(MLP, model)
     args = ["apply", str(model), "--uniform", "int4", "-o", str(tmp_path / "o.onnx")]
@@ -117,7 +118,7 @@ def test_bad_input_one_line_no_traceback_input_untouched(tmp_path: Path, case: s
     elif case == "not_onnx":
         model.write_text("this is not a model\n" * 10)
     elif case == "truncated":
-        model.write_bytes(MLP.read_bytes()[: 5000])
+        model.write_bytes(MLP.read_bytes()[:5000])
     elif case == "empty":
         model.write_bytes(b"")
     elif case == "unknown_node":

@@ -27,8 +27,33 @@ from lpcompile.formats import (
 
 FP8 = [("float8_e4m3fn", ml_dtypes.float8_e4m3fn), ("float8_e5m2", ml_dtypes.float8_e5m2)]
 ADVERSARIAL = np.array(
-    [0.0, -0.0, 1e-45, -1e-45, 1e-40, 2.0**-10, 2.0**-7, 2.0**-9, 1.0, -1.0, 447.9, 448.0, 464.0, 500.0,
-     -1000.0, 1000.0, 57344.0, 60000.0, 65504.0, 1e30, np.inf, -np.inf, np.nan, 3.0e-8, 6.1e-5],
+    [
+        0.0,
+        -0.0,
+        1e-45,
+        -1e-45,
+        1e-40,
+        2.0**-10,
+        2.0**-7,
+        2.0**-9,
+        1.0,
+        -1.0,
+        447.9,
+        448.0,
+        464.0,
+        500.0,
+        -1000.0,
+        1000.0,
+        57344.0,
+        60000.0,
+        65504.0,
+        1e30,
+        np.inf,
+        -np.inf,
+        np.nan,
+        3.0e-8,
+        6.1e-5,
+    ],
     dtype=np.float32,
 )
 
@@ -164,8 +189,11 @@ def test_names_and_aliases() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
-               elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=True)),
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+        elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=True),
+    ),
     st.sampled_from(["int8", "int4_b32", "fp8_e4m3", "fp8_e5m2", "bf16", "fp16"]),
 )
 def test_property_qdq_is_idempotent_and_bounded(w: np.ndarray, name: str) -> None:

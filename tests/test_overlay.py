@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 
 import onnx
@@ -117,8 +121,23 @@ def test_format_color_stable_for_unknown_formats() -> None:
     assert text_color("#000000") == "#ffffff" and text_color("#ffffff") == "#1f1f1f"
 
 
+def _node_data_builder() -> types.ModuleType:
+    """``model_explorer.node_data_builder`` without running the package ``__init__`` (which imports torch)."""
+    spec = importlib.util.find_spec("model_explorer")
+    if spec is None or spec.origin is None:
+        pytest.skip("model_explorer is not installed")
+    pkg = types.ModuleType("_me_schema")
+    pkg.__path__ = [str(Path(spec.origin).parent)]
+    sys.modules["_me_schema"] = pkg
+    try:
+        return importlib.import_module("_me_schema.node_data_builder")
+    finally:
+        for name in [m for m in sys.modules if m == "_me_schema" or m.startswith("_me_schema.")]:
+            del sys.modules[name]
+
+
 def test_overlays_match_model_explorer_schema() -> None:
-    nd = pytest.importorskip("model_explorer.node_data_builder")
+    nd = _node_data_builder()
     for ov in (format_overlay(digits_plan()), loss_overlay(digits_plan())):
         data = nd.GraphNodeData(
             name=ov["name"],

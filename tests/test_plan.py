@@ -16,9 +16,21 @@ from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan, validate_ag
 def _plan() -> PrecisionPlan:
     return PrecisionPlan(
         nodes=(
-            NodeAssignment("fc0", "MatMul", "fc0.weight", 64 * 512, "int4_b128", 4.25, predicted_loss=1e-3,
-                           candidates={"int4_b128": Candidate(4.25, 1e-3), "int8": Candidate(8.0625, 2e-5, 3e-5),
-                                       "fp32": Candidate(32.0, 0.0)}, trace=12.5),
+            NodeAssignment(
+                "fc0",
+                "MatMul",
+                "fc0.weight",
+                64 * 512,
+                "int4_b128",
+                4.25,
+                predicted_loss=1e-3,
+                candidates={
+                    "int4_b128": Candidate(4.25, 1e-3),
+                    "int8": Candidate(8.0625, 2e-5, 3e-5),
+                    "fp32": Candidate(32.0, 0.0),
+                },
+                trace=12.5,
+            ),
             NodeAssignment("fc1", "MatMul", "fc1.weight", 512 * 10, "bf16", 16.0, module_path="head.fc"),
         ),
         budget="4.5bits",
@@ -72,8 +84,13 @@ def test_aliases_are_canonicalised() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(format_names()), st.integers(0, 10**7),
-                          st.floats(0, 32, allow_nan=False)), min_size=0, max_size=8))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(format_names()), st.integers(0, 10**7), st.floats(0, 32, allow_nan=False)),
+        min_size=0,
+        max_size=8,
+    )
+)
 def test_property_round_trip(rows) -> None:
     nodes = tuple(NodeAssignment(f"n{i}", "MatMul", f"w{i}", p, f, b) for i, (f, p, b) in enumerate(rows))
     plan = PrecisionPlan(nodes=nodes)

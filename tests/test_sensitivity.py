@@ -8,7 +8,6 @@ activation diag(H)[s, k] = 2/(S·N·m)·Σ_n W_kn².
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -53,8 +52,9 @@ def _exact(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_predicted_loss_matches_analytic_quadratic(problem, estimator: str, probes: int, rel: float) -> None:
     x, w = problem
     calib = CalibrationSet({"x": x}, source="test")
-    cfg = AnalysisConfig(formats=("int4_b32", "int8", "fp8_e4m3", "bf16"), probes=probes, batch_size=S,
-                         loss="mse", estimator=estimator)  # type: ignore[arg-type]
+    cfg = AnalysisConfig(
+        formats=("int4_b32", "int8", "fp8_e4m3", "bf16"), probes=probes, batch_size=S, loss="mse", estimator=estimator
+    )  # type: ignore[arg-type]
     table = analyze_hessian(_model(w), calib, cfg)
     (node,) = table.nodes
     dw, dx = _exact(x, w)

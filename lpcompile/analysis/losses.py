@@ -30,15 +30,18 @@ def output_loss_kinds(names: Sequence[str], shapes: Sequence[tuple[int, ...]], k
     for name, shape in zip(names, shapes, strict=True):
         if kind != "auto":
             out[name] = kind
-        elif len(shape) == 2 and shape[-1] >= 2 and (_CLASSIFIER_NAME.search(name) or shape[-1] in (10, 100, 1000, 1001)):
+        elif (
+            len(shape) == 2 and shape[-1] >= 2 and (_CLASSIFIER_NAME.search(name) or shape[-1] in (10, 100, 1000, 1001))
+        ):
             out[name] = "kl"
         else:
             out[name] = "mse"
     return out
 
 
-def torch_distortion(outputs: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
-                     kinds: Mapping[str, str]) -> torch.Tensor:
+def torch_distortion(
+    outputs: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], kinds: Mapping[str, str]
+) -> torch.Tensor:
     """Σ over outputs of the distortion of ``outputs`` against fixed ``reference`` tensors."""
     total = torch.zeros((), dtype=torch.float64)
     for name, kind in kinds.items():
@@ -54,8 +57,9 @@ def torch_distortion(outputs: Mapping[str, torch.Tensor], reference: Mapping[str
     return total
 
 
-def numpy_distortion(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
-                     kinds: Mapping[str, str]) -> float:
+def numpy_distortion(
+    outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], kinds: Mapping[str, str]
+) -> float:
     """The numpy twin of :func:`torch_distortion` (float64)."""
     total = 0.0
     for name, kind in kinds.items():

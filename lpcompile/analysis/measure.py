@@ -74,8 +74,16 @@ def measure_pairs(
             out[(node.name, fmt.name)] = 0.0
             continue
         one = PrecisionPlan(
-            nodes=(NodeAssignment(name=node.name, op_type=node.op_type, weight=node.weight, params=node.params,
-                                  format=fmt.name, bits=fmt.bits_for(node.shape, node.layout)),),
+            nodes=(
+                NodeAssignment(
+                    name=node.name,
+                    op_type=node.op_type,
+                    weight=node.weight,
+                    params=node.params,
+                    format=fmt.name,
+                    bits=fmt.bits_for(node.shape, node.layout),
+                ),
+            ),
             softmax="keep",
             activation_scales={node.activation: activation_amax.get(node.activation, 0.0)},
         )
@@ -113,24 +121,44 @@ def spearman_report(table: SensitivityTable) -> dict[str, object]:
     }
 
 
-def validate(table: SensitivityTable, model: ir.Model, calib: CalibrationSet, *, batch_size: int = 8,
-             loss: str = "auto", progress: Progress | None = None) -> SensitivityTable:
+def validate(
+    table: SensitivityTable,
+    model: ir.Model,
+    calib: CalibrationSet,
+    *,
+    batch_size: int = 8,
+    loss: str = "auto",
+    progress: Progress | None = None,
+) -> SensitivityTable:
     """Fill ``measured_loss`` for every (node, format) and attach the Spearman report."""
     nodes = {n.name: n for n in find_weight_nodes(model)}
     pairs = [(nodes[n.name], f) for n in table.nodes for f in n.candidates if f != "fp32"]
-    measured = measure_pairs(model, calib, pairs, table.activation_amax, batch_size=batch_size, loss=loss,
-                             progress=progress)
+    measured = measure_pairs(
+        model, calib, pairs, table.activation_amax, batch_size=batch_size, loss=loss, progress=progress
+    )
     new_nodes = tuple(
-        replace(n, candidates={f: replace(c, measured_loss=measured.get((n.name, f), 0.0 if f == "fp32" else None))
-                               for f, c in n.candidates.items()})
+        replace(
+            n,
+            candidates={
+                f: replace(c, measured_loss=measured.get((n.name, f), 0.0 if f == "fp32" else None))
+                for f, c in n.candidates.items()
+            },
+        )
         for n in table.nodes
     )
     validated = replace(table, nodes=new_nodes)
     return validated.with_validation(spearman_report(validated), new_nodes)
 
 
-def analyze_by_measurement(model: ir.Model, calib: CalibrationSet, formats: Sequence[str], *, batch_size: int = 8,
-                           loss: str = "auto", progress: Progress | None = None) -> SensitivityTable:
+def analyze_by_measurement(
+    model: ir.Model,
+    calib: CalibrationSet,
+    formats: Sequence[str],
+    *,
+    batch_size: int = 8,
+    loss: str = "auto",
+    progress: Progress | None = None,
+) -> SensitivityTable:
     """Fallback analysis without gradients: every (node, format) measured in ORT."""
     from lpcompile.runtime.calibrate import collect_amax
 
@@ -143,12 +171,30 @@ def analyze_by_measurement(model: ir.Model, calib: CalibrationSet, formats: Sequ
     groups = tied_groups(nodes)
     table_nodes = tuple(
         NodeSensitivity(
-            name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, shape=n.shape, group=groups.get(n.name),
-            candidates={f: Candidate(bits=get_format(f).bits_for(n.shape, n.layout), predicted_loss=measured[(n.name, f)],
-                                     measured_loss=measured[(n.name, f)]) for f in fmts},
+            name=n.name,
+            op_type=n.op_type,
+            weight=n.weight,
+            params=n.params,
+            shape=n.shape,
+            group=groups.get(n.name),
+            candidates={
+                f: Candidate(
+                    bits=get_format(f).bits_for(n.shape, n.layout),
+                    predicted_loss=measured[(n.name, f)],
+                    measured_loss=measured[(n.name, f)],
+                )
+                for f in fmts
+            },
         )
         for n in nodes
     )
-    return SensitivityTable(nodes=table_nodes, formats=fmts, method="measured", loss=loss, calib=calib.source,
-                            num_samples=int(sum(len(next(iter(b.values()))) for b in batches(calib, batch_size))),
-                            synthetic_calib=calib.synthetic, activation_amax=amax)
+    return SensitivityTable(
+        nodes=table_nodes,
+        formats=fmts,
+        method="measured",
+        loss=loss,
+        calib=calib.source,
+        num_samples=int(sum(len(next(iter(b.values()))) for b in batches(calib, batch_size))),
+        synthetic_calib=calib.synthetic,
+        activation_amax=amax,
+    )

@@ -46,7 +46,7 @@ def _activation_elements(fmts: Sequence[str]) -> set[str]:
 def analyze_hessian(
     model: ir.Model,
     calib: CalibrationSet,
-    config: AnalysisConfig = AnalysisConfig(),
+    config: AnalysisConfig | None = None,
     progress: Progress | None = None,
     module_paths: Mapping[str, str] | None = None,
 ) -> SensitivityTable:
@@ -57,6 +57,7 @@ def analyze_hessian(
     """
     from lpcompile.analysis.interpreter import TorchGraph
 
+    config = config or AnalysisConfig()
     t0 = time.perf_counter()
     nodes = find_weight_nodes(model)
     fmts = candidate_formats(config)
@@ -102,7 +103,7 @@ def analyze_hessian(
         out = graph.forward(b, perturb=perturb, capture=act_tensors)
         leaves = [graph.params[w] for w in weights] + [graph.perturbations[t] for t in act_tensors]
         outputs = [out[name] for name in kinds]
-        step = (lambda: progress(done, total)) if progress else None
+        step = _progress_step(progress, done, total)
         if config.estimator == "hvp":
             est = _hvp_diagonals(outputs, ref, kinds, leaves, k, gen, step)
         else:
@@ -147,8 +148,14 @@ def analyze_hessian(
             cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
         table_nodes.append(
             NodeSensitivity(
-                name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, shape=n.shape,
-                candidates=cands, trace=trace, group=groups.get(n.name),
+                name=n.name,
+                op_type=n.op_type,
+                weight=n.weight,
+                params=n.params,
+                shape=n.shape,
+                candidates=cands,
+                trace=trace,
+                group=groups.get(n.name),
                 module_path=(module_paths or {}).get(n.name),
             )
         )
@@ -165,15 +172,37 @@ def analyze_hessian(
         synthetic_calib=data.synthetic,
         activation_amax={t: v for t, v in amax.items() if v > 0},
         timings={
-            "build_s": t_build - t0, "reference_s": t_ref - t_build, "hessian_s": t_hvp - t_ref,
-            "predict_s": t_end - t_hvp, "total_s": t_end - t0,
+            "build_s": t_build - t0,
+            "reference_s": t_ref - t_build,
+            "hessian_s": t_hvp - t_ref,
+            "predict_s": t_end - t_hvp,
+            "total_s": t_end - t0,
         },
     )
 
 
-def _hvp_diagonals(outputs: list[torch.Tensor], ref: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
-                   leaves: list[torch.Tensor], k: int, gen: torch.Generator,
-                   step: Callable[[], None] | None) -> dict[int, torch.Tensor]:
+def _progress_step(progress: Progress | None, start: int, total: int) -> Callable[[], None] | None:
+    """A callback advancing ``progress`` by one probe each call, from ``start``."""
+    if progress is None:
+        return None
+    state = [start]
+
+    def step() -> None:
+        state[0] += 1
+        progress(state[0], total)
+
+    return step
+
+
+def _hvp_diagonals(
+    outputs: list[torch.Tensor],
+    ref: Mapping[str, torch.Tensor],
+    kinds: Mapping[str, str],
+    leaves: list[torch.Tensor],
+    k: int,
+    gen: torch.Generator,
+    step: Callable[[], None] | None,
+) -> dict[int, torch.Tensor]:
     """Hutchinson: diag(H) ≈ mean over Rademacher v of v ⊙ Hv, Hv by double backward of the loss."""
     loss = torch_distortion(dict(zip(kinds, outputs, strict=True)), ref, kinds)
     grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
@@ -181,8 +210,9 @@ def _hvp_diagonals(outputs: list[torch.Tensor], ref: Mapping[str, torch.Tensor],
     acc = [torch.zeros_like(leaf) for leaf, _ in pairs]
     for _ in range(k):
         vs = [_rademacher(leaf.shape, gen) for leaf, _ in pairs]
-        hv = torch.autograd.grad([g for _, g in pairs], [leaf for leaf, _ in pairs], grad_outputs=vs,
-                                 retain_graph=True, allow_unused=True)
+        hv = torch.autograd.grad(
+            [g for _, g in pairs], [leaf for leaf, _ in pairs], grad_outputs=vs, retain_graph=True, allow_unused=True
+        )
         for a, v, h in zip(acc, vs, hv, strict=True):
             if h is not None:
                 a.add_(v * h.detach())
@@ -191,9 +221,15 @@ def _hvp_diagonals(outputs: list[torch.Tensor], ref: Mapping[str, torch.Tensor],
     return {id(leaf): a / k for (leaf, _), a in zip(pairs, acc, strict=True)}
 
 
-def _ggn_diagonals(outputs: list[torch.Tensor], ref: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
-                   leaves: list[torch.Tensor], k: int, gen: torch.Generator,
-                   step: Callable[[], None] | None) -> dict[int, torch.Tensor]:
+def _ggn_diagonals(
+    outputs: list[torch.Tensor],
+    ref: Mapping[str, torch.Tensor],
+    kinds: Mapping[str, str],
+    leaves: list[torch.Tensor],
+    k: int,
+    gen: torch.Generator,
+    step: Callable[[], None] | None,
+) -> dict[int, torch.Tensor]:
     """Output-space Hutchinson on H = JᵀMJ: diag(H) ≈ mean over z (Cov z = M) of (Jᵀz)², one backward each.
 
     Unbiased like the HVP form, but every sample is non-negative and free of the off-diagonal
@@ -230,8 +266,6 @@ def _spread(probes: int, nbatches: int) -> list[int]:
         return []
     base, extra = divmod(max(probes, 1), nbatches)
     return [base + (1 if i < extra else 0) for i in range(nbatches)]
-
-
 
 
 __all__ = ["DEFAULT_FORMATS", "AnalysisConfig", "analyze_hessian", "candidate_formats"]

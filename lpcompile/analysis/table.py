@@ -95,8 +95,11 @@ class SensitivityTable:
                     "module_path": n.module_path,
                     "trace": _num(n.trace),
                     "candidates": {
-                        f: {"bits": _num(c.bits), "predicted_loss": _num(c.predicted_loss),
-                            "measured_loss": _num(c.measured_loss)}
+                        f: {
+                            "bits": _num(c.bits),
+                            "predicted_loss": _num(c.predicted_loss),
+                            "measured_loss": _num(c.measured_loss),
+                        }
                         for f, c in n.candidates.items()
                     },
                 }
@@ -140,8 +143,11 @@ class SensitivityTable:
                     module_path=n.get("module_path"),
                     trace=n.get("trace"),
                     candidates={
-                        f: Candidate(bits=float(c["bits"]), predicted_loss=c.get("predicted_loss"),
-                                     measured_loss=c.get("measured_loss"))
+                        f: Candidate(
+                            bits=float(c["bits"]),
+                            predicted_loss=c.get("predicted_loss"),
+                            measured_loss=c.get("measured_loss"),
+                        )
                         for f, c in n["candidates"].items()
                     },
                 )

@@ -11,27 +11,44 @@ from lpcompile.formats import parse_format_list
 def add_analysis_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("analysis")
     g.add_argument("--calib", help="calibration .npz (arrays keyed by input name) or a folder of them")
-    g.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
-                   help="candidate formats, comma-separated (default: %(default)s; fp32 always allowed)")
+    g.add_argument(
+        "--formats",
+        default=",".join(DEFAULT_FORMATS),
+        help="candidate formats, comma-separated (default: %(default)s; fp32 always allowed)",
+    )
     g.add_argument("--probes", type=int, default=16, help="Hutchinson probes (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
-    g.add_argument("--method", choices=["diag", "trace"], default="diag",
-                   help="diag: ½ΣH_iiδ² (default); trace: HAWQ-v2 ½·Tr(H)/n·‖δ‖²")
+    g.add_argument(
+        "--method",
+        choices=["diag", "trace"],
+        default="diag",
+        help="diag: ½ΣH_iiδ² (default); trace: HAWQ-v2 ½·Tr(H)/n·‖δ‖²",
+    )
     g.add_argument("--loss", choices=["auto", "kl", "mse"], default="auto")
     g.add_argument("--seed", type=int, default=0)
 
 
 def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
     return AnalysisConfig(
-        formats=parse_format_list(args.formats), probes=args.probes, batch_size=args.batch_size,
-        max_samples=args.max_samples, seed=args.seed, method=args.method, loss=args.loss,
+        formats=parse_format_list(args.formats),
+        probes=args.probes,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        seed=args.seed,
+        method=args.method,
+        loss=args.loss,
     )
 
 
 def add_keep_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--keep", action="append", default=[], metavar="RULE",
-                   help="pin or restrict nodes: 'REGEX=FMT', 'REGEX=!FMT', or 'REGEX' (= fp32); repeatable")
+    p.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="pin or restrict nodes: 'REGEX=FMT', 'REGEX=!FMT', or 'REGEX' (= fp32); repeatable",
+    )
 
 
 def keep_rules(args: argparse.Namespace) -> list:

@@ -12,18 +12,31 @@ def plan_rows(plan: PrecisionPlan) -> list[dict[str, Any]]:
     rows = []
     for n in plan.nodes:
         ru = n.runner_up()
-        rows.append({
-            "name": n.name, "module_path": n.module_path, "params": n.params, "format": n.format, "bits": n.bits,
-            "predicted_loss": n.predicted_loss, "runner_up": ru[0] if ru else None,
-            "runner_up_loss": ru[1].predicted_loss if ru else None,
-        })
+        rows.append(
+            {
+                "name": n.name,
+                "module_path": n.module_path,
+                "params": n.params,
+                "format": n.format,
+                "bits": n.bits,
+                "predicted_loss": n.predicted_loss,
+                "runner_up": ru[0] if ru else None,
+                "runner_up_loss": ru[1].predicted_loss if ru else None,
+            }
+        )
     return rows
 
 
 def print_plan(out: Output, plan: PrecisionPlan) -> None:
     rows = [
-        (r["name"], r["params"], r["format"], r["bits"], r["predicted_loss"],
-         f"{r['runner_up']} ({r['runner_up_loss']:.3g})" if r["runner_up"] else None)
+        (
+            r["name"],
+            r["params"],
+            r["format"],
+            r["bits"],
+            r["predicted_loss"],
+            f"{r['runner_up']} ({r['runner_up_loss']:.3g})" if r["runner_up"] else None,
+        )
         for r in plan_rows(plan)
     ]
     out.table(

@@ -13,8 +13,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="estimate the sensitivity of every (node, format); write a .sens.json")
     p.add_argument("model", help="input ONNX model")
     p.add_argument("-o", "--output", help="sensitivity file (default MODEL.sens.json)")
-    p.add_argument("--validate", action="store_true",
-                   help="measure each (node, format) alone in ORT and report Spearman ρ(predicted, measured)")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="measure each (node, format) alone in ORT and report Spearman ρ(predicted, measured)",
+    )
     add_analysis_args(p)
     return p
 
@@ -23,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.compiler import analyze_file
     from lpcompile.io_utils import check_outputs
     from lpcompile.workflow import default_output
+
     out = Output(quiet=args.quiet, json=args.json)
     target = Path(args.output) if args.output else default_output(args.model, ".sens.json")
     check_outputs([target], [args.model, args.calib])
@@ -33,13 +37,22 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for n in table.nodes:
         rows.append((n.name, n.params, n.trace, *(n.candidates[f].predicted_loss for f in fmts)))
-    out.table(f"predicted loss per (node, format) — {table.method}, loss {table.loss}, {table.num_samples} samples",
-              ["node", "params", "Tr(H)", *fmts], rows)
+    out.table(
+        f"predicted loss per (node, format) — {table.method}, loss {table.loss}, {table.num_samples} samples",
+        ["node", "params", "Tr(H)", *fmts],
+        rows,
+    )
     if table.validation:
         v = table.validation
         per = ", ".join(f"{f}: {r}" for f, r in (v.get("per_format") or {}).items())
         out.line(f"Spearman ρ(predicted, measured) = {v.get('spearman')} over {v.get('pairs')} pairs ({per})")
     out.line(f"wrote {target} ({table.timings.get('total_s', 0.0):.1f}s)")
-    out.emit_json({"output": str(target), "validation": table.validation, "timings": dict(table.timings),
-                   "nodes": len(table.nodes)})
+    out.emit_json(
+        {
+            "output": str(target),
+            "validation": table.validation,
+            "timings": dict(table.timings),
+            "nodes": len(table.nodes),
+        }
+    )
     return 0

@@ -15,8 +15,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--uniform", metavar="FORMAT", help="one format for every weighted node, e.g. int4")
     p.add_argument("-o", "--output", help="output model (default MODEL.lp.onnx); the plan goes beside it")
     p.add_argument("--calib", help="calibration .npz or folder (FP8 activation scales)")
-    p.add_argument("--target", choices=["qdq", "ort"], default="qdq",
-                   help="qdq: standard DequantizeLinear; ort: int4 MatMul weights as MatMulNBits")
+    p.add_argument(
+        "--target",
+        choices=["qdq", "ort"],
+        default="qdq",
+        help="qdq: standard DequantizeLinear; ort: int4 MatMul weights as MatMulNBits",
+    )
     p.add_argument("--softmax", choices=["auto", "two-pass", "keep"], help="two-pass softmax substitution")
     p.add_argument("--rounding", choices=["nearest", "stochastic"], default="nearest")
     p.add_argument("--seed", type=int, default=0)
@@ -26,11 +30,21 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.workflow import apply_to_file
+
     out = Output(quiet=args.quiet, json=args.json)
     plan = PrecisionPlan.load(args.plan) if args.plan else None
     result = apply_to_file(
-        args.model, args.output, plan=plan, uniform=args.uniform, calib_path=args.calib, target=args.target,
-        softmax=args.softmax, rounding=args.rounding, seed=args.seed, force=args.force, plan_path=args.plan,
+        args.model,
+        args.output,
+        plan=plan,
+        uniform=args.uniform,
+        calib_path=args.calib,
+        target=args.target,
+        softmax=args.softmax,
+        rounding=args.rounding,
+        seed=args.seed,
+        force=args.force,
+        plan_path=args.plan,
     )
     rows = [(n.name, n.op_type, n.params, n.format, n.bits) for n in result.plan.nodes]
     out.table("precision map", ["node", "op", "params", "format", "bits"], rows)
@@ -39,14 +53,16 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {result.output} ({result.output_bytes:,} bytes, {ratio:.3f}× input) and {result.plan_path}; "
         f"average {result.plan.achieved_bits:.4g} bits/weight"
     )
-    out.emit_json({
-        "output": str(result.output),
-        "plan": str(result.plan_path),
-        "achieved_bits": result.plan.achieved_bits,
-        "input_bytes": result.input_bytes,
-        "output_bytes": result.output_bytes,
-        "modified_by": list(result.modified_by),
-        "softmax_substituted": list(result.softmax_substituted),
-        "checks": result.checks.to_list(),
-    })
+    out.emit_json(
+        {
+            "output": str(result.output),
+            "plan": str(result.plan_path),
+            "achieved_bits": result.plan.achieved_bits,
+            "input_bytes": result.input_bytes,
+            "output_bytes": result.output_bytes,
+            "modified_by": list(result.modified_by),
+            "softmax_substituted": list(result.softmax_substituted),
+            "checks": result.checks.to_list(),
+        }
+    )
     return 0

@@ -27,14 +27,23 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from lpcompile.compiler import compile_file
     from lpcompile.io_utils import check_outputs
+
     out = Output(quiet=args.quiet, json=args.json)
     if args.report:
         check_outputs([args.report], [args.model, args.calib], force=args.force)
     with StageProgress(out) as progress:
         result = compile_file(
-            args.model, args.budget, out=args.output, calib_path=args.calib, config=analysis_config(args),
-            keep=keep_rules(args), target=args.target, softmax=args.softmax, validate=args.validate,
-            force=args.force, progress=progress,
+            args.model,
+            args.budget,
+            out=args.output,
+            calib_path=args.calib,
+            config=analysis_config(args),
+            keep=keep_rules(args),
+            target=args.target,
+            softmax=args.softmax,
+            validate=args.validate,
+            force=args.force,
+            progress=progress,
         )
     print_plan(out, result.plan)
     if result.table.validation:
@@ -49,11 +58,17 @@ def run(args: argparse.Namespace) -> int:
 
         write_report(args.report, result.plan, result.table)
         out.line(f"report: {args.report}")
-    out.emit_json({
-        "output": str(result.applied.output), "plan": str(result.applied.plan_path),
-        "budget": args.budget, "achieved_bits": result.plan.achieved_bits,
-        "predicted_loss": result.plan.predicted_loss, "validation": result.table.validation,
-        "timings": dict(result.timings), "nodes": plan_rows(result.plan),
-        "checks": result.applied.checks.to_list(),
-    })
+    out.emit_json(
+        {
+            "output": str(result.applied.output),
+            "plan": str(result.applied.plan_path),
+            "budget": args.budget,
+            "achieved_bits": result.plan.achieved_bits,
+            "predicted_loss": result.plan.predicted_loss,
+            "validation": result.table.validation,
+            "timings": dict(result.timings),
+            "nodes": plan_rows(result.plan),
+            "checks": result.applied.checks.to_list(),
+        }
+    )
     return 0

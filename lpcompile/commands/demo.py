@@ -54,21 +54,40 @@ def run(args: argparse.Namespace) -> int:
     calib, heldout = ex / "digits_calib.npz", ex / "digits_heldout.npz"
     labels = np.load(ex / "digits_heldout_labels.npy")
     with StageProgress(out) as progress:
-        result = compile_file(model, args.budget, out=folder / f"digits_{args.model}.lp.onnx", calib_path=calib,
-                              config=AnalysisConfig(batch_size=64, probes=32), force=True, progress=progress)
+        result = compile_file(
+            model,
+            args.budget,
+            out=folder / f"digits_{args.model}.lp.onnx",
+            calib_path=calib,
+            config=AnalysisConfig(batch_size=64, probes=32),
+            force=True,
+            progress=progress,
+        )
     print_plan(out, result.plan)
     int4 = apply_to_file(model, folder / f"digits_{args.model}.int4.onnx", uniform="int4", force=True)
     held = load_calibration(heldout)
     rows, payload = [], {}
-    for name, path, bits in (("fp32", model, 32.0), ("uniform int4", int4.output, int4.plan.achieved_bits),
-                             (f"lpcompile {args.budget}", result.applied.output, result.plan.achieved_bits)):
+    for name, path, bits in (
+        ("fp32", model, 32.0),
+        ("uniform int4", int4.output, int4.plan.achieved_bits),
+        (f"lpcompile {args.budget}", result.applied.output, result.plan.achieved_bits),
+    ):
         logits = run_batches(make_session(str(path)), [held.arrays])["logits"]
         acc = float((logits.argmax(-1) == labels).mean())
         rep = evaluate(str(path), str(model), held).outputs["logits"]
         rows.append((name, bits, acc, rep.top1, rep.kl, rep.sqnr_db))
-        payload[name] = {"bits": bits, "accuracy": acc, "top1_agreement": rep.top1, "kl": rep.kl, "sqnr_db": rep.sqnr_db}
-    out.table(f"digits {args.model}: {len(labels)} held-out images", ["model", "bits/weight", "accuracy",
-                                                                      "top-1 vs fp32", "KL vs fp32", "SQNR dB"], rows)
+        payload[name] = {
+            "bits": bits,
+            "accuracy": acc,
+            "top1_agreement": rep.top1,
+            "kl": rep.kl,
+            "sqnr_db": rep.sqnr_db,
+        }
+    out.table(
+        f"digits {args.model}: {len(labels)} held-out images",
+        ["model", "bits/weight", "accuracy", "top-1 vs fp32", "KL vs fp32", "SQNR dB"],
+        rows,
+    )
     out.line(f"outputs in {folder}/ (model, plan JSON); open the model in Netron to see the precision map")
     out.emit_json(payload)
     return 0

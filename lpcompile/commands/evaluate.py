@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from lpcompile.evaluate import evaluate
     from lpcompile.frontend.calib import load_calibration
+
     out = Output(quiet=args.quiet, json=args.json)
     calib = load_calibration(args.calib) if args.calib else None
     report = evaluate(args.model, args.reference, calib, batch_size=args.batch_size)

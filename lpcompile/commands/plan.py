@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.compiler import items_from_table, plan_from_table
     from lpcompile.io_utils import check_outputs
     from lpcompile.solver import apply_rules, pareto_front, parse_sweep, sweep
+
     out = Output(quiet=args.quiet, json=args.json)
     table = SensitivityTable.load(args.sensitivity)
     formats = parse_format_list(args.formats) if args.formats else None
@@ -45,22 +46,48 @@ def run(args: argparse.Namespace) -> int:
             for it in items:
                 mix[s.assignments[it.name]] = mix.get(s.assignments[it.name], 0) + it.params
             total = sum(mix.values()) or 1
-            rows.append((str(s.budget), s.achieved_bits, s.predicted_loss, "yes" if id(s) in front else "",
-                         ", ".join(f"{f} {100 * v / total:.0f}%" for f, v in sorted(mix.items()))))
-        out.table("Pareto sweep (predicted loss vs bits)", ["budget", "achieved bits", "predicted loss", "front", "mix"],
-                  rows)
-        out.emit_json([{"budget": str(s.budget), "achieved_bits": s.achieved_bits, "predicted_loss": s.predicted_loss,
-                        "assignments": s.assignments} for s in sols])
+            rows.append(
+                (
+                    str(s.budget),
+                    s.achieved_bits,
+                    s.predicted_loss,
+                    "yes" if id(s) in front else "",
+                    ", ".join(f"{f} {100 * v / total:.0f}%" for f, v in sorted(mix.items())),
+                )
+            )
+        out.table(
+            "Pareto sweep (predicted loss vs bits)", ["budget", "achieved bits", "predicted loss", "front", "mix"], rows
+        )
+        out.emit_json(
+            [
+                {
+                    "budget": str(s.budget),
+                    "achieved_bits": s.achieved_bits,
+                    "predicted_loss": s.predicted_loss,
+                    "assignments": s.assignments,
+                }
+                for s in sols
+            ]
+        )
         return 0
     target = args.output or _default_plan_path(args.sensitivity)
     check_outputs([target], [args.sensitivity])
     plan, solution = plan_from_table(table, args.budget, formats=formats, keep=rules, softmax=args.softmax)
     plan.save(target)
     print_plan(out, plan)
-    out.line(f"wrote {target}: {plan.achieved_bits:.4g} bits/weight, predicted loss {plan.predicted_loss:.4g} "
-             f"({solution.status})")
-    out.emit_json({"output": target, "achieved_bits": plan.achieved_bits, "predicted_loss": plan.predicted_loss,
-                   "status": solution.status, "nodes": plan_rows(plan)})
+    out.line(
+        f"wrote {target}: {plan.achieved_bits:.4g} bits/weight, predicted loss {plan.predicted_loss:.4g} "
+        f"({solution.status})"
+    )
+    out.emit_json(
+        {
+            "output": target,
+            "achieved_bits": plan.achieved_bits,
+            "predicted_loss": plan.predicted_loss,
+            "status": solution.status,
+            "nodes": plan_rows(plan),
+        }
+    )
     return 0
 
 

@@ -87,6 +87,8 @@ def _read_header(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(f"not a readable ONNX model: {path} ({type(exc).__name__})") from None
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelLoadError(f"not an ONNX model (no graph): {path}")
+    if not proto.graph.output:
+        raise ModelLoadError(f"model has no graph outputs (nothing to compute): {path}")
     return proto
 
 

@@ -284,7 +284,7 @@ class HeadlessChromium:
             self.requests.append(m["params"]["request"]["url"])
         elif method == "Runtime.exceptionThrown":
             self.console_errors.append(str(m["params"].get("exceptionDetails", {}).get("text", "")))
-        elif method is not None:
+        elif method is not None and not method.startswith("Network."):
             self._events.append(m)
             del self._events[:-200]
 

@@ -136,6 +136,7 @@ def build_sources(arch: str = "sm_90", small: bool = True, source_only: bool = T
 
 
 def _skip_device_compile() -> None:
+    import tvm.support.nvcc  # noqa: F401  (registers the default callback first; ours overrides it)
     import tvm_ffi
 
     def source_as_binary(code: str) -> bytes:

@@ -235,7 +235,14 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
                 ),
             )
             x2 = self._emit(relax.op.reshape(x, relax.ShapeExpr([_int64(rows), _int64(cols)])))
-            y = self._emit(relax.call_tir(gv, [x2], self._tensor([_int64(rows), _int64(cols)], dtype)))
+            call = relax.call_tir(gv, [x2], self._tensor([_int64(rows), _int64(cols)], dtype))
+            # Relax's RewriteDataflowReshape analyses every one-input call_tir bound to a dataflow
+            # var for a reshape pattern, and that analysis aborts on hand-scheduled PrimFuncs
+            # without a root block; a block output binding is outside its scope.
+            if self.bb.current_block_is_dataflow():
+                y = self.bb.emit_output(call)
+            else:
+                y = self._emit(call)
             y = self._emit(relax.op.reshape(y, relax.ShapeExpr([_int64(d) for d in static])))
             if perm is not None:
                 inverse = [perm.index(i) for i in range(rank)]
@@ -259,6 +266,9 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
                         protos.append(helper.make_attribute(a.name, caller[a.ref_attr_name]))
                     else:
                         protos.append(a)
+                if node.op_type == "Constant":  # TVM's converter reads only the tensor form
+                    env[node.output[0]] = _constant(protos)
+                    continue
                 node_attrs = self._parse_attr(protos)
                 node_attrs["tvm_custom"] = {"name": f"{name}/{node.output[0]}", "num_outputs": len(node.output)}
                 ins = onnx_input()
@@ -270,6 +280,24 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             return env[fn.output[0]]
 
     return Importer()
+
+
+def _constant(attrs: list[onnx.AttributeProto]) -> Any:
+    """A Relax constant from ONNX ``Constant`` attributes (tensor, scalar or list forms)."""
+    from onnx import numpy_helper
+    from tvm import relax
+
+    a = attrs[0]
+    value = helper.get_attribute_value(a)
+    if a.name == "value":
+        arr = numpy_helper.to_array(value)
+    elif a.name in ("value_int", "value_ints"):
+        arr = np.asarray(value, dtype=np.int64)
+    elif a.name in ("value_float", "value_floats"):
+        arr = np.asarray(value, dtype=np.float32)
+    else:
+        raise LpError(f"unsupported Constant attribute {a.name!r} in the TwoPassSoftmax body")
+    return relax.const(arr)
 
 
 def _softmax_builder() -> Any:
