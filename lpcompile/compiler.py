@@ -16,12 +16,13 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from lpcompile.analysis.config import AnalysisConfig
+from lpcompile.analysis.config import AnalysisConfig, candidate_formats
 from lpcompile.analysis.table import SensitivityTable
 from lpcompile.budget import Budget, parse_budget
 from lpcompile.checks import check_model
 from lpcompile.errors import FormatError, LpError, UnsupportedOpsError
 from lpcompile.formats import get_format
+from lpcompile.graph import find_weight_nodes
 from lpcompile.frontend.calib import CalibrationSet
 from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
 from lpcompile.solver import Choice, Item, KeepRule, Solution, apply_rules, solve
@@ -67,6 +68,11 @@ def analyze_model(
     def stage(name: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: progress(name, done, total)) if progress else None
 
+    if not find_weight_nodes(model):  # nothing to differentiate: an empty table, an empty plan, the model as is
+        logger.warning("no weighted nodes (MatMul/Gemm/Conv with fp32 initializer weights): nothing to analyse")
+        return SensitivityTable(nodes=(), formats=candidate_formats(config), method=f"hutchinson-{config.method}",
+                                loss=config.loss, probes=config.probes, seed=config.seed, calib=calib.source,
+                                num_samples=calib.num_samples, synthetic_calib=calib.synthetic)
     try:
         table = analyze_hessian(model, calib, config, progress=stage("hessian"), module_paths=module_paths)
     except UnsupportedOpsError as exc:

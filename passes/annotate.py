@@ -8,12 +8,16 @@ Per planned node (``metadata_props``; numbers with 6 significant digits, ``f"{x:
 * ``lpcompile.runner_up`` / ``lpcompile.runner_up_loss`` – the best other candidate, when the
   plan has candidates with losses;
 * ``lpcompile.module_path`` – the PyTorch module, when known;
+* ``lpcompile.trace`` – the Hutchinson estimate of the weight Hessian's trace, when known;
 * ``doc_string``: a first line ``lpcompile: int4_b128 (4.125 bits): predicted loss 0.00012;
   runner-up int8 8.06 bits loss 3e-06`` (any doc string the node had is kept below it).
 
 Nodes inserted by the other passes (Q/DQ/Cast, recognised by their ``lpcompile.serves`` key)
 get ``lpcompile.serves`` recomputed from the graph: the sorted, comma-separated names of the
-planned nodes they feed (through other inserted nodes).
+planned nodes they feed (through other inserted nodes); ``lpcompile.format`` of what they serve;
+``lpcompile.role`` (``weight_dq``, ``act_q``, ``to_bf16``, ...: the last part of their name); a
+one-line doc string; and the served node's ``namespace`` / ``pkg.torch.onnx.name_scopes`` so
+graph viewers group them with the module they belong to.
 
 Model ``metadata_props``: ``lpcompile.version``, ``lpcompile.budget`` (only when the plan has
 one), ``lpcompile.achieved_bits``, ``lpcompile.plan`` (compact JSON of ``plan.to_dict()``) and
@@ -26,9 +30,9 @@ import json
 import logging
 
 import onnx_ir as ir
-from lpcompile.passes._common import SERVES_KEY, nodes_by_name
 
 import lpcompile
+from lpcompile.passes._common import SERVES_KEY, nodes_by_name
 from lpcompile.plan import NodeAssignment, PrecisionPlan, validate_against
 
 logger = logging.getLogger(__name__)
@@ -42,7 +46,10 @@ NODE_KEYS = (
     "lpcompile.runner_up",
     "lpcompile.runner_up_loss",
     "lpcompile.module_path",
+    "lpcompile.trace",
 )
+# node metadata the exporters use for grouping; copied onto inserted nodes
+GROUPING_KEYS = ("namespace", "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy")
 
 
 def fmt_number(x: float) -> str:
@@ -66,6 +73,8 @@ def node_metadata(a: NodeAssignment) -> dict[str, str]:
             out["lpcompile.runner_up_loss"] = fmt_number(ru[1].predicted_loss)
     if a.module_path:
         out["lpcompile.module_path"] = a.module_path
+    if a.trace is not None:
+        out["lpcompile.trace"] = fmt_number(a.trace)
     return out
 
 
@@ -118,7 +127,7 @@ class AnnotatePass(ir.passes.InPlacePass):
             if doc != (node.doc_string or ""):
                 node.doc_string = doc
                 modified = True
-        modified |= _update_serves(graph, {a.name for a in self.plan.nodes})
+        modified |= _update_serves(graph, {a.name: a for a in self.plan.nodes}, by_name)
         modified |= _set_props(model.metadata_props, model_metadata(self.plan), clear=("lpcompile.budget",))
         return ir.passes.PassResult(model, modified)
 
@@ -141,8 +150,8 @@ def _merge_doc(existing: str | None, line: str) -> str:
     return "\n".join([DOC_PREFIX + line, *kept])
 
 
-def _update_serves(graph: ir.Graph, planned: set[str]) -> bool:
-    """Recompute ``lpcompile.serves`` of inserted nodes from the planned nodes they feed."""
+def _update_serves(graph: ir.Graph, planned: dict[str, NodeAssignment], by_name: dict[str, ir.Node]) -> bool:
+    """Recompute ``lpcompile.serves`` (and the derived keys) of inserted nodes from the planned nodes they feed."""
     inserted = [n for n in graph if SERVES_KEY in n.metadata_props]
     served: dict[int, set[str]] = {id(n): set() for n in inserted}
     memo: dict[int, set[str]] = {}
@@ -165,8 +174,20 @@ def _update_serves(graph: ir.Graph, planned: set[str]) -> bool:
     changed = False
     for node in inserted:
         served[id(node)] = feeds(node)
-        value = ",".join(sorted(served[id(node)]))
-        if node.metadata_props.get(SERVES_KEY) != value:
-            node.metadata_props[SERVES_KEY] = value
-            changed = True
+        names = sorted(served[id(node)])
+        props = {SERVES_KEY: ",".join(names)}
+        if names:
+            fmts = sorted({planned[n].format for n in names})
+            role = (node.name or node.op_type).rsplit("/", 1)[-1]
+            props["lpcompile.format"] = ",".join(fmts)
+            props["lpcompile.role"] = role
+            first = by_name[names[0]]
+            props.update({k: first.metadata_props[k] for k in GROUPING_KEYS if k in first.metadata_props})
+            doc = _merge_doc(
+                node.doc_string, f"{role} ({node.op_type}) inserted for {', '.join(names)} [{', '.join(fmts)}]"
+            )
+            if doc != (node.doc_string or ""):
+                node.doc_string = doc
+                changed = True
+        changed |= _set_props(node.metadata_props, props)
     return changed

@@ -93,9 +93,12 @@ def test_node_and_model_metadata(tmp_path: Path) -> None:
     assert "lpcompile.runner_up" not in p2
     assert nodes["n2"].doc_string == "lpcompile: fp8_e4m3 (9.33333 bits)"
     for name in ("n0/weight_dq", "n0/weight_cast"):
-        assert props(nodes[name]) == {"lpcompile.serves": "n0"}
+        role = name.rsplit("/", 1)[-1]
+        assert props(nodes[name]) == {"lpcompile.serves": "n0", "lpcompile.format": "int4_b128", "lpcompile.role": role}
+        assert nodes[name].doc_string.startswith(f"lpcompile: {role} (")
     for name in ("n2/weight_dq", "n2/act_q", "n2/act_dq"):
-        assert props(nodes[name]) == {"lpcompile.serves": "n2"}
+        role = name.rsplit("/", 1)[-1]
+        assert props(nodes[name]) == {"lpcompile.serves": "n2", "lpcompile.format": "fp8_e4m3", "lpcompile.role": role}
     assert "lpcompile.serves" not in props(nodes["n1"])  # the Relu is not ours
     meta = {p.key: p.value for p in out.metadata_props}
     assert meta["lpcompile.version"] == lpcompile.__version__
