@@ -50,6 +50,7 @@ LPC_VARIANTS: dict[str, tuple[str, ...]] = {
     "lpcompile-b128only": ("fp8_e4m3", "int8", "int4_b128", "bf16"),
     "lpcompile+b64": ANALYSIS_FORMATS,
 }
+VALIDATE_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b32")
 UNIFORM = ("int4_b128", "int4_b32", "int8", "fp8_e4m3")
 ALL_METHODS = (
     *LPC_VARIANTS, *(f"uniform-{f}" for f in UNIFORM), "ort-rtn-b128", "ort-rtn-b32", "ort-qdq-int8", "nncf",
@@ -235,6 +236,31 @@ def calib_batches(task: Task, batch: int, limit: int | None = None) -> list[dict
 
 # ------------------------------------------------------------------------------------------
 # lpcompile
+
+
+def validate_subset(ctx: Context, samples: int, formats: Sequence[str] = VALIDATE_FORMATS) -> dict[str, Any]:
+    """``lpcompile analyze --validate`` on the first ``samples`` calibration samples (cached).
+
+    Validation quantizes one node to one format at a time and runs the whole model in ONNX Runtime, so
+    its cost is nodes × formats × calibration set: on 2 shared cores it runs on a subset, with its own
+    (smaller) analysis, and reports Spearman ρ(predicted, measured) over every (node, format) pair.
+    """
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.compiler import analyze_file
+
+    out = ctx.dir / f"validation_{samples}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    sub = ctx.dir / f"calib_validate_{samples}.npz"
+    with np.load(ctx.task.calib) as data:
+        np.savez(sub, **{k: data[k][:samples] for k in data.files})
+    kw = {**dict(ctx.task.analysis), "batch_size": min(samples, int(ctx.task.analysis.get("batch_size", 8)))}
+    t0 = time.perf_counter()
+    table = analyze_file(ctx.task.model, sub, AnalysisConfig(formats=tuple(formats), **kw), validate=True)
+    res = {"samples": samples, "formats": list(formats), "validation": table.validation,
+           "wall_s": time.perf_counter() - t0, "validate_s": table.timings.get("validate_s")}
+    _write_json(out, res)
+    return res
 
 
 def analyze(ctx: Context, *, validate: bool = False, force: bool = False) -> Any:
@@ -498,13 +524,15 @@ def run_task(
     out_json: Path | None = None,
     workdir: Path = ARTIFACTS,
     quiet: bool = False,
+    validate_samples: int | None = None,
 ) -> dict[str, Any]:
     """Run every method × budget on ``task``; print a table; write the JSON summary."""
     t_start = time.perf_counter()
     if fresh and (Path(workdir) / task.name / "results").exists():
         shutil.rmtree(Path(workdir) / task.name / "results")
     ctx = prepare(task, workdir)
-    table = analyze(ctx, validate=validate)
+    table = analyze(ctx, validate=validate and not validate_samples)
+    validation = validate_subset(ctx, validate_samples) if validate and validate_samples else None
     logger.info("%s: analysis %.1fs, %d weighted nodes, %d weights", task.name, ctx.analysis_s, len(table.nodes),
                 ctx.weight_params)
     t0 = time.perf_counter()
@@ -521,8 +549,11 @@ def run_task(
     if match_peers and "lpcompile" in methods:
         # lpcompile at exactly the bits each fixed-bit peer reached (fairest point-to-point comparison)
         done = {round(b, 2) for b in budgets}
+        # (fixed-bit peers, and budgeted peers that overshot their budget)
         for row in list(rows):
-            if row["method"] in ("fp32", *LPC_VARIANTS) or "bits" not in row or row.get("budget") is not None:
+            if row["method"] in ("fp32", *LPC_VARIANTS) or "bits" not in row:
+                continue
+            if row.get("budget") is not None and row["bits"] <= row["budget"] + 0.02:
                 continue
             b = float(row["bits"])
             if b > 16 or round(b, 2) in done:
@@ -530,7 +561,7 @@ def run_task(
             done.add(round(b, 2))
             v = Variant("lpcompile", round(b, 4), lambda p, b=b: lpcompile_plan(ctx, LPC_FORMATS, b, p))
             r = evaluate_variant(ctx, v, ref_out, latency=latency)
-            r["matched"] = row["method"]
+            r["matched"] = peer_key(row)
             rows.append(r)
             logger.info("%s: %s", v.key, _brief(r, task))
     summary = {
@@ -541,7 +572,8 @@ def run_task(
         "weighted_nodes": len(table.nodes),
         "analysis": {"wall_s": ctx.analysis_s, "timings": dict(table.timings), "method": table.method,
                      "loss": table.loss, "probes": table.probes, "num_samples": table.num_samples,
-                     "formats": list(table.formats), "validation": table.validation},
+                     "formats": list(table.formats), "validation": table.validation,
+                     "validation_subset": validation},
         "metrics": [m.__dict__ for m in task.metrics],
         "rows": rows,
         "total_s": time.perf_counter() - t_start,
@@ -552,6 +584,11 @@ def run_task(
     if not quiet:
         print(format_table(summary))
     return summary
+
+
+def peer_key(row: Mapping[str, Any]) -> str:
+    """``method`` or ``method@budget``: how matched lpcompile rows name the peer row they match."""
+    return row["method"] + ("" if row.get("budget") is None else f"@{row['budget']:g}")
 
 
 def _brief(row: Mapping[str, Any], task: Task) -> str:
@@ -611,6 +648,8 @@ def common_args(parser: Any) -> None:
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods")
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
     parser.add_argument("--validate", action="store_true", help="also measure the analyzer's Spearman ρ")
+    parser.add_argument("--validate-samples", type=int, default=None,
+                        help="validate on a separate analysis of the first N calibration samples (cheaper)")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="ignore cached variant results")
 
@@ -618,4 +657,4 @@ def common_args(parser: Any) -> None:
 def run_from_args(task: Task, args: Any) -> dict[str, Any]:
     return run_task(task, methods=[m for m in args.methods.split(",") if m],
                     budgets=[float(b) for b in args.budgets.split(",") if b], validate=args.validate,
-                    latency=not args.no_latency, fresh=args.fresh)
+                    latency=not args.no_latency, fresh=args.fresh, validate_samples=args.validate_samples)

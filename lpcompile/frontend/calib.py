@@ -13,7 +13,7 @@ import math
 import os
 import re
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -404,6 +404,29 @@ def batches(calib: CalibrationSet, batch_size: int, drop_last: bool = False) -> 
         if drop_last and stop - start < batch_size:
             return
         yield {k: v[start:stop] for k, v in calib.arrays.items()}
+
+
+def trim_padding(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop trailing sequence positions that are padding in every sample of the batch.
+
+    Applies when the batch has a 2-D 0/1 input whose name contains ``mask`` (an attention mask):
+    every 2-D input of the same ``[batch, seq]`` shape is cut after the last position any sample
+    attends to. With right padding and masked attention this leaves the outputs at the kept
+    positions unchanged and saves the work on positions no one reads. Otherwise the batch is
+    returned as is.
+    """
+    masks = [
+        v for k, v in batch.items()
+        if "mask" in k.lower() and v.ndim == 2 and v.size and np.isin(v, (0, 1)).all()
+    ]
+    if len(masks) != 1:
+        return dict(batch)
+    mask = masks[0]
+    cols = np.flatnonzero(mask.any(axis=0))
+    keep = int(cols[-1]) + 1 if cols.size else mask.shape[1]
+    if keep >= mask.shape[1]:
+        return dict(batch)
+    return {k: (v[:, :keep] if v.ndim == 2 and v.shape == mask.shape else v) for k, v in batch.items()}
 
 
 def split(calib: CalibrationSet, n_first: int) -> tuple[CalibrationSet, CalibrationSet]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -368,7 +369,9 @@ def export_module(
         if progress:
             progress("torch.export")
         try:
-            program = torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic, strict=False)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch internals
+                program = torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # exporter failures are many and version dependent
             raise ExportError(f"torch.export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
         if progress:

@@ -49,6 +49,8 @@ ROUND_OP = "LpcActRound"
 CUSTOM_OPS = (INT4_OP, FP8_OP, HALF_OP, QDQ_OP, ROUND_OP)
 SOFTMAX_DOMAIN = "lpcompile"
 SOFTMAX_OP = "TwoPassSoftmax"
+SHAPE_HINT = "lpc_input_shape"
+"""Attribute added to custom and softmax nodes: the static input shape found by ONNX shape inference."""
 
 _FP8_TYPES = {TensorProto.FLOAT8E4M3FN: "float8_e4m3fn", TensorProto.FLOAT8E5M2: "float8_e5m2"}
 _HALF_TYPES = {TensorProto.BFLOAT16: "bfloat16", TensorProto.FLOAT16: "float16"}
@@ -141,9 +143,15 @@ class _Graph:
         self.graph = model.graph
         self.inits = {t.name: t for t in self.graph.initializer}
         self.types: dict[str, int] = {}
+        self.shapes: dict[str, list[int]] = {}
         for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
             if vi.type.HasField("tensor_type"):
                 self.types[vi.name] = vi.type.tensor_type.elem_type
+                tt = vi.type.tensor_type
+                if tt.HasField("shape"):
+                    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+                    if all(d > 0 for d in dims):
+                        self.shapes[vi.name] = dims
         for t in self.graph.initializer:
             self.types[t.name] = t.data_type
         self._names = {n.name for n in self.graph.node} | set(self.inits)
@@ -343,7 +351,17 @@ def _match_activation(g: _Graph, a: str) -> _Act | None:
 
 
 def _custom(g: _Graph, op: str, x: str, out: str, base: str) -> onnx.NodeProto:
-    return helper.make_node(op, [x], [out], name=g.fresh(f"lpc/{base}"), domain=DOMAIN)
+    node = helper.make_node(op, [x], [out], name=g.fresh(f"lpc/{base}"), domain=DOMAIN)
+    if x in g.shapes:
+        node.attribute.append(helper.make_attribute(SHAPE_HINT, g.shapes[x]))
+    return node
+
+
+def _hint_softmax_shapes(g: _Graph) -> None:
+    for node in g.graph.node:
+        if node.domain == SOFTMAX_DOMAIN and node.op_type == SOFTMAX_OP and node.input[0] in g.shapes:
+            if not any(a.name == SHAPE_HINT for a in node.attribute):
+                node.attribute.append(helper.make_attribute(SHAPE_HINT, g.shapes[node.input[0]]))
 
 
 def _lower_matmul(g: _Graph, node: onnx.NodeProto, specs: dict[str, KernelSpec]) -> bool:
@@ -518,8 +536,11 @@ def _check_leftovers(g: _Graph) -> None:
 
 
 def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Types and shapes of every value (recomputed from the inputs, with data propagation so
+    that shape arithmetic such as attention-mask construction yields static dims)."""
+    del model.graph.value_info[:]
     try:
-        return onnx.shape_inference.infer_shapes(model)
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # shape inference is only a helper here
         logger.debug("shape inference failed (%s); matching without value types", exc)
         return model
@@ -541,6 +562,7 @@ def prepare(model: onnx.ModelProto) -> Prepared:
     folded = _fold_constants(g)
     g.eliminate_dead()
     _check_leftovers(g)
+    _hint_softmax_shapes(g)
     del work.graph.value_info[:]
     kinds = Counter(type(s).__name__ for s in specs.values())
     logger.info("lowering: %s; %d decode node(s) folded", dict(kinds) or "no kernel patterns", len(folded))

@@ -83,7 +83,7 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
         def _convert_operator(self, op_name: str, inputs: Any, attrs: dict, opset: int) -> Any:
             name = attrs.get("tvm_custom", {}).get("name", "")
             if op_name in patterns.CUSTOM_OPS and name in self._specs:
-                return self._kernel(self._specs[name], inputs[0], name)
+                return self._kernel(self._specs[name], inputs[0], attrs.get(patterns.SHAPE_HINT))
             if op_name == patterns.SOFTMAX_OP:
                 return self._softmax(inputs[0], attrs, name)
             return super()._convert_operator(op_name, inputs, attrs, opset)
@@ -98,11 +98,23 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
         def _emit(self, expr: Any) -> Any:
             return self.bb.emit(expr)
 
-        def _dims_of(self, x: Any, what: str) -> list[Any]:
+        def _dims_of(self, x: Any, what: str, hint: Any = None) -> tuple[Any, list[Any]]:
+            """``(x, dims)``; an input of unknown shape is match-cast to the ONNX shape-inference
+            hint (static) or to fresh symbolic dims when only its rank is known."""
+            from tvm import relax, tirx
+
             shape = getattr(x.ty, "shape", None)
-            if shape is None or not hasattr(shape, "values"):
-                raise LpError(f"{what}: input shape unknown (give static input shapes with --shape)")
-            return list(shape.values)
+            if shape is not None and hasattr(shape, "values"):
+                return x, list(shape.values)
+            ndim = int(getattr(x.ty, "ndim", -1))
+            if hint is not None and (ndim < 0 or ndim == len(hint)):
+                dims = [_int64(d) for d in hint]
+            elif ndim >= 0:
+                dims = [tirx.Var(f"lpc_{what.replace('/', '_')}_d{i}", "int64") for i in range(ndim)]
+            else:
+                raise LpError(f"{what}: input rank unknown (give static input shapes with --shape)")
+            x = self.bb.match_cast(x, relax.TensorType(shape=dims, dtype=x.ty.dtype))
+            return x, dims
 
         def _as_f32(self, x: Any) -> Any:
             from tvm import relax
@@ -115,16 +127,16 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             return relax.TensorType(shape=shape, dtype=dtype)
 
         # -- quantized ops -------------------------------------------------------------------------
-        def _kernel(self, spec: patterns.KernelSpec, x: Any, name: str) -> Any:
+        def _kernel(self, spec: patterns.KernelSpec, x: Any, hint: Any) -> Any:
             if isinstance(spec, patterns.ActQDQ | patterns.ActRound):
-                return self._elementwise(spec, x)
-            return self._matmul(spec, x)
+                return self._elementwise(spec, x, hint)
+            return self._matmul(spec, x, hint)
 
-        def _elementwise(self, spec: patterns.ActQDQ | patterns.ActRound, x: Any) -> Any:
+        def _elementwise(self, spec: patterns.ActQDQ | patterns.ActRound, x: Any, hint: Any) -> Any:
             from tvm import relax
             from tvm.sym.analyzer import Analyzer
 
-            dims = self._dims_of(x, spec.node)
+            x, dims = self._dims_of(x, spec.node, hint)
             total = Analyzer().simplify(math.prod(dims, start=_int64(1)))
             flat = self._emit(relax.op.reshape(self._as_f32(x), relax.ShapeExpr([total])))
             tgt = self._target
@@ -140,11 +152,13 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             self.calls.append(KernelCall(spec.node, kind, (gv.name_hint,), "x".join(map(str, dims))))
             return self._emit(relax.op.reshape(y, relax.ShapeExpr(dims)))
 
-        def _matmul(self, spec: patterns.Int4MatMul | patterns.Fp8MatMul | patterns.HalfMatMul, x: Any) -> Any:
+        def _matmul(
+            self, spec: patterns.Int4MatMul | patterns.Fp8MatMul | patterns.HalfMatMul, x: Any, hint: Any
+        ) -> Any:
             from tvm import relax
             from tvm.sym.analyzer import Analyzer
 
-            dims = self._dims_of(x, spec.node)
+            x, dims = self._dims_of(x, spec.node, hint)
             if not dims:
                 raise LpError(f"{spec.node}: MatMul of a scalar")
             last = _static(dims[-1:])
@@ -209,7 +223,7 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             from tvm import relax
 
             axis = int(attrs.get("axis", -1))
-            dims = self._dims_of(x, name)
+            x, dims = self._dims_of(x, name, attrs.get(patterns.SHAPE_HINT))
             static = _static(dims)
             builder = _softmax_builder()
             dtype = x.ty.dtype
@@ -256,7 +270,7 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             fn = self._functions.get((patterns.SOFTMAX_DOMAIN, patterns.SOFTMAX_OP))
             if fn is None:
                 raise LpError(f"{name}: the model has no lpcompile.TwoPassSoftmax function body")
-            caller = {k: v for k, v in attrs.items() if k != "tvm_custom"}
+            caller = {k: v for k, v in attrs.items() if k not in ("tvm_custom", patterns.SHAPE_HINT)}
             caller.setdefault("axis", -1)
             env: dict[str, Any] = {fn.input[0]: x}
             for node in fn.node:
