@@ -112,7 +112,7 @@ def prepare(case: Case, target: Any, device: Any, rng: np.random.Generator) -> P
         f = int4_matmul.matmul_primfunc(k, n, 128, target, "kernel", act_dtype="float16", rows=m if gemv else None)
         out = t(np.zeros((m, n), np.float32))
         args = [t(x), t(int4_matmul.pack_weight(q.codes)), t(int4_matmul.pack_scales(q.scale, n, "float16")), out]
-        w = (q.codes.astype(np.float64) * np.repeat(q.scale.astype(np.float64), 128, axis=0)[:k])
+        w = q.codes.astype(np.float64) * np.repeat(q.scale.astype(np.float64), 128, axis=0)[:k]
         ref = x[:rows].astype(np.float64) @ w
     elif case.family == "fp8_gemm":
         e = "float8_e4m3fn"
@@ -133,8 +133,13 @@ def prepare(case: Case, target: Any, device: Any, rng: np.random.Generator) -> P
         wq = rng.standard_normal((n, k)).astype(np.float32).astype(ml_dtypes.bfloat16)
         f = half_matmul.matmul_primfunc(k, n, e, target, "kernel")
         out = t(np.zeros((m, n), np.float32))
-        args = [t(half_matmul.pack_weight(a, e)), t(half_matmul.pack_weight(wq, e)), t(np.ones(1, np.float32)),
-                t(np.ones(n, np.float32)), out]
+        args = [
+            t(half_matmul.pack_weight(a, e)),
+            t(half_matmul.pack_weight(wq, e)),
+            t(np.ones(1, np.float32)),
+            t(np.ones(n, np.float32)),
+            out,
+        ]
         ref = a[:rows].astype(np.float64) @ wq.astype(np.float64).T
     ex = tvm.compile(tvm.IRModule({"kernel": f}), target=target)
     return Prepared(ex["kernel"], args, out, ref, rows)
@@ -199,16 +204,34 @@ def run_gpu(repeats: int) -> dict[str, Any]:
         base_ms, base = torch_baseline(case, repeats)
         speedup = base_ms / ms if base_ms else None
         goal = GOALS.get(case.family)
-        rows.append({
-            "case": case.name, "family": case.family, "m": case.m, "k": case.k, "n": case.n,
-            "lpcompile_ms": ms, "baseline": base, "baseline_ms": base_ms, "speedup": speedup,
-            "rel_error": err, "goal_speedup": goal,
-            "meets_goal": None if goal is None or speedup is None else bool(speedup >= goal and err <= ERROR_GOAL),
-        })
-        print(f"{case.name}: {ms:.4f} ms, baseline {base_ms if base_ms is None else f'{base_ms:.4f} ms'} "
-              f"({base}), speed-up {speedup if speedup is None else f'{speedup:.2f}×'}, rel. error {err:.2e}")
-    return {"device": dev.device_name, "arch": arch, "repeats": repeats, "rows": rows,
-            "host": platform.node(), "date": time.strftime("%Y-%m-%d")}
+        rows.append(
+            {
+                "case": case.name,
+                "family": case.family,
+                "m": case.m,
+                "k": case.k,
+                "n": case.n,
+                "lpcompile_ms": ms,
+                "baseline": base,
+                "baseline_ms": base_ms,
+                "speedup": speedup,
+                "rel_error": err,
+                "goal_speedup": goal,
+                "meets_goal": None if goal is None or speedup is None else bool(speedup >= goal and err <= ERROR_GOAL),
+            }
+        )
+        print(
+            f"{case.name}: {ms:.4f} ms, baseline {base_ms if base_ms is None else f'{base_ms:.4f} ms'} "
+            f"({base}), speed-up {speedup if speedup is None else f'{speedup:.2f}×'}, rel. error {err:.2e}"
+        )
+    return {
+        "device": dev.device_name,
+        "arch": arch,
+        "repeats": repeats,
+        "rows": rows,
+        "host": platform.node(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def run_cpu_correctness() -> list[dict[str, Any]]:
@@ -229,20 +252,30 @@ def run_cpu_correctness() -> list[dict[str, Any]]:
 
 
 def section(result: dict[str, Any]) -> str:
-    lines = [SECTION, "", f"Device: **{result['device']}** ({result['arch']}), {result['date']}; median of "
-             f"{result['repeats']} samples; baseline and lpcompile timed in the same run.", "",
-             "| case | lpcompile ms | baseline | baseline ms | speed-up | goal | rel. error vs fp64 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        SECTION,
+        "",
+        f"Device: **{result['device']}** ({result['arch']}), {result['date']}; median of "
+        f"{result['repeats']} samples; baseline and lpcompile timed in the same run.",
+        "",
+        "| case | lpcompile ms | baseline | baseline ms | speed-up | goal | rel. error vs fp64 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['case']} | – | – | – | – | – | {r['error']} |")
             continue
         sp = "–" if r["speedup"] is None else f"{r['speedup']:.2f}×"
-        goal = "–" if r["goal_speedup"] is None else f"≥ {r['goal_speedup']}× " + (
-            "✓" if r["meets_goal"] else "✗" if r["meets_goal"] is not None else "?")
+        goal = (
+            "–"
+            if r["goal_speedup"] is None
+            else f"≥ {r['goal_speedup']}× " + ("✓" if r["meets_goal"] else "✗" if r["meets_goal"] is not None else "?")
+        )
         base_ms = "–" if r["baseline_ms"] is None else f"{r['baseline_ms']:.4f}"
-        lines.append(f"| {r['case']} | {r['lpcompile_ms']:.4f} | {r['baseline']} | {base_ms} | {sp} | {goal} | "
-                     f"{r['rel_error']:.2e} |")
+        lines.append(
+            f"| {r['case']} | {r['lpcompile_ms']:.4f} | {r['baseline']} | {base_ms} | {sp} | {goal} | "
+            f"{r['rel_error']:.2e} |"
+        )
     lines += ["", "Command: `python benchmarks/kernels.py`.", ""]
     return "\n".join(lines)
 
@@ -254,7 +287,7 @@ def write_section(text: str, path: Path = BENCH_DIR / "RESULTS.md") -> None:
     if start < 0:
         new = old.rstrip() + "\n\n" + text
     else:
-        nxt = re.search(r"^## ", old[start + len(SECTION):], re.M)
+        nxt = re.search(r"^## ", old[start + len(SECTION) :], re.M)
         end = start + len(SECTION) + nxt.start() if nxt else len(old)
         new = old[:start] + text + ("\n" + old[end:] if nxt else "")
     atomic_write_text(path, new)

@@ -82,7 +82,9 @@ def _mlp_onnx(layers: list[tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], producer_name="lpcompile.examples")
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21)], producer_name="lpcompile.examples", ir_version=10
+    )
 
 
 def _cnn_onnx(sd: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -106,7 +108,9 @@ def _cnn_onnx(sd: dict[str, np.ndarray]) -> onnx.ModelProto:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], producer_name="lpcompile.examples")
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21)], producer_name="lpcompile.examples", ir_version=10
+    )
 
 
 def build_digits(folder: str | Path, seed: int = 0, force: bool = False) -> ExampleArtifacts:

@@ -174,7 +174,7 @@ def compile(
         module: an fp32 ``torch.nn.Module`` (put in eval mode while compiling; its training flag is
             restored).
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs; they fix
-            the export's static dims (axis 0 is exported dynamic, see ``dynamic_shapes``).
+            the export's static dims (see ``dynamic_shapes``) and the shapes MLIR is emitted for.
         budget: ``4.5bits``, ``4.5`` or a size such as ``12MB``.
         calib: calibration data: ``None`` (synthetic inputs from the export's signature), a path
             (``.npz`` / folder), a :class:`CalibrationSet`, a dict ``{input name: array}``, or
@@ -187,7 +187,8 @@ def compile(
         analysis: ``"module"`` (exact autograd on the module) or ``"onnx"`` (interpret the export).
         target: ``qdq`` (standard ops) or ``ort`` (int4 MatMul as com.microsoft MatMulNBits).
         softmax: ``auto`` / ``two-pass`` / ``keep``.
-        dynamic_shapes: ``"batch"``, ``None`` or a ``torch.export`` spec.
+        dynamic_shapes: ``"batch"`` (axis 0 of every input, and the sequence axis of 2-D integer
+            inputs such as token ids, exported dynamic), ``None`` (static) or a ``torch.export`` spec.
         progress: ``progress(stage, done, total)`` callback.
 
     Raises:
@@ -196,6 +197,7 @@ def compile(
     """
     from lpcompile.budget import parse_budget
     from lpcompile.compiler import analyze_model, plan_from_table
+    from lpcompile.frontend.calib import fixed_batch_size
     from lpcompile.frontend.torch_export import export_module
     from lpcompile.solver import parse_keep
 
@@ -214,6 +216,15 @@ def compile(
         progress=(lambda s: progress(s, 0, 1)) if progress else None,
     )
     examples = _example_arrays(module, example_inputs, exported)
+    fixed = fixed_batch_size(exported.model)
+    if fixed is not None and fixed != cfg.batch_size:
+        logger.warning(
+            "the export has a static batch of %d (give example inputs with a batch of 2 or more for a "
+            "dynamic one): analysing in batches of %d",
+            fixed,
+            fixed,
+        )
+        cfg = replace(cfg, batch_size=fixed)
     data = _calibration(calib, exported, examples, cfg)
     t1 = time.perf_counter()
 
@@ -239,7 +250,7 @@ def compile(
         metadata={**plan.metadata, "frontend": {"source": "torch", "module": type(module).__name__, "analysis": used}},
     )
     t3 = time.perf_counter()
-    rewritten, plan = _apply(exported.model, plan, data, target=target, seed=seed)
+    rewritten, plan = _apply(exported.model, plan, data, target=target, seed=seed, batch_size=cfg.batch_size)
     t4 = time.perf_counter()
     return TorchCompileResult(
         plan=plan,
@@ -273,7 +284,7 @@ def _checked(model: ir.Model, table: SensitivityTable) -> SensitivityTable:
 
 
 def _apply(
-    model: ir.Model, plan: PrecisionPlan, calib: CalibrationSet, *, target: str, seed: int
+    model: ir.Model, plan: PrecisionPlan, calib: CalibrationSet, *, target: str, seed: int, batch_size: int
 ) -> tuple[onnx.ModelProto, PrecisionPlan]:
     """Rewrite a copy of the normalised export by ``plan`` (what ``apply_to_file`` does, in memory)."""
     from lpcompile.graph import find_weight_nodes
@@ -285,7 +296,7 @@ def _apply(
     nodes = find_weight_nodes(work)
     validate_against(plan, [n.name for n in nodes])
     if fp8_activation_tensors(plan, nodes):
-        plan = calibrate_plan(work, plan, calib)
+        plan = calibrate_plan(work, plan, calib, batch_size=batch_size)
     rewritten, _ = apply_plan(work, plan, target=target, seed=seed, extra_passes=_softmax_passes(plan))
     return ir.to_proto(rewritten), plan
 
@@ -377,7 +388,7 @@ def analyze_module(
         _spread,
     )
     from lpcompile.formats import activation_scale, qdq_activation
-    from lpcompile.frontend.calib import batches
+    from lpcompile.frontend.calib import batches, trim_padding
     from lpcompile.frontend.torch_export import flatten_inputs, rebuild_inputs
     from lpcompile.graph import find_weight_nodes
 
@@ -393,7 +404,7 @@ def analyze_module(
     _, _, example_leaves, tensor_pos, spec = flatten_inputs(module, example_inputs)
     example_dtypes = [example_leaves[i].dtype for i in tensor_pos]
     data = _limit(calib, config.max_samples)
-    batch_list = list(batches(data, config.batch_size))
+    batch_list = [trim_padding(b) for b in batches(data, config.batch_size)]  # as the ONNX path does
     hooks = _ActivationHooks(module, model, nodes, exported.module_paths, act_tensors) if act_tensors else None
     was_training = module.training
     module.eval()

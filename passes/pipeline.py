@@ -13,15 +13,16 @@ from collections.abc import Sequence
 from typing import Literal
 
 import onnx_ir as ir
-from lpcompile.passes.activations import ActivationPrecisionPass
-from lpcompile.passes.annotate import AnnotatePass
-from lpcompile.passes.cleanup import CleanupPass
-from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
-from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 
 from lpcompile.errors import LpError, PlanError
 from lpcompile.formats import canonical_name, get_format
 from lpcompile.graph import WeightNode, find_weight_nodes
+from lpcompile.passes.activations import ActivationPrecisionPass
+from lpcompile.passes.annotate import AnnotatePass
+from lpcompile.passes.cleanup import CleanupPass
+from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
+from lpcompile.passes.opset import default_opset, min_ir_version
+from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,26 @@ def apply_plan(
                 raise cause from None
             cause = cause.__cause__
         raise
+    if _fit_ir_version(result.model):
+        log.append("ir_version")
     return result.model, log
+
+
+# Low-precision types need IR >= 10 (int4/uint4; float8 needs 9); opset 21 needs IR 10.
+_MIN_IR_FOR_TYPES = 10
+
+
+def _fit_ir_version(model: ir.Model) -> bool:
+    """Write the lowest IR version the model's opsets and types need, so runtimes that lag the
+    onnx package (ONNX Runtime 1.31 reads IR <= 13; onnx 1.23 writes 14) load the output."""
+    opset = default_opset(model)
+    if opset is None:
+        return False
+    wanted = max(min_ir_version(opset), _MIN_IR_FOR_TYPES)
+    if model.ir_version > wanted:
+        model.ir_version = wanted
+        return True
+    return False
 
 
 def normalize(model: ir.Model) -> bool:

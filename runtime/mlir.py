@@ -58,6 +58,7 @@ __all__ = [
     "MlirError",
     "OnnxProgram",
     "available",
+    "constant_types",
     "default_examples",
     "element_types",
     "expected_element_types",
@@ -67,6 +68,7 @@ __all__ = [
     "lower_to_mlir",
     "parse_module",
     "run_linalg",
+    "weight_element_type",
     "write_module",
 ]
 
@@ -345,6 +347,16 @@ def import_onnx(
     return import_program(export_program(model, example_inputs), level)
 
 
+def weight_element_type(fmt: str, level: str = "linalg") -> str | None:
+    """The element type of the weight constant a format's weights are stored in (None: fp32)."""
+    from lpcompile.formats import canonical_name
+
+    _output_type(level)
+    name = canonical_name(fmt)
+    et = "i8" if name.startswith("int4") else _FORMAT_TYPES.get(name)
+    return "si8" if et == "i8" and level == "torch" else et
+
+
 def expected_element_types(formats: Sequence[str], level: str = "linalg") -> set[str]:
     """The MLIR element types that carry ``formats`` at ``level`` (see the module docstring)."""
     from lpcompile.formats import canonical_name
@@ -447,6 +459,36 @@ def _element_type(t: Any) -> str | None:
     if text.startswith(("!torch.vtensor<", "!torch.tensor<")) and "," in text:
         return text.rsplit(",", 1)[1].rstrip(">").strip()  # torch dialect tensors: !torch.vtensor<[..],dtype>
     return None
+
+
+_CONSTANT_OPS = frozenset({"arith.constant", "torch.vtensor.literal", "stablehlo.constant", "tosa.const"})
+
+
+def _tensor_type(t: Any) -> tuple[str, tuple[int, ...]] | None:
+    from torch_mlir import ir as mlir_ir
+
+    if isinstance(t, mlir_ir.ShapedType) and t.has_rank:
+        return str(t.element_type), tuple(int(d) for d in t.shape)
+    text = str(t)
+    if text.startswith("!torch.vtensor<[") and "]," in text:
+        dims, dtype = text[len("!torch.vtensor<[") :].rstrip(">").split("],", 1)
+        try:
+            return dtype.strip(), tuple(int(d) for d in dims.split(",") if d.strip())
+        except ValueError:  # dynamic dims
+            return None
+    return None
+
+
+def constant_types(module: Any) -> collections.Counter[tuple[str, tuple[int, ...]]]:
+    """``(element type, shape)`` of the tensor constants (weights) of a module, walked with the bindings."""
+    counts: collections.Counter[tuple[str, tuple[int, ...]]] = collections.Counter()
+    for op in _iter_ops(module.operation):
+        if op.name in _CONSTANT_OPS:
+            for r in op.results:
+                tt = _tensor_type(r.type)
+                if tt is not None:
+                    counts[tt] += 1
+    return counts
 
 
 def element_types(module: Any) -> collections.Counter[str]:

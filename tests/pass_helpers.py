@@ -22,7 +22,7 @@ def session(model: onnx.ModelProto | ir.Model) -> ort.InferenceSession:
     """An ORT CPU session that runs the graph as written (BASIC, MatMulNBits accuracy level 0)."""
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     so.log_severity_level = 3
     so.intra_op_num_threads = 1

@@ -19,9 +19,9 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from lpcompile.formats import MATMUL_LAYOUT, dequantize, get_format, quantize_weight, round_to_float
-from lpcompile.runtime.tvm.kernels import fp8_matmul, half_matmul, int4_matmul
-from lpcompile.runtime.tvm.kernels.common import cuda_target, fp8_table
+from lpcompile.formats import MATMUL_LAYOUT, dequantize, get_format, quantize_weight, round_to_float  # noqa: E402
+from lpcompile.runtime.tvm.kernels import fp8_matmul, half_matmul, int4_matmul  # noqa: E402
+from lpcompile.runtime.tvm.kernels.common import cuda_target, fp8_table  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.tvm]
 
@@ -69,10 +69,12 @@ def test_fp8_quantize_and_gemm(element: str, m: int) -> None:
     np_t = ml_dtypes.float8_e4m3fn if element == "float8_e4m3fn" else ml_dtypes.float8_e5m2
     w = (rng.standard_normal((n, k)) * 8).astype(np.float32).astype(np_t)
     sw = rng.uniform(0.5, 2, n).astype(np.float32)
-    ex = _compile({
-        "qp": fp8_matmul.quantize_pack_primfunc(k, element, cuda_target(_arch()), "qp"),
-        "mm": fp8_matmul.matmul_primfunc(k, n, element, cuda_target(_arch()), "mm"),
-    })
+    ex = _compile(
+        {
+            "qp": fp8_matmul.quantize_pack_primfunc(k, element, cuda_target(_arch()), "qp"),
+            "mm": fp8_matmul.matmul_primfunc(k, n, element, cuda_target(_arch()), "mm"),
+        }
+    )
     q = _t(np.zeros((m, fp8_matmul.padded_words(k)), np.uint32))
     ex["qp"](_t(x), _t(sa), q)
     codes = q.numpy().view(np.uint8)[:, :k]
@@ -92,10 +94,12 @@ def test_half_round_and_gemm(element: str) -> None:
     np_t = ml_dtypes.bfloat16 if element == "bfloat16" else np.float16
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((n, k)).astype(np.float32).astype(np_t)
-    ex = _compile({
-        "rp": half_matmul.round_pack_primfunc(k, element, cuda_target(_arch()), "rp"),
-        "mm": half_matmul.matmul_primfunc(k, n, element, cuda_target(_arch()), "mm"),
-    })
+    ex = _compile(
+        {
+            "rp": half_matmul.round_pack_primfunc(k, element, cuda_target(_arch()), "rp"),
+            "mm": half_matmul.matmul_primfunc(k, n, element, cuda_target(_arch()), "mm"),
+        }
+    )
     one = _t(np.ones(1, np.float32))
     h = _t(np.zeros((m, half_matmul.padded_words(k)), np.uint32))
     ex["rp"](_t(x), one, h)

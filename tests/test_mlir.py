@@ -15,6 +15,7 @@ fp32 rounding level (≤ 1e-6 · max|y|).
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,38 @@ def test_levels_carry_the_plan_element_types(program, modules, level: str) -> No
     assert {"f8E4M3FN", "f8E5M2", "bf16", "f16"} <= found
 
 
+def _weight_constants(model: onnx.ModelProto, level: str) -> collections.Counter:
+    """``(element type, shape)`` of the stored weight of every planned node: the initializer at the
+    start of the DequantizeLinear/Cast chain that feeds the node's weight input."""
+    from lpcompile.plan import PrecisionPlan
+
+    props = {p.key: p.value for p in model.metadata_props}
+    plan = PrecisionPlan.from_json(props["lpcompile.plan"])
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    seen, out = set(), collections.Counter()
+    for a in plan.nodes:
+        et = mlir.weight_element_type(a.format, level)
+        if et is None:
+            continue
+        name = nodes[a.name].input[1]
+        while name not in inits:
+            name = producers[name].input[0]
+        if name not in seen:
+            seen.add(name)
+            out[(et, inits[name])] += 1
+    return out
+
+
+@pytest.mark.parametrize("level", ("torch", "linalg"))
+def test_every_weight_constant_keeps_its_format(program, modules, low_model: Path, level: str) -> None:
+    expected = _weight_constants(onnx.load(str(low_model)), level)
+    found = mlir.constant_types(_at(modules, program, level))
+    assert len(expected) == len(LOW)
+    assert not expected - found, (expected, found)
+
+
 def test_text_parses_and_verifies(program, modules) -> None:
     module = _at(modules, program, "linalg")
     again = mlir.parse_module(str(module))
@@ -184,3 +217,7 @@ def test_minilm_plan_types_reach_mlir() -> None:
     mlir.verify(module)
     found = set(mlir.element_types(module))
     assert mlir.expected_element_types(formats, "linalg") <= found, (formats, found)
+    # every quantized weight is a constant of its format's element type and its stored shape
+    expected = _weight_constants(result.model, "linalg")
+    assert sum(expected.values()) == sum(1 for n in result.plan.nodes if n.format != "fp32")
+    assert not expected - mlir.constant_types(module)

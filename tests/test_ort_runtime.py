@@ -43,7 +43,7 @@ def _int4_dq_matmul() -> tuple[onnx.ModelProto, np.ndarray]:
 
 def test_session_options_exact_and_fast() -> None:
     exact = session_options("exact", threads=1)
-    assert exact.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert exact.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert exact.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "0"
     assert exact.intra_op_num_threads == 1
     fast = session_options("fast")
@@ -232,3 +232,31 @@ def test_large_model_route_through_external_data(monkeypatch) -> None:
         out = run(make_session(m), feed)["y"]
         w1, w2 = (numpy_helper.to_array(t) for t in model.graph.initializer)
         np.testing.assert_allclose(out, np.maximum(feed["x"] @ w1, 0) @ w2, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_numerics_match_the_reference_for_every_format(tmp_path) -> None:
+    """ORT's optimisers alter FP8 Q/DQ and bf16 round trips; "exact" sessions must not."""
+    from pathlib import Path
+
+    from lpcompile.formats import MATMUL_LAYOUT, activation_scale, qdq_activation, qdq_weight
+    from lpcompile.plan import PrecisionPlan
+    from lpcompile.workflow import apply_to_file
+
+    ex = Path(__file__).resolve().parents[1] / "examples" / "models"
+    x = np.load(ex / "digits_heldout.npz")["pixels"][:32]
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(ex / "digits_mlp.onnx")).graph.initializer}
+    for fmt, element in (("fp8_e5m2", "float8_e5m2"), ("fp8_e4m3", "float8_e4m3fn"), ("bf16", "bfloat16")):
+        res = apply_to_file(ex / "digits_mlp.onnx", tmp_path / f"{fmt}.onnx", uniform=fmt,
+                            calib_path=ex / "digits_calib.npz")
+        plan = PrecisionPlan.load(res.plan_path)
+        h = x.reshape(len(x), -1).astype(np.float32)
+        for i in range(4):
+            act = "x0" if i == 0 else f"h{i - 1}"
+            scale = activation_scale(plan.activation_scales.get(act, 0.0), element)
+            hq = qdq_activation(h, element, scale).astype(np.float64)
+            wq = qdq_weight(fmt, weights[f"fc{i}.weight"], MATMUL_LAYOUT).astype(np.float64)
+            h = (hq @ wq + weights[f"fc{i}.bias"]).astype(np.float32)
+            h = np.maximum(h, 0) if i < 3 else h
+        y = run(make_session(str(res.output), numerics="exact"), {"pixels": x})["logits"]
+        # fp32 summation-order bound over 4 layers (K <= 512), relative to the logits' scale
+        assert np.abs(y - h).max() <= 4 * 513 * 2.0**-24 * np.abs(h).max(), fmt

@@ -349,6 +349,31 @@ def test_infeasible_budget_for_compile(work: Path, capsys) -> None:
                                 "-o", str(work / "o.onnx"), *FAST], 1, "smallest feasible")
 
 
+FLAG_CASES: dict[str, tuple[list[str], int, str]] = {
+    "max-samples 0": (["analyze", "M", "--max-samples", "0", "-o", "D/o.json"], 2, "--max-samples must be at least 1"),
+    "probes 0": (["compile", "M", "--budget", "4.5", "--probes", "0", "-o", "D/o.onnx"], 2, "--probes must be at least 1"),
+    "batch-size -1": (["analyze", "M", "--batch-size=-1", "-o", "D/o.json"], 2, "--batch-size must be at least 1"),
+    "eval batch-size 0": (["eval", "M", "--reference", "M", "--batch-size", "0"], 2, "batch size must be at least 1"),
+    "unknown format": (["apply", "M", "--uniform", "int3", "-o", "D/o.onnx"], 1, "unknown format 'int3'"),
+    "empty formats": (["analyze", "M", "--formats", ",", "-o", "D/o.json"], 1, "empty format list"),
+    "bad keep regex": (["compile", "M", "--budget", "4.5", "--keep", "(", "-o", "D/o.onnx"], 2, "bad regex"),
+    "unknown flag": (["apply", "M", "--frobnicate"], 2, "unrecognized arguments"),
+    "missing budget": (["compile", "M"], 2, "--budget"),
+    "plan is not a plan": (["apply", "M", "D/calib.npz", "-o", "D/o.onnx"], 1, "cannot read plan"),
+    "plan and uniform": (["apply", "M", "D/p.plan.json", "--uniform", "int8", "-o", "D/o.onnx"], 2,
+                         "either a plan file or --uniform"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLAG_CASES))
+def test_bad_flags(work: Path, case: str, capsys) -> None:
+    args, code, msg = FLAG_CASES[case]
+    _plan_file(work)
+    args = [a.replace("D/", f"{work}/") if a.startswith("D/") else str(work / "m.onnx") if a == "M" else a
+            for a in args]
+    expect_error(capsys, work, args, code, msg)
+
+
 # --------------------------------------------------------------------------------------------
 # calibration data
 

@@ -21,7 +21,7 @@ from _torch_models import MINILM_INPUTS, SMALL_CONFIG, make_block, minilm_compil
 
 import lpcompile
 from lpcompile.analysis.losses import numpy_distortion, output_loss_kinds
-from lpcompile.compiler import analyze_model, compile_file, plan_from_table
+from lpcompile.compiler import compile_file, plan_from_table
 from lpcompile.errors import BudgetError, UsageError
 from lpcompile.frontend.calib import CalibrationSet, synthesize
 from lpcompile.frontend.onnx_io import save_model
@@ -46,10 +46,16 @@ def compiled(block) -> TorchCompileResult:
 
 
 @pytest.fixture(scope="module")
-def onnx_table(compiled):
-    return analyze_model(
-        compiled.exported.model, compiled.calib, SMALL_CONFIG, module_paths=compiled.exported.module_paths
-    )
+def onnx_result(compiled, tmp_path_factory):
+    """The ONNX path (``compile_file``) on the same export, calibration settings and seed."""
+    ref_path = tmp_path_factory.mktemp("onnx_path") / "block.onnx"
+    save_model(compiled.exported.model, ref_path)
+    return compile_file(ref_path, "4.5bits", config=SMALL_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def onnx_table(onnx_result):
+    return onnx_result.table
 
 
 def _ort(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,10 +111,22 @@ def test_module_and_onnx_analysis_agree(compiled: TorchCompileResult, onnx_table
         assert [n.format for n in p_mod.nodes] == [n.format for n in p_onnx.nodes], budget
 
 
-def test_distortion_no_worse_than_onnx_path(compiled: TorchCompileResult, tmp_path: Path) -> None:
-    ref_path = tmp_path / "block.onnx"
-    save_model(compiled.exported.model, ref_path)
-    onnx_result = compile_file(ref_path, "4.5bits", config=SMALL_CONFIG)
+def test_hvp_estimator_double_backward_through_sdpa(block, compiled: TorchCompileResult) -> None:
+    """Double backward through ``scaled_dot_product_attention`` (math backend) matches the ONNX path."""
+    from dataclasses import replace
+
+    from lpcompile.compiler import analyze_model
+
+    module, x = block
+    cfg = replace(SMALL_CONFIG, estimator="hvp", probes=2)
+    mod = analyze_module(module, compiled.exported, compiled.calib, cfg, (x,))
+    ref = analyze_model(compiled.exported.model, compiled.calib, cfg)
+    assert mod.method == ref.method == "hutchinson-hvp-diag"
+    for m, o in zip(mod.nodes, ref.nodes, strict=True):
+        assert m.trace == pytest.approx(o.trace, rel=1e-4, abs=1e-9), m.name
+
+
+def test_distortion_no_worse_than_onnx_path(compiled: TorchCompileResult, onnx_result) -> None:
     onnx_model = onnx.load(str(onnx_result.applied.output))
     assert {n.module_path for n in onnx_result.plan.nodes} == BLOCK_PATHS  # names from the export metadata
     held = synthesize(compiled.exported.model, num_samples=32, seed=1).arrays
@@ -207,3 +225,12 @@ def _minilm_config():
     from lpcompile.analysis.config import AnalysisConfig
 
     return AnalysisConfig(probes=16, batch_size=8)
+
+
+def test_plain_onnx_files_get_no_guessed_module_paths() -> None:
+    from lpcompile.workflow import normalized_model
+
+    digits = Path(__file__).resolve().parents[1] / "examples" / "models" / "digits_mlp.onnx"
+    model = normalized_model(digits)  # weights are named fc0.weight..., but nothing says they are modules
+    assert module_paths_from_metadata(model) == {}
+    assert module_paths_from_metadata(model, ["fc0.weight"]) == {"fc0": "fc0"}

@@ -140,8 +140,14 @@ def test_fp8_matmul_accumulates_exact_products(element: str) -> None:
     sw = rng.uniform(0.1, 2.0, n).astype(np.float32)
     ex = _compile({"mm": fp8_matmul.matmul_primfunc(k, n, element, "llvm", "mm")})
     y = _t(np.zeros((m, n), np.float32))
-    ex["mm"](_t(fp8_matmul.pack_weight(a, element)), _t(fp8_matmul.pack_weight(w, element)), _t(sa), _t(sw),
-             _t(fp8_table(element)), y)
+    ex["mm"](
+        _t(fp8_matmul.pack_weight(a, element)),
+        _t(fp8_matmul.pack_weight(w, element)),
+        _t(sa),
+        _t(sw),
+        _t(fp8_table(element)),
+        y,
+    )
     a64, w64 = a.astype(np.float64), w.astype(np.float64)
     scale = float(sa[0]) * sw.astype(np.float64)
     _gamma_ok(y.numpy(), (a64 @ w64.T) * scale, (np.abs(a64) @ np.abs(w64).T) * scale, k)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig
+from lpcompile.errors import UsageError
 from lpcompile.formats import parse_format_list
 
 
@@ -30,6 +31,9 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
 
 
 def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
+    for flag, value in (("--probes", args.probes), ("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, not {value}")
     return AnalysisConfig(
         formats=parse_format_list(args.formats),
         probes=args.probes,

@@ -12,14 +12,25 @@ from lpcompile.errors import UsageError
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("lower", help="compile a rewritten model with TVM (cuda, llvm) or emit MLIR")
     p.add_argument("model", help="rewritten ONNX model (from `lpcompile apply`)")
-    p.add_argument("--target", choices=["llvm", "cuda", "mlir"], default="llvm",
-                   help="llvm: CPU shared library (correctness path); cuda: GPU library; mlir: MLIR text")
+    p.add_argument(
+        "--target",
+        choices=["llvm", "cuda", "mlir"],
+        default="llvm",
+        help="llvm: CPU shared library (correctness path); cuda: GPU library; mlir: MLIR text",
+    )
     p.add_argument("--arch", help="CUDA architecture (default sm_90)")
     p.add_argument("-o", "--output", required=True, help="output file (.so for llvm/cuda, .mlir for mlir)")
     p.add_argument("--emit-source", metavar="DIR", help="also write the generated source (.cu [+ .ptx] or .ll)")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,..",
-                   help="static shape for an input with symbolic dims; repeatable")
-    p.add_argument("--mlir-level", default="linalg-on-tensors", help="MLIR dialect level for --target mlir")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,..",
+        help="static shape for an input with symbolic dims; repeatable",
+    )
+    p.add_argument(
+        "--mlir-level", default="linalg", help="MLIR level for --target mlir (torch, linalg, stablehlo, ...)"
+    )
     return p
 
 
@@ -33,18 +44,31 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--target llvm/cuda needs Apache TVM: pip install 'lpcompile[tvm]'")
     from lpcompile.runtime.tvm.build import lower_model, parse_shapes
 
-    result = lower_model(args.model, args.output, target=args.target, arch=args.arch,
-                         emit_source=args.emit_source, shapes=parse_shapes(args.shape))
-    out.table("kernel calls", ["node", "kernel", "shape"],
-              [(k["node"], k["kind"], k["shape"]) for k in result.kernels])
-    out.line(f"wrote {result.output} and {result.meta.name} ({len(result.kernels)} lpcompile kernel call(s), "
-             f"{result.folded} weight decode(s) folded into fp32 constants)")
+    result = lower_model(
+        args.model,
+        args.output,
+        target=args.target,
+        arch=args.arch,
+        emit_source=args.emit_source,
+        shapes=parse_shapes(args.shape),
+    )
+    out.table("kernel calls", ["node", "kernel", "shape"], [(k["node"], k["kind"], k["shape"]) for k in result.kernels])
+    out.line(
+        f"wrote {result.output} and {result.meta.name} ({len(result.kernels)} lpcompile kernel call(s), "
+        f"{result.folded} weight decode(s) folded into fp32 constants)"
+    )
     for src in result.sources:
         out.line(f"source: {src}")
-    out.emit_json({
-        "output": str(result.output), "meta": str(result.meta), "target": result.target,
-        "kernels": list(result.kernels), "folded": result.folded, "sources": [str(s) for s in result.sources],
-    })
+    out.emit_json(
+        {
+            "output": str(result.output),
+            "meta": str(result.meta),
+            "target": result.target,
+            "kernels": list(result.kernels),
+            "folded": result.folded,
+            "sources": [str(s) for s in result.sources],
+        }
+    )
     return 0
 
 
@@ -55,6 +79,12 @@ def _run_mlir(args: argparse.Namespace, out: Output) -> int:
 
     result = lower_to_mlir(args.model, args.output, args.mlir_level)
     out.line(f"wrote {args.output}")
-    out.emit_json({"output": str(args.output), "target": "mlir", "level": args.mlir_level,
-                   "result": str(result) if result is not None else None})
+    out.emit_json(
+        {
+            "output": str(args.output),
+            "target": "mlir",
+            "level": args.mlir_level,
+            "result": str(result) if result is not None else None,
+        }
+    )
     return 0

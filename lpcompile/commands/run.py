@@ -16,8 +16,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("module", help="compiled module (.so with its .meta.json beside it)")
     p.add_argument("--inputs", required=True, help=".npz with one array per model input")
     p.add_argument("-o", "--output", help="write the outputs to this .npz")
-    p.add_argument("--reference", metavar="MODEL.onnx",
-                   help="also run this ONNX model in ONNX Runtime (graph as written) and report the difference")
+    p.add_argument(
+        "--reference",
+        metavar="MODEL.onnx",
+        help="also run this ONNX model in ONNX Runtime (graph as written) and report the difference",
+    )
     return p
 
 
@@ -30,8 +33,16 @@ def run(args: argparse.Namespace) -> int:
     model = load_compiled(args.module)
     inputs = load_inputs(args.inputs, model.input_names)
     outputs = model.run(inputs)
-    rows = [(name, "x".join(map(str, a.shape)) or "scalar", str(a.dtype), float(np.nanmin(a)) if a.size else None,
-             float(np.nanmax(a)) if a.size else None) for name, a in outputs.items()]
+    rows = [
+        (
+            name,
+            "x".join(map(str, a.shape)) or "scalar",
+            str(a.dtype),
+            float(np.nanmin(a)) if a.size else None,
+            float(np.nanmax(a)) if a.size else None,
+        )
+        for name, a in outputs.items()
+    ]
     out.table("outputs", ["name", "shape", "dtype", "min", "max"], rows)
     payload: dict[str, object] = {"outputs": {n: list(a.shape) for n, a in outputs.items()}}
     if args.output:
@@ -40,8 +51,11 @@ def run(args: argparse.Namespace) -> int:
         payload["output_file"] = args.output
     if args.reference:
         diffs = compare_with_onnx(args.reference, inputs, outputs)
-        out.table("vs ONNX Runtime", ["output", "max |diff|", "max |ref|"],
-                  [(n, d["max_abs_diff"], d["max_abs_ref"]) for n, d in diffs.items()])
+        out.table(
+            "vs ONNX Runtime",
+            ["output", "max |diff|", "max |ref|"],
+            [(n, d["max_abs_diff"], d["max_abs_ref"]) for n, d in diffs.items()],
+        )
         payload["reference"] = diffs
     out.emit_json(payload)
     return 0

@@ -121,12 +121,13 @@ def _scopes(node: ir.Node) -> list[str] | None:
     return scopes
 
 
-def node_module_path(node: ir.Node, param_names: Sequence[str] = ()) -> str | None:
+def node_module_path(node: ir.Node, param_names: Sequence[str] = (), by_weight_name: bool = True) -> str | None:
     """The PyTorch module path of one node, or None when the model does not say.
 
     Order: an ``lpcompile.module_path`` already written by lpcompile; the innermost module scope
-    of the dynamo exporter's ``name_scopes`` (root-level ops have none); a weight input named like
-    ``<module>.weight`` (parameter names survive as initializer names in Gemm/Conv exports).
+    of the dynamo exporter's ``name_scopes`` (root-level ops have none); with ``by_weight_name``, a
+    weight input named like ``<module>.weight`` (parameter names survive as initializer names in
+    Gemm/Conv exports; restricted to ``param_names`` when given).
     """
     known = node.metadata_props.get(MODULE_PATH_KEY)
     if known:
@@ -136,6 +137,8 @@ def node_module_path(node: ir.Node, param_names: Sequence[str] = ()) -> str | No
         modules = [s for s in scopes[:-1] if s]
         if modules:
             return modules[-1]
+    if not by_weight_name:
+        return None
     names = set(param_names)
     for value in node.inputs[1:2]:
         if value is not None and value.name and value.is_initializer():
@@ -146,14 +149,20 @@ def node_module_path(node: ir.Node, param_names: Sequence[str] = ()) -> str | No
 
 
 def module_paths_from_metadata(model: ir.Model, param_names: Sequence[str] = ()) -> dict[str, str]:
-    """Weighted-node name → module path for every weighted node whose origin is recorded."""
+    """Weighted-node name → module path for every weighted node whose origin is recorded.
+
+    Weight names are read as parameter names only for a dynamo export (some node carries
+    ``name_scopes``) or when the module's ``param_names`` are given: in other ONNX files a dotted
+    initializer name is not evidence of a PyTorch module.
+    """
     from lpcompile.graph import find_weight_nodes
 
     by_name = {n.name: n for n in model.graph}
+    by_weight_name = bool(param_names) or any(NAME_SCOPES_KEY in n.metadata_props for n in model.graph)
     out: dict[str, str] = {}
     for w in find_weight_nodes(model):
         node = by_name.get(w.name)
-        path = node_module_path(node, param_names) if node is not None else None
+        path = node_module_path(node, param_names, by_weight_name) if node is not None else None
         if path:
             out[w.name] = path
     return out
@@ -313,14 +322,17 @@ def match_parameters(model: ir.Model, module: Any, module_paths: Mapping[str, st
 
 
 def _dynamic_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``Dim.AUTO`` on axis 0 of every tensor input of rank ≥ 1 (export may still specialise it)."""
+    """``Dim.AUTO`` on axis 0 of every tensor input of rank ≥ 1, and on axis 1 of 2-D integer/bool
+    inputs (token ids and attention masks: the sequence); export may still specialise either."""
     import torch
     from torch.utils import _pytree as pytree
 
     def spec(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() >= 1:
-            return {0: torch.export.Dim.AUTO}
-        return None
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            return None
+        if x.dim() == 2 and not x.is_floating_point() and not x.is_complex():
+            return {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+        return {0: torch.export.Dim.AUTO}
 
     return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs)
 
@@ -338,8 +350,9 @@ def export_module(
     Args:
         module: an fp32 ``torch.nn.Module``.
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
-        dynamic_shapes: ``"batch"`` (axis 0 of every tensor input dynamic, the default),
-            ``None`` (static shapes) or a ``torch.export`` ``dynamic_shapes`` spec.
+        dynamic_shapes: ``"batch"`` (the default: axis 0 of every tensor input dynamic, and the
+            sequence axis of 2-D integer inputs such as token ids and masks), ``None`` (static
+            shapes) or a ``torch.export`` ``dynamic_shapes`` spec.
         opset: ONNX opset of the export.
 
     Raises:
@@ -377,9 +390,11 @@ def export_module(
         if progress:
             progress("torch.onnx.export")
         try:
-            onnx_program = torch.onnx.export(
-                program, dynamo=True, opset_version=opset, output_names=out_names, verbose=False
-            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                onnx_program = torch.onnx.export(
+                    program, dynamo=True, opset_version=opset, output_names=out_names, verbose=False
+                )
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     finally:

@@ -240,6 +240,8 @@ def lower_model(
     out_path = Path(out)
     if out_path.is_dir():
         raise UsageError(f"output {out_path} is a directory; give a file name")
+    if not Path(model_path).is_file():
+        raise ModelLoadError(f"model not found: {model_path}")
     if subprocess_build is None:
         subprocess_build = target == "cuda"
     if subprocess_build:
@@ -377,7 +379,7 @@ class CompiledModel:
             arr = np.asarray(inputs[info["name"]])
             want = np.dtype(info["dtype"]) if info["dtype"] != "unknown" else arr.dtype
             if arr.dtype != want:
-                if arr.dtype.kind == "f" and want.kind == "f" or arr.dtype.kind in "iu" and want.kind in "iu":
+                if (arr.dtype.kind == "f" and want.kind == "f") or (arr.dtype.kind in "iu" and want.kind in "iu"):
                     arr = arr.astype(want)
                 else:
                     raise UsageError(f"input {info['name']!r} is {arr.dtype}, the model expects {want}")

@@ -126,6 +126,8 @@ class Prepared:
     model: onnx.ModelProto
     specs: dict[str, KernelSpec]
     folded: tuple[str, ...] = field(default_factory=tuple)
+    output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Static output shape (ONNX shape inference) of each uniquely named one-output node."""
 
 
 class UnsupportedPatternError(LpError):
@@ -200,7 +202,9 @@ class _Graph:
             for n in dead:
                 self.graph.node.remove(n)
         self.refresh()
-        keep = [t for t in self.graph.initializer if self.uses[t.name] > 0 or t.name in {i.name for i in self.graph.input}]
+        keep = [
+            t for t in self.graph.initializer if self.uses[t.name] > 0 or t.name in {i.name for i in self.graph.input}
+        ]
         if len(keep) != len(self.graph.initializer):
             del self.graph.initializer[:]
             self.graph.initializer.extend(keep)
@@ -359,9 +363,10 @@ def _custom(g: _Graph, op: str, x: str, out: str, base: str) -> onnx.NodeProto:
 
 def _hint_softmax_shapes(g: _Graph) -> None:
     for node in g.graph.node:
-        if node.domain == SOFTMAX_DOMAIN and node.op_type == SOFTMAX_OP and node.input[0] in g.shapes:
-            if not any(a.name == SHAPE_HINT for a in node.attribute):
-                node.attribute.append(helper.make_attribute(SHAPE_HINT, g.shapes[node.input[0]]))
+        is_softmax = node.domain == SOFTMAX_DOMAIN and node.op_type == SOFTMAX_OP
+        hinted = any(a.name == SHAPE_HINT for a in node.attribute)
+        if is_softmax and not hinted and node.input[0] in g.shapes:
+            node.attribute.append(helper.make_attribute(SHAPE_HINT, g.shapes[node.input[0]]))
 
 
 def _lower_matmul(g: _Graph, node: onnx.NodeProto, specs: dict[str, KernelSpec]) -> bool:
@@ -403,7 +408,11 @@ def _lower_matmul(g: _Graph, node: onnx.NodeProto, specs: dict[str, KernelSpec])
             return False
         new = _custom(g, HALF_OP, act.source, node.output[0], node.name or "half")
         specs[new.name] = HalfMatMul(
-            node.name, k, n, weight.element, half_matmul.pack_weight(np.ascontiguousarray(weight.codes.T), weight.element)
+            node.name,
+            k,
+            n,
+            weight.element,
+            half_matmul.pack_weight(np.ascontiguousarray(weight.codes.T), weight.element),
         )
     g.replace(node, new)
     logger.debug("%s → %s (%s)", node.name, new.op_type, new.name)
@@ -434,7 +443,9 @@ def _lower_nbits(g: _Graph, node: onnx.NodeProto, specs: dict[str, KernelSpec]) 
     g.replace(node, new)
 
 
-def dequantize_linear(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block: int) -> np.ndarray:
+def dequantize_linear(
+    codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block: int
+) -> np.ndarray:
     """ONNX ``DequantizeLinear`` (opset 21, incl. blocked) in numpy; output in the scale's type.
 
     ``(x − zp) · scale`` is evaluated in float64 (exact for every stored type) and rounded once to
@@ -546,6 +557,54 @@ def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+def _static_inputs(model: onnx.ModelProto) -> bool:
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            return False
+    return True
+
+
+def _fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """With static inputs, fold ``Shape``/``Range``/``Expand`` chains (e.g. attention masks) to
+    constants (onnxscript's constant folder): TVM's importer would turn them into symbolic dims
+    that later defeat broadcasting shape inference and legalization."""
+    if not _static_inputs(model):
+        return model
+    try:
+        import onnx_ir as ir
+        from onnxscript import optimizer
+
+        m = ir.from_proto(model)
+        optimizer.fold_constants(m)
+        folded = ir.to_proto(m)
+    except Exception as exc:  # folding is an optimisation; the unfolded graph is still correct
+        logger.info("constant folding of shape arithmetic skipped: %s", exc)
+        return model
+    _constants_to_initializers(folded.graph)
+    return folded
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Main-graph ``Constant`` nodes → initializers (TVM's converter reads only the tensor form)."""
+    for node in [n for n in graph.node if _is(n, "Constant") and len(n.attribute) == 1]:
+        a = node.attribute[0]
+        value = helper.get_attribute_value(a)
+        if a.name == "value":
+            arr = numpy_helper.to_array(value)
+        elif a.name in ("value_int", "value_ints"):
+            arr = np.asarray(value, dtype=np.int64)
+        elif a.name in ("value_float", "value_floats"):
+            arr = np.asarray(value, dtype=np.float32)
+        else:
+            continue
+        graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name=node.output[0]))
+        graph.node.remove(node)
+
+
 def prepare(model: onnx.ModelProto) -> Prepared:
     """Cut the quantized patterns out of ``model`` (not modified); see the module docstring."""
     work = _with_types(copy.deepcopy(model))
@@ -563,7 +622,14 @@ def prepare(model: onnx.ModelProto) -> Prepared:
     g.eliminate_dead()
     _check_leftovers(g)
     _hint_softmax_shapes(g)
+    names = Counter(n.name for n in g.graph.node)
+    out_shapes = {
+        n.name: tuple(g.shapes[n.output[0]])
+        for n in g.graph.node
+        if n.name and names[n.name] == 1 and len(n.output) == 1 and n.output[0] in g.shapes
+    }
     del work.graph.value_info[:]
+    work = _fold_shape_arithmetic(work)
     kinds = Counter(type(s).__name__ for s in specs.values())
     logger.info("lowering: %s; %d decode node(s) folded", dict(kinds) or "no kernel patterns", len(folded))
-    return Prepared(work, specs, tuple(folded))
+    return Prepared(work, specs, tuple(folded), out_shapes)

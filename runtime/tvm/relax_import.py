@@ -71,6 +71,7 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             self._target = common.as_target(target)
             self._cuda = common.is_cuda(self._target)
             self._gvars: dict[tuple[Any, ...], Any] = {}
+            self._out_shapes = prepared.output_shapes
             self.calls: list[KernelCall] = []
 
         # -- dispatch ---------------------------------------------------------------------------
@@ -86,7 +87,24 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
                 return self._kernel(self._specs[name], inputs[0], attrs.get(patterns.SHAPE_HINT))
             if op_name == patterns.SOFTMAX_OP:
                 return self._softmax(inputs[0], attrs, name)
-            return super()._convert_operator(op_name, inputs, attrs, opset)
+            return self._pin_shape(super()._convert_operator(op_name, inputs, attrs, opset), name)
+
+        def _pin_shape(self, out: Any, name: str) -> Any:
+            """Match-cast an output whose Relax shape is not static to the static shape ONNX shape
+            inference found (TVM's importer loses static dims through shape arithmetic such as
+            ``Range``-built attention masks, and unknown shapes cannot be legalized)."""
+            from tvm import relax
+
+            hint = self._out_shapes.get(name)
+            ty = getattr(out, "ty", None)
+            if hint is None or not isinstance(ty, relax.TensorType):
+                return out
+            shape = getattr(ty, "shape", None)
+            if shape is not None and hasattr(shape, "values") and _static(list(shape.values)) is not None:
+                return out
+            if int(getattr(ty, "ndim", -1)) not in (-1, len(hint)):
+                return out
+            return self.bb.match_cast(out, relax.TensorType(shape=[_int64(d) for d in hint], dtype=ty.dtype))
 
         # -- helpers ------------------------------------------------------------------------------
         def _func(self, key: tuple[Any, ...], make: Any) -> Any:
@@ -142,10 +160,16 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             tgt = self._target
             if isinstance(spec, patterns.ActQDQ):
                 gv = self._func(("qdq", spec.element), lambda n: fp8_matmul.qdq_primfunc(spec.element, tgt, n))
-                args = [flat, relax.const(np.array([spec.scale], np.float32)), relax.const(common.fp8_table(spec.element))]
+                args = [
+                    flat,
+                    relax.const(np.array([spec.scale], np.float32)),
+                    relax.const(common.fp8_table(spec.element)),
+                ]
                 kind = f"qdq {spec.element}"
             else:
-                gv = self._func(("round", spec.element), lambda n: half_matmul.round_trip_primfunc(spec.element, tgt, n))
+                gv = self._func(
+                    ("round", spec.element), lambda n: half_matmul.round_trip_primfunc(spec.element, tgt, n)
+                )
                 args = [flat, relax.const(np.ones(1, np.float32))]
                 kind = f"round {spec.element}"
             y = self._emit(relax.call_tir(gv, args, self._tensor([total], "float32")))
@@ -173,7 +197,9 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             tgt = self._target
             if isinstance(spec, patterns.Int4MatMul):
                 gemv = self._cuda and rows is not None and rows[0] <= int4_matmul.GEMV_MAX_ROWS
-                key = ("int4", f"k{k}", f"n{n}", f"b{spec.block}", spec.scale_dtype) + ((f"m{rows[0]}",) if gemv else ())
+                key = ("int4", f"k{k}", f"n{n}", f"b{spec.block}", spec.scale_dtype) + (
+                    (f"m{rows[0]}",) if gemv else ()
+                )
                 gv = self._func(
                     key,
                     lambda nm: int4_matmul.matmul_primfunc(
@@ -186,7 +212,8 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             elif isinstance(spec, patterns.Fp8MatMul):
                 kw = fp8_matmul.padded_words(k)
                 qv = self._func(
-                    ("fp8q", spec.element, f"k{k}"), lambda nm: fp8_matmul.quantize_pack_primfunc(k, spec.element, tgt, nm)
+                    ("fp8q", spec.element, f"k{k}"),
+                    lambda nm: fp8_matmul.quantize_pack_primfunc(k, spec.element, tgt, nm),
                 )
                 mv = self._func(
                     ("fp8mm", spec.element, f"k{k}", f"n{n}"),
@@ -203,7 +230,8 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             else:
                 kw = half_matmul.padded_words(k)
                 rv = self._func(
-                    ("halfr", spec.element, f"k{k}"), lambda nm: half_matmul.round_pack_primfunc(k, spec.element, tgt, nm)
+                    ("halfr", spec.element, f"k{k}"),
+                    lambda nm: half_matmul.round_pack_primfunc(k, spec.element, tgt, nm),
                 )
                 mv = self._func(
                     ("halfmm", spec.element, f"k{k}", f"n{n}"),
@@ -253,10 +281,7 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             # Relax's RewriteDataflowReshape analyses every one-input call_tir bound to a dataflow
             # var for a reshape pattern, and that analysis aborts on hand-scheduled PrimFuncs
             # without a root block; a block output binding is outside its scope.
-            if self.bb.current_block_is_dataflow():
-                y = self.bb.emit_output(call)
-            else:
-                y = self._emit(call)
+            y = self.bb.emit_output(call) if self.bb.current_block_is_dataflow() else self._emit(call)
             y = self._emit(relax.op.reshape(y, relax.ShapeExpr([_int64(d) for d in static])))
             if perm is not None:
                 inverse = [perm.index(i) for i in range(rank)]

@@ -24,10 +24,11 @@ Numerics:
 Kernels (:func:`matmul_primfunc` picks one):
 
 * LLVM: parallel loops, the reference;
-* CUDA GEMV (static ``M ≤ 8``): 8 warps per block, each warp 2 output columns; the activation
+* CUDA GEMV (static ``M ≤ 8``): 4 warps per block, each warp 4 output columns; the activation
   rows are staged once per block in shared memory (as fp32); consecutive lanes read
-  consecutive packed words (coalesced) and the matching 8 activations as two 16-byte shared
-  loads; a warp-shuffle reduction finishes each column;
+  consecutive packed words (coalesced), one per column, and the matching 8 activations once
+  (two 16-byte shared loads) for all four columns; a warp-shuffle reduction finishes each
+  column;
 * CUDA GEMM: 64 × 64 output tiles, 256 threads with 4 × 4 register tiles, K in stages of 32;
   each thread unpacks one packed word per stage into the shared-memory weight tile.
 """
@@ -184,8 +185,8 @@ def _cpu(k: int, n: int, block: int, name: str, act_dtype: str, scale_dtype: str
     return finish(int4_cpu, name)
 
 
-GEMV_WARPS = 8
-GEMV_COLS = 2
+GEMV_WARPS = 4
+GEMV_COLS = 4
 GEMV_VEC = 4
 
 
@@ -198,7 +199,8 @@ def _gemv_cuda(k: int, n: int, block: int, name: str, act_dtype: str, scale_dtyp
     store = STORAGE_DTYPES[act_dtype]
     threads = GEMV_WARPS * 32
     cols_per_block = GEMV_WARPS * GEMV_COLS
-    iters = -(-kw // (32 * GEMV_VEC))
+    span = 32 * GEMV_VEC  # words a warp covers per iteration
+    iters = -(-kw // span)
     stage = -(-(rows * kp) // threads)
     word_scale = block % PER_WORD == 0
     if rows * kp * 4 > SMEM_LIMIT:
@@ -216,6 +218,10 @@ def _gemv_cuda(k: int, n: int, block: int, name: str, act_dtype: str, scale_dtyp
             part = part * tirx.Cast("float32", S[nn, tirx.min(k0 // block, nb - 1)])
         return part
 
+    def col(bx: Any, tid: Any, c: Any) -> Any:
+        """Output column ``c`` of this warp, clamped into range (results of clamped columns are dropped)."""
+        return tirx.min(bx * cols_per_block + (tid // 32) * GEMV_COLS + c, n - 1)
+
     @T.prim_func(private=True)
     def int4_gemv(x: T.handle, wp: T.handle, s: T.handle, y: T.handle):
         X = T.match_buffer(x, (rows, k), store)
@@ -225,9 +231,9 @@ def _gemv_cuda(k: int, n: int, block: int, name: str, act_dtype: str, scale_dtyp
         for bx in T.thread_binding(-(-n // cols_per_block), thread="blockIdx.x"):
             for tid in T.thread_binding(threads, thread="threadIdx.x"):
                 xs = T.alloc_buffer((rows * kp,), "float32", scope="shared")
-                wv = T.alloc_buffer((1,), "uint32", scope="local")
+                wv = T.alloc_buffer((GEMV_COLS,), "uint32", scope="local")
                 xr = T.alloc_buffer((PER_WORD,), "float32", scope="local")
-                acc = T.alloc_buffer((rows,), "float32", scope="local")
+                acc = T.alloc_buffer((rows * GEMV_COLS,), "float32", scope="local")
                 red = T.alloc_buffer((1,), "float32", scope="local")
                 for i in range(stage):
                     if i * threads + tid < rows * kp:
@@ -237,35 +243,30 @@ def _gemv_cuda(k: int, n: int, block: int, name: str, act_dtype: str, scale_dtyp
                             T.float32(0),
                         )
                 T.tvm_storage_sync("shared")
-                for c in range(GEMV_COLS):
-                    if bx * cols_per_block + (tid // 32) * GEMV_COLS + c < n:
-                        for m in T.unroll(rows):
-                            acc[m] = T.float32(0)
-                        for it in range(iters):
-                            for v in T.unroll(GEMV_VEC):
-                                if it * 32 * GEMV_VEC + v * 32 + tid % 32 < kw:
-                                    wv[0] = Wp[
-                                        bx * cols_per_block + (tid // 32) * GEMV_COLS + c,
-                                        it * 32 * GEMV_VEC + v * 32 + tid % 32,
-                                    ]
-                                    for m in T.unroll(rows):
-                                        for h in T.vectorized(PER_WORD):
-                                            xr[h] = xs[m * kp + (it * 32 * GEMV_VEC + v * 32 + tid % 32) * PER_WORD + h]
-                                        acc[m] = acc[m] + word_dot(
-                                            xr,
-                                            wv[0],
-                                            (it * 32 * GEMV_VEC + v * 32 + tid % 32) * PER_WORD,
-                                            S,
-                                            bx * cols_per_block + (tid // 32) * GEMV_COLS + c,
-                                        )
-                        for m in T.unroll(rows):
-                            red[0] = acc[m]
-                            for off in T.unroll(5):
-                                red[0] = red[0] + T.tvm_warp_shuffle_down(
-                                    T.tvm_warp_activemask(), red[0], T.shift_right(16, off), 32, 32
-                                )
-                            if tid % 32 == 0:
-                                Y[m, bx * cols_per_block + (tid // 32) * GEMV_COLS + c] = red[0]
+                for i in T.unroll(rows * GEMV_COLS):
+                    acc[i] = T.float32(0)
+                for it in range(iters):
+                    for v in T.unroll(GEMV_VEC):
+                        if it * span + v * 32 + tid % 32 < kw:
+                            # one packed word per column (coalesced across the warp) ...
+                            for c in T.unroll(GEMV_COLS):
+                                wv[c] = Wp[col(bx, tid, c), it * span + v * 32 + tid % 32]
+                            # ... against the same 8 activations (two 16-byte shared loads) per row
+                            for m in T.unroll(rows):
+                                for h in T.vectorized(PER_WORD):
+                                    xr[h] = xs[m * kp + (it * span + v * 32 + tid % 32) * PER_WORD + h]
+                                for c in T.unroll(GEMV_COLS):
+                                    acc[m * GEMV_COLS + c] = acc[m * GEMV_COLS + c] + word_dot(
+                                        xr, wv[c], (it * span + v * 32 + tid % 32) * PER_WORD, S, col(bx, tid, c)
+                                    )
+                for i in T.unroll(rows * GEMV_COLS):
+                    red[0] = acc[i]
+                    for off in T.unroll(5):
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(
+                            T.tvm_warp_activemask(), red[0], T.shift_right(16, off), 32, 32
+                        )
+                    if tid % 32 == 0 and bx * cols_per_block + (tid // 32) * GEMV_COLS + i % GEMV_COLS < n:
+                        Y[i // GEMV_COLS, bx * cols_per_block + (tid // 32) * GEMV_COLS + i % GEMV_COLS] = red[0]
 
     return finish(int4_gemv, name)
 
@@ -277,7 +278,6 @@ GEMM_PAD = 4
 
 
 def _gemm_cuda(k: int, n: int, block: int, name: str, act_dtype: str, scale_dtype: str) -> Any:
-    from tvm import tirx
     from tvm.script import tirx as T
 
     kw, nb = padded_words(k), -(-k // block)
@@ -313,7 +313,9 @@ def _gemm_cuda(k: int, n: int, block: int, name: str, act_dtype: str, scale_dtyp
                                     and kt * TILE_K + (e * GEMM_THREADS + tid) % TILE_K < k,
                                     load_as_f32(
                                         X,
-                                        T.min(T.Cast("int64", by) * GEMM_BM + (e * GEMM_THREADS + tid) // TILE_K, M - 1),
+                                        T.min(
+                                            T.Cast("int64", by) * GEMM_BM + (e * GEMM_THREADS + tid) // TILE_K, M - 1
+                                        ),
                                         T.min(kt * TILE_K + (e * GEMM_THREADS + tid) % TILE_K, k - 1),
                                     ),
                                     T.float32(0),
@@ -322,7 +324,10 @@ def _gemm_cuda(k: int, n: int, block: int, name: str, act_dtype: str, scale_dtyp
                         # weights: one packed word per thread, unpacked in registers
                         word[0] = T.if_then_else(
                             bx * GEMM_BN + tid // WORDS_PER_TILE < n,
-                            Wp[T.min(bx * GEMM_BN + tid // WORDS_PER_TILE, n - 1), kt * WORDS_PER_TILE + tid % WORDS_PER_TILE],
+                            Wp[
+                                T.min(bx * GEMM_BN + tid // WORDS_PER_TILE, n - 1),
+                                kt * WORDS_PER_TILE + tid % WORDS_PER_TILE,
+                            ],
                             T.uint32(0x88888888),
                         )
                         for j in T.unroll(PER_WORD):
