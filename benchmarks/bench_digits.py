@@ -13,8 +13,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import classifier_scores, run_batched  # noqa: E402
-from harness import ROOT, Metric, Task, common_args, run_from_args, setup_logging  # noqa: E402
+from common import classifier_scores, run_batched
+from harness import ROOT, Metric, Task, common_args, run_from_args, setup_logging
 
 MODELS = ROOT / "examples" / "models"
 

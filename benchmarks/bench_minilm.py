@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ARTIFACTS, Metric, Task, common_args, run_from_args, setup_logging  # noqa: E402
+from harness import ARTIFACTS, Metric, Task, common_args, run_from_args, setup_logging
 
 SENT_LEN = 64
 WORD_LEN = 8

@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_minilm import minilm_task  # noqa: E402
-from harness import BENCH_DIR, prepare, session, setup_logging  # noqa: E402
+from bench_minilm import minilm_task
+from harness import BENCH_DIR, prepare, session, setup_logging
 
 
 def encoder() -> object:
@@ -93,9 +93,8 @@ def main() -> None:
     p.add_argument("--budgets", default="4.5,6")
     args = p.parse_args()
     setup_logging()
-    import torch
-
     import modelopt.torch.quantization as mtq
+    import torch
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

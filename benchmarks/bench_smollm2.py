@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (  # noqa: E402
+from harness import (
     ANALYSIS_FORMATS,
     ARTIFACTS,
     BENCH_DIR,

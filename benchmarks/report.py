@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import BENCH_DIR, BUDGETS, LPC_VARIANTS, peer_key, slot  # noqa: E402
+from harness import BENCH_DIR, BUDGETS, LPC_VARIANTS, peer_key, slot
 
 SECTION = "## Real models vs peers (issue 8)"
 TASKS = ("fashion_mnist_cnn", "efficientnet_lite0", "minilm", "smollm2")

@@ -22,8 +22,8 @@ from lpcompile.budget import Budget, parse_budget
 from lpcompile.checks import check_model
 from lpcompile.errors import FormatError, LpError, UnsupportedOpsError
 from lpcompile.formats import get_format
-from lpcompile.graph import find_weight_nodes
 from lpcompile.frontend.calib import CalibrationSet
+from lpcompile.graph import find_weight_nodes
 from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
 from lpcompile.solver import Choice, Item, KeepRule, Solution, apply_rules, solve
 from lpcompile.workflow import (

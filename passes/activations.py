@@ -9,6 +9,11 @@ For every plan node whose format has ``activation`` set, the node's activation i
   zero point 0 of the fp8 type (it fixes QuantizeLinear's output type). Nodes
   ``<base>/act_q`` and ``<base>/act_dq``; values ``<x>_act_q`` (fp8) and ``<x>_act_dq`` (fp32).
   A tensor without a calibrated amax in the plan is a :class:`PlanError`.
+  With ``style="cast"`` (the ONNX Runtime target) the same rounding is written as
+  ``Div(x, scale)`` → ``Cast(to=FLOAT8*, saturate=1)`` (``/act_q``) → ``Cast(to=FLOAT)``
+  (``/act_dq``) → ``Mul(·, scale)``: bit-identical to the Q/DQ pair, and kept intact by every
+  ORT optimisation level (ORT 1.31's QDQ transforms at ``ORT_ENABLE_ALL`` drop FP8 zero points
+  and change the results of the Q/DQ form).
 * bf16 / fp16: a Cast round trip ``Cast(x; to=BFLOAT16|FLOAT16)`` → ``Cast(·; to=FLOAT)``,
   nodes ``<base>/to_bf16`` (``/to_fp16``) and ``<base>/to_fp32``; values ``<x>_bf16`` and
   ``<x>_bf16_fp32``.
@@ -37,10 +42,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import networkx as nx
 import numpy as np
 import onnx_ir as ir
+
+from lpcompile.errors import PlanError
+from lpcompile.formats import FLOAT_SPECS, activation_scale, get_format
 from lpcompile.passes._common import (
     ACT_DQ,
     ACT_Q,
@@ -56,9 +65,6 @@ from lpcompile.passes._common import (
     nodes_by_name,
 )
 from lpcompile.passes.opset import ensure_opset
-
-from lpcompile.errors import PlanError
-from lpcompile.formats import FLOAT_SPECS, activation_scale, get_format
 from lpcompile.plan import PrecisionPlan, validate_against
 
 logger = logging.getLogger(__name__)
@@ -86,6 +92,15 @@ def existing_activation_rounding(node: ir.Node) -> str | None:
                 if is_fp8(element) and zp.dtype == dtype:
                     return element
         return None
+    if is_onnx_op(producer, "Mul") and producer.inputs[0] is not None:
+        back = producer.inputs[0].producer()
+        if back is not None and cast_to(back) == ir.DataType.FLOAT and back.inputs[0] is not None:
+            inner = back.inputs[0].producer()
+            to = cast_to(inner) if inner is not None else None
+            for element, dtype in ELEMENT_DTYPES.items():
+                if is_fp8(element) and to == dtype:
+                    return element
+        return None
     if cast_to(producer) == ir.DataType.FLOAT and producer.inputs[0] is not None:
         inner = producer.inputs[0].producer()
         to = cast_to(inner) if inner is not None else None
@@ -107,9 +122,12 @@ class _Rounding:
 class ActivationPrecisionPass(ir.passes.InPlacePass):
     """Insert FP8 Q/DQ pairs and bf16/fp16 Cast round trips on planned activations."""
 
-    def __init__(self, plan: PrecisionPlan) -> None:
+    def __init__(self, plan: PrecisionPlan, style: Literal["qdq", "cast"] = "qdq") -> None:
         super().__init__()
+        if style not in ("qdq", "cast"):
+            raise ValueError(f"style must be 'qdq' or 'cast', not {style!r}")
         self.plan = plan
+        self.style = style
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         wanted = self._wanted(model)
@@ -173,6 +191,9 @@ class ActivationPrecisionPass(ir.passes.InPlacePass):
         scale = np.array(activation_scale(amax, r.element), dtype=np.float32)
         zp = np.zeros((), dtype=FLOAT_SPECS[r.element].np_dtype)
         scale_v = add_initializer(graph, namer, f"{x_name}_act_scale", scale)
+        if self.style == "cast":
+            _insert_fp8_casts(graph, namer, r, scale_v, base, serves)
+            return
         zp_v = add_initializer(graph, namer, f"{x_name}_act_zp", zp)
         q = make_node(
             "QuantizeLinear",
@@ -197,6 +218,57 @@ class ActivationPrecisionPass(ir.passes.InPlacePass):
         graph.insert_before(r.consumers[0], [q, dq])
         for c in r.consumers:
             c.replace_input_with(0, dq.outputs[0])
+
+
+def _insert_fp8_casts(
+    graph: ir.Graph, namer: Namer, r: _Rounding, scale_v: ir.Value, base: str, serves: list[str]
+) -> None:
+    """FP8 rounding as Div → Cast(fp8, saturate) → Cast(float) → Mul (same numbers as Q/DQ)."""
+    x = r.tensor
+    x_name = x.name or "x"
+    div = make_node(
+        "Div",
+        [x, scale_v],
+        None,
+        name=namer.node(base + "/act_div"),
+        out_name=namer.value(f"{x_name}_act_div"),
+        out_dtype=ir.DataType.FLOAT,
+        out_shape=x.shape,
+        serves=serves,
+    )
+    q = make_node(
+        "Cast",
+        [div.outputs[0]],
+        {"to": int(ELEMENT_DTYPES[r.element]), "saturate": 1},
+        name=namer.node(base + ACT_Q),
+        out_name=namer.value(f"{x_name}_act_q"),
+        out_dtype=ELEMENT_DTYPES[r.element],
+        out_shape=x.shape,
+        serves=serves,
+    )
+    dq = make_node(
+        "Cast",
+        [q.outputs[0]],
+        {"to": int(ir.DataType.FLOAT)},
+        name=namer.node(base + ACT_DQ),
+        out_name=namer.value(f"{x_name}_act_f32"),
+        out_dtype=ir.DataType.FLOAT,
+        out_shape=x.shape,
+        serves=serves,
+    )
+    mul = make_node(
+        "Mul",
+        [dq.outputs[0], scale_v],
+        None,
+        name=namer.node(base + "/act_mul"),
+        out_name=namer.value(f"{x_name}_act_dq"),
+        out_dtype=ir.DataType.FLOAT,
+        out_shape=x.shape,
+        serves=serves,
+    )
+    graph.insert_before(r.consumers[0], [div, q, dq, mul])
+    for c in r.consumers:
+        c.replace_input_with(0, mul.outputs[0])
 
 
 def _base_name(r: _Rounding) -> str:

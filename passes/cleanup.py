@@ -24,8 +24,9 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from lpcompile.passes._common import cast_to, is_onnx_op
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from lpcompile.passes._common import cast_to, is_onnx_op
 
 logger = logging.getLogger(__name__)
 

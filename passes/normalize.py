@@ -26,6 +26,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+
 from lpcompile.passes._common import (
     Namer,
     add_initializer,

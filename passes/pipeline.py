@@ -69,7 +69,7 @@ def apply_plan(
     passes: list[ir.passes.PassBase] = [
         NormalizeWeightsPass(),
         QuantizeWeightsPass(plan, target=target, rounding=rounding, seed=seed),
-        ActivationPrecisionPass(plan),
+        ActivationPrecisionPass(plan, style="cast" if target == "ort" else "qdq"),
         *extra_passes,
         CleanupPass(),
         AnnotatePass(plan),

@@ -49,6 +49,10 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+
+from lpcompile.errors import PlanError, UsageError
+from lpcompile.formats import Format, QuantizedWeight, get_format, quantize_weight
+from lpcompile.graph import WeightNode, find_weight_nodes
 from lpcompile.passes._common import (
     ELEMENT_DTYPES,
     MS_DOMAIN,
@@ -65,10 +69,6 @@ from lpcompile.passes._common import (
     remove_if_unused,
 )
 from lpcompile.passes.opset import ensure_opset
-
-from lpcompile.errors import PlanError, UsageError
-from lpcompile.formats import Format, QuantizedWeight, get_format, quantize_weight
-from lpcompile.graph import WeightNode, find_weight_nodes
 from lpcompile.plan import NodeAssignment, PrecisionPlan, validate_against
 
 logger = logging.getLogger(__name__)

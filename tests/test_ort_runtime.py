@@ -10,11 +10,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from lpcompile.runtime.calibrate import collect_amax, collect_tensors
-from lpcompile.runtime.ort import latency_ms, make_session, run, run_batches, session_options
 from onnx import TensorProto, helper, numpy_helper
 
 from lpcompile.errors import CalibrationError
+from lpcompile.runtime.calibrate import collect_amax, collect_tensors
+from lpcompile.runtime.ort import latency_ms, make_session, run, run_batches, session_options
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from lpcompile.passes.activations import ActivationPrecisionPass, region_graph
 from pass_helpers import (
     assert_matmul_close,
     check,
@@ -30,6 +29,7 @@ from pass_helpers import (
 from lpcompile.errors import PlanError
 from lpcompile.formats import activation_scale, get_format, qdq_activation
 from lpcompile.graph import find_weight_nodes
+from lpcompile.passes.activations import ActivationPrecisionPass, region_graph
 from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 RNG = np.random.default_rng(5)
@@ -220,3 +220,33 @@ def test_fp32_node_keeps_fp32_activation() -> None:
     model = to_ir(proto)
     ActivationPrecisionPass(plan_for(model, {"n0": "fp32", "n1": "int8", "n2": "int4_b32"}))(model)
     assert ops(model) == ["MatMul", "MatMul", "MatMul"]
+
+
+def test_cast_style_fp8_equals_qdq_and_survives_ort_optimisations(tmp_path) -> None:
+    """The ORT target writes FP8 activation rounding as Div→Cast→Cast→Mul: same numbers as Q/DQ,
+    and unchanged by ORT_ENABLE_ALL (whose QDQ transforms break the Q/DQ form for FP8)."""
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from lpcompile.passes.activations import ActivationPrecisionPass
+    from lpcompile.workflow import apply_to_file
+
+    ex = Path(__file__).resolve().parents[1] / "examples" / "models"
+    x = np.load(ex / "digits_heldout.npz")["pixels"][:32]
+    outs = {}
+    for target in ("qdq", "ort"):
+        res = apply_to_file(ex / "digits_mlp.onnx", tmp_path / f"{target}.onnx", uniform="fp8_e4m3", target=target,
+                            calib_path=ex / "digits_calib.npz")
+        for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+            so = ort.SessionOptions()
+            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+            sess = ort.InferenceSession(str(res.output), so, providers=["CPUExecutionProvider"])
+            outs[(target, level)] = sess.run(None, {"pixels": x})[0]
+        model = ir.load(res.output)
+        again = ActivationPrecisionPass(res.plan, style="cast" if target == "ort" else "qdq")(model)
+        assert not again.modified  # idempotent on its own output
+    ref = outs[("qdq", "ORT_DISABLE_ALL")]
+    tol = 4 * 513 * 2.0**-24 * np.abs(ref).max()  # fp32 summation order only
+    assert np.abs(outs[("ort", "ORT_DISABLE_ALL")] - ref).max() <= tol
+    assert np.abs(outs[("ort", "ORT_ENABLE_ALL")] - ref).max() <= tol

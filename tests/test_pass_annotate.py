@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from lpcompile.passes.activations import ActivationPrecisionPass
-from lpcompile.passes.annotate import AnnotatePass
-from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 from pass_helpers import check, parse, snapshot, to_ir
 
 import lpcompile
 from lpcompile.errors import PlanError
 from lpcompile.frontend.onnx_io import load_model, save_model
+from lpcompile.passes.activations import ActivationPrecisionPass
+from lpcompile.passes.annotate import AnnotatePass
+from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
 
 RNG = np.random.default_rng(3)

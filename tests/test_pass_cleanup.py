@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from lpcompile.passes.cleanup import CleanupPass
 from pass_helpers import check, ops, parse, run, signature, snapshot, to_ir
+
+from lpcompile.passes.cleanup import CleanupPass
 
 RNG = np.random.default_rng(9)
 X = (RNG.standard_normal((2, 8)) * 4).astype(np.float32)

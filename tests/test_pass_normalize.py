@@ -12,10 +12,10 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
 from pass_helpers import check, ops, parse, run, signature, snapshot, to_ir
 
 from lpcompile.graph import find_weight_nodes
+from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
 
 RNG = np.random.default_rng(7)
 X = RNG.standard_normal((3, 16)).astype(np.float32)

@@ -15,12 +15,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from lpcompile.passes.quantize_weights import QuantizeWeightsPass, pack_matmul_nbits, weight_seed
 from pass_helpers import assert_matmul_close, check, fp32_dot_bound, ops, parse, run, signature, snapshot, to_ir
 
 from lpcompile.errors import LpError, PlanError
 from lpcompile.formats import CONV_LAYOUT, MATMUL_LAYOUT, get_format, qdq_weight, quantize_weight
 from lpcompile.graph import find_weight_nodes
+from lpcompile.passes.quantize_weights import QuantizeWeightsPass, pack_matmul_nbits, weight_seed
 from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 RNG = np.random.default_rng(11)

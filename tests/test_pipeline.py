@@ -15,8 +15,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from lpcompile.passes.normalize import NormalizeWeightsPass
-from lpcompile.passes.pipeline import apply_plan, normalize, plan_nodes_for, uniform_plan
 from pass_helpers import check, ops, parse, run, signature, snapshot, to_ir
 
 from lpcompile.errors import PlanError
@@ -30,6 +28,8 @@ from lpcompile.formats import (
 )
 from lpcompile.frontend.onnx_io import save_model
 from lpcompile.graph import find_weight_nodes
+from lpcompile.passes.normalize import NormalizeWeightsPass
+from lpcompile.passes.pipeline import apply_plan, normalize, plan_nodes_for, uniform_plan
 from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 RNG = np.random.default_rng(21)

@@ -51,7 +51,7 @@ def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:
         ModelLoadError: naming the tensor and its location.
     """
     base_resolved = base.resolve()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
         location = _external_location(tensor)
@@ -294,7 +294,7 @@ def _rewrite_location(model_path: Path, old: str, new: str) -> int:
     """Point tensors stored in ``old`` at ``new``; return how many tensors are external."""
     proto = onnx.load(str(model_path), load_external_data=False)
     count = 0
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value == old:
                 entry.value = new
