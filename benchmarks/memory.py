@@ -76,9 +76,12 @@ def synthetic_transformer(path: Path, d: int = 256, layers: int = 4, vocab: int 
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    inits: dict[str, np.ndarray] = {"emb": (0.1 * rng.standard_normal((vocab, d))).astype(np.float32),
-                                    "scale": np.array(1 / np.sqrt(d), np.float32),
-                                    "g": np.ones(d, np.float32), "b": np.zeros(d, np.float32)}
+    inits: dict[str, np.ndarray] = {
+        "emb": (0.1 * rng.standard_normal((vocab, d))).astype(np.float32),
+        "scale": np.array(1 / np.sqrt(d), np.float32),
+        "g": np.ones(d, np.float32),
+        "b": np.zeros(d, np.float32),
+    }
     nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h0"], name="embed")]
     h = "h0"
 
@@ -89,27 +92,33 @@ def synthetic_transformer(path: Path, d: int = 256, layers: int = 4, vocab: int 
     for i in range(layers):
         p = f"l{i}."
         q, k, v = (helper.make_node("MatMul", [h, w(p + x, d, d)], [p + x + "_out"], name=p + x) for x in "qkv")
-        nodes += [q, k, v,
-                  helper.make_node("Transpose", [p + "k_out"], [p + "kt"], perm=[0, 2, 1], name=p + "kt"),
-                  helper.make_node("MatMul", [p + "q_out", p + "kt"], [p + "s"], name=p + "scores"),
-                  helper.make_node("Mul", [p + "s", "scale"], [p + "ss"], name=p + "scale"),
-                  helper.make_node("Softmax", [p + "ss"], [p + "a"], axis=-1, name=p + "softmax"),
-                  helper.make_node("MatMul", [p + "a", p + "v_out"], [p + "c"], name=p + "ctx"),
-                  helper.make_node("MatMul", [p + "c", w(p + "o", d, d)], [p + "o_out"], name=p + "o"),
-                  helper.make_node("Add", [h, p + "o_out"], [p + "r1"], name=p + "res1"),
-                  helper.make_node("LayerNormalization", [p + "r1", "g", "b"], [p + "n1"], axis=-1, name=p + "ln1"),
-                  helper.make_node("MatMul", [p + "n1", w(p + "up", d, 4 * d)], [p + "u"], name=p + "up"),
-                  helper.make_node("Relu", [p + "u"], [p + "ru"], name=p + "relu"),
-                  helper.make_node("MatMul", [p + "ru", w(p + "down", 4 * d, d)], [p + "dn"], name=p + "down"),
-                  helper.make_node("Add", [p + "n1", p + "dn"], [p + "r2"], name=p + "res2"),
-                  helper.make_node("LayerNormalization", [p + "r2", "g", "b"], [p + "out"], axis=-1, name=p + "ln2")]
+        nodes += [
+            q,
+            k,
+            v,
+            helper.make_node("Transpose", [p + "k_out"], [p + "kt"], perm=[0, 2, 1], name=p + "kt"),
+            helper.make_node("MatMul", [p + "q_out", p + "kt"], [p + "s"], name=p + "scores"),
+            helper.make_node("Mul", [p + "s", "scale"], [p + "ss"], name=p + "scale"),
+            helper.make_node("Softmax", [p + "ss"], [p + "a"], axis=-1, name=p + "softmax"),
+            helper.make_node("MatMul", [p + "a", p + "v_out"], [p + "c"], name=p + "ctx"),
+            helper.make_node("MatMul", [p + "c", w(p + "o", d, d)], [p + "o_out"], name=p + "o"),
+            helper.make_node("Add", [h, p + "o_out"], [p + "r1"], name=p + "res1"),
+            helper.make_node("LayerNormalization", [p + "r1", "g", "b"], [p + "n1"], axis=-1, name=p + "ln1"),
+            helper.make_node("MatMul", [p + "n1", w(p + "up", d, 4 * d)], [p + "u"], name=p + "up"),
+            helper.make_node("Relu", [p + "u"], [p + "ru"], name=p + "relu"),
+            helper.make_node("MatMul", [p + "ru", w(p + "down", 4 * d, d)], [p + "dn"], name=p + "down"),
+            helper.make_node("Add", [p + "n1", p + "dn"], [p + "r2"], name=p + "res2"),
+            helper.make_node("LayerNormalization", [p + "r2", "g", "b"], [p + "out"], axis=-1, name=p + "ln2"),
+        ]
         h = p + "out"
     nodes.append(helper.make_node("Identity", [h], ["last_hidden_state"], name="out"))
-    graph = helper.make_graph(nodes, "synthetic_transformer",
-                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-                              [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
-                                                             ["batch", "seq", d])],
-                              [numpy_helper.from_array(a, k) for k, a in inits.items()])
+    graph = helper.make_graph(
+        nodes,
+        "synthetic_transformer",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", d])],
+        [numpy_helper.from_array(a, k) for k, a in inits.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
@@ -118,8 +127,9 @@ def synthetic_transformer(path: Path, d: int = 256, layers: int = 4, vocab: int 
 
 def measure(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Run the child with ``args``; return (peak RSS in MiB, wall seconds of the child's work)."""
-    res = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, env=env,
-                         cwd=str(ROOT), timeout=7200)
+    res = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=7200
+    )
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("LPMEM ")), None)
     if res.returncode != 0 or line is None:
         raise SystemExit(f"child failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
@@ -168,33 +178,74 @@ def main() -> None:
         out = work / f"sens_{n}.json"
         if n == counts[0]:
             rss, secs = measure(["--baseline", str(model), str(calib)], env)
-            rows.append({"what": "baseline (imports, model, data)", "samples": n, "peak_rss_mib": round(rss, 1),
-                         "wall_s": round(secs, 1)})
+            rows.append(
+                {
+                    "what": "baseline (imports, model, data)",
+                    "samples": n,
+                    "peak_rss_mib": round(rss, 1),
+                    "wall_s": round(secs, 1),
+                }
+            )
             logger.info("baseline: %.0f MiB", rss)
-        cli = ["analyze", str(model), "--calib", str(calib), "-o", str(out), "--probes", str(args.probes),
-               "--batch-size", str(args.batch_size), "-q"]
+        cli = [
+            "analyze",
+            str(model),
+            "--calib",
+            str(calib),
+            "-o",
+            str(out),
+            "--probes",
+            str(args.probes),
+            "--batch-size",
+            str(args.batch_size),
+            "-q",
+        ]
         t0 = time.perf_counter()
         rss, secs = measure(cli, env)
-        rows.append({"what": "analyze", "samples": n, "peak_rss_mib": round(rss, 1), "wall_s": round(secs, 1),
-                     "command": "lpcompile " + " ".join(cli[:-1])})
-        logger.info("analyze, %d samples: %.0f MiB, %.0f s (%.0f s with start-up)", n, rss, secs,
-                    time.perf_counter() - t0)
+        rows.append(
+            {
+                "what": "analyze",
+                "samples": n,
+                "peak_rss_mib": round(rss, 1),
+                "wall_s": round(secs, 1),
+                "command": "lpcompile " + " ".join(cli[:-1]),
+            }
+        )
+        logger.info(
+            "analyze, %d samples: %.0f MiB, %.0f s (%.0f s with start-up)", n, rss, secs, time.perf_counter() - t0
+        )
 
-    title = (f"peak memory of `lpcompile analyze` — {model_name}, seq {args.max_len}, batch {args.batch_size}, "
-             f"{args.probes} probes")
+    title = (
+        f"peak memory of `lpcompile analyze` — {model_name}, seq {args.max_len}, batch {args.batch_size}, "
+        f"{args.probes} probes"
+    )
     print(title)
     print(f"{'what':<34} {'samples':>8} {'peak RSS MiB':>13} {'wall s':>8}")
     for r in rows:
         print(f"{r['what']:<34} {r['samples']:>8} {r['peak_rss_mib']:>13.1f} {r['wall_s']:>8.1f}")
     an = [r for r in rows if r["what"] == "analyze"]
     if len(an) >= 2:
-        print(f"peak ratio {an[-1]['samples']}/{an[0]['samples']} samples: "
-              f"{an[-1]['peak_rss_mib'] / an[0]['peak_rss_mib']:.2f}×")
-    atomic_write_text(args.json_out, json.dumps({
-        "model": model_name, "max_len": args.max_len, "batch_size": args.batch_size, "probes": args.probes,
-        "corpus": "gensim lee_background.cor" if not args.synthetic else "random token ids",
-        "platform": platform.platform(), "python": platform.python_version(), "rows": rows,
-    }, indent=2) + "\n")
+        print(
+            f"peak ratio {an[-1]['samples']}/{an[0]['samples']} samples: "
+            f"{an[-1]['peak_rss_mib'] / an[0]['peak_rss_mib']:.2f}×"
+        )
+    atomic_write_text(
+        args.json_out,
+        json.dumps(
+            {
+                "model": model_name,
+                "max_len": args.max_len,
+                "batch_size": args.batch_size,
+                "probes": args.probes,
+                "corpus": "gensim lee_background.cor" if not args.synthetic else "random token ids",
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     print(f"wrote {args.json_out}")
 
 

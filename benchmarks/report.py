@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import BENCH_DIR, BUDGETS, LPC_VARIANTS, peer_key, slot
+from harness import BENCH_DIR, BUDGETS, LPC_VARIANTS, slot
 
 SECTION = "## Real models vs peers (issue 8)"
 TASKS = ("fashion_mnist_cnn", "efficientnet_lite0", "minilm", "smollm2")
@@ -118,14 +118,15 @@ def verdicts(summary: Mapping[str, Any]) -> list[str]:
     m = summary["metrics"][0]
     g = grid(summary)
     lpc = g.get("lpcompile", {})
-    matched = {r["matched"]: r for r in summary["rows"] if r.get("matched") and "error" not in r}
+    matched = {round(r["budget"], 2): r for r in summary["rows"] if r.get("matched") and "error" not in r}
     wins, losses = 0, []
     for method, cells in g.items():
         if method in LPC_VARIANTS:
             continue
         for b, r in cells.items():
             # same bits when lpcompile was solved at the peer's bits, else the budget column
-            mine = matched.get(peer_key(r)) or lpc.get(b)
+            over = r.get("budget") is None or r["bits"] > r["budget"] + 0.02
+            mine = (matched.get(round(r["bits"], 2)) if over else None) or lpc.get(b)
             if mine is None or r.get(m["key"]) is None:
                 continue
             if better(m, r[m["key"]], mine[m["key"]]):

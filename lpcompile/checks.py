@@ -119,25 +119,42 @@ def _nonfinite_weights(model: ir.Model, nodes: list[WeightNode]) -> tuple[list[F
     out = []
     if bad_nodes:
         total = sum(counts.values())
-        out.append(Finding(
-            "nonfinite-weight", "warning",
-            f"{len(bad_nodes)} node(s) with NaN/Inf weights ({total} value(s)) kept in fp32: {_names(bad_nodes)}",
-            tuple(sorted(bad_nodes)),
-        ))
+        out.append(
+            Finding(
+                "nonfinite-weight",
+                "warning",
+                f"{len(bad_nodes)} node(s) with NaN/Inf weights ({total} value(s)) kept in fp32: {_names(bad_nodes)}",
+                tuple(sorted(bad_nodes)),
+            )
+        )
     if zero_nodes:
-        out.append(Finding("zero-weight", "info", f"all-zero weights (quantize to zeros): {_names(zero_nodes)}",
-                           tuple(sorted(zero_nodes))))
+        out.append(
+            Finding(
+                "zero-weight",
+                "info",
+                f"all-zero weights (quantize to zeros): {_names(zero_nodes)}",
+                tuple(sorted(zero_nodes)),
+            )
+        )
     return out, bad_nodes, zero_nodes
 
 
 def _control_flow(model: ir.Model) -> list[Finding]:
-    names = [n.name or n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
-             if n.op_type in CONTROL_FLOW_OPS and n.domain in ("", "ai.onnx")]
+    names = [
+        n.name or n.op_type
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+        if n.op_type in CONTROL_FLOW_OPS and n.domain in ("", "ai.onnx")
+    ]
     if not names:
         return []
-    return [Finding("control-flow", "warning",
-                    f"{len(names)} control-flow node(s) (If/Loop/Scan): their subgraphs stay fp32: {_names(names)}",
-                    tuple(sorted(names)))]
+    return [
+        Finding(
+            "control-flow",
+            "warning",
+            f"{len(names)} control-flow node(s) (If/Loop/Scan): their subgraphs stay fp32: {_names(names)}",
+            tuple(sorted(names)),
+        )
+    ]
 
 
 def _custom_domains(model: ir.Model) -> list[Finding]:
@@ -151,9 +168,15 @@ def _custom_domains(model: ir.Model) -> list[Finding]:
         return []
     ops = sorted(by_op)
     nodes = sorted(x for v in by_op.values() for x in v)
-    return [Finding("custom-domain", "warning",
-                    f"{len(nodes)} node(s) of custom domains kept as they are ({_names(ops)}); "
-                    "ONNX Runtime must know them to evaluate or analyse the model", tuple(nodes))]
+    return [
+        Finding(
+            "custom-domain",
+            "warning",
+            f"{len(nodes)} node(s) of custom domains kept as they are ({_names(ops)}); "
+            "ONNX Runtime must know them to evaluate or analyse the model",
+            tuple(nodes),
+        )
+    ]
 
 
 def _shared(nodes: list[WeightNode]) -> list[Finding]:
@@ -164,18 +187,30 @@ def _shared(nodes: list[WeightNode]) -> list[Finding]:
     if not shared:
         return []
     names = sorted(x for v in shared.values() for x in v)
-    return [Finding("shared-weight", "info",
-                    f"{len(shared)} weight(s) shared by several nodes (one format per weight): {_names(shared)}",
-                    tuple(names))]
+    return [
+        Finding(
+            "shared-weight",
+            "info",
+            f"{len(shared)} weight(s) shared by several nodes (one format per weight): {_names(shared)}",
+            tuple(names),
+        )
+    ]
 
 
 def _zero_sized(model: ir.Model) -> list[Finding]:
-    names = [v.name or "" for g in model.graphs() for v in g.initializers.values()
-             if v.const_value is not None and v.const_value.size == 0]
+    names = [
+        v.name or ""
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if v.const_value is not None and v.const_value.size == 0
+    ]
     if not names:
         return []
-    return [Finding("zero-sized", "info", f"{len(names)} empty initializer(s) left alone: {_names(names)}",
-                    tuple(sorted(names)))]
+    return [
+        Finding(
+            "zero-sized", "info", f"{len(names)} empty initializer(s) left alone: {_names(names)}", tuple(sorted(names))
+        )
+    ]
 
 
 def _inputs(model: ir.Model) -> list[Finding]:
@@ -189,12 +224,23 @@ def _inputs(model: ir.Model) -> list[Finding]:
             dynamic.append(v.name or "")
     out = []
     if dynamic:
-        out.append(Finding("dynamic-shape", "info",
-                           f"input(s) with symbolic dims beyond the batch axis: {_names(dynamic)}", tuple(sorted(dynamic))))
+        out.append(
+            Finding(
+                "dynamic-shape",
+                "info",
+                f"input(s) with symbolic dims beyond the batch axis: {_names(dynamic)}",
+                tuple(sorted(dynamic)),
+            )
+        )
     if untyped:
-        out.append(Finding("untyped-input", "warning",
-                           f"input(s) without a declared shape (give --calib data): {_names(untyped)}",
-                           tuple(sorted(untyped))))
+        out.append(
+            Finding(
+                "untyped-input",
+                "warning",
+                f"input(s) without a declared shape (give --calib data): {_names(untyped)}",
+                tuple(sorted(untyped)),
+            )
+        )
     return out
 
 

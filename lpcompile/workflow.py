@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -37,7 +37,7 @@ class ApplyResult:
     input_bytes: int
     output_bytes: int
     softmax_substituted: tuple[str, ...]
-    checks: ModelCheck = ModelCheck()
+    checks: ModelCheck = field(default_factory=ModelCheck)
 
 
 def check_output_path(model_path: str | os.PathLike[str], out: str | os.PathLike[str], force: bool,
@@ -197,8 +197,10 @@ def pin_fp32(plan: PrecisionPlan, names: frozenset[str] | set[str]) -> Precision
     logger.info("kept in fp32 (NaN/Inf weights) despite the plan: %s", ", ".join(changed))
     fp32 = get_format("fp32")
     nodes = tuple(
-        replace(n, format="fp32", bits=float(fp32.storage_bits), predicted_loss=0.0 if n.predicted_loss is not None else None)
-        if n.name in changed else n
+        replace(n, format="fp32", bits=float(fp32.storage_bits),
+                predicted_loss=0.0 if n.predicted_loss is not None else None)
+        if n.name in changed
+        else n
         for n in plan.nodes
     )
     return replace(plan, nodes=nodes)

@@ -186,3 +186,21 @@ def test_trim_padding_cuts_only_all_padding_columns() -> None:
     full = {"input_ids": batch["input_ids"], "attention_mask": np.ones((2, 5), dtype=np.int64)}
     assert trim_padding(full)["input_ids"].shape == (2, 5)
     assert trim_padding({"x": np.zeros((2, 5))})["x"].shape == (2, 5)  # no mask: unchanged
+
+
+def test_trim_padding_respects_a_fixed_sequence_length() -> None:
+    from onnx import TensorProto, helper
+
+    from lpcompile.frontend.calib import dynamic_sequence_inputs, trim_padding
+
+    def model(seq: object) -> onnx.ModelProto:
+        inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", seq]) for n in ("ids", "attention_mask")]
+        out = helper.make_tensor_value_info("y", TensorProto.INT64, ["b", seq])
+        graph = helper.make_graph([helper.make_node("Add", ["ids", "attention_mask"], ["y"])], "g", inputs, [out])
+        return helper.make_model(graph)
+
+    batch = {"ids": np.array([[3, 4, 0, 0]]), "attention_mask": np.array([[1, 1, 0, 0]])}
+    assert dynamic_sequence_inputs(model("s")) == {"ids", "attention_mask"}
+    assert trim_padding(batch, dynamic_sequence_inputs(model("s")))["ids"].shape == (1, 2)
+    assert dynamic_sequence_inputs(model(4)) == frozenset()
+    assert trim_padding(batch, dynamic_sequence_inputs(model(4)))["ids"].shape == (1, 4)

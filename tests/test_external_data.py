@@ -35,8 +35,13 @@ def _mlp(shapes: list[tuple[int, int]], weights: list[np.ndarray] | None = None)
         out = "y" if i == len(shapes) - 1 else f"h{i}"
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"fc{i}"))
         prev = out
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", shapes[0][0]])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", shapes[-1][1]])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", shapes[0][0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", shapes[-1][1]])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -126,8 +131,9 @@ def test_memory_mapped_path_same_as_a_large_model(ext_model: Path, tmp_path: Pat
     assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     out = tmp_path / "out" / "m.lp.onnx"
     for fmt in ("int8", "fp32"):
-        assert main(["apply", str(ext_model), "--uniform", fmt, "-o", str(out), "-q", "--force"]) == 0, \
+        assert main(["apply", str(ext_model), "--uniform", fmt, "-o", str(out), "-q", "--force"]) == 0, (
             capsys.readouterr().err
+        )
         assert _locations(out) == {"m.lp.onnx.data"}
         assert sorted(p.name for p in out.parent.iterdir()) == ["m.lp.onnx", "m.lp.onnx.data", "m.lp.plan.json"]
         onnx.checker.check_model(str(out), full_check=True)
@@ -222,8 +228,12 @@ def _big_ir_model(weights: list[np.ndarray]) -> ir.Model:
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 17}, name="g")
     prev = x
     for i, w in enumerate(weights):
-        wv = ir.Value(name=f"w{i}", shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                      const_value=ir.Tensor(w, name=f"w{i}"))
+        wv = ir.Value(
+            name=f"w{i}",
+            shape=ir.Shape(w.shape),
+            type=ir.TensorType(ir.DataType.FLOAT),
+            const_value=ir.Tensor(w, name=f"w{i}"),
+        )
         graph.register_initializer(wv)
         node = ir.Node("", "MatMul", [prev, wv], name=f"fc{i}", num_outputs=1)
         graph.append(node)

@@ -5,11 +5,16 @@ the ops lpcompile meets (MatMul, Gemm, Conv, Add, Mul, Relu, Sigmoid, Softmax, R
 Transpose, LayerNormalization, Flatten) with random opsets, shapes, shared / all-zero /
 NaN weights and a random per-node plan — ``load_model`` + ``apply_to_file`` either write a model
 that passes ``onnx.checker.check_model(full_check=True)`` or raise an ``LpError``. Anything else
-(a traceback) fails the test. The rewritten random graphs also run in ONNX Runtime.
+(a traceback) fails the test. The rewritten random graphs also run in ONNX Runtime, and a few
+of them go through the whole ``compile`` (analysis, solver, rewrite).
+
+Budget: 60 examples per test (15 for compile), derandomized, no example database; set
+``LP_FUZZ_EXAMPLES=1000`` for a longer local run.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +30,15 @@ from lpcompile.errors import LpError
 from lpcompile.frontend.onnx_io import load_model
 from lpcompile.workflow import apply_to_file
 
-FUZZ = settings(max_examples=int(__import__("os").environ.get("LP_FUZZ_EXAMPLES", "60")), deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXAMPLES = int(os.environ.get("LP_FUZZ_EXAMPLES", "60"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 FORMATS = ["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8", "int4_b32", "int4_b128"]
 
 
@@ -99,8 +111,11 @@ def graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, np.ndarray]:
         t = "x"
         feed = np.random.default_rng(seed).standard_normal((batch, d)).astype(np.float32)
     for _ in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(["MatMul", "Gemm", "Add", "Mul", "Relu", "Sigmoid", "Softmax", "Reshape3",
-                                   "LayerNorm", "MatMul"]))
+        op = draw(
+            st.sampled_from(
+                ["MatMul", "Gemm", "Add", "Mul", "Relu", "Sigmoid", "Softmax", "Reshape3", "LayerNorm", "MatMul"]
+            )
+        )
         if op == "MatMul":
             n = draw(st.sampled_from([4, 8, 16, 40]))
             t = b.node("MatMul", [t, b.weight((d, n), draw(wkind), draw(st.booleans()))])
@@ -139,7 +154,9 @@ def graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, np.ndarray]:
             t = b.node("LayerNormalization", [t, g, beta], axis=-1)
     b.nodes.append(helper.make_node("Identity", [t], ["y"], name="out"))
     graph = helper.make_graph(
-        b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        b.nodes,
+        "fuzz",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d])],
         [numpy_helper.from_array(v, k) for k, v in b.inits.items()],
     )
@@ -185,19 +202,32 @@ def test_random_graphs_rewrite_to_valid_models(case: tuple[onnx.ModelProto, np.n
             from lpcompile.formats import get_format
 
             fmts = {n.name: by_weight[n.weight] for n in nodes}
-            plan_nodes = tuple(replace(a, format=fmts[a.name],
-                                       bits=get_format(fmts[a.name]).bits_for(tuple(n.shape), n.layout))
-                               for a, n in zip(base.nodes, nodes, strict=True))
-            kw = {"plan": replace(base, nodes=plan_nodes,
-                                  softmax=data.draw(st.sampled_from(["auto", "two-pass", "keep"]), label="softmax"))}
+            plan_nodes = tuple(
+                replace(a, format=fmts[a.name], bits=get_format(fmts[a.name]).bits_for(tuple(n.shape), n.layout))
+                for a, n in zip(base.nodes, nodes, strict=True)
+            )
+            kw = {
+                "plan": replace(
+                    base,
+                    nodes=plan_nodes,
+                    softmax=data.draw(st.sampled_from(["auto", "two-pass", "keep"]), label="softmax"),
+                )
+            }
         if _apply_or_lperror(src, out, target=target, **kw):
             y = run(make_session(str(out)), {"x": feed})["y"]
             assert y.shape[0] == feed.shape[0]
 
 
+# bit flips most often (they keep the protobuf framing more often than not, so the passes see
+# damaged-but-loadable models), then deletions, insertions, truncations and zeroed bytes
 _MUTATIONS = st.lists(
-    st.tuples(st.sampled_from(["flip", "delete", "insert", "truncate", "zero"]), st.integers(0, 2**31), st.integers(0, 255)),
-    min_size=1, max_size=4,
+    st.tuples(
+        st.sampled_from(["flip"] * 4 + ["delete", "insert", "truncate", "zero"]),
+        st.integers(0, 2**31),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=3,
 )
 
 
@@ -210,7 +240,7 @@ def _mutate(data: bytes, ops: list[tuple[str, int, int]]) -> bytes:
         if op == "flip":
             buf[i] ^= 1 << (byte % 8)
         elif op == "delete":
-            del buf[i: i + 1 + byte % 8]
+            del buf[i : i + 1 + byte % 8]
         elif op == "insert":
             buf[i:i] = bytes([byte]) * (1 + byte % 4)
         elif op == "truncate":
@@ -226,15 +256,20 @@ def seed_models() -> list[bytes]:
     models = []
     for opset in (13, 21):
         graph = helper.make_graph(
-            [helper.make_node("Gemm", ["x", "w0", "c0"], ["h"], name="fc0", transB=1),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w1"], ["s"], name="fc1"),
-             helper.make_node("Softmax", ["s"], ["y"], name="sm", axis=-1)],
-            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+            [
+                helper.make_node("Gemm", ["x", "w0", "c0"], ["h"], name="fc0", transB=1),
+                helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                helper.make_node("MatMul", ["r", "w1"], ["s"], name="fc1"),
+                helper.make_node("Softmax", ["s"], ["y"], name="sm", axis=-1),
+            ],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-            [numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "w0"),
-             numpy_helper.from_array(np.zeros(6, np.float32), "c0"),
-             numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w1")],
+            [
+                numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "w0"),
+                numpy_helper.from_array(np.zeros(6, np.float32), "c0"),
+                numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w1"),
+            ],
         )
         models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]).SerializeToString())
     return models
@@ -242,8 +277,9 @@ def seed_models() -> list[bytes]:
 
 @FUZZ
 @given(st.integers(0, 1), _MUTATIONS, st.sampled_from(["int8", "int4_b32", "fp8_e4m3", "bf16"]))
-def test_mutated_bytes_load_cleanly_or_fail_with_lperror(seed_models: list[bytes], which: int,
-                                                         ops: list[tuple[str, int, int]], fmt: str) -> None:
+def test_mutated_bytes_load_cleanly_or_fail_with_lperror(
+    seed_models: list[bytes], which: int, ops: list[tuple[str, int, int]], fmt: str
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "m.onnx", Path(tmp) / "o.onnx"
         src.write_bytes(_mutate(seed_models[which], ops))
@@ -254,3 +290,23 @@ def test_mutated_bytes_load_cleanly_or_fail_with_lperror(seed_models: list[bytes
             event(f"load: {type(exc).__name__}: {str(exc).split(':')[0][:40]}")
             return
         _apply_or_lperror(src, out, uniform=fmt)
+
+
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 4))
+@given(graphs(), st.sampled_from(["4.5", "6", "8", "1MB"]))
+def test_random_graphs_compile_or_fail_with_lperror(case: tuple[onnx.ModelProto, np.ndarray], budget: str) -> None:
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.compiler import compile_file
+
+    model, _ = case
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "m.onnx", Path(tmp) / "m.lp.onnx"
+        onnx.save(model, str(src))
+        try:
+            compile_file(src, budget, out=out, config=AnalysisConfig(probes=2, batch_size=4))
+        except LpError as exc:
+            assert "\n" not in str(exc)
+            event(f"LpError: {str(exc)[:40]}")
+            return
+        onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+        event("compiled")

@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from lpcompile.analysis.losses import numpy_distortion, output_loss_kinds
 from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
 from lpcompile.formats import get_format
-from lpcompile.frontend.calib import CalibrationSet, batches, trim_padding
+from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
 from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
 
@@ -36,7 +36,8 @@ class _Runner:
 
         self._run = run
         self._make = make_session
-        self.batches = [trim_padding(b) for b in batches(calib, batch_size)]
+        dynamic = dynamic_sequence_inputs(model)
+        self.batches = [trim_padding(b, dynamic) for b in batches(calib, batch_size)]
         ref_sess = make_session(ir.to_proto(model), numerics="exact")
         self.refs = [run(ref_sess, b) for b in self.batches]
         names = list(self.refs[0])

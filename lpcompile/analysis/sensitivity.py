@@ -26,7 +26,7 @@ from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig, candidate
 from lpcompile.analysis.losses import ggn_output_probe, output_loss_kinds, torch_distortion
 from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
 from lpcompile.formats import activation_scale, get_format, qdq_activation, qdq_weight
-from lpcompile.frontend.calib import CalibrationSet, batches, trim_padding
+from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import find_weight_nodes, tied_groups, weight_array
 from lpcompile.plan import Candidate
 
@@ -65,7 +65,8 @@ def analyze_hessian(
     weights = sorted({n.weight for n in nodes})
     graph = TorchGraph(proto, trainable=weights)
     data = _limit(calib, config.max_samples)
-    batch_list = [trim_padding(b) for b in batches(data, config.batch_size)]
+    dynamic = dynamic_sequence_inputs(model)
+    batch_list = [trim_padding(b, dynamic) for b in batches(data, config.batch_size)]
     act_elements = _activation_elements(fmts) if config.activations else set()
     act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
     t_build = time.perf_counter()

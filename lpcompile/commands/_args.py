@@ -31,7 +31,8 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
 
 
 def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
-    for flag, value in (("--probes", args.probes), ("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
+    limits = (("--probes", args.probes), ("--batch-size", args.batch_size), ("--max-samples", args.max_samples))
+    for flag, value in limits:
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, not {value}")
     return AnalysisConfig(

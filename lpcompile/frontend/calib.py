@@ -406,15 +406,27 @@ def batches(calib: CalibrationSet, batch_size: int, drop_last: bool = False) -> 
         yield {k: v[start:stop] for k, v in calib.arrays.items()}
 
 
-def trim_padding(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def dynamic_sequence_inputs(model: ir.Model | onnx.ModelProto) -> frozenset[str]:
+    """Names of rank-2 graph inputs whose second dimension is symbolic (a free sequence length)."""
+    out = set()
+    for spec in model_input_specs(model):
+        if spec.shape is not None and len(spec.shape) == 2 and not isinstance(spec.shape[1], int):
+            out.add(spec.name)
+    return frozenset(out)
+
+
+def trim_padding(batch: Mapping[str, np.ndarray], dynamic: frozenset[str] | None = None) -> dict[str, np.ndarray]:
     """Drop trailing sequence positions that are padding in every sample of the batch.
 
     Applies when the batch has a 2-D 0/1 input whose name contains ``mask`` (an attention mask):
     every 2-D input of the same ``[batch, seq]`` shape is cut after the last position any sample
     attends to. With right padding and masked attention this leaves the outputs at the kept
     positions unchanged and saves the work on positions no one reads. Otherwise the batch is
-    returned as is.
+    returned as is. ``dynamic`` (see :func:`dynamic_sequence_inputs`) limits trimming to inputs
+    whose sequence length the model leaves free; a model with a fixed length is never trimmed.
     """
+    if dynamic is not None and not any("mask" in k.lower() for k in dynamic):
+        return dict(batch)
     masks = [
         v for k, v in batch.items()
         if "mask" in k.lower() and v.ndim == 2 and v.size and np.isin(v, (0, 1)).all()
@@ -426,7 +438,10 @@ def trim_padding(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     keep = int(cols[-1]) + 1 if cols.size else mask.shape[1]
     if keep >= mask.shape[1]:
         return dict(batch)
-    return {k: (v[:, :keep] if v.ndim == 2 and v.shape == mask.shape else v) for k, v in batch.items()}
+    return {
+        k: (v[:, :keep] if v.ndim == 2 and v.shape == mask.shape and (dynamic is None or k in dynamic) else v)
+        for k, v in batch.items()
+    }
 
 
 def split(calib: CalibrationSet, n_first: int) -> tuple[CalibrationSet, CalibrationSet]:

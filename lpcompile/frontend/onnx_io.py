@@ -2,8 +2,9 @@
 
 Loading (:func:`load_proto`, :func:`load_model`) turns every way a file can be wrong into a
 one-line :class:`~lpcompile.errors.ModelLoadError`: missing, not a file, empty, unreadable,
-truncated or not ONNX, failing ``onnx.checker`` (full check: types and shapes too), or with external data whose ``location``
-is absolute, escapes the model's folder (``../x``, symlinks out of it) or is missing.
+truncated or not ONNX, without outputs, with names that are not UTF-8, failing ``onnx.checker``
+(full check: types and shapes too), or with external data whose ``location`` is absolute,
+escapes the model's folder (``../x``, symlinks out of it) or is missing.
 
 External data: :func:`load_model` maps external tensors lazily (onnx-ir ``ExternalTensor``)
 and reads them into memory only when they fit in one protobuf (so the model can still be
@@ -68,7 +69,9 @@ def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:
         if not inside:
             raise ModelLoadError(f"{what} escapes the model folder (through a link)")
         if not (base / loc).is_file():
-            raise ModelLoadError(f"external data file {location!r} of tensor {tensor.name!r} not found beside the model")
+            raise ModelLoadError(
+                f"external data file {location!r} of tensor {tensor.name!r} not found beside the model"
+            )
 
 
 def _read_header(path: Path) -> onnx.ModelProto:
@@ -214,15 +217,24 @@ def _check_text(model: ir.Model) -> None:
                 raise ModelLoadError(f"node {node.name!r} has a name, type or doc string that is not valid UTF-8")
             for attr in node.attributes.values():
                 v = attr.value
-                if bad(attr.name) or (attr.type == ir.AttributeType.STRING and bad(v)) or (
-                        attr.type == ir.AttributeType.STRINGS and any(bad(x) for x in v)):
+                if (
+                    bad(attr.name)
+                    or (attr.type == ir.AttributeType.STRING and bad(v))
+                    or (attr.type == ir.AttributeType.STRINGS and any(bad(x) for x in v))
+                ):
                     raise ModelLoadError(f"attribute {attr.name!r} of node {node.name!r} is not valid UTF-8")
             values.extend(v for v in (*node.inputs, *node.outputs) if v is not None)
         for v in values:
             if bad(v.name):
                 raise ModelLoadError(f"tensor name {v.name!r} is not valid UTF-8")
-    props = [model.doc_string, model.producer_name, model.producer_version, model.domain,
-             *model.metadata_props.keys(), *model.metadata_props.values()]
+    props = [
+        model.doc_string,
+        model.producer_name,
+        model.producer_version,
+        model.domain,
+        *model.metadata_props.keys(),
+        *model.metadata_props.values(),
+    ]
     if any(bad(p) for p in props):
         raise ModelLoadError("model metadata is not valid UTF-8")
 
