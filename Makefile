@@ -15,7 +15,7 @@ install:
 	$(PIP) install -q -e .
 
 install-dev: install
-	$(PIP) install -q -e '.[dev,tvm,view]'
+	$(PIP) install -q -e '.[dev,tvm,view,mlir]'
 
 demo: install
 	lpcompile demo

@@ -386,6 +386,7 @@ def analyze_module(
         _hvp_diagonals,
         _limit,
         _spread,
+        predict_losses,
     )
     from lpcompile.formats import activation_scale, qdq_activation
     from lpcompile.frontend.calib import batches, trim_padding
@@ -508,7 +509,7 @@ def analyze_module(
             hooks.remove()
         module.train(was_training)
 
-    table_nodes = _predict(
+    table_nodes = predict_losses(
         model,
         nodes,
         fmts,
@@ -737,56 +738,3 @@ def _submodule(module: Any, path: str | None) -> Any | None:
         return module.get_submodule(path) if path else module
     except AttributeError:
         return None
-
-
-def _predict(
-    model: ir.Model,
-    nodes: Sequence[Any],
-    fmts: Sequence[str],
-    config: AnalysisConfig,
-    diag: Mapping[str, np.ndarray],
-    act_term: Mapping[tuple[str, str], float],
-    act_elements: set[str],
-    module_paths: Mapping[str, str],
-) -> list[Any]:
-    """Per (node, format) predicted losses; the same formulas as ``analyze_hessian``."""
-    from lpcompile.analysis.table import NodeSensitivity
-    from lpcompile.formats import get_format, qdq_weight
-    from lpcompile.graph import tied_groups, weight_array
-    from lpcompile.plan import Candidate
-
-    groups = tied_groups(nodes)
-    out = []
-    for n in nodes:
-        w = weight_array(model, n.weight)
-        d = diag[n.weight]
-        trace = float(d.sum())
-        cands: dict[str, Candidate] = {}
-        for f in fmts:
-            fmt = get_format(f)
-            bits = fmt.bits_for(n.shape, n.layout)
-            if fmt.is_identity:
-                cands[f] = Candidate(bits=bits, predicted_loss=0.0)
-                continue
-            delta = qdq_weight(fmt, w, n.layout).astype(np.float64) - w
-            if config.method == "trace":
-                pred = 0.5 * trace / max(n.params, 1) * float(np.sum(delta * delta))
-            else:
-                pred = 0.5 * float(np.sum(d * delta * delta))
-            if fmt.activation and fmt.activation in act_elements:
-                pred += act_term[(n.activation, fmt.activation)]
-            cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
-        out.append(
-            NodeSensitivity(
-                name=n.name,
-                op_type=n.op_type,
-                weight=n.weight,
-                params=n.params,
-                shape=n.shape,
-                candidates=cands,
-                trace=trace,
-                group=groups.get(n.name),
-                module_path=module_paths.get(n.name),
-            )
-        )
-    return out

@@ -27,7 +27,7 @@ from lpcompile.analysis.losses import ggn_output_probe, output_loss_kinds, torch
 from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
 from lpcompile.formats import activation_scale, get_format, qdq_activation, qdq_weight
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
-from lpcompile.graph import find_weight_nodes, tied_groups, weight_array
+from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups, weight_array
 from lpcompile.plan import Candidate
 
 logger = logging.getLogger(__name__)
@@ -126,40 +126,8 @@ def analyze_hessian(
         del out, outputs, est
     t_hvp = time.perf_counter()
 
-    groups = tied_groups(nodes)
-    table_nodes = []
-    for n in nodes:
-        w = weight_array(model, n.weight)
-        d = diag[n.weight].double().numpy()
-        trace = float(d.sum())
-        cands: dict[str, Candidate] = {}
-        for f in fmts:
-            fmt = get_format(f)
-            bits = fmt.bits_for(n.shape, n.layout)
-            if fmt.is_identity:
-                cands[f] = Candidate(bits=bits, predicted_loss=0.0)
-                continue
-            delta = qdq_weight(fmt, w, n.layout).astype(np.float64) - w
-            if config.method == "trace":
-                pred = 0.5 * trace / max(n.params, 1) * float(np.sum(delta * delta))
-            else:
-                pred = 0.5 * float(np.sum(d * delta * delta))
-            if fmt.activation and fmt.activation in act_elements:
-                pred += act_term[(n.activation, fmt.activation)]
-            cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
-        table_nodes.append(
-            NodeSensitivity(
-                name=n.name,
-                op_type=n.op_type,
-                weight=n.weight,
-                params=n.params,
-                shape=n.shape,
-                candidates=cands,
-                trace=trace,
-                group=groups.get(n.name),
-                module_path=(module_paths or {}).get(n.name),
-            )
-        )
+    diag_np = {w: t.double().numpy() for w, t in diag.items()}
+    table_nodes = predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths or {})
     t_end = time.perf_counter()
     return SensitivityTable(
         nodes=tuple(table_nodes),
@@ -180,6 +148,51 @@ def analyze_hessian(
             "total_s": t_end - t0,
         },
     )
+
+
+def predict_losses(
+    model: ir.Model,
+    nodes: Sequence[WeightNode],
+    fmts: Sequence[str],
+    config: AnalysisConfig,
+    diag: Mapping[str, np.ndarray],
+    act_term: Mapping[tuple[str, str], float],
+    act_elements: set[str],
+    module_paths: Mapping[str, str],
+) -> list[NodeSensitivity]:
+    """Per (node, format) predicted loss from Hessian diagonals (shared by the ONNX and module paths).
+
+    ``diag`` maps weight names to their estimated Hessian diagonal; ``act_term`` maps (activation
+    tensor, element) to the already-summed ½·Σ D^a·δa² term of formats that round activations.
+    """
+    groups = tied_groups(nodes)
+    out = []
+    for n in nodes:
+        w = weight_array(model, n.weight)
+        d = diag[n.weight]
+        trace = float(d.sum())
+        cands: dict[str, Candidate] = {}
+        for f in fmts:
+            fmt = get_format(f)
+            bits = fmt.bits_for(n.shape, n.layout)
+            if fmt.is_identity:
+                cands[f] = Candidate(bits=bits, predicted_loss=0.0)
+                continue
+            delta = qdq_weight(fmt, w, n.layout).astype(np.float64) - w
+            if config.method == "trace":
+                pred = 0.5 * trace / max(n.params, 1) * float(np.sum(delta * delta))
+            else:
+                pred = 0.5 * float(np.sum(d * delta * delta))
+            if fmt.activation and fmt.activation in act_elements:
+                pred += act_term[(n.activation, fmt.activation)]
+            cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
+        out.append(
+            NodeSensitivity(
+                name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, shape=n.shape, candidates=cands,
+                trace=trace, group=groups.get(n.name), module_path=module_paths.get(n.name),
+            )
+        )
+    return out
 
 
 def _progress_step(progress: Progress | None, start: int, total: int) -> Callable[[], None] | None:
