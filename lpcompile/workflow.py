@@ -159,6 +159,7 @@ def apply_to_file(
     if plan is None:  # unreachable after the check above; keeps type checkers honest
         raise UsageError("no plan")
     validate_against(plan, [n.name for n in nodes])
+    plan = with_model_facts(plan, nodes)
     plan = pin_fp32(plan, checks.keep_fp32)
     if softmax is not None:
         plan = replace(plan, softmax=softmax)
@@ -211,6 +212,22 @@ def _root_cause(exc: BaseException) -> str:
         exc = exc.__cause__
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def with_model_facts(plan: PrecisionPlan, nodes: Sequence[WeightNode]) -> PrecisionPlan:
+    """Fill each plan node's op type, weight, parameter count and bits from the model.
+
+    A hand-written plan may give only ``name`` and ``format``; the written plan and the node
+    metadata always carry the real figures (bits = the format's cost on that tensor, scales
+    included).
+    """
+    by_name = {n.name: n for n in nodes}
+    filled = []
+    for a in plan.nodes:
+        n = by_name[a.name]
+        bits = get_format(a.format).bits_for(n.shape, n.layout)
+        filled.append(replace(a, op_type=n.op_type, weight=n.weight, params=n.params, bits=bits))
+    return plan.with_nodes(filled)
 
 
 def _softmax_passes(plan: PrecisionPlan) -> list[object]:

@@ -84,6 +84,14 @@ def test_mixed_plan_applies(tmp_path: Path, uniform_models: dict[str, Path]) -> 
     y0 = run(make_session(str(MLP)), {"pixels": x})["logits"]
     assert y.shape == y0.shape and np.all(np.isfinite(y))
     assert (y.argmax(-1) == y0.argmax(-1)).mean() > 0.9
+    # a hand-written plan (name + format only) comes back with the model's real figures
+    minimal = {"version": 1, "nodes": [{"name": "fc0", "format": "int4"}]}
+    plan_path.write_text(json.dumps(minimal))
+    assert main(["apply", str(MLP), str(plan_path), "-o", str(tmp_path / "min.onnx"), "-q"]) == 0
+    written = json.loads((tmp_path / "min.plan.json").read_text())
+    node = written["nodes"][0]
+    assert node["params"] == 64 * 512 and node["op_type"] == "MatMul" and node["bits"] == 4 + 16 / 64
+    assert written["achieved_bits"] == node["bits"]
 
 
 def _bad_plan(tmp_path: Path, **change: str) -> Path:
