@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.analysis.table import SensitivityTable
-    from lpcompile.compiler import items_from_table, plan_from_table
+    from lpcompile.planning import items_from_table, plan_from_table
     from lpcompile.io_utils import check_outputs
     from lpcompile.solver import apply_rules, pareto_front, parse_sweep, sweep
 
