@@ -178,6 +178,20 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def modelopt_lines(data: Mapping[str, Any]) -> list[str]:
+    lines = ["### NVIDIA ModelOpt `auto_quantize` (all-MiniLM-L6-v2, torch on CPU)", "",
+             "Command: `python benchmarks/bench_modelopt.py --budgets 4.5` (time-boxed; see the script's docstring).", "",
+             "| run | budget | bits (our rule) | format mix | 1−cos | SimLex ρ | WordSim ρ | probe acc | ONNX export |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in (r.get("mix") or {}).items())
+        bits = f"{r['bits']:.2f}" if "bits" in r else "–"
+        lines.append(f"| {r['method']} | {r.get('budget', '–')} | {bits} | {mix} | {r.get('dcos', 0):.2e} | "
+                     f"{r.get('simlex', float('nan')):.4f} | {r.get('wordsim', float('nan')):.4f} | "
+                     f"{r.get('sentiment', float('nan')):.3f} | {str(r.get('onnx', '–'))[:90]} |")
+    return [*lines, ""]
+
+
 def section(tasks: Sequence[str]) -> str:
     import time
 
@@ -207,6 +221,12 @@ def section(tasks: Sequence[str]) -> str:
         "`lpcompile (= peer)` rows: lpcompile solved at exactly the bits the peer reached.",
         "",
     ]
+    findings = BENCH_DIR / "findings_issue8.md"
+    if findings.exists():
+        lines += [findings.read_text().strip(), ""]
+    mo = BENCH_DIR / "results_modelopt_minilm.json"
+    if mo.exists():
+        lines += modelopt_lines(json.loads(mo.read_text()))
     for t in tasks:
         p = BENCH_DIR / f"results_{t}.json"
         if not p.exists():

@@ -7,7 +7,7 @@ from typing import Literal
 
 from lpcompile.formats import get_format
 
-DEFAULT_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "bf16")
+DEFAULT_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b64", "int4_b32", "bf16")
 
 
 @dataclass(frozen=True)
