@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=16)
     ap.add_argument("--formats", default="fp8_e4m3,int8,int4_b128,bf16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sensitivity", help="reuse a saved .sens.json of the same model instead of analysing")
     ap.add_argument("--json-out", default="benchmarks/random_plans.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -63,7 +64,12 @@ def main() -> None:
         formats=tuple(args.formats.split(",")), probes=args.probes, batch_size=args.batch_size, seed=args.seed
     )
     t0 = time.perf_counter()
-    table = analyze_model(model, calib, cfg)
+    if args.sensitivity:
+        from lpcompile.analysis.table import SensitivityTable
+
+        table = SensitivityTable.load(args.sensitivity)
+    else:
+        table = analyze_model(model, calib, cfg)
     t_analyze = time.perf_counter() - t0
     plan, _ = plan_from_table(table, args.budget, formats=cfg.formats)
     ref = _outputs(Path(args.model), held, args.batch_size)

@@ -26,12 +26,15 @@ items (in any order) give the same answer.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
+import os
+import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -330,9 +333,32 @@ def _lagrangian_reduction(
     return allowed, position
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send C-level writes to fd 1 to stderr while HiGHS runs.
+
+    HiGHS 1.12 sometimes prints a debug line (``HighsMipSolverData::transformNewIntegerFeasible
+    Solution``) straight to stdout, which would corrupt ``--json`` output read by a pipeline.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured / replaced stdout: nothing to protect
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        os.dup2(sys.stderr.fileno(), fd)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def _milp(c: np.ndarray, constraints: list[LinearConstraint], time_limit: float):
     options = {"time_limit": time_limit, "mip_rel_gap": 0.0, "presolve": True, "disp": False}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stdout_to_stderr():
         warnings.filterwarnings("ignore", message="Unrecognized options", category=RuntimeWarning)
         return milp(
             c,
