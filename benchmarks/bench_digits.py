@@ -1,6 +1,6 @@
 """Smoke benchmark on the embedded digits MLP (seconds): lpcompile vs uniform int4 and ORT RTN.
 
-    python benchmarks/bench_digits.py [--methods lpcompile,uniform-int4_b128,ort-rtn-b32]
+python benchmarks/bench_digits.py [--methods lpcompile,uniform-int4_b128,ort-rtn-b32]
 """
 
 from __future__ import annotations
@@ -31,11 +31,18 @@ def digits_task(models: Path = MODELS) -> Task:
         return classifier_scores(out["logits"], ref["logits"], labels)
 
     return Task(
-        name="digits_mlp", model=models / "digits_mlp.onnx", calib=models / "digits_calib.npz",
-        collect=collect, score=score,
-        metrics=(Metric("kl", "KL", False, "{:.2e}"), Metric("accuracy", "acc", True, "{:.3f}"),
-                 Metric("top1_agree", "top1=", True, "{:.3f}")),
-        latency_feed={"pixels": x[:1]}, analysis={"probes": 16, "batch_size": 64},
+        name="digits_mlp",
+        model=models / "digits_mlp.onnx",
+        calib=models / "digits_calib.npz",
+        collect=collect,
+        score=score,
+        metrics=(
+            Metric("kl", "KL", False, "{:.2e}"),
+            Metric("accuracy", "acc", True, "{:.3f}"),
+            Metric("top1_agree", "top1=", True, "{:.3f}"),
+        ),
+        latency_feed={"pixels": x[:1]},
+        analysis={"probes": 16, "batch_size": 64},
     )
 
 

@@ -44,9 +44,13 @@ def eval_photos() -> dict[str, np.ndarray]:
 
     mpl = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     return {
-        "astronaut": _rgb(sk.astronaut()), "coffee": _rgb(sk.coffee()), "rocket": _rgb(sk.rocket()),
-        "motorcycle": _rgb(sk.stereo_motorcycle()[0]), "camera": _rgb(sk.camera()),
-        "china": _rgb(load_sample_image("china.jpg")), "flower": _rgb(load_sample_image("flower.jpg")),
+        "astronaut": _rgb(sk.astronaut()),
+        "coffee": _rgb(sk.coffee()),
+        "rocket": _rgb(sk.rocket()),
+        "motorcycle": _rgb(sk.stereo_motorcycle()[0]),
+        "camera": _rgb(sk.camera()),
+        "china": _rgb(load_sample_image("china.jpg")),
+        "flower": _rgb(load_sample_image("flower.jpg")),
         "grace_hopper": _rgb(np.asarray(Image.open(mpl).convert("RGB"))),
     }
 
@@ -54,8 +58,14 @@ def eval_photos() -> dict[str, np.ndarray]:
 def calib_photos() -> dict[str, np.ndarray]:
     import skimage.data as sk
 
-    return {"chelsea": _rgb(sk.chelsea()), "hubble": _rgb(sk.hubble_deep_field()), "coins": _rgb(sk.coins()),
-            "brick": _rgb(sk.brick()), "grass": _rgb(sk.grass()), "gravel": _rgb(sk.gravel())}
+    return {
+        "chelsea": _rgb(sk.chelsea()),
+        "hubble": _rgb(sk.hubble_deep_field()),
+        "coins": _rgb(sk.coins()),
+        "brick": _rgb(sk.brick()),
+        "grass": _rgb(sk.grass()),
+        "gravel": _rgb(sk.gravel()),
+    }
 
 
 def crops(img: np.ndarray, scales: tuple[float, ...] = (0.8, 0.6, 0.45), grid: int = 3) -> list[np.ndarray]:
@@ -72,7 +82,7 @@ def crops(img: np.ndarray, scales: tuple[float, ...] = (0.8, 0.6, 0.45), grid: i
                 boxes.append((round(i * (h - c) / (grid - 1)), round(j * (w - c) / (grid - 1)), c))
     out = []
     for top, left, c in boxes:
-        patch = Image.fromarray(img[top:top + c, left:left + c]).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+        patch = Image.fromarray(img[top : top + c, left : left + c]).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
         a = np.asarray(patch)
         out += [a, a[:, ::-1]]
     return out
@@ -107,10 +117,19 @@ def efficientnet_task(workdir: Path = ARTIFACTS, calib_n: int = 48, eval_stride:
         return classifier_scores(out["logits"], ref["logits"])
 
     return Task(
-        name="efficientnet_lite0", model=model, calib=calib, collect=collect, score=score,
-        metrics=(Metric("kl", "KL", False, "{:.2e}"), Metric("top1_agree", "top1=", True, "{:.4f}"),
-                 Metric("top5_agree", "top5∋", True, "{:.4f}")),
-        latency_feed={"input": x[:1]}, analysis={"probes": 16, "batch_size": 16}, nncf_batch=16,
+        name="efficientnet_lite0",
+        model=model,
+        calib=calib,
+        collect=collect,
+        score=score,
+        metrics=(
+            Metric("kl", "KL", False, "{:.2e}"),
+            Metric("top1_agree", "top1=", True, "{:.4f}"),
+            Metric("top5_agree", "top5∋", True, "{:.4f}"),
+        ),
+        latency_feed={"input": x[:1]},
+        analysis={"probes": 16, "batch_size": 16},
+        nncf_batch=16,
         notes=f"{len(x)} evaluation crops of 8 photos; calibration: {calib_n} crops of 6 other photos.",
     )
 

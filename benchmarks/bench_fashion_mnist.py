@@ -28,9 +28,13 @@ SEED = 0
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (optionally gzipped) as a numpy array."""
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    if path.suffix == ".gz":
+        with gzip.open(path) as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -50,9 +54,16 @@ def train_cnn(out: Path, epochs: int = 1) -> Path:
     torch.set_num_threads(1)  # deterministic, and no OpenMP spinning on a shared machine
     x, y = load_split("train")
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 16, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 5 * 5, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(SEED)
@@ -61,7 +72,7 @@ def train_cnn(out: Path, epochs: int = 1) -> Path:
     for _ in range(epochs):
         perm = torch.randperm(len(xt), generator=gen)
         for i in range(0, len(xt), 128):
-            idx = perm[i:i + 128]
+            idx = perm[i : i + 128]
             opt.zero_grad()
             nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
             opt.step()
@@ -69,8 +80,15 @@ def train_cnn(out: Path, epochs: int = 1) -> Path:
     print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    prog = torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), input_names=["image"], output_names=["logits"],
-                             dynamic_shapes=({0: batch},), opset_version=20, dynamo=True)
+    prog = torch.onnx.export(
+        model,
+        (torch.zeros(2, 1, 28, 28),),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        opset_version=20,
+        dynamo=True,
+    )
     tmp = out.with_suffix(".tmp")
     prog.save(str(tmp))
     tmp.replace(out)
@@ -96,12 +114,21 @@ def fashion_task(workdir: Path = ARTIFACTS) -> Task:
         return classifier_scores(out["logits"], ref["logits"], y)
 
     return Task(
-        name="fashion_mnist_cnn", model=model, calib=calib, collect=collect, score=score,
-        metrics=(Metric("kl", "KL", False, "{:.2e}"), Metric("accuracy", "acc", True, "{:.4f}"),
-                 Metric("top1_agree", "top1=", True, "{:.4f}")),
-        latency_feed={"image": x[:1]}, analysis={"probes": 32, "batch_size": 32}, nncf_batch=32,
+        name="fashion_mnist_cnn",
+        model=model,
+        calib=calib,
+        collect=collect,
+        score=score,
+        metrics=(
+            Metric("kl", "KL", False, "{:.2e}"),
+            Metric("accuracy", "acc", True, "{:.4f}"),
+            Metric("top1_agree", "top1=", True, "{:.4f}"),
+        ),
+        latency_feed={"image": x[:1]},
+        analysis={"probes": 32, "batch_size": 32},
+        nncf_batch=32,
         notes="CNN trained here (1 epoch, seed 0); calibration: 256 training images; evaluation: the 10,000 "
-              "test images with their labels.",
+        "test images with their labels.",
     )
 
 

@@ -100,8 +100,11 @@ def minilm_task(workdir: Path = ARTIFACTS) -> Task:
     wordsim, wordsim_h = word_pairs("wordsim353.tsv")
     words = sorted({w for p in simlex + wordsim for w in p})
     senti, senti_y = sentiment()
-    groups = {"held": minilm_tokenize(held, SENT_LEN), "words": minilm_tokenize(words, WORD_LEN),
-              "senti": minilm_tokenize(senti, SENT_LEN)}
+    groups = {
+        "held": minilm_tokenize(held, SENT_LEN),
+        "words": minilm_tokenize(words, WORD_LEN),
+        "senti": minilm_tokenize(senti, SENT_LEN),
+    }
     widx = {w: i for i, w in enumerate(words)}
 
     def encode(sess: object, enc: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
@@ -110,7 +113,7 @@ def minilm_task(workdir: Path = ARTIFACTS) -> Task:
         n = enc["input_ids"].shape[0]
         out = []
         for i in range(0, n, batch):
-            part = {k: v[i:i + batch] for k, v in enc.items()}
+            part = {k: v[i : i + batch] for k, v in enc.items()}
             width = max(2, int(part["attention_mask"].sum(1).max()))  # trim shared padding: same result
             part = {k: v[:, :width] for k, v in part.items()}
             if callable(sess):  # a torch model wrapped as inputs -> embeddings (bench_modelopt.py)
@@ -132,22 +135,37 @@ def minilm_task(workdir: Path = ARTIFACTS) -> Task:
         cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         clf = LogisticRegression(C=1.0, max_iter=2000)
         acc = cross_val_score(clf, out["senti"], senti_y, cv=StratifiedKFold(5, shuffle=True, random_state=0))
-        return {"dcos": float(1.0 - cos.mean()), "cos": float(cos.mean()), "cos_min": float(cos.min()),
-                "simlex": pair_rho(out["words"], simlex, simlex_h),
-                "wordsim": pair_rho(out["words"], wordsim, wordsim_h), "sentiment": float(acc.mean())}
+        return {
+            "dcos": float(1.0 - cos.mean()),
+            "cos": float(cos.mean()),
+            "cos_min": float(cos.min()),
+            "simlex": pair_rho(out["words"], simlex, simlex_h),
+            "wordsim": pair_rho(out["words"], wordsim, wordsim_h),
+            "sentiment": float(acc.mean()),
+        }
 
-    one = {k: v[:1, :int(v[0:1].shape[1])] for k, v in groups["held"].items()}
+    one = {k: v[:1, : int(v[0:1].shape[1])] for k, v in groups["held"].items()}
     width = int(groups["held"]["attention_mask"][0].sum())
     one = {k: v[:, :width] for k, v in one.items()}
     return Task(
-        name="minilm", model=model, calib=calib, collect=collect, score=score,
-        metrics=(Metric("dcos", "1−cos", False, "{:.2e}"), Metric("simlex", "SimLex ρ", True, "{:.4f}"),
-                 Metric("wordsim", "WordSim ρ", True, "{:.4f}"), Metric("sentiment", "probe acc", True, "{:.3f}"),
-                 Metric("cos_min", "min cos", True, "{:.4f}")),
-        latency_feed=one, analysis={"probes": 32, "batch_size": 16}, nncf_batch=16,
+        name="minilm",
+        model=model,
+        calib=calib,
+        collect=collect,
+        score=score,
+        metrics=(
+            Metric("dcos", "1−cos", False, "{:.2e}"),
+            Metric("simlex", "SimLex ρ", True, "{:.4f}"),
+            Metric("wordsim", "WordSim ρ", True, "{:.4f}"),
+            Metric("sentiment", "probe acc", True, "{:.3f}"),
+            Metric("cos_min", "min cos", True, "{:.4f}"),
+        ),
+        latency_feed=one,
+        analysis={"probes": 32, "batch_size": 16},
+        nncf_batch=16,
         notes=f"{len(held)} held-out sentences; {len(simlex)} SimLex and {len(wordsim)} WordSim pairs "
-              f"({len(words)} words encoded alone); {len(senti)} sentiment sentences; calibration 128 "
-              f"sentences of other articles; batch-1 latency on a {width}-token sentence.",
+        f"({len(words)} words encoded alone); {len(senti)} sentiment sentences; calibration 128 "
+        f"sentences of other articles; batch-1 latency on a {width}-token sentence.",
     )
 
 

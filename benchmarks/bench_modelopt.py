@@ -45,10 +45,12 @@ def encoder() -> object:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    token_type_ids: torch.Tensor) -> torch.Tensor:
-            h = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids).last_hidden_state
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        ) -> torch.Tensor:
+            h = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
             m = attention_mask.unsqueeze(-1).to(h.dtype)
             pooled = (h * m).sum(dim=1) / torch.clamp(m.sum(dim=1), min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
@@ -107,7 +109,7 @@ def main() -> None:
         calib = {k: torch.from_numpy(d[k]) for k in d.files}
     with torch.no_grad():
         target = base(calib["input_ids"], calib["attention_mask"], calib["token_type_ids"])
-    loader = [{**{k: v[i:i + 16] for k, v in calib.items()}, "ref": target[i:i + 16]} for i in range(0, 128, 16)]
+    loader = [{**{k: v[i : i + 16] for k, v in calib.items()}, "ref": target[i : i + 16]} for i in range(0, 128, 16)]
 
     def forward_step(model: object, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # type: ignore[operator]
@@ -121,10 +123,15 @@ def main() -> None:
         row: dict[str, object] = {"method": "modelopt-auto_quantize", "budget": budget}
         try:
             model, _ = mtq.auto_quantize(
-                model, constraints={"effective_bits": budget - 0.1},
+                model,
+                constraints={"effective_bits": budget - 0.1},
                 quantization_formats=[mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, mtq.INT8_WEIGHT_ONLY_CFG],
-                data_loader=loader, forward_step=forward_step, loss_func=loss_func,
-                num_calib_steps=len(loader), num_score_steps=len(loader), disabled_layers=["*pooler*"],
+                data_loader=loader,
+                forward_step=forward_step,
+                loss_func=loss_func,
+                num_calib_steps=len(loader),
+                num_score_steps=len(loader),
+                disabled_layers=["*pooler*"],
             )
             row["build_s"] = time.perf_counter() - t0
             row["bits"], row["mix"] = our_bits(model)
@@ -141,8 +148,9 @@ def main() -> None:
             row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
-    (BENCH_DIR / "results_modelopt_minilm.json").write_text(json.dumps({"task": "minilm", "rows": rows}, indent=1,
-                                                                       default=str))
+    (BENCH_DIR / "results_modelopt_minilm.json").write_text(
+        json.dumps({"task": "minilm", "rows": rows}, indent=1, default=str)
+    )
 
 
 if __name__ == "__main__":

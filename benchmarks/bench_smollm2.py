@@ -26,9 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (
-    ANALYSIS_FORMATS,
     ARTIFACTS,
     BENCH_DIR,
+    VALIDATE_FORMATS,
     Metric,
     Task,
     common_args,
@@ -73,8 +73,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def smollm2_task(workdir: Path = ARTIFACTS, eval_windows: int = 8, num_layers: int | None = None,
-                 name: str = "smollm2") -> Task:
+def smollm2_task(
+    workdir: Path = ARTIFACTS, eval_windows: int = 8, num_layers: int | None = None, name: str = "smollm2"
+) -> Task:
     from lpcompile.frontend.zoo import smollm2_onnx
 
     d = workdir / name
@@ -91,9 +92,10 @@ def smollm2_task(workdir: Path = ARTIFACTS, eval_windows: int = 8, num_layers: i
 
         logits = []
         for i in range(len(ev)):
-            x = ev[i:i + 1]
-            logits.append(run(sess, {"input_ids": x, "attention_mask": np.ones_like(x)}, ["logits"])["logits"]
-                          .astype(np.float16))
+            x = ev[i : i + 1]
+            logits.append(
+                run(sess, {"input_ids": x, "attention_mask": np.ones_like(x)}, ["logits"])["logits"].astype(np.float16)
+            )
         return {"logits": np.concatenate(logits)}
 
     def score(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
@@ -110,13 +112,22 @@ def smollm2_task(workdir: Path = ARTIFACTS, eval_windows: int = 8, num_layers: i
 
     feed = {"input_ids": ev[:1, :128], "attention_mask": np.ones_like(ev[:1, :128])}
     return Task(
-        name=name, model=model, calib=calib, collect=collect, score=score,
-        metrics=(Metric("ppl", "ppl", False, "{:.3f}"), Metric("kl", "KL", False, "{:.2e}"),
-                 Metric("top1_agree", "top1=", True, "{:.4f}")),
-        latency_feed=feed, analysis={"probes": 16, "batch_size": 4, "loss": "kl"}, nncf_batch=4,
+        name=name,
+        model=model,
+        calib=calib,
+        collect=collect,
+        score=score,
+        metrics=(
+            Metric("ppl", "ppl", False, "{:.3f}"),
+            Metric("kl", "KL", False, "{:.2e}"),
+            Metric("top1_agree", "top1=", True, "{:.4f}"),
+        ),
+        latency_feed=feed,
+        analysis={"probes": 16, "batch_size": 4, "loss": "kl"},
+        nncf_batch=4,
         notes=f"perplexity over {len(ev)}×{EVAL_LEN} tokens of the Lee test articles (a subset: 2 CPU cores); "
-              f"calibration {CALIB_WINDOWS}×{CALIB_LEN} tokens of Lee background articles; batch-1 latency on a "
-              "128-token prefill. Weights were stored 4-bit asymmetric (block 32) before: see the module docstring.",
+        f"calibration {CALIB_WINDOWS}×{CALIB_LEN} tokens of Lee background articles; batch-1 latency on a "
+        "128-token prefill. Weights were stored 4-bit asymmetric (block 32) before: see the module docstring.",
     )
 
 
@@ -135,19 +146,29 @@ def validate_truncated(layers: int, workdir: Path = ARTIFACTS) -> dict[str, obje
         ids = windows([t for t in _lines("lee_background.cor") if t.strip()], 64, 4)
         np.savez(calib, input_ids=ids, attention_mask=np.ones_like(ids))
     t0 = time.perf_counter()
-    table = analyze_file(model, calib, AnalysisConfig(formats=ANALYSIS_FORMATS, probes=16, batch_size=4, loss="kl"),
-                         validate=True)
+    table = analyze_file(
+        model, calib, AnalysisConfig(formats=VALIDATE_FORMATS, probes=16, batch_size=4, loss="kl"), validate=True
+    )
     table.save(d / "sens_validated.json")
-    return {"layers": layers, "nodes": len(table.nodes), "validation": table.validation,
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "layers": layers,
+        "nodes": len(table.nodes),
+        "validation": table.validation,
+        "formats": list(VALIDATE_FORMATS),
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(p)
     p.add_argument("--eval-windows", type=int, default=8)
-    p.add_argument("--validate-layers", type=int, default=0,
-                   help="run the analyzer's validation on a model truncated to this many layers (0: skip)")
+    p.add_argument(
+        "--validate-layers",
+        type=int,
+        default=0,
+        help="run the analyzer's validation on a model truncated to this many layers (0: skip)",
+    )
     args = p.parse_args()
     setup_logging()
     summary = run_from_args(smollm2_task(eval_windows=args.eval_windows), args)

@@ -20,6 +20,7 @@ run resumes; the JSON summary goes to ``benchmarks/results_<task>.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,15 +54,33 @@ LPC_VARIANTS: dict[str, tuple[str, ...]] = {
 VALIDATE_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b32")
 UNIFORM = ("int4_b128", "int4_b32", "int8", "fp8_e4m3")
 ALL_METHODS = (
-    *LPC_VARIANTS, *(f"uniform-{f}" for f in UNIFORM), "ort-rtn-b128", "ort-rtn-b32", "ort-qdq-int8", "nncf",
+    *LPC_VARIANTS,
+    *(f"uniform-{f}" for f in UNIFORM),
+    "ort-rtn-b128",
+    "ort-rtn-b32",
+    "ort-qdq-int8",
+    "nncf",
+    "nncf-int8",
 )
 ONNX_BITS = {
-    onnx.TensorProto.FLOAT: 32, onnx.TensorProto.DOUBLE: 64, onnx.TensorProto.FLOAT16: 16,
-    onnx.TensorProto.BFLOAT16: 16, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
-    onnx.TensorProto.INT16: 16, onnx.TensorProto.UINT16: 16, onnx.TensorProto.INT32: 32,
-    onnx.TensorProto.UINT32: 32, onnx.TensorProto.INT64: 64, onnx.TensorProto.UINT64: 64,
-    onnx.TensorProto.BOOL: 8, onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4,
-    onnx.TensorProto.FLOAT8E4M3FN: 8, onnx.TensorProto.FLOAT8E4M3FNUZ: 8, onnx.TensorProto.FLOAT8E5M2: 8,
+    onnx.TensorProto.FLOAT: 32,
+    onnx.TensorProto.DOUBLE: 64,
+    onnx.TensorProto.FLOAT16: 16,
+    onnx.TensorProto.BFLOAT16: 16,
+    onnx.TensorProto.INT8: 8,
+    onnx.TensorProto.UINT8: 8,
+    onnx.TensorProto.INT16: 16,
+    onnx.TensorProto.UINT16: 16,
+    onnx.TensorProto.INT32: 32,
+    onnx.TensorProto.UINT32: 32,
+    onnx.TensorProto.INT64: 64,
+    onnx.TensorProto.UINT64: 64,
+    onnx.TensorProto.BOOL: 8,
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.FLOAT8E4M3FN: 8,
+    onnx.TensorProto.FLOAT8E4M3FNUZ: 8,
+    onnx.TensorProto.FLOAT8E5M2: 8,
     onnx.TensorProto.FLOAT8E5M2FNUZ: 8,
 }
 ORT_MAX_IR = 10
@@ -191,8 +210,14 @@ def save_proto(proto: onnx.ModelProto, path: Path) -> Path:
         if p.exists():
             p.unlink()
     if proto.ByteSize() > 1_000_000_000 or any(t.data_location == 1 for t in proto.graph.initializer):
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(proto, str(path))
     return path
@@ -222,8 +247,16 @@ def prepare(task: Task, workdir: Path = ARTIFACTS) -> Context:
     weight_k = {w: n.params // n.shape[n.layout.channel_axis] for w, n in weights.items()}
     proto = onnx.load(str(norm), load_external_data=False)
     nonweight = frozenset(e for e in _tensor_entries(proto) if e[0] not in weights)
-    return Context(task=task, dir=d, norm=norm, peer_model=norm, weight_params=weight_params, weight_k=weight_k,
-                   weight_ops={w: n.op_type for w, n in weights.items()}, nonweight=nonweight)
+    return Context(
+        task=task,
+        dir=d,
+        norm=norm,
+        peer_model=norm,
+        weight_params=weight_params,
+        weight_k=weight_k,
+        weight_ops={w: n.op_type for w, n in weights.items()},
+        nonweight=nonweight,
+    )
 
 
 def calib_batches(task: Task, batch: int, limit: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -232,7 +265,7 @@ def calib_batches(task: Task, batch: int, limit: int | None = None) -> list[dict
     n = next(iter(arrays.values())).shape[0]
     if limit is not None:
         n = min(n, limit)
-    return [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
+    return [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -258,8 +291,13 @@ def validate_subset(ctx: Context, samples: int, formats: Sequence[str] = VALIDAT
     kw = {**dict(ctx.task.analysis), "batch_size": min(samples, int(ctx.task.analysis.get("batch_size", 8)))}
     t0 = time.perf_counter()
     table = analyze_file(ctx.task.model, sub, AnalysisConfig(formats=tuple(formats), **kw), validate=True)
-    res = {"samples": samples, "formats": list(formats), "validation": table.validation,
-           "wall_s": time.perf_counter() - t0, "validate_s": table.timings.get("validate_s")}
+    res = {
+        "samples": samples,
+        "formats": list(formats),
+        "validation": table.validation,
+        "wall_s": time.perf_counter() - t0,
+        "validate_s": table.timings.get("validate_s"),
+    }
     _write_json(out, res)
     return res
 
@@ -305,8 +343,11 @@ def lpcompile_plan(ctx: Context, formats: Sequence[str], budget: float, out: Pat
     for n in res.plan.nodes:
         mix[n.format] = mix.get(n.format, 0.0) + n.params
     total = sum(mix.values())
-    return out, {"latency_model": twin, "plan_bits": res.plan.achieved_bits,
-                 "mix": {f: round(v / total, 4) for f, v in sorted(mix.items())}}
+    return out, {
+        "latency_model": twin,
+        "plan_bits": res.plan.achieved_bits,
+        "mix": {f: round(v / total, 4) for f, v in sorted(mix.items())},
+    }
 
 
 def lpcompile_uniform(ctx: Context, fmt: str, out: Path) -> tuple[Path, dict[str, Any]]:
@@ -352,10 +393,18 @@ def ort_qdq_int8(ctx: Context, out: Path) -> Path:
     proto = onnx.load(str(ctx.peer_model), load_external_data=False)
     feeds = _float_feeds(calib_batches(ctx.task, 1, limit=64), proto)
     tmp = out.with_name(out.stem + ".tmp.onnx")
-    quantize_static(str(ctx.peer_model), str(tmp), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    op_types_to_quantize=["MatMul", "Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-                    use_external_data_format=ctx.peer_model.with_name(ctx.peer_model.name + ".data").exists())
+    quantize_static(
+        str(ctx.peer_model),
+        str(tmp),
+        _Reader(feeds),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+        op_types_to_quantize=["MatMul", "Conv", "Gemm"],
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=ctx.peer_model.with_name(ctx.peer_model.name + ".data").exists(),
+    )
     proto = _lower_ir(_load_full(tmp))
     for p in (tmp, tmp.with_name(tmp.name + ".data")):
         if p.exists():
@@ -380,8 +429,13 @@ def nncf_mix(ctx: Context, budget: float, out: Path) -> tuple[Path, dict[str, An
     info: dict[str, Any] = {"group_size": group}
     for attempt in range(2):
         q = nncf.compress_weights(
-            proto, mode=CompressWeightsMode.INT4_SYM, ratio=ratio, group_size=group, all_layers=True,
-            sensitivity_metric=SensitivityMetric.HESSIAN_INPUT_ACTIVATION, dataset=nncf.Dataset(feeds),
+            proto,
+            mode=CompressWeightsMode.INT4_SYM,
+            ratio=ratio,
+            group_size=group,
+            all_layers=True,
+            sensitivity_metric=SensitivityMetric.HESSIAN_INPUT_ACTIVATION,
+            dataset=nncf.Dataset(feeds),
             # Gather: embeddings stay fp32 for every method. Conv: NNCF's ONNX backend emits a blocked
             # DequantizeLinear for Conv weights that ONNX Runtime rejects, so NNCF compresses MatMul/Gemm.
             ignored_scope=nncf.IgnoredScope(types=["Gather", "Conv"], validate=False),
@@ -396,6 +450,19 @@ def nncf_mix(ctx: Context, budget: float, out: Path) -> tuple[Path, dict[str, An
     return out, info
 
 
+def nncf_int8(ctx: Context, out: Path) -> Path:
+    """NNCF ``compress_weights(mode=INT8_ASYM)``: every MatMul/Gemm weight int8 asymmetric per channel."""
+    import nncf
+    from nncf import CompressWeightsMode
+
+    q = nncf.compress_weights(
+        _load_full(ctx.peer_model),
+        mode=CompressWeightsMode.INT8_ASYM,
+        ignored_scope=nncf.IgnoredScope(types=["Gather", "Conv"], validate=False),
+    )
+    return save_proto(_lower_ir(q), out)
+
+
 # ------------------------------------------------------------------------------------------
 # measuring
 
@@ -406,8 +473,9 @@ def session(path: Path, numerics: str = "exact") -> Any:
     return make_session(path, numerics=numerics, threads=2)  # type: ignore[arg-type]
 
 
-def latency_pair(ref: Path, test: Path, feed: Mapping[str, np.ndarray], rounds: int = 5, per: int = 4,
-                 numerics: str = "fast") -> dict[str, float]:
+def latency_pair(
+    ref: Path, test: Path, feed: Mapping[str, np.ndarray], rounds: int = 5, per: int = 4, numerics: str = "fast"
+) -> dict[str, float]:
     """Batch-1 medians of the fp32 and the test model, interleaved round by round (``fast`` numerics)."""
     from lpcompile.runtime.ort import latency_ms
 
@@ -448,6 +516,8 @@ def variants(ctx: Context, methods: Sequence[str], budgets: Sequence[float]) -> 
             out.append(Variant(m, None, lambda p: ort_rtn(ctx, 32, p)))
         elif m == "ort-qdq-int8":
             out.append(Variant(m, None, lambda p: ort_qdq_int8(ctx, p)))
+        elif m == "nncf-int8":
+            out.append(Variant(m, None, lambda p: nncf_int8(ctx, p)))
         elif m == "nncf":
             out += [Variant(m, b, lambda p, b=b: nncf_mix(ctx, b, p)) for b in budgets]
         else:
@@ -455,8 +525,9 @@ def variants(ctx: Context, methods: Sequence[str], budgets: Sequence[float]) -> 
     return out
 
 
-def evaluate_variant(ctx: Context, v: Variant, ref_out: Outputs, *, latency: bool = True,
-                     keep_model: bool = False, fresh: bool = False) -> dict[str, Any]:
+def evaluate_variant(
+    ctx: Context, v: Variant, ref_out: Outputs, *, latency: bool = True, keep_model: bool = False, fresh: bool = False
+) -> dict[str, Any]:
     """Build, measure and score one variant (cached as JSON)."""
     cache = ctx.dir / "results" / f"{v.key}.json"
     if cache.exists() and not fresh:
@@ -542,14 +613,24 @@ def run_task(
     ctx = prepare(task, workdir)
     table = analyze(ctx, validate=validate and not validate_samples)
     validation = validate_subset(ctx, validate_samples) if validate and validate_samples else None
-    logger.info("%s: analysis %.1fs, %d weighted nodes, %d weights", task.name, ctx.analysis_s, len(table.nodes),
-                ctx.weight_params)
+    logger.info(
+        "%s: analysis %.1fs, %d weighted nodes, %d weights",
+        task.name,
+        ctx.analysis_s,
+        len(table.nodes),
+        ctx.weight_params,
+    )
     t0 = time.perf_counter()
     ref_out = task.collect(session(ctx.norm))
     fp32_eval_s = time.perf_counter() - t0
-    fp32_row: dict[str, Any] = {"method": "fp32", "budget": None, "bits": weight_bits(ctx.norm, ctx),
-                                "file_bytes": file_bytes(ctx.norm), "eval_s": fp32_eval_s,
-                                **task.score(ref_out, ref_out)}
+    fp32_row: dict[str, Any] = {
+        "method": "fp32",
+        "budget": None,
+        "bits": weight_bits(ctx.norm, ctx),
+        "file_bytes": file_bytes(ctx.norm),
+        "eval_s": fp32_eval_s,
+        **task.score(ref_out, ref_out),
+    }
     rows = [fp32_row]
     for v in variants(ctx, methods, budgets):
         row = evaluate_variant(ctx, v, ref_out, latency=latency, fresh=False)
@@ -579,10 +660,17 @@ def run_task(
         "notes": task.notes,
         "weight_params": ctx.weight_params,
         "weighted_nodes": len(table.nodes),
-        "analysis": {"wall_s": ctx.analysis_s, "timings": dict(table.timings), "method": table.method,
-                     "loss": table.loss, "probes": table.probes, "num_samples": table.num_samples,
-                     "formats": list(table.formats), "validation": table.validation,
-                     "validation_subset": validation},
+        "analysis": {
+            "wall_s": ctx.analysis_s,
+            "timings": dict(table.timings),
+            "method": table.method,
+            "loss": table.loss,
+            "probes": table.probes,
+            "num_samples": table.num_samples,
+            "formats": list(table.formats),
+            "validation": table.validation,
+            "validation_subset": validation,
+        },
         "metrics": [m.__dict__ for m in task.metrics],
         "rows": rows,
         "total_s": time.perf_counter() - t_start,
@@ -628,26 +716,29 @@ def format_table(summary: Mapping[str, Any]) -> str:
     lines = [" | ".join(head)]
     for r in summary["rows"]:
         b = r.get("budget")
-        cells = [r["method"] + (f" (={r['matched']})" if r.get("matched") else ""),
-                 "-" if b is None else f"{b:g}"]
+        cells = [r["method"] + (f" (={r['matched']})" if r.get("matched") else ""), "-" if b is None else f"{b:g}"]
         if "error" in r:
             lines.append(" | ".join([*cells, "error: " + r["error"][:80]]))
             continue
         cells += [f"{r.get('bits', float('nan')):.3f}", f"{r.get('file_bytes', 0) / 1e6:.2f}"]
         cells += [m.fmt.format(r[m.key]) if r.get(m.key) is not None else "-" for m in metrics]
-        cells += [f"{r['latency_ms']:.2f}" if "latency_ms" in r else "-",
-                  f"{r['latency_ratio']:.2f}" if "latency_ratio" in r else "-"]
+        cells += [
+            f"{r['latency_ms']:.2f}" if "latency_ms" in r else "-",
+            f"{r['latency_ratio']:.2f}" if "latency_ratio" in r else "-",
+        ]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG,
-                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    try:  # nncf installs its own logger class: import it before touching its logger
+    logging.basicConfig(
+        level=logging.INFO if not verbose else logging.DEBUG,
+        format="%(asctime)s %(name)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # nncf installs its own logger class: import it before touching its logger
+    with contextlib.suppress(ImportError):
         import nncf  # noqa: F401
-    except ImportError:
-        pass
     for noisy in ("nncf", "onnxruntime", "onnxruntime.quantization", "lpcompile", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger(__name__).setLevel(logging.INFO)
@@ -657,13 +748,23 @@ def common_args(parser: Any) -> None:
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods")
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
     parser.add_argument("--validate", action="store_true", help="also measure the analyzer's Spearman ρ")
-    parser.add_argument("--validate-samples", type=int, default=None,
-                        help="validate on a separate analysis of the first N calibration samples (cheaper)")
+    parser.add_argument(
+        "--validate-samples",
+        type=int,
+        default=None,
+        help="validate on a separate analysis of the first N calibration samples (cheaper)",
+    )
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="ignore cached variant results")
 
 
 def run_from_args(task: Task, args: Any) -> dict[str, Any]:
-    return run_task(task, methods=[m for m in args.methods.split(",") if m],
-                    budgets=[float(b) for b in args.budgets.split(",") if b], validate=args.validate,
-                    latency=not args.no_latency, fresh=args.fresh, validate_samples=args.validate_samples)
+    return run_task(
+        task,
+        methods=[m for m in args.methods.split(",") if m],
+        budgets=[float(b) for b in args.budgets.split(",") if b],
+        validate=args.validate,
+        latency=not args.no_latency,
+        fresh=args.fresh,
+        validate_samples=args.validate_samples,
+    )

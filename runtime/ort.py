@@ -6,7 +6,8 @@ Two numerics settings:
   because ONNX Runtime 1.31's optimisers change low-precision arithmetic as written: measured on
   the digits MLP, FP8 E5M2 Q/DQ logits move by 0.75 at ``ORT_ENABLE_BASIC``, FP8 E4M3 and E5M2
   by 56 at ``ORT_ENABLE_ALL`` (its QDQ transforms drop the FP8 zero points), and MatMul+Add →
-  Gemm fusion reorders fp32 sums (0.0046 on bf16 logits) — against 6e-6 for the graph as written; plus the session config entry
+  Gemm fusion reorders fp32 sums (0.0046 on bf16 logits) — against 6e-6 for the graph as written;
+  plus the session config entry
   ``session.qdq_matmulnbits_accuracy_level = "0"`` (so ORT never silently replaces a weight
   DequantizeLinear→MatMul by a MatMulNBits with int8 activations, see FACTS.md), deterministic
   compute and a fixed thread count.

@@ -24,8 +24,16 @@ def test_bench_smoke_digits(tmp_path: Path) -> None:
     from harness import format_table, run_task, slot
 
     out = tmp_path / "results.json"
-    summary = run_task(digits_task(), methods=["lpcompile", "uniform-int4_b32", "ort-rtn-b32"], budgets=[4.5],
-                       latency=True, match_peers=False, out_json=out, workdir=tmp_path / "work", quiet=True)
+    summary = run_task(
+        digits_task(),
+        methods=["lpcompile", "uniform-int4_b32", "ort-rtn-b32"],
+        budgets=[4.5],
+        latency=True,
+        match_peers=False,
+        out_json=out,
+        workdir=tmp_path / "work",
+        quiet=True,
+    )
     assert json.loads(out.read_text())["task"] == "digits_mlp"
     rows = {r["method"]: r for r in summary["rows"]}
     assert set(rows) == {"fp32", "lpcompile", "uniform-int4_b32", "ort-rtn-b32"}

@@ -95,3 +95,12 @@ def test_kl_probe_covariance_is_softmax_hessian() -> None:
     cov = zs.T @ zs / zs.shape[0]
     expected = torch.diag(p) - torch.outer(p, p)
     assert torch.allclose(cov, expected, atol=0.01)
+
+
+def test_auto_loss_picks_kl_for_logits_of_any_rank() -> None:
+    from lpcompile.analysis.losses import output_loss_kinds
+
+    kinds = output_loss_kinds(
+        ["logits", "last_hidden_state", "scores", "embedding"], [(2, 7, 49152), (2, 7, 384), (4, 10), (4, 384)], "auto"
+    )
+    assert kinds == {"logits": "kl", "last_hidden_state": "mse", "scores": "kl", "embedding": "mse"}

@@ -25,14 +25,19 @@ _CLASSIFIER_NAME = re.compile(r"logit|prob|score|class", re.IGNORECASE)
 
 
 def output_loss_kinds(names: Sequence[str], shapes: Sequence[tuple[int, ...]], kind: LossKind) -> dict[str, str]:
-    """Choose ``kl`` or ``mse`` per output (``auto``: KL for rank-2 outputs that look like classes)."""
+    """Choose ``kl`` or ``mse`` per output.
+
+    ``auto``: KL for rank-2 outputs that look like class scores (by name, or a 10/100/1000-class
+    width) and for higher-rank outputs named like logits/probabilities (language-model
+    ``[B, T, V]``); normalised MSE otherwise.
+    """
     out: dict[str, str] = {}
     for name, shape in zip(names, shapes, strict=True):
         if kind != "auto":
             out[name] = kind
         elif (
             len(shape) == 2 and shape[-1] >= 2 and (_CLASSIFIER_NAME.search(name) or shape[-1] in (10, 100, 1000, 1001))
-        ):
+        ) or (len(shape) >= 3 and shape[-1] >= 2 and _CLASSIFIER_NAME.search(name)):
             out[name] = "kl"
         else:
             out[name] = "mse"

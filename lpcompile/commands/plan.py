@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.analysis.table import SensitivityTable
-    from lpcompile.planning import items_from_table, plan_from_table
     from lpcompile.io_utils import check_outputs
+    from lpcompile.planning import items_from_table, plan_from_table
     from lpcompile.solver import apply_rules, pareto_front, parse_sweep, sweep
 
     out = Output(quiet=args.quiet, json=args.json)
