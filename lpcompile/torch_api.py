@@ -386,6 +386,7 @@ def analyze_module(
         _hvp_diagonals,
         _limit,
         _spread,
+        assemble_table,
         predict_losses,
     )
     from lpcompile.formats import activation_scale, qdq_activation
@@ -520,25 +521,8 @@ def analyze_module(
         exported.module_paths,
     )
     t_end = time.perf_counter()
-    return SensitivityTable(
-        nodes=tuple(table_nodes),
-        formats=fmts,
-        method=f"hutchinson-{config.estimator}-{config.method}",
-        loss="+".join(sorted(set(kinds.values()))),
-        probes=config.probes,
-        seed=config.seed,
-        calib=data.source,
-        num_samples=int(sizes.sum()),
-        synthetic_calib=data.synthetic,
-        activation_amax={t: v for t, v in amax.items() if v > 0},
-        timings={
-            "build_s": t_build - t0,
-            "reference_s": t_ref - t_build,
-            "hessian_s": t_hvp - t_ref,
-            "predict_s": t_end - t_hvp,
-            "total_s": t_end - t0,
-        },
-    )
+    stamps = (t0, t_build, t_ref, t_hvp, t_end)
+    return assemble_table(table_nodes, fmts, config, kinds, data, int(sizes.sum()), amax, stamps)
 
 
 def _check_values(model: ir.Model, base: Mapping[str, Any], refs: Mapping[str, ParamRef]) -> None:

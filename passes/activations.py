@@ -185,90 +185,68 @@ class ActivationPrecisionPass(ir.passes.InPlacePass):
     def _insert_fp8(self, graph: ir.Graph, namer: Namer, r: _Rounding) -> None:
         x = r.tensor
         x_name = x.name or "x"
-        base = _base_name(r)
-        serves = [c.name or "" for c in r.consumers]
         amax = float(self.plan.activation_scales[x_name])
         scale = np.array(activation_scale(amax, r.element), dtype=np.float32)
         zp = np.zeros((), dtype=FLOAT_SPECS[r.element].np_dtype)
         scale_v = add_initializer(graph, namer, f"{x_name}_act_scale", scale)
+        fp8 = ELEMENT_DTYPES[r.element]
         if self.style == "cast":
-            _insert_fp8_casts(graph, namer, r, scale_v, base, serves)
-            return
-        zp_v = add_initializer(graph, namer, f"{x_name}_act_zp", zp)
-        q = make_node(
-            "QuantizeLinear",
-            [x, scale_v, zp_v],
-            {"saturate": 1},
-            name=namer.node(base + ACT_Q),
-            out_name=namer.value(f"{x_name}_act_q"),
-            out_dtype=ELEMENT_DTYPES[r.element],
-            out_shape=x.shape,
-            serves=serves,
-        )
-        dq = make_node(
-            "DequantizeLinear",
-            [q.outputs[0], scale_v, zp_v],
-            None,
-            name=namer.node(base + ACT_DQ),
-            out_name=namer.value(f"{x_name}_act_dq"),
-            out_dtype=ir.DataType.FLOAT,
-            out_shape=x.shape,
-            serves=serves,
-        )
-        graph.insert_before(r.consumers[0], [q, dq])
-        for c in r.consumers:
-            c.replace_input_with(0, dq.outputs[0])
+            steps = [
+                _Step("Div", (scale_v,), None, "/act_div", "_act_div", ir.DataType.FLOAT),
+                _Step("Cast", (), {"to": int(fp8), "saturate": 1}, ACT_Q, "_act_q", fp8),
+                _Step("Cast", (), {"to": int(ir.DataType.FLOAT)}, ACT_DQ, "_act_f32", ir.DataType.FLOAT),
+                _Step("Mul", (scale_v,), None, "/act_mul", "_act_dq", ir.DataType.FLOAT),
+            ]
+        else:
+            zp_v = add_initializer(graph, namer, f"{x_name}_act_zp", zp)
+            steps = [
+                _Step("QuantizeLinear", (scale_v, zp_v), {"saturate": 1}, ACT_Q, "_act_q", fp8),
+                _Step("DequantizeLinear", (scale_v, zp_v), None, ACT_DQ, "_act_dq", ir.DataType.FLOAT),
+            ]
+        _insert_chain(graph, namer, r, _base_name(r), steps)
 
 
-def _insert_fp8_casts(
-    graph: ir.Graph, namer: Namer, r: _Rounding, scale_v: ir.Value, base: str, serves: list[str]
+@dataclass(frozen=True)
+class _Step:
+    """One node of a rounding chain: it reads the previous value, then ``extra`` inputs."""
+
+    op: str
+    extra: tuple[ir.Value, ...]
+    attrs: dict[str, object] | None
+    node_suffix: str
+    value_suffix: str
+    dtype: ir.DataType
+
+
+def _insert_chain(
+    graph: ir.Graph, namer: Namer, r: _Rounding, base: str, steps: list[_Step], after_producer: bool = False
 ) -> None:
-    """FP8 rounding as Div → Cast(fp8, saturate) → Cast(float) → Mul (same numbers as Q/DQ)."""
+    """Insert ``steps`` on ``r.tensor`` (after its producer, or before the first consumer) and rewire consumers."""
     x = r.tensor
     x_name = x.name or "x"
-    div = make_node(
-        "Div",
-        [x, scale_v],
-        None,
-        name=namer.node(base + "/act_div"),
-        out_name=namer.value(f"{x_name}_act_div"),
-        out_dtype=ir.DataType.FLOAT,
-        out_shape=x.shape,
-        serves=serves,
-    )
-    q = make_node(
-        "Cast",
-        [div.outputs[0]],
-        {"to": int(ELEMENT_DTYPES[r.element]), "saturate": 1},
-        name=namer.node(base + ACT_Q),
-        out_name=namer.value(f"{x_name}_act_q"),
-        out_dtype=ELEMENT_DTYPES[r.element],
-        out_shape=x.shape,
-        serves=serves,
-    )
-    dq = make_node(
-        "Cast",
-        [q.outputs[0]],
-        {"to": int(ir.DataType.FLOAT)},
-        name=namer.node(base + ACT_DQ),
-        out_name=namer.value(f"{x_name}_act_f32"),
-        out_dtype=ir.DataType.FLOAT,
-        out_shape=x.shape,
-        serves=serves,
-    )
-    mul = make_node(
-        "Mul",
-        [dq.outputs[0], scale_v],
-        None,
-        name=namer.node(base + "/act_mul"),
-        out_name=namer.value(f"{x_name}_act_dq"),
-        out_dtype=ir.DataType.FLOAT,
-        out_shape=x.shape,
-        serves=serves,
-    )
-    graph.insert_before(r.consumers[0], [div, q, dq, mul])
+    serves = [c.name or "" for c in r.consumers]
+    nodes: list[ir.Node] = []
+    prev = x
+    for st in steps:
+        node = make_node(
+            st.op,
+            [prev, *st.extra],
+            st.attrs,
+            name=namer.node(base + st.node_suffix),
+            out_name=namer.value(x_name + st.value_suffix),
+            out_dtype=st.dtype,
+            out_shape=x.shape,
+            serves=serves,
+        )
+        nodes.append(node)
+        prev = node.outputs[0]
+    producer = x.producer()
+    if after_producer and producer is not None and producer.graph is graph:
+        graph.insert_after(producer, nodes)
+    else:
+        graph.insert_before(r.consumers[0], nodes)
     for c in r.consumers:
-        c.replace_input_with(0, mul.outputs[0])
+        c.replace_input_with(0, prev)
 
 
 def _base_name(r: _Rounding) -> str:
@@ -278,38 +256,12 @@ def _base_name(r: _Rounding) -> str:
 
 
 def _insert_round_trip(graph: ir.Graph, namer: Namer, r: _Rounding, after_producer: bool) -> None:
-    x = r.tensor
-    x_name = x.name or "x"
     short = SHORT_NAMES[r.element]
-    base = _base_name(r)
-    serves = [c.name or "" for c in r.consumers]
-    down = make_node(
-        "Cast",
-        [x],
-        {"to": ELEMENT_DTYPES[r.element]},
-        name=namer.node(f"{base}/to_{short}"),
-        out_name=namer.value(f"{x_name}_{short}"),
-        out_dtype=ELEMENT_DTYPES[r.element],
-        out_shape=x.shape,
-        serves=serves,
-    )
-    up = make_node(
-        "Cast",
-        [down.outputs[0]],
-        {"to": ir.DataType.FLOAT},
-        name=namer.node(base + TO_FP32),
-        out_name=namer.value(f"{x_name}_{short}_fp32"),
-        out_dtype=ir.DataType.FLOAT,
-        out_shape=x.shape,
-        serves=serves,
-    )
-    producer = x.producer()
-    if after_producer and producer is not None and producer.graph is graph:
-        graph.insert_after(producer, [down, up])
-    else:
-        graph.insert_before(r.consumers[0], [down, up])
-    for c in r.consumers:
-        c.replace_input_with(0, up.outputs[0])
+    steps = [
+        _Step("Cast", (), {"to": ELEMENT_DTYPES[r.element]}, f"/to_{short}", f"_{short}", ELEMENT_DTYPES[r.element]),
+        _Step("Cast", (), {"to": ir.DataType.FLOAT}, TO_FP32, f"_{short}_fp32", ir.DataType.FLOAT),
+    ]
+    _insert_chain(graph, namer, r, _base_name(r), steps, after_producer=after_producer)
 
 
 def region_graph(graph: ir.Graph, plan: PrecisionPlan) -> nx.Graph:

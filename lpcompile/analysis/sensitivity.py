@@ -129,24 +129,8 @@ def analyze_hessian(
     diag_np = {w: t.double().numpy() for w, t in diag.items()}
     table_nodes = predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths or {})
     t_end = time.perf_counter()
-    return SensitivityTable(
-        nodes=tuple(table_nodes),
-        formats=fmts,
-        method=f"hutchinson-{config.estimator}-{config.method}",
-        loss="+".join(sorted(set(kinds.values()))),
-        probes=config.probes,
-        seed=config.seed,
-        calib=data.source,
-        num_samples=int(sizes.sum()),
-        synthetic_calib=data.synthetic,
-        activation_amax={t: v for t, v in amax.items() if v > 0},
-        timings={
-            "build_s": t_build - t0,
-            "reference_s": t_ref - t_build,
-            "hessian_s": t_hvp - t_ref,
-            "predict_s": t_end - t_hvp,
-            "total_s": t_end - t0,
-        },
+    return assemble_table(
+        table_nodes, fmts, config, kinds, data, int(sizes.sum()), amax, (t0, t_build, t_ref, t_hvp, t_end)
     )
 
 
@@ -188,11 +172,51 @@ def predict_losses(
             cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
         out.append(
             NodeSensitivity(
-                name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, shape=n.shape, candidates=cands,
-                trace=trace, group=groups.get(n.name), module_path=module_paths.get(n.name),
+                name=n.name,
+                op_type=n.op_type,
+                weight=n.weight,
+                params=n.params,
+                shape=n.shape,
+                candidates=cands,
+                trace=trace,
+                group=groups.get(n.name),
+                module_path=module_paths.get(n.name),
             )
         )
     return out
+
+
+def assemble_table(
+    table_nodes: Sequence[NodeSensitivity],
+    fmts: tuple[str, ...],
+    config: AnalysisConfig,
+    kinds: Mapping[str, str],
+    data: CalibrationSet,
+    num_samples: int,
+    amax: Mapping[str, float],
+    stamps: tuple[float, float, float, float, float],
+) -> SensitivityTable:
+    """The table of a Hutchinson run; ``stamps`` = perf_counter at start, built, references, Hessian, end."""
+    t0, t_build, t_ref, t_hvp, t_end = stamps
+    return SensitivityTable(
+        nodes=tuple(table_nodes),
+        formats=fmts,
+        method=f"hutchinson-{config.estimator}-{config.method}",
+        loss="+".join(sorted(set(kinds.values()))),
+        probes=config.probes,
+        seed=config.seed,
+        calib=data.source,
+        num_samples=num_samples,
+        synthetic_calib=data.synthetic,
+        activation_amax={t: v for t, v in amax.items() if v > 0},
+        timings={
+            "build_s": t_build - t0,
+            "reference_s": t_ref - t_build,
+            "hessian_s": t_hvp - t_ref,
+            "predict_s": t_end - t_hvp,
+            "total_s": t_end - t0,
+        },
+    )
 
 
 def _progress_step(progress: Progress | None, start: int, total: int) -> Callable[[], None] | None:
