@@ -1,0 +1,370 @@
+"""Models as they come (issue 14): one small model per class of third-party export that used to fail.
+
+1. dynamic image H/W with MaxPool / Add / Concat skip paths that break at 16×16;
+2. a fixed batch of 1 with a symbolic width (an OCR-like recogniser, per-position softmax);
+3. an encoder that also returns int64 and weight-independent outputs;
+4. a stateful model: a scalar sample-rate input, a recurrent state with the batch on axis 1;
+5. a causal-LM-like model: rank-3 logits, a second output, an attention mask with padding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lpcompile.errors import CalibrationError, UsageError
+from lpcompile.frontend.calib import (
+    SAMPLE_AXIS_PREFIX,
+    batches,
+    calibration_for,
+    check_against_model,
+    load_calibration,
+    synthesize,
+)
+from lpcompile.frontend.input_spec import (
+    ShapeOverride,
+    fixed_batch_size,
+    model_input_specs,
+    parse_input_shape,
+    parse_input_shapes,
+    resolve_input_shapes,
+    sample_axis,
+)
+
+OPSET = 21
+
+
+def _w(rng: np.random.Generator, *shape: int, scale: float | None = None) -> np.ndarray:
+    fan_in = int(np.prod(shape[1:])) if len(shape) == 4 else shape[0]
+    s = scale if scale is not None else 1.0 / np.sqrt(fan_in)
+    return (rng.standard_normal(shape) * s).astype(np.float32)
+
+
+def _model(nodes, inputs, outputs, inits, name: str) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def detector() -> onnx.ModelProto:
+    """Class 1: images[batch, 3, height, width]; needs H, W ≥ 64 (two even-size skip Adds, a 3×3 valid MaxPool)."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(_w(rng, 8, 3, 3, 3), "c1.w"),
+        numpy_helper.from_array(_w(rng, 8, 8, 3, 3), "c2.w"),
+        numpy_helper.from_array(_w(rng, 16, 16, 3, 3), "c3.w"),
+        numpy_helper.from_array(_w(rng, 32, 10), "head.w"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["images", "c1.w"], ["a"], name="c1", strides=[2, 2], pads=[1, 1, 1, 1]),
+        n("Relu", ["a"], ["ar"]),
+        n("MaxPool", ["ar"], ["b"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        n("Conv", ["b", "c2.w"], ["c"], name="c2", strides=[2, 2], pads=[1, 1, 1, 1]),
+        n("MaxPool", ["b"], ["d"], name="skip1", kernel_shape=[2, 2], strides=[2, 2]),
+        n("Add", ["c", "d"], ["cd"], name="add1"),
+        n("Concat", ["cd", "d"], ["cat"], name="cat1", axis=1),
+        n("Conv", ["cat", "c3.w"], ["e"], name="c3", strides=[2, 2], pads=[1, 1, 1, 1]),
+        n("MaxPool", ["cat"], ["f"], name="skip2", kernel_shape=[2, 2], strides=[2, 2]),
+        n("Add", ["e", "f"], ["ef"], name="add2"),
+        n("Concat", ["ef", "f"], ["cat2"], name="cat2", axis=1),
+        n("MaxPool", ["cat2"], ["g"], name="pool3", kernel_shape=[3, 3], strides=[1, 1]),
+        n("GlobalAveragePool", ["g"], ["gp"]),
+        n("Flatten", ["gp"], ["flat"], axis=1),
+        n("MatMul", ["flat", "head.w"], ["logits"], name="head"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+        "detector",
+    )
+
+
+def recogniser() -> onnx.ModelProto:
+    """Class 2: input1[1, 1, 16, image_width] → per-position class probabilities [1, width/2, 12]."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(_w(rng, 4, 1, 3, 3), "conv.w"),
+        numpy_helper.from_array(_w(rng, 32, 24), "fc.w"),
+        numpy_helper.from_array(_w(rng, 24, 12), "cls.w"),
+        numpy_helper.from_array(np.array([1, -1, 32], np.int64), "seq_shape"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["input1", "conv.w"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+        n("Relu", ["a"], ["ar"]),
+        n("MaxPool", ["ar"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),  # [1, 4, 8, W/2]
+        n("Transpose", ["p"], ["t"], perm=[0, 3, 1, 2]),  # [1, W/2, 4, 8]
+        n("Reshape", ["t", "seq_shape"], ["seq"]),  # [1, W/2, 32]
+        n("MatMul", ["seq", "fc.w"], ["h"], name="fc"),
+        n("Tanh", ["h"], ["ht"]),
+        n("MatMul", ["ht", "cls.w"], ["z"], name="cls"),
+        n("Softmax", ["z"], ["probs"], axis=-1),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("input1", TensorProto.FLOAT, [1, 1, 16, "image_width"])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, None, 12])],
+        inits,
+        "recogniser",
+    )
+
+
+VOCAB = 50
+
+
+def encoder() -> onnx.ModelProto:
+    """Class 3: a sentence encoder that also returns int64 tensors and a weight-free float output."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(_w(rng, VOCAB, 16, scale=1.0), "emb"),
+        numpy_helper.from_array(_w(rng, 16, 16), "proj.w"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Gather", ["emb", "input_ids"], ["e"], name="embed"),
+        n("MatMul", ["e", "proj.w"], ["hidden"], name="proj"),
+        n("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        n("Unsqueeze", ["m", "axis2"], ["mu"]),
+        n("Mul", ["hidden", "mu"], ["masked"]),
+        n("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
+        n("ReduceSum", ["m", "axis1"], ["count"], keepdims=1),
+        n("Div", ["summed", "count"], ["sentence_embedding"]),
+        n("ReduceSum", ["attention_mask", "axis1"], ["token_count"], keepdims=0),
+        n("ArgMax", ["hidden"], ["top_dim"], axis=-1, keepdims=0),
+        n("Identity", ["count"], ["mask_fraction"]),
+    ]
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
+    return _model(
+        nodes,
+        [ids, mask],
+        [
+            helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", 16]),
+            helper.make_tensor_value_info("token_count", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("top_dim", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("mask_fraction", TensorProto.FLOAT, ["batch", 1]),
+        ],
+        inits,
+        "encoder",
+    )
+
+
+def vad() -> onnx.ModelProto:
+    """Class 4: input[batch, 64], sr (int64 scalar), state[2, batch, 16] → output[batch, 1], stateN."""
+    rng = np.random.default_rng(4)
+    inits = [
+        numpy_helper.from_array(_w(rng, 64, 16), "in.w"),
+        numpy_helper.from_array(_w(rng, 16, 16), "rec.w"),
+        numpy_helper.from_array(_w(rng, 16, 1), "out.w"),
+        numpy_helper.from_array(np.array(16000.0, np.float32), "rate"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+        n("Div", ["srf", "rate"], ["gain"]),
+        n("Mul", ["input", "gain"], ["xin"]),
+        n("MatMul", ["xin", "in.w"], ["x"], name="in"),
+        n("Gather", ["state", "zero"], ["h"], axis=0),
+        n("Gather", ["state", "one"], ["c"], axis=0),
+        n("MatMul", ["h", "rec.w"], ["hr"], name="rec"),
+        n("Add", ["x", "hr"], ["pre"]),
+        n("Add", ["pre", "c"], ["pre2"]),
+        n("Tanh", ["pre2"], ["hn"]),
+        n("MatMul", ["hn", "out.w"], ["o"], name="out"),
+        n("Sigmoid", ["o"], ["output"]),
+        n("Unsqueeze", ["hn", "axis0"], ["hn0"]),
+        n("Unsqueeze", ["pre", "axis0"], ["cn0"]),
+        n("Concat", ["hn0", "cn0"], ["stateN"], axis=0),
+    ]
+    return _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 16]),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 16]),
+        ],
+        inits,
+        "vad",
+    )
+
+
+def causal_lm() -> onnx.ModelProto:
+    """Class 5: input_ids/attention_mask[batch, sequence] → output [batch, sequence, VOCAB] logits + hidden."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(_w(rng, VOCAB, 16, scale=1.0), "embed.w"),
+        numpy_helper.from_array(_w(rng, 16, 32), "up.w"),
+        numpy_helper.from_array(_w(rng, 32, 16), "down.w"),
+        numpy_helper.from_array(_w(rng, 16, VOCAB, scale=1.0), "lm_head.w"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Gather", ["embed.w", "input_ids"], ["e"], name="embed"),
+        n("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        n("Unsqueeze", ["m", "axis2"], ["mu"]),
+        n("Mul", ["e", "mu"], ["em"]),
+        n("MatMul", ["em", "up.w"], ["u"], name="up"),
+        n("Relu", ["u"], ["ur"]),
+        n("MatMul", ["ur", "down.w"], ["dn"], name="down"),
+        n("Add", ["dn", "e"], ["last_hidden_state"]),
+        n("MatMul", ["last_hidden_state", "lm_head.w"], ["output"], name="lm_head"),
+    ]
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
+    return _model(
+        nodes,
+        [ids, mask],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", "sequence", VOCAB]),
+            helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", 16]),
+        ],
+        inits,
+        "causal_lm",
+    )
+
+
+def padded_tokens(n: int = 12, seq: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids with right padding (lengths 3..seq), and the attention mask."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, VOCAB, size=(n, seq)).astype(np.int64)
+    lengths = rng.integers(3, seq + 1, size=n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+# --------------------------------------------------------------------------------------------
+# input specs
+
+
+def test_parse_input_shape_forms() -> None:
+    assert parse_input_shape("images=1x3x640x640") == ShapeOverride("images", (1, 3, 640, 640))
+    assert parse_input_shape("input1=batch:1,image_width:320") == ShapeOverride(
+        "input1", None, (("batch", 1), ("image_width", 320))
+    )
+    assert parse_input_shape("x=3:320").sizes == ((3, 320),)
+    assert parse_input_shape("width:320").name is None
+    assert len(parse_input_shapes(["a=1x2 b=batch:2", "c=4"])) == 3
+    for bad in ("", "=1x2", "x=", "x=1xy", "x=0x3", "x=batch:0", "1x3", "x=batch:1,width"):
+        with pytest.raises(UsageError):
+            parse_input_shape(bad)
+
+
+def test_sample_axes_and_fixed_batch_come_from_the_model() -> None:
+    specs = {s.name: s for s in model_input_specs(vad())}
+    all_specs = list(specs.values())
+    assert [sample_axis(specs[k], all_specs) for k in ("input", "sr", "state")] == [0, None, 1]
+    assert fixed_batch_size(all_specs) is None
+    assert fixed_batch_size(recogniser()) == 1
+
+
+def test_class1_probe_finds_a_size_the_model_runs_at() -> None:
+    model = detector()
+    calib = synthesize(model, num_samples=4)
+    assert calib.arrays["images"].shape == (4, 3, 64, 64)  # 16 and 32 fail in MaxPool / Add
+    assert calib.shapes is not None and len(calib.shapes.tried) == 3
+
+
+def test_class1_flag_and_one_line_error() -> None:
+    model = detector()
+    calib = synthesize(model, num_samples=2, input_shapes=parse_input_shapes(["images=1x3x96x96"]))
+    assert calib.arrays["images"].shape == (2, 3, 96, 96) and calib.fixed_batch == 1
+    calib = synthesize(model, num_samples=3, input_shapes=parse_input_shapes(["height:128,width:64"]))
+    assert calib.arrays["images"].shape == (3, 3, 128, 64) and calib.fixed_batch is None
+    with pytest.raises(CalibrationError) as info:
+        synthesize(model, num_samples=2, input_shapes=parse_input_shapes(["images=batch:1,height:40,width:40"]))
+    msg = str(info.value)
+    assert "\n" not in msg and "images 1x3x40x40" in msg and "--input-shape images=" in msg and "--calib" in msg
+    assert "MaxPool" in msg or "Add" in msg or "Concat" in msg
+    with pytest.raises(UsageError, match="fixed to 3"):
+        resolve_input_shapes(model, parse_input_shapes(["images=1x4x64x64"]))
+    with pytest.raises(UsageError, match="unknown input"):
+        resolve_input_shapes(model, parse_input_shapes(["pixels=1x3x64x64"]))
+
+
+def test_class2_fixed_batch_honoured_in_batches(tmp_path) -> None:
+    model = recogniser()
+    calib = synthesize(model, num_samples=5)
+    assert calib.fixed_batch == 1 and calib.num_samples == 5
+    assert all(b["input1"].shape == (1, 1, 16, 16) for b in batches(calib, 8))
+    path = tmp_path / "lines.npz"
+    np.savez(path, input1=np.random.default_rng(0).standard_normal((6, 1, 16, 40)).astype(np.float32))
+    real = calibration_for(model, path)
+    assert real.fixed_batch == 1 and len(list(batches(real, 8))) == 6
+
+
+def test_class4_state_on_axis_1_and_a_scalar(tmp_path) -> None:
+    model = vad()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "audio.npz"
+    np.savez(
+        path,
+        input=rng.standard_normal((64, 64)).astype(np.float32),
+        sr=np.int64(16000),
+        state=np.zeros((2, 64, 16), np.float32),
+    )
+    calib = calibration_for(model, path)
+    assert calib.sample_axes == {"input": 0, "sr": None, "state": 1} and calib.num_samples == 64
+    first = next(batches(calib, 8))
+    assert first["state"].shape == (2, 8, 16) and first["sr"].shape == () and first["input"].shape == (8, 64)
+    # without the model, an explicit entry gives the layout
+    explicit = tmp_path / "explicit.npz"
+    np.savez(
+        explicit,
+        input=np.zeros((4, 64), np.float32),
+        sr=np.int64(8000),
+        state=np.zeros((2, 4, 16), np.float32),
+        **{SAMPLE_AXIS_PREFIX + "state": np.int64(1)},
+    )
+    loaded = load_calibration(explicit)
+    assert loaded.num_samples == 4 and check_against_model(loaded, model).sample_axes["state"] == 1
+    with pytest.raises(CalibrationError, match=r"inconsistent sample counts.*_sample_axis"):
+        load_calibration(path)  # without the model: axis 0 everywhere, 64 vs 2
+    synth = synthesize(model, num_samples=4)
+    assert synth.arrays["sr"].shape == () and int(synth.arrays["sr"]) == 16000
+    assert synth.arrays["state"].shape == (2, 4, 16) and not synth.arrays["state"].any()
+
+
+def test_folder_of_npy_files(tmp_path) -> None:
+    data = padded_tokens(4, 6)
+    for k, v in data.items():
+        np.save(tmp_path / f"{k}.npy", v)
+    calib = calibration_for(causal_lm(), tmp_path)
+    assert calib.num_samples == 4 and set(calib.names) == {"input_ids", "attention_mask"}
+
+
+def test_synthetic_tokens_probe_only_when_dims_are_free() -> None:
+    calls: list[dict[str, tuple[int, ...]]] = []
+
+    def probe(inputs) -> None:  # type: ignore[no-untyped-def]
+        calls.append({k: v.shape for k, v in inputs.items()})
+
+    synthesize(causal_lm(), num_samples=2, probe=probe)
+    assert calls == [{"input_ids": (1, 16), "attention_mask": (1, 16)}]
+    calls.clear()
+    fixed = onnx.parser.parse_model(
+        '<ir_version: 10, opset_import: ["" : 21]> g (float[2, 3] x) => (float[2, 3] y) { y = Relu(x) }'
+    )
+    synthesize(fixed, num_samples=2, probe=probe)
+    assert calls == []
+
+
+def test_ir_and_proto_give_the_same_specs() -> None:
+    model = vad()
+    assert model_input_specs(model) == model_input_specs(ir.from_proto(model))
