@@ -1,0 +1,252 @@
+"""Second moments ``XᵀX`` of every weighted node's activation input, for error-compensated rounding.
+
+The accumulator plugs into any calibration forward of :class:`lpcompile.analysis.interpreter.TorchGraph`:
+capture :attr:`HessianAccumulator.tensors` besides what the forward needs anyway, and hand the
+captured values to :meth:`HessianAccumulator.update` (the analysis does this in its reference pass,
+so no second pass over the data is needed). :func:`collect_input_hessians` runs such a forward
+on its own, for ``apply`` without an analysis.
+
+Result: ``Mapping[str, np.ndarray]`` keyed by activation tensor name, each ``[K, K]`` float64, the
+mean of ``xxᵀ`` over all rows the layer multiplies (tokens × batch for MatMul, patches for Conv).
+Rows of padded positions (``attention_mask == 0``) are left out when the caller passes the mask.
+A MatMul/Gemm input's ``K`` is its last axis (Gemm with ``transA``: the first); a 1-D/2-D Conv's is
+``I·kh·kw`` in ``torch.nn.functional.unfold`` order (the flattened weight order of
+:func:`lpcompile.rounding.to_2d`). Grouped convolutions get no entry (callers fall back to
+Hessian-free rounding), nor does an activation read by two nodes that need different ``K``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from lpcompile.graph import WeightNode, find_weight_nodes
+from lpcompile.rounding import reduction_size
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What ``unfold`` needs to turn a Conv input into weight-shaped rows."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # ONNX order: begins then ends
+    auto_pad: str
+
+
+@dataclass(frozen=True)
+class HessianSpec:
+    """How one activation tensor becomes rows of the reduction: ``kind`` is matmul, matmul_t or conv."""
+
+    tensor: str
+    kind: str
+    k: int
+    conv: ConvGeometry | None = None
+
+
+def _ints(node: ir.Node, name: str, default: Sequence[int]) -> tuple[int, ...]:
+    attr = node.attributes.get(name)
+    return tuple(int(v) for v in attr.as_ints()) if attr is not None else tuple(default)
+
+
+def hessian_specs(model: ir.Model, nodes: Sequence[WeightNode] | None = None) -> dict[str, HessianSpec]:
+    """Specs by activation tensor name for the weighted nodes of ``model`` (all when ``nodes`` is None)."""
+    nodes = find_weight_nodes(model) if nodes is None else nodes
+    by_name = {n.name: n for n in model.graph}
+    out: dict[str, HessianSpec] = {}
+    dropped: set[str] = set()
+    for wn in nodes:
+        node = by_name.get(wn.name)
+        if node is None:
+            continue
+        k = reduction_size(wn.shape, wn.layout)
+        spec: HessianSpec | None
+        if wn.op_type == "MatMul":
+            spec = HessianSpec(wn.activation, "matmul", k)
+        elif wn.op_type == "Gemm":
+            trans_a = node.attributes.get_int("transA", 0)
+            spec = HessianSpec(wn.activation, "matmul_t" if trans_a else "matmul", k)
+        elif wn.op_type == "Conv" and node.attributes.get_int("group", 1) == 1 and len(wn.shape) in (3, 4):
+            nk = len(wn.shape) - 2
+            auto = node.attributes.get_string("auto_pad", "NOTSET") or "NOTSET"
+            geom = ConvGeometry(
+                kernel=tuple(int(d) for d in wn.shape[2:]),
+                strides=_ints(node, "strides", [1] * nk),
+                dilations=_ints(node, "dilations", [1] * nk),
+                pads=_ints(node, "pads", [0] * (2 * nk)),
+                auto_pad=auto,
+            )
+            spec = HessianSpec(wn.activation, "conv", k, geom)
+        else:
+            spec = None
+        if spec is None or wn.activation in dropped:
+            continue
+        prev = out.get(wn.activation)
+        if prev is not None and prev != spec:
+            logger.info("activation %r feeds nodes with different reductions: no Hessian for it", wn.activation)
+            del out[wn.activation]
+            dropped.add(wn.activation)
+            continue
+        out[wn.activation] = spec
+    return out
+
+
+def _conv_rows(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """``[rows, C·kh·kw]`` patches of an NCHW (or NCL) input, in the order of the flattened weight."""
+    if x.ndim == 3:  # 1-D conv as a 2-D one with height 1
+        x = x.unsqueeze(2)
+        g = ConvGeometry((1, *g.kernel), (1, *g.strides), (1, *g.dilations), (0, g.pads[0], 0, g.pads[1]), g.auto_pad)
+    pads = list(g.pads)
+    if g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * 4
+        for i in range(2):
+            size = x.shape[2 + i]
+            out = -(-size // g.strides[i])
+            eff = (g.kernel[i] - 1) * g.dilations[i] + 1
+            total = max(0, (out - 1) * g.strides[i] + eff - size)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + 2] = (small, big) if g.auto_pad == "SAME_UPPER" else (big, small)
+    elif g.auto_pad == "VALID":
+        pads = [0] * 4
+    if any(pads):
+        x = torch.nn.functional.pad(x, [pads[1], pads[3], pads[0], pads[2]])
+    cols = torch.nn.functional.unfold(x, g.kernel, dilation=g.dilations, stride=g.strides)  # [B, C·kh·kw, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+class HessianAccumulator:
+    """Running ``Σ xxᵀ`` and row counts per activation tensor (see the module docstring)."""
+
+    def __init__(self, specs: Mapping[str, HessianSpec]) -> None:
+        self.specs = dict(specs)
+        self._sum: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, int] = {}
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """Activation tensor names to capture in the forward."""
+        return tuple(self.specs)
+
+    def rows(self, name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The ``[rows, K]`` matrix the layer multiplies (None when the shape does not fit the spec)."""
+        spec = self.specs[name]
+        x = x.detach().to(torch.float32)
+        if spec.kind == "conv":
+            if spec.conv is None or x.ndim not in (3, 4):
+                return None
+            r = _conv_rows(x, spec.conv)
+        elif spec.kind == "matmul_t":
+            r = x.reshape(x.shape[0], -1).T if x.ndim == 2 else None
+            if r is None:
+                return None
+        else:
+            if x.ndim < 1:
+                return None
+            if mask is not None and x.ndim == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+                x = x[mask.to(torch.bool)]
+            r = x.reshape(-1, x.shape[-1])
+        if r.shape[1] != spec.k:
+            return None
+        return r
+
+    def update(self, values: Mapping[str, torch.Tensor], mask: np.ndarray | torch.Tensor | None = None) -> None:
+        """Add one batch: ``values`` holds (at least) the captured activation tensors.
+
+        Args:
+            values: captured tensors by name (others are ignored).
+            mask: optional ``[batch, seq]`` 0/1 attention mask; rows of a ``[batch, seq, K]``
+                MatMul input at masked positions are left out.
+        """
+        m = torch.as_tensor(np.asarray(mask)) if mask is not None and not isinstance(mask, torch.Tensor) else mask
+        for name in self.specs:
+            x = values.get(name)
+            if x is None:
+                continue
+            r = self.rows(name, x, m)
+            if r is None:
+                logger.debug("activation %r: shape %s does not fit its spec", name, tuple(x.shape))
+                continue
+            r = torch.nan_to_num(r.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            acc = r.T @ r
+            if name in self._sum:
+                self._sum[name] += acc
+            else:
+                self._sum[name] = acc
+            self._rows[name] = self._rows.get(name, 0) + int(r.shape[0])
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Mean ``xxᵀ`` per activation tensor, float64 ``[K, K]``."""
+        return {n: (s / max(self._rows[n], 1)).numpy() for n, s in self._sum.items() if self._rows.get(n, 0) > 0}
+
+
+def node_hessian(node: WeightNode, hessians: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+    """The Hessian for ``node``'s weight, or None when absent or of the wrong size."""
+    if not hessians:
+        return None
+    h = hessians.get(node.activation)
+    k = reduction_size(node.shape, node.layout)
+    if h is None or h.shape != (k, k):
+        return None
+    return h
+
+
+def attention_mask(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The single 2-D 0/1 input whose name contains ``mask``, if any."""
+    masks = [v for k, v in batch.items() if "mask" in k.lower() and v.ndim == 2 and v.size and np.isin(v, (0, 1)).all()]
+    return masks[0] if len(masks) == 1 else None
+
+
+def collect_input_hessians(
+    model: ir.Model,
+    calib: object,
+    nodes: Sequence[WeightNode] | None = None,
+    batch_size: int = 16,
+    max_samples: int | None = None,
+    use_mask: bool = True,
+) -> dict[str, np.ndarray]:
+    """Run the calibration data through the model once and return ``XᵀX`` per activation tensor.
+
+    Args:
+        model: the (normalised) model.
+        calib: a :class:`lpcompile.frontend.calib.CalibrationSet`.
+        nodes: the weighted nodes (default: all).
+        batch_size: samples per forward.
+        max_samples: use at most this many samples.
+        use_mask: leave out rows of padded positions (an ``attention_mask``-like input).
+    """
+    from lpcompile.analysis.interpreter import TorchGraph
+    from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, split, trim_padding
+
+    if not isinstance(calib, CalibrationSet):
+        raise TypeError("calib must be a CalibrationSet")
+    if max_samples is not None and max_samples < calib.num_samples:
+        calib = split(calib, max_samples)[0]
+    acc = HessianAccumulator(hessian_specs(model, nodes))
+    if not acc.tensors:
+        return {}
+    graph = TorchGraph(ir.to_proto(model))
+    dynamic = dynamic_sequence_inputs(model)
+    with torch.no_grad():
+        for b in batches(calib, batch_size):
+            b = trim_padding(b, dynamic)
+            res = graph.forward(b, capture=acc.tensors)
+            acc.update(res, attention_mask(b) if use_mask else None)
+    return acc.result()
+
+
+__all__ = [
+    "HessianAccumulator",
+    "HessianSpec",
+    "attention_mask",
+    "collect_input_hessians",
+    "hessian_specs",
+    "node_hessian",
+]

@@ -1,0 +1,522 @@
+"""Weight rounding beyond round-to-nearest: full-range RTN, MSE-optimal scales, GPTQ.
+
+Every method returns a :class:`lpcompile.formats.QuantizedWeight` in the shapes and dtypes the
+reference :func:`lpcompile.formats.quantize_weight` produces, so the weight writer
+(:mod:`lpcompile.passes.quantize_weights`) stores it unchanged and
+:func:`lpcompile.formats.dequantize` decodes it exactly as the rewritten graph does. Only the
+choice of scales and codes differs:
+
+``nearest`` / ``stochastic``
+    the reference of :mod:`lpcompile.formats` (symmetric grid ``amax ↦ qmax``), unchanged.
+``rtn``
+    round to nearest with the full integer code range: per block (or channel) the scale is
+    ``amax/qmax`` or ``amax/(qmax+1)`` (which reaches the extra negative code −8 / −128),
+    whichever gives the lower (optionally ``diag(XᵀX)``-weighted) error. Floats: as ``nearest``.
+``mse``
+    per block / channel grid search of the clip ``α·amax`` (``α`` in ``[clip_min, 1]``, both
+    denominators for integers) minimising ``Σ_k h_k·(Q(W)−W)²_k`` with ``h = diag(XᵀX)`` of the
+    layer input when a Hessian is given, else the plain squared error.
+``gptq``
+    error-compensated rounding (Frantar et al., GPTQ): scales chosen up front by ``mse`` (weighted),
+    then the reduction dimension is rounded column by column and each column's error is spread
+    over the columns not yet rounded through the inverse of ``H = XᵀX`` (damped), in lazy blocks,
+    optionally in order of decreasing ``diag(H)`` (act-order). Without a Hessian it is ``mse``.
+
+Layouts: a MatMul weight ``W[K, N]`` reduces over axis 0; a Conv weight ``[O, I, kh, kw]`` over
+axis 1, and GPTQ works on the flattened reduction ``I·kh·kw`` (channel-major, the ordering of
+``torch.nn.functional.unfold``), which is also the index order of the Hessian given for it.
+
+Non-finite weights: NaN counts as 0 and ±inf as ±float32 max, as :mod:`lpcompile.formats` does for
+scales; GPTQ falls back to ``mse`` for such tensors (error feedback from them would be meaningless).
+All methods are deterministic (no randomness is drawn except by ``stochastic``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from lpcompile.errors import FormatError
+from lpcompile.formats import (
+    FLOAT_SPECS,
+    INT_QMAX,
+    INT_RANGES,
+    Format,
+    QuantizedWeight,
+    WeightLayout,
+    get_format,
+    quantize_weight,
+)
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["nearest", "stochastic", "rtn", "mse", "gptq"]
+METHODS: tuple[str, ...] = ("nearest", "stochastic", "rtn", "mse", "gptq")
+#: methods whose result depends on the layer-input Hessian when one is given
+HESSIAN_METHODS: frozenset[str] = frozenset({"mse", "gptq"})
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_F16_MAX = 65504.0
+_F16_TINY = float(np.finfo(np.float16).smallest_subnormal)
+_TORCH_FLOATS: Mapping[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    """Knobs of the rounding methods.
+
+    Attributes:
+        clip_min: smallest clip ratio ``α`` the ``mse`` search tries (``α·amax`` maps to the grid's end).
+        clip_steps: number of ratios in ``[clip_min, 1]`` (integers try each with both denominators).
+        weighted: weight the ``mse``/``rtn`` error by ``diag(H)`` when a Hessian is given.
+        damp: GPTQ damping, as a fraction of the mean of ``diag(H)`` added to the diagonal.
+        block: GPTQ lazy-batch width (columns of the reduction rounded before a global update).
+        act_order: GPTQ rounds the reduction in order of decreasing ``diag(H)``.
+    """
+
+    clip_min: float = 0.5
+    clip_steps: int = 26
+    weighted: bool = True
+    damp: float = 0.01
+    block: int = 128
+    act_order: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.clip_min <= 1.0:
+            raise FormatError(f"clip_min must lie in (0, 1], got {self.clip_min}")
+        if self.clip_steps < 1 or self.block < 1:
+            raise FormatError("clip_steps and block must be >= 1")
+        if not (self.damp >= 0.0 and math.isfinite(self.damp)):
+            raise FormatError(f"damp must be a finite number >= 0, got {self.damp}")
+
+
+DEFAULT_CONFIG = RoundingConfig()
+
+
+def parse_method(name: str) -> str:
+    """Canonical method name (``round``/``nn`` → ``nearest``); raises ``FormatError`` when unknown."""
+    key = name.strip().lower()
+    key = {"round": "nearest", "nn": "nearest", "rne": "nearest", "sr": "stochastic"}.get(key, key)
+    if key not in METHODS:
+        raise FormatError(f"unknown rounding {name!r}; known: {', '.join(METHODS)}")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers: the "permuted" view [R, *others, C] and the 2-D view [R·others, C]
+# ---------------------------------------------------------------------------------------------
+
+
+def _perm(ndim: int, layout: WeightLayout) -> tuple[int, ...]:
+    r = layout.reduction_axis % ndim
+    c = layout.channel_axis % ndim
+    if r == c:
+        raise FormatError("reduction and channel axes must differ")
+    return (r, *[i for i in range(ndim) if i not in (r, c)], c)
+
+
+def reduction_size(shape: tuple[int, ...], layout: WeightLayout) -> int:
+    """Length of the flattened reduction (K of ``XᵀX``): all axes but the channel axis."""
+    c = layout.channel_axis % len(shape)
+    return math.prod(int(d) for i, d in enumerate(shape) if i != c)
+
+
+def to_2d(w: np.ndarray, layout: WeightLayout) -> np.ndarray:
+    """The ``[K, N]`` view GPTQ works on (K = flattened reduction, N = output channels)."""
+    p = np.transpose(w, _perm(w.ndim, layout))
+    return p.reshape(-1, p.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Element grids (torch): code of a scaled value, and the decoded value
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Grid:
+    fmt: Format
+    qmin: int
+    qmax: int
+    fp16_product: bool  # blocked int with fp16 scales: DequantizeLinear rounds code·scale to fp16
+
+    @staticmethod
+    def of(fmt: Format) -> _Grid:
+        if fmt.is_float:
+            return _Grid(fmt, 0, 0, False)
+        if fmt.element not in INT_RANGES:
+            raise FormatError(f"format {fmt.name}: no rounding grid for element {fmt.element}")
+        lo, hi = INT_RANGES[fmt.element]
+        return _Grid(fmt, lo, hi, fmt.scale == "per_block" and fmt.scale_dtype == "float16")
+
+    @property
+    def top(self) -> float:
+        """The value ``amax`` maps to with the reference scale."""
+        return FLOAT_SPECS[self.fmt.element].max_value if self.fmt.is_float else float(INT_QMAX[self.fmt.element])
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes (as float32 values) of already-scaled values ``x``."""
+        if self.fmt.is_float:
+            spec = FLOAT_SPECS[self.fmt.element]
+            if self.fmt.element == "float32":
+                return x
+            if self.fmt.element.startswith("float8"):
+                x = x.clamp(-spec.max_value, spec.max_value)
+            return x.to(_TORCH_FLOATS[self.fmt.element]).to(torch.float32)
+        return torch.clamp(torch.round(x), self.qmin, self.qmax)
+
+    def decode(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = codes * scale
+        return out.to(torch.float16).to(torch.float32) if self.fp16_product else out
+
+    def cast_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """Scales as the format stores them (float64 in → stored dtype values as float32)."""
+        if self.fmt.scale_dtype == "float16":
+            s16 = torch.clamp(s, max=_F16_MAX).to(torch.float16)
+            s16 = torch.where(s16 > 0, s16, torch.tensor(_F16_TINY, dtype=torch.float16))
+            return s16.to(torch.float32)
+        s32 = s.to(torch.float32)
+        return torch.where(s32 > 0, s32, torch.tensor(np.finfo(np.float32).tiny, dtype=torch.float32))
+
+
+def _sanitize(w: np.ndarray) -> tuple[np.ndarray, bool]:
+    w = np.asarray(w, dtype=np.float32)
+    finite = bool(np.isfinite(w).all())
+    if finite:
+        return w, True
+    return np.nan_to_num(w, nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX).astype(np.float32), False
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale search (rtn / mse)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """The weight in the permuted view split into scale groups: ``[G, B, *others, C]``."""
+
+    data: torch.Tensor  # [G, B, *others, C], zero padded along B
+    weight: torch.Tensor  # broadcastable error weights [G, B, *others, 1] (ones when unweighted)
+    valid: int  # R (unpadded reduction length)
+    kind: str  # "per_block", "per_channel", "none"
+
+
+def _blocks(fmt: Format, p: torch.Tensor, h_p: torch.Tensor | None) -> _Blocks:
+    r_len = p.shape[0]
+    if fmt.scale == "per_block":
+        bs = max(1, min(int(fmt.block_size or 1), r_len))
+        g = -(-r_len // bs)
+        pad = g * bs - r_len
+        data = torch.nn.functional.pad(p, [0, 0] * (p.ndim - 1) + [0, pad]) if pad else p
+        data = data.reshape(g, bs, *p.shape[1:])
+        if h_p is None:
+            weight = torch.ones((g, bs, *p.shape[1:-1], 1), dtype=torch.float32)
+        else:
+            hw = torch.nn.functional.pad(h_p, [0, 0] * (h_p.ndim - 1) + [0, pad]) if pad else h_p
+            weight = hw.reshape(g, bs, *h_p.shape[1:])
+        return _Blocks(data, weight, r_len, "per_block")
+    data = p.reshape(1, r_len, *p.shape[1:])
+    weight = torch.ones((1, r_len, *p.shape[1:-1], 1)) if h_p is None else h_p.reshape(1, r_len, *h_p.shape[1:])
+    return _Blocks(data, weight, r_len, fmt.scale)
+
+
+def _amax(blocks: _Blocks) -> torch.Tensor:
+    """Per scale group amax: ``[G, 1, *others, C]`` for blocks, ``[1, 1, 1.., C]`` per channel."""
+    a = blocks.data.abs().to(torch.float64)
+    if blocks.kind == "per_block":
+        return a.amax(dim=1, keepdim=True)
+    dims = tuple(range(0, a.ndim - 1))
+    return a.amax(dim=dims, keepdim=True)
+
+
+def _group_error(blocks: _Blocks, err2: torch.Tensor) -> torch.Tensor:
+    e = err2 * blocks.weight
+    if blocks.kind == "per_block":
+        return e.sum(dim=1, keepdim=True, dtype=torch.float64)
+    return e.sum(dim=tuple(range(0, e.ndim - 1)), keepdim=True, dtype=torch.float64)
+
+
+def _search_scales(
+    grid: _Grid, blocks: _Blocks, ratios: Sequence[tuple[float, float]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best stored scale per group over ``scale = amax·α/den`` candidates; returns (scale, error)."""
+    amax = _amax(blocks)
+    best_s: torch.Tensor | None = None
+    best_e: torch.Tensor | None = None
+    for alpha, den in ratios:
+        s = grid.cast_scale(torch.where(amax > 0, amax * alpha / den, torch.ones_like(amax)))
+        dec = grid.decode(grid.codes(blocks.data / s), s)
+        err = _group_error(blocks, (dec - blocks.data) ** 2)
+        if best_s is None or best_e is None:
+            best_s, best_e = s, err
+        else:
+            better = err < best_e
+            best_s = torch.where(better, s, best_s)
+            best_e = torch.where(better, err, best_e)
+    if best_s is None or best_e is None:  # pragma: no cover - ratios is never empty
+        raise FormatError("no scale candidates")
+    return best_s, best_e
+
+
+def _ratios(grid: _Grid, method: str, cfg: RoundingConfig) -> list[tuple[float, float]]:
+    dens = [grid.top] if grid.fmt.is_float else [float(grid.qmax), float(-grid.qmin)]
+    if method == "rtn":
+        return [(1.0, d) for d in dens]
+    n = cfg.clip_steps
+    alphas = [1.0] if n == 1 else [1.0 - (1.0 - cfg.clip_min) * i / (n - 1) for i in range(n)]
+    return [(a, d) for a in alphas for d in dens]
+
+
+def _scale_to_stored(fmt: Format, s: torch.Tensor, ndim: int, perm: tuple[int, ...]) -> np.ndarray:
+    """Group scales ``[G, 1, *others, C]`` → the reference's stored scale array."""
+    dtype = np.float16 if fmt.scale_dtype == "float16" else np.float32
+    if fmt.scale == "per_channel":
+        return s.reshape(-1).numpy().astype(dtype)
+    sp = s.squeeze(1)  # [G, *others, C] in the permuted order
+    inv = np.argsort(perm)
+    return np.ascontiguousarray(np.transpose(sp.numpy(), inv)).astype(dtype)
+
+
+def _full_scale(blocks: _Blocks, s: torch.Tensor) -> torch.Tensor:
+    """Scale per element of the permuted view ``[R, *others, C]``."""
+    full = s.expand(blocks.data.shape)
+    return full.reshape(-1, *blocks.data.shape[2:])[: blocks.valid]
+
+
+def _diag_weights(h: np.ndarray | None, shape_p: tuple[int, ...], cfg: RoundingConfig) -> torch.Tensor | None:
+    if h is None or not cfg.weighted:
+        return None
+    d = np.asarray(np.diagonal(h), dtype=np.float64).copy()
+    d = np.where(np.isfinite(d) & (d > 0), d, 0.0)
+    mean = d.mean() if d.size else 0.0
+    if mean <= 0:
+        return None
+    # a small floor keeps dead inputs from being rounded arbitrarily
+    d = (d + 1e-3 * mean) / mean
+    return torch.from_numpy(d.astype(np.float32)).reshape(*shape_p[:-1], 1)
+
+
+def _check_hessian(h: np.ndarray | None, k: int, name: str) -> np.ndarray | None:
+    if h is None:
+        return None
+    h = np.asarray(h)
+    if h.shape != (k, k):
+        raise FormatError(f"{name}: Hessian of shape {h.shape} does not fit a reduction of {k}")
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry
+# ---------------------------------------------------------------------------------------------
+
+
+def round_weight(
+    fmt: Format | str,
+    w: np.ndarray,
+    layout: WeightLayout,
+    method: str = "rtn",
+    hessian: np.ndarray | None = None,
+    config: RoundingConfig = DEFAULT_CONFIG,
+    seed: int | None = None,
+) -> QuantizedWeight:
+    """Quantize ``w`` by ``fmt`` with a rounding method (see the module docstring).
+
+    Args:
+        fmt: the format or its name.
+        w: the float32 weight.
+        layout: channel and reduction axes (MatMul ``[K, N]``: reduction 0; Conv: reduction 1).
+        method: ``nearest``, ``stochastic``, ``rtn``, ``mse`` or ``gptq``.
+        hessian: ``XᵀX`` (any positive multiple) of the layer input over the flattened reduction,
+            ``[K, K]`` with ``K = reduction_size(w.shape, layout)``; used by ``mse`` (diagonal
+            weighting), ``rtn`` (weighting of the per-block choice) and ``gptq``.
+        config: method knobs.
+        seed: seed of ``stochastic`` rounding.
+
+    Returns:
+        A :class:`QuantizedWeight` the writer stores as is; ``dequantize`` of it is the weight the
+        rewritten model computes with.
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    method = parse_method(method)
+    if method in ("nearest", "stochastic") or fmt.is_identity:
+        return quantize_weight(fmt, w, layout, "nearest" if fmt.is_identity else method, seed)  # type: ignore[arg-type]
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim == 0 and fmt.scale != "none":
+        raise FormatError(f"format {fmt.name} needs a weight of rank >= 1")
+    if getattr(layout, "flatten", False) and fmt.scale == "per_block":  # codes and scales on the im2col view
+        from lpcompile.formats import blocked_view
+
+        view, flat = blocked_view(w.shape, layout)
+        return round_weight(fmt, w.reshape(view), flat, method, hessian, config, seed)
+    if w.ndim < 2 or w.size == 0:
+        return quantize_weight(fmt, w, layout, "nearest")
+    if layout.reduction_axis % w.ndim == layout.channel_axis % w.ndim:
+        # blocks along the channel axis itself (ConvTranspose): no reduction to compensate along
+        logger.debug("%s: reduction axis = channel axis; reference rounding", fmt.name)
+        return quantize_weight(fmt, w, layout, "nearest")
+    k = reduction_size(w.shape, layout)
+    hessian = _check_hessian(hessian, k, fmt.name)
+    grid = _Grid.of(fmt)
+    clean, finite = _sanitize(w)
+    perm = _perm(w.ndim, layout)
+    p = torch.from_numpy(np.array(np.transpose(clean, perm), dtype=np.float32, order="C"))
+    h_p = _diag_weights(hessian, tuple(p.shape), config)
+
+    if fmt.scale == "none":
+        full_s = torch.ones_like(p)
+        stored: np.ndarray | None = None
+    else:
+        blocks = _blocks(fmt, p, h_p if method != "rtn" or config.weighted else None)
+        s, _ = _search_scales(grid, blocks, _ratios(grid, "rtn" if method == "rtn" else "mse", config))
+        stored = _scale_to_stored(fmt, s, w.ndim, perm)
+        full_s = _full_scale(blocks, s)
+
+    if method == "gptq" and hessian is not None and finite:
+        codes_p = _gptq(grid, p.reshape(k, -1), full_s.reshape(k, -1), hessian, config).reshape(p.shape)
+    else:
+        if method == "gptq":
+            logger.debug("gptq on %s without a usable Hessian: mse scales, nearest codes", fmt.name)
+        codes_p = grid.codes(p / full_s)
+    codes = np.transpose(codes_p.numpy(), np.argsort(perm))
+    return _pack(fmt, w, layout, codes, stored)
+
+
+def _pack(
+    fmt: Format, w: np.ndarray, layout: WeightLayout, codes: np.ndarray, scale: np.ndarray | None
+) -> QuantizedWeight:
+    codes = np.ascontiguousarray(codes)
+    stored_codes = codes.astype(FLOAT_SPECS[fmt.element].np_dtype) if fmt.is_float else codes.astype(np.int8)
+    if fmt.scale == "none":
+        return QuantizedWeight(fmt.name, stored_codes, None, 0, 0)
+    if fmt.scale == "per_channel":
+        return QuantizedWeight(fmt.name, stored_codes, scale, layout.channel_axis % w.ndim, 0)
+    r = layout.reduction_axis % w.ndim
+    return QuantizedWeight(fmt.name, stored_codes, scale, r, fmt._block(w.shape, layout))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTQ
+# ---------------------------------------------------------------------------------------------
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹``, raising damping until it factorises."""
+    diag = torch.diagonal(h)
+    mean = float(diag.mean()) if diag.numel() else 1.0
+    mean = mean if mean > 0 and math.isfinite(mean) else 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    lam = damp * mean
+    for _ in range(8):
+        lower, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(lower)
+            upper, info2 = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info2) == 0 and bool(torch.isfinite(upper).all()):
+                return upper
+        lam = max(lam * 10.0, 1e-6 * mean)
+        logger.debug("gptq: Cholesky failed, damping raised to %.3g", lam)
+    raise FormatError("gptq: the Hessian could not be factorised even with heavy damping")
+
+
+def _gptq(grid: _Grid, w: torch.Tensor, scale: torch.Tensor, hessian: np.ndarray, cfg: RoundingConfig) -> torch.Tensor:
+    """Codes ``[K, N]`` of ``w [K, N]`` with per-element ``scale [K, N]``, error-compensated along K."""
+    k = w.shape[0]
+    h = torch.from_numpy(np.asarray(hessian, dtype=np.float64)).clone()
+    h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
+    h = 0.5 * (h + h.T)
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    if bool(dead.any()):
+        h[dead, :] = 0.0
+        h[:, dead] = 0.0
+        h[dead, dead] = 1.0  # independent: rounded to nearest, no error spread
+    # rows of w = reduction index; work on Wt [N, K] as in the paper (columns = inputs)
+    wt = w.T.contiguous().clone()
+    st = scale.T.contiguous()
+    if cfg.act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        wt, st, h = wt[:, perm], st[:, perm], h[perm][:, perm]
+    else:
+        perm = None
+    hinv = _inverse_cholesky(h, cfg.damp).to(torch.float32)
+    q = torch.zeros_like(wt)
+    bs = cfg.block
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        w1 = wt[:, i1:i2].clone()
+        e1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        s1 = st[:, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            sc = s1[:, i]
+            c = grid.codes(col / sc)
+            q[:, i1 + i] = c
+            err = (col - grid.decode(c, sc)) / h1[i, i]
+            if i + 1 < i2 - i1:
+                w1[:, i + 1 :].sub_(torch.outer(err, h1[i, i + 1 :]))
+            e1[:, i] = err
+        if i2 < k:
+            wt[:, i2:].sub_(e1 @ hinv[i1:i2, i2:])
+    if perm is not None:
+        out = torch.empty_like(q)
+        out[:, perm] = q
+        q = out
+    return q.T.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss prediction with the input Hessian
+# ---------------------------------------------------------------------------------------------
+
+
+def kron_loss(delta: np.ndarray, layout: WeightLayout, diag: np.ndarray, hessian: np.ndarray | None = None) -> float:
+    """Predicted loss ½·Σ_n g_n·δ_nᵀ·Ĥ·δ_n of a weight error ``delta`` (Kronecker-factored GGN).
+
+    The Gauss–Newton block of a linear layer factors (K-FAC) as ``Ĥ ⊗ G`` with ``Ĥ = XᵀX``
+    normalised to unit mean diagonal and ``G`` the output-gradient second moment; its diagonal is
+    ``diag(Ĥ)_k·g_n``. ``g_n`` is read off the estimated Hessian diagonal ``diag`` (same shape as
+    the weight) as ``Σ_k D_kn / Σ_k Ĥ_kk``. With the full ``Ĥ`` the prediction sees the
+    cross-input correlations GPTQ exploits; without it (``hessian=None``) it reduces to the
+    diagonal prediction ½·Σ D·δ².
+    """
+    d64 = np.asarray(delta, dtype=np.float64)
+    dg = np.asarray(diag, dtype=np.float64)
+    if hessian is None:
+        return 0.5 * float(np.sum(dg * d64 * d64))
+    k = reduction_size(d64.shape, layout)
+    h = np.asarray(hessian, dtype=np.float64)
+    hd = np.diagonal(h)
+    mean = float(hd.mean()) if hd.size else 0.0
+    if h.shape != (k, k) or not mean > 0 or not np.isfinite(h).all():
+        return 0.5 * float(np.sum(dg * d64 * d64))
+    hn = h / mean
+    d2 = to_2d(d64, layout)  # [K, N]
+    g = to_2d(dg, layout).sum(axis=0) / float(np.diagonal(hn).sum())  # [N]
+    quad = np.einsum("kn,kn->n", d2, hn @ d2)
+    return 0.5 * float(np.sum(np.maximum(g, 0.0) * quad))
+
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "HESSIAN_METHODS",
+    "METHODS",
+    "Method",
+    "RoundingConfig",
+    "kron_loss",
+    "parse_method",
+    "reduction_size",
+    "round_weight",
+    "to_2d",
+]
