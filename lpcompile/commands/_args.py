@@ -7,6 +7,7 @@ import argparse
 from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig
 from lpcompile.errors import UsageError
 from lpcompile.formats import parse_format_list
+from lpcompile.io_utils import check_seed
 
 
 def add_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
     for flag, value in limits:
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, not {value}")
+    check_seed(args.seed)
     return AnalysisConfig(
         formats=parse_format_list(args.formats),
         probes=args.probes,

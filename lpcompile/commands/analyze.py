@@ -24,15 +24,18 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.compiler import analyze_file
-    from lpcompile.io_utils import check_outputs
+    from lpcompile.io_utils import OutputSession
     from lpcompile.workflow import default_output
 
     out = Output(quiet=args.quiet, json=args.json)
     target = Path(args.output) if args.output else default_output(args.model, ".sens.json")
-    check_outputs([target], [args.model, args.calib])
-    with StageProgress(out) as progress:
-        table = analyze_file(args.model, args.calib, analysis_config(args), validate=args.validate, progress=progress)
-    table.save(target)
+    with OutputSession(inputs=[args.model, args.calib]) as session:  # io_utils guard (issue 15)
+        session.declare(target)
+        with StageProgress(out) as progress:
+            table = analyze_file(
+                args.model, args.calib, analysis_config(args), validate=args.validate, progress=progress
+            )
+        table.save(target)
     fmts = [f for f in table.formats if f != "fp32"]
     rows = []
     for n in table.nodes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lpcompile.console import Output
 from lpcompile.plan import PrecisionPlan
@@ -24,28 +25,36 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--softmax", choices=["auto", "two-pass", "keep"], help="two-pass softmax substitution")
     p.add_argument("--rounding", choices=["nearest", "stochastic"], default="nearest")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="allow -o to name the input file")
+    p.add_argument("--force", action="store_true", help="replace a previous output (an input is never replaced)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from lpcompile.workflow import apply_to_file
+    from lpcompile.io_utils import OutputSession, check_seed
+    from lpcompile.workflow import apply_to_file, default_output, plan_path_for
 
     out = Output(quiet=args.quiet, json=args.json)
-    plan = PrecisionPlan.load(args.plan) if args.plan else None
-    result = apply_to_file(
-        args.model,
-        args.output,
-        plan=plan,
-        uniform=args.uniform,
-        calib_path=args.calib,
-        target=args.target,
-        softmax=args.softmax,
-        rounding=args.rounding,
-        seed=args.seed,
-        force=args.force,
-        plan_path=args.plan,
-    )
+    check_seed(args.seed)
+    target = Path(args.output) if args.output else default_output(args.model)
+    # io_utils guard (issue 15): outputs never replace an input or its external data; locked; temp files
+    # removed on SIGINT/SIGTERM. defer=False: apply_to_file stats its outputs before returning.
+    with OutputSession(inputs=[args.model, args.plan, args.calib], defer=False) as session:
+        session.declare(target)
+        session.declare(plan_path_for(target), may_replace=args.plan)  # the same plan, completed
+        plan = PrecisionPlan.load(args.plan) if args.plan else None
+        result = apply_to_file(
+            args.model,
+            args.output,
+            plan=plan,
+            uniform=args.uniform,
+            calib_path=args.calib,
+            target=args.target,
+            softmax=args.softmax,
+            rounding=args.rounding,
+            seed=args.seed,
+            force=args.force,
+            plan_path=args.plan,
+        )
     rows = [(n.name, n.op_type, n.params, n.format, n.bits) for n in result.plan.nodes]
     out.table("precision map", ["node", "op", "params", "format", "bits"], rows)
     ratio = result.output_bytes / max(result.input_bytes, 1)

@@ -20,18 +20,23 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--softmax", choices=["auto", "two-pass", "keep"], default="auto")
     p.add_argument("--validate", action="store_true", help="also measure every (node, format) in ORT (slow)")
     p.add_argument("--report", metavar="HTML", help="write a self-contained HTML report")
-    p.add_argument("--force", action="store_true", help="allow -o to name the input file")
+    p.add_argument("--force", action="store_true", help="replace a previous output (an input is never replaced)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from lpcompile.compiler import compile_file
-    from lpcompile.io_utils import check_outputs
+    from lpcompile.io_utils import OutputSession
+    from lpcompile.workflow import default_output, plan_path_for
 
     out = Output(quiet=args.quiet, json=args.json)
-    if args.report:
-        check_outputs([args.report], [args.model, args.calib], force=args.force)
-    with StageProgress(out) as progress:
+    target = Path(args.output) if args.output else default_output(args.model)
+    # io_utils guard (issue 15); defer=False: compile_file stats its outputs before returning
+    session = OutputSession(inputs=[args.model, args.calib], defer=False)
+    with session, StageProgress(out) as progress:
+        session.declare(target, plan_path_for(target), args.report)
         result = compile_file(
             args.model,
             args.budget,
@@ -45,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             progress=progress,
         )
+        if args.report:
+            from lpcompile.commands._tables import write_report
+
+            write_report(args.report, result.plan, result.table)
     print_plan(out, result.plan)
     if result.table.validation:
         out.line(f"validation: Spearman ρ(predicted, measured) = {result.table.validation.get('spearman')}")
@@ -54,9 +63,6 @@ def run(args: argparse.Namespace) -> int:
         f"analysis {result.timings['analyze_s']:.1f}s, total {result.timings['total_s']:.1f}s"
     )
     if args.report:
-        from lpcompile.commands._tables import write_report
-
-        write_report(args.report, result.plan, result.table)
         out.line(f"report: {args.report}")
     out.emit_json(
         {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from pathlib import Path
 
 from lpcompile.console import Output
 from lpcompile.errors import UsageError
@@ -35,23 +36,33 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lpcompile.io_utils import OutputSession
+
     out = Output(quiet=args.quiet, json=args.json)
+    if args.emit_source and Path(args.emit_source).exists() and not Path(args.emit_source).is_dir():
+        raise UsageError(f"--emit-source {args.emit_source} is a file; give a folder for the generated source")
     if args.target == "mlir":
-        return _run_mlir(args, out)
+        with OutputSession(inputs=[args.model]) as session:
+            session.declare(args.output)
+            return _run_mlir(args, out)
     if args.target != "cuda" and args.arch:
         raise UsageError("--arch applies to --target cuda only")
     if importlib.util.find_spec("tvm") is None:
         raise UsageError("--target llvm/cuda needs Apache TVM: pip install 'lpcompile[tvm]'")
-    from lpcompile.runtime.tvm.build import lower_model, parse_shapes
+    from lpcompile.runtime.tvm.build import lower_model, meta_path_for, parse_shapes
 
-    result = lower_model(
-        args.model,
-        args.output,
-        target=args.target,
-        arch=args.arch,
-        emit_source=args.emit_source,
-        shapes=parse_shapes(args.shape),
-    )
+    shapes = parse_shapes(args.shape)
+    with OutputSession(inputs=[args.model]) as session:
+        # the library and its metadata are written together or not at all; sources are guarded as written
+        session.declare(args.output, meta_path_for(args.output))
+        result = lower_model(
+            args.model,
+            args.output,
+            target=args.target,
+            arch=args.arch,
+            emit_source=args.emit_source,
+            shapes=shapes,
+        )
     out.table("kernel calls", ["node", "kernel", "shape"], [(k["node"], k["kind"], k["shape"]) for k in result.kernels])
     out.line(
         f"wrote {result.output} and {result.meta.name} ({len(result.kernels)} lpcompile kernel call(s), "

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.analysis.table import SensitivityTable
-    from lpcompile.io_utils import check_outputs
+    from lpcompile.io_utils import OutputSession
     from lpcompile.planning import items_from_table, plan_from_table
     from lpcompile.solver import apply_rules, pareto_front, parse_sweep, sweep
 
@@ -71,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     target = args.output or _default_plan_path(args.sensitivity)
-    check_outputs([target], [args.sensitivity])
-    plan, solution = plan_from_table(table, args.budget, formats=formats, keep=rules, softmax=args.softmax)
-    plan.save(target)
+    with OutputSession(inputs=[args.sensitivity]) as session:  # io_utils guard (issue 15)
+        session.declare(target)
+        plan, solution = plan_from_table(table, args.budget, formats=formats, keep=rules, softmax=args.softmax)
+        plan.save(target)
     print_plan(out, plan)
     out.line(
         f"wrote {target}: {plan.achieved_bits:.4g} bits/weight, predicted loss {plan.predicted_loss:.4g} "

@@ -23,13 +23,19 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.analysis.table import SensitivityTable
+    from lpcompile.io_utils import OutputSession
     from lpcompile.report.html import write_report
 
     out = Output(quiet=args.quiet, json=args.json)
-    plan = PrecisionPlan.load(args.plan)
-    table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
     target = Path(args.output) if args.output else _default_output(Path(args.plan))
-    path = write_report(target, plan, table)
+    with OutputSession(inputs=[args.plan, args.sensitivity]) as session:
+        session.declare(target)  # never over the plan or the sensitivity file, checked before any work
+        _prevalidate(args.plan, "plan")
+        plan = PrecisionPlan.load(args.plan)
+        if args.sensitivity:
+            _prevalidate(args.sensitivity, "sensitivity file")
+        table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
+        path = write_report(target, plan, table)
     size = path.stat().st_size
     out.line(f"wrote {path} ({size:,} bytes): {plan.achieved_bits:.4g} bits/weight over {len(plan.nodes)} nodes")
     out.emit_json(
@@ -41,3 +47,12 @@ def run(args: argparse.Namespace) -> int:
 def _default_output(plan: Path) -> Path:
     name = plan.name[: -len(".json")] if plan.name.endswith(".json") else plan.name
     return plan.with_name(name + ".html")
+
+
+def _prevalidate(path: str, what: str) -> None:
+    """Size, nesting depth, node count and duplicate names, before the file is turned into objects."""
+    from lpcompile.io_utils import check_plan_limits, read_json_bounded
+
+    data = read_json_bounded(path, what)
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
+        check_plan_limits(data, what=what)

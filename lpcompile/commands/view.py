@@ -15,9 +15,18 @@ from pathlib import Path
 
 from lpcompile.console import Output
 from lpcompile.errors import ModelLoadError, UsageError
+from lpcompile.io_utils import OutputSession
 from lpcompile.plan import PrecisionPlan
 from lpcompile.report.overlay import OverlayNode, precision_map, write_overlays
-from lpcompile.report.server import DEFAULT_VIEWER, READY_TIMEOUT_S, VIEWERS, ViewerProcess, check_viewer, serve
+from lpcompile.report.server import (
+    DEFAULT_VIEWER,
+    READY_TIMEOUT_S,
+    VIEWERS,
+    ViewerError,
+    ViewerProcess,
+    check_viewer,
+    serve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +61,13 @@ def run(args: argparse.Namespace) -> int:
     if not model.is_file():
         raise ModelLoadError(f"model file not found: {model}")
     check_viewer(args.viewer)  # one line and exit 1 when it is not installed
-    source = _overlay_source(model, args.plan)
     stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
-    overlays = write_overlays(source, Path(args.overlay_dir) if args.overlay_dir else model.parent, stem)
+    folder = Path(args.overlay_dir) if args.overlay_dir else model.parent
+    plan_in = args.plan or _sibling_plan(model)
+    with OutputSession(inputs=[model, plan_in]) as session:
+        # the overlays never replace the model, its external data or the plan; both are written or neither
+        session.declare(folder / f"{stem}.format.json", folder / f"{stem}.loss.json")
+        overlays = write_overlays(_overlay_source(model, args.plan), folder, stem)
     for p in overlays:
         out.line(f"overlay: {p}")
     # Model Explorer shows the last overlay it loads: the format overlay goes last
@@ -72,14 +85,13 @@ def run(args: argparse.Namespace) -> int:
             webbrowser.open(url)
 
     reason = serve(proc, timeout=args.timeout, on_ready=ready, ready_timeout=args.start_timeout)
-    out.line(
-        {
-            "timeout": f"stopped after {args.timeout:g} s",
-            "interrupted": "stopped",
-            "exited": f"{proc.spec.title} exited",
-        }[reason]
-    )
-    return 0 if reason in ("timeout", "interrupted") else 1
+    if reason == "timeout":
+        out.line(f"stopped after {args.timeout:g} s")
+    elif reason == "interrupted":
+        out.line("stopped")
+    else:
+        raise ViewerError(f"{proc.spec.title} exited" + (f": {proc.log_tail()}" if proc.log_tail() else ""))
+    return 0
 
 
 def _overlay_source(model: Path, plan_path: str | None) -> list[OverlayNode]:
@@ -89,10 +101,15 @@ def _overlay_source(model: Path, plan_path: str | None) -> list[OverlayNode]:
     nodes = precision_map(model)
     if nodes:
         return nodes
-    stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
-    sibling = model.with_name(stem + ".plan.json")
-    if sibling.is_file():
+    sibling = _sibling_plan(model)
+    if sibling is not None:
         logger.info("model has no lpcompile metadata; colouring from %s", sibling)
         return precision_map(PrecisionPlan.load(sibling))
     logger.warning("%s has no lpcompile metadata and no plan beside it: the overlays will be empty", model)
     return nodes
+
+
+def _sibling_plan(model: Path) -> Path | None:
+    stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
+    sibling = model.with_name(stem + ".plan.json")
+    return sibling if sibling.is_file() else None

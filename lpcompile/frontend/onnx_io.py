@@ -280,26 +280,26 @@ def save_model(
 
 
 def _save_external(model: ir.Model, path: Path) -> Path | None:
-    """Model and ``<name>.data`` under temp names; rename the data first, the model second, so the
+    """Model and ``<name>.data`` under temp names (both through :func:`atomic_path`, so an output
+    session guards and commits them together); the data is renamed first, the model second, so the
     model on disk never points at data that is not there yet."""
+    path = path.resolve()  # the data file goes beside the real model file
     data_path = path.with_name(external_data_name(path))
     with atomic_path(path) as tmp_model:
-        tmp_data = tmp_model.with_name(tmp_model.name + ".data")
         try:
-            # small tensors stay inline, unless they are external already (they must leave the input's file)
-            threshold = 0 if external_tensors(model) else 1024
-            ir.save(model, tmp_model, external_data=tmp_data.name, size_threshold_bytes=threshold)
-            if not _rewrite_location(tmp_model, tmp_data.name, data_path.name):
-                tmp_data.unlink(missing_ok=True)  # every tensor was small enough to stay inline
-                return None
-            with open(tmp_data, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp_data, os.stat(tmp_model).st_mode & 0o777 or 0o644)
-            os.replace(tmp_data, data_path)
-        except BaseException:
-            tmp_data.unlink(missing_ok=True)
-            raise
+            with atomic_path(data_path) as tmp_data:
+                # small tensors stay inline, unless they are external already (they must leave the input's file)
+                threshold = 0 if external_tensors(model) else 1024
+                ir.save(model, tmp_model, external_data=tmp_data.name, size_threshold_bytes=threshold)
+                if not _rewrite_location(tmp_model, tmp_data.name, data_path.name):
+                    raise _NoExternalData  # every tensor was small enough to stay inline
+        except _NoExternalData:
+            return None
     return data_path
+
+
+class _NoExternalData(Exception):
+    """Internal: discard the data temp file, keep the model."""
 
 
 def _rewrite_location(model_path: Path, old: str, new: str) -> int:

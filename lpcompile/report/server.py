@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import importlib.util
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,12 +34,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from lpcompile.errors import LpError
 
@@ -95,6 +97,120 @@ def check_viewer(name: str) -> ViewerSpec:
     return spec
 
 
+TOKEN_PARAM = "token"
+TOKEN_COOKIE = "lpcompile_token"
+TOKEN_ENV = "LPCOMPILE_VIEW_TOKEN"
+ALLOWED_ENV = "LPCOMPILE_VIEW_FILES"
+_BLOCKED_PATHS = frozenset({"/apipost/v1/upload", "/apipost/v1/update_config", "/apipost/v1/refresh_page"})
+_FILE_PARAM_PATHS = frozenset({"/api/v1/read_text_file", "/api/v1/notify_user_provided_model_path"})
+_COMMAND_PATHS = frozenset({"/api/v1/send_command", "/apipost/v1/send_command"})
+
+
+def _resolved(path: str) -> Path | None:
+    try:
+        return Path(os.path.expanduser(path)).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """What the viewer may answer: requests for ``Host: 127.0.0.1:PORT`` or ``localhost:PORT`` only,
+    carrying the run's random token (``?token=`` once, then a cookie), and reading only ``files``
+    (the model, its external data and the overlays) through the viewer's file APIs.
+
+    Model Explorer's ``/api/v1/read_text_file?path=`` and its adapter commands (``modelPath``,
+    ``deleteAfterConversion``) would otherwise read any file the process can, or delete the model's
+    folder; Netron's ``/data/NAME`` serves any file beside the model. Uploads and config changes
+    are refused.
+    """
+
+    port: int
+    token: str
+    files: frozenset[Path] = field(default_factory=frozenset)
+
+    @staticmethod
+    def new_token() -> str:
+        return secrets.token_urlsafe(24)
+
+    def host_ok(self, host: str | None) -> bool:
+        return (host or "").strip().lower() in {f"{LOOPBACK}:{self.port}", f"localhost:{self.port}"}
+
+    def token_ok(self, query: Mapping[str, Sequence[str]], cookies: Mapping[str, str]) -> bool:
+        given = [*query.get(TOKEN_PARAM, []), cookies.get(TOKEN_COOKIE, "")]
+        return any(g and hmac.compare_digest(g.encode(), self.token.encode()) for g in given)
+
+    def file_ok(self, path: str | None) -> bool:
+        if not path:
+            return False
+        resolved = _resolved(path)
+        return resolved is not None and resolved in self.files
+
+    def check(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Sequence[str]],
+        headers: Mapping[str, str],
+        cookies: Mapping[str, str],
+        body: object = None,
+    ) -> int | None:
+        """The status to refuse the request with (403/404), or None to let the viewer answer it."""
+        if not self.host_ok(headers.get("Host") or headers.get("host")):
+            return 403
+        if not self.token_ok(query, cookies):
+            return 403
+        if method not in ("GET", "HEAD", "POST", "OPTIONS"):
+            return 403
+        if path in _BLOCKED_PATHS:
+            return 403
+        if path in _FILE_PARAM_PATHS:
+            paths = query.get("path", [])
+            return None if paths and all(self.file_ok(p) for p in paths) else 403
+        if path in _COMMAND_PATHS:
+            if path.startswith("/api/"):
+                try:
+                    body = json.loads(query.get("json", ["{}"])[0])
+                except (ValueError, RecursionError):
+                    return 403
+            return None if self._command_ok(body) else 403
+        if path.startswith("/data/"):  # Netron's model route
+            name = unquote(path[len("/data/") :])
+            if not any(self.file_ok(str(f.parent / name)) for f in self.files):
+                return 404
+        return None
+
+    def _command_ok(self, cmd: object) -> bool:
+        if not isinstance(cmd, dict) or cmd.get("deleteAfterConversion"):
+            return False
+        return all(self.file_ok(v) for v in _path_values(cmd))
+
+
+def _path_values(obj: object, depth: int = 0) -> Iterable[str]:
+    """Every string under a key that names a path, at any depth (``modelPath``, ``path``, ...)."""
+    if depth > 20:
+        yield ""  # refuse what is nested this deep
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, str) and "path" in str(k).lower():
+                yield v
+            elif isinstance(v, dict | list):
+                yield from _path_values(v, depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _path_values(v, depth + 1)
+
+
+def served_files(model: str | os.PathLike[str], node_data: Sequence[str | os.PathLike[str]] = ()) -> frozenset[Path]:
+    """The files the viewer may read: the model, its external-data files and the overlays."""
+    from lpcompile.io_utils import model_data_files
+
+    files = {Path(model).resolve(), *(Path(p).resolve() for p in node_data)}
+    files.update(model_data_files(model))
+    return frozenset(files)
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port that is free on ``host`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -117,12 +233,14 @@ def viewer_url(
     model: str | os.PathLike[str] | None = None,
     node_data: Sequence[str | os.PathLike[str]] = (),
     select: str | None = None,
+    token: str | None = None,
 ) -> str:
     """The page to open: Model Explorer's URL carries the model, the overlay paths and the node to select
-    (its ``uiState``); Netron's is the root."""
+    (its ``uiState``); Netron's is the root. ``token`` is added as ``?token=``."""
     base = f"http://{LOOPBACK}:{port}/"
+    tok = f"{TOKEN_PARAM}={quote(token)}" if token else ""
     if viewer != "model-explorer" or model is None:
-        return base
+        return base + (f"?{tok}" if tok else "")
     data: dict[str, object] = {"models": [{"url": str(Path(model).resolve())}]}
     if node_data:
         data["nodeData"] = [str(Path(p).resolve()) for p in node_data]
@@ -140,7 +258,7 @@ def viewer_url(
                 }
             ]
         }
-    return f"{base}?data={quote(json.dumps(data))}"
+    return f"{base}?data={quote(json.dumps(data))}" + (f"&{tok}" if tok else "")
 
 
 def _no_proxy_get(url: str, timeout: float = 2.0) -> int:
@@ -167,7 +285,9 @@ class ViewerProcess:
         if port and port_in_use(port):
             raise ViewerError(f"port {port} on {LOOPBACK} is already in use")
         self.port = port or free_port()
-        self.url = viewer_url(viewer, self.port, self.model, self.node_data, select)
+        self.token = AccessPolicy.new_token()
+        self.files = served_files(self.model, self.node_data)
+        self.url = viewer_url(viewer, self.port, self.model, self.node_data, select, token=self.token)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -198,6 +318,8 @@ class ViewerProcess:
         """
         env = dict(os.environ)
         env["NO_PROXY"] = env["no_proxy"] = ",".join(filter(None, [LOOPBACK, "localhost", env.get("NO_PROXY")]))
+        env[TOKEN_ENV] = self.token  # not on the command line (visible to every user in ps)
+        env[ALLOWED_ENV] = json.dumps(sorted(str(p) for p in self.files))
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         logger.debug("starting %s", " ".join(self.command()))
         self._proc = subprocess.Popen(
@@ -209,7 +331,7 @@ class ViewerProcess:
             start_new_session=True,
         )
         deadline = time.monotonic() + ready_timeout
-        root = f"http://{LOOPBACK}:{self.port}/"
+        root = f"http://{LOOPBACK}:{self.port}/?{TOKEN_PARAM}={quote(self.token)}"
         while True:
             code = self._proc.poll()
             if code is not None:
@@ -223,7 +345,9 @@ class ViewerProcess:
                     return self.url
             if time.monotonic() > deadline:
                 self.stop()
-                raise ViewerError(f"{self.spec.title} did not answer on {root} within {ready_timeout:g} s")
+                raise ViewerError(
+                    f"{self.spec.title} did not answer on http://{LOOPBACK}:{self.port}/ within {ready_timeout:g} s"
+                )
             time.sleep(_POLL_S)
 
     def running(self) -> bool:
@@ -303,6 +427,89 @@ def serve(
 
 
 # -- the child process --------------------------------------------------------------------------
+def _guard_flask(policy: AccessPolicy) -> None:
+    """Make every Flask app created from now on in this (child) process answer through ``policy``."""
+    import flask
+
+    base = flask.Flask
+
+    class GuardedFlask(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+
+            @self.before_request
+            def _guard() -> flask.Response | None:
+                req = flask.request
+                body = req.get_json(silent=True) if req.method == "POST" else None
+                status = policy.check(
+                    req.method, req.path, req.args.to_dict(flat=False), dict(req.headers), dict(req.cookies), body
+                )
+                if status is not None:
+                    return flask.Response("forbidden\n" if status == 403 else "not found\n", status=status)
+                return None
+
+            @self.after_request
+            def _cookie(resp: flask.Response) -> flask.Response:
+                if TOKEN_PARAM in flask.request.args:
+                    resp.set_cookie(TOKEN_COOKIE, policy.token, httponly=True, samesite="Strict", path="/")
+                return resp
+
+    flask.Flask = GuardedFlask  # type: ignore[misc]
+
+
+def _guard_netron(policy: AccessPolicy) -> None:
+    """Wrap Netron's request handler with ``policy`` (and its token cookie)."""
+    from netron import server as netron_server
+
+    handler = netron_server._HTTPRequestHandler
+    original_get = handler.do_GET
+    original_end = handler.end_headers
+
+    def do_get(self: object) -> None:
+        parts = urlsplit(self.path)  # type: ignore[attr-defined]
+        query = parse_qs(parts.query)
+        cookies = _parse_cookies(self.headers.get("Cookie", ""))  # type: ignore[attr-defined]
+        self._lp_set_cookie = TOKEN_PARAM in query  # type: ignore[attr-defined]
+        status = policy.check("GET", parts.path, query, dict(self.headers.items()), cookies)  # type: ignore[attr-defined]
+        if status is not None:
+            self.send_response(status)  # type: ignore[attr-defined]
+            self.send_header("Content-Length", "0")  # type: ignore[attr-defined]
+            original_end(self)
+            return
+        original_get(self)
+
+    def end_headers(self: object) -> None:
+        if getattr(self, "_lp_set_cookie", False):
+            self.send_header(  # type: ignore[attr-defined]
+                "Set-Cookie", f"{TOKEN_COOKIE}={policy.token}; HttpOnly; SameSite=Strict; Path=/"
+            )
+        original_end(self)
+
+    handler.do_GET = do_get
+    handler.do_HEAD = do_get
+    handler.end_headers = end_headers
+
+
+def _parse_cookies(header: str) -> dict[str, str]:
+    from http.cookies import CookieError, SimpleCookie
+
+    jar: SimpleCookie = SimpleCookie()
+    with contextlib.suppress(CookieError):
+        jar.load(header)
+    return {k: m.value for k, m in jar.items()}
+
+
+def _policy_from_env(port: int) -> AccessPolicy:
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise SystemExit("lpcompile viewer: no access token given (run it through `lpcompile view`)")
+    try:
+        files = frozenset(Path(p) for p in json.loads(os.environ.get(ALLOWED_ENV, "[]")))
+    except ValueError:
+        files = frozenset()
+    return AccessPolicy(port, token, files)
+
+
 def _run_model_explorer(port: int, model: str, node_data: Sequence[str]) -> None:
     # Model Explorer imports torch when it can, for its PyTorch adapter; ONNX does not need it and the
     # import costs seconds: make ``import torch`` fail here (model_explorer guards it with try/except)
@@ -336,9 +543,12 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--node-data", action="append", default=[])
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    policy = _policy_from_env(args.port)
     if args.viewer == "model-explorer":
+        _guard_flask(policy)
         _run_model_explorer(args.port, args.model, args.node_data)
     else:
+        _guard_netron(policy)
         _run_netron(args.port, args.model)
     return 0
 

@@ -30,7 +30,15 @@ import numpy as np
 import onnx
 
 from lpcompile.errors import LpError, ModelLoadError, UsageError
-from lpcompile.io_utils import atomic_write_text
+from lpcompile.frontend.npz_safe import NpzError, read_npz
+from lpcompile.io_utils import (
+    OutputSession,
+    atomic_path,
+    atomic_write_text,
+    file_sha256,
+    read_json_bounded,
+    verify_shared_library,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -172,14 +180,19 @@ def cuda_source(ex: Any) -> str:
     return ""
 
 
-def _export(ex: Any, out: Path) -> None:
-    """``export_library`` to a temp folder beside ``out`` (the loader needs a ``.so`` name), then rename."""
+def _export(ex: Any, out: Path) -> dict[str, Any]:
+    """``export_library`` to a temp folder beside ``out`` (the loader needs a ``.so`` name), then move it
+    to ``out`` through :func:`atomic_path`; returns ``{"bytes", "sha256"}`` of the library (for the
+    ``.meta.json``, which :func:`load_compiled` checks before loading it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         lib = tmp / (out.stem + ".so")
         ex.export_library(str(lib))
-        os.replace(lib, out)
+        identity = {"bytes": lib.stat().st_size, "sha256": file_sha256(lib)}
+        with atomic_path(out) as staged:
+            os.replace(lib, staged)
+        return identity
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -187,6 +200,8 @@ def _export(ex: Any, out: Path) -> None:
 def _write_sources(ex: Any, kind: str, source_dir: Path, stem: str, arch: str | None) -> list[Path]:
     from lpcompile.runtime.tvm import cuda_tools
 
+    if source_dir.exists() and not source_dir.is_dir():
+        raise UsageError(f"--emit-source {source_dir} is a file; give a folder")
     source_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if kind == "cuda":
@@ -248,7 +263,7 @@ def lower_model(
         return _lower_in_child(model_path, out_path, target, arch, emit_source, shapes)
     model = load_onnx(model_path)
     ex, calls, prepared = compile_model(model, tgt, shapes)
-    _export(ex, out_path)
+    library = _export(ex, out_path)
     sources: list[Path] = []
     if emit_source is not None:
         sources = _write_sources(ex, target, Path(emit_source), out_path.name.split(".")[0], tgt.get("arch"))
@@ -265,6 +280,7 @@ def lower_model(
         "outputs": [asdict(t) for t in _value_infos(shaped.graph, shaped.graph.output)],
         "kernels": list(kernels),
         "folded_decodes": list(prepared.folded),
+        "library": library,
     }
     meta_path = meta_path_for(out_path)
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
@@ -298,10 +314,7 @@ def _lower_in_child(
         result_path = Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "lpcompile.runtime.tvm.build", str(spec_path), str(result_path)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CUDA_BUILD_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            raise LpError(f"TVM {target} build timed out after {CUDA_BUILD_TIMEOUT_S} s") from None
+        proc = _run_child(cmd, target)
         if proc.returncode != 0 or not result_path.exists():
             lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
             msg = next((ln for ln in reversed(lines) if ln.startswith("lpcompile:")), lines[-1] if lines else "")
@@ -318,22 +331,49 @@ def _lower_in_child(
     )
 
 
+def _run_child(cmd: list[str], target: str) -> subprocess.CompletedProcess[str]:
+    """Run the build child; on Ctrl-C/SIGTERM/timeout it gets SIGTERM first (it removes its temp files)."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        try:
+            out, err = child.communicate(timeout=CUDA_BUILD_TIMEOUT_S)
+        except BaseException as exc:
+            child.terminate()
+            try:
+                child.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise LpError(f"TVM {target} build timed out after {CUDA_BUILD_TIMEOUT_S} s") from None
+            raise
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+
+
 def _child_main(argv: Sequence[str]) -> int:
+    from lpcompile.cli import install_signal_handlers
+    from lpcompile.io_utils import Terminated
+
+    install_signal_handlers()
     spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text())
     try:
-        res = lower_model(
+        # the parent holds the output locks; this session stages and commits the files together
+        with OutputSession(lock=False):
+            res = lower_model(
             spec["model"],
             spec["out"],
             target=spec["target"],
             arch=spec["arch"],
             emit_source=spec["emit_source"],
             shapes=spec["shapes"] or None,
-            subprocess_build=False,
-        )
+                subprocess_build=False,
+            )
     except LpError as exc:
         sys.stderr.write(f"lpcompile: {exc}\n")
         return exc.exit_code
+    except (KeyboardInterrupt, Terminated):
+        sys.stderr.write("lpcompile: interrupted\n")
+        return 130
     data = {
         "output": str(res.output),
         "meta": str(res.meta),
@@ -382,7 +422,7 @@ class CompiledModel:
                 if (arr.dtype.kind == "f" and want.kind == "f") or (arr.dtype.kind in "iu" and want.kind in "iu"):
                     arr = arr.astype(want)
                 else:
-                    raise UsageError(f"input {info['name']!r} is {arr.dtype}, the model expects {want}")
+                    raise LpError(f"input {info['name']!r} is {arr.dtype}, the model expects {want}")
             _check_shape(info, arr)
             args.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self.device))
         result = self.vm["main"](*args)
@@ -393,10 +433,10 @@ class CompiledModel:
 def _check_shape(info: Mapping[str, Any], arr: np.ndarray) -> None:
     shape = info["shape"]
     if shape and len(shape) != arr.ndim:
-        raise UsageError(f"input {info['name']!r} has rank {arr.ndim}, the model expects {len(shape)}")
+        raise LpError(f"input {info['name']!r} has rank {arr.ndim}, the model expects {len(shape)}")
     for want, got in zip(shape, arr.shape, strict=False):
         if isinstance(want, int) and want > 0 and want != got:
-            raise UsageError(f"input {info['name']!r} has shape {list(arr.shape)}, the model expects {shape}")
+            raise LpError(f"input {info['name']!r} has shape {list(arr.shape)}, the model expects {shape}")
 
 
 def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
@@ -410,9 +450,8 @@ def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
         raise ModelLoadError(f"compiled module not found: {lib}")
     if not meta_path.is_file():
         raise ModelLoadError(f"{meta_path.name} is missing beside {lib.name} (written by `lpcompile lower`)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != META_FORMAT:
-        raise ModelLoadError(f"{meta_path} is not lpcompile TVM metadata")
+    meta = read_module_meta(lib)
+    verify_shared_library(lib, meta.get("library"))  # before dlopen: a truncated or foreign .so never loads
     if meta["target"] == "cuda":
         device = tvm.cuda(0)
         if not device.exist:
@@ -421,9 +460,34 @@ def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
         device = tvm.cpu(0)
     try:
         mod = tvm.runtime.load_module(str(lib))
+        vm = relax.VirtualMachine(mod, device)
     except Exception as exc:
         raise ModelLoadError(f"cannot load {lib}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-    return CompiledModel(lib, meta, relax.VirtualMachine(mod, device), device)
+    return CompiledModel(lib, meta, vm, device)
+
+
+def read_module_meta(lib: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``.meta.json`` beside a compiled module, checked field by field (one-line errors)."""
+    meta_path = meta_path_for(lib)
+    try:
+        meta = read_json_bounded(meta_path, "module metadata", max_bytes=64 * 1024 * 1024)
+    except LpError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise ModelLoadError(f"{meta_path} is not lpcompile TVM metadata")
+    if meta.get("target") not in TARGETS:
+        raise ModelLoadError(f"{meta_path}: unknown target {meta.get('target')!r}")
+    for key in ("inputs", "outputs"):
+        infos = meta.get(key)
+        if not isinstance(infos, list) or not all(
+            isinstance(i, dict)
+            and isinstance(i.get("name"), str)
+            and isinstance(i.get("dtype"), str)
+            and isinstance(i.get("shape"), list)
+            for i in infos
+        ):
+            raise ModelLoadError(f"{meta_path}: '{key}' must be a list of {{name, dtype, shape}}")
+    return meta
 
 
 def load_inputs(path: str | os.PathLike[str], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -432,15 +496,14 @@ def load_inputs(path: str | os.PathLike[str], names: Sequence[str]) -> dict[str,
     if not p.is_file():
         raise UsageError(f"inputs file not found: {p}")
     try:
-        with np.load(p) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise UsageError(f"cannot read {p} as .npz: {exc}") from None
+        arrays = read_npz(p)
+    except NpzError as exc:
+        raise LpError(str(exc)) from None
     if all(n in arrays for n in names):
         return {n: arrays[n] for n in names}
     if len(names) == 1 and len(arrays) == 1:
         return {names[0]: next(iter(arrays.values()))}
-    raise UsageError(f"{p.name} holds {', '.join(sorted(arrays))}; the model takes {', '.join(names)}")
+    raise LpError(f"{p.name} holds {', '.join(sorted(arrays))}; the model takes {', '.join(names)}")
 
 
 def run_compiled(path: str | os.PathLike[str], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

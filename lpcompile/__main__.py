@@ -1,0 +1,5 @@
+import sys
+
+from lpcompile.cli import main
+
+sys.exit(main())
