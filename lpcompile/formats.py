@@ -59,10 +59,41 @@ FLOAT_SPECS: Mapping[str, FloatSpec] = {
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """Which axes of a weight tensor carry output channels and the reduction."""
+    """Which axes of a weight tensor carry output channels and the reduction.
+
+    ``flatten``: per-block formats may treat the axes from ``reduction_axis`` to the last as one
+    reduction, flattened row-major (``[O, I, kh, kw]`` → ``[O, I·kh·kw]``, as im2col sees a Conv
+    weight) — they do when that needs fewer blocks (depthwise / grouped Conv, I not a multiple
+    of the block); blocks, scales and codes then live on that view (:func:`blocked_view`).
+    Other formats ignore it.
+    """
 
     channel_axis: int
     reduction_axis: int
+    flatten: bool = False
+
+
+def blocked_view(
+    shape: tuple[int, ...], layout: WeightLayout, block_size: int | None = None
+) -> tuple[tuple[int, ...], WeightLayout]:
+    """The shape and layout a per-block format quantizes ``shape`` on.
+
+    With ``layout.flatten`` the trailing axes from the reduction axis are flattened when that
+    needs fewer blocks of ``block_size`` (always, when ``block_size`` is None); otherwise the
+    shape is kept. The returned layout never flattens.
+    """
+    plain = WeightLayout(layout.channel_axis, layout.reduction_axis)
+    if not layout.flatten or not shape:
+        return tuple(shape), plain
+    r = layout.reduction_axis % len(shape)
+    flat = math.prod(shape[r:])
+    if block_size:
+        trailing = math.prod(shape[r + 1 :])
+        k = int(shape[r])
+        if -(-flat // min(block_size, flat)) >= trailing * -(-k // min(block_size, k)):
+            return tuple(shape), plain
+    view = (*shape[:r], flat)
+    return tuple(int(d) for d in view), WeightLayout(layout.channel_axis, r)
 
 
 MATMUL_LAYOUT = WeightLayout(channel_axis=1, reduction_axis=0)
@@ -123,6 +154,7 @@ class Format:
             return 0
         if self.scale == "per_channel":
             return int(shape[layout.channel_axis])
+        shape, layout = blocked_view(shape, layout, self.block_size)
         return math.prod(_block_scale_shape(shape, layout.reduction_axis, self._block(shape, layout)))
 
     def _block(self, shape: tuple[int, ...], layout: WeightLayout) -> int:
@@ -343,6 +375,9 @@ def quantize_weight(
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     w = np.asarray(w, dtype=np.float32)
+    if layout.flatten and fmt.scale == "per_block":  # codes and scales on the flattened view when it is cheaper
+        view, flat = blocked_view(w.shape, layout, fmt.block_size)
+        return quantize_weight(fmt, w.reshape(view), flat, rounding, seed)
     rng = np.random.default_rng(seed) if rounding == "stochastic" else None
     if w.ndim == 0 and fmt.scale != "none":
         raise FormatError(f"format {fmt.name} needs a weight of rank >= 1")
@@ -411,7 +446,8 @@ def qdq_weight(
     seed: int | None = None,
 ) -> np.ndarray:
     """Quantize then dequantize: the weight the rewritten model actually computes with."""
-    return dequantize(quantize_weight(fmt, w, layout, rounding, seed))
+    w = np.asarray(w, dtype=np.float32)
+    return dequantize(quantize_weight(fmt, w, layout, rounding, seed)).reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,18 @@ Rewrites, in the main graph:
   scaled by ``beta != 1`` becomes a new initializer ``<C>_beta``; a dynamic ``C`` is scaled by a
   ``Mul`` node ``<gemm>/beta``.
 * ``Gemm`` with ``transA=1`` is left alone (logged as a warning).
+* A ``Gemm(transB=1, alpha=1)`` whose ``B`` is also a ``Gather`` table (a tied embedding /
+  head) becomes ``MatMul(A, Transpose(B))`` (node ``<gemm>/weight_t``): ``B`` stays one
+  initializer, so the tie survives (:mod:`lpcompile.graph` reads the MatMul through the
+  Transpose).
+* Weights reached through constant subgraphs are folded into initializers: the weight input of
+  a MatMul / Gemm / Conv / ConvTranspose (input 1) or Gather (input 0) computed from
+  ``Constant``, ``ConstantOfShape``, ``Cast``, ``Transpose``, ``Reshape``, ``Identity``,
+  ``Squeeze``, ``Unsqueeze`` or ``Flatten`` of initializers and constants becomes an initializer
+  named after the folded value (numpy, exact: casts of fp16/bf16 to fp32 widen exactly). Not
+  folded: nodes the rewrite passes inserted (``lpcompile.serves``), a ``Transpose(perm=[1,0])``
+  of an initializer read by a MatMul when the initializer has other users (a tied head), and
+  anything that reads a graph input or a quantized tensor.
 
 Numerics: ``(alpha·B)`` is rounded once in fp32 instead of scaling the product; otherwise the
 result only differs from the Gemm by fp32 summation order.
@@ -28,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lpcompile.passes._common import (
+    SERVES_KEY,
     Namer,
     add_initializer,
     float_initializer,
@@ -49,9 +62,15 @@ class NormalizeWeightsPass(ir.passes.InPlacePass):
         namer = Namer(graph)
         lifted = _lift_weight_constants(graph)
         converted = _convert_gemms(graph, namer)
-        modified = bool(lifted or converted)
+        folded = fold_weight_subgraphs(graph, namer)
+        modified = bool(lifted or converted or folded)
         if modified:
-            logger.info("normalised weights: %d constant(s) lifted, %d Gemm(s) rewritten", lifted, converted)
+            logger.info(
+                "normalised weights: %d constant(s) lifted, %d Gemm(s) rewritten, %d weight subgraph(s) folded",
+                lifted,
+                converted,
+                folded,
+            )
         return ir.passes.PassResult(model, modified)
 
 
@@ -79,7 +98,10 @@ def _lift_weight_constants(graph: ir.Graph) -> int:
 
 def needs_normalization(model: ir.Model) -> bool:
     """Whether :class:`NormalizeWeightsPass` would change ``model``."""
-    return any(_gemm_candidate(node, warn=False) or _weight_constant_inputs(node) for node in model.graph)
+    return any(
+        _gemm_candidate(node, warn=False) or _weight_constant_inputs(node) or _foldable_weight_inputs(node)
+        for node in model.graph
+    )
 
 
 def _weight_constant_inputs(node: ir.Node) -> list[int]:
@@ -148,6 +170,8 @@ def _convert_gemms(graph: ir.Graph, namer: Namer) -> int:
             b.const_value = ir.tensor(new, name=b.name)
             b.shape = ir.Shape(new.shape)
             transformed[key] = b
+        elif trans_b and alpha == 1.0 and _gathered(b):  # keep the tie: one table, read through a Transpose
+            transformed[key] = _transpose_node(graph, namer, b, nodes[0])
         else:
             transformed[key] = add_initializer(graph, namer, f"{b.name}_mm", new)
     for node in gemms:
@@ -222,3 +246,215 @@ def _rewrite_gemm(graph: ir.Graph, namer: Namer, node: ir.Node, weight: ir.Value
         remove_if_unused(graph, old_b)
     if c is not None:
         remove_if_unused(graph, c)
+
+
+def _gathered(b: ir.Value) -> bool:
+    """Whether ``b`` is also an embedding table (input 0 of a Gather)."""
+    return any(is_onnx_op(u.node, "Gather") and u.idx == 0 for u in b.uses())
+
+
+def _transpose_node(graph: ir.Graph, namer: Namer, b: ir.Value, first: ir.Node) -> ir.Value:
+    shape = [int(d) for d in b.shape] if b.shape is not None else None
+    t = make_node(
+        "Transpose",
+        [b],
+        {"perm": [1, 0]},
+        name=namer.node(f"{first.name}/weight_t"),
+        out_name=namer.value(f"{b.name}_t"),
+        out_dtype=b.dtype or ir.DataType.FLOAT,
+        out_shape=shape[::-1] if shape else None,
+    )
+    graph.insert_before(first, [t])
+    return t.outputs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Constant weight subgraphs
+# ---------------------------------------------------------------------------------------------
+
+_FOLD_WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+_FOLDABLE = (
+    "Constant",
+    "ConstantOfShape",
+    "Cast",
+    "Transpose",
+    "Reshape",
+    "Identity",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+)
+_MAX_DEPTH = 8
+
+
+def _constant_attr(node: ir.Node) -> np.ndarray | None:
+    attrs = node.attributes
+    if len(attrs) != 1:
+        return None
+    (name, attr), *_ = attrs.items()
+    if name == "value":
+        return np.asarray(attr.as_tensor().numpy())
+    if name == "value_float":
+        return np.asarray(attr.as_float(), dtype=np.float32)
+    if name == "value_floats":
+        return np.asarray(list(attr.as_floats()), dtype=np.float32)
+    if name == "value_int":
+        return np.asarray(attr.as_int(), dtype=np.int64)
+    if name == "value_ints":
+        return np.asarray(list(attr.as_ints()), dtype=np.int64)
+    return None
+
+
+def _ints_input(node: ir.Node, idx: int, depth: int) -> list[int] | None:
+    if len(node.inputs) <= idx or node.inputs[idx] is None:
+        return None
+    arr = _fold_value(node.inputs[idx], depth + 1)
+    return None if arr is None else [int(v) for v in np.asarray(arr).reshape(-1)]
+
+
+def _fold_value(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
+    """The numpy value of ``value`` when it is computed from constants only (None otherwise)."""
+    if value is None or depth > _MAX_DEPTH or value.is_graph_input():
+        return None
+    if value.is_initializer():
+        return None if value.const_value is None else np.asarray(value.const_value.numpy())
+    node = value.producer()
+    if node is None or not is_onnx_op(node, _FOLDABLE) or SERVES_KEY in node.metadata_props:
+        return None
+    op = node.op_type
+    if op == "Constant":
+        return _constant_attr(node)
+    if op == "ConstantOfShape":
+        shape = _ints_input(node, 0, depth)
+        if shape is None:
+            return None
+        attr = node.attributes.get("value")
+        fill = np.asarray(attr.as_tensor().numpy()).reshape(-1) if attr is not None else np.zeros(1, np.float32)
+        return np.full(shape, fill[0], dtype=fill.dtype)
+    x = _fold_value(node.inputs[0] if node.inputs else None, depth + 1)
+    if x is None:
+        return None
+    if op == "Identity":
+        return x
+    if op == "Cast":
+        to = ir.DataType(node.attributes.get_int("to", 0))
+        if to not in _CAST_NUMPY:
+            return None
+        return x.astype(_CAST_NUMPY[to])
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        return np.transpose(x, list(perm) if perm else None)
+    if op == "Reshape":
+        shape = _ints_input(node, 1, depth)
+        if shape is None:
+            return None
+        if not node.attributes.get_int("allowzero", 0):
+            shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return x.reshape(shape)
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _ints_input(node, 1, depth) if len(node.inputs) > 1 else node.attributes.get_ints("axes", None)
+        if op == "Squeeze":
+            return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
+        if axes is None:
+            return None
+        out_rank = x.ndim + len(axes)
+        return np.expand_dims(x, tuple(a % out_rank for a in axes))
+    if op == "Flatten":
+        axis = node.attributes.get_int("axis", 1) % max(x.ndim, 1)
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    return None
+
+
+def _cast_numpy() -> dict[ir.DataType, type]:
+    import ml_dtypes
+
+    return {
+        ir.DataType.FLOAT: np.float32,
+        ir.DataType.FLOAT16: np.float16,
+        ir.DataType.BFLOAT16: ml_dtypes.bfloat16,
+        ir.DataType.DOUBLE: np.float64,
+        ir.DataType.INT64: np.int64,
+        ir.DataType.INT32: np.int32,
+    }
+
+
+_CAST_NUMPY = _cast_numpy()
+
+
+def _is_tied_head(node: ir.Node, value: ir.Value) -> bool:
+    """A MatMul reading ``Transpose(perm=[1,0])`` of an initializer that other nodes read too."""
+    producer = value.producer()
+    if not is_onnx_op(node, "MatMul") or producer is None or not is_onnx_op(producer, "Transpose"):
+        return False
+    src = producer.inputs[0] if producer.inputs else None
+    if src is None or not src.is_initializer() or len(src.shape or ()) != 2:
+        return False
+    return len({id(u.node) for u in src.uses()}) > 1
+
+
+def _is_float_array(arr: np.ndarray) -> bool:
+    return arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16"
+
+
+def _foldable_weight_inputs(node: ir.Node) -> list[int]:
+    if not is_onnx_op(node, tuple(_FOLD_WEIGHT_INPUTS)):
+        return []
+    idx = _FOLD_WEIGHT_INPUTS[node.op_type]
+    value = node.inputs[idx] if idx < len(node.inputs) else None
+    if value is None or value.is_initializer() or value.is_graph_input() or value.is_graph_output():
+        return []
+    producer = value.producer()
+    if producer is None or not is_onnx_op(producer, _FOLDABLE) or SERVES_KEY in producer.metadata_props:
+        return []
+    if is_onnx_op(producer, "Constant"):
+        return []  # lifted by _lift_weight_constants (MatMul/Gemm/Conv) or folded below (others)
+    if _is_tied_head(node, value):
+        return []
+    arr = _fold_value(value)
+    if arr is None or not _is_float_array(arr):
+        return []
+    return [idx]
+
+
+def fold_weight_subgraphs(graph: ir.Graph, namer: Namer) -> int:
+    """Fold constant subgraphs feeding weight inputs into initializers (see the module docstring)."""
+    count = 0
+    folded: dict[int, ir.Value] = {}
+    for node in list(graph):
+        idxs = _foldable_weight_inputs(node)
+        if not idxs and is_onnx_op(node, ("Gather", "ConvTranspose")):
+            # Constant tables / ConvTranspose weights (not lifted by _lift_weight_constants)
+            idx = _FOLD_WEIGHT_INPUTS[node.op_type]
+            v = node.inputs[idx] if idx < len(node.inputs) else None
+            p = v.producer() if v is not None else None
+            if p is not None and is_onnx_op(p, "Constant") and SERVES_KEY not in p.metadata_props:
+                arr = _fold_value(v)
+                if arr is not None and _is_float_array(arr):
+                    idxs = [idx]
+        for idx in idxs:
+            value = node.inputs[idx]
+            if id(value) not in folded:
+                arr = np.ascontiguousarray(_fold_value(value))
+                folded[id(value)] = add_initializer(graph, namer, f"{value.name or 'weight'}_folded", arr)
+            node.replace_input_with(idx, folded[id(value)])
+            count += 1
+    if count:
+        _remove_dead(graph)
+    return count
+
+
+def _remove_dead(graph: ir.Graph) -> None:
+    """Drop foldable nodes whose outputs nobody reads any more (repeatedly), and orphaned initializers."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph):
+            if not is_onnx_op(node, _FOLDABLE) or SERVES_KEY in node.metadata_props:
+                continue
+            if any(o.uses() or o.is_graph_output() for o in node.outputs):
+                continue
+            inputs = [v for v in node.inputs if v is not None]
+            graph.remove(node, safe=True)
+            for v in inputs:
+                remove_if_unused(graph, v)
+            changed = True

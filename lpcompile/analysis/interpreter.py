@@ -231,12 +231,17 @@ class TorchGraph:
             raise LpError(f"trainable names are not initializers: {', '.join(sorted(missing))}")
         self.params: dict[str, torch.Tensor] = {}
         self.constants: dict[str, torch.Tensor] = {}
+        # fp16/bf16 trainable weights are fp32 leaves (analysed in fp32), cast back where read
+        self._param_dtypes: dict[str, torch.dtype] = {}
         train_set = set(trainable)
         for name, proto in init_protos.items():
             t = _load_initializer(proto)
             if name in train_set:
                 if not t.is_floating_point():
                     raise LpError(f"trainable initializer {name!r} is not floating point")
+                if t.dtype in (torch.float16, torch.bfloat16):
+                    self._param_dtypes[name] = t.dtype
+                    t = t.float()
                 self.params[name] = t.detach().clone().requires_grad_(True)
             else:
                 self.constants[name] = t
@@ -424,7 +429,8 @@ class TorchGraph:
             if name in feeds:
                 return feeds[name]
             if name in self.params:
-                return self.params[name]
+                dt = self._param_dtypes.get(name)
+                return self.params[name] if dt is None else self.params[name].to(dt)
             return self.constants[name]
 
         for step in plan:
