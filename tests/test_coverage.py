@@ -20,13 +20,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from pass_helpers import check, parse, run, to_ir
 
 from lpcompile.errors import BudgetError
 from lpcompile.feasibility import check_budget, smallest_feasible, stored_bits
 from lpcompile.formats import get_format, qdq_weight
 from lpcompile.graph import GATHER_LAYOUT, find_weight_nodes, tied_groups, weight_coverage
 from lpcompile.passes.pipeline import apply_plan, normalize, uniform_plan
-from tests.pass_helpers import check, parse, run, to_ir
 
 HEADER = '<ir_version: 10, opset_import: ["" : 21]>'
 FP16_ULP_REL = 2.0**-11

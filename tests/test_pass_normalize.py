@@ -175,3 +175,95 @@ def test_constant_weight_becomes_initializer() -> None:
     (got,) = run(out, x=X)
     np.testing.assert_array_equal(got, expected)
     assert NormalizeWeightsPass()(model).modified is False
+
+
+# ---------------------------------------------------------------------------------------------
+# constant weight subgraphs and tied tables (issue 13)
+# ---------------------------------------------------------------------------------------------
+
+FOLD = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[1,2,5,5] x, float[3,16] v, int64[4] ids) => (float[1,4,3,3] y, float[3,8] z, float[4,6] e) {
+  wr = Reshape (w_flat, wshape)
+  y = Conv (x, wr)
+  b32 = Cast <to=1> (b_half)
+  bt = Transpose <perm=[1,0]> (b32)
+  z = MatMul (v, bt)
+  tshape = Constant <value = int64[2] {10, 6}> ()
+  table = ConstantOfShape <value = float[1] {0.5}> (tshape)
+  e = Gather <axis=0> (table, ids)
+}"""
+
+
+def _fold_model() -> onnx.ModelProto:
+    return parse(
+        FOLD,
+        w_flat=_w(4 * 2 * 3 * 3),
+        wshape=np.array([4, 2, 3, 3], np.int64),
+        b_half=_w(8, 16).astype(np.float16),
+    )
+
+
+def test_constant_weight_subgraphs_are_folded_exactly() -> None:
+    proto = _fold_model()
+    feeds = {"x": _w(1, 2, 5, 5), "v": _w(3, 16), "ids": np.array([0, 9, 3, 3], np.int64)}
+    expected = run(proto, **feeds)
+    model = to_ir(proto)
+    assert needs_normalization(model)
+    assert NormalizeWeightsPass()(model).modified
+    out = check(model)
+    assert ops(out) == ["Conv", "MatMul", "Gather"]
+    nodes = find_weight_nodes(model)
+    assert [(n.op_type, n.shape) for n in nodes] == [("Conv", (4, 2, 3, 3)), ("MatMul", (16, 8)), ("Gather", (10, 6))]
+    for got, exp in zip(run(out, **feeds), expected, strict=True):
+        assert np.array_equal(got, exp)  # folding is exact (fp16 → fp32 widens exactly)
+    assert not NormalizeWeightsPass()(model).modified  # idempotent
+    assert not needs_normalization(model)
+
+
+def test_transposed_table_of_a_tied_head_is_not_folded() -> None:
+    proto = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (int64[4] ids) => (float[4,10] y) {
+          h = Gather <axis=0> (E, ids)
+          t = Transpose <perm=[1,0]> (E)
+          y = MatMul (h, t)
+        }""",
+        E=_w(10, 6),
+    )
+    model = to_ir(proto)
+    assert not NormalizeWeightsPass()(model).modified
+    nodes = find_weight_nodes(model)
+    assert [n.weight for n in nodes] == ["E", "E"] and nodes[1].via
+
+
+def test_gemm_tied_to_a_gather_reads_the_table_through_a_transpose() -> None:
+    proto = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (int64[4] ids) => (float[4,10] y) {
+          h = Gather <axis=0> (E, ids)
+          y = Gemm <transB=1> (h, E)
+        }""",
+        E=_w(10, 6),
+    )
+    ids = np.array([1, 2, 9, 0], np.int64)
+    expected = run(proto, ids=ids)
+    model = to_ir(proto)
+    assert NormalizeWeightsPass()(model).modified
+    out = check(model)
+    assert ops(out) == ["Gather", "Transpose", "MatMul"]
+    assert list(model.graph.initializers) == ["E"]
+    _close(run(out, ids=ids)[0], expected[0])
+
+
+def test_decode_casts_of_the_rewrite_are_not_folded() -> None:
+    proto = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[3,16] x) => (float[3,8] y) {
+          wf = Cast <to=1> (w_q)
+          y = MatMul (x, wf)
+        }""",
+        w_q=_w(16, 8).astype(np.float16),
+    )
+    proto.graph.node[0].metadata_props.add(key="lpcompile.serves", value="n1")
+    model = to_ir(proto)
+    assert not NormalizeWeightsPass()(model).modified
