@@ -1,4 +1,17 @@
-"""Evaluate a rewritten model against its reference: same inputs, ORT "exact" numerics, metrics."""
+"""Evaluate a rewritten model against its reference: same inputs, ORT "exact" numerics, metrics.
+
+* **Real inputs by default.** Without calibration data, :func:`evaluate` refuses unless
+  ``synthetic=True`` (``--synthetic``): numbers on synthetic inputs can mislead (an integer input
+  synthesised as zeros makes a damaged recogniser look perfect).
+* **Metrics by output kind** (:func:`lpcompile.metrics.output_kind`, the rule the analysis loss
+  uses): top-1 and KL for classifiers, per-position top-1 and KL for sequence outputs (padding
+  left out where the model has an attention-mask input), neither for embeddings and other
+  tensors, the fraction of identical elements for integer outputs.
+* **The distortion** — the analysis loss (:mod:`lpcompile.analysis.losses`) on the outputs that
+  matter (``outputs``, default: floating outputs that depend on weights) — is reported too; the
+  quality guard (:mod:`lpcompile.guard`) reads it.
+* **Fixed batches** in the reference are honoured (batches of exactly that size).
+"""
 
 from __future__ import annotations
 
@@ -12,18 +25,23 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from lpcompile.errors import LpError
+from lpcompile.errors import LpError, UsageError
 from lpcompile.frontend.calib import (
     CalibrationSet,
     batches,
     check_against_model,
-    fixed_batch_size,
     model_input_specs,
     synthesize,
 )
+from lpcompile.frontend.input_spec import ShapeOverride
 from lpcompile.frontend.onnx_io import load_proto
 from lpcompile.metrics import OutputMetrics, compare_outputs
 from lpcompile.runtime.ort import make_session, run_batches
+
+SYNTHETIC_REFUSAL = (
+    "eval compares on real inputs: give --calib DATA (an .npz keyed by input name), or --synthetic to accept "
+    "synthetic inputs, whose numbers can mislead"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +59,30 @@ class EvalReport:
         num_samples: how many input samples both models ran.
         synthetic: whether the inputs were synthetic.
         achieved_bits: the rewritten model's ``lpcompile.achieved_bits`` metadata, if present.
+        distortion: the analysis loss (KL / normalised MSE summed over ``loss_outputs``) of the
+            model against the reference on these inputs.
+        loss: how the distortion is defined (:meth:`lpcompile.analysis.losses.LossSpec.describe`).
+        loss_outputs: the outputs the distortion covers.
     """
 
     outputs: dict[str, OutputMetrics]
     num_samples: int
     synthetic: bool
     achieved_bits: float | None = None
+    distortion: float | None = None
+    loss: str = ""
+    loss_outputs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (non-finite metrics as ``"inf"``/``"-inf"``/``"nan"`` strings)."""
+        d = self.distortion
         return {
             "num_samples": self.num_samples,
             "synthetic": self.synthetic,
             "achieved_bits": self.achieved_bits,
+            "distortion": d if d is None or math.isfinite(d) else str(d),
+            "loss": self.loss,
+            "loss_outputs": list(self.loss_outputs),
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
         }
 
@@ -94,19 +123,36 @@ def evaluate(
     reference: ModelLike,
     calib: CalibrationSet | None = None,
     batch_size: int = 8,
+    *,
+    synthetic: bool = False,
+    input_shapes: tuple[ShapeOverride, ...] = (),
+    outputs: tuple[str, ...] | None = None,
+    num_samples: int = 16,
+    seed: int = 0,
 ) -> EvalReport:
     """Run ``model`` and ``reference`` on the same inputs and compare every output.
 
     Args:
         model: the rewritten model (path, onnx-ir model or proto).
         reference: the fp32 reference.
-        calib: inputs; synthesised from the reference's input signature when None.
+        calib: inputs (checked and laid out for the reference: sample axes, fixed batch).
         batch_size: samples per run (a fixed batch dim in the reference overrides it).
+        synthetic: without ``calib``, synthesise ``num_samples`` inputs (seeded by ``seed``, shapes
+            by ``input_shapes``) instead of refusing.
+        input_shapes: ``--input-shape`` values for synthetic inputs.
+        outputs: the outputs the distortion covers (default: floating outputs that depend on weights).
+        num_samples: synthetic samples.
+        seed: seed of the synthetic inputs.
 
     Raises:
+        UsageError: no ``calib`` and not ``synthetic``; unknown ``outputs``.
         LpError: the two models differ in input or output names; CalibrationError when the
             data does not match the inputs.
     """
+    from lpcompile.analysis.losses import choose_outputs, model_output_kinds, numpy_distortion
+
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, not {batch_size}")
     test_proto, ref_proto = _to_proto(model), _to_proto(reference)
     t_in, t_out = _io_names(test_proto)
     r_in, r_out = _io_names(ref_proto)
@@ -114,22 +160,39 @@ def evaluate(
         raise LpError(f"models take different inputs: {t_in} vs reference {r_in}")
     if sorted(t_out) != sorted(r_out):
         raise LpError(f"models produce different outputs: {t_out} vs reference {r_out}")
+    ref_session = make_session(ref_proto, numerics="exact")  # models that cannot run fail first
+    test_session = make_session(test_proto, numerics="exact")
+    if calib is None and not synthetic:
+        raise UsageError(SYNTHETIC_REFUSAL)
     specs = model_input_specs(ref_proto)
     if calib is None:
-        calib = synthesize(ref_proto)
+        calib = synthesize(ref_proto, num_samples=num_samples, seed=seed, input_shapes=input_shapes)
     else:
-        check_against_model(calib, specs)
-    fixed = fixed_batch_size(specs)
-    if fixed is not None and fixed != batch_size:
-        logger.info("reference has a fixed batch of %d: evaluating in batches of %d", fixed, fixed)
-        batch_size = fixed
-    ref_session = make_session(ref_proto, numerics="exact")
-    test_session = make_session(test_proto, numerics="exact")
+        calib = check_against_model(calib, specs)
+    if calib.fixed_batch is not None and calib.fixed_batch != batch_size:
+        logger.info("reference has a fixed batch of %d: evaluating in batches of that size", calib.fixed_batch)
     ref_out = run_batches(ref_session, batches(calib, batch_size), outputs=r_out)
     test_out = run_batches(test_session, batches(calib, batch_size), outputs=r_out)
+    spec = choose_outputs(ref_proto, outputs, shapes={k: v.shape for k, v in ref_out.items()})
+    mask_name = next((o.mask for o in spec.outputs if o.mask), None)
+    mask = _batched(calib, mask_name, batch_size) if mask_name else None
+    masks = spec.masks({mask_name: mask} if mask_name else {}, {k: v.shape for k, v in ref_out.items()})
+    distortion = numpy_distortion(test_out, ref_out, spec.kinds(), masks)
+    logger.info("distortion %.4g on %s", distortion, spec.describe())
     return EvalReport(
-        outputs=compare_outputs(ref_out, test_out),
+        outputs=compare_outputs(ref_out, test_out, model_output_kinds(ref_proto, ref_out), mask),
         num_samples=calib.num_samples,
         synthetic=calib.synthetic,
         achieved_bits=achieved_bits(test_proto),
+        distortion=distortion,
+        loss=spec.describe(),
+        loss_outputs=spec.names,
     )
+
+
+def _batched(calib: CalibrationSet, name: str, batch_size: int) -> Any:
+    """The input ``name`` over the batches that were run (a fixed batch may drop a short tail)."""
+    import numpy as np
+
+    parts = [b[name] for b in batches(calib, batch_size)]
+    return np.concatenate(parts, axis=0) if parts else None

@@ -12,7 +12,13 @@ Conventions:
   a zero vs non-zero sample 0; a sample with a non-finite value in either array has cosine NaN,
   so the mean is NaN.
 * :func:`kl_divergence` and :func:`top1_agreement` work over the last axis (classes); every
-  leading position (batch, and sequence for ``[B, T, V]`` logits) is one sample.
+  leading position (batch, and sequence for ``[B, T, V]`` logits) is one sample; an optional
+  ``mask`` over the leading positions (an attention mask) leaves padded positions out.
+* **What an output is** — one rule, :func:`output_kind`, shared with the analysis loss
+  (:mod:`lpcompile.analysis.losses`): ``classifier`` (rank-2 class scores), ``sequence`` (per-position
+  class scores, e.g. ``[B, T, V]`` LM logits or a recogniser's per-step softmax), ``tensor``
+  (embeddings, hidden states, regressions) or ``integer``. Top-1 and KL are computed for
+  ``classifier`` and ``sequence`` outputs only (per position for ``sequence``).
 * :meth:`OutputMetrics.to_dict` is JSON-safe: non-finite floats are written as the strings
   ``"inf"``, ``"-inf"``, ``"nan"`` (``float(s)`` reads them back); ``None`` means "not computed".
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,9 +37,6 @@ import numpy as np
 from lpcompile.errors import LpError
 
 logger = logging.getLogger(__name__)
-
-MAX_CLASSES = 4096
-"""Largest last-axis size a rank-2 output may have to count as classifier-like."""
 
 PROBABILITY_ATOL = 1e-3
 
@@ -133,15 +137,22 @@ def nonfinite_count(array: Any) -> int:
     return int(np.size(a) - np.count_nonzero(np.isfinite(_f64(a))))
 
 
-def top1_agreement(ref_logits: Any, test_logits: Any) -> float:
-    """Fraction of positions whose argmax over the last axis agrees (1.0 for no positions)."""
+def top1_agreement(ref_logits: Any, test_logits: Any, mask: Any = None) -> float:
+    """Fraction of positions whose argmax over the last axis agrees (1.0 for no positions).
+
+    ``mask`` (shape ``ref.shape[:-1]``) restricts the count to the positions where it is non-zero.
+    """
     r, t = _f64(ref_logits), _f64(test_logits)
     _check_shapes(r, t)
     if r.ndim == 0:
         raise LpError("top1_agreement needs at least one axis of classes")
     if r.size == 0:
         return 1.0
-    return float(np.mean(np.argmax(r, axis=-1) == np.argmax(t, axis=-1)))
+    return (
+        masked_mean(np.argmax(r, axis=-1) == np.argmax(t, axis=-1), mask)
+        if mask is not None
+        else float(np.mean(np.argmax(r, axis=-1) == np.argmax(t, axis=-1)))
+    )
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -154,7 +165,7 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
         return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
-def kl_divergence(ref_logits: Any, test_logits: Any, from_logits: bool = True) -> float:
+def kl_divergence(ref_logits: Any, test_logits: Any, from_logits: bool = True, mask: Any = None) -> float:
     """Mean over positions of ``KL(p_ref ‖ p_test)`` along the last axis, in nats.
 
     Args:
@@ -162,6 +173,8 @@ def kl_divergence(ref_logits: Any, test_logits: Any, from_logits: bool = True) -
         test_logits: test logits / probabilities, same shape.
         from_logits: apply log-softmax first; otherwise the inputs are probabilities, which are
             renormalised along the last axis and clipped at 1e-12 before the log.
+        mask: optional 0/1 weights over the leading positions (shape ``ref.shape[:-1]``): the
+            mean is taken over the positions where it is non-zero (padding left out).
 
     Terms with ``p_ref = 0`` contribute 0. NaN in ``test`` propagates to a NaN result.
     """
@@ -185,7 +198,9 @@ def kl_divergence(ref_logits: Any, test_logits: Any, from_logits: bool = True) -
         terms = np.where(p > 0.0, p * (lp - lq), 0.0)
     terms = np.where(np.isnan(lq), np.nan, terms)
     per_position = np.sum(terms, axis=-1)
-    return float(np.mean(np.maximum(per_position, 0.0)) if not np.isnan(per_position).any() else np.nan)
+    if np.isnan(per_position).any():
+        return float("nan")
+    return masked_mean(np.maximum(per_position, 0.0), mask)
 
 
 def is_probability_like(array: Any, atol: float = PROBABILITY_ATOL) -> bool:
@@ -199,23 +214,92 @@ def is_probability_like(array: Any, atol: float = PROBABILITY_ATOL) -> bool:
     return bool(np.allclose(x.sum(axis=-1), 1.0, rtol=0.0, atol=atol))
 
 
-def is_classifier_like(shape_or_array: Any) -> bool:
-    """True for a rank-2 ``[batch, classes]`` output with 2 ≤ classes ≤ :data:`MAX_CLASSES`.
+_SCORE_NAME = re.compile(r"logit|prob|score|class|pred", re.IGNORECASE)
+_TENSOR_NAME = re.compile(r"embed|hidden|feature|pool|state|vector|encod|represent|box|coord|mask", re.IGNORECASE)
+_CLASS_WIDTHS = (10, 100, 1000, 1001)
+_SOFTMAX_OPS = ("Softmax", "LogSoftmax")
 
-    Accepts a shape (sequence of ints/None/str) or an array; integer/bool arrays are not
-    classifier-like. A purely shape-based rule cannot tell logits from a small embedding:
-    top-1 on an embedding is harmless, only less meaningful.
+OutputKind = str
+"""``"classifier"``, ``"sequence"``, ``"tensor"`` or ``"integer"`` (see :func:`output_kind`)."""
+
+
+def output_kind(
+    name: str,
+    shape: Sequence[Any] | None,
+    *,
+    integer: bool = False,
+    producer: str | None = None,
+    vocab: int | None = None,
+    probability_like: bool = False,
+) -> OutputKind:
+    """What an output holds — the one rule used for the analysis loss and for eval metrics.
+
+    First match wins: integer/bool element type → ``integer``; rank < 2, or a last dim that is
+    unknown or < 2 → ``tensor``; class scores — produced by Softmax/LogSoftmax, values that are
+    probabilities (``probability_like``), or a name with ``logit``/``prob``/``score``/``class``/
+    ``pred`` — are ``classifier`` at rank 2 and ``sequence`` above; names of embeddings and
+    hidden states (``embed``, ``hidden``, ``feature``, ``pool``, ``state``, ...) → ``tensor``;
+    rank 2 with 10/100/1000/1001 columns → ``classifier``; rank ≥ 3 whose last dim equals the
+    model's token vocabulary (``vocab``: the rows of its embedding table) → ``sequence``;
+    otherwise ``tensor``.
     """
+    if integer:
+        return "integer"
+    if shape is None or len(shape) < 2:
+        return "tensor"
+    last = shape[-1]
+    if not isinstance(last, int | np.integer) or int(last) < 2:
+        return "tensor"
+    scores = "classifier" if len(shape) == 2 else "sequence"
+    if producer in _SOFTMAX_OPS or probability_like or _SCORE_NAME.search(name):
+        return scores
+    if _TENSOR_NAME.search(name):
+        return "tensor"
+    if len(shape) == 2 and int(last) in _CLASS_WIDTHS:
+        return "classifier"
+    if len(shape) >= 3 and vocab is not None and int(last) == vocab:
+        return "sequence"
+    return "tensor"
+
+
+def array_kind(name: str, array: Any, **hints: Any) -> OutputKind:
+    """:func:`output_kind` of an array (integer dtype and probability values read from the data)."""
+    a = np.asarray(array)
+    if a.dtype.kind in "biu":
+        return "integer"
+    return output_kind(name, a.shape, probability_like=is_probability_like(a), **hints)
+
+
+def is_classifier_like(shape_or_array: Any, name: str = "") -> bool:
+    """True when :func:`output_kind` says ``classifier`` (rank-2 class scores)."""
     if isinstance(shape_or_array, np.ndarray):
-        if shape_or_array.dtype.kind in "biu":
-            return False
-        shape: Sequence[Any] = shape_or_array.shape
-    else:
-        shape = tuple(shape_or_array)
-    if len(shape) != 2:
-        return False
-    classes = shape[-1]
-    return isinstance(classes, int | np.integer) and 2 <= int(classes) <= MAX_CLASSES
+        return array_kind(name, shape_or_array) == "classifier"
+    return output_kind(name, tuple(shape_or_array)) == "classifier"
+
+
+def masked_mean(values: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean of ``values`` over the positions where ``mask`` (broadcast over trailing axes) is non-zero."""
+    v = np.asarray(values, dtype=np.float64)
+    if mask is None:
+        return float(np.mean(v)) if v.size else 0.0
+    m = np.asarray(mask, dtype=np.float64)
+    m = m.reshape(m.shape + (1,) * (v.ndim - m.ndim))
+    m = np.broadcast_to(m, v.shape)
+    total = float(np.sum(m))
+    return float(np.sum(v * m) / total) if total > 0 else 0.0
+
+
+def position_mask(mask: Any, shape: Sequence[int], last_axis_is_classes: bool = True) -> np.ndarray | None:
+    """``mask`` ([B, T] 0/1) when it covers the leading positions of an output of ``shape``, else None.
+
+    With ``last_axis_is_classes`` the positions are every axis but the last (``[B, T]`` of
+    ``[B, T, V]``); otherwise the mask must match the first ``mask.ndim`` axes.
+    """
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    lead = tuple(shape[:-1]) if last_axis_is_classes else tuple(shape[: m.ndim])
+    return m if m.ndim >= 1 and tuple(m.shape) == lead else None
 
 
 def _json_float(x: float | None) -> float | str | None:
@@ -241,11 +325,14 @@ class OutputMetrics:
         cosine: see :func:`cosine` (mean of per-sample cosines, samples = axis 0).
         max_abs: largest absolute error.
         mean_abs: mean absolute error.
-        top1: top-1 agreement when the output is classifier-like, else None.
-        kl: KL(ref ‖ test) in nats when classifier-like (softmax of logits, or the
+        top1: top-1 agreement for ``classifier`` / ``sequence`` outputs (per position for
+            ``sequence``, padding left out), else None.
+        kl: KL(ref ‖ test) in nats for the same outputs (softmax of logits, or the
             probabilities themselves when the reference output is probability-like), else None.
         nonfinite: NaN/Inf count in the test output.
         ref_nonfinite: NaN/Inf count in the reference output.
+        kind: the output's kind (:func:`output_kind`), None when not recorded.
+        exact: fraction of elements that are identical (integer outputs only), else None.
     """
 
     sqnr_db: float
@@ -256,12 +343,17 @@ class OutputMetrics:
     kl: float | None = None
     nonfinite: int = 0
     ref_nonfinite: int = 0
+    kind: str | None = None
+    exact: float | None = None
 
     def to_dict(self) -> dict[str, float | str | int | None]:
         """JSON-safe dict: non-finite floats as ``"inf"`` / ``"-inf"`` / ``"nan"``."""
         out: dict[str, float | str | int | None] = {}
         for key, value in asdict(self).items():
-            out[key] = value if isinstance(value, int) and not isinstance(value, bool) else _json_float(value)
+            if key == "kind":
+                out[key] = value
+            else:
+                out[key] = value if isinstance(value, int) and not isinstance(value, bool) else _json_float(value)
         return out
 
     @classmethod
@@ -277,20 +369,34 @@ class OutputMetrics:
                 kl=_read_float(data.get("kl")),
                 nonfinite=int(data.get("nonfinite", 0)),
                 ref_nonfinite=int(data.get("ref_nonfinite", 0)),
+                kind=data.get("kind"),
+                exact=_read_float(data.get("exact")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LpError(f"malformed output metrics: {exc}") from None
 
 
-def output_metrics(ref: Any, test: Any) -> OutputMetrics:
-    """All metrics for one output pair (same shape)."""
+def output_metrics(ref: Any, test: Any, kind: str | None = None, mask: Any = None) -> OutputMetrics:
+    """All metrics for one output pair (same shape).
+
+    Args:
+        ref: the reference output.
+        test: the test output.
+        kind: :func:`output_kind` of the output (default: :func:`array_kind` of ``ref``, no name).
+        mask: 0/1 positions (an attention mask ``[B, T]``) to leave padding out of top-1 and KL of
+            ``sequence`` outputs; ignored when its shape does not cover the output's positions.
+    """
     r, t = np.asarray(ref), np.asarray(test)
     if r.shape != t.shape:
         raise LpError(f"shape mismatch: reference {r.shape} vs test {t.shape}")
-    top1 = kl = None
-    if is_classifier_like(r):
-        top1 = top1_agreement(r, t)
-        kl = kl_divergence(r, t, from_logits=not is_probability_like(r))
+    kind = kind or array_kind("", r)
+    top1 = kl = exact = None
+    if kind in ("classifier", "sequence") and r.ndim >= 1 and r.size:
+        m = position_mask(mask, r.shape) if kind == "sequence" else None
+        top1 = top1_agreement(r, t, m)
+        kl = kl_divergence(r, t, from_logits=not is_probability_like(r), mask=m)
+    if kind == "integer":
+        exact = float(np.mean(r == t)) if r.size else 1.0
     nonfinite = nonfinite_count(t)
     if nonfinite:
         logger.warning("test output has %d non-finite value(s)", nonfinite)
@@ -303,11 +409,21 @@ def output_metrics(ref: Any, test: Any) -> OutputMetrics:
         kl=kl,
         nonfinite=nonfinite,
         ref_nonfinite=nonfinite_count(r),
+        kind=kind,
+        exact=exact,
     )
 
 
-def compare_outputs(ref: Mapping[str, Any], test: Mapping[str, Any]) -> dict[str, OutputMetrics]:
+def compare_outputs(
+    ref: Mapping[str, Any],
+    test: Mapping[str, Any],
+    kinds: Mapping[str, str] | None = None,
+    mask: Any = None,
+) -> dict[str, OutputMetrics]:
     """Metrics per output name, in the reference's order.
+
+    ``kinds`` gives each output's :func:`output_kind` (default: :func:`array_kind` by name and
+    data); ``mask`` is an attention mask applied to ``sequence`` outputs it covers.
 
     Raises:
         LpError: when the output names differ or an output's shapes differ.
@@ -326,5 +442,6 @@ def compare_outputs(ref: Mapping[str, Any], test: Mapping[str, Any]) -> dict[str
         r, t = np.asarray(ref[name]), np.asarray(test[name])
         if r.shape != t.shape:
             raise LpError(f"output {name!r}: shape mismatch, reference {r.shape} vs test {t.shape}")
-        out[name] = output_metrics(r, t)
+        kind = (kinds or {}).get(name) or array_kind(name, r)
+        out[name] = output_metrics(r, t, kind, mask)
     return out

@@ -14,6 +14,10 @@ Rules, applied to a fixed point in the main graph:
    attributes are merged (one round trip per tensor and type); small constant inputs (scales,
    zero points) count as identical when their contents are.
 5. **Dead code**: unused nodes and initializers are removed (onnx_ir's RemoveUnusedNodesPass).
+6. **Stale value info**: the recorded type/shape of an intermediate value that ONNX shape inference
+   contradicts (another element type or rank, or another fixed dim) is replaced by the inferred
+   one, so the written model passes ``onnx.checker.check_model(full_check=True)``. Values that
+   inference cannot reach (custom-domain ops) keep what they have.
 
 Graph outputs are never renamed or removed: a rule that would replace a graph output is skipped.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -58,7 +63,71 @@ class CleanupPass(ir.passes.InPlacePass):
             modified |= changed
             if not changed:
                 break
+        modified |= refresh_value_info(model)
         return ir.passes.PassResult(model, modified)
+
+
+_INFER_INLINE_LIMIT = 4096  # initializers with more elements reach shape inference as typed inputs
+
+
+def _type_key(value_type: onnx.TypeProto) -> tuple[int, tuple[int | str | None, ...] | None] | None:
+    if not value_type.HasField("tensor_type"):
+        return None
+    t = value_type.tensor_type
+    if not t.HasField("shape"):
+        return (t.elem_type, None)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+    return (t.elem_type, dims)
+
+
+def _conflicts(have: ir.Value, inferred: tuple[int, tuple[int | str | None, ...] | None]) -> bool:
+    elem, dims = inferred
+    if have.dtype is not None and elem and int(have.dtype) != elem:
+        return True
+    if have.shape is None or dims is None:
+        return False
+    if len(have.shape) != len(dims):
+        return True
+    return any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(have.shape, dims, strict=True))
+
+
+def refresh_value_info(model: ir.Model) -> bool:
+    """Replace the type/shape of intermediate values that shape inference contradicts (rule 6).
+
+    Returns:
+        True when a value's type or shape changed.
+    """
+    proto = ir.to_proto(model)
+    graph = proto.graph
+    del graph.value_info[:]
+    large = [t for t in graph.initializer if np.prod(t.dims, dtype=np.int64) > _INFER_INLINE_LIMIT]
+    if large:
+        names = {t.name for t in large}
+        declared = {i.name for i in graph.input}
+        kept = [t for t in graph.initializer if t.name not in names]
+        for t in large:
+            if t.name not in declared:
+                graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is best effort: leave the model as it is
+        logger.debug("shape inference failed, value info left as is: %s", exc)
+        return False
+    found = {vi.name: key for vi in inferred.graph.value_info if (key := _type_key(vi.type)) is not None}
+    changed = False
+    for node in model.graph:
+        for value in node.outputs:
+            key = found.get(value.name)
+            if key is None or value.is_graph_output() or (value.dtype is None and value.shape is None):
+                continue
+            if _conflicts(value, key):
+                logger.debug("stale value info on %r replaced by the inferred type/shape", value.name)
+                value.dtype = ir.DataType(key[0]) if key[0] else value.dtype
+                value.shape = ir.Shape(list(key[1])) if key[1] is not None else None
+                changed = True
+    return changed
 
 
 def _replace(value: ir.Value, replacement: ir.Value) -> bool:

@@ -95,7 +95,7 @@ def session_options(numerics: Numerics = "exact", threads: int | None = None) ->
     if numerics not in ("exact", "fast"):
         raise ValueError(f"numerics must be 'exact' or 'fast', not {numerics!r}")
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: failures reach the user as one-line errors, not coloured log lines
     so.intra_op_num_threads = int(threads) if threads else min(4, os.cpu_count() or 1)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -169,9 +169,18 @@ def _session_from_proto(proto: onnx.ModelProto, so: ort.SessionOptions, provider
     return _session_from_bytes(proto.SerializeToString(), so, providers)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_SOURCE_PATH = re.compile(r"/onnxruntime_src/\S+:\d+ (onnxruntime::\S+?\(.*?\) )?")
+
+
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """One line of an ORT error: ANSI colour codes, the status prefix and source paths dropped."""
+    text = _ANSI.sub("", str(exc)).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    return _SOURCE_PATH.sub("", _ORT_PREFIX.sub("", lines[0]))
 
 
 def make_session(

@@ -148,7 +148,9 @@ def test_eval_and_compile_on_an_external_data_model(ext_model: Path, tmp_path: P
     code = main(["compile", str(ext_model), "--budget", "8", "-o", str(out), "--probes", "2", "-q"])
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
-    assert main(["eval", str(out), "--reference", str(ext_model), "--json", "-q"]) == 0, capsys.readouterr().err
+    assert main(["eval", str(out), "--reference", str(ext_model), "--synthetic", "--json", "-q"]) == 0, (
+        capsys.readouterr().err
+    )
 
 
 def test_save_model_inline_materialises_external_tensors(ext_model: Path, tmp_path: Path, monkeypatch) -> None:

@@ -52,6 +52,7 @@ from lpcompile.frontend.input_spec import (
     sample_axis,
     specs_of,
 )
+from lpcompile.frontend.npz_safe import read_npy, read_npz
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +176,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise CalibrationError(f"not an .npz file: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: np.asarray(data[k]) for k in data.files}
+        arrays = read_npz(path)  # headers checked against memory before anything inflates (npz_safe)
     except ValueError:
         raise CalibrationError(f"{path} holds pickled objects; save plain numeric arrays") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
@@ -210,7 +210,7 @@ def _load_npy_folder(p: Path) -> dict[str, np.ndarray]:
     out = {}
     for f in files:
         try:
-            out[f.stem] = np.load(f, allow_pickle=False)
+            out[f.stem] = read_npy(f)  # bounded, native byte order (npz_safe)
         except ValueError:
             raise CalibrationError(f"{f} holds pickled objects; save plain numeric arrays") from None
         except OSError as exc:
@@ -219,11 +219,12 @@ def _load_npy_folder(p: Path) -> dict[str, np.ndarray]:
 
 
 def load_calibration(
-    path: str | os.PathLike[str], model: ir.Model | onnx.ModelProto | Sequence[InputSpec] | None = None
+    path: str | os.PathLike[str],
+    model: ir.Model | onnx.ModelProto | Sequence[InputSpec] | str | os.PathLike[str] | None = None,
 ) -> CalibrationSet:
     """Load an ``.npz`` file, a folder of ``.npz`` files, or a folder of ``.npy`` files (see the module docstring).
 
-    With ``model``, each input's sample axis and the fixed batch come from the model's declared
+    With ``model`` (in memory or a path), each input's sample axis and the fixed batch come from the model's declared
     shapes (explicit ``_sample_axis.NAME`` entries win); without it, axis 0 (rank-0: none).
 
     Raises:

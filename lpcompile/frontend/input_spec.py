@@ -31,16 +31,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from lpcompile.errors import CalibrationError, LpError, UsageError
+from lpcompile.errors import CalibrationError, LpError, ModelLoadError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +100,17 @@ def model_input_specs(model: ir.Model | onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def specs_of(model: ir.Model | onnx.ModelProto | Sequence[InputSpec]) -> list[InputSpec]:
-    """Input specs of a model, or the given specs as a list."""
+def specs_of(model: ir.Model | onnx.ModelProto | Sequence[InputSpec] | str | os.PathLike[str]) -> list[InputSpec]:
+    """Input specs of a model (in memory, or a file read without its weights), or the given specs as a list."""
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf/decode errors of a damaged file
+            raise ModelLoadError(f"cannot read {path}: {_one_line(exc)}") from None
+        return model_input_specs(proto)
     if isinstance(model, ir.Model | onnx.ModelProto):
         return model_input_specs(model)
     return list(model)
