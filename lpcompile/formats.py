@@ -13,6 +13,7 @@ reduction 0; for ``Conv`` weights ``[O, I, kh, kw]`` channel 0, reduction 1.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -124,6 +125,8 @@ class Format:
     block_size: int | None = None
     activation: str | None = None
     description: str = ""
+    zero_point: bool = False
+    tensor_scale: bool = False
 
     @property
     def is_float(self) -> bool:
@@ -138,15 +141,21 @@ class Format:
     def nominal_bits(self) -> float:
         """Bits per weight for a large tensor (per-block overhead counted, per-channel ignored)."""
         if self.scale == "per_block" and self.block_size:
-            return self.storage_bits + _scale_bits(self.scale_dtype) / self.block_size
+            return self.storage_bits + self._group_bits / self.block_size
         return float(self.storage_bits)
+
+    @property
+    def _group_bits(self) -> int:
+        """Bits stored per scale group: the scale and, for asymmetric formats, the zero point."""
+        return _scale_bits(self.scale_dtype) + (self.storage_bits if self.zero_point else 0)
 
     def bits_for(self, shape: tuple[int, ...], layout: WeightLayout) -> float:
         """Effective bits per weight of a tensor of ``shape``, scale overhead included."""
         n = math.prod(shape)
         if n == 0:
             return float(self.storage_bits)
-        return (self.storage_bits * n + _scale_bits(self.scale_dtype) * self.num_scales(shape, layout)) / n
+        extra = self._group_bits * self.num_scales(shape, layout) + (32 if self.tensor_scale else 0)
+        return (self.storage_bits * n + extra) / n
 
     def num_scales(self, shape: tuple[int, ...], layout: WeightLayout) -> int:
         """How many scale values the stored tensor needs."""
@@ -167,7 +176,7 @@ class Format:
 
 
 def _scale_bits(scale_dtype: str | None) -> int:
-    return {None: 0, "float32": 32, "float16": 16}[scale_dtype]
+    return {None: 0, "float32": 32, "float16": 16, "bfloat16": 16, "float8_e8m0fnu": 8, "float8_e4m3fn": 8}[scale_dtype]
 
 
 _ONNX_TYPES: Mapping[str, int] = {
@@ -246,13 +255,60 @@ def canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     if key not in _REGISTRY:
-        raise FormatError(f"unknown format {name!r}; known: {', '.join(format_names())} (aliases: int4, fp8)")
+        try:
+            return _grammar_format(key).name
+        except FormatError as exc:
+            raise FormatError(
+                f"unknown format {name!r}: {exc}; registry: {', '.join(format_names())} "
+                "(aliases: int4, fp8; grammar: see lpcompile.format_grammar)"
+            ) from None
     return key
 
 
 def get_format(name: str) -> Format:
-    """Look a format up by name or alias."""
-    return _REGISTRY[canonical_name(name)]
+    """Look a format up by name, alias or grammar name (:mod:`lpcompile.format_grammar`)."""
+    key = canonical_name(name)
+    return _REGISTRY[key] if key in _REGISTRY else _grammar_format(key)
+
+
+def _identity_key(f: Format) -> tuple[object, ...]:
+    return (f.element, f.storage_bits, f.scale, f.scale_dtype, f.block_size, f.activation, f.zero_point, f.tensor_scale)
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar_format(key: str) -> Format:
+    """The :class:`Format` of a grammar name; a registry entry when the definitions coincide."""
+    from lpcompile import format_grammar
+
+    spec = format_grammar.parse(key)
+    element = spec.element
+    fmt = Format(
+        spec.name,
+        element,
+        spec.storage_bits,
+        scale=spec.scale,  # type: ignore[arg-type]
+        scale_dtype=spec.scale_dtype,
+        block_size=spec.block_size,
+        activation=spec.activation,
+        description=spec.description,
+        zero_point=spec.zero_point,
+        tensor_scale=spec.tensor_scale,
+    )
+    for known in _REGISTRY.values():
+        if _identity_key(known) == _identity_key(fmt):
+            return known
+    return fmt
+
+
+def is_classic(fmt: Format) -> bool:
+    """Whether the original reference below handles ``fmt`` (the registry's families: symmetric
+    int4/int8 with fp32/fp16 scales, per-channel FP8, bf16/fp16/fp32 casts); other grammar formats
+    use :mod:`lpcompile.format_grammar`."""
+    if fmt.zero_point or fmt.tensor_scale or fmt.scale_dtype not in (None, "float32", "float16"):
+        return False
+    if fmt.element in FLOAT_SPECS:
+        return fmt.scale != "per_block"
+    return fmt.element in INT_RANGES
 
 
 def parse_format_list(text: str) -> tuple[str, ...]:
@@ -339,6 +395,8 @@ class QuantizedWeight:
     scale: np.ndarray | None
     axis: int
     block_size: int
+    zero_point: np.ndarray | None = None
+    tensor_scale: float | None = None
 
 
 def _block_scale_shape(shape: tuple[int, ...], axis: int, block: int) -> tuple[int, ...]:
@@ -378,6 +436,8 @@ def quantize_weight(
     if layout.flatten and fmt.scale == "per_block":  # codes and scales on the flattened view when it is cheaper
         view, flat = blocked_view(w.shape, layout, fmt.block_size)
         return quantize_weight(fmt, w.reshape(view), flat, rounding, seed)
+    if not is_classic(fmt):
+        return _quantize_grammar(fmt, w, layout, rounding)
     rng = np.random.default_rng(seed) if rounding == "stochastic" else None
     if w.ndim == 0 and fmt.scale != "none":
         raise FormatError(f"format {fmt.name} needs a weight of rank >= 1")
@@ -417,6 +477,41 @@ def quantize_weight(
     return QuantizedWeight(fmt.name, codes, scale, r, block)
 
 
+def _grammar_spec(fmt: Format) -> object:
+    from lpcompile import format_grammar
+
+    return format_grammar.Spec(
+        fmt.name,
+        fmt.element,
+        fmt.storage_bits,
+        fmt.scale,
+        fmt.scale_dtype or "float32",
+        fmt.block_size,
+        fmt.zero_point,
+        fmt.tensor_scale,
+        fmt.activation,
+        fmt.description,
+    )
+
+
+def _quantize_grammar(fmt: Format, w: np.ndarray, layout: WeightLayout, rounding: str) -> QuantizedWeight:
+    from lpcompile import format_grammar
+
+    if rounding != "nearest":
+        raise FormatError(f"format {fmt.name}: only round-to-nearest is implemented for this family")
+    if w.ndim == 0:
+        raise FormatError(f"format {fmt.name} needs a weight of rank >= 1")
+    enc = format_grammar.quantize(_grammar_spec(fmt), w, layout.channel_axis, layout.reduction_axis)  # type: ignore[arg-type]
+    return QuantizedWeight(fmt.name, enc.codes, enc.scale, enc.axis, enc.block_size, enc.zero_point, enc.tensor_scale)
+
+
+def _dequantize_grammar(fmt: Format, q: QuantizedWeight) -> np.ndarray:
+    from lpcompile import format_grammar
+
+    enc = format_grammar.Encoded(q.codes, q.scale, q.zero_point, q.tensor_scale, q.axis, q.block_size)  # type: ignore[arg-type]
+    return format_grammar.dequantize(_grammar_spec(fmt), enc)  # type: ignore[arg-type]
+
+
 def dequantize(q: QuantizedWeight) -> np.ndarray:
     """Decode a stored weight to float32 exactly as ONNX ``DequantizeLinear`` (+``Cast``) does.
 
@@ -424,6 +519,8 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
     DequantizeLinear output type) and is then widened to fp32.
     """
     fmt = get_format(q.format)
+    if not is_classic(fmt):
+        return _dequantize_grammar(fmt, q)
     if q.scale is None:
         return q.codes.astype(np.float32)
     values = q.codes.astype(np.float32)

@@ -189,6 +189,15 @@ class _Grid:
         return torch.where(s32 > 0, s32, torch.tensor(np.finfo(np.float32).tiny, dtype=torch.float32))
 
 
+def _has_grid(fmt: Format) -> bool:
+    """Formats with a uniform or float grid and fp32/fp16 scales (the registry's families)."""
+    if getattr(fmt, "zero_point", False) or getattr(fmt, "tensor_scale", False):
+        return False
+    if fmt.scale_dtype not in (None, "float32", "float16"):
+        return False
+    return fmt.element in FLOAT_SPECS or fmt.element in INT_RANGES
+
+
 def _sanitize(w: np.ndarray) -> tuple[np.ndarray, bool]:
     w = np.asarray(w, dtype=np.float32)
     finite = bool(np.isfinite(w).all())
@@ -351,13 +360,16 @@ def round_weight(
     method = parse_method(method)
     if method in ("nearest", "stochastic") or fmt.is_identity:
         return quantize_weight(fmt, w, layout, "nearest" if fmt.is_identity else method, seed)  # type: ignore[arg-type]
+    if not _has_grid(fmt):
+        logger.debug("%s: %s is not implemented for this family; reference rounding", fmt.name, method)
+        return quantize_weight(fmt, w, layout, "nearest")
     w = np.asarray(w, dtype=np.float32)
     if w.ndim == 0 and fmt.scale != "none":
         raise FormatError(f"format {fmt.name} needs a weight of rank >= 1")
     if getattr(layout, "flatten", False) and fmt.scale == "per_block":  # codes and scales on the im2col view
         from lpcompile.formats import blocked_view
 
-        view, flat = blocked_view(w.shape, layout)
+        view, flat = blocked_view(w.shape, layout, fmt.block_size)
         return round_weight(fmt, w.reshape(view), flat, method, hessian, config, seed)
     if w.ndim < 2 or w.size == 0:
         return quantize_weight(fmt, w, layout, "nearest")

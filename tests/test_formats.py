@@ -185,7 +185,7 @@ def test_names_and_aliases() -> None:
     assert parse_format_list("fp8_e4m3, int8,int4,bf16,int4") == ("fp8_e4m3", "int8", "int4_b128", "bf16")
     assert "fp8_e5m2" in format_names()
     with pytest.raises(FormatError, match="unknown format"):
-        get_format("int3")
+        get_format("int9")  # int3 is a grammar name now (3-bit ints per channel)
 
 
 @settings(max_examples=40, deadline=None)
@@ -204,3 +204,209 @@ def test_property_qdq_is_idempotent_and_bounded(w: np.ndarray, name: str) -> Non
     assert np.abs(once).max() <= amax * (1 + 2.0**-3) + 1e-30
     if name in ("bf16", "fp16"):
         assert np.array_equal(qdq_weight(name, once, MATMUL_LAYOUT), once)
+
+
+# ---------------------------------------------------------------------------------------------
+# The format grammar (lpcompile.format_grammar): parsing, bits, bit-exact references per family
+# ---------------------------------------------------------------------------------------------
+
+from lpcompile import format_grammar as fg  # noqa: E402
+from lpcompile.formats import is_classic  # noqa: E402
+
+GRAMMAR_FAMILIES = (
+    "int3_b32",
+    "int6_pc",
+    "int4_asym_b64",
+    "int8_asym",
+    "int2_asym_b16_sbf16",
+    "mxfp4",
+    "mxfp6_e2m3",
+    "mxfp6_e3m2",
+    "mxfp8_e4m3",
+    "mxint8",
+    "nvfp4",
+    "nf4",
+    "e2m1_b32_sfp16",
+    "e4m3_b128_sbf16",
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "canon"),
+    [
+        ("int4_b128", "int4_b128"),
+        ("INT8_PC", "int8"),
+        ("e4m3_pc_ae4m3", "fp8_e4m3"),
+        ("mxfp4", "e2m1_b32_se8m0"),
+        ("nvfp4", "e2m1_b16_se4m3_t32"),
+        ("nf4", "nf4_b64"),
+        ("uint4_b128", "int4_asym_b128"),
+        ("int8_asym", "int8_asym_pc"),
+        ("w4a8", "int4_b128_ae4m3"),
+        ("int4_b256", "int4_b256"),
+        ("int4_b64_sfp16", "int4_b64"),
+    ],
+)
+def test_grammar_canonical_names(name: str, canon: str) -> None:
+    assert canonical_name(name) == canon
+    assert get_format(name).name == canon
+
+
+def test_registry_entries_unchanged_by_grammar() -> None:
+    assert get_format("int8_pc") is get_format("int8")
+    assert get_format("e4m3_pc_ae4m3") is get_format("fp8_e4m3")
+    assert get_format("e4m3_pc").activation is None  # weight-only FP8 is a different recipe
+    assert all(is_classic(get_format(n)) for n in format_names())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "int9",
+        "int1_b32",
+        "e3m3_b32",
+        "mxfp4_pc",
+        "nf4",
+        "e2m1",
+        "int4_b0",
+        "int4_b32_pc",
+        "int4_sfp8",
+        "e2m1_b32_sfp32_t32",
+        "int4_b32_q",
+        "e2m1_asym_b32",
+        "hello",
+    ],
+)
+def test_grammar_errors_are_format_errors(bad: str) -> None:
+    if bad == "nf4":  # the short name has a default block; the bare element does not need one
+        get_format(bad)
+        with pytest.raises(FormatError):
+            fg.parse("nf4_pc")
+        return
+    with pytest.raises(FormatError):
+        get_format(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "bits"),
+    [
+        ("mxfp4", 4.25),
+        ("mxfp6_e2m3", 6.25),
+        ("mxfp8_e4m3", 8.25),
+        ("nf4", 4.25),
+        ("int4_asym_b128", 4 + 20 / 128),
+        ("int3_b32", 3.5),
+        ("e2m1_b32_sbf16", 4.5),
+    ],
+)
+def test_grammar_bits_count_every_stored_bit(name: str, bits: float) -> None:
+    f = get_format(name)
+    shape = (1024, 64)
+    assert f.nominal_bits == pytest.approx(bits)
+    assert f.bits_for(shape, MATMUL_LAYOUT) == pytest.approx(bits)
+    nv = get_format("nvfp4")
+    assert nv.bits_for(shape, MATMUL_LAYOUT) == pytest.approx(4.5 + 32 / (1024 * 64))
+
+
+@pytest.mark.parametrize(("key", "dtype"), [(m.key, m.np_dtype) for m in fg.MINIFLOATS.values()])
+def test_minifloat_code_tables_match_ml_dtypes(key: str, dtype: type) -> None:
+    """Every bit pattern's value (the portable decode's Gather table) equals ml_dtypes' decode."""
+    table = fg.code_table(key)
+    bits = fg.element_bits(key)
+    ref = np.arange(2**bits, dtype=np.uint8).view(dtype).astype(np.float32)
+    finite = np.isfinite(ref)
+    np.testing.assert_array_equal(table[finite], ref[finite])
+    # every finite value encodes back to its own pattern (−0 and +0 both decode to 0)
+    codes = fg.to_codes(ref[finite].astype(dtype), key)
+    np.testing.assert_array_equal(table[codes], ref[finite])
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3"])
+def test_mx_formats_match_ml_dtypes_cast(name: str) -> None:
+    """MX: scale 2^(floor(log2 amax) − emax) as an E8M0 code; codes = saturating ml_dtypes cast of w/scale."""
+    f = get_format(name)
+    mf = fg.BY_ELEMENT[f.element]
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((256, 24)) * np.exp(rng.uniform(-6, 6, (1, 24)))).astype(np.float32)
+    q = quantize_weight(f, w, MATMUL_LAYOUT)
+    assert q.scale.dtype == ml_dtypes.float8_e8m0fnu and q.scale.shape == (8, 24)
+    blocks = w.reshape(8, 32, 24).astype(np.float64)
+    amax = np.abs(blocks).max(axis=1)
+    scale = np.exp2(np.floor(np.log2(amax)) - mf.emax)
+    np.testing.assert_array_equal(q.scale.astype(np.float64), scale)
+    expect = np.clip(blocks / scale[:, None, :], -mf.max_value, mf.max_value).astype(np.float32).astype(mf.np_dtype)
+    np.testing.assert_array_equal(q.codes.astype(np.float32), expect.reshape(256, 24).astype(np.float32))
+    np.testing.assert_array_equal(dequantize(q), (expect.astype(np.float64) * scale[:, None, :]).reshape(256, 24))
+
+
+def test_nvfp4_two_level_scales() -> None:
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    q = quantize_weight("nvfp4", w, MATMUL_LAYOUT)
+    big = float(np.abs(w).max())
+    assert q.tensor_scale == pytest.approx(big / (448 * 6), rel=2**-23)
+    assert q.scale.dtype == ml_dtypes.float8_e4m3fn and q.scale.shape == (4, 16)
+    dq = dequantize(q)
+    # each element's error is at most half a step of E2M1 at its block scale, or the saturation margin
+    blk_s = q.scale.astype(np.float64) * q.tensor_scale
+    full = np.repeat(blk_s, 16, axis=0)
+    assert np.all(np.abs(dq - w) <= full * 1.0 + np.abs(w) * 2**-3 + 1e-12)
+    assert np.corrcoef(dq.ravel(), w.ravel())[0, 1] > 0.99
+
+
+def test_asymmetric_ints_zero_exact_and_half_step() -> None:
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((128, 8)) + 0.7).astype(np.float32)
+    w[5, 3] = 0.0
+    for name in ("int4_asym_b32", "int8_asym", "int2_asym_b16_sbf16"):
+        f = get_format(name)
+        q = quantize_weight(f, w, MATMUL_LAYOUT)
+        lo, hi = fg.int_range(f.element)
+        assert q.codes.min() >= lo and q.codes.max() <= hi and q.zero_point is not None
+        dq = dequantize(q)
+        assert dq[5, 3] == 0.0  # zero is exactly representable (integer zero point)
+        if f.scale == "per_block":
+            s = np.repeat(q.scale.astype(np.float32), f.block_size, axis=0)
+        else:
+            s = q.scale.astype(np.float32)[None, :]
+        tol = s / 2 * (1 + 2**-7) + np.abs(w) * 2**-8  # half a step (+ bf16 rounding of the product)
+        assert np.all(np.abs(dq - w) <= tol)
+
+
+def test_nf4_codes_are_nearest_codebook_entries() -> None:
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((128, 4)).astype(np.float32)
+    q = quantize_weight("nf4", w, MATMUL_LAYOUT)
+    s = np.repeat(q.scale.astype(np.float64), 64, axis=0)
+    table = np.asarray(fg.NF4_TABLE)
+    x = w / s
+    best = np.abs(x[..., None] - table).min(axis=-1)
+    np.testing.assert_allclose(np.abs(x - table[q.codes]), best, atol=1e-6)
+    np.testing.assert_array_equal(
+        dequantize(q), (table[q.codes] * s).astype(np.float32).astype(np.float16).astype(np.float32)
+    )
+
+
+@pytest.mark.parametrize("name", GRAMMAR_FAMILIES)
+def test_grammar_adversarial(name: str) -> None:
+    w = np.tile(ADVERSARIAL[:, None], (1, 3))
+    w = np.concatenate([w, np.zeros((7, 3), np.float32)], axis=0)  # 32 rows
+    q = quantize_weight(name, w, MATMUL_LAYOUT)
+    dq = dequantize(q)
+    assert dq.shape == w.shape
+    assert np.all(dq[-7:] == 0.0)
+    assert not np.any(np.isnan(dq))
+    zero_block = np.zeros((64, 2), np.float32)
+    assert np.all(dequantize(quantize_weight(name, zero_block, MATMUL_LAYOUT)) == 0.0)
+
+
+@pytest.mark.parametrize("name", GRAMMAR_FAMILIES)
+def test_grammar_conv_layout_and_shapes(name: str) -> None:
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((8, 40, 3, 3)).astype(np.float32)
+    f = get_format(name)
+    q = quantize_weight(f, w, CONV_LAYOUT)
+    dq = dequantize(q)
+    assert dq.shape == w.shape and np.all(np.isfinite(dq))
+    assert np.corrcoef(dq.ravel(), w.ravel())[0, 1] > 0.75  # 2-bit grids are coarse, yet correlated
+    assert f.num_scales(w.shape, CONV_LAYOUT) == int(np.prod(q.scale.shape))

@@ -174,8 +174,8 @@ class HessianAccumulator:
             if r is None:
                 logger.debug("activation %r: shape %s does not fit its spec", name, tuple(x.shape))
                 continue
-            r = torch.nan_to_num(r.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
-            acc = r.T @ r
+            r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+            acc = (r.T @ r).to(torch.float64)  # fp32 product per batch (BLAS speed), fp64 running sum
             if name in self._sum:
                 self._sum[name] += acc
             else:
