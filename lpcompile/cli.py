@@ -17,7 +17,8 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -73,37 +74,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop_handler(exc: type[BaseException]) -> Callable[[int, FrameType | None], None]:
-    """A handler that raises ``exc`` once, then ignores SIGINT and SIGTERM while the run cleans up."""
+@dataclass
+class Signals:
+    """The stop signal this run received (``received`` is 0 until one arrives) and the handlers it replaced."""
 
-    def handler(signum: int, frame: FrameType | None) -> None:
+    received: int = 0
+    previous: dict[int, Any] = field(default_factory=dict)
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        """Raise once (KeyboardInterrupt or Terminated), then ignore SIGINT/SIGTERM while the run cleans up."""
+        from lpcompile.io_utils import Terminated
+
+        self.received = signum
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise exc
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
-    return handler
+    @property
+    def exit_code(self) -> int:
+        return EXIT_TERMINATED if self.received == signal.SIGTERM else EXIT_INTERRUPTED
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
 
 
-def install_signal_handlers() -> dict[int, Any]:
+def install_signal_handlers() -> Signals:
     """SIGINT raises KeyboardInterrupt, SIGTERM raises :class:`~lpcompile.io_utils.Terminated`.
 
-    Returns the previous handlers (for :func:`restore_signal_handlers`). Does nothing outside the
-    main thread.
+    Returns the :class:`Signals` record (call its ``restore()`` to put the previous handlers back).
+    Does nothing outside the main thread.
     """
-    from lpcompile.io_utils import Terminated
-
-    if not _main_thread():
-        return {}
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, _stop_handler(KeyboardInterrupt)),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, _stop_handler(Terminated)),
-    }
-    return previous
+    sig = Signals()
+    if _main_thread():
+        sig.previous = {
+            signal.SIGINT: signal.signal(signal.SIGINT, sig.handler),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, sig.handler),
+        }
+    return sig
 
 
-def restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+def exit_early_on_signals() -> None:
+    """Before anything heavy is imported: SIGINT/SIGTERM end the process with 130/143 and no output
+    (``SystemExit`` prints no traceback). :func:`main` replaces these with :func:`install_signal_handlers`."""
+    if _main_thread():
+        signal.signal(signal.SIGINT, lambda *_: sys.exit(EXIT_INTERRUPTED))
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_TERMINATED))
 
 
 def _main_thread() -> bool:
@@ -119,24 +136,61 @@ def _first_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (see the module docstring)."""
-    from lpcompile.io_utils import Terminated
-
-    previous = install_signal_handlers()
+    sig = install_signal_handlers()
+    hooks = sys.excepthook, sys.unraisablehook
+    _quiet_hooks()
     try:
         return _main(argv)
-    except KeyboardInterrupt:
-        sys.stderr.write("lpcompile: interrupted\n")
-        return EXIT_INTERRUPTED
-    except Terminated:
-        sys.stderr.write("lpcompile: terminated\n")
-        return EXIT_TERMINATED
+    except BaseException as exc:
+        # a signal may surface as another exception (numpy turns an interrupted import into ImportError)
+        if not sig.received and not isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, SystemExit | GeneratorExit) or os.environ.get("LPCOMPILE_DEBUG"):
+                raise
+            sys.stderr.write(f"lpcompile: internal error: {type(exc).__name__}: {_first_line(exc)}\n")
+            return EXIT_FAILURE
+        code = sig.exit_code if sig.received else EXIT_INTERRUPTED
+        sys.stderr.write("lpcompile: terminated\n" if code == EXIT_TERMINATED else "lpcompile: interrupted\n")
+        return code
     finally:
-        restore_signal_handlers(previous)
+        sig.restore()
+        sys.excepthook, sys.unraisablehook = hooks
+
+
+def _quiet_hooks() -> None:
+    """C extensions interrupted in their module init print the KeyboardInterrupt themselves
+    (``PyErr_Print`` / unraisable): the run reports it in one line instead."""
+    from lpcompile.io_utils import Terminated
+
+    stop = (KeyboardInterrupt, Terminated)
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def on_exception(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, stop):
+            excepthook(kind, value, tb)
+
+    def on_unraisable(info: Any) -> None:
+        if not isinstance(info.exc_value, stop):
+            unraisablehook(info)
+
+    sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
+def _build_parser_uninterrupted() -> argparse.ArgumentParser:
+    """Import the command modules (numpy, onnx, ... behind them) with SIGINT/SIGTERM held back: a
+    signal during a C extension's import would come out as a garbled ImportError; it is delivered
+    right after instead."""
+    from lpcompile.io_utils import block_signals, unblock_signals
+
+    blocked = block_signals()
+    try:
+        return build_parser()
+    finally:
+        unblock_signals(blocked)
 
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = _build_parser_uninterrupted()
     known = set(parser._subparsers._group_actions[0].choices) if parser._subparsers else set()
     if argv and argv[0] not in known and not argv[0].startswith("-"):
         argv = ["compile", *argv]
@@ -179,6 +233,9 @@ def _main(argv: Sequence[str] | None) -> int:
         )
         return EXIT_FAILURE
 
+
+if sys.argv and os.path.basename(sys.argv[0]) == "lpcompile":  # the console script: as early as it gets
+    exit_early_on_signals()
 
 if __name__ == "__main__":
     sys.exit(main())

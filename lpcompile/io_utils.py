@@ -34,6 +34,8 @@ import logging
 import math
 import mmap
 import os
+import secrets
+import shutil
 import signal
 import stat
 import tempfile
@@ -54,8 +56,8 @@ MAX_JSON_BYTES = 256 * 1024 * 1024
 """Largest JSON file (plan, sensitivity table, metadata) :func:`read_json_bounded` reads."""
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays/objects accepted in a JSON input (a plan needs 4)."""
-MAX_PLAN_NODES = 1_000_000
-"""Most nodes a plan may list."""
+MAX_PLAN_NODES = 200_000
+"""Most nodes a plan (or sensitivity table) may list; large language models have ~10^3–10^4 weighted nodes."""
 
 
 class Terminated(BaseException):
@@ -378,10 +380,11 @@ class OutputSession:
         inputs: files the run reads (``.onnx`` ones bring their external data).
         models: inputs that are ONNX models whatever their suffix.
         lock: lock each output against a concurrent writer.
-        defer: defer every rename to the end of the session (outputs committed together). With
-            ``defer=False`` each file is renamed as soon as it is written (for library code that
-            reads its outputs back before the session ends); guards, locks and temp-file cleanup
-            are the same.
+        defer: defer every rename to the end of the session. With ``defer=False`` each file is
+            renamed as soon as it is written (for library code that reads its outputs back before
+            the session ends) and the file it replaced is kept as a hard-linked backup until the
+            session ends: on an exception the outputs are undone (previous versions restored, new
+            files removed). Either way a run leaves all of its outputs or none.
     """
 
     inputs: Sequence[PathLike | None] = ()
@@ -393,6 +396,7 @@ class OutputSession:
     _exempt: dict[Path, set[Path]] = field(default_factory=dict, init=False, repr=False)
     _locks: list[_Lock] = field(default_factory=list, init=False, repr=False)
     _staged: list[_Staged] = field(default_factory=list, init=False, repr=False)
+    _published: list[tuple[Path, Path | None]] = field(default_factory=list, init=False, repr=False)
     _temps: set[Path] = field(default_factory=set, init=False, repr=False)
     _made_dirs: list[Path] = field(default_factory=list, init=False, repr=False)
     _token: contextvars.Token[OutputSession | None] | None = field(default=None, init=False, repr=False)
@@ -419,8 +423,7 @@ class OutputSession:
                 continue
             resolved = guard_output(raw, protected)
             if resolved in self._declared:
-                if self._declared[resolved] != Path(raw):
-                    raise UsageError(f"outputs {self._declared[resolved]} and {raw} are the same file")
+                raise UsageError(f"outputs {self._declared[resolved]} and {raw} are the same file")
             else:
                 for other in self._declared:  # a second output may not be an earlier one's lock or temp
                     if resolved == lock_path_for(other):
@@ -478,30 +481,71 @@ class OutputSession:
         self._temps.discard(tmp)
 
     # -- committing --------------------------------------------------------------------------
-    def commit(self) -> list[Path]:
-        """Rename every staged temp file over its target (signals blocked); returns the targets."""
-        blocked = _block_signals()
+    def publish(self) -> list[Path]:
+        """Rename every staged temp file over its target now (signals blocked), keeping a hard-linked
+        backup of each file it replaces until the session ends, so :meth:`abort` can undo it."""
+        blocked = block_signals()
         try:
-            for i, s in enumerate(self._staged):
+            staged, self._staged = self._staged, []
+            for i, st in enumerate(staged):
                 try:
-                    os.chmod(s.tmp, s.mode)
-                    os.replace(s.tmp, s.target)
+                    backup = self._backup(st.target)
+                    os.chmod(st.tmp, st.mode)
+                    os.replace(st.tmp, st.target)
                 except OSError as exc:
-                    for rest in self._staged[i:]:
+                    for rest in staged[i:]:
                         self._discard(rest.tmp)
-                    self._staged = []
-                    raise LpError(f"cannot write {s.target}: {_why(exc)}") from None
-                self._temps.discard(s.tmp)
-                self.committed.append(s.target)
-            for folder in {s.target.parent for s in self._staged}:
+                    raise LpError(f"cannot write {st.target}: {_why(exc)}") from None
+                self._temps.discard(st.tmp)
+                self._published.append((st.target, backup))
+                self.committed.append(st.target)
+            for folder in {st.target.parent for st in staged}:
                 _fsync_dir(folder)
-            self._staged = []
         finally:
-            _unblock_signals(blocked)
+            unblock_signals(blocked)
+        return list(self.committed)
+
+    def _backup(self, target: Path) -> Path | None:
+        """A hard link to ``target``'s current content (None when there is none)."""
+        if not target.exists():
+            return None
+        for _ in range(100):
+            backup = target.with_name(f".{target.name}.{secrets.token_hex(4)}.bak")
+            try:
+                os.link(target, backup)
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links here: copy
+                shutil.copy2(target, backup)
+            self._temps.add(backup)
+            return backup
+        raise LpError(f"cannot back up {target}")
+
+    def commit(self) -> list[Path]:
+        """Publish what is staged and drop the backups: the run's outputs are final."""
+        self.publish()
+        for _, backup in self._published:
+            if backup is not None:
+                self._discard(backup)
+        self._published = []
         return list(self.committed)
 
     def abort(self) -> None:
-        """Remove every temp file (staged or not) and every folder this session created empty."""
+        """Undo published outputs (restore what they replaced), remove every temp file and every
+        folder this session created that is still empty."""
+        blocked = block_signals()
+        try:
+            for target, backup in reversed(self._published):
+                with contextlib.suppress(OSError):
+                    if backup is not None:
+                        os.replace(backup, target)
+                        self._temps.discard(backup)
+                    else:
+                        target.unlink()
+            self._published = []
+            self.committed = []
+        finally:
+            unblock_signals(blocked)
         for tmp in list(self._temps):
             self._discard(tmp)
         self._staged = []
@@ -568,7 +612,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
             yield tmp_path
             session._stage(tmp_path, resolved)
             if not session.defer:
-                session.commit()
+                session.publish()
         except BaseException as exc:
             session._discard(tmp_path)
             if isinstance(exc, OSError):
@@ -587,11 +631,11 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         _fsync_file(tmp_path)
         os.chmod(tmp_path, _default_mode(resolved))
-        blocked = _block_signals()
+        blocked = block_signals()
         try:
             os.replace(tmp_path, resolved)
         finally:
-            _unblock_signals(blocked)
+            unblock_signals(blocked)
         _fsync_dir(resolved.parent)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -601,7 +645,8 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def _block_signals() -> bool:
+def block_signals() -> bool:
+    """Hold SIGINT/SIGTERM back (they stay pending); returns whether they were blocked."""
     if os.name != "posix":  # pragma: no cover
         return False
     try:
@@ -611,7 +656,7 @@ def _block_signals() -> bool:
     return True
 
 
-def _unblock_signals(blocked: bool) -> None:
+def unblock_signals(blocked: bool) -> None:
     if blocked:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
