@@ -304,6 +304,15 @@ def test_lstm_weights_are_kept_with_a_reason(caplog: pytest.LogCaptureFixture) -
     assert "recurrent weights not yet supported" in cov.outcome()
     assert "recurrent weights not yet supported" in caplog.text
     assert not cov.nothing_to_do
+    # the interpreter runs the LSTM, so the other weights get Hutchinson sensitivities
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.analysis.sensitivity import analyze_hessian
+    from lpcompile.frontend.calib import CalibrationSet
+
+    calib = CalibrationSet({"x": rng.standard_normal((4, 5, 1, 4)).astype(np.float32)}, source="test")
+    cfg = AnalysisConfig(formats=("int8",), probes=2, batch_size=2, activations=False)
+    table = analyze_hessian(model, calib, cfg)
+    assert [n.op_type for n in table.nodes] == ["MatMul"] and table.nodes[0].trace > 0
 
 
 def test_already_quantized_model_says_nothing_to_do() -> None:
@@ -372,7 +381,8 @@ def test_infeasible_budget_fails_from_shapes() -> None:
     del t0  # timing is never asserted; the function only reads shapes
 
 
-def test_matmul_nbits_counts_fp32_scales() -> None:
+def test_matmul_nbits_counts_fp32_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lpcompile.passes.targets.NBITS_MIN_ELEMENTS", 0)  # MatMulNBits even for small weights
     model = _mixed()
     w1 = next(n for n in find_weight_nodes(model) if n.weight == "W1")
     f = get_format("int4_b32")
@@ -391,3 +401,45 @@ def test_plan_bits_equal_file_bits(target: str, fmt: str) -> None:
     assert total == pytest.approx(plan_bits, rel=1e-12)
     ids = np.array([0, 5, 39, 2], dtype=np.int64)
     assert np.isfinite(run(out, ids=ids)[0]).all()
+
+
+RECURRENT = (
+    HEADER
+    + """ g (float[5,2,4] x) => (float[5,{dirs},2,6] y, float[{dirs},2,6] yh) {{
+  y, yh = {op} <hidden_size=6, direction="{direction}"{extra}> (x, W, R, B)
+}}"""
+)
+
+
+@pytest.mark.parametrize(
+    ("op", "direction", "extra"),
+    [
+        ("LSTM", "forward", ""),
+        ("LSTM", "bidirectional", ""),
+        ("GRU", "forward", ""),
+        ("GRU", "reverse", ", linear_before_reset=1"),
+        ("RNN", "bidirectional", ""),
+    ],
+)
+def test_recurrent_ops_are_interpreted_like_ort(op: str, direction: str, extra: str) -> None:
+    """The interpreter runs LSTM/GRU/RNN (so the other weights of such models get Hutchinson sensitivities).
+
+    Tolerance: fp32 with a different summation order and transcendental implementations, over 5
+    recurrent steps of |values| ≤ 1 (tanh/sigmoid outputs): 1e-5 absolute.
+    """
+    from lpcompile.analysis.interpreter import TorchGraph
+
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    dirs = 2 if direction == "bidirectional" else 1
+    rng = np.random.default_rng(10)
+    proto = parse(
+        RECURRENT.format(op=op, dirs=dirs, direction=direction, extra=extra),
+        W=(0.5 * rng.standard_normal((dirs, gates * 6, 4))).astype(np.float32),
+        R=(0.5 * rng.standard_normal((dirs, gates * 6, 6))).astype(np.float32),
+        B=(0.1 * rng.standard_normal((dirs, 2 * gates * 6))).astype(np.float32),
+    )
+    x = rng.standard_normal((5, 2, 4)).astype(np.float32)
+    ref = run(proto, x=x)
+    got = TorchGraph(proto, trainable=["W"]).forward({"x": x})
+    for name, r in zip(("y", "yh"), ref, strict=True):
+        np.testing.assert_allclose(got[name].detach().numpy(), r, rtol=0, atol=1e-5)

@@ -1388,3 +1388,112 @@ def _matmul_nbits(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     if bias is not None:
         y = y + bias
     return [y]
+
+
+# --------------------------------------------------------------------------------------------
+# recurrent ops (LSTM / GRU / RNN): default activations, full-length sequences
+# --------------------------------------------------------------------------------------------
+
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_RNN_DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+
+
+def _rnn_check(ctx: OpContext, inputs: Args, attrs: Attrs) -> None:
+    op = ctx.op_type
+    dirs = 2 if attrs.get("direction", "forward") == "bidirectional" else 1
+    acts = attrs.get("activations")
+    if acts is not None and [a.lower() for a in acts] != [a.lower() for a in _RNN_DEFAULT_ACTS[op] * dirs]:
+        raise OpEvalError(f"{op} {ctx.name!r}: only the default activations are implemented, got {acts}")
+    if attrs.get("clip") is not None:
+        raise OpEvalError(f"{op} {ctx.name!r}: clip is not implemented")
+    if attrs.get("input_forget", 0):
+        raise OpEvalError(f"{op} {ctx.name!r}: input_forget=1 is not implemented")
+    lens = _opt(inputs, 4)
+    if lens is not None:
+        x = inputs[0]
+        seq = x.shape[1] if attrs.get("layout", 0) else x.shape[0]
+        if bool((lens.to(torch.int64) != seq).any()):
+            raise OpEvalError(f"{op} {ctx.name!r}: sequence_lens shorter than the sequence are not implemented")
+
+
+def _rnn_cell(
+    op: str,
+    x_t: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor | None,
+    w: torch.Tensor,
+    r: torch.Tensor,
+    b: torch.Tensor | None,
+    p: torch.Tensor | None,
+    linear_before_reset: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n = w.shape[0] // _RNN_GATES[op]
+    wb, rb = (b[: w.shape[0]], b[w.shape[0] :]) if b is not None else (None, None)
+    xw = x_t @ w.T + (wb if wb is not None else 0)
+    if op == "LSTM":
+        g = xw + h @ r.T + (rb if rb is not None else 0)
+        i, o, f, cc = g.split(n, dim=-1)
+        if p is not None:
+            pi, po, pf = p.split(n)
+            i, f = i + pi * c, f + pf * c
+        i, f, cc = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(cc)
+        c = f * c + i * cc
+        if p is not None:
+            o = o + po * c
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if op == "GRU":
+        rz, rr, rh = r.split(n)
+        bz, br, bh = rb.split(n) if rb is not None else (0, 0, 0)
+        xz, xr, xh = xw.split(n, dim=-1)
+        z = torch.sigmoid(xz + h @ rz.T + bz)
+        rt = torch.sigmoid(xr + h @ rr.T + br)
+        hh = torch.tanh(xh + (rt * (h @ rh.T + bh) if linear_before_reset else (rt * h) @ rh.T + bh))
+        return (1 - z) * hh + z * h, None
+    return torch.tanh(xw + h @ r.T + (rb if rb is not None else 0)), None
+
+
+@_reg("LSTM", "GRU", "RNN")
+def _rnn(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
+    """ONNX LSTM / GRU / RNN with default activations over full-length sequences (differentiable)."""
+    _rnn_check(ctx, inputs, attrs)
+    op = ctx.op_type
+    x, w, r = inputs[0], inputs[1], inputs[2]
+    b = _opt(inputs, 3)
+    layout = int(attrs.get("layout", 0))
+    if layout:
+        x = x.transpose(0, 1)  # -> [seq, batch, in]
+    seq, batch = x.shape[0], x.shape[1]
+    hidden = int(attrs.get("hidden_size", r.shape[-1]))
+    direction = attrs.get("direction", "forward")
+    dirs = 2 if direction == "bidirectional" else 1
+    h0, c0 = _opt(inputs, 5), _opt(inputs, 6) if op == "LSTM" else None
+    p = _opt(inputs, 7) if op == "LSTM" else None
+    if layout and h0 is not None:
+        h0 = h0.transpose(0, 1)
+    if layout and c0 is not None:
+        c0 = c0.transpose(0, 1)
+    lbr = int(attrs.get("linear_before_reset", 0))
+    ys, hs, cs = [], [], []
+    for d in range(dirs):
+        reverse = direction == "reverse" or d == 1
+        h = h0[d] if h0 is not None else x.new_zeros(batch, hidden)
+        c = (c0[d] if c0 is not None else x.new_zeros(batch, hidden)) if op == "LSTM" else None
+        steps = range(seq - 1, -1, -1) if reverse else range(seq)
+        out: list[torch.Tensor] = [x.new_zeros(0)] * seq
+        for t in steps:
+            h, c = _rnn_cell(
+                op, x[t], h, c, w[d], r[d], b[d] if b is not None else None, p[d] if p is not None else None, lbr
+            )
+            out[t] = h
+        ys.append(torch.stack(out))  # [seq, batch, H]
+        hs.append(h)
+        cs.append(c)
+    y = torch.stack(ys, dim=1)  # [seq, dirs, batch, H]
+    y_h = torch.stack(hs)  # [dirs, batch, H]
+    if layout:
+        y, y_h = y.permute(2, 0, 1, 3), y_h.transpose(0, 1)
+    outs = [y, y_h]
+    if op == "LSTM":
+        y_c = torch.stack(cs)
+        outs.append(y_c.transpose(0, 1) if layout else y_c)
+    return outs
