@@ -520,12 +520,36 @@ def kron_loss(delta: np.ndarray, layout: WeightLayout, diag: np.ndarray, hessian
     return 0.5 * float(np.sum(np.maximum(g, 0.0) * quad))
 
 
+def candidate(
+    fmt: Format | str,
+    w: np.ndarray,
+    layout: WeightLayout,
+    method: str,
+    diag: np.ndarray,
+    hessian: np.ndarray | None = None,
+    config: RoundingConfig = DEFAULT_CONFIG,
+) -> tuple[QuantizedWeight, float]:
+    """One (format, rounding) candidate for the analyzer: the weight it would write and its predicted loss.
+
+    The loss is :func:`kron_loss` of the decoded weight's error (the diagonal prediction when
+    ``hessian`` is None), so the analyzer scores exactly what ``apply`` writes when it is handed the
+    same :class:`QuantizedWeight` (``QuantizeWeightsPass(weights=...)``) or the same method and Hessian.
+    """
+    from lpcompile.formats import dequantize
+
+    w = np.asarray(w, dtype=np.float32)
+    q = round_weight(fmt, w, layout, method, hessian=hessian, config=config)
+    delta = dequantize(q).reshape(w.shape).astype(np.float64) - w
+    return q, kron_loss(delta, layout, diag, hessian)
+
+
 __all__ = [
     "DEFAULT_CONFIG",
     "HESSIAN_METHODS",
     "METHODS",
     "Method",
     "RoundingConfig",
+    "candidate",
     "kron_loss",
     "parse_method",
     "reduction_size",
