@@ -23,10 +23,11 @@ from lpcompile.budget import Budget, parse_budget
 from lpcompile.errors import BudgetError, FormatError
 from lpcompile.formats import Format, get_format
 from lpcompile.graph import WeightNode, find_weight_nodes
+from lpcompile.passes import targets as _targets
 
 logger = logging.getLogger(__name__)
 
-_SCALE_BITS = {None: 0, "float32": 32, "float16": 16}
+_DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 
 
 def uses_matmul_nbits(fmt: Format, node: WeightNode, target: str) -> bool:
@@ -43,12 +44,18 @@ def uses_matmul_nbits(fmt: Format, node: WeightNode, target: str) -> bool:
         and node.layout.reduction_axis == 0
         and bs >= 16
         and (bs & (bs - 1)) == 0
+        and math.prod(node.shape) >= _targets.NBITS_MIN_ELEMENTS  # smaller ones: decoded once (passes/targets.py)
     )
 
 
 def stored_bits(fmt: Format | str, node: WeightNode, target: str = "qdq") -> float:
-    """Bits per weight of ``node`` in ``fmt`` as ``target`` writes it (codes + scales)."""
+    """Bits per weight of ``node`` in ``fmt`` as ``target`` writes it (codes + scales).
+
+    ``fp32`` means "kept as it is": 16 bits for an fp16/bf16 initializer.
+    """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    if fmt.is_identity:  # kept as it is: a 16-bit initializer stays 16 bits
+        return float(_DTYPE_BITS.get(node.dtype, 32))
     if not uses_matmul_nbits(fmt, node, target):
         return fmt.bits_for(node.shape, node.layout)
     k, n = node.shape

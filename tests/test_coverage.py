@@ -227,6 +227,13 @@ def test_fp16_weights_are_quantized_from_their_own_values() -> None:
     assert np.array_equal(run(out, x=x)[0], ref)
 
 
+def test_fp16_weight_kept_as_is_costs_16_bits() -> None:
+    model = _prepare(parse(FP16, w=np.ones((64, 16), np.float16)))
+    (node,) = find_weight_nodes(model)
+    assert stored_bits("fp32", node) == 16.0
+    assert stored_bits("int4_b32", node) == pytest.approx(4 + 16 / 32)
+
+
 def test_fp16_weights_are_analysed_in_fp32() -> None:
     from lpcompile.analysis.interpreter import TorchGraph
 
@@ -390,7 +397,7 @@ def test_matmul_nbits_counts_fp32_scales(monkeypatch: pytest.MonkeyPatch) -> Non
     assert stored_bits(f, w1, "ort") == pytest.approx(4 + 32 / 32)
 
 
-@pytest.mark.parametrize("target", ["qdq", "ort"])
+@pytest.mark.parametrize("target", ["qdq", "ort", "tvm"])
 @pytest.mark.parametrize("fmt", ["int4_b32", "int8"])
 def test_plan_bits_equal_file_bits(target: str, fmt: str) -> None:
     model = _mixed()
@@ -443,3 +450,20 @@ def test_recurrent_ops_are_interpreted_like_ort(op: str, direction: str, extra: 
     got = TorchGraph(proto, trainable=["W"]).forward({"x": x})
     for name, r in zip(("y", "yh"), ref, strict=True):
         np.testing.assert_allclose(got[name].detach().numpy(), r, rtol=0, atol=1e-5)
+
+
+def test_gather_block_quantized_with_a_partial_last_block() -> None:
+    """D = 100 is not a multiple of 32: GatherBlockQuantized decodes the partial block like the reference.
+
+    Tolerance: GatherBlockQuantized computes code·scale and rounds it to its fp16 output once, as the
+    reference does; the Cast to fp32 is exact, so the rows are equal.
+    """
+    text = HEADER + " g (int64[4] ids) => (float[4,100] y) { y = Gather (E, ids) }"
+    table = np.random.default_rng(11).standard_normal((10, 100)).astype(np.float32)
+    model = _prepare(parse(text, E=table))
+    plan_bits = _plan_bits(model, "int4_b32", "ort")
+    out, _ = apply_plan(model, uniform_plan(model, "int4_b32"), target="ort")
+    assert [n.op_type for n in out.graph] == ["GatherBlockQuantized", "Cast"]
+    assert _file_bits(out) == (pytest.approx(plan_bits), table.size)
+    ids = np.array([0, 3, 9, 1], dtype=np.int64)
+    assert np.array_equal(run(out, ids=ids)[0], qdq_weight("int4_b32", table, GATHER_LAYOUT)[ids])
