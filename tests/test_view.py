@@ -235,7 +235,20 @@ def test_model_explorer_serves_model_and_overlays(model_copy: Path) -> None:
         checks["foreign_host"] = client.get(
             api + quote(str(overlays[0])), headers={"Host": f"attacker.example:{proc.port}"}
         )
-        cmd = {"extensionId": "onnx_adapter", "cmdId": "convert", "modelPath": str(secret), "settings": {}}
+        status, body = client.get(f"http://{LOOPBACK}:{proc.port}/api/v1/get_extensions")
+        ext = next(e["id"] for e in json.loads(body) if "onnx" in e["id"].lower())
+        model_cmd = {
+            "extensionId": ext,
+            "cmdId": "convert",
+            "modelPath": str(model_copy),
+            "settings": {},
+            "deleteAfterConversion": False,
+        }
+        status, body = client.get(
+            f"http://{LOOPBACK}:{proc.port}/api/v1/send_command?json=" + quote(json.dumps(model_cmd))
+        )
+        checks["convert"] = (status, body[:300])  # the served model still converts
+        cmd = {"extensionId": ext, "cmdId": "convert", "modelPath": str(secret), "settings": {}}
         checks["command"] = client.get(
             f"http://{LOOPBACK}:{proc.port}/api/v1/send_command?json=" + quote(json.dumps(cmd))
         )
@@ -251,6 +264,7 @@ def test_model_explorer_serves_model_and_overlays(model_copy: Path) -> None:
     assert serve(proc, timeout=0.5, on_ready=ready) == "timeout"
     assert checks["page"] is True
     assert checks["overlay"] == "#b07aa1"
+    assert checks["convert"][0] == 200 and b"graphs" in checks["convert"][1], checks["convert"]
     for case in ("secret", "passwd", "traversal", "no_token", "foreign_host", "command", "delete", "upload"):
         status, body = checks[case]  # type: ignore[misc]
         assert status in (403, 404), (case, status, body[:200])
