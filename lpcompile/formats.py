@@ -250,9 +250,37 @@ def format_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+#: separates a format from a weight-rounding method in a candidate name (``int4_b128:gptq``)
+ROUNDING_SEP = ":"
+#: weight-rounding methods (:mod:`lpcompile.rounding`); ``nearest`` is the default and never written
+ROUNDING_METHODS = ("nearest", "stochastic", "rtn", "mse", "gptq")
+
+
+def split_candidate(name: str) -> tuple[str, str | None]:
+    """``"int4_b128:gptq"`` → ``("int4_b128", "gptq")``; no suffix (or ``:nearest``) → ``(name, None)``.
+
+    A candidate is a (format, rounding) pair: the solver treats each name as its own choice (same
+    bits, the loss of the weights that rounding writes); the plan keeps the suffixed name and the
+    weight pass rounds with the suffix's method. The format part is not canonicalised here.
+    """
+    base, sep, method = name.strip().partition(ROUNDING_SEP)
+    if not sep:
+        return base, None
+    method = method.strip().lower()
+    if method not in ROUNDING_METHODS:
+        raise FormatError(f"unknown rounding {method!r} in {name!r}; known: {', '.join(ROUNDING_METHODS)}")
+    return base, (None if method == "nearest" else method)
+
+
 def canonical_name(name: str) -> str:
-    """Resolve aliases (``int4`` → ``int4_b128``); raise ``FormatError`` on unknown names."""
-    key = name.strip().lower()
+    """Resolve aliases (``int4`` → ``int4_b128``); raise ``FormatError`` on unknown names.
+
+    A rounding suffix is kept (``int4:gptq`` → ``int4_b128:gptq``; ``:nearest`` is dropped).
+    """
+    base, method = split_candidate(name)
+    if method is not None:
+        return f"{canonical_name(base)}{ROUNDING_SEP}{method}"
+    key = base.strip().lower()
     key = ALIASES.get(key, key)
     if key not in _REGISTRY:
         try:
@@ -266,8 +294,9 @@ def canonical_name(name: str) -> str:
 
 
 def get_format(name: str) -> Format:
-    """Look a format up by name, alias or grammar name (:mod:`lpcompile.format_grammar`)."""
-    key = canonical_name(name)
+    """Look a format up by name, alias or grammar name (:mod:`lpcompile.format_grammar`); a rounding
+    suffix (``int4_b128:gptq``) is accepted and does not change the format."""
+    key = canonical_name(split_candidate(name)[0])
     return _REGISTRY[key] if key in _REGISTRY else _grammar_format(key)
 
 

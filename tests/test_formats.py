@@ -410,3 +410,17 @@ def test_grammar_conv_layout_and_shapes(name: str) -> None:
     assert dq.shape == w.shape and np.all(np.isfinite(dq))
     assert np.corrcoef(dq.ravel(), w.ravel())[0, 1] > 0.75  # 2-bit grids are coarse, yet correlated
     assert f.num_scales(w.shape, CONV_LAYOUT) == int(np.prod(q.scale.shape))
+
+
+def test_rounding_suffix_makes_a_candidate() -> None:
+    from lpcompile.formats import split_candidate
+
+    assert canonical_name("int4:GPTQ") == "int4_b128:gptq"
+    assert canonical_name("mxfp4:mse") == "e2m1_b32_se8m0:mse"
+    assert canonical_name("int8:nearest") == "int8"
+    assert get_format("int4_b64:gptq") is get_format("int4_b64")
+    assert split_candidate("int4_b64:rtn") == ("int4_b64", "rtn")
+    assert split_candidate("int4_b64") == ("int4_b64", None)
+    assert parse_format_list("int4_b128:gptq,int4_b128,int8:mse") == ("int4_b128:gptq", "int4_b128", "int8:mse")
+    with pytest.raises(FormatError, match="unknown rounding"):
+        canonical_name("int4:fancy")

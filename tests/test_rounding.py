@@ -378,3 +378,38 @@ def test_grammar_families_fall_back_to_reference(fmt: str) -> None:
     for m in METHODS:
         q = round_weight(fmt, w, MATMUL_LAYOUT, m, hessian=h)
         np.testing.assert_array_equal(dequantize(q), dequantize(quantize_weight(fmt, w, MATMUL_LAYOUT)))
+
+
+def test_plan_suffix_selects_the_rounding() -> None:
+    """A plan node whose format carries ``:gptq`` is written with GPTQ (and the pass's Hessians)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pass_helpers import session
+
+    from lpcompile.analysis.input_hessians import collect_input_hessians
+    from lpcompile.frontend.calib import CalibrationSet
+    from lpcompile.graph import find_weight_nodes
+    from lpcompile.passes.quantize_weights import QuantizeWeightsPass
+    from lpcompile.plan import NodeAssignment, PrecisionPlan
+
+    model, x, mask, w1, w2 = _two_layers()
+    hs = collect_input_hessians(model, CalibrationSet({"x": x, "attention_mask": mask}, source="test"))
+    nodes = find_weight_nodes(model)
+    fmts = ("int4_b32:gptq", "int8")
+    plan = PrecisionPlan(
+        nodes=tuple(
+            NodeAssignment(n.name, n.op_type, n.weight, n.params, f, get_format(f).bits_for(n.shape, n.layout))
+            for n, f in zip(nodes, fmts, strict=True)
+        )
+    )
+    out = QuantizeWeightsPass(plan, hessians=hs)(model).model
+    expect = {
+        "W1": round_weight("int4_b32", w1, nodes[0].layout, "gptq", hessian=hs[nodes[0].activation]),
+        "W2": quantize_weight("int8", w2, nodes[1].layout),
+    }
+    model2, *_ = _two_layers()
+    ref = QuantizeWeightsPass(plan.with_nodes(plan.nodes), weights=expect)(model2).model
+    feeds = {"x": x, "attention_mask": mask}
+    np.testing.assert_array_equal(session(out).run(None, feeds)[0], session(ref).run(None, feeds)[0])
