@@ -1,17 +1,27 @@
-"""lpcompile's CUDA kernels and lowered models on a real GPU (skipped without one).
+"""lpcompile's CUDA kernels and lowered models on a real GPU (skipped without one), and a CPU
+rehearsal of ``benchmarks/kernels.py`` (the Python part of ``benchmarks/gpu_check.sh``).
 
 Tolerances as in ``test_tvm_kernels.py``: codecs bit-exact; GEMMs within ``(K + 3)·u·Σ|a·w|`` of a
 float64 reference of the same stored values (tensor-core MMAs accumulate in fp32; the int4 GEMV
 multiplies exact codes and applies each block scale once per 8-element word, so its reference
 weights are ``code·scale`` without the fp16 rounding of DequantizeLinear — that rounding, at
 most 2⁻¹¹ relative per weight, is added to the bound when comparing with the ONNX semantics).
-Lowered models: same bound as the llvm lowering tests.
+Softmax: the per-element bounds of ``test_tvm_softmax.py``. Lowered models: same bound as the llvm
+lowering tests (``L·(K + 3)·u·max|ref|``).
+
+The ``gpu`` tests skip cleanly where TVM, its compiler or a CUDA device is missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -22,15 +32,29 @@ tvm = pytest.importorskip("tvm")
 from lpcompile.formats import MATMUL_LAYOUT, dequantize, get_format, quantize_weight, round_to_float  # noqa: E402
 from lpcompile.runtime.tvm.kernels import fp8_matmul, half_matmul, int4_matmul  # noqa: E402
 from lpcompile.runtime.tvm.kernels.common import cuda_target, fp8_table  # noqa: E402
+from lpcompile.twopass import softmax_f64, ulp  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.tvm]
-
-if not tvm.cuda(0).exist:
-    pytest.skip("no CUDA device", allow_module_level=True)
-
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "models"
 U = 2.0**-24
+F = TypeVar("F", bound=Callable[..., Any])
+HAS_COMPILER = not getattr(getattr(tvm, "base", None), "_RUNTIME_ONLY", False)
+HAS_CUDA = bool(tvm.cuda(0).exist)
 DEV = tvm.cuda(0)
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+
+needs_gpu = [
+    pytest.mark.gpu,
+    pytest.mark.tvm,
+    pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"),
+    pytest.mark.skipif(not HAS_COMPILER, reason="TVM runtime only (no compiler)"),
+]
+
+
+def gpu(f: F) -> F:
+    """Mark a test ``gpu`` + ``tvm`` and skip it without a CUDA device or TVM's compiler."""
+    for mark in reversed(needs_gpu):
+        f = mark(f)
+    return f
 
 
 def _arch() -> str:
@@ -57,6 +81,7 @@ def _fp8_ok() -> bool:
     return major * 10 + minor >= 89
 
 
+@gpu
 @pytest.mark.parametrize("element", ["float8_e4m3fn", "float8_e5m2"])
 @pytest.mark.parametrize("m", [1, 100])
 def test_fp8_quantize_and_gemm(element: str, m: int) -> None:
@@ -87,6 +112,7 @@ def test_fp8_quantize_and_gemm(element: str, m: int) -> None:
     _within(y.numpy(), (a64 @ w64.T) * s, (np.abs(a64) @ np.abs(w64).T) * s, k)
 
 
+@gpu
 @pytest.mark.parametrize("element", ["bfloat16", "float16"])
 def test_half_round_and_gemm(element: str) -> None:
     rng = np.random.default_rng(7)
@@ -110,6 +136,7 @@ def test_half_round_and_gemm(element: str) -> None:
     _within(y.numpy(), a64 @ w64.T, np.abs(a64) @ np.abs(w64).T, k)
 
 
+@gpu
 @pytest.mark.parametrize("rows", [1, 4, None])
 @pytest.mark.parametrize("act", ["float32", "float16"])
 def test_int4_gemv_and_gemm(rows: int | None, act: str) -> None:
@@ -130,6 +157,7 @@ def test_int4_gemv_and_gemm(rows: int | None, act: str) -> None:
     _within(y.numpy(), x64 @ w_dq, np.abs(x64) @ np.abs(w_dq), k, extra)
 
 
+@gpu
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4", "bf16"])
 def test_lowered_digits_mlp_on_gpu_matches_ort(tmp_path: Path, fmt: str) -> None:
     if fmt.startswith("fp8") and not _fp8_ok():
@@ -146,7 +174,78 @@ def test_lowered_digits_mlp_on_gpu_matches_ort(tmp_path: Path, fmt: str) -> None
     assert np.max(np.abs(got - ref)) <= 4 * 515 * U * np.max(np.abs(ref))
 
 
+@gpu
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4", "bf16"])
+def test_lowered_digits_cnn_on_gpu_matches_ort(tmp_path: Path, fmt: str) -> None:
+    from lpcompile.runtime.tvm.build import load_compiled, lower_model, reference_outputs
+    from lpcompile.workflow import apply_to_file
+
+    model = tmp_path / "cnn.lp.onnx"
+    apply_to_file(EXAMPLES / "digits_cnn.onnx", model, uniform=fmt, calib_path=EXAMPLES / "digits_calib.npz")
+    lib = lower_model(model, tmp_path / "cnn.cuda.so", target="cuda", arch=_arch()).output
+    inputs = {"pixels": np.load(EXAMPLES / "digits_calib.npz")["pixels"][:32].astype(np.float32)}
+    got = load_compiled(lib).run(inputs)["logits"]
+    ref = reference_outputs(model, inputs)["logits"]
+    assert np.max(np.abs(got - ref)) <= 3 * (288 + 3) * U * np.max(np.abs(ref))
+
+
+def _softmax_tol(x: np.ndarray, ref: np.ndarray, dtype: str, three_pass: bool) -> np.ndarray:
+    """``0.5·ulp_s(ref) + (6 + log2 N)·ulp_f32(ref) + 2^-126`` (+ ``0.5·ulp_f32(x − max)·ref`` for
+    the three-pass kernel), as ``test_tvm_softmax.py``."""
+    storage = 0.0 if dtype == "float32" else 0.5 * ulp(dtype, ref)
+    tol = storage + (6 + math.log2(max(x.shape[-1], 2))) * ulp("float32", ref) + 2.0**-126
+    if three_pass:
+        d = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+        tol = tol + 0.5 * ulp("float32", d) * ref
+    return tol
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["two-pass", "three-pass"])
+@pytest.mark.parametrize(
+    ("rows", "cols", "dtype"), [(4, 1000, "float32"), (3, 70_000, "float32"), (2, 5000, "bfloat16")]
+)
+def test_softmax_on_gpu(kind: str, rows: int, cols: int, dtype: str) -> None:
+    from lpcompile.runtime.tvm.softmax import build_softmax
+
+    rng = np.random.default_rng(cols)
+    np_t = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    x = (rng.standard_normal((rows, cols)) * 4).astype(np.float32).astype(np_t)
+    y = build_softmax(kind, rows, cols, dtype, target=cuda_target(_arch()))(x).astype(np.float64)
+    ref = softmax_f64(x.astype(np.float64))
+    assert np.isfinite(y).all()
+    assert (np.abs(y - ref) <= _softmax_tol(x.astype(np.float32), ref, dtype, kind == "three-pass")).all()
+
+
 def test_fp8_table_decodes_like_ml_dtypes() -> None:
     """Sanity for the decode table the LLVM kernels and Q/DQ kernels share."""
     t = fp8_table("float8_e4m3fn")
     assert t[0x7E] == 448.0 and np.isnan(t[0x7F]) and t[0x01] == 2.0**-9
+
+
+@pytest.mark.tvm
+@pytest.mark.skipif(not HAS_COMPILER, reason="TVM runtime only (no compiler)")
+def test_kernels_benchmark_cpu_rehearsal(tmp_path: Path) -> None:
+    """``benchmarks/kernels.py rehearse``: the CUDA bundle (small shapes) builds, every reference is
+    computed, the device steps say SKIPPED, the CPU shadow (the device code path on LLVM builds)
+    passes every check and times every benchmark row beside its baseline, and JSON + Markdown are
+    written. (nvcc on the same CUDA C is left to
+    ``test_tvm_cuda_codegen.py`` and ``gpu_check.sh --dry-run``, to keep this test short.)"""
+    script = str(ROOT / "benchmarks" / "kernels.py")
+    cmd = [sys.executable, script, "rehearse", "--out", str(tmp_path), "--no-cnn", "--no-nvcc"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert result["gpu"] is False
+    families = {r["family"] for r in result["kernels"]}
+    assert {"int4_gemv", "fp8_gemm", "bf16_gemm", "softmax2", "softmax3", "fp8_quantize", "bf16_round"} <= families
+    for row in result["kernels"]:
+        assert row["device_check"] == "SKIPPED (no GPU)" and "error" not in row, row
+        assert row["tolerance"]
+    shadow = result["cpu_shadow"]  # the device code path on LLVM builds (checks, rotation, timing, baselines)
+    assert len(shadow["kernels"]) >= 10 and all(r["device_check"] == "ok" for r in shadow["kernels"]), shadow
+    timed = [r for r in shadow["kernels"] if r["timed"]]
+    assert timed and all(r["lpcompile_ms"] > 0 and r["baseline_ms"] > 0 for r in timed), timed
+    assert (tmp_path / "bundle" / "kernels.so").is_file() and (tmp_path / "bundle" / "kernels.cu").is_file()
+    table = (tmp_path / "kernels.md").read_text()
+    assert "| int4 GEMV 1×512×256 | SKIPPED (no GPU) | torch fp16 F.linear |" in table
