@@ -56,12 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lpcompile {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"lpcompile.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"lpcompile.commands.{module}":
-                continue  # command not built yet
-            raise
+        mod = importlib.import_module(f"lpcompile.commands.{module}")
         p = mod.register(sub)
         _common(p)
         p.set_defaults(_run=mod.run)

@@ -2,7 +2,7 @@
 
 The module is exported (``torch.export`` → ``torch.onnx.export(dynamo=True)``, normalised so
 Linear/Gemm become MatMul; :mod:`lpcompile.frontend.torch_export`), analysed, solved and rewritten
-exactly like an ONNX file (:mod:`lpcompile.compiler`), and the result carries the rewritten ONNX
+exactly like an ONNX file (:mod:`lpcompile.api`), and the result carries the rewritten ONNX
 model, its plan, and hooks to save it, report on it and lower it to MLIR.
 
 Analysis on the module (``analysis="module"``, the default) runs the one sensitivity driver with the
@@ -207,7 +207,7 @@ def compile(
             fixed,
         )
         cfg = replace(cfg, batch_size=fixed)
-    data = _calibration(calib, exported, examples, cfg)
+    data = calibration_set(calib, exported, examples, cfg)
     t1 = time.perf_counter()
 
     used = analysis
@@ -265,7 +265,7 @@ def _example_arrays(module: Any, example_inputs: Any, exported: ExportedModule) 
     }
 
 
-def _calibration(
+def calibration_set(
     calib: Any, exported: ExportedModule, examples: Mapping[str, np.ndarray], config: AnalysisConfig
 ) -> CalibrationSet:
     """Calibration data in any accepted form, checked against the export's inputs."""

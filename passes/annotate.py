@@ -117,7 +117,8 @@ class AnnotatePass(ir.passes.InPlacePass):
                 node.doc_string = doc
                 modified = True
         modified |= _update_serves(graph, {a.name: a for a in self.plan.nodes}, by_name)
-        modified |= _set_props(model.metadata_props, model_metadata(self.plan), clear=("lpcompile.budget", "lpcompile.plan"))
+        stale = ("lpcompile.budget", "lpcompile.plan")  # no budget now; the verbatim plan of older versions
+        modified |= _set_props(model.metadata_props, model_metadata(self.plan), clear=stale)
         return ir.passes.PassResult(model, modified)
 
 

@@ -66,7 +66,7 @@ def render_report(plan: PrecisionPlan, table: Any = None) -> str:
     """The report as an HTML string (see the module docstring)."""
     if not plan.nodes:
         raise PlanError("the plan has no nodes: nothing to report")
-    ctx = _Context(plan, table)
+    ctx = ReportContext(plan, table)
     title = f"lpcompile report — {Path(plan.model).name if plan.model else 'model'}"
     body = "\n".join(
         [
@@ -83,7 +83,7 @@ def render_report(plan: PrecisionPlan, table: Any = None) -> str:
 
 
 # -- data ---------------------------------------------------------------------------------------
-class _Context:
+class ReportContext:
     """The plan joined with the table: per-node candidates, traces, validation."""
 
     def __init__(self, plan: PrecisionPlan, table: Any) -> None:
@@ -163,7 +163,7 @@ def _analysis_info(plan: PrecisionPlan, table: Any) -> Mapping[str, Any]:
     return {}
 
 
-def sweep_points(ctx: _Context) -> tuple[list[SweepPoint], str]:
+def sweep_points(ctx: ReportContext) -> tuple[list[SweepPoint], str]:
     """Solve budgets across :data:`SWEEP_BITS` (clipped to the reachable range); a note says the source."""
     from lpcompile.budget import Budget
     from lpcompile.solver import pareto_front, sweep
@@ -205,7 +205,7 @@ def sweep_points(ctx: _Context) -> tuple[list[SweepPoint], str]:
 
 
 # -- sections -----------------------------------------------------------------------------------
-def _summary(ctx: _Context) -> str:
+def _summary(ctx: ReportContext) -> str:
     plan = ctx.plan
     budget = plan.budget or (f"{plan.budget_bits:g} bits" if plan.budget_bits is not None else "none")
     cards = [
@@ -247,7 +247,7 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _nodes_table(ctx: _Context) -> str:
+def _nodes_table(ctx: ReportContext) -> str:
     rows = []
     has_module = any(n.module_path for n in ctx.plan.nodes)
     has_trace = any(ctx.trace(n.name) is not None for n in ctx.plan.nodes)
@@ -318,7 +318,7 @@ def plot_labels(plan: PrecisionPlan) -> list[str]:
     return labels
 
 
-def _bits_section(ctx: _Context) -> str:
+def _bits_section(ctx: ReportContext) -> str:
     p = ctx.plan
     svg = plots.bits_along_graph(
         plot_labels(p), [n.format for n in p.nodes], [n.bits for n in p.nodes], p.budget_bits, p.achieved_bits
@@ -326,7 +326,7 @@ def _bits_section(ctx: _Context) -> str:
     return f'<section id="bits"><h2>Bits per layer along the graph</h2>{svg}</section>'
 
 
-def _heatmap_section(ctx: _Context) -> str:
+def _heatmap_section(ctx: ReportContext) -> str:
     names = [n.name for n in ctx.plan.nodes]
     if not any(c.predicted_loss is not None for cands in ctx.candidates.values() for c in cands.values()):
         return _missing(
@@ -342,7 +342,7 @@ def _heatmap_section(ctx: _Context) -> str:
     return f'<section id="heatmap"><h2>Predicted loss per (node, format)</h2>{svg}</section>'
 
 
-def _validation_section(ctx: _Context) -> str:
+def _validation_section(ctx: ReportContext) -> str:
     pairs = ctx.measured_pairs()
     if not pairs:
         return _missing(
@@ -362,7 +362,7 @@ def _validation_section(ctx: _Context) -> str:
     )
 
 
-def _pareto_section(ctx: _Context) -> str:
+def _pareto_section(ctx: ReportContext) -> str:
     pts, note = sweep_points(ctx)
     if not pts:
         return _missing("pareto", "Pareto curve of a budget sweep", note)
@@ -387,7 +387,7 @@ def _pareto_section(ctx: _Context) -> str:
     )
 
 
-def _mix_section(ctx: _Context) -> str:
+def _mix_section(ctx: ReportContext) -> str:
     from lpcompile.formats import get_format
 
     mix: dict[str, int] = {}
