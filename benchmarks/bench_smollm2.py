@@ -135,7 +135,7 @@ def validate_truncated(layers: int, workdir: Path = ARTIFACTS) -> dict[str, obje
     """``lpcompile analyze --validate`` on the first ``layers`` decoder layers (+ lm_head), 4×64 tokens:
     the full 211-node model would take hours of single-node ORT runs on 2 cores."""
     from lpcompile.analysis.config import AnalysisConfig
-    from lpcompile.compiler import analyze_file
+    from lpcompile.files import analyze_file
     from lpcompile.frontend.zoo import smollm2_onnx
 
     d = workdir / f"smollm2_l{layers}"

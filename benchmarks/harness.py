@@ -231,13 +231,13 @@ def prepare(task: Task, workdir: Path = ARTIFACTS) -> Context:
     """Normalised copy of the model (what every peer quantizes) and the weight inventory."""
     import onnx_ir as ir
 
+    from lpcompile.files import load_normalized
     from lpcompile.graph import find_weight_nodes
-    from lpcompile.workflow import normalized_model
 
     d = Path(workdir) / task.name
     d.mkdir(parents=True, exist_ok=True)
     norm = d / "normalized.onnx"
-    model = normalized_model(task.model)
+    model = load_normalized(task.model)
     nodes = find_weight_nodes(model)
     if not norm.exists() or norm.stat().st_mtime < Path(task.model).stat().st_mtime:
         proto = _lower_ir(ir.to_proto(model))
@@ -280,7 +280,7 @@ def validate_subset(ctx: Context, samples: int, formats: Sequence[str] = VALIDAT
     (smaller) analysis, and reports Spearman ρ(predicted, measured) over every (node, format) pair.
     """
     from lpcompile.analysis.config import AnalysisConfig
-    from lpcompile.compiler import analyze_file
+    from lpcompile.files import analyze_file
 
     out = ctx.dir / f"validation_{samples}.json"
     if out.exists():
@@ -306,7 +306,7 @@ def analyze(ctx: Context, *, validate: bool = False, force: bool = False) -> Any
     """The sensitivity table (cached in ``sens.json``), and the wall time of the analysis."""
     from lpcompile.analysis.config import AnalysisConfig
     from lpcompile.analysis.table import SensitivityTable
-    from lpcompile.compiler import analyze_file
+    from lpcompile.files import analyze_file
 
     path = ctx.dir / "sens.json"
     meta = ctx.dir / "sens.meta.json"
@@ -332,13 +332,16 @@ def _ort_twin(out: Path) -> Path:
 
 
 def lpcompile_plan(ctx: Context, formats: Sequence[str], budget: float, out: Path) -> tuple[Path, dict[str, Any]]:
-    from lpcompile.compiler import plan_from_table
-    from lpcompile.workflow import apply_to_file
+    from lpcompile.api import decide
+    from lpcompile.config import ApplyConfig, DecideConfig
+    from lpcompile.files import apply_file
 
-    plan, _ = plan_from_table(ctx.table, f"{budget}bits", formats=formats)
-    res = apply_to_file(ctx.task.model, out, plan=plan, calib_path=ctx.task.calib, target=TARGET, force=True)
+    plan = decide(ctx.table, f"{budget}bits", DecideConfig(formats=tuple(formats), target=TARGET)).plan
+    res = apply_file(ctx.task.model, out, plan=plan, calib_path=ctx.task.calib, config=ApplyConfig(target=TARGET),
+                     force=True)
     twin = _ort_twin(out)
-    apply_to_file(ctx.task.model, twin, plan=plan, calib_path=ctx.task.calib, target="ort", force=True)
+    apply_file(ctx.task.model, twin, plan=plan, calib_path=ctx.task.calib, config=ApplyConfig(target="ort"),
+               force=True)
     mix: dict[str, float] = {}
     for n in res.plan.nodes:
         mix[n.format] = mix.get(n.format, 0.0) + n.params
@@ -351,11 +354,14 @@ def lpcompile_plan(ctx: Context, formats: Sequence[str], budget: float, out: Pat
 
 
 def lpcompile_uniform(ctx: Context, fmt: str, out: Path) -> tuple[Path, dict[str, Any]]:
-    from lpcompile.workflow import apply_to_file
+    from lpcompile.config import ApplyConfig
+    from lpcompile.files import apply_file
 
-    apply_to_file(ctx.task.model, out, uniform=fmt, calib_path=ctx.task.calib, target=TARGET, force=True)
+    apply_file(ctx.task.model, out, uniform=fmt, calib_path=ctx.task.calib, config=ApplyConfig(target=TARGET),
+               force=True)
     twin = _ort_twin(out)
-    apply_to_file(ctx.task.model, twin, uniform=fmt, calib_path=ctx.task.calib, target="ort", force=True)
+    apply_file(ctx.task.model, twin, uniform=fmt, calib_path=ctx.task.calib, config=ApplyConfig(target="ort"),
+               force=True)
     return out, {"latency_model": twin}
 
 

@@ -44,9 +44,9 @@ import resource, sys, time
 t0 = time.perf_counter()
 if sys.argv[1] == "--baseline":
     import torch  # noqa: F401  (the analysis imports it too)
-    from lpcompile.workflow import load_calib_for, normalized_model
+    from lpcompile.files import load_calib_for, load_normalized
     import lpcompile.analysis.sensitivity  # noqa: F401
-    model = normalized_model(sys.argv[2])
+    model = load_normalized(sys.argv[2])
     load_calib_for(model, sys.argv[3])
     rc = 0
 else:

@@ -25,13 +25,15 @@ import numpy as np
 
 from lpcompile.analysis.config import AnalysisConfig
 from lpcompile.analysis.losses import numpy_distortion, output_loss_kinds
+from lpcompile.api import analyze, decide, plan_from_solution
 from lpcompile.budget import parse_budget
-from lpcompile.compiler import analyze_model, items_from_table, plan_from_solution, plan_from_table
+from lpcompile.config import DecideConfig
+from lpcompile.files import apply_file, load_calib_for, load_normalized
 from lpcompile.frontend.calib import batches, load_calibration
 from lpcompile.metrics import compare_outputs
 from lpcompile.runtime.ort import make_session, run
 from lpcompile.solver import Choice, Item, solve
-from lpcompile.workflow import apply_to_file, load_calib_for, normalized_model
+from lpcompile.solver.items import items_from_table
 
 
 def _outputs(path: Path, held, batch: int) -> dict[str, np.ndarray]:
@@ -57,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    model = normalized_model(args.model)
+    model = load_normalized(args.model)
     calib = load_calib_for(model, args.calib)
     held = load_calibration(args.heldout)
     cfg = AnalysisConfig(
@@ -69,9 +71,9 @@ def main() -> None:
 
         table = SensitivityTable.load(args.sensitivity)
     else:
-        table = analyze_model(model, calib, cfg)
+        table = analyze(model, calib, cfg)
     t_analyze = time.perf_counter() - t0
-    plan, _ = plan_from_table(table, args.budget, formats=cfg.formats)
+    plan = decide(table, args.budget, DecideConfig(formats=cfg.formats)).plan
     ref = _outputs(Path(args.model), held, args.batch_size)
     kinds = output_loss_kinds(list(ref), [v.shape for v in ref.values()], "auto")
     rng = np.random.default_rng(args.seed)
@@ -80,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
 
         def score(name: str, p=None, uniform=None) -> dict:
-            out = apply_to_file(
+            out = apply_file(
                 args.model, Path(tmp) / f"{name}.onnx", plan=p, uniform=uniform, calib_path=args.calib, force=True
             )
             y = _outputs(out.output, held, args.batch_size)
@@ -112,7 +114,7 @@ def main() -> None:
             sol = solve(rand_items, parse_budget(args.budget))
             if abs(sol.achieved_bits - plan.achieved_bits) > args.window:
                 continue
-            rp = plan_from_solution(table, sol, args.budget)
+            rp = plan_from_solution(table, sol, args.budget, DecideConfig())
             randoms.append(score(f"random-{len(randoms)}", rp))
         rows.extend(randoms)
     beaten = sum(r["distortion"] > ours["distortion"] for r in randoms)

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lpcompile.analysis.config import AnalysisConfig
     from lpcompile.analysis.table import SensitivityTable
-    from lpcompile.compiler import compile_file
+    from lpcompile.files import compile_file
     from lpcompile.plan import PrecisionPlan
     from lpcompile.report.html import write_report
     from lpcompile.report.overlay import write_overlays

@@ -17,12 +17,16 @@ JSON schema (version 1)::
          "format": "int4_b128", "bits": 4.125,
          "predicted_loss": 0.001 | null,     # optional
          "module_path": "encoder.layer.0..." # optional (PyTorch entry)
-         "trace": 12.3,                      # optional: Hutchinson estimate of Tr(H) of the weight
-         "candidates": {"int8": {"bits": 8.08, "predicted_loss": 1e-5, "measured_loss": null}, ...}
+         "group": "weight:W"                 # optional: nodes of a group share one format (tied weights)
         }, ...
       ],
-      "metadata": {...}                      # free-form (tool version, seed, analysis info)
+      "metadata": {...}                      # free-form: solver status; how apply wrote it (target, rounding, seed)
     }
+
+The plan holds decisions only. The evidence behind them (every candidate's bits and predicted /
+measured loss, Hessian traces, how the analysis ran) stays in the sensitivity table
+(:mod:`lpcompile.analysis.table`); the report and the plan table join the two. Keys of older
+plans (``candidates``, ``trace``) are ignored when read.
 
 Unknown keys are kept in ``metadata`` round trips only; unknown node names or formats are an
 error when a plan is checked against a model (:func:`validate_against`).
@@ -49,15 +53,6 @@ SOFTMAX_MODES = ("auto", "two-pass", "keep")
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """One format considered for a node, with its cost and (when analysed) its predicted loss."""
-
-    bits: float
-    predicted_loss: float | None = None
-    measured_loss: float | None = None
-
-
-@dataclass(frozen=True)
 class NodeAssignment:
     """The precision chosen for one weighted node."""
 
@@ -69,19 +64,7 @@ class NodeAssignment:
     bits: float
     predicted_loss: float | None = None
     module_path: str | None = None
-    candidates: Mapping[str, Candidate] = field(default_factory=dict)
-    trace: float | None = None
-
-    def runner_up(self) -> tuple[str, Candidate] | None:
-        """The alternative that explains the choice: the next cheaper candidate (what saving more bits
-        would have cost in loss), or, for the cheapest choice, the next more expensive one."""
-        others = sorted(
-            ((f, c) for f, c in self.candidates.items() if f != self.format), key=lambda fc: (fc[1].bits, fc[0])
-        )
-        if not others:
-            return None
-        cheaper = [fc for fc in others if fc[1].bits < self.bits]
-        return cheaper[-1] if cheaper else others[0]
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,16 +80,28 @@ class PrecisionPlan:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
+    def _stored(self) -> list[NodeAssignment]:
+        """One node per stored weight: nodes that share a weight initializer count it once."""
+        seen: set[str] = set()
+        out = []
+        for n in self.nodes:
+            key = n.weight or f"node:{n.name}"
+            if key not in seen:
+                seen.add(key)
+                out.append(n)
+        return out
+
     @property
     def total_params(self) -> int:
-        return sum(n.params for n in self.nodes)
+        """Weights stored, each shared weight once."""
+        return sum(n.params for n in self._stored())
 
     @property
     def achieved_bits(self) -> float:
         total = self.total_params
         if total == 0:
             return 0.0
-        return sum(n.bits * n.params for n in self.nodes) / total
+        return sum(n.bits * n.params for n in self._stored()) / total
 
     @property
     def predicted_loss(self) -> float | None:
@@ -161,8 +156,11 @@ class PrecisionPlan:
         if not isinstance(raw_nodes, list):
             raise PlanError("plan has no 'nodes' list")
         nodes = tuple(_node_from_dict(i, n) for i, n in enumerate(raw_nodes))
-        names = [n.name for n in nodes]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        seen: set[str] = set()
+        dup_set: set[str] = set()
+        for n in nodes:
+            (dup_set if n.name in seen else seen).add(n.name)
+        dup = sorted(dup_set)
         if dup:
             raise PlanError(f"plan names node(s) more than once: {', '.join(dup[:5])}")
         softmax = data.get("softmax", "auto") or "auto"
@@ -172,8 +170,8 @@ class PrecisionPlan:
         if budget_bits is not None and not _is_number(budget_bits):
             raise PlanError("plan 'budget_bits' must be a number or null")
         scales = data.get("activation_scales") or {}
-        if not isinstance(scales, Mapping) or not all(_is_number(v) for v in scales.values()):
-            raise PlanError("plan 'activation_scales' must map tensor names to numbers")
+        if not isinstance(scales, Mapping) or not all(_is_number(v) and v >= 0 for v in scales.values()):
+            raise PlanError("plan 'activation_scales' must map tensor names to finite non-negative numbers")
         return cls(
             nodes=nodes,
             budget=data.get("budget"),
@@ -226,17 +224,8 @@ def _node_to_dict(n: NodeAssignment) -> dict[str, Any]:
         out["predicted_loss"] = _round(n.predicted_loss)
     if n.module_path:
         out["module_path"] = n.module_path
-    if n.trace is not None:
-        out["trace"] = _round(n.trace)
-    if n.candidates:
-        out["candidates"] = {
-            f: {
-                "bits": _round(c.bits),
-                "predicted_loss": _round(c.predicted_loss),
-                "measured_loss": _round(c.measured_loss),
-            }
-            for f, c in n.candidates.items()
-        }
+    if n.group:
+        out["group"] = n.group
     return out
 
 
@@ -250,19 +239,6 @@ def _node_from_dict(i: int, d: Any) -> NodeAssignment:
         fmt = canonical_name(d["format"])
     except FormatError as exc:
         raise PlanError(f"plan node {d['name']!r}: {exc}") from None
-    candidates: dict[str, Candidate] = {}
-    for f, c in (d.get("candidates") or {}).items():
-        try:
-            cf = canonical_name(f)
-        except FormatError as exc:
-            raise PlanError(f"plan node {d['name']!r} candidate: {exc}") from None
-        if not isinstance(c, Mapping) or not _is_number(c.get("bits")):
-            raise PlanError(f"plan node {d['name']!r} candidate {f!r} needs numeric 'bits'")
-        candidates[cf] = Candidate(
-            bits=float(c["bits"]),
-            predicted_loss=_opt_float(c.get("predicted_loss")),
-            measured_loss=_opt_float(c.get("measured_loss")),
-        )
     params = d.get("params", 0)
     if not isinstance(params, int) or params < 0:
         raise PlanError(f"plan node {d['name']!r}: 'params' must be a non-negative integer")
@@ -276,8 +252,7 @@ def _node_from_dict(i: int, d: Any) -> NodeAssignment:
         bits=float(bits) if _is_number(bits) else get_format(fmt).nominal_bits,
         predicted_loss=_opt_float(d.get("predicted_loss")),
         module_path=d.get("module_path"),
-        candidates=candidates,
-        trace=_opt_float(d.get("trace")),
+        group=d.get("group") if isinstance(d.get("group"), str) else None,
     )
 
 

@@ -5,12 +5,12 @@ Per planned node (``metadata_props``; numbers with 6 significant digits, ``f"{x:
 * ``lpcompile.format`` – the format name; ``lpcompile.bits`` – the plan's bits (exact repr);
   ``lpcompile.params`` – parameter count;
 * ``lpcompile.predicted_loss`` – when the plan knows it;
-* ``lpcompile.runner_up`` / ``lpcompile.runner_up_loss`` – the best other candidate, when the
-  plan has candidates with losses;
 * ``lpcompile.module_path`` – the PyTorch module, when known;
-* ``lpcompile.trace`` – the Hutchinson estimate of the weight Hessian's trace, when known;
-* ``doc_string``: a first line ``lpcompile: int4_b128 (4.125 bits): predicted loss 0.00012;
-  runner-up int8 8.06 bits loss 3e-06`` (any doc string the node had is kept below it).
+* ``doc_string``: a first line ``lpcompile: int4_b128 (4.125 bits): predicted loss 0.00012``
+  (any doc string the node had is kept below it).
+
+The evidence behind a choice (other candidates, Hessian traces) stays in the sensitivity table
+and the report; the model carries the precision map only.
 
 Nodes inserted by the other passes (Q/DQ/Cast, recognised by their ``lpcompile.serves`` key)
 get ``lpcompile.serves`` recomputed from the graph: the sorted, comma-separated names of the
@@ -20,8 +20,8 @@ one-line doc string; and the served node's ``namespace`` / ``pkg.torch.onnx.name
 graph viewers group them with the module they belong to.
 
 Model ``metadata_props``: ``lpcompile.version``, ``lpcompile.budget`` (only when the plan has
-one), ``lpcompile.achieved_bits``, ``lpcompile.plan`` (compact JSON of ``plan.to_dict()``) and
-``lpcompile.format_mix`` (JSON ``{format: params}``).
+one), ``lpcompile.achieved_bits``, ``lpcompile.precision_map`` (compact JSON ``{node: format}``),
+``lpcompile.softmax`` (the plan's softmax mode) and ``lpcompile.format_mix`` (JSON ``{format: params}``).
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ NODE_KEYS = (
     "lpcompile.bits",
     "lpcompile.params",
     "lpcompile.predicted_loss",
+    "lpcompile.module_path",
+    # keys written by earlier versions: removed when a node is annotated again
     "lpcompile.runner_up",
     "lpcompile.runner_up_loss",
-    "lpcompile.module_path",
     "lpcompile.trace",
 )
 # node metadata the exporters use for grouping; copied onto inserted nodes
@@ -66,29 +67,16 @@ def node_metadata(a: NodeAssignment) -> dict[str, str]:
     }
     if a.predicted_loss is not None:
         out["lpcompile.predicted_loss"] = fmt_number(a.predicted_loss)
-    ru = a.runner_up()
-    if ru is not None:
-        out["lpcompile.runner_up"] = ru[0]
-        if ru[1].predicted_loss is not None:
-            out["lpcompile.runner_up_loss"] = fmt_number(ru[1].predicted_loss)
     if a.module_path:
         out["lpcompile.module_path"] = a.module_path
-    if a.trace is not None:
-        out["lpcompile.trace"] = fmt_number(a.trace)
     return out
 
 
 def node_doc(a: NodeAssignment) -> str:
-    """One line such as ``int4_b128 (4.125 bits): predicted loss 0.00012; runner-up int8 8.06 bits loss 3e-06``."""
+    """One line such as ``int4_b128 (4.125 bits): predicted loss 0.00012``."""
     text = f"{a.format} ({a.bits:.6g} bits)"
     if a.predicted_loss is not None:
         text += f": predicted loss {a.predicted_loss:.2g}"
-    ru = a.runner_up()
-    if ru is not None:
-        fmt, cand = ru
-        text += f"; runner-up {fmt} {cand.bits:.3g} bits"
-        if cand.predicted_loss is not None:
-            text += f" loss {cand.predicted_loss:.2g}"
     return text
 
 
@@ -100,7 +88,8 @@ def model_metadata(plan: PrecisionPlan) -> dict[str, str]:
     out = {
         "lpcompile.version": lpcompile.__version__,
         "lpcompile.achieved_bits": fmt_number(plan.achieved_bits),
-        "lpcompile.plan": json.dumps(plan.to_dict(), separators=(",", ":"), allow_nan=False),
+        "lpcompile.precision_map": json.dumps({n.name: n.format for n in plan.nodes}, separators=(",", ":")),
+        "lpcompile.softmax": plan.softmax,
         "lpcompile.format_mix": json.dumps(mix, separators=(",", ":")),
     }
     if plan.budget is not None:
@@ -128,7 +117,8 @@ class AnnotatePass(ir.passes.InPlacePass):
                 node.doc_string = doc
                 modified = True
         modified |= _update_serves(graph, {a.name: a for a in self.plan.nodes}, by_name)
-        modified |= _set_props(model.metadata_props, model_metadata(self.plan), clear=("lpcompile.budget",))
+        stale = ("lpcompile.budget", "lpcompile.plan")  # no budget now; the verbatim plan of older versions
+        modified |= _set_props(model.metadata_props, model_metadata(self.plan), clear=stale)
         return ir.passes.PassResult(model, modified)
 
 

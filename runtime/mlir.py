@@ -34,7 +34,6 @@ JIT) and runs it; fp8 does not lower to LLVM there, so that works for fp32/bf16/
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
 import logging
 import os
@@ -150,45 +149,6 @@ def _to_proto(model: onnx.ModelProto | ir.Model | str | os.PathLike[str]) -> onn
     return load_proto(model)
 
 
-def _flat(v: Any) -> list[Any]:
-    if not isinstance(v, list):
-        return [v]
-    out: list[Any] = []
-    for a in v:
-        out.extend(_flat(a))
-    return out
-
-
-def _static_ints(t: Any) -> list[int] | None:
-    """``ops._ints`` without torch ops: ``Tensor.tolist`` reads a constant directly, so a shape
-    held in an initializer or baked value stays a Python int under ``torch.export``."""
-    if t is None:
-        return None
-    if isinstance(t, torch.Tensor):
-        return [int(v) for v in _flat(t.tolist())]
-    return [int(v) for v in t]
-
-
-def _static_req_ints(t: Any) -> list[int]:
-    from lpcompile.analysis.ops import OpEvalError
-
-    if t is None:
-        raise OpEvalError("a required integer input is missing")
-    return _static_ints(t) or []
-
-
-@contextlib.contextmanager
-def _trace_friendly_ops() -> Iterator[None]:
-    """Swap the interpreter's integer readers for ones that do not dispatch torch ops (only while
-    tracing; the replacements return the same values for every tensor)."""
-    from unittest import mock
-
-    from lpcompile.analysis import ops
-
-    with mock.patch.object(ops, "_ints", _static_ints), mock.patch.object(ops, "_req_ints", _static_req_ints):
-        yield
-
-
 def default_examples(model: onnx.ModelProto | ir.Model, seq_len: int = 16) -> dict[str, np.ndarray]:
     """Example inputs that fix the shapes MLIR is emitted for: a symbolic batch becomes 1, other
     symbolic dims ``seq_len``. Only shapes matter (the values feed nothing that is baked)."""
@@ -293,7 +253,7 @@ class OnnxProgram(torch.nn.Module):
 
     def export(self) -> Any:
         """``torch.export`` of this program at the example shapes."""
-        with _trace_friendly_ops(), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch internals
             try:
                 return torch.export.export(self, tuple(self.examples), strict=False)

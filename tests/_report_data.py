@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
-from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
+from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
+from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 DIGITS_NODES = (
     ("fc0", "fc0.weight", (64, 512)),
@@ -57,7 +57,7 @@ def digits_table(validated: bool = True, seed: int = 0) -> SensitivityTable:
     )
 
 
-def digits_plan(table: SensitivityTable | None = None, with_candidates: bool = True) -> PrecisionPlan:
+def digits_plan(table: SensitivityTable | None = None) -> PrecisionPlan:
     table = table or digits_table()
     nodes = []
     for n in table.nodes:
@@ -72,7 +72,6 @@ def digits_plan(table: SensitivityTable | None = None, with_candidates: bool = T
                 format=f,
                 bits=c.bits,
                 predicted_loss=c.predicted_loss,
-                candidates=dict(n.candidates) if with_candidates else {},
             )
         )
     return PrecisionPlan(nodes=tuple(nodes), budget="6bits", budget_bits=6.0, model="digits_mlp.onnx")

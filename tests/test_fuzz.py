@@ -26,9 +26,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from lpcompile.config import ApplyConfig
 from lpcompile.errors import LpError
+from lpcompile.files import apply_file
 from lpcompile.frontend.onnx_io import load_model
-from lpcompile.workflow import apply_to_file
 
 EXAMPLES = int(os.environ.get("LP_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
@@ -168,7 +169,8 @@ def graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, np.ndarray]:
 def _apply_or_lperror(src: Path, out: Path, **kw: object) -> bool:
     """Apply; True when a model was written (and it passes the full checker), False on LpError."""
     try:
-        apply_to_file(src, out, force=True, **kw)  # type: ignore[arg-type]
+        target = kw.pop("target", "qdq")
+        apply_file(src, out, force=True, config=ApplyConfig(target=target), **kw)  # type: ignore[arg-type]
     except LpError as exc:
         assert str(exc) and "\n" not in str(exc)
         event(f"LpError: {str(exc)[:60]}")
@@ -296,7 +298,7 @@ def test_mutated_bytes_load_cleanly_or_fail_with_lperror(
 @given(graphs(), st.sampled_from(["4.5", "6", "8", "1MB"]))
 def test_random_graphs_compile_or_fail_with_lperror(case: tuple[onnx.ModelProto, np.ndarray], budget: str) -> None:
     from lpcompile.analysis.config import AnalysisConfig
-    from lpcompile.compiler import compile_file
+    from lpcompile.files import compile_file
 
     model, _ = case
     with tempfile.TemporaryDirectory() as tmp:

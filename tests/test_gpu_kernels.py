@@ -162,11 +162,11 @@ def test_int4_gemv_and_gemm(rows: int | None, act: str) -> None:
 def test_lowered_digits_mlp_on_gpu_matches_ort(tmp_path: Path, fmt: str) -> None:
     if fmt.startswith("fp8") and not _fp8_ok():
         pytest.skip("FP8 MMA needs sm_89+")
+    from lpcompile.files import apply_file
     from lpcompile.runtime.tvm.build import load_compiled, lower_model, reference_outputs
-    from lpcompile.workflow import apply_to_file
 
     model = tmp_path / "mlp.lp.onnx"
-    apply_to_file(EXAMPLES / "digits_mlp.onnx", model, uniform=fmt, calib_path=EXAMPLES / "digits_calib.npz")
+    apply_file(EXAMPLES / "digits_mlp.onnx", model, uniform=fmt, calib_path=EXAMPLES / "digits_calib.npz")
     lib = lower_model(model, tmp_path / "mlp.cuda.so", target="cuda", arch=_arch()).output
     inputs = {"pixels": np.load(EXAMPLES / "digits_calib.npz")["pixels"][:32].astype(np.float32)}
     got = load_compiled(lib).run(inputs)["logits"]

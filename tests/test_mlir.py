@@ -16,6 +16,7 @@ fp32 rounding level (≤ 1e-6 · max|y|).
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,10 @@ pytest.importorskip("torch_mlir")
 from dataclasses import replace
 
 from lpcompile.errors import UsageError
+from lpcompile.files import apply_file
 from lpcompile.frontend.onnx_io import ensure_node_names, save_model
 from lpcompile.passes.pipeline import normalize, uniform_plan
 from lpcompile.runtime import mlir
-from lpcompile.workflow import apply_to_file
 
 pytestmark = pytest.mark.mlir
 
@@ -87,7 +88,7 @@ def _rewrite(tmp: Path, formats: tuple[str, ...]) -> Path:
     normalize(model)
     plan = uniform_plan(model, "fp32")
     plan = plan.with_nodes([replace(a, format=f) for a, f in zip(plan.nodes, formats, strict=True)])
-    return apply_to_file(src, tmp / f"mlp.{formats[0]}.lp.onnx", plan=plan).output
+    return apply_file(src, tmp / f"mlp.{formats[0]}.lp.onnx", plan=plan).output
 
 
 @pytest.fixture(scope="module")
@@ -127,19 +128,17 @@ def test_levels_carry_the_plan_element_types(program, modules, level: str) -> No
 def _weight_constants(model: onnx.ModelProto, level: str) -> collections.Counter:
     """``(element type, shape)`` of the stored weight of every planned node: the initializer at the
     start of the DequantizeLinear/Cast chain that feeds the node's weight input."""
-    from lpcompile.plan import PrecisionPlan
-
     props = {p.key: p.value for p in model.metadata_props}
-    plan = PrecisionPlan.from_json(props["lpcompile.plan"])
+    precision_map = json.loads(props["lpcompile.precision_map"])
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     seen, out = set(), collections.Counter()
-    for a in plan.nodes:
-        et = mlir.weight_element_type(a.format, level)
+    for node_name, fmt in precision_map.items():
+        et = mlir.weight_element_type(fmt, level)
         if et is None:
             continue
-        name = nodes[a.name].input[1]
+        name = nodes[node_name].input[1]
         while name not in inits:
             name = producers[name].input[0]
         if name not in seen:

@@ -238,15 +238,15 @@ def test_exact_numerics_match_the_reference_for_every_format(tmp_path) -> None:
     """ORT's optimisers alter FP8 Q/DQ and bf16 round trips; "exact" sessions must not."""
     from pathlib import Path
 
+    from lpcompile.files import apply_file
     from lpcompile.formats import MATMUL_LAYOUT, activation_scale, qdq_activation, qdq_weight
     from lpcompile.plan import PrecisionPlan
-    from lpcompile.workflow import apply_to_file
 
     ex = Path(__file__).resolve().parents[1] / "examples" / "models"
     x = np.load(ex / "digits_heldout.npz")["pixels"][:32]
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(ex / "digits_mlp.onnx")).graph.initializer}
     for fmt, element in (("fp8_e5m2", "float8_e5m2"), ("fp8_e4m3", "float8_e4m3fn"), ("bf16", "bfloat16")):
-        res = apply_to_file(ex / "digits_mlp.onnx", tmp_path / f"{fmt}.onnx", uniform=fmt,
+        res = apply_file(ex / "digits_mlp.onnx", tmp_path / f"{fmt}.onnx", uniform=fmt,
                             calib_path=ex / "digits_calib.npz")
         plan = PrecisionPlan.load(res.plan_path)
         h = x.reshape(len(x), -1).astype(np.float32)

@@ -174,10 +174,10 @@ def test_overlay_from_model_path_and_bad_path(tmp_path: Path) -> None:
 
 def test_overlay_from_real_rewrite(tmp_path: Path) -> None:
     """The real apply pipeline (AnnotatePass metadata) feeds the overlays."""
-    from lpcompile.workflow import apply_to_file
+    from lpcompile.files import apply_file
 
     plan = digits_plan()
-    result = apply_to_file(EXAMPLES / "digits_mlp.onnx", tmp_path / "m.lp.onnx", plan=plan, log_checks=False)
+    result = apply_file(EXAMPLES / "digits_mlp.onnx", tmp_path / "m.lp.onnx", plan=plan, log_checks=False)
     res = format_overlay(result.output)["results"]
     for name, fmt in CHOSEN.items():
         assert res[name]["bgColor"] == FORMAT_COLORS[fmt]

@@ -229,14 +229,16 @@ def test_cast_style_fp8_equals_qdq_and_survives_ort_optimisations(tmp_path) -> N
 
     import onnxruntime as ort
 
+    from lpcompile.config import ApplyConfig
+    from lpcompile.files import apply_file
     from lpcompile.passes.activations import ActivationPrecisionPass
-    from lpcompile.workflow import apply_to_file
 
     ex = Path(__file__).resolve().parents[1] / "examples" / "models"
     x = np.load(ex / "digits_heldout.npz")["pixels"][:32]
     outs = {}
     for target in ("qdq", "ort"):
-        res = apply_to_file(ex / "digits_mlp.onnx", tmp_path / f"{target}.onnx", uniform="fp8_e4m3", target=target,
+        res = apply_file(ex / "digits_mlp.onnx", tmp_path / f"{target}.onnx", uniform="fp8_e4m3",
+                         config=ApplyConfig(target=target),
                             calib_path=ex / "digits_calib.npz")
         for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
             so = ort.SessionOptions()

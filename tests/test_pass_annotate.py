@@ -16,7 +16,7 @@ from lpcompile.frontend.onnx_io import load_model, save_model
 from lpcompile.passes.activations import ActivationPrecisionPass
 from lpcompile.passes.annotate import AnnotatePass
 from lpcompile.passes.quantize_weights import QuantizeWeightsPass
-from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
+from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 RNG = np.random.default_rng(3)
 
@@ -43,11 +43,6 @@ def model_and_plan():
                 4.125,
                 predicted_loss=1.2e-4,
                 module_path="encoder.fc1",
-                candidates={
-                    "int4_b128": Candidate(4.125, 1.2e-4),
-                    "int8": Candidate(8.0625, 3e-6),
-                    "bf16": Candidate(16.0, 1e-7),
-                },
             ),
             NodeAssignment("n2", "MatMul", "W2", 24 * 8, "fp8_e4m3", 8.0 + 32 * 8 / 192),
         ),
@@ -78,15 +73,13 @@ def test_node_and_model_metadata(tmp_path: Path) -> None:
         "lpcompile.bits": "4.125",  # repr(4.125)
         "lpcompile.params": "6144",
         "lpcompile.predicted_loss": "0.00012",
-        "lpcompile.runner_up": "int8",
-        "lpcompile.runner_up_loss": "3e-06",
         "lpcompile.module_path": "encoder.fc1",
-    }
+    }  # the precision map only: other candidates and traces stay in the sensitivity table
     for a in plan.nodes:  # bits written are exactly the plan's bits
         meta = props(nodes[a.name])["lpcompile.bits"]
         assert float(meta) == a.bits
     assert nodes["n0"].doc_string == (
-        "lpcompile: int4_b128 (4.125 bits): predicted loss 0.00012; runner-up int8 8.06 bits loss 3e-06"
+        "lpcompile: int4_b128 (4.125 bits): predicted loss 0.00012"
     )
     p2 = props(nodes["n2"])
     assert p2["lpcompile.format"] == "fp8_e4m3" and "lpcompile.predicted_loss" not in p2
@@ -104,8 +97,8 @@ def test_node_and_model_metadata(tmp_path: Path) -> None:
     assert meta["lpcompile.version"] == lpcompile.__version__
     assert meta["lpcompile.budget"] == "4.5bits"
     assert meta["lpcompile.achieved_bits"] == f"{plan.achieved_bits:.6g}"
-    assert json.loads(meta["lpcompile.plan"]) == plan.to_dict()
-    assert PrecisionPlan.from_dict(json.loads(meta["lpcompile.plan"])).by_name()["n0"].format == "int4_b128"
+    assert json.loads(meta["lpcompile.precision_map"]) == {"n0": "int4_b128", "n2": "fp8_e4m3"}
+    assert "lpcompile.plan" not in meta  # the plan file is beside the model, not copied into it
     assert json.loads(meta["lpcompile.format_mix"]) == {"int4_b128": 6144, "fp8_e4m3": 192}
     loaded = next(n for n in load_model(path).graph if n.name == "n0")
     assert loaded.metadata_props["lpcompile.format"] == "int4_b128"
@@ -117,7 +110,7 @@ def test_idempotent_and_keeps_foreign_doc_string() -> None:
     node.doc_string = "exported from torch"
     assert AnnotatePass(plan)(model).modified
     assert node.doc_string.splitlines() == [
-        "lpcompile: int4_b128 (4.125 bits): predicted loss 0.00012; runner-up int8 8.06 bits loss 3e-06",
+        "lpcompile: int4_b128 (4.125 bits): predicted loss 0.00012",
         "exported from torch",
     ]
     before = snapshot(model)

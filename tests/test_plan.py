@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lpcompile.analysis.table import Candidate
 from lpcompile.errors import PlanError
 from lpcompile.formats import format_names
-from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan, validate_against
+from lpcompile.plan import NodeAssignment, PrecisionPlan, validate_against
 
 
 def _plan() -> PrecisionPlan:
@@ -24,12 +25,7 @@ def _plan() -> PrecisionPlan:
                 "int4_b128",
                 4.25,
                 predicted_loss=1e-3,
-                candidates={
-                    "int4_b128": Candidate(4.25, 1e-3),
-                    "int8": Candidate(8.0625, 2e-5, 3e-5),
-                    "fp32": Candidate(32.0, 0.0),
-                },
-                trace=12.5,
+                group="weight:fc0.weight",
             ),
             NodeAssignment("fc1", "MatMul", "fc1.weight", 512 * 10, "bf16", 16.0, module_path="head.fc"),
         ),
@@ -50,8 +46,42 @@ def test_round_trip_is_exact(tmp_path) -> None:
     data = json.loads(path.read_text())
     assert data["version"] == 1 and data["budget_bits"] == 4.5
     assert data["achieved_bits"] == pytest.approx((4.25 * 32768 + 16 * 5120) / (32768 + 5120))
-    assert set(data["nodes"][0]) >= {"name", "op_type", "weight", "params", "format", "bits", "candidates"}
-    assert back.nodes[0].runner_up() == ("int8", Candidate(8.0625, 2e-5, 3e-5))
+    assert set(data["nodes"][0]) == {"name", "op_type", "weight", "params", "format", "bits", "predicted_loss", "group"}
+
+
+def test_plan_holds_decisions_only_and_reads_older_plans() -> None:
+    """Evidence (candidates, traces) lives in the sensitivity table; keys of older plans are ignored."""
+    d = _plan().to_dict()
+    d["nodes"][0]["candidates"] = {"int8": {"bits": 8.0625, "predicted_loss": 2e-5}}
+    d["nodes"][0]["trace"] = 12.5
+    back = PrecisionPlan.from_dict(d)
+    assert "candidates" not in back.to_dict()["nodes"][0] and "trace" not in back.to_dict()["nodes"][0]
+    assert back.nodes[0].format == "int4_b128"
+
+
+def test_shared_weights_count_once() -> None:
+    a = NodeAssignment("a", "MatMul", "W", 100, "int8", 8.0)
+    b = NodeAssignment("b", "Gather", "W", 100, "int8", 8.0)
+    c = NodeAssignment("c", "MatMul", "V", 50, "int4_b128", 4.0)
+    plan = PrecisionPlan(nodes=(a, b, c))
+    assert plan.total_params == 150
+    assert plan.achieved_bits == pytest.approx((8 * 100 + 4 * 50) / 150)
+
+
+def test_negative_activation_scale_is_refused() -> None:
+    d = _plan().to_dict()
+    d["activation_scales"] = {"h0": -1.0}
+    with pytest.raises(PlanError, match="non-negative"):
+        PrecisionPlan.from_dict(d)
+
+
+def test_runner_up_comes_from_the_table() -> None:
+    from lpcompile.analysis.table import NodeSensitivity
+
+    n = NodeSensitivity("fc0", "MatMul", "W", 10, (2, 5), {
+        "int4_b128": Candidate(4.25, 1e-3), "int8": Candidate(8.0625, 2e-5, 3e-5), "fp32": Candidate(32.0, 0.0)})
+    assert n.runner_up("int8") == ("int4_b128", Candidate(4.25, 1e-3))
+    assert n.runner_up("int4_b128") == ("int8", Candidate(8.0625, 2e-5, 3e-5))
 
 
 def test_unknown_format_and_version_are_errors() -> None:

@@ -11,7 +11,7 @@ import pytest
 from _report_data import CHOSEN, digits_plan, digits_table
 
 from lpcompile.cli import main
-from lpcompile.report.html import SECTIONS, _Context, render_report, sweep_points, write_report
+from lpcompile.report.html import SECTIONS, ReportContext, render_report, sweep_points, write_report
 
 pytest.importorskip("matplotlib")
 
@@ -97,7 +97,7 @@ def test_node_table_rows_and_sort_keys(full_report: str) -> None:
 
 
 def test_without_table_or_candidates_sections_say_why() -> None:
-    text = render_report(digits_plan(with_candidates=False))
+    text = render_report(digits_plan())
     c = _parse(text)
     for sid in SECTIONS:
         assert sid in c.ids
@@ -105,11 +105,12 @@ def test_without_table_or_candidates_sections_say_why() -> None:
     assert re.findall(r'data-plot="(\w+)"', text) == ["bits", "mix"]
 
 
-def test_plan_candidates_alone_give_heatmap_and_pareto() -> None:
-    text = render_report(digits_plan(digits_table(validated=False)))
+def test_unvalidated_table_gives_heatmap_and_pareto() -> None:
+    table = digits_table(validated=False)
+    text = render_report(digits_plan(table), table)
     plots = re.findall(r'data-plot="(\w+)"', text)
     assert plots == ["bits", "heatmap", "pareto", "mix"]
-    assert "not validated" in text and "solved from the plan candidates" in text
+    assert "not validated" in text and "solved from the sensitivity table" in text
 
 
 def test_plot_labels_use_short_module_paths() -> None:
@@ -117,7 +118,7 @@ def test_plot_labels_use_short_module_paths() -> None:
 
     from lpcompile.report.html import plot_labels
 
-    plan = digits_plan(with_candidates=False)
+    plan = digits_plan()
     assert plot_labels(plan) == list(CHOSEN)  # no module paths: node names
     paths = [
         "model.encoder.layer.0.query",
@@ -131,7 +132,7 @@ def test_plot_labels_use_short_module_paths() -> None:
 
 def test_sweep_points_form_a_front() -> None:
     table = digits_table()
-    pts, note = sweep_points(_Context(digits_plan(table), table))
+    pts, note = sweep_points(ReportContext(digits_plan(table), table))
     assert len(pts) >= 5 and "sensitivity table" in note
     assert all(4.0 - 1e-9 <= p.achieved_bits <= p.budget_bits + 1e-6 for p in pts)
     front = sorted((p.achieved_bits, p.predicted_loss) for p in pts if p.on_front)
@@ -140,7 +141,7 @@ def test_sweep_points_form_a_front() -> None:
 
 def test_write_report_atomic_and_cli(tmp_path: Path) -> None:
     table = digits_table()
-    plan = digits_plan(table, with_candidates=False)  # the cheap report: two plots
+    plan = digits_plan(table)  # the cheap report: two plots
     out = tmp_path / "r.html"
     out.write_text("old")
     assert write_report(out, plan) == out
@@ -157,5 +158,5 @@ def test_compile_report_hook(tmp_path: Path) -> None:
     """``compile --report`` goes through commands._tables.write_report."""
     from lpcompile.commands._tables import write_report as hook
 
-    hook(str(tmp_path / "c.html"), digits_plan(with_candidates=False), None)
+    hook(str(tmp_path / "c.html"), digits_plan(), None)
     assert 'id="pareto"' in (tmp_path / "c.html").read_text()

@@ -23,11 +23,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
+from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
 from lpcompile.checks import check_model
 from lpcompile.cli import main
 from lpcompile.frontend.onnx_io import load_model
-from lpcompile.plan import Candidate
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
 MLP = EXAMPLES / "digits_mlp.onnx"
@@ -728,11 +727,12 @@ def test_nonfinite_weights_keep_their_node_fp32(work: Path, capsys) -> None:
     assert {n["name"]: n["format"] for n in plan["nodes"]} == {"fc0": "fp32", "fc1": "int4_b128"}
     w = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(work / "nan.int4.onnx")).graph.initializer}
     np.testing.assert_array_equal(w["w1"], nonfinite_w1())  # untouched, NaN and Inf included
-    # an explicit plan asking for int8 there is overridden too
+    # apply never changes a decision: an explicit plan asking for int8 there is refused in one line
     (work / "p.json").write_text(json.dumps({"version": 1, "nodes": [{"name": "fc0", "format": "int8"}]}))
     code, _, err = cli(capsys, "apply", model, work / "p.json", "-o", work / "nan.p.onnx", "-q")
-    assert code == 0, err
-    assert json.loads((work / "nan.p.plan.json").read_text())["nodes"][0]["format"] == "fp32"
+    assert code == 1
+    assert "NaN/Inf weights: fc0" in err and len(err.strip().splitlines()) == 1
+    assert not (work / "nan.p.onnx").exists()
 
 
 def test_all_zero_weights_quantize_to_zeros(work: Path, capsys) -> None:

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lpcompile.analysis.config import AnalysisConfig
-from lpcompile.analysis.sensitivity import analyze_hessian
+from lpcompile.analysis.sensitivity import analyze_onnx
 from lpcompile.formats import MATMUL_LAYOUT, qdq_activation, qdq_weight
 from lpcompile.frontend.calib import CalibrationSet
 
@@ -55,7 +55,7 @@ def test_predicted_loss_matches_analytic_quadratic(problem, estimator: str, prob
     cfg = AnalysisConfig(
         formats=("int4_b32", "int8", "fp8_e4m3", "bf16"), probes=probes, batch_size=S, loss="mse", estimator=estimator
     )  # type: ignore[arg-type]
-    table = analyze_hessian(_model(w), calib, cfg)
+    table = analyze_onnx(_model(w), calib, cfg)
     (node,) = table.nodes
     dw, dx = _exact(x, w)
     # trace of the weight Hessian: Hutchinson estimate vs exact (tolerance: ~5 std errors at 400 probes)
@@ -77,8 +77,8 @@ def test_ggn_estimates_are_nonnegative_and_seeded(problem) -> None:
     x, w = problem
     calib = CalibrationSet({"x": x}, source="test")
     cfg = AnalysisConfig(formats=("int4_b128", "bf16"), probes=8, batch_size=16, loss="mse", seed=3)
-    a = analyze_hessian(_model(w), calib, cfg)
-    b = analyze_hessian(_model(w), calib, cfg)
+    a = analyze_onnx(_model(w), calib, cfg)
+    b = analyze_onnx(_model(w), calib, cfg)
     assert a.nodes[0].candidates == b.nodes[0].candidates
     assert all(c.predicted_loss >= 0 for c in a.nodes[0].candidates.values())
 

@@ -21,14 +21,17 @@ from _torch_models import MINILM_INPUTS, SMALL_CONFIG, make_block, minilm_compil
 
 import lpcompile
 from lpcompile.analysis.losses import numpy_distortion, output_loss_kinds
-from lpcompile.compiler import compile_file, plan_from_table
+from lpcompile.api import analyze, decide
+from lpcompile.config import DecideConfig
 from lpcompile.errors import BudgetError, UsageError
+from lpcompile.files import compile_file, load_normalized
 from lpcompile.frontend.calib import CalibrationSet, synthesize
 from lpcompile.frontend.onnx_io import save_model
 from lpcompile.frontend.torch_export import module_paths_from_metadata
+from lpcompile.frontend.torch_module import ModuleAnalysisUnsupported, analyze_module
 from lpcompile.plan import PrecisionPlan
 from lpcompile.solver import parse_keep
-from lpcompile.torch_api import ModuleAnalysisUnsupported, TorchCompileResult, analyze_module
+from lpcompile.torch_api import TorchCompileResult
 
 BLOCK_PATHS = {"attn.query", "attn.key", "attn.value", "attn.out", "mlp.0", "mlp.2", "head"}
 BUDGETS = ("4.5bits", "5bits", "6bits", "8bits", "16bits")  # 4.44 bits is the least feasible
@@ -106,8 +109,8 @@ def test_module_and_onnx_analysis_agree(compiled: TorchCompileResult, onnx_table
         for f, c in m.candidates.items():
             assert c.predicted_loss == pytest.approx(o.candidates[f].predicted_loss, rel=1e-3, abs=1e-12), (m.name, f)
     for budget in BUDGETS:
-        p_mod, _ = plan_from_table(compiled.table, budget)
-        p_onnx, _ = plan_from_table(onnx_table, budget)
+        p_mod = decide(compiled.table, budget).plan
+        p_onnx = decide(onnx_table, budget).plan
         assert [n.format for n in p_mod.nodes] == [n.format for n in p_onnx.nodes], budget
 
 
@@ -115,12 +118,11 @@ def test_hvp_estimator_double_backward_through_sdpa(block, compiled: TorchCompil
     """Double backward through ``scaled_dot_product_attention`` (math backend) matches the ONNX path."""
     from dataclasses import replace
 
-    from lpcompile.compiler import analyze_model
 
     module, x = block
     cfg = replace(SMALL_CONFIG, estimator="hvp", probes=2)
     mod = analyze_module(module, compiled.exported, compiled.calib, cfg, (x,))
-    ref = analyze_model(compiled.exported.model, compiled.calib, cfg)
+    ref = analyze(compiled.exported.model, compiled.calib, cfg)
     assert mod.method == ref.method == "hutchinson-hvp-diag"
     for m, o in zip(mod.nodes, ref.nodes, strict=True):
         assert m.trace == pytest.approx(o.trace, rel=1e-4, abs=1e-9), m.name
@@ -138,15 +140,16 @@ def test_distortion_no_worse_than_onnx_path(compiled: TorchCompileResult, onnx_r
 
 def test_keep_rules_match_module_paths(compiled: TorchCompileResult) -> None:
     table = compiled.table
-    plan, _ = plan_from_table(table, "12bits", keep=[parse_keep(r"attn\.(key|value)$"), parse_keep(r"^head$=int8")])
+    keep = (parse_keep(r"attn\.(key|value)$"), parse_keep(r"^head$=int8"))
+    plan = decide(table, "12bits", DecideConfig(keep=keep)).plan
     by_path = {n.module_path: n for n in plan.nodes}
     assert by_path["attn.key"].format == by_path["attn.value"].format == "fp32"
     assert by_path["head"].format == "int8"
     onnx_name = by_path["mlp.0"].name  # the ONNX node name still works
-    plan2, _ = plan_from_table(table, "8bits", keep=[parse_keep(f"^{onnx_name}$=bf16")])
+    plan2 = decide(table, "8bits", DecideConfig(keep=(parse_keep(f"^{onnx_name}$=bf16"),))).plan
     assert plan2.by_name()[onnx_name].format == "bf16"
     with pytest.raises(UsageError, match="matches no quantizable node"):
-        plan_from_table(table, "8bits", keep=[parse_keep(r"^encoder\.nothing$")])
+        decide(table, "8bits", DecideConfig(keep=(parse_keep(r"^encoder\.nothing$"),)))
 
 
 def test_save_writes_model_and_plan(compiled: TorchCompileResult, tmp_path: Path) -> None:
@@ -169,14 +172,14 @@ def _has_report() -> bool:
 
 
 def test_calibration_forms(block, compiled: TorchCompileResult) -> None:
-    from lpcompile.torch_api import _calibration
+    from lpcompile.torch_api import calibration_set
 
     x = torch.randn(12, 8, 32)
     for form in (x, (x,), {"x": x.numpy()}, CalibrationSet({"x": x.numpy()})):
-        data = _calibration(form, compiled.exported, compiled.example_inputs, SMALL_CONFIG)
+        data = calibration_set(form, compiled.exported, compiled.example_inputs, SMALL_CONFIG)
         assert data.names == ("x",) and data.num_samples == 12
     with pytest.raises(lpcompile.errors.CalibrationError):
-        _calibration((x, x), compiled.exported, compiled.example_inputs, SMALL_CONFIG)
+        calibration_set((x, x), compiled.exported, compiled.example_inputs, SMALL_CONFIG)
 
 
 def test_module_analysis_refuses_a_module_it_cannot_mirror(compiled: TorchCompileResult) -> None:
@@ -228,9 +231,8 @@ def _minilm_config():
 
 
 def test_plain_onnx_files_get_no_guessed_module_paths() -> None:
-    from lpcompile.workflow import normalized_model
 
     digits = Path(__file__).resolve().parents[1] / "examples" / "models" / "digits_mlp.onnx"
-    model = normalized_model(digits)  # weights are named fc0.weight..., but nothing says they are modules
+    model = load_normalized(digits)  # weights are named fc0.weight..., but nothing says they are modules
     assert module_paths_from_metadata(model) == {}
     assert module_paths_from_metadata(model, ["fc0.weight"]) == {"fc0": "fc0"}

@@ -128,12 +128,12 @@ def test_activation_kernels_pack_words(compiled: dict, prefix: str) -> None:
 
 @pytest.mark.slow
 def test_lower_model_for_cuda_writes_library_and_source(tmp_path: Path) -> None:
+    from lpcompile.files import apply_file
     from lpcompile.runtime.tvm.build import lower_model
-    from lpcompile.workflow import apply_to_file
 
     examples = Path(__file__).resolve().parents[1] / "examples" / "models"
     model = tmp_path / "mlp.lp.onnx"
-    apply_to_file(examples / "digits_mlp.onnx", model, uniform="fp8_e4m3", calib_path=examples / "digits_calib.npz")
+    apply_file(examples / "digits_mlp.onnx", model, uniform="fp8_e4m3", calib_path=examples / "digits_calib.npz")
     res = lower_model(model, tmp_path / "mlp.cuda.so", target="cuda", arch="sm_90", emit_source=tmp_path / "src")
     assert res.output.is_file() and res.meta.is_file()
     ptx = next(p for p in res.sources if p.suffix == ".ptx").read_text()

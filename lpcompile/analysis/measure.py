@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -17,39 +17,53 @@ import onnx_ir as ir
 from scipy.stats import spearmanr
 
 from lpcompile.analysis.losses import numpy_distortion, output_loss_kinds
-from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
+from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
 from lpcompile.formats import get_format
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
-from lpcompile.plan import Candidate, NodeAssignment, PrecisionPlan
+from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
 
+@dataclass(frozen=True)
+class MeasureBackend:
+    """How the measurement rewrites and runs a model (handed in by the caller: analysis does not
+    import the passes or the runtime).
+
+    Attributes:
+        rewrite: ``rewrite(model, plan) -> model``: the model with one plan applied (a fresh copy).
+        session: ``session(model) -> run`` where ``run(batch) -> {output: array}`` (exact numerics).
+        amax: ``amax(model, batches, tensors) -> {tensor: max |x|}`` over calibration batches.
+    """
+
+    rewrite: Callable[[ir.Model, PrecisionPlan], ir.Model]
+    session: Callable[[ir.Model], Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]]
+    amax: Callable[..., dict[str, float]]
+
+
 class _Runner:
     """Runs a (rewritten) model on the fixed calibration batches and scores its distortion."""
 
-    def __init__(self, model: ir.Model, calib: CalibrationSet, batch_size: int, loss: str) -> None:
-        from lpcompile.runtime.ort import make_session, run
-
-        self._run = run
-        self._make = make_session
+    def __init__(self, model: ir.Model, calib: CalibrationSet, batch_size: int, loss: str,
+                 backend: MeasureBackend) -> None:
+        self.backend = backend
         dynamic = dynamic_sequence_inputs(model)
         self.batches = [trim_padding(b, dynamic) for b in batches(calib, batch_size)]
-        ref_sess = make_session(ir.to_proto(model), numerics="exact")
-        self.refs = [run(ref_sess, b) for b in self.batches]
+        ref_run = backend.session(model)
+        self.refs = [dict(ref_run(b)) for b in self.batches]
         names = list(self.refs[0])
         self.kinds = output_loss_kinds(names, [tuple(self.refs[0][k].shape) for k in names], loss)  # type: ignore[arg-type]
         sizes = np.array([len(next(iter(b.values()))) for b in self.batches], dtype=np.float64)
         self.weights = sizes / sizes.sum()
 
-    def loss_of(self, proto: onnx.ModelProto) -> float:
-        sess = self._make(proto, numerics="exact")
+    def loss_of(self, model: ir.Model) -> float:
+        run = self.backend.session(model)
         total = 0.0
         for b, ref, w in zip(self.batches, self.refs, self.weights, strict=True):
-            total += float(w) * numpy_distortion(self._run(sess, b), ref, self.kinds)
+            total += float(w) * numpy_distortion(dict(run(b)), ref, self.kinds)
         return total
 
 
@@ -58,15 +72,14 @@ def measure_pairs(
     calib: CalibrationSet,
     pairs: Sequence[tuple[WeightNode, str]],
     activation_amax: Mapping[str, float],
+    backend: MeasureBackend,
     *,
     batch_size: int = 8,
     loss: str = "auto",
     progress: Progress | None = None,
 ) -> dict[tuple[str, str], float]:
-    """Loss increase of quantizing each node alone to each format, measured in ONNX Runtime."""
-    from lpcompile.passes.pipeline import apply_plan
-
-    runner = _Runner(model, calib, batch_size, loss)
+    """Loss increase of quantizing each node alone to each format, measured on ``backend``."""
+    runner = _Runner(model, calib, batch_size, loss, backend)
     blob = ir.to_proto(model).SerializeToString()
     out: dict[tuple[str, str], float] = {}
     for i, (node, fmt_name) in enumerate(pairs):
@@ -89,8 +102,7 @@ def measure_pairs(
             activation_scales={node.activation: activation_amax.get(node.activation, 0.0)},
         )
         fresh = ir.from_proto(onnx.load_from_string(blob))
-        rewritten, _ = apply_plan(fresh, one, target="qdq")
-        out[(node.name, fmt.name)] = runner.loss_of(ir.to_proto(rewritten))
+        out[(node.name, fmt.name)] = runner.loss_of(backend.rewrite(fresh, one))
         if progress:
             progress(i + 1, len(pairs))
     return out
@@ -126,6 +138,7 @@ def validate(
     table: SensitivityTable,
     model: ir.Model,
     calib: CalibrationSet,
+    backend: MeasureBackend,
     *,
     batch_size: int = 8,
     loss: str = "auto",
@@ -135,7 +148,7 @@ def validate(
     nodes = {n.name: n for n in find_weight_nodes(model)}
     pairs = [(nodes[n.name], f) for n in table.nodes for f in n.candidates if f != "fp32"]
     measured = measure_pairs(
-        model, calib, pairs, table.activation_amax, batch_size=batch_size, loss=loss, progress=progress
+        model, calib, pairs, table.activation_amax, backend, batch_size=batch_size, loss=loss, progress=progress
     )
     new_nodes = tuple(
         replace(
@@ -155,20 +168,19 @@ def analyze_by_measurement(
     model: ir.Model,
     calib: CalibrationSet,
     formats: Sequence[str],
+    backend: MeasureBackend,
     *,
     batch_size: int = 8,
     loss: str = "auto",
     progress: Progress | None = None,
 ) -> SensitivityTable:
-    """Fallback analysis without gradients: every (node, format) measured in ORT."""
-    from lpcompile.runtime.calibrate import collect_amax
-
+    """Fallback analysis without gradients: every (node, format) measured on ``backend``."""
     nodes = find_weight_nodes(model)
     fmts = tuple(dict.fromkeys([*(get_format(f).name for f in formats), "fp32"]))
     acts = sorted({n.activation for n in nodes})
-    amax = collect_amax(ir.to_proto(model), batches(calib, batch_size), acts) if acts else {}
+    amax = backend.amax(ir.to_proto(model), batches(calib, batch_size), acts) if acts else {}
     pairs = [(n, f) for n in nodes for f in fmts]
-    measured = measure_pairs(model, calib, pairs, amax, batch_size=batch_size, loss=loss, progress=progress)
+    measured = measure_pairs(model, calib, pairs, amax, backend, batch_size=batch_size, loss=loss, progress=progress)
     groups = tied_groups(nodes)
     table_nodes = tuple(
         NodeSensitivity(
@@ -178,6 +190,7 @@ def analyze_by_measurement(
             params=n.params,
             shape=n.shape,
             group=groups.get(n.name),
+            activation=n.activation,
             candidates={
                 f: Candidate(
                     bits=get_format(f).bits_for(n.shape, n.layout),

@@ -190,18 +190,27 @@ def _is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point()
 
 
+def _flat_ints(values: object) -> list[int]:
+    """Nested Python lists (``Tensor.tolist``) flattened to ints."""
+    if isinstance(values, list):
+        return [v for x in values for v in _flat_ints(x)]
+    return [int(values)]  # type: ignore[call-overload]
+
+
 def _ints(t: torch.Tensor | Sequence[int] | None) -> list[int] | None:
+    """Integer values of a constant-like input. ``Tensor.tolist`` dispatches no torch op, so a shape
+    held in an initializer stays a Python int under ``torch.export`` (the MLIR path traces this)."""
     if t is None:
         return None
     if isinstance(t, torch.Tensor):
-        return [int(v) for v in t.detach().reshape(-1).tolist()]
+        return _flat_ints(t.tolist())
     return [int(v) for v in t]
 
 
 def _req_ints(t: torch.Tensor | None) -> list[int]:
     if t is None:
         raise OpEvalError("a required integer input is missing")
-    return [int(v) for v in t.detach().reshape(-1).tolist()]
+    return _flat_ints(t.tolist())
 
 
 def _opt(inputs: Args, i: int) -> torch.Tensor | None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -24,11 +26,10 @@ import torch
 
 from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig, candidate_formats
 from lpcompile.analysis.losses import ggn_output_probe, output_loss_kinds, torch_distortion
-from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
+from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
 from lpcompile.formats import activation_scale, get_format, qdq_activation, qdq_weight
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups, weight_array
-from lpcompile.plan import Candidate
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,69 @@ def _rademacher(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
 
 
-def _activation_elements(fmts: Sequence[str]) -> set[str]:
+def activation_elements(fmts: Sequence[str]) -> set[str]:
+    """The activation element types the candidate formats round to (fp8, bf16 ...)."""
     return {e for f in fmts if (e := get_format(f).activation)}
 
 
-def analyze_hessian(
+@dataclass(frozen=True)
+class ProbeForward:
+    """One differentiable forward of an adapter on a batch.
+
+    Attributes:
+        outputs: graph outputs by name (functions of the leaves).
+        weight_leaves: weight name → the leaf tensor the outputs depend on (ONNX orientation).
+        activation_leaves: activation tensor → a zero additive leaf (d/d(leaf) = d/d(activation)).
+        captured: activation tensor → its value on this batch.
+    """
+
+    outputs: Mapping[str, torch.Tensor]
+    weight_leaves: Mapping[str, torch.Tensor]
+    activation_leaves: Mapping[str, torch.Tensor]
+    captured: Mapping[str, torch.Tensor]
+
+
+class ForwardAdapter(Protocol):
+    """What the Hutchinson driver needs from a model: the ONNX graph interpreted in torch
+    (:class:`OnnxAdapter`) or an ``nn.Module`` (:class:`lpcompile.frontend.torch_module.ModuleAdapter`)."""
+
+    def reference(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """fp32 outputs and the captured activation tensors, without gradients."""
+        ...
+
+    def probe(self, batch: Mapping[str, np.ndarray]) -> ProbeForward:
+        """A differentiable forward with weight and activation leaves."""
+        ...
+
+
+class OnnxAdapter:
+    """The normalised ONNX model interpreted in torch (:class:`lpcompile.analysis.interpreter.TorchGraph`)."""
+
+    def __init__(self, model: ir.Model, weights: Sequence[str], activations: Sequence[str]) -> None:
+        from lpcompile.analysis.interpreter import TorchGraph
+
+        self.graph = TorchGraph(ir.to_proto(model), trainable=list(weights))
+        self.weights = list(weights)
+        self.activations = list(activations)
+        self.out_names = [v.name for v in model.graph.outputs]
+
+    def reference(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            res = self.graph.forward(batch, capture=self.activations)
+        return {k: res[k].detach() for k in self.out_names}, {t: res[t].detach() for t in self.activations}
+
+    def probe(self, batch: Mapping[str, np.ndarray]) -> ProbeForward:
+        perturb = {t: None for t in self.activations}
+        out = self.graph.forward(batch, perturb=perturb, capture=self.activations)
+        return ProbeForward(
+            outputs={k: out[k] for k in self.out_names},
+            weight_leaves={w: self.graph.params[w] for w in self.weights},
+            activation_leaves={t: self.graph.perturbations[t] for t in self.activations},
+            captured={t: out[t].detach() for t in self.activations},
+        )
+
+
+def analyze_onnx(
     model: ir.Model,
     calib: CalibrationSet,
     config: AnalysisConfig | None = None,
@@ -55,35 +114,64 @@ def analyze_hessian(
     Raises:
         UnsupportedOpsError: when the interpreter lacks some ops (callers fall back to measuring).
     """
-    from lpcompile.analysis.interpreter import TorchGraph
-
     config = config or AnalysisConfig()
     t0 = time.perf_counter()
     nodes = find_weight_nodes(model)
     fmts = candidate_formats(config)
-    proto = ir.to_proto(model)
     weights = sorted({n.weight for n in nodes})
-    graph = TorchGraph(proto, trainable=weights)
+    act_elements = activation_elements(fmts) if config.activations else set()
+    act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
+    adapter = OnnxAdapter(model, weights, act_tensors)
+    return run_analysis(adapter, model, nodes, calib, config, progress, module_paths or {}, t0)
+
+
+def run_analysis(
+    adapter: ForwardAdapter,
+    model: ir.Model,
+    nodes: Sequence[WeightNode],
+    calib: CalibrationSet,
+    config: AnalysisConfig,
+    progress: Progress | None,
+    module_paths: Mapping[str, str],
+    t0: float,
+    prepare: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+) -> SensitivityTable:
+    """The one Hutchinson driver: reference pass, probes spread over batches, predicted losses, table.
+
+    Args:
+        adapter: the forward of the model (ONNX interpretation or ``nn.Module``).
+        model: the normalised ONNX model (weights, node names, input signature).
+        nodes: its weighted nodes.
+        calib: calibration data.
+        config: analyzer settings (probes, seed, estimator, batch size ...).
+        progress: ``progress(done, total)`` per probe.
+        module_paths: node name → PyTorch module path, recorded in the table.
+        t0: ``perf_counter`` at the start of the analysis (for timings).
+        prepare: called once with the first batch before the reference pass (module hooks observe).
+    """
+    fmts = candidate_formats(config)
+    weights = sorted({n.weight for n in nodes})
+    act_elements = activation_elements(fmts) if config.activations else set()
+    act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
     data = _limit(calib, config.max_samples)
     dynamic = dynamic_sequence_inputs(model)
     batch_list = [trim_padding(b, dynamic) for b in batches(data, config.batch_size)]
-    act_elements = _activation_elements(fmts) if config.activations else set()
-    act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
+    if prepare is not None and batch_list:
+        prepare(batch_list[0])
     t_build = time.perf_counter()
 
     # Pass 1: fp32 reference outputs and activation ranges.
     refs: list[dict[str, torch.Tensor]] = []
     amax: dict[str, float] = dict.fromkeys(act_tensors, 0.0)
-    out_names = [v.name for v in model.graph.outputs]
-    with torch.no_grad():
-        for b in batch_list:
-            res = graph.forward(b, capture=act_tensors)
-            refs.append({k: res[k].detach() for k in out_names})
-            for t in act_tensors:
-                a = res[t].detach().abs()
-                a = a[torch.isfinite(a)]
-                if a.numel():
-                    amax[t] = max(amax[t], float(a.max()))
+    for b in batch_list:
+        outs, captured = adapter.reference(b)
+        refs.append(outs)
+        for t in act_tensors:
+            a = captured[t].abs()
+            a = a[torch.isfinite(a)]
+            if a.numel():
+                amax[t] = max(amax[t], float(a.max()))
+    out_names = list(refs[0]) if refs else []
     kinds = output_loss_kinds(out_names, [tuple(refs[0][k].shape) for k in out_names], config.loss)
     logger.info("distortion loss per output: %s", kinds)
     t_ref = time.perf_counter()
@@ -93,41 +181,38 @@ def analyze_hessian(
     bweights = sizes / sizes.sum()
     per_batch = _spread(config.probes, len(batch_list))
     gen = torch.Generator().manual_seed(config.seed)
-    diag = {w: torch.zeros_like(graph.params[w]) for w in weights}
+    diag: dict[str, torch.Tensor] = {}
     act_term: dict[tuple[str, str], float] = {(t, e): 0.0 for t in act_tensors for e in act_elements}
     done, total = 0, sum(per_batch)
+    estimate = _hvp_diagonals if config.estimator == "hvp" else _ggn_diagonals
     for b, ref, k, bw in zip(batch_list, refs, per_batch, bweights, strict=True):
         if k == 0:
             continue
-        # zero additive leaves on the activation tensors: d/d(leaf) = d/d(activation)
-        perturb = {t: None for t in act_tensors}
-        out = graph.forward(b, perturb=perturb, capture=act_tensors)
-        leaves = [graph.params[w] for w in weights] + [graph.perturbations[t] for t in act_tensors]
-        outputs = [out[name] for name in kinds]
-        step = _progress_step(progress, done, total)
-        if config.estimator == "hvp":
-            est = _hvp_diagonals(outputs, ref, kinds, leaves, k, gen, step)
-        else:
-            est = _ggn_diagonals(outputs, ref, kinds, leaves, k, gen, step)
+        fw = adapter.probe(b)
+        wl = [fw.weight_leaves[w] for w in weights]
+        al = [fw.activation_leaves[t] for t in act_tensors]
+        est = estimate([fw.outputs[name] for name in kinds], ref, kinds, [*wl, *al], k, gen,
+                       _progress_step(progress, done, total))
         done += k
-        for w in weights:
-            leaf = graph.params[w]
+        for w, leaf in zip(weights, wl, strict=True):
             if id(leaf) in est:
-                diag[w] += float(bw) * est[id(leaf)]
-        for t in act_tensors:
-            leaf = graph.perturbations[t]
+                diag[w] = diag[w] + float(bw) * est[id(leaf)] if w in diag else float(bw) * est[id(leaf)]
+        for t, leaf in zip(act_tensors, al, strict=True):
             if id(leaf) not in est:
                 continue
             d = est[id(leaf)].double().numpy()
-            a = out[t].detach().float().numpy()
+            a = fw.captured[t].float().numpy()
             for e in act_elements:
                 delta = qdq_activation(a, e, activation_scale(amax[t], e)).astype(np.float64) - a
                 act_term[(t, e)] += float(bw) * 0.5 * float(np.sum(d * delta * delta))
-        del out, outputs, est
+        del fw, est
     t_hvp = time.perf_counter()
 
-    diag_np = {w: t.double().numpy() for w, t in diag.items()}
-    table_nodes = predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths or {})
+    shapes = {n.weight: n.shape for n in nodes}
+    diag_np = {
+        w: diag[w].detach().double().numpy() if w in diag else np.zeros(shapes[w], dtype=np.float64) for w in weights
+    }
+    table_nodes = predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths)
     t_end = time.perf_counter()
     return assemble_table(
         table_nodes, fmts, config, kinds, data, int(sizes.sum()), amax, (t0, t_build, t_ref, t_hvp, t_end)
@@ -181,6 +266,7 @@ def predict_losses(
                 trace=trace,
                 group=groups.get(n.name),
                 module_path=module_paths.get(n.name),
+                activation=n.activation,
             )
         )
     return out
@@ -306,4 +392,13 @@ def _spread(probes: int, nbatches: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(nbatches)]
 
 
-__all__ = ["DEFAULT_FORMATS", "AnalysisConfig", "analyze_hessian", "candidate_formats"]
+__all__ = [
+    "DEFAULT_FORMATS",
+    "AnalysisConfig",
+    "ForwardAdapter",
+    "OnnxAdapter",
+    "ProbeForward",
+    "analyze_onnx",
+    "candidate_formats",
+    "run_analysis",
+]

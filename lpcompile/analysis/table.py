@@ -23,13 +23,21 @@ from typing import Any
 
 from lpcompile.errors import LpError
 from lpcompile.io_utils import atomic_write_text
-from lpcompile.plan import Candidate
 
 TABLE_VERSION = 1
 
 
 class SensitivityFileError(LpError):
     """A sensitivity file is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One format considered for a node: its cost and (when analysed) its predicted / measured loss."""
+
+    bits: float
+    predicted_loss: float | None = None
+    measured_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,19 @@ class NodeSensitivity:
     trace: float | None = None
     group: str | None = None
     module_path: str | None = None
+    activation: str | None = None  # the activation input an activation format rounds
+
+    def runner_up(self, chosen: str) -> tuple[str, Candidate] | None:
+        """The alternative that explains choosing ``chosen``: the next cheaper candidate (what saving
+        more bits would have cost in loss), or, for the cheapest choice, the next more expensive one."""
+        if chosen not in self.candidates:
+            return None
+        bits = self.candidates[chosen].bits
+        others = sorted(((f, c) for f, c in self.candidates.items() if f != chosen), key=lambda fc: (fc[1].bits, fc[0]))
+        if not others:
+            return None
+        cheaper = [fc for fc in others if fc[1].bits < bits]
+        return cheaper[-1] if cheaper else others[0]
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,13 @@ class SensitivityTable:
     validation: Mapping[str, Any] | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     version: int = TABLE_VERSION
+
+    def node(self, name: str) -> NodeSensitivity | None:
+        """The node called ``name`` (None when the table has none)."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        return None
 
     def with_validation(self, validation: Mapping[str, Any], nodes: tuple[NodeSensitivity, ...]) -> SensitivityTable:
         return replace(self, validation=dict(validation), nodes=nodes)
@@ -93,6 +121,7 @@ class SensitivityTable:
                     "shape": list(n.shape),
                     "group": n.group,
                     "module_path": n.module_path,
+                    "activation": n.activation,
                     "trace": _num(n.trace),
                     "candidates": {
                         f: {
@@ -141,6 +170,7 @@ class SensitivityTable:
                     shape=tuple(int(d) for d in n["shape"]),
                     group=n.get("group"),
                     module_path=n.get("module_path"),
+                    activation=n.get("activation"),
                     trace=n.get("trace"),
                     candidates={
                         f: Candidate(

@@ -62,3 +62,21 @@ def keep_rules(args: argparse.Namespace) -> list:
     from lpcompile.solver import parse_keep
 
     return [parse_keep(s) for s in args.keep]
+
+
+def add_target_args(p: argparse.ArgumentParser, softmax_default: str | None = "auto") -> None:
+    """``--target`` and ``--softmax`` (choices from :mod:`lpcompile.config`)."""
+    from lpcompile.config import SoftmaxMode, Target
+
+    p.add_argument(
+        "--target",
+        choices=[t.value for t in Target],
+        default=Target.QDQ.value,
+        help="qdq: portable standard ONNX; ort: ONNX Runtime kernels (int4 MatMul as MatMulNBits); tvm: TVM lowering",
+    )
+    p.add_argument(
+        "--softmax",
+        choices=[m.value for m in SoftmaxMode],
+        default=softmax_default,
+        help="two-pass softmax substitution (auto: only where the target runs it faster)",
+    )

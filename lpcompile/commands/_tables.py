@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from lpcompile.analysis.table import SensitivityTable
 from lpcompile.console import Output
 from lpcompile.plan import PrecisionPlan
 
 
-def plan_rows(plan: PrecisionPlan) -> list[dict[str, Any]]:
+def plan_rows(plan: PrecisionPlan, table: SensitivityTable | None = None) -> list[dict[str, Any]]:
+    """One row per planned node; the runner-up (what the next cheaper choice would cost) comes from
+    the sensitivity table the plan was solved from, when it is at hand."""
+    evidence = {n.name: n for n in table.nodes} if table is not None else {}
     rows = []
     for n in plan.nodes:
-        ru = n.runner_up()
+        ev = evidence.get(n.name)
+        ru = ev.runner_up(n.format) if ev is not None else None
         rows.append(
             {
                 "name": n.name,
@@ -27,7 +32,7 @@ def plan_rows(plan: PrecisionPlan) -> list[dict[str, Any]]:
     return rows
 
 
-def print_plan(out: Output, plan: PrecisionPlan) -> None:
+def print_plan(out: Output, plan: PrecisionPlan, table: SensitivityTable | None = None) -> None:
     rows = [
         (
             r["name"],
@@ -35,9 +40,11 @@ def print_plan(out: Output, plan: PrecisionPlan) -> None:
             r["format"],
             r["bits"],
             r["predicted_loss"],
-            f"{r['runner_up']} ({r['runner_up_loss']:.3g})" if r["runner_up"] else None,
+            (f"{r['runner_up']} ({r['runner_up_loss']:.3g})" if r["runner_up_loss"] is not None else r["runner_up"])
+            if r["runner_up"]
+            else None,
         )
-        for r in plan_rows(plan)
+        for r in plan_rows(plan, table)
     ]
     out.table(
         f"precision plan — {plan.achieved_bits:.4g} bits/weight over {plan.total_params:,} weights"
@@ -47,8 +54,8 @@ def print_plan(out: Output, plan: PrecisionPlan) -> None:
     )
 
 
-def write_report(path: str, plan: PrecisionPlan, table: Any = None) -> None:
-    """Write the HTML report (lpcompile.report), when that module is available."""
+def write_report(path: str, plan: PrecisionPlan, table: SensitivityTable | None = None) -> None:
+    """Write the HTML report (:mod:`lpcompile.report.html`)."""
     from lpcompile.report.html import write_report as _write
 
     _write(path, plan, table)

@@ -23,9 +23,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lpcompile.compiler import analyze_file
+    from lpcompile.files import analyze_file, default_output
     from lpcompile.io_utils import OutputSession
-    from lpcompile.workflow import default_output
 
     out = Output(quiet=args.quiet, json=args.json)
     target = Path(args.output) if args.output else default_output(args.model, ".sens.json")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lpcompile.commands._args import add_target_args
+from lpcompile.config import Rounding
 from lpcompile.console import Output
 from lpcompile.plan import PrecisionPlan
 
@@ -16,42 +18,35 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--uniform", metavar="FORMAT", help="one format for every weighted node, e.g. int4")
     p.add_argument("-o", "--output", help="output model (default MODEL.lp.onnx); the plan goes beside it")
     p.add_argument("--calib", help="calibration .npz or folder (FP8 activation scales)")
-    p.add_argument(
-        "--target",
-        choices=["qdq", "ort"],
-        default="qdq",
-        help="qdq: standard DequantizeLinear; ort: int4 MatMul weights as MatMulNBits",
-    )
-    p.add_argument("--softmax", choices=["auto", "two-pass", "keep"], help="two-pass softmax substitution")
-    p.add_argument("--rounding", choices=["nearest", "stochastic"], default="nearest")
+    add_target_args(p, softmax_default=None)
+    p.add_argument("--rounding", choices=[r.value for r in Rounding], default=Rounding.NEAREST.value)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a previous output (an input is never replaced)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from lpcompile.io_utils import OutputSession, check_seed
-    from lpcompile.workflow import apply_to_file, default_output, plan_path_for
+    from lpcompile.config import ApplyConfig
+    from lpcompile.files import apply_file, default_output, plan_path_for
+    from lpcompile.io_utils import OutputSession
 
     out = Output(quiet=args.quiet, json=args.json)
-    check_seed(args.seed)
+    config = ApplyConfig(target=args.target, rounding=args.rounding, seed=args.seed)  # checks the seed
     target = Path(args.output) if args.output else default_output(args.model)
     # io_utils guard (issue 15): outputs never replace an input or its external data; locked; temp files
-    # removed on SIGINT/SIGTERM. defer=False: apply_to_file stats its outputs before returning.
+    # removed on SIGINT/SIGTERM. defer=False: apply_file stats its outputs before returning.
     with OutputSession(inputs=[args.model, args.plan, args.calib], defer=False) as session:
         session.declare(target)
         session.declare(plan_path_for(target), may_replace=args.plan)  # the same plan, completed
         plan = PrecisionPlan.load(args.plan) if args.plan else None
-        result = apply_to_file(
+        result = apply_file(
             args.model,
             args.output,
             plan=plan,
             uniform=args.uniform,
             calib_path=args.calib,
-            target=args.target,
+            config=config,
             softmax=args.softmax,
-            rounding=args.rounding,
-            seed=args.seed,
             force=args.force,
             plan_path=args.plan,
         )

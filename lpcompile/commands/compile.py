@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpcompile.commands._args import add_analysis_args, add_keep_arg, analysis_config, keep_rules
+from lpcompile.commands._args import add_analysis_args, add_keep_arg, add_target_args, analysis_config, keep_rules
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output, StageProgress
 
@@ -16,8 +16,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output model (default MODEL.lp.onnx); the plan goes beside it")
     add_analysis_args(p)
     add_keep_arg(p)
-    p.add_argument("--target", choices=["qdq", "ort"], default="qdq")
-    p.add_argument("--softmax", choices=["auto", "two-pass", "keep"], default="auto")
+    add_target_args(p)
     p.add_argument("--validate", action="store_true", help="also measure every (node, format) in ORT (slow)")
     p.add_argument("--report", metavar="HTML", help="write a self-contained HTML report")
     p.add_argument("--force", action="store_true", help="replace a previous output (an input is never replaced)")
@@ -27,12 +26,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lpcompile.compiler import compile_file
+    from lpcompile.config import ApplyConfig, DecideConfig
+    from lpcompile.files import compile_file, default_output, plan_path_for
     from lpcompile.io_utils import OutputSession
-    from lpcompile.workflow import default_output, plan_path_for
 
     out = Output(quiet=args.quiet, json=args.json)
     target = Path(args.output) if args.output else default_output(args.model)
+    config = analysis_config(args)
+    decide_config = DecideConfig(keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target)
+    apply_config = ApplyConfig(target=args.target, seed=config.seed)
     # io_utils guard (issue 15); defer=False: compile_file stats its outputs before returning
     session = OutputSession(inputs=[args.model, args.calib], defer=False)
     with session, StageProgress(out) as progress:
@@ -42,10 +44,9 @@ def run(args: argparse.Namespace) -> int:
             args.budget,
             out=args.output,
             calib_path=args.calib,
-            config=analysis_config(args),
-            keep=keep_rules(args),
-            target=args.target,
-            softmax=args.softmax,
+            config=config,
+            decide_config=decide_config,
+            apply_config=apply_config,
             validate=args.validate,
             force=args.force,
             progress=progress,
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             from lpcompile.commands._tables import write_report
 
             write_report(args.report, result.plan, result.table)
-    print_plan(out, result.plan)
+    print_plan(out, result.plan, result.table)
     if result.table.validation:
         out.line(f"validation: Spearman ρ(predicted, measured) = {result.table.validation.get('spearman')}")
     out.line(
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             "predicted_loss": result.plan.predicted_loss,
             "validation": result.table.validation,
             "timings": dict(result.timings),
-            "nodes": plan_rows(result.plan),
+            "nodes": plan_rows(result.plan, result.table),
             "checks": result.applied.checks.to_list(),
         }
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def _examples_dir(out: Path) -> Path:
-    shipped = Path(__file__).resolve().parents[2] / "examples" / "models"
+    """The example models shipped inside the package (``lpcompile/data``), else trained into ``out``."""
+    shipped = Path(str(resources.files("lpcompile") / "data"))
     if (shipped / "digits_mlp.onnx").exists():
         return shipped
     from lpcompile.examples import build_digits
@@ -40,11 +42,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.analysis.config import AnalysisConfig
-    from lpcompile.compiler import compile_file
     from lpcompile.evaluate import evaluate
+    from lpcompile.files import apply_file, compile_file
     from lpcompile.frontend.calib import load_calibration
     from lpcompile.runtime.ort import make_session, run_batches
-    from lpcompile.workflow import apply_to_file
 
     out = Output(quiet=args.quiet, json=args.json)
     folder = Path(args.out)
@@ -63,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
             force=True,
             progress=progress,
         )
-    print_plan(out, result.plan)
-    int4 = apply_to_file(model, folder / f"digits_{args.model}.int4.onnx", uniform="int4", force=True)
+    print_plan(out, result.plan, result.table)
+    int4 = apply_file(model, folder / f"digits_{args.model}.int4.onnx", uniform="int4", force=True)
     held = load_calibration(heldout)
     rows, payload = [], {}
     for name, path, bits in (

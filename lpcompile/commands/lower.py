@@ -84,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_mlir(args: argparse.Namespace, out: Output) -> int:
-    if importlib.util.find_spec("lpcompile.runtime.mlir") is None:
-        raise UsageError("--target mlir is not available in this build (lpcompile.runtime.mlir is missing)")
     from lpcompile.runtime.mlir import lower_to_mlir
 
     result = lower_to_mlir(args.model, args.output, args.mlir_level)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpcompile.commands._args import add_keep_arg, keep_rules
+from lpcompile.commands._args import add_keep_arg, add_target_args, keep_rules
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output
 from lpcompile.errors import UsageError
@@ -19,32 +19,32 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--sweep", metavar="A:B:S", help="Pareto table over budgets A..B step S (bits)")
     p.add_argument("-o", "--output", help="plan JSON (default SENS→.plan.json; not written for --sweep)")
     p.add_argument("--formats", help="restrict to these formats (default: all in the table)")
-    p.add_argument("--softmax", choices=["auto", "two-pass", "keep"], default="auto")
+    add_target_args(p)
     add_keep_arg(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from lpcompile.analysis.table import SensitivityTable
+    from lpcompile.api import decide, decide_sweep
+    from lpcompile.config import DecideConfig
     from lpcompile.io_utils import OutputSession
-    from lpcompile.planning import items_from_table, plan_from_table
-    from lpcompile.solver import apply_rules, pareto_front, parse_sweep, sweep
+    from lpcompile.solver import parse_sweep
 
     out = Output(quiet=args.quiet, json=args.json)
     table = SensitivityTable.load(args.sensitivity)
     formats = parse_format_list(args.formats) if args.formats else None
-    rules = keep_rules(args)
+    config = DecideConfig(formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target)
     if args.sweep:
         if args.output:
             raise UsageError("--sweep prints a table; -o applies to --budget only")
-        items = apply_rules(items_from_table(table, formats), rules)
-        sols = sweep(items, parse_sweep(args.sweep))
-        front = {id(s) for s in pareto_front(sols)}
+        sols, front = decide_sweep(table, parse_sweep(args.sweep), config)
+        params = {n.name: n.params for n in table.nodes}
         rows = []
         for s in sols:
             mix: dict[str, int] = {}
-            for it in items:
-                mix[s.assignments[it.name]] = mix.get(s.assignments[it.name], 0) + it.params
+            for name, fmt in s.assignments.items():
+                mix[fmt] = mix.get(fmt, 0) + params[name]
             total = sum(mix.values()) or 1
             rows.append(
                 (
@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
     target = args.output or _default_plan_path(args.sensitivity)
     with OutputSession(inputs=[args.sensitivity]) as session:  # io_utils guard (issue 15)
         session.declare(target)
-        plan, solution = plan_from_table(table, args.budget, formats=formats, keep=rules, softmax=args.softmax)
+        decision = decide(table, args.budget, config)
+        plan, solution = decision.plan, decision.solution
         plan.save(target)
-    print_plan(out, plan)
+    print_plan(out, plan, table)
     out.line(
         f"wrote {target}: {plan.achieved_bits:.4g} bits/weight, predicted loss {plan.predicted_loss:.4g} "
         f"({solution.status})"
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             "achieved_bits": plan.achieved_bits,
             "predicted_loss": plan.predicted_loss,
             "status": solution.status,
-            "nodes": plan_rows(plan),
+            "nodes": plan_rows(plan, table),
         }
     )
     return 0

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import lpcompile
+from lpcompile.analysis.table import Candidate
 from lpcompile.errors import BudgetError, FormatError, LpError, PlanError
 from lpcompile.io_utils import atomic_write_text
-from lpcompile.plan import Candidate, PrecisionPlan
+from lpcompile.plan import PrecisionPlan
 from lpcompile.report import plots
 from lpcompile.report.overlay import format_color, text_color
 
@@ -65,7 +66,7 @@ def render_report(plan: PrecisionPlan, table: Any = None) -> str:
     """The report as an HTML string (see the module docstring)."""
     if not plan.nodes:
         raise PlanError("the plan has no nodes: nothing to report")
-    ctx = _Context(plan, table)
+    ctx = ReportContext(plan, table)
     title = f"lpcompile report — {Path(plan.model).name if plan.model else 'model'}"
     body = "\n".join(
         [
@@ -82,7 +83,7 @@ def render_report(plan: PrecisionPlan, table: Any = None) -> str:
 
 
 # -- data ---------------------------------------------------------------------------------------
-class _Context:
+class ReportContext:
     """The plan joined with the table: per-node candidates, traces, validation."""
 
     def __init__(self, plan: PrecisionPlan, table: Any) -> None:
@@ -93,7 +94,7 @@ class _Context:
         self.candidates: dict[str, Mapping[str, Candidate]] = {}
         for n in plan.nodes:
             t = tnodes.get(n.name)
-            self.candidates[n.name] = dict(t.candidates) if t is not None and t.candidates else dict(n.candidates)
+            self.candidates[n.name] = dict(t.candidates) if t is not None and t.candidates else {}
         fmts: dict[str, float] = {}
         if table is not None:
             for f in table.formats:
@@ -110,8 +111,6 @@ class _Context:
     def trace(self, name: str) -> float | None:
         t = self.tnodes.get(name)
         v = getattr(t, "trace", None) if t is not None else None
-        if v is None:
-            v = getattr(self.plan.by_name()[name], "trace", None)
         return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
 
     def group(self, name: str) -> str | None:
@@ -161,23 +160,22 @@ def _analysis_info(plan: PrecisionPlan, table: Any) -> Mapping[str, Any]:
             "synthetic_calib": getattr(table, "synthetic_calib", False),
             "validation": table.validation,
         }
-    info = plan.metadata.get("analysis") if isinstance(plan.metadata, Mapping) else None
-    return dict(info) if isinstance(info, Mapping) else {}
+    return {}
 
 
-def sweep_points(ctx: _Context) -> tuple[list[SweepPoint], str]:
+def sweep_points(ctx: ReportContext) -> tuple[list[SweepPoint], str]:
     """Solve budgets across :data:`SWEEP_BITS` (clipped to the reachable range); a note says the source."""
     from lpcompile.budget import Budget
-    from lpcompile.solver import Choice, Item, pareto_front, sweep
+    from lpcompile.solver import pareto_front, sweep
+    from lpcompile.solver.items import items_from_table
 
-    source = "sensitivity table" if ctx.table is not None else "plan candidates"
-    items = []
-    for n in ctx.plan.nodes:
-        cands = {f: c for f, c in ctx.candidates[n.name].items() if c.predicted_loss is not None}
-        if not cands:
-            return [], f"node {n.name!r} has no candidate losses in the {source}"
-        choices = tuple(Choice(format=f, bits=c.bits, loss=float(c.predicted_loss)) for f, c in cands.items())
-        items.append(Item(name=n.name, params=n.params, choices=choices, group=ctx.group(n.name)))
+    source = "sensitivity table"
+    if ctx.table is None:
+        return [], "no sensitivity table given (lpcompile report --sensitivity SENS.json)"
+    missing = [n.name for n in ctx.table.nodes if any(c.predicted_loss is None for c in n.candidates.values())]
+    if missing:
+        return [], f"node {missing[0]!r} has no candidate losses in the {source}"
+    items = items_from_table(ctx.table)
     total = sum(it.params for it in items)
     if total == 0:
         return [], "no parameters to sweep"
@@ -207,7 +205,7 @@ def sweep_points(ctx: _Context) -> tuple[list[SweepPoint], str]:
 
 
 # -- sections -----------------------------------------------------------------------------------
-def _summary(ctx: _Context) -> str:
+def _summary(ctx: ReportContext) -> str:
     plan = ctx.plan
     budget = plan.budget or (f"{plan.budget_bits:g} bits" if plan.budget_bits is not None else "none")
     cards = [
@@ -249,7 +247,7 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _nodes_table(ctx: _Context) -> str:
+def _nodes_table(ctx: ReportContext) -> str:
     rows = []
     has_module = any(n.module_path for n in ctx.plan.nodes)
     has_trace = any(ctx.trace(n.name) is not None for n in ctx.plan.nodes)
@@ -260,7 +258,8 @@ def _nodes_table(ctx: _Context) -> str:
         if (c[0] != "module" or has_module) and (c[0] != "trace" or has_trace) and (c[0] != "measured" or has_measured)
     ]
     for i, n in enumerate(ctx.plan.nodes):
-        ru = n.runner_up()
+        ev = ctx.tnodes.get(n.name)
+        ru = ev.runner_up(n.format) if ev is not None else None
         if ru is None:  # the table may know candidates the plan does not carry
             others = [
                 (f, c) for f, c in ctx.candidates[n.name].items() if f != n.format and c.predicted_loss is not None
@@ -319,7 +318,7 @@ def plot_labels(plan: PrecisionPlan) -> list[str]:
     return labels
 
 
-def _bits_section(ctx: _Context) -> str:
+def _bits_section(ctx: ReportContext) -> str:
     p = ctx.plan
     svg = plots.bits_along_graph(
         plot_labels(p), [n.format for n in p.nodes], [n.bits for n in p.nodes], p.budget_bits, p.achieved_bits
@@ -327,7 +326,7 @@ def _bits_section(ctx: _Context) -> str:
     return f'<section id="bits"><h2>Bits per layer along the graph</h2>{svg}</section>'
 
 
-def _heatmap_section(ctx: _Context) -> str:
+def _heatmap_section(ctx: ReportContext) -> str:
     names = [n.name for n in ctx.plan.nodes]
     if not any(c.predicted_loss is not None for cands in ctx.candidates.values() for c in cands.values()):
         return _missing(
@@ -343,7 +342,7 @@ def _heatmap_section(ctx: _Context) -> str:
     return f'<section id="heatmap"><h2>Predicted loss per (node, format)</h2>{svg}</section>'
 
 
-def _validation_section(ctx: _Context) -> str:
+def _validation_section(ctx: ReportContext) -> str:
     pairs = ctx.measured_pairs()
     if not pairs:
         return _missing(
@@ -363,7 +362,7 @@ def _validation_section(ctx: _Context) -> str:
     )
 
 
-def _pareto_section(ctx: _Context) -> str:
+def _pareto_section(ctx: ReportContext) -> str:
     pts, note = sweep_points(ctx)
     if not pts:
         return _missing("pareto", "Pareto curve of a budget sweep", note)
@@ -388,7 +387,7 @@ def _pareto_section(ctx: _Context) -> str:
     )
 
 
-def _mix_section(ctx: _Context) -> str:
+def _mix_section(ctx: ReportContext) -> str:
     from lpcompile.formats import get_format
 
     mix: dict[str, int] = {}

@@ -255,8 +255,8 @@ def build_importer(prepared: patterns.Prepared, target: Any, shape_dict: dict[st
             static = _static(dims)
             builder = _softmax_builder()
             dtype = x.ty.dtype
-            if builder is None or static is None or not static or dtype not in ("float32", "float16", "bfloat16"):
-                why = "no softmax kernel module" if builder is None else "dynamic shape" if static is None else dtype
+            if static is None or not static or dtype not in ("float32", "float16", "bfloat16"):
+                why = "dynamic shape" if static is None else dtype
                 logger.info("TwoPassSoftmax %r: expanding the ONNX function body (%s)", name, why)
                 self.calls.append(KernelCall(name, "two-pass softmax (ONNX body)", (), "x".join(map(str, dims))))
                 return self._inline_function(x, attrs, name)
@@ -340,11 +340,9 @@ def _constant(attrs: list[onnx.AttributeProto]) -> Any:
 
 
 def _softmax_builder() -> Any:
-    """``two_pass_softmax_primfunc`` from the softmax module, or None when it is not there (yet)."""
-    try:
-        from lpcompile.runtime.tvm.softmax import two_pass_softmax_primfunc
-    except ImportError:
-        return None
+    """The two-pass softmax kernel builder (imported lazily: it pulls in the TIR schedules)."""
+    from lpcompile.runtime.tvm.softmax import two_pass_softmax_primfunc
+
     return two_pass_softmax_primfunc
 
 

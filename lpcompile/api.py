@@ -1,0 +1,382 @@
+"""The one pipeline, in memory: ``analyze`` → ``decide`` → ``apply``.
+
+Every caller — the CLI, the PyTorch frontend, the report and the benchmarks — goes through these
+functions; :mod:`lpcompile.files` wraps them with loading and atomic writing::
+
+    model = files.load_model("m.onnx")                       # normalised onnx-ir model
+    table = analyze(model, calib, AnalysisConfig())          # evidence: SensitivityTable
+    plan = decide(table, "4.5bits", DecideConfig()).plan     # decisions only (pure)
+    out = apply(model, plan, ApplyConfig(), calib)           # the rewritten model + the plan it wrote
+
+``decide`` is pure: keep rules, the fp32 pins of nodes with NaN/Inf weights (already restricted in
+the table by ``analyze``), bits accounting and the softmax choice happen there, once. ``apply``
+never changes a decision: it checks the plan against the model, fills what the plan needs but may
+lack (FP8 activation scales, from calibration data), writes exactly the plan's formats and returns
+the plan with the achieved figures of the written model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import onnx_ir as ir
+
+from lpcompile.analysis.config import AnalysisConfig, candidate_formats
+from lpcompile.analysis.measure import MeasureBackend
+from lpcompile.analysis.table import Candidate, SensitivityTable
+from lpcompile.budget import Budget, parse_budget
+from lpcompile.checks import check_model
+from lpcompile.config import ApplyConfig, DecideConfig, SoftmaxMode, Target
+from lpcompile.errors import LpError, PlanError, UnsupportedOpsError
+from lpcompile.formats import canonical_name, get_format
+from lpcompile.frontend.calib import CalibrationSet, batches
+from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
+from lpcompile.plan import NodeAssignment, PrecisionPlan, validate_against
+from lpcompile.solver import Solution, pareto_front, solve, sweep
+from lpcompile.solver.items import solver_items
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Applied",
+    "Decision",
+    "analyze",
+    "apply",
+    "decide",
+    "decide_sweep",
+    "decide_uniform",
+    "finite_table",
+]
+
+Progress = Callable[[str, int, int], None]
+
+#: targets on which the two-pass softmax runs faster than the runtime's own Softmax.
+SOFTMAX_PAYS: frozenset[Target] = frozenset({Target.TVM})
+
+
+# ---------------------------------------------------------------------------------------------
+# analyze
+
+
+def analyze(
+    model: ir.Model,
+    calib: CalibrationSet,
+    config: AnalysisConfig | None = None,
+    *,
+    validate: bool = False,
+    progress: Progress | None = None,
+    module_paths: Mapping[str, str] | None = None,
+) -> SensitivityTable:
+    """Sensitivity of every (node, candidate format) of a normalised model.
+
+    Hutchinson estimates through the torch interpretation of the graph; the forward-only
+    measurement when the interpreter lacks ops; optionally validated by measurement. Nodes whose
+    weights hold NaN/Inf keep only their fp32 candidate.
+
+    Raises:
+        LpError: non-finite sensitivities on other nodes (the model's fp32 outputs are not finite).
+    """
+    from lpcompile.analysis import measure
+    from lpcompile.analysis.sensitivity import analyze_onnx
+
+    config = config or AnalysisConfig()
+
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    checks = check_model(model)
+    if not find_weight_nodes(model):  # nothing to differentiate: an empty table, an empty plan
+        logger.warning("no weighted nodes (MatMul/Gemm/Conv with fp32 initializer weights): nothing to analyse")
+        return SensitivityTable(nodes=(), formats=candidate_formats(config), method=f"hutchinson-{config.method}",
+                                loss=config.loss, probes=config.probes, seed=config.seed, calib=calib.source,
+                                num_samples=calib.num_samples, synthetic_calib=calib.synthetic)
+    try:
+        table = analyze_onnx(model, calib, config, progress=stage("hessian"), module_paths=module_paths)
+    except UnsupportedOpsError as exc:
+        logger.warning("%s; falling back to forward-only perturbation measurement (slower)", exc)
+        table = measure.analyze_by_measurement(
+            model, calib, config.formats, measure_backend(), batch_size=config.batch_size, loss=config.loss,
+            progress=stage("measure"),
+        )
+    if validate:
+        t0 = time.perf_counter()
+        table = measure.validate(
+            table, model, calib, measure_backend(), batch_size=config.batch_size, loss=config.loss,
+            progress=stage("validate"),
+        )
+        table = replace(table, timings={**table.timings, "validate_s": time.perf_counter() - t0})
+    return finite_table(table, checks.keep_fp32)
+
+
+def measure_backend() -> MeasureBackend:
+    """The ONNX Runtime backend the forward-only measurement runs on (rewrite + session + amax)."""
+    from lpcompile.passes.pipeline import apply_plan
+    from lpcompile.runtime.calibrate import collect_amax
+    from lpcompile.runtime.ort import make_session, run
+
+    def rewrite(model: ir.Model, plan: PrecisionPlan) -> ir.Model:
+        return apply_plan(model, plan, target="qdq")[0]
+
+    def session(model: ir.Model) -> Callable[[Mapping[str, object]], dict[str, object]]:
+        sess = make_session(ir.to_proto(model), numerics="exact")
+        return lambda batch: run(sess, batch)  # type: ignore[arg-type]
+
+    return MeasureBackend(rewrite=rewrite, session=session, amax=collect_amax)
+
+
+def finite_table(table: SensitivityTable, keep_fp32: frozenset[str] | set[str] = frozenset()) -> SensitivityTable:
+    """Restrict ``keep_fp32`` nodes to fp32; refuse non-finite sensitivities anywhere else.
+
+    A node with NaN/Inf weights (:mod:`lpcompile.checks`) keeps only its fp32 candidate. A
+    non-finite trace or predicted loss on any other node means the model's fp32 outputs are not
+    finite on the calibration data: no budget can be solved from that, so it is an error.
+
+    Raises:
+        LpError: naming the nodes with non-finite sensitivities.
+    """
+    nodes, bad = [], []
+    for n in table.nodes:
+        if n.name in keep_fp32:
+            cands = {f: c for f, c in n.candidates.items() if f == "fp32"} or {"fp32": Candidate(bits=32.0)}
+            cands = {f: replace(c, predicted_loss=0.0, measured_loss=None) for f, c in cands.items()}
+            nodes.append(replace(n, candidates=cands, trace=None))
+            continue
+        values = [n.trace, *(x for c in n.candidates.values() for x in (c.predicted_loss, c.measured_loss))]
+        if any(v is not None and not math.isfinite(v) for v in values):
+            bad.append(n.name)
+        nodes.append(n)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise LpError(
+            f"analysis gave non-finite sensitivities for {len(bad)} node(s) ({shown}): the model's fp32 outputs "
+            "are not finite on the calibration data (NaN/Inf weights or inputs?)"
+        )
+    return replace(table, nodes=tuple(nodes))
+
+
+# ---------------------------------------------------------------------------------------------
+# decide (pure)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A plan and the solver's answer it came from."""
+
+    plan: PrecisionPlan
+    solution: Solution
+
+
+def resolved_softmax(mode: SoftmaxMode, target: Target) -> str:
+    """The softmax mode a plan records: ``auto`` becomes ``keep`` where the two-pass form does not pay."""
+    if mode == SoftmaxMode.AUTO and target not in SOFTMAX_PAYS:
+        return SoftmaxMode.KEEP.value
+    return mode.value
+
+
+def decide(table: SensitivityTable, budget: str | Budget, config: DecideConfig | None = None) -> Decision:
+    """The plan with the least predicted loss within ``budget`` (exact ILP). Pure: no model, no I/O.
+
+    Raises:
+        BudgetError: the budget is infeasible (the message names the smallest feasible budget).
+        UsageError / FormatError: bad keep rules or formats.
+    """
+    config = config or DecideConfig()
+    b = parse_budget(budget) if isinstance(budget, str) else budget
+    items = solver_items(table, config.formats, config.keep)
+    solution = solve(items, b)
+    return Decision(plan=plan_from_solution(table, solution, str(budget), config), solution=solution)
+
+
+def decide_sweep(
+    table: SensitivityTable, budgets: Sequence[Budget], config: DecideConfig | None = None
+) -> tuple[list[Solution], set[int]]:
+    """Solve every budget of a sweep from one table; return the solutions and the ids of the Pareto front."""
+    config = config or DecideConfig()
+    items = solver_items(table, config.formats, config.keep)
+    sols = sweep(items, budgets)
+    return sols, {id(s) for s in pareto_front(sols)}
+
+
+def plan_from_solution(
+    table: SensitivityTable, solution: Solution, budget_text: str | None, config: DecideConfig
+) -> PrecisionPlan:
+    """The plan of a solved budget: node → format, its bits and predicted loss, the activation scales."""
+    by_name = {n.name: n for n in table.nodes}
+    nodes = []
+    for name, fmt in solution.assignments.items():
+        n = by_name[name]
+        c = n.candidates[fmt]
+        nodes.append(
+            NodeAssignment(
+                name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, format=fmt, bits=c.bits,
+                predicted_loss=c.predicted_loss, module_path=n.module_path, group=n.group,
+            )
+        )
+    order = {n.name: i for i, n in enumerate(table.nodes)}
+    nodes.sort(key=lambda a: order[a.name])
+    budget_bits = None
+    if solution.budget is not None and solution.budget.kind == "bits":
+        budget_bits = float(solution.budget.value)
+    elif solution.budget is not None and solution.total_params:
+        budget_bits = solution.budget.max_total_bits(solution.total_params) / solution.total_params
+    fp8_acts = fp8_activations(nodes, {n.name: n.activation for n in table.nodes})
+    return PrecisionPlan(
+        nodes=tuple(nodes),
+        budget=budget_text,
+        budget_bits=budget_bits,
+        model=table.model,
+        softmax=resolved_softmax(config.softmax, config.target),
+        activation_scales={t: v for t, v in table.activation_amax.items() if t in fp8_acts},
+        metadata={"solver": {"status": solution.status, "optimal": solution.optimal}},
+    )
+
+
+def fp8_activations(nodes: Sequence[NodeAssignment], activation_of: Mapping[str, str | None]) -> set[str]:
+    """Activation tensors whose node's chosen format rounds them to FP8 (they need a calibrated scale)."""
+    out = set()
+    for a in nodes:
+        act = get_format(a.format).activation
+        tensor = activation_of.get(a.name)
+        if act and act.startswith("float8") and tensor:
+            out.add(tensor)
+    return out
+
+
+def decide_uniform(
+    model: ir.Model, fmt: str, *, softmax: SoftmaxMode | str = SoftmaxMode.AUTO, target: Target | str = Target.QDQ
+) -> PrecisionPlan:
+    """One format for every weighted node of a normalised model (baselines); NaN/Inf-weight nodes stay fp32."""
+    config = DecideConfig(softmax=softmax, target=target)  # type: ignore[arg-type]
+    name = canonical_name(fmt)
+    f = get_format(name)
+    pinned = check_model(model).keep_fp32
+    groups = tied_groups(find_weight_nodes(model))
+    nodes = []
+    for w in find_weight_nodes(model):
+        chosen = get_format("fp32") if w.name in pinned else f
+        if w.name in pinned and not f.is_identity:
+            logger.info("kept in fp32 (NaN/Inf weights): %s", w.name)
+        nodes.append(
+            NodeAssignment(
+                name=w.name, op_type=w.op_type, weight=w.weight, params=w.params, format=chosen.name,
+                bits=chosen.bits_for(w.shape, w.layout), group=groups.get(w.name),
+            )
+        )
+    return PrecisionPlan(nodes=tuple(nodes), softmax=resolved_softmax(config.softmax, config.target))
+
+
+# ---------------------------------------------------------------------------------------------
+# apply
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The rewritten model, the plan it was written by (with achieved figures) and what changed."""
+
+    model: ir.Model
+    plan: PrecisionPlan
+    modified_by: tuple[str, ...]
+    softmax_substituted: tuple[str, ...]
+
+
+def check_plan(model: ir.Model, plan: PrecisionPlan) -> list[WeightNode]:
+    """The plan must name the model's weighted nodes and keep NaN/Inf-weight nodes in fp32.
+
+    Raises:
+        PlanError: unknown nodes, or a low-precision format on a node with non-finite weights.
+    """
+    nodes = find_weight_nodes(model)
+    validate_against(plan, [n.name for n in nodes])
+    bad = sorted(n.name for n in plan.nodes if n.name in check_model(model).keep_fp32 and n.format != "fp32")
+    if bad:
+        raise PlanError(
+            f"plan gives a low-precision format to node(s) with NaN/Inf weights: {', '.join(bad[:5])}; "
+            "set them to fp32"
+        )
+    return nodes
+
+
+def with_model_facts(plan: PrecisionPlan, nodes: Sequence[WeightNode]) -> PrecisionPlan:
+    """Each node's op type, weight, parameter count and bits as the model and format give them.
+
+    A hand-written plan may give only ``name`` and ``format``; the written plan and the node
+    metadata carry the real figures (bits = the format's cost on that tensor, scales included).
+    """
+    by_name = {n.name: n for n in nodes}
+    filled = []
+    for a in plan.nodes:
+        n = by_name[a.name]
+        bits = get_format(a.format).bits_for(n.shape, n.layout)
+        filled.append(replace(a, op_type=n.op_type, weight=n.weight, params=n.params, bits=bits))
+    return plan.with_nodes(filled)
+
+
+def missing_scales(model: ir.Model, plan: PrecisionPlan) -> list[str]:
+    """FP8-rounded activation tensors of ``plan`` that have no calibrated scale yet."""
+    activation_of = {n.name: n.activation for n in find_weight_nodes(model)}
+    return sorted(t for t in fp8_activations(plan.nodes, activation_of) if t not in plan.activation_scales)
+
+
+def complete_scales(
+    model: ir.Model, plan: PrecisionPlan, calib: CalibrationSet | None, batch_size: int = 16
+) -> PrecisionPlan:
+    """Fill ``plan.activation_scales`` (calibrated amax) for every FP8 activation still missing one."""
+    needed = missing_scales(model, plan)
+    if not needed:
+        return plan
+    if calib is None:
+        raise PlanError(f"the plan needs FP8 activation scales for {', '.join(needed[:5])}: give calibration data")
+    from lpcompile.runtime.calibrate import collect_amax
+
+    amax = collect_amax(ir.to_proto(model), batches(calib, batch_size), needed)
+    logger.info("calibrated %d activation tensor(s) on %s", len(amax), calib.source)
+    return replace(plan, activation_scales={**plan.activation_scales, **amax})
+
+
+def apply(
+    model: ir.Model, plan: PrecisionPlan, config: ApplyConfig | None = None, calib: CalibrationSet | None = None
+) -> Applied:
+    """Rewrite ``model`` (normalised; changed in place) by ``plan``.
+
+    Args:
+        model: the normalised model; rewritten in place (pass a clone to keep the original).
+        plan: the decisions; never changed, only completed (scales) and measured (bits).
+        config: target, rounding, seed.
+        calib: calibration data for FP8 activation scales the plan lacks.
+
+    Raises:
+        PlanError: the plan does not fit the model.
+    """
+    from lpcompile.passes.pipeline import apply_plan
+    from lpcompile.passes.softmax_two_pass import TwoPassSoftmaxPass
+
+    config = config or ApplyConfig()
+    nodes = check_plan(model, plan)
+    plan = with_model_facts(plan, nodes)
+    plan = complete_scales(model, plan, calib, config.batch_size)
+    low = frozenset(n.name for n in plan.nodes if n.format != "fp32")
+    softmax = TwoPassSoftmaxPass(plan.softmax, low)
+    written = "ort" if config.target == Target.ORT else "qdq"
+    try:
+        rewritten, modified = apply_plan(
+            model, plan, target=written, rounding=config.rounding.value, seed=config.seed, extra_passes=[softmax]
+        )
+    except ir.passes.PassError as exc:
+        raise LpError(f"internal error while rewriting the model: {_root_cause(exc)}") from exc
+    return Applied(
+        model=rewritten,
+        plan=plan,
+        modified_by=tuple(modified),
+        softmax_substituted=tuple(getattr(softmax, "substituted", ())),
+    )
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

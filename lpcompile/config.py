@@ -1,0 +1,114 @@
+"""Options of the pipeline, checked in one place: enums for every choice and the three step configs.
+
+``analyze`` takes an :class:`~lpcompile.analysis.config.AnalysisConfig`, ``decide`` a
+:class:`DecideConfig`, ``apply`` an :class:`ApplyConfig` (see :mod:`lpcompile.api`). Every option
+that is a choice among names is a :class:`enum.StrEnum` (so ``Target.ORT == "ort"``) parsed by
+:func:`parse_option`, the one place a bad value becomes a one-line usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
+
+from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig
+from lpcompile.errors import UsageError
+from lpcompile.solver.problem import KeepRule
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_FORMATS",
+    "AnalysisConfig",
+    "ApplyConfig",
+    "DecideConfig",
+    "Rounding",
+    "SoftmaxMode",
+    "Target",
+    "parse_option",
+]
+
+
+class Target(StrEnum):
+    """Where the rewritten model runs: decides how each format is written."""
+
+    QDQ = "qdq"  # portable standard ONNX (QuantizeLinear/DequantizeLinear, Cast)
+    ORT = "ort"  # ONNX Runtime: com.microsoft kernels where they exist (MatMulNBits)
+    TVM = "tvm"  # lpcompile's TVM lowering
+
+
+class SoftmaxMode(StrEnum):
+    """Whether Softmax nodes become the two-pass function op."""
+
+    AUTO = "auto"  # where the target runs it faster and the neighbourhood is low precision
+    TWO_PASS = "two-pass"  # every eligible Softmax
+    KEEP = "keep"  # never
+
+
+class Rounding(StrEnum):
+    """How weights are rounded onto a format's grid."""
+
+    NEAREST = "nearest"  # round half to even
+    STOCHASTIC = "stochastic"  # unbiased, seeded per weight
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+def parse_option(kind: type[E], value: str | E, flag: str) -> E:
+    """``value`` as a member of ``kind``; a one-line ``UsageError`` naming ``flag`` otherwise."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(str(value).strip().lower())
+    except ValueError:
+        known = ", ".join(m.value for m in kind)
+        raise UsageError(f"{flag}: unknown value {value!r}; use one of {known}") from None
+
+
+@dataclass(frozen=True)
+class DecideConfig:
+    """How a table and a budget become a plan (:func:`lpcompile.api.decide`).
+
+    Attributes:
+        formats: restrict the choice to these formats (``None``: every format in the table);
+            fp32 is always allowed.
+        keep: ``--keep`` rules, matched against node names and PyTorch module paths.
+        softmax: the softmax substitution mode the plan records.
+        target: the target the plan is for (resolves ``SoftmaxMode.AUTO``).
+    """
+
+    formats: tuple[str, ...] | None = None
+    keep: tuple[KeepRule, ...] = ()
+    softmax: SoftmaxMode = SoftmaxMode.AUTO
+    target: Target = Target.QDQ
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "softmax", parse_option(SoftmaxMode, self.softmax, "--softmax"))
+        object.__setattr__(self, "target", parse_option(Target, self.target, "--target"))
+        object.__setattr__(self, "keep", tuple(self.keep))
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    """How a plan is written (:func:`lpcompile.api.apply`).
+
+    Attributes:
+        target: how formats are written (see :class:`Target`).
+        rounding: weight rounding mode.
+        seed: seeds stochastic rounding and synthetic calibration data.
+        batch_size: calibration batch size for FP8 activation scales a plan still lacks.
+    """
+
+    target: Target = Target.QDQ
+    rounding: Rounding = Rounding.NEAREST
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", parse_option(Target, self.target, "--target"))
+        object.__setattr__(self, "rounding", parse_option(Rounding, self.rounding, "--rounding"))
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be an integer in [0, 2**63), not {self.seed!r}")

@@ -1,0 +1,262 @@
+"""Thin file wrappers around :mod:`lpcompile.api`: load, check outputs, write atomically.
+
+``analyze_file``, ``apply_file`` and ``compile_file`` are what the commands call. They load and
+normalise the model once, call the in-memory API and write the model with its plan beside it
+(``OUT.plan.json``); no input is ever overwritten unless ``force`` names a previous output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import onnx_ir as ir
+
+from lpcompile.analysis.config import AnalysisConfig
+from lpcompile.analysis.table import SensitivityTable
+from lpcompile.api import Applied, Decision, analyze, apply, decide, decide_uniform, missing_scales
+from lpcompile.budget import parse_budget
+from lpcompile.checks import ModelCheck, check_model
+from lpcompile.config import ApplyConfig, DecideConfig
+from lpcompile.errors import UsageError
+from lpcompile.frontend.calib import CalibrationSet, check_against_model, load_calibration, synthesize
+from lpcompile.frontend.onnx_io import load_model, save_model
+from lpcompile.io_utils import check_outputs
+from lpcompile.plan import PrecisionPlan
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ApplyResult",
+    "CompileResult",
+    "analyze_file",
+    "apply_file",
+    "compile_file",
+    "default_output",
+    "load_calib_for",
+    "load_normalized",
+    "plan_path_for",
+]
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What :func:`apply_file` wrote and how the model changed."""
+
+    output: Path
+    plan_path: Path
+    plan: PrecisionPlan
+    modified_by: tuple[str, ...]
+    input_bytes: int
+    output_bytes: int
+    softmax_substituted: tuple[str, ...]
+    checks: ModelCheck = field(default_factory=ModelCheck)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """Everything ``lpcompile MODEL --budget B`` produced."""
+
+    table: SensitivityTable
+    decision: Decision
+    applied: ApplyResult
+    timings: Mapping[str, float]
+
+    @property
+    def plan(self) -> PrecisionPlan:
+        """The plan as written (the decision, with the written file's figures)."""
+        return self.applied.plan
+
+
+def default_output(model_path: str | os.PathLike[str], suffix: str = ".lp.onnx") -> Path:
+    p = Path(model_path)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(stem + suffix)
+
+
+def plan_path_for(output: Path) -> Path:
+    stem = output.name[: -len(".onnx")] if output.name.endswith(".onnx") else output.name
+    return output.with_name(stem + ".plan.json")
+
+
+def check_output_path(
+    model_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    force: bool,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
+    plan_input: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Refuse to write the model or its plan over an input (unless ``force``) or onto a directory.
+
+    ``inputs`` are the command's other input files (calibration data), protected too. The plan
+    written beside ``out`` may replace ``plan_input`` (the plan the model is rewritten by: the
+    output plan is that plan, completed), but the model may not.
+    """
+    out = Path(out)
+    check_outputs([out], [model_path, plan_input, *inputs], force=force)
+    check_outputs([plan_path_for(out)], [model_path, *inputs], force=force)
+    return out
+
+
+def load_normalized(model_path: str | os.PathLike[str]) -> ir.Model:
+    """Load a model and normalise it (Gemm → MatMul, Constant weights → initializers)."""
+    from lpcompile.passes.normalize import NormalizeWeightsPass
+
+    model = load_model(model_path)
+    NormalizeWeightsPass()(model)
+    return model
+
+
+def load_calib_for(
+    model: ir.Model, calib_path: str | os.PathLike[str] | None, seed: int = 0, num_samples: int = 16
+) -> CalibrationSet:
+    """Calibration data for ``model``: the user's file/folder checked against the inputs, or synthetic."""
+    if calib_path is None:
+        return synthesize(model, num_samples=num_samples, seed=seed)
+    calib = load_calibration(calib_path)
+    check_against_model(calib, model)
+    return calib
+
+
+def analyze_file(
+    model_path: str | os.PathLike[str],
+    calib_path: str | os.PathLike[str] | None,
+    config: AnalysisConfig | None = None,
+    *,
+    validate: bool = False,
+    progress: Progress | None = None,
+    model: ir.Model | None = None,
+) -> SensitivityTable:
+    """Load (unless ``model`` is the already normalised model), analyse; the table records the file name."""
+    from lpcompile.frontend.torch_export import module_paths_from_metadata
+
+    config = config or AnalysisConfig()
+    model = model if model is not None else load_normalized(model_path)
+    check_model(model).log()
+    calib = load_calib_for(model, calib_path, seed=config.seed, num_samples=max(16, config.batch_size))
+    table = analyze(
+        model, calib, config, validate=validate, progress=progress, module_paths=module_paths_from_metadata(model)
+    )
+    return replace(table, model=Path(model_path).name)
+
+
+def write_outputs(applied: Applied, out_path: Path, model_path: str | os.PathLike[str]) -> tuple[Path, int]:
+    """Write the rewritten model (and external data) and its plan; return the plan path and total bytes."""
+    data_path = save_model(applied.model, out_path)
+    plan_out = plan_path_for(out_path)
+    applied.plan.save(plan_out)
+    return plan_out, out_path.stat().st_size + (data_path.stat().st_size if data_path else 0)
+
+
+def apply_file(
+    model_path: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    *,
+    plan: PrecisionPlan | None = None,
+    uniform: str | None = None,
+    calib_path: str | os.PathLike[str] | None = None,
+    config: ApplyConfig | None = None,
+    softmax: str | None = None,
+    force: bool = False,
+    plan_path: str | os.PathLike[str] | None = None,
+    model: ir.Model | None = None,
+    log_checks: bool = True,
+) -> ApplyResult:
+    """Rewrite ``model_path`` by a plan (or one uniform format) and write model + plan atomically.
+
+    Args:
+        model_path: the fp32 ONNX model (never modified).
+        out: output path (default ``MODEL.lp.onnx``); refused when it is an input unless ``force``.
+        plan: the precision plan; exactly one of ``plan`` and ``uniform`` is given.
+        uniform: one format for every weighted node (baselines): decided here by
+            :func:`lpcompile.api.decide_uniform`.
+        calib_path: calibration data for FP8 activation scales the plan lacks (synthetic when absent).
+        config: target, rounding, seed.
+        softmax: softmax mode of a ``uniform`` plan (``auto`` when None); a plan file keeps its own.
+        force: allow ``out`` to replace a previous output.
+        plan_path: the file ``plan`` was read from: the output model may not replace it (the output
+            plan may: it is the same plan, completed).
+        model: the already loaded, normalised model (loaded from ``model_path`` when None).
+        log_checks: log the model checks (compile has logged them already).
+    """
+    config = config or ApplyConfig()
+    if (plan is None) == (uniform is None):
+        raise UsageError("give either a plan file or --uniform FORMAT")
+    if plan is not None and softmax is not None and softmax != plan.softmax:
+        raise UsageError(
+            f"--softmax {softmax} contradicts the plan's softmax mode {plan.softmax!r}: the plan decides; "
+            "edit the plan (or re-plan with --softmax)"
+        )
+    out_path = check_output_path(model_path, out or default_output(model_path), force, [calib_path], plan_path)
+    model = model if model is not None else load_normalized(model_path)
+    checks = check_model(model)
+    if log_checks:
+        checks.log()
+    if uniform is not None:
+        plan = decide_uniform(model, uniform, softmax=softmax or "auto", target=config.target)
+    if plan is None:  # unreachable after the check above; keeps type checkers honest
+        raise UsageError("no plan")
+    plan = replace(plan, model=Path(model_path).name)
+    calib = load_calib_for(model, calib_path, seed=config.seed) if missing_scales(model, plan) else None
+    applied = apply(model, plan, config, calib)
+    plan_out, out_bytes = write_outputs(applied, out_path, model_path)
+    return ApplyResult(
+        output=out_path,
+        plan_path=plan_out,
+        plan=applied.plan,
+        modified_by=applied.modified_by,
+        input_bytes=_file_bytes(Path(model_path)),
+        output_bytes=out_bytes,
+        softmax_substituted=applied.softmax_substituted,
+        checks=checks,
+    )
+
+
+def compile_file(
+    model_path: str | os.PathLike[str],
+    budget: str,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    calib_path: str | os.PathLike[str] | None = None,
+    config: AnalysisConfig | None = None,
+    decide_config: DecideConfig | None = None,
+    apply_config: ApplyConfig | None = None,
+    validate: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> CompileResult:
+    """``lpcompile MODEL --budget B``: load once, analyse, decide, apply; writes OUT and OUT.plan.json."""
+    config = config or AnalysisConfig()
+    decide_config = decide_config or DecideConfig()
+    apply_config = apply_config or ApplyConfig(target=decide_config.target, seed=config.seed)
+    t0 = time.perf_counter()
+    parse_budget(budget)  # fail fast on a malformed budget or output path, before minutes of analysis
+    check_output_path(model_path, out or default_output(model_path), force, [calib_path])
+    model = load_normalized(model_path)
+    table = analyze_file(model_path, calib_path, config, validate=validate, progress=progress, model=model)
+    t1 = time.perf_counter()
+    decision = decide(table, budget, decide_config)
+    t2 = time.perf_counter()
+    applied = apply_file(
+        model_path, out, plan=decision.plan, calib_path=calib_path, config=apply_config, force=force,
+        model=model, log_checks=False,
+    )
+    t3 = time.perf_counter()
+    return CompileResult(
+        table=table,
+        decision=decision,
+        applied=applied,
+        timings={"analyze_s": t1 - t0, "plan_s": t2 - t1, "apply_s": t3 - t2, "total_s": t3 - t0},
+    )
+
+
+def _file_bytes(path: Path) -> int:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
