@@ -44,11 +44,12 @@ from typing import Any
 
 from lpcompile.errors import FormatError, PlanError
 from lpcompile.formats import canonical_name, get_format
-from lpcompile.io_utils import atomic_write_text
+from lpcompile.io_utils import atomic_write_text, check_plan_limits, read_json_bounded
 
 logger = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
+_TINY = 1.1754943508222875e-38  # smallest normal float32: a smaller positive amax gives a denormal scale
 SOFTMAX_MODES = ("auto", "two-pass", "keep")
 
 
@@ -155,14 +156,17 @@ class PrecisionPlan:
         raw_nodes = data.get("nodes")
         if not isinstance(raw_nodes, list):
             raise PlanError("plan has no 'nodes' list")
-        nodes = tuple(_node_from_dict(i, n) for i, n in enumerate(raw_nodes))
         seen: set[str] = set()
         dup_set: set[str] = set()
-        for n in nodes:
-            (dup_set if n.name in seen else seen).add(n.name)
+        for n in raw_nodes:  # duplicates in one pass, before anything is built
+            name = n.get("name") if isinstance(n, Mapping) else None
+            if isinstance(name, str):
+                (dup_set if name in seen else seen).add(name)
         dup = sorted(dup_set)
         if dup:
             raise PlanError(f"plan names node(s) more than once: {', '.join(dup[:5])}")
+        check_plan_limits(dict(data))  # node count bounded
+        nodes = tuple(_node_from_dict(i, n) for i, n in enumerate(raw_nodes))
         softmax = data.get("softmax", "auto") or "auto"
         if softmax not in SOFTMAX_MODES:
             raise PlanError(f"plan softmax mode {softmax!r} is not one of {', '.join(SOFTMAX_MODES)}")
@@ -170,8 +174,11 @@ class PrecisionPlan:
         if budget_bits is not None and not _is_number(budget_bits):
             raise PlanError("plan 'budget_bits' must be a number or null")
         scales = data.get("activation_scales") or {}
-        if not isinstance(scales, Mapping) or not all(_is_number(v) and v >= 0 for v in scales.values()):
-            raise PlanError("plan 'activation_scales' must map tensor names to finite non-negative numbers")
+        if not isinstance(scales, Mapping) or not all(_valid_amax(v) for v in scales.values()):
+            raise PlanError(
+                "plan 'activation_scales' must map tensor names to finite numbers that are 0 (uncalibrated) or "
+                "positive normal float32 values"
+            )
         return cls(
             nodes=nodes,
             budget=data.get("budget"),
@@ -192,14 +199,15 @@ class PrecisionPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PrecisionPlan:
+        """Read a plan file; its size and nesting depth are checked before it is parsed."""
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PlanError(f"cannot read plan {path}: {exc}") from None
-        return cls.from_json(text)
+        return cls.from_dict(read_json_bounded(path, "plan"))
+
+
+def _valid_amax(v: Any) -> bool:
+    return _is_number(v) and (v == 0 or v >= _TINY)
 
 
 def _is_number(v: Any) -> bool:
