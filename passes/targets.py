@@ -35,10 +35,13 @@ What was checked on ONNX Runtime 1.32 CPU (2 threads, batch 1; ``benchmarks/late
 * The decode-once arithmetic is the reference's (``lpcompile.formats.dequantize``): one fp32
   multiply per element, and for fp16 block scales a rounding of the (exact) product to fp16
   then back, so the folded weights are bit-identical to the ``DequantizeLinear`` decode.
-* ``MatMulNBits`` bits=4, ``accuracy_level=0`` (fp32 arithmetic on decoded weights): 0.5–0.7×
-  fp32 at batch 1 for K ≥ 384, ≈1.05× for 64×64. bits=8 with ``accuracy_level=0``: 2–9× *slower*
-  than fp32 (only ``accuracy_level=4``, int8 activations, is fast), so int8 MatMul weights are
-  decoded once on ``"ort"`` too.
+* ``MatMulNBits`` bits=4, ``accuracy_level=0`` (fp32 arithmetic on decoded weights), batch 1,
+  2 threads, against the fp32 MatMul with its pre-packed weight: 0.4–0.7× from K·N ≈ 590k weights
+  up (384×1536, 768×768, 1024², 2048²), but 1.2–1.5× *slower* up to K·N = 262k (384², 512², 1568×128,
+  288×1152 gave 1.18×): a small fp32 weight stays in cache and its GEMV beats the nibble unpacking.
+  So MatMulNBits is written only from :data:`NBITS_MIN_ELEMENTS` weights up (measured on this
+  machine's 1 MB L2; machine-specific). bits=8 with ``accuracy_level=0``: 2–9× *slower* than fp32
+  (only ``accuracy_level=4``, int8 activations, is fast), so int8 MatMul weights are decoded once.
 * ORT has no weight-only int4/int8 Conv kernel; int8 W8A8 (``ConvInteger`` /
   ``QLinearConv`` with ``DynamicQuantizeLinear``) would round the activations as well, which an
   ``int8`` plan (fp32 activations) does not ask for: Conv weights are decoded once.
@@ -58,12 +61,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+import numpy as np
+import onnx_ir as ir
+
 from lpcompile.errors import UsageError
 from lpcompile.formats import Format, get_format
+from lpcompile.passes._common import cast_to, is_onnx_op
 
 logger = logging.getLogger(__name__)
 
 TARGETS: tuple[str, ...] = ("qdq", "ort", "tvm")
+NBITS_MIN_ELEMENTS = 1 << 19
+"""Smallest weight (K·N elements) written as MatMulNBits on ``"ort"``; smaller ones are decoded once."""
 DEFAULT_TARGET = "qdq"
 OpClass = Literal["matmul", "conv", "gather", "other"]
 ActivationStyle = Literal["qdq", "cast"]
@@ -124,7 +133,14 @@ def nbits_block_ok(block_size: int, rank: int, axis: int) -> bool:
 
 
 def weight_kernel(
-    target: str, op_type: str, fmt: Format | str, *, block_size: int = 0, rank: int = 2, axis: int = 0
+    target: str,
+    op_type: str,
+    fmt: Format | str,
+    *,
+    block_size: int = 0,
+    rank: int = 2,
+    axis: int = 0,
+    elements: int = 0,
 ) -> Kernel:
     """How ``target`` writes the weight of an ``op_type`` node stored in ``fmt``.
 
@@ -136,6 +152,7 @@ def weight_kernel(
             effective one, ``min(format block, axis length)``.
         rank: rank of the weight.
         axis: the blocked axis (reduction axis) for blocked formats.
+        elements: the weight's element count (0: unknown, treated as large).
     """
     tgt = check_target(target)
     f = get_format(fmt) if isinstance(fmt, str) else fmt
@@ -150,7 +167,11 @@ def weight_kernel(
         note = "TVM lowering matches DequantizeLinear → MatMul" if fast else "folded at build time by the lowering"
         return Kernel(WeightForm.DEQUANTIZE, fast, note)
     if tgt == "ort" and cls == "matmul" and f.element == "int4" and nbits_block_ok(block_size, rank, axis):
-        return Kernel(WeightForm.MATMUL_NBITS, True, "MatMulNBits bits=4 accuracy_level=0 (0.5-0.7x fp32 at K>=384)")
+        if 0 < elements < NBITS_MIN_ELEMENTS:
+            return Kernel(
+                WeightForm.DECODE_ONCE, True, "decoded once: MatMulNBits is slower than fp32 on small weights"
+            )
+        return Kernel(WeightForm.MATMUL_NBITS, True, "MatMulNBits bits=4 accuracy_level=0 (0.4-0.7x fp32)")
     reason = {
         "matmul": "no faithful weight-only kernel faster than fp32" if tgt == "ort" else "standard ops only",
         "conv": "ORT has no weight-only int4/int8 Conv kernel",
@@ -161,10 +182,17 @@ def weight_kernel(
 
 
 def weight_form(
-    target: str, op_type: str, fmt: Format | str, *, block_size: int = 0, rank: int = 2, axis: int = 0
+    target: str,
+    op_type: str,
+    fmt: Format | str,
+    *,
+    block_size: int = 0,
+    rank: int = 2,
+    axis: int = 0,
+    elements: int = 0,
 ) -> WeightForm:
     """The :class:`WeightForm` of :func:`weight_kernel` (see there)."""
-    return weight_kernel(target, op_type, fmt, block_size=block_size, rank=rank, axis=axis).form
+    return weight_kernel(target, op_type, fmt, block_size=block_size, rank=rank, axis=axis, elements=elements).form
 
 
 def activation_style(target: str) -> ActivationStyle:
@@ -184,6 +212,80 @@ def softmax_pays(target: str) -> bool:
     ``Softmax`` there.
     """
     return check_target(target) == "tvm"
+
+
+def activation_kernel(target: str, element: str | None) -> Kernel:
+    """What rounding an activation to ``element`` costs on ``target`` (``None``: fp32, free).
+
+    ORT CPU has no FP8 and almost no bf16 arithmetic: the rounding is emulated by per-inference
+    elementwise ops (FP8: ``Div → Cast → Cast → Mul``; bf16/fp16: a ``Cast`` round trip), so a
+    format that rounds activations never runs faster than fp32 there (measured: uniform FP8 on the
+    digits MLP 1.2× fp32 at batch 1 with decode-once weights; the Q/DQ form 2.5×, and unfaithful at
+    ``ORT_ENABLE_ALL``). The TVM lowering fuses the rounding into its kernels.
+    """
+    tgt = check_target(target)
+    if element is None:
+        return Kernel(WeightForm.CAST, True, "fp32 activations")
+    if tgt == "tvm":
+        return Kernel(WeightForm.DEQUANTIZE, True, "rounding fused into the TVM kernel")
+    if element.startswith("float8"):
+        return Kernel(WeightForm.CAST, False, "FP8 rounding emulated per run: Div, Cast(fp8), Cast(fp32), Mul")
+    return Kernel(WeightForm.CAST, False, f"{element} rounding emulated per run: a Cast round trip")
+
+
+def runs_fast(
+    target: str, op_type: str, fmt: Format | str, *, block_size: int = 0, rank: int = 2, axis: int = 0
+) -> bool:
+    """Whether ``target`` runs an ``op_type`` node in ``fmt`` at least as fast as fp32 (weights and activations)."""
+    f = get_format(fmt) if isinstance(fmt, str) else fmt
+    weight = weight_kernel(target, op_type, f, block_size=block_size, rank=rank, axis=axis)
+    return weight.fast and activation_kernel(target, f.activation).fast
+
+
+def latency_formats(target: str, formats: tuple[str, ...], objective: str = "size") -> tuple[str, ...]:
+    """The candidate formats an objective allows on ``target``.
+
+    ``"size"``: all of ``formats``. ``"latency"``: only formats every op runs at least as fast as
+    fp32 (on ORT: weight-only formats; no activation rounding); when none is left, all of them
+    (no budget is refused because of the objective). ``"both"`` is ``"size"`` here: it needs a
+    tie-break inside the solver (prefer the faster of equal-loss choices).
+    """
+    if objective not in ("size", "latency", "both"):
+        raise UsageError(f"unknown objective {objective!r}: use size, latency or both")
+    if objective != "latency":
+        return tuple(formats)
+    fast = tuple(f for f in formats if activation_kernel(target, get_format(f).activation).fast)
+    if not fast:
+        logger.warning("objective latency: no format of %s runs fast on %s; keeping all", formats, target)
+        return tuple(formats)
+    return fast
+
+
+# Declared batch-1 cost of one weighted op relative to its fp32 op on ONNX Runtime CPU (2 threads),
+# from the measurements in the module docstring and benchmarks/latency.py; a cached on-machine
+# microbenchmark would replace these numbers.
+_RELATIVE_COST = {
+    WeightForm.DECODE_ONCE: 1.0,
+    WeightForm.CAST: 1.0,
+    WeightForm.MATMUL_NBITS: 0.6,
+    WeightForm.DEQUANTIZE: 3.0,
+}
+_ACTIVATION_COST = {"float8": 0.3, "half": 0.1}
+
+
+def relative_latency(
+    target: str, op_type: str, fmt: Format | str, *, block_size: int = 0, rank: int = 2, axis: int = 0
+) -> float:
+    """Declared batch-1 latency of an op in ``fmt`` over its fp32 latency on ``target`` (a solver tie-break)."""
+    f = get_format(fmt) if isinstance(fmt, str) else fmt
+    if f.is_identity:
+        return 1.0
+    form = weight_form(target, op_type, f, block_size=block_size, rank=rank, axis=axis)
+    cost = _RELATIVE_COST[form] if check_target(target) != "tvm" else 1.0
+    act = activation_kernel(target, f.activation)
+    if not act.fast and f.activation is not None:
+        cost += _ACTIVATION_COST["float8" if f.activation.startswith("float8") else "half"]
+    return cost
 
 
 def decode_once_bytes(weight_elements: int) -> int:
@@ -220,19 +322,250 @@ def kernel_table(formats: tuple[str, ...] = TABLE_FORMATS) -> list[KernelRow]:
     return rows
 
 
+# -- converting a decode-once model back to the DequantizeLinear form ---------------------------
+# The TVM lowering (lpcompile.runtime.tvm.patterns) matches DequantizeLinear weight patterns; a
+# model written for "qdq"/"ort" decodes its weights once with Cast/Mul/Flatten/Concat instead. The
+# two forms hold the same codes and scales, so one converts into the other exactly.
+
+_DECODE_OPS = ("Cast", "Mul", "Flatten", "Concat")
+
+
+@dataclass(frozen=True, eq=False)
+class _Decoded:
+    """The stored weight behind a decode-once chain, in DequantizeLinear's layout."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    axis: int
+    block_size: int
+
+
+def _init_array(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or not value.is_initializer() or value.const_value is None:
+        return None
+    return np.asarray(value.const_value.numpy())
+
+
+def _scaled(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """``[Cast32 ← Cast16 ←] Mul(Cast(codes), scale | Cast(scale))``: (codes, scale, fp16-rounded)."""
+    if value is None:
+        return None
+    node = value.producer()
+    rounded = False
+    if node is not None and cast_to(node) == ir.DataType.FLOAT and node.inputs[0] is not None:
+        inner = node.inputs[0].producer()
+        if inner is not None and cast_to(inner) == ir.DataType.FLOAT16:
+            rounded = True
+            node = inner.inputs[0].producer() if inner.inputs[0] is not None else None
+    if node is None or not is_onnx_op(node, "Mul") or len(node.inputs) != 2:
+        return None
+    c, sv = node.inputs
+    cast = c.producer() if c is not None else None
+    if cast is None or cast_to(cast) != ir.DataType.FLOAT:
+        return None
+    codes = _init_array(cast.inputs[0])
+    sp = sv.producer() if sv is not None else None
+    scale = _init_array(sp.inputs[0]) if sp is not None and cast_to(sp) == ir.DataType.FLOAT else _init_array(sv)
+    if codes is None or scale is None or (codes.dtype.kind == "f" and codes.dtype.itemsize >= 4):
+        return None
+    return codes, scale, rounded
+
+
+def _blocked(value: ir.Value | None, r: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int, bool] | None:
+    """``Flatten(scaled [K//b, b, N] | [O, K//b, b])``: 2-D codes, 2-D scales, axis, block, rounded."""
+    node = value.producer() if value is not None else None
+    if node is None or not is_onnx_op(node, "Flatten"):
+        return None
+    m = _scaled(node.inputs[0])
+    if m is None or m[0].ndim != 3:
+        return None
+    codes, scale, rounded = m
+    axis = 2 - node.attributes.get_int("axis", 1)
+    if axis not in (0, 1) or (r is not None and axis != r):
+        return None
+    if axis == 0:
+        full, b, n = codes.shape
+        return codes.reshape(full * b, n), scale.reshape(full, n), 0, b, rounded
+    o, full, b = codes.shape
+    return codes.reshape(o, full * b), scale.reshape(o, full), 1, b, rounded
+
+
+def _decoded(value: ir.Value) -> tuple[_Decoded, bool] | None:
+    """The stored weight a decode-once chain ending in ``value`` decodes, and whether it rounds via fp16."""
+    node = value.producer()
+    if node is None:
+        return None
+    if is_onnx_op(node, "Concat") and len(node.inputs) == 2:
+        r = node.attributes.get_int("axis", 0)
+        main = _blocked(node.inputs[0], r)
+        tail = _scaled(node.inputs[1])
+        if main is None or tail is None or tail[0].ndim != 2:
+            return None
+        codes = np.concatenate([main[0].astype(np.int8), tail[0].astype(np.int8)], axis=r).astype(main[0].dtype)
+        scale = np.concatenate([main[1], tail[1].astype(main[1].dtype)], axis=r)
+        return _Decoded(codes, scale, r, main[3]), main[4]
+    if is_onnx_op(node, "Flatten"):
+        m = _blocked(value)
+        return (_Decoded(m[0], m[1], m[2], m[3]), m[4]) if m is not None else None
+    if is_onnx_op(node, "Mul"):
+        m = _scaled(value)
+        if m is None or m[2]:
+            return None
+        codes, scale, _ = m
+        dims = list(scale.shape)
+        t = len(dims) - 1
+        if not dims or any(d != 1 for d in dims[1:]) or codes.ndim - 1 - t < 0:
+            return None
+        axis = codes.ndim - 1 - t
+        if codes.shape[axis] != dims[0]:
+            return None
+        return _Decoded(codes, scale.reshape(-1), axis, 0), False
+    return None
+
+
+def to_dequantize_form(model: ir.Model) -> int:
+    """Rewrite every decode-once weight decode of ``model`` (in place) as ``DequantizeLinear`` (+ ``Cast``).
+
+    The result is the ``"tvm"`` target's form of the same codes and scales (names ``<n>/weight_dq``,
+    ``<n>/weight_cast``, ``<n>`` the first consumer). Returns how many decodes were rewritten.
+    """
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from lpcompile.passes._common import WEIGHT_CAST, WEIGHT_DQ, Namer, add_initializer, make_node
+
+    graph = model.graph
+    namer = Namer(graph)
+    count = 0
+    for node in list(graph):
+        if node.domain in ("", "ai.onnx") and node.op_type in _DECODE_OPS:
+            continue
+        for value in list(node.inputs):
+            if value is None or value.producer() is None or value.dtype != ir.DataType.FLOAT:
+                continue
+            found = _decoded(value)
+            if found is None:
+                continue
+            d, rounded = found
+            base = node.name or value.name or "weight"
+            w = (value.name or "weight").split("_weight_")[0]
+            codes = add_initializer(graph, namer, f"{w}_q", np.ascontiguousarray(d.codes))
+            scale = add_initializer(graph, namer, f"{w}_scale", np.ascontiguousarray(d.scale))
+            attrs: dict[str, object] = {"axis": d.axis}
+            if d.block_size:
+                attrs["block_size"] = d.block_size
+            serves = [c.name or "" for c in value.consumers()]
+            half = rounded and d.scale.dtype == np.float16
+            out_dtype = ir.DataType.FLOAT16 if half else ir.DataType.FLOAT
+            shape = list(d.codes.shape)
+            new = [
+                make_node(
+                    "DequantizeLinear",
+                    [codes, scale],
+                    attrs,
+                    name=namer.node(base + WEIGHT_DQ),
+                    out_name=namer.value(f"{w}_dq"),
+                    out_dtype=out_dtype,
+                    out_shape=shape,
+                    serves=serves,
+                )
+            ]
+            if half:
+                new.append(
+                    make_node(
+                        "Cast",
+                        [new[0].outputs[0]],
+                        {"to": ir.DataType.FLOAT},
+                        name=namer.node(base + WEIGHT_CAST),
+                        out_name=namer.value(f"{w}_fp32"),
+                        out_dtype=ir.DataType.FLOAT,
+                        out_shape=shape,
+                        serves=serves,
+                    )
+                )
+            graph.insert_before(node, new)
+            value.replace_all_uses_with(new[-1].outputs[0])
+            count += 1
+    acts = _fp8_casts_to_qdq(graph, namer)
+    if count or acts:
+        RemoveUnusedNodesPass()(model)
+    logger.info("rewrote %d decode-once weight(s) and %d FP8 activation rounding(s) as Q/DQ", count, acts)
+    return count + acts
+
+
+_FP8_TYPES = {ir.DataType.FLOAT8E4M3FN: "float8_e4m3fn", ir.DataType.FLOAT8E5M2: "float8_e5m2"}
+
+
+def _fp8_casts_to_qdq(graph: ir.Graph, namer: object) -> int:
+    """``Mul(Cast32(Cast_fp8(Div(x, s))), s)`` (the ORT targets' FP8 activation rounding) → ``DQ(Q(x, s, 0), s, 0)``."""
+    from lpcompile.formats import FLOAT_SPECS
+    from lpcompile.passes._common import ACT_DQ, ACT_Q, add_initializer, make_node
+
+    count = 0
+    for mul in list(graph):
+        if not is_onnx_op(mul, "Mul") or len(mul.inputs) != 2 or mul.inputs[0] is None:
+            continue
+        back = mul.inputs[0].producer()
+        if back is None or cast_to(back) != ir.DataType.FLOAT or back.inputs[0] is None:
+            continue
+        q = back.inputs[0].producer()
+        fp8 = cast_to(q) if q is not None else None
+        if q is None or fp8 not in _FP8_TYPES or q.inputs[0] is None:
+            continue
+        div = q.inputs[0].producer()
+        if div is None or not is_onnx_op(div, "Div") or len(div.inputs) != 2 or div.inputs[1] is not mul.inputs[1]:
+            continue
+        x, scale = div.inputs
+        if x is None or scale is None or not scale.is_initializer():
+            continue
+        base = (mul.name or "act").rsplit("/", 1)[0]
+        zp = add_initializer(
+            graph, namer, f"{x.name or 'x'}_act_zp", np.zeros((), dtype=FLOAT_SPECS[_FP8_TYPES[fp8]].np_dtype)
+        )
+        serves = [c.name or "" for c in mul.outputs[0].consumers()]
+        qn = make_node(
+            "QuantizeLinear",
+            [x, scale, zp],
+            {"saturate": 1},
+            name=namer.node(base + ACT_Q),
+            out_name=namer.value(f"{x.name}_act_q"),
+            out_dtype=fp8,
+            out_shape=x.shape,
+            serves=serves,
+        )
+        dq = make_node(
+            "DequantizeLinear",
+            [qn.outputs[0], scale, zp],
+            None,
+            name=namer.node(base + ACT_DQ),
+            out_name=namer.value(f"{x.name}_act_dq"),
+            out_dtype=ir.DataType.FLOAT,
+            out_shape=x.shape,
+            serves=serves,
+        )
+        graph.insert_before(mul, [qn, dq])
+        mul.outputs[0].replace_all_uses_with(dq.outputs[0], replace_graph_outputs=True)
+        count += 1
+    return count
+
+
 __all__ = [
     "DEFAULT_TARGET",
     "TARGETS",
     "Kernel",
     "KernelRow",
     "WeightForm",
+    "activation_kernel",
     "activation_style",
     "check_target",
     "decode_once_bytes",
     "kernel_table",
+    "latency_formats",
     "nbits_block_ok",
     "op_class",
+    "relative_latency",
+    "runs_fast",
     "softmax_pays",
+    "to_dequantize_form",
     "weight_form",
     "weight_kernel",
 ]

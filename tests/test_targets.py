@@ -25,6 +25,7 @@ from lpcompile.graph import find_weight_nodes
 from lpcompile.passes.pipeline import apply_plan
 from lpcompile.passes.quantize_weights import QuantizeWeightsPass, decode_once_encoding
 from lpcompile.passes.targets import (
+    NBITS_MIN_ELEMENTS,
     TARGETS,
     WeightForm,
     activation_style,
@@ -120,6 +121,9 @@ def test_weight_forms() -> None:
     # ort: MatMulNBits for int4 blocks that fit it, decode-once for the rest (int8 MatMulNBits at
     # accuracy_level 0 is slower than fp32; no weight-only Conv kernel)
     assert weight_form("ort", "MatMul", "int4_b32", block_size=32) == WeightForm.MATMUL_NBITS
+    big, small = NBITS_MIN_ELEMENTS, NBITS_MIN_ELEMENTS - 1
+    assert weight_form("ort", "MatMul", "int4_b32", block_size=32, elements=big) == WeightForm.MATMUL_NBITS
+    assert weight_form("ort", "MatMul", "int4_b32", block_size=32, elements=small) == WeightForm.DECODE_ONCE
     assert weight_form("ort", "MatMul", "int4_b128", block_size=48) == WeightForm.DECODE_ONCE
     assert weight_form("ort", "MatMul", "int4_b128", block_size=128, rank=3) == WeightForm.DECODE_ONCE
     assert weight_form("ort", "MatMul", "int8") == WeightForm.DECODE_ONCE
@@ -150,11 +154,10 @@ def test_matmul_decode_once(fmt: str, k: int) -> None:
     (y,) = run(out, x=x)
     assert_matmul_close(y, x, ref)
     assert same_bits(folded_weight(out, "MatMul"), ref)
-    # the file stores the plan's bits: codes + scales, nothing else but shared int64 shape vectors
-    bits = stored_bits(out, {"W_q", "W_scale"})
-    assert bits == pytest.approx(plan.nodes[0].bits * w.size, rel=0, abs=1e-6)
-    extra = [t for t in out.graph.initializer if t.name not in ("W_q", "W_scale")]
-    assert all(t.data_type == onnx.TensorProto.INT64 and math.prod(t.dims) <= 8 for t in extra)
+    # the file stores exactly the plan's bits: codes and scales (a partial last block apart), nothing else
+    names = {t.name for t in out.graph.initializer}
+    assert names <= {"W_q", "W_scale", "W_q_tail", "W_scale_tail"}
+    assert stored_bits(out, names) == pytest.approx(plan.nodes[0].bits * w.size, rel=0, abs=1e-6)
     # idempotent, and the pattern is recognised as the plan's encoding
     before = snapshot(model)
     assert QuantizeWeightsPass(plan, target="qdq")(model).modified is False
@@ -175,13 +178,17 @@ def test_conv_decode_once(fmt: str) -> None:
     assert {n.op_type for n in y_fold.graph.node} == {"Conv"}
 
 
-def test_ort_target_int8_matmul_decodes_once_and_int4_uses_nbits() -> None:
+def test_ort_target_int8_matmul_decodes_once_and_int4_uses_nbits(monkeypatch: pytest.MonkeyPatch) -> None:
     proto, w, _ = one_matmul(256)
     model = to_ir(proto)
     QuantizeWeightsPass(plan_for(model, "int8"), target="ort")(model)
     out = check(model)
     assert ops(out) == ["Cast", "Mul", "MatMul"]
     assert same_bits(folded_weight(out, "MatMul"), qdq_weight("int8", w, MATMUL_LAYOUT))
+    model = to_ir(proto)
+    QuantizeWeightsPass(plan_for(model, "int4_b32"), target="ort")(model)
+    assert "MatMulNBits" not in ops(model)  # 256x24 weights: below NBITS_MIN_ELEMENTS, decoded once
+    monkeypatch.setattr("lpcompile.passes.targets.NBITS_MIN_ELEMENTS", 0)
     model = to_ir(proto)
     QuantizeWeightsPass(plan_for(model, "int4_b32"), target="ort")(model)
     assert ops(model) == ["MatMulNBits"]
@@ -223,3 +230,43 @@ def test_latency_inputs_repeat_samples() -> None:
     feed = latency_inputs(proto, calib, 7)
     assert feed["x"].shape == (7, 64)
     np.testing.assert_array_equal(feed["x"][3], x[0])
+
+
+@pytest.mark.parametrize("i", [64, 40])  # 40: a partial last block of 32
+def test_decode_once_rank4_blocks_reshape_path(i: int) -> None:
+    """Blocked weights of rank != 2 go through Pad/Reshape/Mul/Reshape/Slice; still bit-exact once folded."""
+    from lpcompile.formats import CONV_LAYOUT, dequantize, quantize_weight
+    from lpcompile.passes._common import Namer
+    from lpcompile.passes.quantize_weights import _emit_decode_once
+
+    proto, w, _ = one_conv(i=i)
+    model = to_ir(proto)
+    conv = next(iter(model.graph))
+    q = quantize_weight("int4_b32", w, CONV_LAYOUT)
+    decoded = _emit_decode_once(model.graph, Namer(model.graph), "W", q, get_format("int4_b32"), [conv])
+    conv.replace_input_with(1, decoded)
+    del model.graph.initializers["W"]
+    out = check(model)
+    assert "Reshape" in ops(out)
+    assert same_bits(folded_weight(out, "Conv"), dequantize(q))
+
+
+@pytest.mark.parametrize("fmt", ["int4_b32", "int8", "fp8_e4m3"])
+def test_to_dequantize_form_is_the_tvm_form(fmt: str) -> None:
+    """Decode-once weights (and Div/Cast/Cast/Mul FP8 roundings) convert back to Q/DQ exactly."""
+    from lpcompile.passes.targets import to_dequantize_form
+
+    proto, _, x = one_matmul(200)
+    outs = {}
+    for target in ("qdq", "tvm"):
+        model = to_ir(proto)
+        plan = plan_for(model, fmt)
+        plan = PrecisionPlan(nodes=plan.nodes, activation_scales={"x": 3.0})
+        apply_plan(model, plan, target=target)
+        if target == "qdq":
+            assert to_dequantize_form(model) >= 1
+            assert to_dequantize_form(model) == 0  # nothing left to convert
+        out = check(model)
+        assert not {"Flatten", "Concat", "Div"} & set(ops(out)) and "DequantizeLinear" in ops(out)
+        outs[target] = run(out, x=x)[0]
+    np.testing.assert_array_equal(outs["qdq"], outs["tvm"])

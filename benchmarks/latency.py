@@ -1,0 +1,407 @@
+"""ONNX Runtime CPU latency of lpcompile outputs against their fp32 source (issue 16).
+
+For every benchmark model available offline, every budget of the benchmark table (lpcompile's
+plan from the cached sensitivity table, formats ``harness.LPC_FORMATS``) and a few uniform formats,
+the model is rewritten for each target and measured:
+
+* latency: median batch-1 milliseconds of the rewritten model and of the fp32 source, interleaved
+  run by run in this process (``lpcompile.runtime.ort.compare_latency``: ``ORT_ENABLE_ALL``,
+  2 intra-op threads by default, ≥ 20 runs), and the ratio;
+* size: the file's bytes and the average weight bits measured from its tensors
+  (``harness.weight_bits``: codes, scales, and every tensor the rewrite added);
+* quality: the task's metrics (``harness.Task.score``) of the outputs computed in ``"exact"``
+  numerics against the fp32 outputs;
+* the ops ORT still runs after its optimisations that decode weights per inference
+  (``DequantizeLinear`` left after folding).
+
+Targets: ``qdq`` (default, standard ONNX: weights decoded once at session start), ``ort``
+(MatMulNBits for int4 MatMul weights, decode-once elsewhere); ``--before`` adds ``dq``: the same
+plan written with per-run ``DequantizeLinear`` weights (what the ``qdq`` target wrote before issue
+16; today the ``tvm`` target's form). The softmax follows ``passes.targets.softmax_pays`` (kept
+as ``Softmax`` on ORT).
+
+    python benchmarks/latency.py [--models digits_mlp,digits_cnn,fashion_mnist_cnn,efficientnet_lite0,minilm]
+        [--budgets 4.25,4.5,5,6,8] [--targets qdq,ort] [--uniform int8,fp8_e4m3,int4_b128] [--before]
+        [--runs 20] [--threads 2] [--no-quality] [--fresh]
+
+Writes ``benchmarks/results_latency.json`` and prints a table. Timings on shared machines are
+noisy: every ratio is measured side by side with fp32 in the same process, and ``uptime`` load is
+recorded in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (
+    ARTIFACTS,
+    BENCH_DIR,
+    BUDGETS,
+    LPC_FORMATS,
+    ROOT,
+    Context,
+    Metric,
+    Task,
+    analyze,
+    file_bytes,
+    prepare,
+    session,
+    setup_logging,
+    weight_bits,
+)
+
+logger = logging.getLogger(__name__)
+
+OUT_DIR = ROOT / "artifacts" / "latency"
+UNIFORM = ("int8", "fp8_e4m3", "int4_b128")
+DEFAULT_MODELS = ("digits_mlp", "digits_cnn", "fashion_mnist_cnn", "efficientnet_lite0", "minilm")
+RUNS = {"digits_mlp": 300, "digits_cnn": 300, "fashion_mnist_cnn": 200}
+"""Timed runs per model where one run is well under a millisecond (more runs, steadier medians)."""
+
+
+# ------------------------------------------------------------------------------------------
+# models
+
+
+def _digits_cnn_task() -> Task:
+    from common import classifier_scores, run_batched
+
+    models = ROOT / "examples" / "models"
+    x = np.load(models / "digits_heldout.npz")["pixels"].astype(np.float32)
+    labels = np.load(models / "digits_heldout_labels.npy")
+
+    def collect(sess: object) -> dict[str, np.ndarray]:
+        return run_batched(sess, {"pixels": x}, 128)
+
+    def score(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
+        return classifier_scores(out["logits"], ref["logits"], labels)
+
+    return Task(
+        name="digits_cnn",
+        model=models / "digits_cnn.onnx",
+        calib=models / "digits_calib.npz",
+        collect=collect,
+        score=score,
+        metrics=(Metric("kl", "KL", False, "{:.2e}"), Metric("accuracy", "acc", True, "{:.3f}")),
+        latency_feed={"pixels": x[:1]},
+        analysis={"probes": 16, "batch_size": 64},
+    )
+
+
+def _task(name: str) -> Task:
+    if name == "digits_mlp":
+        from bench_digits import digits_task
+
+        return digits_task()
+    if name == "digits_cnn":
+        return _digits_cnn_task()
+    if name == "fashion_mnist_cnn":
+        from bench_fashion_mnist import fashion_task
+
+        return fashion_task()
+    if name == "efficientnet_lite0":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from bench_efficientnet import efficientnet_task
+
+        return efficientnet_task()
+    if name == "minilm":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from bench_minilm import minilm_task
+
+        return minilm_task()
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(DEFAULT_MODELS)}")
+
+
+# ------------------------------------------------------------------------------------------
+# building
+
+
+def _write(ctx: Context, plan: Any, target: str, out: Path) -> dict[str, Any]:
+    """Rewrite the task's model by ``plan`` for ``target`` (``dq``: per-run DequantizeLinear weights)."""
+    from lpcompile.passes.targets import softmax_pays
+
+    softmax = None if softmax_pays("tvm" if target == "dq" else target) else "keep"
+    if target in ("qdq", "ort"):
+        from lpcompile.workflow import apply_to_file
+
+        res = apply_to_file(
+            ctx.task.model, out, plan=plan, calib_path=ctx.task.calib, target=target, softmax=softmax, force=True
+        )
+        return {"plan_bits": res.plan.achieved_bits, "softmax_substituted": len(res.softmax_substituted)}
+    # "dq": the same steps with the tvm target's weight form, Softmax kept (what ORT would run)
+    from lpcompile.frontend.onnx_io import save_model
+    from lpcompile.graph import find_weight_nodes
+    from lpcompile.passes.pipeline import apply_plan
+    from lpcompile.workflow import calibrate_plan, fp8_activation_tensors, load_calib_for, normalized_model
+
+    model = normalized_model(ctx.task.model)
+    nodes = find_weight_nodes(model)
+    if fp8_activation_tensors(plan, nodes):
+        plan = calibrate_plan(model, plan, load_calib_for(model, ctx.task.calib, seed=0))
+    # the tvm target's forms: weight DequantizeLinear, FP8 activation Q/DQ pairs (what qdq wrote before)
+    rewritten, _ = apply_plan(model, plan, target="tvm")
+    save_model(rewritten, out)
+    return {"plan_bits": plan.achieved_bits, "softmax_substituted": 0}
+
+
+def _plan(ctx: Context, budget: float | None, uniform: str | None, formats: tuple[str, ...] = LPC_FORMATS) -> Any:
+    from lpcompile.compiler import plan_from_table
+    from lpcompile.passes.pipeline import uniform_plan
+    from lpcompile.workflow import normalized_model
+
+    if uniform is not None:
+        return uniform_plan(normalized_model(ctx.task.model), uniform)
+    plan, _ = plan_from_table(ctx.table, f"{budget}bits", formats=formats)
+    return plan
+
+
+def _per_run_decodes(path: Path) -> dict[str, int]:
+    """Ops of the ORT_ENABLE_ALL graph that still decode or round per inference."""
+    from lpcompile.runtime.ort import optimized_proto
+
+    opt = optimized_proto(path, "all")
+    counts: dict[str, int] = {}
+    for n in opt.graph.node:
+        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+        if key in (
+            "DequantizeLinear",
+            "QuantizeLinear",
+            "Cast",
+            "com.microsoft.MatMulNBits",
+            "lpcompile.TwoPassSoftmax",
+        ):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _mix(plan: Any) -> dict[str, float]:
+    mix: dict[str, float] = {}
+    for n in plan.nodes:
+        mix[n.format] = mix.get(n.format, 0.0) + n.params
+    total = sum(mix.values()) or 1.0
+    return {f: round(v / total, 4) for f, v in sorted(mix.items())}
+
+
+# ------------------------------------------------------------------------------------------
+# measuring
+
+
+def measure(
+    ctx: Context,
+    key: str,
+    build: Callable[[Path], dict[str, Any]],
+    ref_out: dict[str, np.ndarray] | None,
+    runs: int,
+    threads: int,
+    batch: int,
+    fresh: bool,
+) -> dict[str, Any]:
+    """Build one variant and measure latency (vs fp32), size, bits and quality (cached as JSON)."""
+    from lpcompile.runtime.ort import compare_latency, latency_inputs
+
+    cache = OUT_DIR / ctx.task.name / f"{key}.json"
+    if cache.exists() and not fresh:
+        return json.loads(cache.read_text())
+    path = OUT_DIR / ctx.task.name / f"{key}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"key": key}
+    t0 = time.perf_counter()
+    row.update(build(path))
+    row["build_s"] = time.perf_counter() - t0
+    row["bits"] = weight_bits(path, ctx)
+    row["file_bytes"] = file_bytes(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    row["contrib_ops"] = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    row["per_run_ops"] = _per_run_decodes(path)
+    lat = compare_latency(path, ctx.task.model, ctx.task.latency_feed, threads=threads, runs=runs)
+    row.update(fp32_ms=lat.reference_ms, ms=lat.model_ms, ratio=lat.ratio, runs=lat.runs, threads=lat.threads)
+    if batch > 1:
+        from lpcompile.frontend.calib import load_calibration
+
+        feed = latency_inputs(ctx.task.model, load_calibration(ctx.task.calib), batch)
+        lb = compare_latency(path, ctx.task.model, feed, threads=threads, runs=max(10, runs // 4))
+        row.update({f"fp32_ms_b{batch}": lb.reference_ms, f"ms_b{batch}": lb.model_ms, f"ratio_b{batch}": lb.ratio})
+    if ref_out is not None:
+        t1 = time.perf_counter()
+        row.update(ctx.task.score(ctx.task.collect(session(path)), ref_out))
+        row["eval_s"] = time.perf_counter() - t1
+    cache.write_text(json.dumps(row, indent=1, default=_json_default))
+    for p in (path, path.with_name(path.name + ".data"), path.with_name(path.stem + ".plan.json")):
+        if p.exists():
+            p.unlink()
+    return row
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    from lpcompile.passes.targets import latency_formats
+    from lpcompile.runtime.ort import compare_latency
+
+    task = _task(name)
+    ctx = prepare(task, ARTIFACTS)
+    t0 = time.perf_counter()
+    analyze(ctx)
+    logger.info("%s: sensitivity table ready (%.1fs, cached across runs)", name, time.perf_counter() - t0)
+    ref_out = task.collect(session(task.model)) if not args.no_quality else None
+    runs = args.runs or RUNS.get(name, 30)
+    fp32 = {"key": "fp32", "file_bytes": file_bytes(Path(task.model)), "bits": weight_bits(ctx.norm, ctx)}
+    # control: the fp32 model against itself (two sessions), the noise floor of every ratio below
+    ctl = compare_latency(task.model, task.model, task.latency_feed, threads=args.threads, runs=runs)
+    fp32.update(fp32_ms=ctl.reference_ms, control_ms=ctl.model_ms, control_ratio=ctl.ratio, runs=ctl.runs)
+    logger.info("%s: fp32 %.3f ms; fp32 vs itself %.3fx (noise floor)", name, ctl.reference_ms, ctl.ratio)
+    rows = [fp32]
+    targets = [t for t in args.targets.split(",") if t] + (["dq"] if args.before else [])
+    fast_formats = latency_formats("qdq", LPC_FORMATS, "latency")
+    for budget in [float(b) for b in args.budgets.split(",") if b]:
+        variants = [("plan", LPC_FORMATS, targets)]
+        if args.latency_plans:
+            variants.append(("plan-latency", fast_formats, [t for t in targets if t != "dq"]))
+        for variant, formats, tgts in variants:
+            plan = _plan(ctx, budget, None, formats)
+            for target in tgts:
+                key = f"{variant}@{budget:g}/{target}"
+                row = measure(
+                    ctx,
+                    key,
+                    lambda p, t=target, pl=plan: _write(ctx, pl, t, p),
+                    None if target == "dq" else ref_out,  # dq: the qdq weights bit for bit; exact numerics equal
+                    runs,
+                    args.threads,
+                    args.batch,
+                    args.fresh,
+                )
+                row.update(variant=variant, budget=budget, target=target, mix=_mix(plan), formats=list(formats))
+                rows.append(row)
+                logger.info("%s %s: %.2fx fp32, %.3f bits", name, key, row["ratio"], row["bits"])
+    for fmt in [f for f in args.uniform.split(",") if f]:
+        plan = _plan(ctx, None, fmt)
+        for target in targets:
+            key = f"uniform-{fmt}/{target}"
+            row = measure(
+                ctx,
+                key,
+                lambda p, t=target, pl=plan: _write(ctx, pl, t, p),
+                None if target == "dq" else ref_out,
+                runs,
+                args.threads,
+                args.batch,
+                args.fresh,
+            )
+            row.update(variant=f"uniform-{fmt}", budget=None, target=target)
+            rows.append(row)
+            logger.info("%s %s: %.2fx fp32, %.3f bits", name, key, row["ratio"], row["bits"])
+    return {
+        "model": name,
+        "file": Path(task.model).name,
+        "weight_params": ctx.weight_params,
+        "metrics": [m.__dict__ for m in task.metrics],
+        "rows": rows,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# table
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    head = (
+        f"{'model':<20} {'variant':<22} {'target':<6} {'bits':>6} {'MB':>7} {'fp32 ms':>8} {'ms':>8} {'ratio':>6}"
+        "  quality"
+    )
+    lines.append(head)
+    lines.append("-" * len(head))
+    for res in results:
+        primary = res["metrics"][0]
+        for r in res["rows"]:
+            if r["key"] == "fp32":
+                ctl = r.get("control_ratio")
+                lines.append(
+                    f"{res['model']:<20} {'fp32 (vs itself)':<22} {'':<6} {r['bits']:6.2f}"
+                    f" {r['file_bytes'] / 1e6:7.2f} "
+                    + (f"{r['fp32_ms']:8.3f} {r['control_ms']:8.3f} {ctl:5.2f}x" if ctl is not None else "")
+                )
+                continue
+            variant = r["variant"] if r["budget"] is None else f"{r['variant']}@{r['budget']:g}bits"
+            q = r.get(primary["key"])
+            qs = f"{primary['label']} {primary['fmt'].format(q)}" if q is not None else ""
+            lines.append(
+                f"{res['model']:<20} {variant:<22} {r['target']:<6} {r['bits']:6.3f} {r['file_bytes'] / 1e6:7.2f} "
+                f"{r['fp32_ms']:8.3f} {r['ms']:8.3f} {r['ratio']:5.2f}x  {qs}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
+    p.add_argument("--targets", default="qdq,ort")
+    p.add_argument("--uniform", default=",".join(UNIFORM), help="uniform formats also measured ('' for none)")
+    p.add_argument("--before", action="store_true", help="also the per-run DequantizeLinear form ('dq')")
+    p.add_argument(
+        "--latency-plans",
+        action="store_true",
+        help="also plans from the formats ORT runs fast (passes.targets.latency_formats: no activation rounding)",
+    )
+    p.add_argument("--runs", type=int, default=0, help="timed batch-1 runs per model (default 30; 200-300 sub-ms)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1, help="also time this batch size (> 1)")
+    p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="ignore cached variant rows")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results_latency.json")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args()
+    setup_logging(args.verbose)
+    logger.setLevel(logging.INFO)
+    results = []
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    for name in [m for m in args.models.split(",") if m]:
+        try:
+            results.append(run_model(name, args))
+        except (ImportError, FileNotFoundError, OSError) as exc:
+            logger.warning("%s skipped: %s", name, exc)
+    summary = {
+        "benchmark": "ONNX Runtime CPU latency vs fp32 (batch 1, interleaved, same process)",
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "threads": args.threads,
+        "cores": os.cpu_count(),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "total_s": time.perf_counter() - t0,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "results": results,
+    }
+    if args.out.exists():  # keep models measured by earlier invocations
+        old = json.loads(args.out.read_text())
+        names = {r["model"] for r in results}
+        summary["results"] = [r for r in old.get("results", []) if r["model"] not in names] + results
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
+    os.replace(tmp, args.out)
+    print(format_table(summary["results"]))
+
+
+if __name__ == "__main__":
+    main()
