@@ -122,70 +122,20 @@ def evaluate(ctx: Context, path: Path, ref: Mapping[str, np.ndarray]) -> dict[st
 
 
 def apply(ctx: Context, plan: Any, weights: Mapping[str, Any], path: Path) -> None:
-    from lpcompile.workflow import apply_to_file
+    from lpcompile.config import ApplyConfig
+    from lpcompile.files import apply_file
 
     with precomputed_weights(weights):
-        apply_to_file(ctx.task.model, path, plan=plan, calib_path=ctx.task.calib, target="qdq", force=True)
-
-
-def predict_nodes(
-    model: Any,
-    captured: Mapping[str, Any],
-    rounder: Rounder,
-    method: str,
-    kron: bool,
-) -> list[Any]:
-    """The analyzer's per-(node, format) predictions, with ``method``'s weights (and the Kronecker loss)."""
-    from lpcompile.analysis.input_hessians import node_hessian
-    from lpcompile.analysis.table import NodeSensitivity
-    from lpcompile.formats import dequantize, get_format
-    from lpcompile.graph import tied_groups
-    from lpcompile.plan import Candidate
-    from lpcompile.rounding import kron_loss
-
-    nodes, fmts = captured["nodes"], captured["fmts"]
-    diag, act_term, act_elements = captured["diag"], captured["act_term"], captured["act_elements"]
-    groups = tied_groups(nodes)
-    out = []
-    for n in nodes:
-        if n.weight not in rounder.arrays:
-            continue
-        w = rounder.arrays[n.weight]
-        d = diag[n.weight]
-        h = node_hessian(n, rounder.hessians) if kron else None
-        cands = {}
-        for f in fmts:
-            fmt = get_format(f)
-            bits = fmt.bits_for(n.shape, n.layout)
-            if fmt.is_identity:
-                cands[f] = Candidate(bits=bits, predicted_loss=0.0)
-                continue
-            q = rounder.get(n.weight, fmt.name, method)
-            delta = dequantize(q).reshape(w.shape).astype(np.float64) - w
-            pred = kron_loss(delta, n.layout, d, h)
-            if fmt.activation and fmt.activation in act_elements:
-                pred += act_term[(n.activation, fmt.activation)]
-            cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
-        out.append(
-            NodeSensitivity(
-                name=n.name,
-                op_type=n.op_type,
-                weight=n.weight,
-                params=n.params,
-                shape=n.shape,
-                candidates=cands,
-                trace=float(d.sum()),
-                group=groups.get(n.name),
-            )
+        apply_file(
+            ctx.task.model, path, plan=plan, calib_path=ctx.task.calib, config=ApplyConfig(target="qdq"), force=True
         )
-    return out
 
 
 def analyze_capturing(ctx: Context) -> tuple[Any, dict[str, Any], float]:
     """One Hutchinson analysis (harness settings); also returns its Hessian diagonal and activation terms."""
     import lpcompile.analysis.sensitivity as sens
     from lpcompile.analysis.config import AnalysisConfig
-    from lpcompile.compiler import analyze_file
+    from lpcompile.files import analyze_file
 
     captured: dict[str, Any] = {}
     orig = sens.predict_losses
@@ -214,21 +164,25 @@ def main() -> None:
     p.add_argument("--skip-uniform", action="store_true")
     p.add_argument("--skip-mixed", action="store_true")
     p.add_argument("--out", type=Path, default=OUT_JSON)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (rounding, XᵀX, analysis)")
     args = p.parse_args()
     setup_logging()
     import torch
 
     from lpcompile.analysis.input_hessians import collect_input_hessians
+    from lpcompile.analysis.rounded import predict_rounded_losses, weights_for_plan
+    from lpcompile.api import decide
+    from lpcompile.config import DecideConfig
+    from lpcompile.files import load_normalized
     from lpcompile.frontend.calib import load_calibration
     from lpcompile.graph import find_weight_nodes
     from lpcompile.passes.pipeline import uniform_plan
-    from lpcompile.planning import plan_from_table
-    from lpcompile.workflow import normalized_model
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)  # on shared, oversubscribed cores one thread is many times faster
     task = minilm_task()
     ctx = prepare(task)
-    model = normalized_model(task.model)
+    model = load_normalized(task.model)
     # the benchmark's bits rule: MatMul/Gemm weights only (embedding tables stay fp32 for every method)
     nodes = [n for n in find_weight_nodes(model) if n.op_type in WEIGHT_OPS]
     ctx = matmul_only(ctx, nodes)
@@ -279,18 +233,34 @@ def main() -> None:
     if not args.skip_mixed:
         table, captured, analysis_s = analyze_capturing(ctx)
         result["analysis_s"] = analysis_s
+        # "nearest" is today's analyzer (½·ΣD·δ², RTN weights); the others score their own weights with
+        # the Kronecker prediction; a "+diag" suffix keeps the diagonal prediction (to isolate its effect)
         variants = []
-        for method in args.mixed_methods.split(","):
-            variants.append((method, method != "nearest"))
+        for m in args.mixed_methods.split(","):
+            method, _, pred = m.partition("+")
+            variants.append((method, method != "nearest" and pred != "diag"))
         for method, kron in variants:
             t1 = time.perf_counter()
-            predicted = predict_nodes(model, captured, rounder, method, kron)
-            tab = replace(table, nodes=tuple(n for n in predicted if n.op_type in WEIGHT_OPS))
+            predicted, rounded = predict_rounded_losses(
+                model,
+                nodes,
+                captured["fmts"],
+                captured["diag"],
+                captured["act_term"],
+                captured["act_elements"],
+                {},
+                hessians=hessians,
+                default_rounding=method,
+                kron=kron,
+            )
             predict_s = time.perf_counter() - t1
+            by_name = {n.name: n for n in table.nodes}
+            tab = replace(table, nodes=tuple(replace(n, group=by_name[n.name].group) for n in predicted))
             for b in (float(x) for x in args.budgets.split(",")):
-                plan, _ = plan_from_table(tab, f"{b}bits", formats=ANALYSIS_FORMATS)
+                decision = decide(tab, f"{b}bits", DecideConfig(formats=ANALYSIS_FORMATS, target="qdq"))
+                plan = decision.plan
                 path = work / f"mixed_{b}_{method}.onnx"
-                apply(ctx, plan, rounder.for_plan(plan, method), path)
+                apply(ctx, plan, weights_for_plan(plan, rounded), path)
                 mix: dict[str, int] = {}
                 for a in plan.nodes:
                     mix[a.format] = mix.get(a.format, 0) + a.params
@@ -303,7 +273,7 @@ def main() -> None:
                         "prediction": "kron" if kron else "diag",
                         "predict_s": predict_s,
                         "plan_bits": plan.achieved_bits,
-                        "predicted_loss": plan.predicted_loss,
+                        "predicted_loss": decision.solution.predicted_loss,
                         "mix": {f: round(v / total, 4) for f, v in sorted(mix.items())},
                         **evaluate(ctx, path, ref),
                     }

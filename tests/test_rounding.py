@@ -413,3 +413,39 @@ def test_plan_suffix_selects_the_rounding() -> None:
     ref = QuantizeWeightsPass(plan.with_nodes(plan.nodes), weights=expect)(model2).model
     feeds = {"x": x, "attention_mask": mask}
     np.testing.assert_array_equal(session(out).run(None, feeds)[0], session(ref).run(None, feeds)[0])
+
+
+def test_predict_rounded_losses_scores_what_is_written() -> None:
+    """Candidates 'int4_b32' and 'int4_b32:gptq' share bits; the GPTQ one is predicted (and measured) lower,
+    and the weights returned are exactly the ones the pass writes for that candidate."""
+    from lpcompile.analysis.input_hessians import collect_input_hessians
+    from lpcompile.analysis.rounded import predict_rounded_losses, weights_for_plan
+    from lpcompile.frontend.calib import CalibrationSet
+    from lpcompile.graph import find_weight_nodes
+    from lpcompile.plan import NodeAssignment, PrecisionPlan
+
+    model, x, mask, _, _ = _two_layers()
+    hs = collect_input_hessians(model, CalibrationSet({"x": x, "attention_mask": mask}, source="test"))
+    nodes = find_weight_nodes(model)
+    # an isotropic output sensitivity: D_kn = diag(XᵀX)_k, so the prediction is ½‖Xδ‖²/rows
+    diag = {n.weight: np.repeat(np.diagonal(hs[n.activation])[:, None], n.shape[1], axis=1) for n in nodes}
+    cands = ("int4_b32", "int4_b32:gptq", "fp32")
+    rows, weights = predict_rounded_losses(model, nodes, cands, diag, {}, set(), {}, hessians=hs)
+    for r in rows:
+        a, b = r.candidates["int4_b32"], r.candidates["int4_b32:gptq"]
+        assert a.bits == b.bits and b.predicted_loss < a.predicted_loss
+        assert r.candidates["fp32"].predicted_loss == 0.0
+    n0 = nodes[0]
+    rows_x = x[mask.astype(bool)].astype(np.float64)
+    for name in ("int4_b32", "int4_b32:gptq"):
+        q = weights[(n0.weight, name)]
+        delta = dequantize(q) - np.asarray(model.graph.initializers[n0.weight].const_value.numpy())
+        exact = 0.5 * float(np.sum((rows_x @ delta) ** 2)) / rows_x.shape[0]
+        # with D_kn = H_kk the Kronecker prediction is ½·δᵀHδ per column: the exact mean output error
+        assert rows[0].candidates[name].predicted_loss == pytest.approx(exact, rel=1e-4)
+    plan = PrecisionPlan(
+        nodes=tuple(NodeAssignment(n.name, n.op_type, n.weight, n.params, "int4_b32:gptq", 4.5) for n in nodes)
+    )
+    chosen = weights_for_plan(plan, weights)
+    assert set(chosen) == {"W1", "W2"}
+    np.testing.assert_array_equal(chosen["W1"].codes, weights[("W1", "int4_b32:gptq")].codes)

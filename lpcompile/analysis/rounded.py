@@ -1,0 +1,121 @@
+"""Per-(node, candidate) predicted losses where a candidate is a (format, rounding) pair.
+
+The drop-in for :func:`lpcompile.analysis.sensitivity.predict_losses` once the analysis has the
+layer-input Hessians (:mod:`lpcompile.analysis.input_hessians`, accumulated in its reference pass):
+each candidate's loss is computed from the very weights that candidate writes
+(:func:`lpcompile.rounding.candidate`), with the Kronecker-factored prediction
+½·Σ_n g_n·δ_nᵀĤδ_n (:func:`lpcompile.rounding.kron_loss`) wherever the node has a Hessian, so
+GPTQ's use of input correlations is visible to the solver. The rounded weights are returned too,
+keyed by (weight, candidate), so ``apply`` can write exactly what was scored
+(``QuantizeWeightsPass(weights=...)``).
+
+Candidate names: a format, optionally with a rounding suffix (``int4_b128:gptq``, see
+:func:`lpcompile.formats.split_candidate`); without one, ``default_rounding`` applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from lpcompile.analysis.input_hessians import node_hessian
+from lpcompile.analysis.table import Candidate, NodeSensitivity
+from lpcompile.formats import QuantizedWeight, dequantize, get_format, split_candidate
+from lpcompile.graph import WeightNode, tied_groups, weight_array
+from lpcompile.rounding import DEFAULT_CONFIG, RoundingConfig, kron_loss, round_weight
+
+logger = logging.getLogger(__name__)
+
+RoundedWeights = dict[tuple[str, str], QuantizedWeight]
+
+
+def predict_rounded_losses(
+    model: ir.Model,
+    nodes: Sequence[WeightNode],
+    candidates: Sequence[str],
+    diag: Mapping[str, np.ndarray],
+    act_term: Mapping[tuple[str, str], float],
+    act_elements: set[str],
+    module_paths: Mapping[str, str],
+    *,
+    hessians: Mapping[str, np.ndarray] | None,
+    default_rounding: str = "nearest",
+    kron: bool = True,
+    config: RoundingConfig = DEFAULT_CONFIG,
+    keep_weights: bool = True,
+) -> tuple[list[NodeSensitivity], RoundedWeights]:
+    """Table rows and the rounded weights (empty when ``keep_weights`` is False).
+
+    Args:
+        model: the normalised model.
+        nodes: its weighted nodes.
+        candidates: candidate names (formats with optional ``:rounding``), fp32 included.
+        diag: estimated Hessian diagonal per weight name.
+        act_term: ½·Σ D^a·δa² per (activation tensor, element), as the analyzer sums it.
+        act_elements: the activation elements analysed.
+        module_paths: node name → module path (PyTorch entry), may be empty.
+        hessians: ``XᵀX`` per activation tensor (None: diagonal predictions, Hessian-free rounding).
+        default_rounding: the rounding of candidates without a suffix.
+        kron: use the Kronecker prediction where a Hessian exists (else ½·ΣD·δ² everywhere).
+        config: rounding knobs.
+        keep_weights: return the rounded weights (memory: one copy per candidate per weight).
+    """
+    groups = tied_groups(nodes)
+    rows: list[NodeSensitivity] = []
+    weights: RoundedWeights = {}
+    cache: dict[tuple[str, str, str], tuple[QuantizedWeight, float]] = {}
+    for n in nodes:
+        w = weight_array(model, n.weight)
+        d = diag[n.weight]
+        h = node_hessian(n, hessians)
+        cands: dict[str, Candidate] = {}
+        for name in candidates:
+            fmt_name, method = split_candidate(name)
+            fmt = get_format(fmt_name)
+            method = method or default_rounding
+            bits = fmt.bits_for(n.shape, n.layout)
+            if fmt.is_identity:
+                cands[name] = Candidate(bits=bits, predicted_loss=0.0)
+                continue
+            key = (n.weight, fmt.name, method)
+            if key not in cache:
+                q = round_weight(fmt, w, n.layout, method, hessian=h, config=config)
+                delta = dequantize(q).reshape(w.shape).astype(np.float64) - w
+                cache[key] = (q, kron_loss(delta, n.layout, d, h if kron else None))
+            q, pred = cache[key]
+            if fmt.activation and fmt.activation in act_elements:
+                pred += act_term[(n.activation, fmt.activation)]
+            cands[name] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
+            if keep_weights:
+                weights[(n.weight, name)] = q
+        rows.append(
+            NodeSensitivity(
+                name=n.name,
+                op_type=n.op_type,
+                weight=n.weight,
+                params=n.params,
+                shape=n.shape,
+                candidates=cands,
+                trace=float(np.sum(d)),
+                group=groups.get(n.name),
+                module_path=module_paths.get(n.name),
+                activation=n.activation,
+            )
+        )
+    return rows, weights
+
+
+def weights_for_plan(plan: object, weights: RoundedWeights) -> dict[str, QuantizedWeight]:
+    """The scored weights of the plan's choices, by initializer name (``QuantizeWeightsPass(weights=...)``)."""
+    out: dict[str, QuantizedWeight] = {}
+    for a in plan.nodes:  # type: ignore[attr-defined]
+        q = weights.get((a.weight, a.format))
+        if q is not None:
+            out[a.weight] = q
+    return out
+
+
+__all__ = ["RoundedWeights", "predict_rounded_losses", "weights_for_plan"]
