@@ -778,35 +778,47 @@ def _json_depth(text: str) -> int:
 
 
 def read_json_bounded(
-    path: PathLike, what: str = "JSON file", *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH
+    path: PathLike,
+    what: str = "JSON file",
+    *,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+    error: type[LpError] = LpError,
 ) -> Any:
     """Parse a JSON file after checking its size and nesting depth.
 
+    Args:
+        path: the file.
+        what: what the file is, for messages (``"plan"``: ``cannot read plan X: ...``).
+        max_bytes: largest file accepted.
+        max_depth: deepest nesting of arrays/objects accepted.
+        error: the :class:`LpError` subclass to raise (e.g. ``PlanError``).
+
     Raises:
-        LpError: missing, unreadable, too large, too deeply nested, or not JSON (one line).
+        error: missing, unreadable, too large, too deeply nested, or not JSON (one line).
     """
     p = Path(path)
     try:
         st = os.stat(p)
         if not stat.S_ISREG(st.st_mode):
-            raise LpError(f"{what} {p} is not a regular file")
+            raise error(f"cannot read {what} {p}: not a regular file")
         if st.st_size > max_bytes:
-            raise LpError(f"{what} {p} is {st.st_size:,} bytes, more than the {max_bytes:,} accepted")
+            raise error(f"cannot read {what} {p}: {st.st_size:,} bytes, more than the {max_bytes:,} accepted")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise LpError(f"{what} not found: {p}") from None
+        raise error(f"{what} file not found: {p}") from None
     except UnicodeDecodeError:
-        raise LpError(f"{what} {p} is not UTF-8 text") from None
+        raise error(f"cannot read {what} {p}: not UTF-8 text") from None
     except OSError as exc:
-        raise LpError(f"cannot read {what} {p}: {_why(exc)}") from None
+        raise error(f"cannot read {what} {p}: {_why(exc)}") from None
     depth = _json_depth(text)
     if depth > max_depth:
-        raise LpError(f"{what} {p} is nested {depth} levels deep (at most {max_depth} accepted)")
+        raise error(f"cannot read {what} {p}: nested {depth} levels deep (at most {max_depth} accepted)")
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LpError(f"{what} {p} is not valid JSON: {msg}") from None
+        raise error(f"{what} {p} is not valid JSON: {msg}") from None
 
 
 def check_plan_limits(data: Any, *, max_nodes: int = MAX_PLAN_NODES, what: str = "plan") -> None:

@@ -458,7 +458,7 @@ FLAG_CASES: dict[str, tuple[list[str], int, str]] = {
     ),
     "batch-size -1": (["analyze", "M", "--batch-size=-1", "-o", "D/o.json"], 2, "--batch-size must be at least 1"),
     "eval batch-size 0": (["eval", "M", "--reference", "M", "--batch-size", "0"], 2, "batch size must be at least 1"),
-    "unknown format": (["apply", "M", "--uniform", "int3", "-o", "D/o.onnx"], 1, "unknown format 'int3'"),
+    "unknown format": (["apply", "M", "--uniform", "fmt_nope", "-o", "D/o.onnx"], 1, "unknown format 'fmt_nope'"),
     "empty formats": (["analyze", "M", "--formats", ",", "-o", "D/o.json"], 1, "empty format list"),
     "bad keep regex": (["compile", "M", "--budget", "4.5", "--keep", "(", "-o", "D/o.onnx"], 2, "bad regex"),
     "unknown flag": (["apply", "M", "--frobnicate"], 2, "unrecognized arguments"),
