@@ -2,7 +2,7 @@
 PY ?= python3
 PIP = $(PY) -m pip
 
-.PHONY: help install install-dev demo test test-all lint bench-smoke examples
+.PHONY: help install install-dev demo test test-all lint wheel-check bench-smoke examples
 
 help:
 	@echo "make demo       install and compile the embedded digits model at 4.5 bits"
@@ -28,6 +28,10 @@ test-all: install-dev
 
 lint:
 	ruff check .
+	$(PY) .ci/check_imports.py
+
+wheel-check:
+	.ci/wheel_check.sh
 
 examples:
 	$(PY) examples/build_digits.py --out examples/models
