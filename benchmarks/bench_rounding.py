@@ -131,6 +131,79 @@ def apply(ctx: Context, plan: Any, weights: Mapping[str, Any], path: Path) -> No
         )
 
 
+# ------------------------------------------------------------------------------------------
+# peers at their strongest settings (the same data, metric and bits rule)
+
+
+def peer_nncf(
+    ctx: Context, out: Path, mode: str, group: int, budget: float | None, awq: bool = False
+) -> dict[str, Any]:
+    """NNCF ``compress_weights`` with scale estimation on the model raised to opset 21.
+
+    At opset < 21 NNCF 3.4 writes ``MatMulNBits`` with the MatMul→Add bias as its input 5 and keeps the
+    Add (the bias is added twice); at opset 21 it writes blocked DequantizeLinear. ``budget`` None: every
+    MatMul in ``mode`` (ratio 1); else an INT8_ASYM backup with the ratio fitted to the budget.
+    """
+    import nncf
+    import onnx
+    from harness import _float_feeds, _lower_ir, calib_batches, save_proto
+    from nncf import CompressWeightsMode, SensitivityMetric
+    from onnx import version_converter
+
+    proto = onnx.load(str(ctx.norm))
+    feeds = _float_feeds(calib_batches(ctx.task, ctx.task.nncf_batch, limit=64), proto)
+    ratio = 1.0
+    info: dict[str, Any] = {"mode": mode, "group": group, "scale_estimation": True, "awq": awq}
+    for attempt in range(3):
+        q = nncf.compress_weights(
+            version_converter.convert_version(onnx.load(str(ctx.norm)), 21),
+            mode=getattr(CompressWeightsMode, mode),
+            ratio=ratio,
+            group_size=group,
+            all_layers=True,
+            sensitivity_metric=SensitivityMetric.HESSIAN_INPUT_ACTIVATION,
+            dataset=nncf.Dataset(feeds),
+            scale_estimation=True,
+            awq=awq,
+            ignored_scope=nncf.IgnoredScope(types=["Gather", "Conv"], validate=False),
+        )
+        save_proto(_lower_ir(q), out)
+        bits = weight_bits(out, ctx)
+        info.update(ratio=ratio, attempts=attempt + 1)
+        if budget is None or abs(bits - budget) <= 0.03 or attempt == 2:
+            break
+        if attempt == 0:
+            b4 = bits
+            ratio = float(np.clip((8.3 - budget) / (8.3 - b4), 0.0, 1.0))
+        else:
+            ratio = float(np.clip(ratio + (bits - budget) / (8.3 - b4), 0.0, 1.0))
+    return info
+
+
+def peer_ort(ctx: Context, out: Path, block: int, symmetric: bool, algo: str = "default") -> dict[str, Any]:
+    """ONNX Runtime ``MatMulNBitsQuantizer``: its default absmax rounding or k-quant scale search."""
+    import onnx
+    from harness import save_proto
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    config = None
+    if algo == "k_quant":
+        config = mnq.KQuantWeightOnlyQuantConfig()
+    q = mnq.MatMulNBitsQuantizer(onnx.load(str(ctx.norm)), block_size=block, is_symmetric=symmetric, algo_config=config)
+    q.process()
+    save_proto(q.model.model, out)
+    return {"algo": algo, "block": block, "symmetric": symmetric}
+
+
+PEERS: dict[str, Any] = {
+    "nncf-int4sym-g64-se": lambda ctx, out: peer_nncf(ctx, out, "INT4_SYM", 64, None),
+    "nncf-int4sym-g64-se-4.5": lambda ctx, out: peer_nncf(ctx, out, "INT4_SYM", 64, 4.5),
+    "nncf-int4asym-g128-se-awq": lambda ctx, out: peer_nncf(ctx, out, "INT4_ASYM", 128, None, awq=True),
+    "ort-default-asym-b64": lambda ctx, out: peer_ort(ctx, out, 64, False),
+    "ort-kquant-asym-b64": lambda ctx, out: peer_ort(ctx, out, 64, False, "k_quant"),
+}
+
+
 def analyze_capturing(ctx: Context) -> tuple[Any, dict[str, Any], float]:
     """One Hutchinson analysis (harness settings); also returns its Hessian diagonal and activation terms."""
     import lpcompile.analysis.sensitivity as sens
@@ -163,6 +236,7 @@ def main() -> None:
     p.add_argument("--mixed-methods", default="nearest,gptq")
     p.add_argument("--skip-uniform", action="store_true")
     p.add_argument("--skip-mixed", action="store_true")
+    p.add_argument("--peers", default="", help=f"comma list of peer variants: {', '.join(PEERS)}")
     p.add_argument("--out", type=Path, default=OUT_JSON)
     p.add_argument("--threads", type=int, default=1, help="torch threads (rounding, XᵀX, analysis)")
     args = p.parse_args()
@@ -279,6 +353,21 @@ def main() -> None:
                     }
                 )
                 path.unlink(missing_ok=True)
+    for name in [x for x in args.peers.split(",") if x]:
+        path = work / f"peer_{name}.onnx"
+        t1 = time.perf_counter()
+        try:
+            info = PEERS[name](ctx, path)
+        except Exception as exc:  # a peer that cannot handle the model is recorded, not fatal
+            record({"kind": "peer", "method": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            continue
+        build_s = time.perf_counter() - t1
+        try:
+            row = evaluate(ctx, path, ref)
+        except Exception as exc:
+            row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        record({"kind": "peer", "method": name, "build_s": build_s, **info, **row})
+        path.unlink(missing_ok=True)
     result["round_s_by_method"] = rounder.seconds
     args.out.write_text(json.dumps(result, indent=1))
     print(format_table(rows))
@@ -288,9 +377,17 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     head = "| weights | rounding | bits | 1−cos | SimLex ρ | probe acc |"
     lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
-        what = f"uniform {r['format']}" if r["kind"] == "uniform" else f"mixed plan, budget {r['budget']}"
-        cells = [what, r["rounding"], f"{r['bits']:.3f}", f"{r['dcos']:.2e}", f"{r['simlex']:.4f}"]
-        lines.append("| " + " | ".join([*cells, f"{r['sentiment']:.3f}"]) + " |")
+        if r["kind"] == "uniform":
+            what, how = f"uniform {r['format']}", r["rounding"]
+        elif r["kind"] == "mixed":
+            what, how = f"lpcompile mixed plan, budget {r['budget']}", f"{r['rounding']} ({r['prediction']})"
+        else:
+            what, how = r["method"], "peer"
+        if "error" in r:
+            lines.append(f"| {what} | {how} | – | {r['error'][:60]} | | |")
+            continue
+        cells = [what, how, f"{r['bits']:.3f}", f"{r['dcos']:.2e}", f"{r['simlex']:.4f}", f"{r['sentiment']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -360,9 +360,6 @@ def round_weight(
     method = parse_method(method)
     if method in ("nearest", "stochastic") or fmt.is_identity:
         return quantize_weight(fmt, w, layout, "nearest" if fmt.is_identity else method, seed)  # type: ignore[arg-type]
-    if not _has_grid(fmt):
-        logger.debug("%s: %s is not implemented for this family; reference rounding", fmt.name, method)
-        return quantize_weight(fmt, w, layout, "nearest")
     w = np.asarray(w, dtype=np.float32)
     if w.ndim == 0 and fmt.scale != "none":
         raise FormatError(f"format {fmt.name} needs a weight of rank >= 1")
@@ -379,6 +376,8 @@ def round_weight(
         return quantize_weight(fmt, w, layout, "nearest")
     k = reduction_size(w.shape, layout)
     hessian = _check_hessian(hessian, k, fmt.name)
+    if not _has_grid(fmt):
+        return _round_table_family(fmt, w, layout, method, hessian, config)
     grid = _Grid.of(fmt)
     clean, finite = _sanitize(w)
     perm = _perm(w.ndim, layout)
@@ -422,6 +421,72 @@ def _pack(
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _TableGrid:
+    """Any element given by its sorted value table (minifloats, NF4, ints of any width, unsigned codes)."""
+
+    values: torch.Tensor  # sorted ascending, float32
+    round_to: torch.dtype | None  # product rounding (fp16 / bf16 scales without a tensor scale)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        mids = 0.5 * (self.values[1:] + self.values[:-1])
+        return self.values[torch.bucketize(x, mids)]
+
+    def decode(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = codes * scale
+        return out.to(self.round_to).to(torch.float32) if self.round_to is not None else out
+
+
+def _round_table_family(
+    fmt: Format, w: np.ndarray, layout: WeightLayout, method: str, hessian: np.ndarray | None, cfg: RoundingConfig
+) -> QuantizedWeight:
+    """Grammar families (:mod:`lpcompile.format_grammar`): the reference's scales (and zero points),
+    codes by GPTQ on the element's value table when a Hessian is given, else the reference's codes."""
+    from lpcompile import format_grammar as fg
+
+    ref = quantize_weight(fmt, w, layout, "nearest")
+    clean, finite = _sanitize(w)
+    if method != "gptq" or hessian is None or not finite or ref.scale is None:
+        return ref
+    asym = ref.zero_point is not None
+    table = np.arange(fg.int_range(fmt.element)[1] + 1) if asym else np.unique(fg.code_table(fmt.element))
+    round_to = None
+    if ref.tensor_scale is None and fmt.scale_dtype in ("float16", "bfloat16"):
+        round_to = torch.float16 if fmt.scale_dtype == "float16" else torch.bfloat16
+    grid = _TableGrid(torch.from_numpy(np.asarray(table, dtype=np.float32)), round_to)
+    full_s = _expand_groups(ref.scale.astype(np.float32), ref, w.shape)
+    if ref.tensor_scale is not None:
+        full_s = (full_s * np.float32(ref.tensor_scale)).astype(np.float32)
+    full_z = _expand_groups(ref.zero_point.astype(np.float32), ref, w.shape) if asym else None
+    perm = _perm(w.ndim, layout)
+    k = reduction_size(w.shape, layout)
+
+    def view(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(np.transpose(a, perm), dtype=np.float32, order="C")).reshape(k, -1)
+
+    shape_p = tuple(np.transpose(clean, perm).shape)
+    vals = _gptq(grid, view(clean), view(full_s), hessian, cfg, view(full_z) if full_z is not None else None)
+    v = np.transpose(vals.reshape(shape_p).numpy(), np.argsort(perm))
+    if asym:
+        codes = v.astype(np.int16)
+    elif fmt.element == "nf4":
+        codes = np.searchsorted(np.asarray(fg.NF4_TABLE, dtype=np.float32), v).astype(np.uint8)
+    elif fmt.element.startswith("int"):
+        codes = v.astype(np.int8)
+    else:
+        codes = v.astype(fg.BY_ELEMENT[fmt.element].np_dtype)
+    return QuantizedWeight(ref.format, codes, ref.scale, ref.axis, ref.block_size, ref.zero_point, ref.tensor_scale)
+
+
+def _expand_groups(a: np.ndarray, q: QuantizedWeight, shape: tuple[int, ...]) -> np.ndarray:
+    """Per-group values (scales / zero points) broadcast to every element of the weight."""
+    if q.block_size:
+        return np.repeat(a, q.block_size, axis=q.axis).take(np.arange(shape[q.axis]), axis=q.axis)
+    bshape = [1] * len(shape)
+    bshape[q.axis] = -1
+    return np.broadcast_to(a.reshape(bshape), shape)
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹``, raising damping until it factorises."""
     diag = torch.diagonal(h)
@@ -441,8 +506,19 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise FormatError("gptq: the Hessian could not be factorised even with heavy damping")
 
 
-def _gptq(grid: _Grid, w: torch.Tensor, scale: torch.Tensor, hessian: np.ndarray, cfg: RoundingConfig) -> torch.Tensor:
-    """Codes ``[K, N]`` of ``w [K, N]`` with per-element ``scale [K, N]``, error-compensated along K."""
+def _gptq(
+    grid: _Grid | _TableGrid,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    hessian: np.ndarray,
+    cfg: RoundingConfig,
+    zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Codes ``[K, N]`` of ``w [K, N]`` with per-element ``scale [K, N]``, error-compensated along K.
+
+    With ``zero`` (asymmetric grids) a value ``x`` is coded as ``codes(x/s + z)`` and decodes to
+    ``decode(c − z, s)``.
+    """
     k = w.shape[0]
     h = torch.from_numpy(np.asarray(hessian, dtype=np.float64)).clone()
     h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
@@ -456,9 +532,11 @@ def _gptq(grid: _Grid, w: torch.Tensor, scale: torch.Tensor, hessian: np.ndarray
     # rows of w = reduction index; work on Wt [N, K] as in the paper (columns = inputs)
     wt = w.T.contiguous().clone()
     st = scale.T.contiguous()
+    zt = zero.T.contiguous() if zero is not None else None
     if cfg.act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         wt, st, h = wt[:, perm], st[:, perm], h[perm][:, perm]
+        zt = zt[:, perm] if zt is not None else None
     else:
         perm = None
     hinv = _inverse_cholesky(h, cfg.damp).to(torch.float32)
@@ -470,12 +548,18 @@ def _gptq(grid: _Grid, w: torch.Tensor, scale: torch.Tensor, hessian: np.ndarray
         e1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         s1 = st[:, i1:i2]
+        z1 = zt[:, i1:i2] if zt is not None else None
         for i in range(i2 - i1):
             col = w1[:, i]
             sc = s1[:, i]
-            c = grid.codes(col / sc)
+            if z1 is None:
+                c = grid.codes(col / sc)
+                dec = grid.decode(c, sc)
+            else:
+                c = grid.codes(col / sc + z1[:, i])
+                dec = grid.decode(c - z1[:, i], sc)
             q[:, i1 + i] = c
-            err = (col - grid.decode(c, sc)) / h1[i, i]
+            err = (col - dec) / h1[i, i]
             if i + 1 < i2 - i1:
                 w1[:, i + 1 :].sub_(torch.outer(err, h1[i, i + 1 :]))
             e1[:, i] = err

@@ -372,12 +372,27 @@ def test_pass_writes_the_rounded_weights(fmt: str) -> None:
     assert not np.array_equal(got_a, ref)
 
 
-@pytest.mark.parametrize("fmt", ("mxfp4", "nvfp4", "nf4", "int4_asym_b64", "int3_b32"))
-def test_grammar_families_fall_back_to_reference(fmt: str) -> None:
-    w, _, h = _layer(k=128, n=16)
-    for m in METHODS:
-        q = round_weight(fmt, w, MATMUL_LAYOUT, m, hessian=h)
-        np.testing.assert_array_equal(dequantize(q), dequantize(quantize_weight(fmt, w, MATMUL_LAYOUT)))
+@pytest.mark.parametrize(
+    "fmt", ("mxfp4", "nvfp4", "nf4", "int4_asym_b64", "int3_b32", "mxfp6_e3m2", "int8_asym", "e2m1_b32_sbf16")
+)
+def test_grammar_families_gptq(fmt: str) -> None:
+    """rtn/mse keep the reference; gptq keeps the reference's scales (and zero points), picks other
+    codes of the same grid, and lowers ‖Xδ‖."""
+    w, x, h = _layer(k=128, n=16)
+    ref = quantize_weight(fmt, w, MATMUL_LAYOUT)
+    for m in ("rtn", "mse"):
+        np.testing.assert_array_equal(dequantize(round_weight(fmt, w, MATMUL_LAYOUT, m, hessian=h)), dequantize(ref))
+    q = round_weight(fmt, w, MATMUL_LAYOUT, "gptq", hessian=h)
+    assert q.codes.dtype == ref.codes.dtype and q.codes.shape == ref.codes.shape
+    np.testing.assert_array_equal(q.scale.astype(np.float32), ref.scale.astype(np.float32))
+    if ref.zero_point is not None:
+        np.testing.assert_array_equal(q.zero_point, ref.zero_point)
+        lo, hi = (0, 2 ** get_format(fmt).storage_bits - 1)
+        assert q.codes.min() >= lo and q.codes.max() <= hi
+    assert q.tensor_scale == ref.tensor_scale
+    e_ref = float(np.linalg.norm(x @ (dequantize(ref) - w)))
+    e_gptq = float(np.linalg.norm(x @ (dequantize(q) - w)))
+    assert e_gptq < 0.9 * e_ref, (e_gptq, e_ref)
 
 
 def test_plan_suffix_selects_the_rounding() -> None:
