@@ -32,6 +32,7 @@ from lpcompile.budget import Budget, parse_budget
 from lpcompile.checks import check_model
 from lpcompile.config import ApplyConfig, DecideConfig, SoftmaxMode, Target
 from lpcompile.errors import LpError, PlanError, UnsupportedOpsError
+from lpcompile.feasibility import stored_bits
 from lpcompile.formats import canonical_name, get_format
 from lpcompile.frontend.calib import CalibrationSet, batches
 from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
@@ -263,7 +264,7 @@ def decide_uniform(
         nodes.append(
             NodeAssignment(
                 name=w.name, op_type=w.op_type, weight=w.weight, params=w.params, format=chosen.name,
-                bits=chosen.bits_for(w.shape, w.layout), group=groups.get(w.name),
+                bits=stored_bits(chosen, w, str(config.target)), group=groups.get(w.name),
             )
         )
     return PrecisionPlan(nodes=tuple(nodes), softmax=resolved_softmax(config.softmax, config.target))
@@ -300,7 +301,7 @@ def check_plan(model: ir.Model, plan: PrecisionPlan) -> list[WeightNode]:
     return nodes
 
 
-def with_model_facts(plan: PrecisionPlan, nodes: Sequence[WeightNode]) -> PrecisionPlan:
+def with_model_facts(plan: PrecisionPlan, nodes: Sequence[WeightNode], target: str = "qdq") -> PrecisionPlan:
     """Each node's op type, weight, parameter count and bits as the model and format give them.
 
     A hand-written plan may give only ``name`` and ``format``; the written plan and the node
@@ -310,7 +311,7 @@ def with_model_facts(plan: PrecisionPlan, nodes: Sequence[WeightNode]) -> Precis
     filled = []
     for a in plan.nodes:
         n = by_name[a.name]
-        bits = get_format(a.format).bits_for(n.shape, n.layout)
+        bits = stored_bits(a.format, n, target)  # as the target writes it (MatMulNBits: fp32 scales)
         filled.append(replace(a, op_type=n.op_type, weight=n.weight, params=n.params, bits=bits))
     return plan.with_nodes(filled)
 
@@ -356,7 +357,7 @@ def apply(
 
     config = config or ApplyConfig()
     nodes = check_plan(model, plan)
-    plan = with_model_facts(plan, nodes)
+    plan = with_model_facts(plan, nodes, "ort" if config.target == Target.ORT else "qdq")
     plan = complete_scales(model, plan, calib, config.batch_size)
     low = frozenset(n.name for n in plan.nodes if n.format != "fp32")
     softmax = TwoPassSoftmaxPass(plan.softmax, low)

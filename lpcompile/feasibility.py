@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx_ir as ir
 
+from lpcompile.analysis.table import SensitivityTable
 from lpcompile.budget import Budget, parse_budget
 from lpcompile.errors import BudgetError, FormatError
 from lpcompile.formats import Format, get_format
@@ -167,3 +168,29 @@ def check_budget(
         target,
     )
     return feas
+
+
+def retarget_table(table: SensitivityTable, nodes: Sequence[WeightNode], target: str) -> SensitivityTable:
+    """``table`` with every candidate's bits as ``target`` stores them (:func:`stored_bits`).
+
+    The analysis counts each format's own storage (``Format.bits_for``: fp16 block scales, fp32
+    for a kept weight); on ``"ort"`` large int4 MatMul weights become MatMulNBits with fp32 scales,
+    and a kept fp16/bf16 weight costs 16 bits. Nodes of ``table`` missing from ``nodes`` are kept.
+    """
+    by_name = {n.name: n for n in nodes}
+    out = []
+    changed = 0
+    for ns in table.nodes:
+        node = by_name.get(ns.name)
+        if node is None:
+            out.append(ns)
+            continue
+        cands = {}
+        for f, c in ns.candidates.items():
+            bits = stored_bits(f, node, target)
+            changed += bits != c.bits
+            cands[f] = replace(c, bits=bits)
+        out.append(replace(ns, candidates=cands))
+    if changed:
+        logger.info("%d candidate cost(s) recounted as target %r stores them", changed, target)
+    return replace(table, nodes=tuple(out))

@@ -25,6 +25,7 @@ from lpcompile.config import ApplyConfig, DecideConfig
 from lpcompile.errors import UsageError
 from lpcompile.frontend.calib import CalibrationSet, check_against_model, load_calibration, synthesize
 from lpcompile.frontend.onnx_io import load_model, save_model
+from lpcompile.graph import find_weight_nodes
 from lpcompile.io_utils import check_outputs
 from lpcompile.plan import PrecisionPlan
 
@@ -239,7 +240,12 @@ def compile_file(
     parse_budget(budget)  # fail fast on a malformed budget or output path, before minutes of analysis
     check_output_path(model_path, out or default_output(model_path), force, [calib_path])
     model = load_normalized(model_path)
+    from lpcompile.feasibility import check_budget, retarget_table  # issue 13: fail before analysis
+
+    target = decide_config.target.value
+    check_budget(model, budget, decide_config.formats or config.formats, target)
     table = analyze_file(model_path, calib_path, config, validate=validate, progress=progress, model=model)
+    table = retarget_table(table, find_weight_nodes(model), target)  # bits as the target stores them
     t1 = time.perf_counter()
     decision = decide(table, budget, decide_config)
     t2 = time.perf_counter()

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -228,6 +228,7 @@ class KeptWeight:
         bits: bits per weight as stored (scales and zero points included where known).
         reason: ``"recurrent"``, ``"already-quantized"`` or ``"graph-input"``.
         detail: one line for logs and reports.
+        stored: every initializer counted in ``bits`` (codes, scales, zero points).
     """
 
     node: str
@@ -237,6 +238,7 @@ class KeptWeight:
     bits: float
     reason: str
     detail: str
+    stored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,15 @@ class WeightCoverage:
     planned: tuple[WeightNode, ...]
     kept: tuple[KeptWeight, ...] = field(default=())
     other_params: int = 0
+    other_bits: float = 0.0
+
+    @property
+    def fixed_bits(self) -> float:
+        """Bits of every weight-like tensor the plan does not decide (kept weights + other floats).
+
+        A size budget for the whole file minus this is what the planned weights may use.
+        """
+        return sum(k.bits * k.params for k in self.kept) + self.other_bits
 
     @property
     def planned_params(self) -> int:
@@ -292,6 +303,10 @@ def _value_bits(value: ir.Value | None) -> int:
     )
 
 
+def _names(values: Iterable[ir.Value | None]) -> tuple[str, ...]:
+    return tuple(v.name for v in values if v is not None and v.name and _int_initializer(v))
+
+
 def _already_quantized(node: ir.Node) -> KeptWeight | None:
     if node.domain == MS_DOMAIN and node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
         attrs = node.attributes
@@ -315,6 +330,7 @@ def _already_quantized(node: ir.Node) -> KeptWeight | None:
             bits,
             "already-quantized",
             f"{node.op_type} {attrs.get_int('bits', 4)}-bit block {attrs.get_int('block_size', 0)}",
+            _names(v for i, v in enumerate(node.inputs) if not (node.op_type == "GatherBlockQuantized" and i == 1)),
         )
     if node.domain in ONNX_DOMAINS and node.op_type == "Cast" and node.inputs and _int_initializer(node.inputs[0]):
         codes = node.inputs[0]
@@ -331,6 +347,7 @@ def _already_quantized(node: ir.Node) -> KeptWeight | None:
             stored / max(params, 1),
             "already-quantized",
             f"Cast of {codes.dtype.name} codes (decode of constants)",
+            _names([codes, scale]),
         )
     if node.domain in ONNX_DOMAINS and node.op_type == "DequantizeLinear":
         codes = node.inputs[0] if node.inputs else None
@@ -346,6 +363,7 @@ def _already_quantized(node: ir.Node) -> KeptWeight | None:
             stored / max(params, 1),
             "already-quantized",
             f"DequantizeLinear of {codes.dtype.name} codes",
+            _names(node.inputs),
         )
     return None
 
@@ -395,6 +413,7 @@ def weight_coverage(model: ir.Model) -> WeightCoverage:
         if q is not None:
             if q.tensor not in seen:  # codes read by several decodes (a tied table) count once
                 kept.append(q)
+            seen.update(q.stored)
             seen.add(q.tensor)
             continue
         if node.domain in ONNX_DOMAINS and node.op_type in RECURRENT_OPS:
@@ -432,11 +451,14 @@ def weight_coverage(model: ir.Model) -> WeightCoverage:
                 )
                 seen.add(v.name or "")
     other = 0
+    other_bits = 0.0
     for name, v in model.graph.initializers.items():
         if name in seen or v.const_value is None or v.dtype not in FLOAT_WEIGHT_DTYPES:
             continue
-        other += math.prod(int(d) for d in v.const_value.shape)
+        n = math.prod(int(d) for d in v.const_value.shape)
+        other += n
+        other_bits += 8.0 * v.dtype.itemsize * n
     for k in kept:
         level = logging.WARNING if k.reason == "recurrent" else logging.INFO
         logger.log(level, "node %r (%s): weight %r %s", k.node, k.op_type, k.tensor, k.detail)
-    return WeightCoverage(tuple(planned), tuple(kept), other)
+    return WeightCoverage(tuple(planned), tuple(kept), other, other_bits)

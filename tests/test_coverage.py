@@ -188,14 +188,14 @@ def test_tied_table_is_stored_once_and_decoded_per_row(target: str) -> None:
 
 def test_hutchinson_differentiates_the_table() -> None:
     from lpcompile.analysis.config import AnalysisConfig
-    from lpcompile.analysis.sensitivity import analyze_hessian
+    from lpcompile.analysis.sensitivity import analyze_onnx
     from lpcompile.frontend.calib import CalibrationSet
 
     model = _prepare(parse(TIED, E=_table()))
     ids = np.random.default_rng(3).integers(0, V, size=(8, 2, 3)).astype(np.int64)
     calib = CalibrationSet({"ids": ids}, source="test")
     cfg = AnalysisConfig(formats=("int4_b32", "int8"), probes=4, batch_size=4, activations=False)
-    table = analyze_hessian(model, calib, cfg)
+    table = analyze_onnx(model, calib, cfg)
     by_name = {n.name: n for n in table.nodes}
     assert {n.op_type for n in table.nodes} == {"Gather", "MatMul"}
     assert all(n.trace > 0 for n in table.nodes)
@@ -313,12 +313,12 @@ def test_lstm_weights_are_kept_with_a_reason(caplog: pytest.LogCaptureFixture) -
     assert not cov.nothing_to_do
     # the interpreter runs the LSTM, so the other weights get Hutchinson sensitivities
     from lpcompile.analysis.config import AnalysisConfig
-    from lpcompile.analysis.sensitivity import analyze_hessian
+    from lpcompile.analysis.sensitivity import analyze_onnx
     from lpcompile.frontend.calib import CalibrationSet
 
     calib = CalibrationSet({"x": rng.standard_normal((4, 5, 1, 4)).astype(np.float32)}, source="test")
     cfg = AnalysisConfig(formats=("int8",), probes=2, batch_size=2, activations=False)
-    table = analyze_hessian(model, calib, cfg)
+    table = analyze_onnx(model, calib, cfg)
     assert [n.op_type for n in table.nodes] == ["MatMul"] and table.nodes[0].trace > 0
 
 
@@ -467,3 +467,29 @@ def test_gather_block_quantized_with_a_partial_last_block() -> None:
     assert _file_bits(out) == (pytest.approx(plan_bits), table.size)
     ids = np.array([0, 3, 9, 1], dtype=np.int64)
     assert np.array_equal(run(out, ids=ids)[0], qdq_weight("int4_b32", table, GATHER_LAYOUT)[ids])
+
+
+@pytest.mark.parametrize("target", ["qdq", "ort", "tvm"])
+def test_api_plan_bits_equal_file_bits(target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan the API writes reports the bits the file stores (MatMulNBits with fp32 scales on ort)."""
+    from lpcompile.api import apply, decide_uniform
+    from lpcompile.config import ApplyConfig
+
+    monkeypatch.setattr("lpcompile.passes.targets.NBITS_MIN_ELEMENTS", 0)  # MatMulNBits even for small weights
+    model = _mixed()
+    plan = decide_uniform(model, "int4_b32", target=target)
+    applied = apply(model, plan, ApplyConfig(target=target))
+    if target == "ort":
+        assert "MatMulNBits" in [n.op_type for n in applied.model.graph]
+    planned = sum(a.bits * a.params for a in plan.nodes)
+    assert sum(a.bits * a.params for a in applied.plan.nodes) == pytest.approx(planned)
+    assert _file_bits(applied.model)[0] == pytest.approx(planned)
+
+
+def test_fixed_bits_count_what_the_plan_does_not_decide() -> None:
+    model = _mixed()
+    cov = weight_coverage(model)
+    assert cov.other_params == 0 and cov.fixed_bits == 0.0
+    out, _ = apply_plan(model, uniform_plan(model, "int8"), target="qdq")
+    cov = weight_coverage(out)
+    assert cov.nothing_to_do and cov.fixed_bits == pytest.approx(_file_bits(out)[0])
