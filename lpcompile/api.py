@@ -257,8 +257,12 @@ def decide_uniform(
     pinned = check_model(model).keep_fp32
     groups = tied_groups(find_weight_nodes(model))
     nodes = []
+    gathered = {w.weight for w in find_weight_nodes(model) if w.op_type == "Gather"}
     for w in find_weight_nodes(model):
         chosen = get_format("fp32") if w.name in pinned else f
+        if w.weight in gathered and (f.activation or "").startswith("float8"):
+            logger.info("kept in fp32 (an embedding table has no activation for %s): %s", f.name, w.name)
+            chosen = get_format("fp32")
         if w.name in pinned and not f.is_identity:
             logger.info("kept in fp32 (NaN/Inf weights): %s", w.name)
         nodes.append(

@@ -493,3 +493,23 @@ def test_fixed_bits_count_what_the_plan_does_not_decide() -> None:
     out, _ = apply_plan(model, uniform_plan(model, "int8"), target="qdq")
     cov = weight_coverage(out)
     assert cov.nothing_to_do and cov.fixed_bits == pytest.approx(_file_bits(out)[0])
+
+
+def test_fp8_is_no_candidate_for_an_embedding_table() -> None:
+    """A Gather reads no float activation an FP8 scale could be calibrated on: its group is never FP8."""
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.analysis.sensitivity import analyze_onnx
+    from lpcompile.api import apply, decide_uniform
+    from lpcompile.config import ApplyConfig
+    from lpcompile.frontend.calib import CalibrationSet
+
+    model = _prepare(parse(TIED, E=_table()))
+    ids = np.random.default_rng(13).integers(0, V, size=(4, 2, 3)).astype(np.int64)
+    cfg = AnalysisConfig(formats=("fp8_e4m3", "bf16", "int4_b32"), probes=2, batch_size=2)
+    table = analyze_onnx(model, CalibrationSet({"ids": ids}, source="test"), cfg)
+    for n in table.nodes:
+        assert "fp8_e4m3" not in n.candidates and {"bf16", "int4_b32", "fp32"} <= set(n.candidates)
+    plan = decide_uniform(model, "fp8_e4m3")
+    assert {a.format for a in plan.nodes} == {"fp32"}
+    out = apply(model, decide_uniform(model, "bf16"), ApplyConfig())
+    assert np.isfinite(run(out.model, ids=ids[0])[0]).all()

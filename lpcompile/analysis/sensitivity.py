@@ -235,6 +235,7 @@ def predict_losses(
     tensor, element) to the already-summed ½·Σ D^a·δa² term of formats that round activations.
     """
     groups = tied_groups(nodes)
+    gathered = {n.weight for n in nodes if n.op_type == "Gather"}  # embedding tables (and their tied heads)
     out = []
     for n in nodes:
         w = weight_array(model, n.weight)
@@ -243,6 +244,8 @@ def predict_losses(
         cands: dict[str, Candidate] = {}
         for f in fmts:
             fmt = get_format(f)
+            if n.weight in gathered and (fmt.activation or "").startswith("float8"):
+                continue  # a Gather has no float activation input for an FP8 scale: not a candidate
             bits = fmt.bits_for(n.shape, n.layout)
             if fmt.is_identity:
                 cands[f] = Candidate(bits=bits, predicted_loss=0.0)
