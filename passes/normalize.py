@@ -27,6 +27,11 @@ Rewrites, in the main graph:
   folded: nodes the rewrite passes inserted (``lpcompile.serves``), a ``Transpose(perm=[1,0])``
   of an initializer read by a MatMul when the initializer has other users (a tied head), and
   anything that reads a graph input or a quantized tensor.
+* A MatMul weight ``[D, V]`` that is exactly the transpose of a Gather table ``[V, D]`` (what
+  ``torch.onnx.export`` writes for an output head tied to its embedding: it folds the
+  transpose into a second initializer) is replaced by ``Transpose(table)`` (node
+  ``<matmul>/weight_t``): the tie is restored, one copy is stored, and the head and the table
+  get one decision.
 
 Numerics: ``(alpha·B)`` is rounded once in fp32 instead of scaling the product; otherwise the
 result only differs from the Gemm by fp32 summation order.
@@ -63,13 +68,16 @@ class NormalizeWeightsPass(ir.passes.InPlacePass):
         lifted = _lift_weight_constants(graph)
         converted = _convert_gemms(graph, namer)
         folded = fold_weight_subgraphs(graph, namer)
-        modified = bool(lifted or converted or folded)
+        retied = retie_transposed_tables(graph, namer)
+        modified = bool(lifted or converted or folded or retied)
         if modified:
             logger.info(
-                "normalised weights: %d constant(s) lifted, %d Gemm(s) rewritten, %d weight subgraph(s) folded",
+                "normalised weights: %d constant(s) lifted, %d Gemm(s) rewritten, %d weight subgraph(s) folded, "
+                "%d head(s) re-tied to their embedding table",
                 lifted,
                 converted,
                 folded,
+                retied,
             )
         return ir.passes.PassResult(model, modified)
 
@@ -101,7 +109,7 @@ def needs_normalization(model: ir.Model) -> bool:
     return any(
         _gemm_candidate(node, warn=False) or _weight_constant_inputs(node) or _foldable_weight_inputs(node)
         for node in model.graph
-    )
+    ) or bool(_retie_pairs(model.graph))
 
 
 def _weight_constant_inputs(node: ir.Node) -> list[int]:
@@ -458,3 +466,54 @@ def _remove_dead(graph: ir.Graph) -> None:
             for v in inputs:
                 remove_if_unused(graph, v)
             changed = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads tied to an embedding table
+# ---------------------------------------------------------------------------------------------
+
+
+def _retie_pairs(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value]]:
+    """(MatMul, table) pairs whose MatMul weight equals the transpose of a Gather table."""
+    tables: dict[tuple[int, int], list[ir.Value]] = {}
+    for node in graph:
+        if not is_onnx_op(node, "Gather") or not node.inputs or not float_initializer(node.inputs[0]):
+            continue
+        axis = node.attributes.get_int("axis", 0)
+        t = node.inputs[0]
+        if axis in (0, -2) and len(t.shape or ()) == 2:
+            key = (int(t.shape[0]), int(t.shape[1]))
+            if all(x is not t for x in tables.setdefault(key, [])):
+                tables[key].append(t)
+    if not tables:
+        return []
+    out = []
+    for node in graph:
+        if not is_onnx_op(node, "MatMul") or len(node.inputs) < 2 or not float_initializer(node.inputs[1]):
+            continue
+        w = node.inputs[1]
+        if len(w.shape or ()) != 2:
+            continue
+        for t in tables.get((int(w.shape[1]), int(w.shape[0])), []):
+            if t is w or t.dtype != w.dtype:
+                continue
+            tw, ww = t.const_value.numpy(), w.const_value.numpy()
+            if tw[0, :4].tolist() == ww[:4, 0].tolist() and np.array_equal(tw.T, ww):
+                out.append((node, t))
+                break
+    return out
+
+
+def retie_transposed_tables(graph: ir.Graph, namer: Namer) -> int:
+    """Read a head that is a transposed copy of an embedding table through ``Transpose(table)``."""
+    pairs = _retie_pairs(graph)
+    transposed: dict[int, ir.Value] = {}
+    for node, table in pairs:
+        old = node.inputs[1]
+        if id(table) not in transposed:
+            transposed[id(table)] = _transpose_node(graph, namer, table, node)
+        node.replace_input_with(1, transposed[id(table)])
+        remove_if_unused(graph, old)
+    if pairs:
+        logger.info("re-tied %d head(s) to their embedding table (a transposed copy was stored)", len(pairs))
+    return len(pairs)

@@ -267,3 +267,46 @@ def test_decode_casts_of_the_rewrite_are_not_folded() -> None:
     proto.graph.node[0].metadata_props.add(key="lpcompile.serves", value="n1")
     model = to_ir(proto)
     assert not NormalizeWeightsPass()(model).modified
+
+
+def test_head_stored_as_a_transposed_copy_is_retied_to_its_table() -> None:
+    """torch.onnx.export folds the transpose of a tied head into a second initializer; normalisation re-ties it."""
+    table = _w(10, 6)
+    proto = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (int64[4] ids) => (float[4,10] y) {
+          h = Gather <axis=0> (E, ids)
+          r = Relu (h)
+          y = MatMul (r, ET)
+        }""",
+        E=table,
+        ET=np.ascontiguousarray(table.T),
+    )
+    ids = np.array([1, 2, 9, 0], np.int64)
+    expected = run(proto, ids=ids)
+    model = to_ir(proto)
+    assert needs_normalization(model)
+    assert NormalizeWeightsPass()(model).modified
+    out = check(model)
+    assert ops(out) == ["Gather", "Relu", "Transpose", "MatMul"]
+    assert list(model.graph.initializers) == ["E"]  # one stored copy
+    assert np.array_equal(run(out, ids=ids)[0], expected[0])  # a transpose is exact
+    nodes = find_weight_nodes(model)
+    assert {n.weight for n in nodes} == {"E"} and nodes[1].via
+    assert not NormalizeWeightsPass()(model).modified and not needs_normalization(model)
+
+
+def test_a_different_matmul_weight_of_the_table_shape_is_not_retied() -> None:
+    table = _w(10, 6)
+    other = np.ascontiguousarray(table.T).copy()
+    other[0, 0] += 1.0
+    proto = parse(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (int64[4] ids) => (float[4,10] y) {
+          h = Gather <axis=0> (E, ids)
+          y = MatMul (h, W)
+        }""",
+        E=table,
+        W=other,
+    )
+    assert not NormalizeWeightsPass()(to_ir(proto)).modified
