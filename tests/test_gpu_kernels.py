@@ -177,11 +177,18 @@ def test_lowered_digits_mlp_on_gpu_matches_ort(tmp_path: Path, fmt: str) -> None
 @gpu
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4", "bf16"])
 def test_lowered_digits_cnn_on_gpu_matches_ort(tmp_path: Path, fmt: str) -> None:
+    from lpcompile.config import ApplyConfig, Target
+    from lpcompile.files import apply_file
     from lpcompile.runtime.tvm.build import load_compiled, lower_model, reference_outputs
-    from lpcompile.workflow import apply_to_file
 
     model = tmp_path / "cnn.lp.onnx"
-    apply_to_file(EXAMPLES / "digits_cnn.onnx", model, uniform=fmt, calib_path=EXAMPLES / "digits_calib.npz")
+    apply_file(
+        EXAMPLES / "digits_cnn.onnx",
+        model,
+        uniform=fmt,
+        calib_path=EXAMPLES / "digits_calib.npz",
+        config=ApplyConfig(target=Target.TVM),
+    )
     lib = lower_model(model, tmp_path / "cnn.cuda.so", target="cuda", arch=_arch()).output
     inputs = {"pixels": np.load(EXAMPLES / "digits_calib.npz")["pixels"][:32].astype(np.float32)}
     got = load_compiled(lib).run(inputs)["logits"]
