@@ -24,6 +24,7 @@ from typing import Any
 
 from lpcompile import __version__
 from lpcompile.errors import LpError, UsageError
+from lpcompile.io_utils import Terminated, block_signals, unblock_signals
 
 # modules under lpcompile.commands, each exposing register(subparsers) -> parser and run(args) -> int
 COMMAND_MODULES: tuple[str, ...] = (
@@ -82,12 +83,11 @@ class Signals:
     previous: dict[int, Any] = field(default_factory=dict)
 
     def handler(self, signum: int, frame: FrameType | None) -> None:
-        """Raise once (KeyboardInterrupt or Terminated), then ignore SIGINT/SIGTERM while the run cleans up."""
-        from lpcompile.io_utils import Terminated
-
+        """Raise once (KeyboardInterrupt or Terminated); later signals are only recorded while the run
+        cleans up. Imports nothing (a signal may land in the middle of an import)."""
+        if self.received:
+            return
         self.received = signum
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
     @property
@@ -104,23 +104,36 @@ def install_signal_handlers() -> Signals:
     """SIGINT raises KeyboardInterrupt, SIGTERM raises :class:`~lpcompile.io_utils.Terminated`.
 
     Returns the :class:`Signals` record (call its ``restore()`` to put the previous handlers back).
+    A signal the parent set to be ignored stays ignored (``nohup``, background jobs of a shell).
     Does nothing outside the main thread.
     """
     sig = Signals()
     if _main_thread():
-        sig.previous = {
-            signal.SIGINT: signal.signal(signal.SIGINT, sig.handler),
-            signal.SIGTERM: signal.signal(signal.SIGTERM, sig.handler),
-        }
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) != signal.SIG_IGN:  # a shell running us in the background ignores SIGINT
+                sig.previous[signum] = signal.signal(signum, sig.handler)
     return sig
 
 
+_EARLY_SIGNALS: list[int] = []
+"""Signals received before :func:`main` installed its handlers (entry-point bookkeeping: CPython can
+lose the ``SystemExit`` raised while a module is being compiled, so :func:`main` checks this too)."""
+
+
+def _early_handler(signum: int, frame: FrameType | None) -> None:
+    if not _EARLY_SIGNALS:
+        os.write(2, b"lpcompile: terminated\n" if signum == signal.SIGTERM else b"lpcompile: interrupted\n")
+    _EARLY_SIGNALS.append(signum)
+    sys.exit(EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED)
+
+
 def exit_early_on_signals() -> None:
-    """Before anything heavy is imported: SIGINT/SIGTERM end the process with 130/143 and no output
+    """Before anything heavy is imported: SIGINT/SIGTERM end the process with one line and 130/143
     (``SystemExit`` prints no traceback). :func:`main` replaces these with :func:`install_signal_handlers`."""
     if _main_thread():
-        signal.signal(signal.SIGINT, lambda *_: sys.exit(EXIT_INTERRUPTED))
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_TERMINATED))
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                signal.signal(signum, _early_handler)
 
 
 def _main_thread() -> bool:
@@ -136,11 +149,19 @@ def _first_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (see the module docstring)."""
-    sig = install_signal_handlers()
+    if _EARLY_SIGNALS:  # stopped before main() (the line is written already)
+        return EXIT_TERMINATED if _EARLY_SIGNALS[0] == signal.SIGTERM else EXIT_INTERRUPTED
     hooks = sys.excepthook, sys.unraisablehook
-    _quiet_hooks()
+    sig = install_signal_handlers()
     try:
-        return _main(argv)
+        _quiet_hooks()
+        code = _main(argv)
+        if sig.received:  # the stop exception was swallowed somewhere: still a stopped run
+            sys.stderr.write(
+                "lpcompile: terminated\n" if sig.exit_code == EXIT_TERMINATED else "lpcompile: interrupted\n"
+            )
+            return sig.exit_code
+        return code
     except BaseException as exc:
         # a signal may surface as another exception (numpy turns an interrupted import into ImportError)
         if not sig.received and not isinstance(exc, KeyboardInterrupt):
@@ -159,8 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _quiet_hooks() -> None:
     """C extensions interrupted in their module init print the KeyboardInterrupt themselves
     (``PyErr_Print`` / unraisable): the run reports it in one line instead."""
-    from lpcompile.io_utils import Terminated
-
     stop = (KeyboardInterrupt, Terminated)
     excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
@@ -179,8 +198,6 @@ def _build_parser_uninterrupted() -> argparse.ArgumentParser:
     """Import the command modules (numpy, onnx, ... behind them) with SIGINT/SIGTERM held back: a
     signal during a C extension's import would come out as a garbled ImportError; it is delivered
     right after instead."""
-    from lpcompile.io_utils import block_signals, unblock_signals
-
     blocked = block_signals()
     try:
         return build_parser()

@@ -401,13 +401,15 @@ def serve(
     Returns:
         Why it stopped: ``"timeout"``, ``"interrupted"`` (Ctrl-C or SIGTERM) or ``"exited"``.
     """
-    restore = None
+    restore: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
-
-        def _on_term(signum: int, frame: FrameType | None) -> None:
+        # Ctrl-C and SIGTERM are the normal way to stop serving: handled here, not by the CLI's handlers
+        def _on_stop(signum: int, frame: FrameType | None) -> None:
             raise KeyboardInterrupt
 
-        restore = signal.signal(signal.SIGTERM, _on_term)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                restore[signum] = signal.signal(signum, _on_stop)
     try:
         url = proc.start(ready_timeout=ready_timeout)
         if on_ready is not None:
@@ -422,8 +424,8 @@ def serve(
         return "interrupted"
     finally:
         proc.stop()
-        if restore is not None:
-            signal.signal(signal.SIGTERM, restore)
+        for signum, handler in restore.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)  # type: ignore[arg-type]
 
 
 # -- the child process --------------------------------------------------------------------------
