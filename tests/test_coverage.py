@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -513,3 +514,18 @@ def test_fp8_is_no_candidate_for_an_embedding_table() -> None:
     assert {a.format for a in plan.nodes} == {"fp32"}
     out = apply(model, decide_uniform(model, "bf16"), ApplyConfig())
     assert np.isfinite(run(out.model, ids=ids[0])[0]).all()
+
+
+def test_tied_head_decode_is_folded_by_ort(tmp_path: Path) -> None:
+    """On ``ort`` the head's decode of the shared codes is made of ops ORT folds at session start."""
+    import onnxruntime as ort
+
+    model = _prepare(parse(TIED, E=_table()))
+    out, _ = apply_plan(model, uniform_plan(model, "int4_b32"), target="ort")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(ir.to_proto(out).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops_left = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "GatherBlockQuantized" in ops_left and "MatMul" in ops_left
+    assert not {"Mul", "Reshape", "Transpose"} & set(ops_left)  # the head weight is a folded fp32 constant
