@@ -91,7 +91,9 @@ def analyze(
 
     checks = check_model(model)
     if not find_weight_nodes(model):  # nothing to differentiate: an empty table, an empty plan
-        logger.warning("no weighted nodes (MatMul/Gemm/Conv with fp32 initializer weights): nothing to analyse")
+        from lpcompile.graph import weight_coverage
+
+        logger.warning("%s", weight_coverage(model).outcome())  # "nothing to do: ..." with what is kept and why
         return SensitivityTable(nodes=(), formats=candidate_formats(config), method=f"hutchinson-{config.method}",
                                 loss=config.loss, probes=config.probes, seed=config.seed, calib=calib.source,
                                 num_samples=calib.num_samples, synthetic_calib=calib.synthetic)
