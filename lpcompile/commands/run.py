@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 
 from lpcompile.console import Output
-from lpcompile.errors import UsageError
+from lpcompile.errors import ModelLoadError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         save_outputs,
     )
 
+    if not Path(args.module).is_file():
+        raise ModelLoadError(f"compiled module not found: {args.module}")
     inputs_in = [args.module, meta_path_for(args.module), args.inputs, args.reference]
     with OutputSession(inputs=inputs_in, models=[args.reference]) as session:
         session.declare(args.output)  # never over the module, its metadata, the inputs or the reference
@@ -77,8 +80,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_input_headers(path: str, meta: dict) -> None:
     """Compare the .npz headers with the module's input shapes before any array is inflated."""
-    from pathlib import Path
-
     from lpcompile.errors import LpError
     from lpcompile.frontend.npz_safe import npz_headers
 
