@@ -116,7 +116,7 @@ def smallest_feasible(
     by_weight: dict[str, list[WeightNode]] = {}
     for n in nodes:
         by_weight.setdefault(n.weight, []).append(n)
-    total_bits = 0.0
+    parts: list[float] = []
     total_params = 0
     cheapest: dict[str, str] = {}
     for weight, members in by_weight.items():
@@ -130,11 +130,11 @@ def smallest_feasible(
         # one decision per weight: the format's cost is the most any member's storage costs
         best = min(cands, key=lambda f: max(stored_bits(f, m, target) for m in members))
         bits = max(stored_bits(best, m, target) for m in members)
-        total_bits += bits * members[0].params
+        parts.append(bits * members[0].params)
         total_params += members[0].params
         for m in members:
             cheapest[m.name] = best.name
-    return Feasibility(math.fsum([total_bits]), total_params, cheapest, target)
+    return Feasibility(math.fsum(parts), total_params, cheapest, target)
 
 
 def check_budget(
