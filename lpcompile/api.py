@@ -103,13 +103,13 @@ def analyze(
         logger.warning("%s; falling back to forward-only perturbation measurement (slower)", exc)
         table = measure.analyze_by_measurement(
             model, calib, config.formats, measure_backend(), batch_size=config.batch_size, loss=config.loss,
-            progress=stage("measure"),
+            progress=stage("measure"), outputs=config.outputs,
         )
     if validate:
         t0 = time.perf_counter()
         table = measure.validate(
             table, model, calib, measure_backend(), batch_size=config.batch_size, loss=config.loss,
-            progress=stage("validate"),
+            progress=stage("validate"), outputs=config.outputs,
         )
         table = replace(table, timings={**table.timings, "validate_s": time.perf_counter() - t0})
     return finite_table(table, checks.keep_fp32)

@@ -23,7 +23,7 @@ from lpcompile.budget import parse_budget
 from lpcompile.checks import ModelCheck, check_model
 from lpcompile.config import ApplyConfig, DecideConfig
 from lpcompile.errors import UsageError
-from lpcompile.frontend.calib import CalibrationSet, check_against_model, load_calibration, synthesize
+from lpcompile.frontend.calib import CalibrationSet, calibration_for
 from lpcompile.frontend.onnx_io import load_model, save_model
 from lpcompile.graph import find_weight_nodes
 from lpcompile.io_utils import check_outputs
@@ -115,14 +115,20 @@ def load_normalized(model_path: str | os.PathLike[str]) -> ir.Model:
 
 
 def load_calib_for(
-    model: ir.Model, calib_path: str | os.PathLike[str] | None, seed: int = 0, num_samples: int = 16
+    model: ir.Model,
+    calib_path: str | os.PathLike[str] | None,
+    seed: int = 0,
+    num_samples: int = 16,
+    input_shapes: Sequence[str] = (),
 ) -> CalibrationSet:
-    """Calibration data for ``model``: the user's file/folder checked against the inputs, or synthetic."""
-    if calib_path is None:
-        return synthesize(model, num_samples=num_samples, seed=seed)
-    calib = load_calibration(calib_path)
-    check_against_model(calib, model)
-    return calib
+    """Calibration data for ``model``: the user's file/folder checked and laid out for its inputs
+    (sample axes, fixed batch), or synthetic inputs at sizes the model runs at (``input_shapes``:
+    ``--input-shape`` values); see :func:`lpcompile.frontend.calib.calibration_for`."""
+    from lpcompile.frontend.input_spec import parse_input_shapes
+
+    return calibration_for(
+        model, calib_path, input_shapes=parse_input_shapes(input_shapes), num_samples=num_samples, seed=seed
+    )
 
 
 def analyze_file(
@@ -140,7 +146,9 @@ def analyze_file(
     config = config or AnalysisConfig()
     model = model if model is not None else load_normalized(model_path)
     check_model(model).log()
-    calib = load_calib_for(model, calib_path, seed=config.seed, num_samples=max(16, config.batch_size))
+    calib = load_calib_for(
+        model, calib_path, seed=config.seed, num_samples=max(16, config.batch_size), input_shapes=config.input_shapes
+    )
     table = analyze(
         model, calib, config, validate=validate, progress=progress, module_paths=module_paths_from_metadata(model)
     )

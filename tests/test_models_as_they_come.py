@@ -90,18 +90,18 @@ def recogniser() -> onnx.ModelProto:
     """Class 2: input1[1, 1, 16, image_width] → per-position class probabilities [1, width/2, 12]."""
     rng = np.random.default_rng(2)
     inits = [
-        numpy_helper.from_array(_w(rng, 4, 1, 3, 3), "conv.w"),
-        numpy_helper.from_array(_w(rng, 32, 24), "fc.w"),
-        numpy_helper.from_array(_w(rng, 24, 12), "cls.w"),
-        numpy_helper.from_array(np.array([1, -1, 32], np.int64), "seq_shape"),
+        numpy_helper.from_array(_w(rng, 8, 1, 3, 3), "conv.w"),
+        numpy_helper.from_array(_w(rng, 64, 64), "fc.w"),
+        numpy_helper.from_array(_w(rng, 64, 12), "cls.w"),
+        numpy_helper.from_array(np.array([1, -1, 64], np.int64), "seq_shape"),
     ]
     n = helper.make_node
     nodes = [
         n("Conv", ["input1", "conv.w"], ["a"], name="conv", pads=[1, 1, 1, 1]),
         n("Relu", ["a"], ["ar"]),
-        n("MaxPool", ["ar"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),  # [1, 4, 8, W/2]
-        n("Transpose", ["p"], ["t"], perm=[0, 3, 1, 2]),  # [1, W/2, 4, 8]
-        n("Reshape", ["t", "seq_shape"], ["seq"]),  # [1, W/2, 32]
+        n("MaxPool", ["ar"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),  # [1, 8, 8, W/2]
+        n("Transpose", ["p"], ["t"], perm=[0, 3, 1, 2]),  # [1, W/2, 8, 8]
+        n("Reshape", ["t", "seq_shape"], ["seq"]),  # [1, W/2, 64]
         n("MatMul", ["seq", "fc.w"], ["h"], name="fc"),
         n("Tanh", ["h"], ["ht"]),
         n("MatMul", ["ht", "cls.w"], ["z"], name="cls"),
@@ -116,15 +116,16 @@ def recogniser() -> onnx.ModelProto:
     )
 
 
-VOCAB = 50
+VOCAB = 128
+HIDDEN = 64
 
 
 def encoder() -> onnx.ModelProto:
     """Class 3: a sentence encoder that also returns int64 tensors and a weight-free float output."""
     rng = np.random.default_rng(3)
     inits = [
-        numpy_helper.from_array(_w(rng, VOCAB, 16, scale=1.0), "emb"),
-        numpy_helper.from_array(_w(rng, 16, 16), "proj.w"),
+        numpy_helper.from_array(_w(rng, VOCAB, HIDDEN, scale=1.0), "emb"),
+        numpy_helper.from_array(_w(rng, HIDDEN, HIDDEN), "proj.w"),
         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
         numpy_helper.from_array(np.array([2], np.int64), "axis2"),
     ]
@@ -148,7 +149,7 @@ def encoder() -> onnx.ModelProto:
         nodes,
         [ids, mask],
         [
-            helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", 16]),
+            helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", HIDDEN]),
             helper.make_tensor_value_info("token_count", TensorProto.INT64, ["batch"]),
             helper.make_tensor_value_info("top_dim", TensorProto.INT64, ["batch", "sequence"]),
             helper.make_tensor_value_info("mask_fraction", TensorProto.FLOAT, ["batch", 1]),
@@ -208,10 +209,10 @@ def causal_lm() -> onnx.ModelProto:
     """Class 5: input_ids/attention_mask[batch, sequence] → output [batch, sequence, VOCAB] logits + hidden."""
     rng = np.random.default_rng(5)
     inits = [
-        numpy_helper.from_array(_w(rng, VOCAB, 16, scale=1.0), "embed.w"),
-        numpy_helper.from_array(_w(rng, 16, 32), "up.w"),
-        numpy_helper.from_array(_w(rng, 32, 16), "down.w"),
-        numpy_helper.from_array(_w(rng, 16, VOCAB, scale=1.0), "lm_head.w"),
+        numpy_helper.from_array(_w(rng, VOCAB, HIDDEN, scale=1.0), "embed.w"),
+        numpy_helper.from_array(_w(rng, HIDDEN, 2 * HIDDEN), "up.w"),
+        numpy_helper.from_array(_w(rng, 2 * HIDDEN, HIDDEN), "down.w"),
+        numpy_helper.from_array(_w(rng, HIDDEN, VOCAB, scale=0.5), "lm_head.w"),
         numpy_helper.from_array(np.array([2], np.int64), "axis2"),
     ]
     n = helper.make_node
@@ -233,7 +234,7 @@ def causal_lm() -> onnx.ModelProto:
         [ids, mask],
         [
             helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", "sequence", VOCAB]),
-            helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", 16]),
+            helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", HIDDEN]),
         ],
         inits,
         "causal_lm",
@@ -368,3 +369,168 @@ def test_synthetic_tokens_probe_only_when_dims_are_free() -> None:
 def test_ir_and_proto_give_the_same_specs() -> None:
     model = vad()
     assert model_input_specs(model) == model_input_specs(ir.from_proto(model))
+
+
+# --------------------------------------------------------------------------------------------
+# the distortion loss: outputs that matter, padding, rank-3 logits
+
+
+def test_choose_outputs_per_class() -> None:
+    from lpcompile.analysis.losses import choose_outputs
+
+    enc = choose_outputs(encoder())
+    assert enc.names == ("sentence_embedding",)
+    assert dict(enc.skipped) == {
+        "token_count": "int64",
+        "top_dim": "int64",
+        "mask_fraction": "does not depend on weights",
+    }
+    lm = choose_outputs(causal_lm())
+    terms = {o.name: (o.loss, o.kind, o.mask) for o in lm.outputs}
+    assert terms == {
+        "output": ("kl", "sequence", "attention_mask"),  # rank-3 logits (last dim = the vocabulary) -> KL
+        "last_hidden_state": ("mse", "tensor", "attention_mask"),
+    }
+    assert "KL over positions" in lm.describe() and "padding masked by attention_mask" in lm.describe()
+    assert choose_outputs(recogniser()).outputs[0].kind == "sequence"  # per-step softmax
+    assert choose_outputs(causal_lm(), ["last_hidden_state"]).names == ("last_hidden_state",)
+    with pytest.raises(UsageError, match="unknown output"):
+        choose_outputs(causal_lm(), ["logits"])
+    with pytest.raises(UsageError, match="no gradient"):
+        choose_outputs(encoder(), ["token_count"])
+
+
+def test_padding_is_masked_in_both_distortions() -> None:
+    import torch
+
+    from lpcompile.analysis.losses import choose_outputs, numpy_distortion, torch_distortion
+
+    spec = choose_outputs(causal_lm())
+    rng = np.random.default_rng(0)
+    ref = {"output": rng.standard_normal((2, 5, VOCAB)), "last_hidden_state": rng.standard_normal((2, 5, HIDDEN))}
+    test = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in ref.items()}
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    garbage = {k: v.copy() for k, v in test.items()}
+    for v in garbage.values():
+        v[mask == 0] += 100.0  # padded positions may hold anything
+    masks = spec.masks({"attention_mask": mask}, {k: v.shape for k, v in ref.items()})
+    clean = numpy_distortion(test, ref, spec.kinds(), masks)
+    assert numpy_distortion(garbage, ref, spec.kinds(), masks) == pytest.approx(clean, rel=1e-12)
+    assert numpy_distortion(garbage, ref, spec.kinds()) > 10 * clean  # unmasked, padding dominates
+    t = torch_distortion(
+        {k: torch.from_numpy(v) for k, v in garbage.items()},
+        {k: torch.from_numpy(v) for k, v in ref.items()},
+        spec.kinds(),
+        masks,
+    )
+    assert float(t) == pytest.approx(clean, rel=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_masked_ggn_probe_has_the_masked_hessian_as_covariance(loss: str) -> None:
+    import torch
+
+    from lpcompile.analysis.losses import ggn_output_probe, torch_distortion
+
+    y0 = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 4)))
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    f = lambda y: torch_distortion({"y": y}, {"y": y0}, {"y": loss}, {"y": mask})  # noqa: E731
+    hess = torch.autograd.functional.hessian(f, y0.clone()).reshape(24, 24)
+    gen = torch.Generator().manual_seed(0)
+    n = 3000
+    zs = torch.stack([ggn_output_probe(y0, loss, gen, mask).reshape(-1) for _ in range(n)])
+    cov = zs.T @ zs / n
+    # Monte-Carlo covariance of n probes: error ~ 1/sqrt(n) ≈ 1.8 % of the largest entry; allow 4 standard errors
+    assert torch.allclose(cov, hess, atol=4 / np.sqrt(n) * float(hess.abs().max()))
+
+
+# --------------------------------------------------------------------------------------------
+# the README command on each class
+
+
+def _compile(tmp_path, model: onnx.ModelProto, budget: str = "4.5bits", calib=None, **kw):  # type: ignore[no-untyped-def]
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.files import compile_file
+
+    src = tmp_path / "model.onnx"
+    onnx.save(model, str(src))
+    out = tmp_path / "model.lp.onnx"
+    result = compile_file(src, budget, out=out, calib_path=calib, config=AnalysisConfig(probes=4), **kw)
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    return result
+
+
+@pytest.mark.parametrize("build", [detector, recogniser, vad])
+def test_classes_1_2_4_compile_without_data(tmp_path, build) -> None:  # type: ignore[no-untyped-def]
+    result = _compile(tmp_path, build(), budget="6bits")
+    assert result.plan.nodes and result.applied.output.exists()
+
+
+def test_guard_fires_on_a_model_built_to_break_at_4_5_bits(tmp_path) -> None:
+    from lpcompile.frontend.calib import load_calibration
+    from lpcompile.guard import check_quality
+
+    model, calib, held = breaker(tmp_path)
+    result = _compile(tmp_path, model, "4.5bits", calib)
+    guard = check_quality(
+        result.applied.output, tmp_path / "model.onnx", load_calibration(held), plan=result.plan, table=result.table
+    )
+    assert guard.fired and guard.distortion > 0.1 and guard.threshold_source == "default"
+    assert guard.worst_nodes[0][0] == "fc1" and guard.worst_nodes[0][1].startswith("int4")
+    assert guard.suggested_budget is not None and float(guard.suggested_budget.removesuffix("bits")) > 4.5
+    msg = guard.message()
+    assert "\n" not in msg and "QUALITY WARNING" in msg and "fc1" in msg and "--budget" in msg
+    strict = check_quality(result.applied.output, tmp_path / "model.onnx", load_calibration(held), strict=True)
+    assert strict.exit_code == 1
+    # a loose --max-loss silences it
+    loose = check_quality(result.applied.output, tmp_path / "model.onnx", load_calibration(held), max_loss=1e3)
+    assert not loose.fired and loose.exit_code == 0
+
+
+def breaker(folder) -> tuple[onnx.ModelProto, object, object]:  # type: ignore[no-untyped-def]
+    """fc1 [256, 256] has 50× outliers on every 16th input row, inputs the data leaves ~0: int4 blocks
+    scaled by those outliers round every live weight to zero, and at 4.5 bits fc1 (97 % of the
+    weights) cannot avoid int4."""
+    rng = np.random.default_rng(0)
+    d = 256
+    w1 = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+    w1[::16, :] = 50.0 * np.sign(rng.standard_normal((d // 16, d))) / np.sqrt(d)
+    w2 = (8.0 * rng.standard_normal((d, 10)) / np.sqrt(d)).astype(np.float32)
+    n = helper.make_node
+    model = _model(
+        [
+            n("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            n("Relu", ["h"], ["hr"]),
+            n("MatMul", ["hr", "w2"], ["logits"], name="fc2"),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+        "breaker",
+    )
+    paths = []
+    for name, seed in (("calib.npz", 1), ("held.npz", 2)):
+        x = np.random.default_rng(seed).standard_normal((48, d)).astype(np.float32)
+        x[:, ::16] *= 1e-4
+        np.savez(folder / name, x=x)
+        paths.append(folder / name)
+    return model, paths[0], paths[1]
+
+
+@pytest.mark.slow
+def test_guard_is_silent_on_the_example_models(tmp_path) -> None:
+    pytest.importorskip("sklearn")
+    from lpcompile.examples import build_digits
+    from lpcompile.frontend.calib import load_calibration
+    from lpcompile.guard import check_quality
+
+    art = build_digits(tmp_path)
+    held = load_calibration(art.heldout)
+    for model in (art.mlp, art.cnn):
+        out = tmp_path / f"{model.stem}.lp.onnx"
+        from lpcompile.files import compile_file
+
+        result = compile_file(model, "4.5bits", out=out, calib_path=art.calib)
+        guard = check_quality(out, model, held, plan=result.plan, table=result.table)
+        assert not guard.fired, guard.message()
+        assert guard.distortion < 0.05  # measured 4.1e-05 (MLP) and 3.0e-03 (CNN) at 4.5 bits

@@ -26,6 +26,10 @@ class AnalysisConfig:
         estimator: how the Hessian diagonal is estimated: ``ggn`` (output-space probes z with
             Cov(z) = M on the Gauss–Newton factorisation H = JᵀMJ, one backward per probe) or
             ``hvp`` (classic Hutchinson v ⊙ Hv with Hessian-vector products by double backward).
+        outputs: the graph outputs the distortion loss is defined on (``--outputs``); None: every
+            floating output that depends on weights (see :func:`lpcompile.analysis.losses.choose_outputs`).
+        input_shapes: ``--input-shape`` values for synthetic inputs
+            (:func:`lpcompile.frontend.input_spec.parse_input_shape` syntax).
     """
 
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -37,6 +41,8 @@ class AnalysisConfig:
     loss: Literal["auto", "kl", "mse"] = "auto"
     activations: bool = True
     estimator: Literal["ggn", "hvp"] = "ggn"
+    outputs: tuple[str, ...] | None = None
+    input_shapes: tuple[str, ...] = ()
 
 
 def candidate_formats(config: AnalysisConfig) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 from scipy.stats import spearmanr
 
-from lpcompile.analysis.losses import numpy_distortion, output_loss_kinds
+from lpcompile.analysis.losses import choose_outputs, numpy_distortion
 from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
 from lpcompile.formats import get_format
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
@@ -48,23 +48,32 @@ class _Runner:
     """Runs a (rewritten) model on the fixed calibration batches and scores its distortion."""
 
     def __init__(self, model: ir.Model, calib: CalibrationSet, batch_size: int, loss: str,
-                 backend: MeasureBackend) -> None:
+                 backend: MeasureBackend, outputs: Sequence[str] | None = None) -> None:
         self.backend = backend
         dynamic = dynamic_sequence_inputs(model)
         self.batches = [trim_padding(b, dynamic) for b in batches(calib, batch_size)]
         ref_run = backend.session(model)
         self.refs = [dict(ref_run(b)) for b in self.batches]
-        names = list(self.refs[0])
-        self.kinds = output_loss_kinds(names, [tuple(self.refs[0][k].shape) for k in names], loss)  # type: ignore[arg-type]
-        sizes = np.array([len(next(iter(b.values()))) for b in self.batches], dtype=np.float64)
+        shapes = {k: tuple(v.shape) for k, v in self.refs[0].items()}
+        spec = choose_outputs(model, outputs, loss, shapes=shapes)  # type: ignore[arg-type]
+        self.kinds = spec.kinds()
+        self.masks = [
+            spec.masks(b, {k: ref[k].shape for k in self.kinds}) for b, ref in zip(self.batches, self.refs, strict=True)
+        ]
+        sizes = np.array([_batch_len(b) for b in self.batches], dtype=np.float64)
         self.weights = sizes / sizes.sum()
 
     def loss_of(self, model: ir.Model) -> float:
         run = self.backend.session(model)
         total = 0.0
-        for b, ref, w in zip(self.batches, self.refs, self.weights, strict=True):
-            total += float(w) * numpy_distortion(dict(run(b)), ref, self.kinds)
+        for b, ref, w, m in zip(self.batches, self.refs, self.weights, self.masks, strict=True):
+            total += float(w) * numpy_distortion(dict(run(b)), ref, self.kinds, m)
         return total
+
+
+def _batch_len(b: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch: axis 0 of its first input of rank ≥ 1 (scalars are shared by all samples)."""
+    return next((int(v.shape[0]) for v in b.values() if np.ndim(v) >= 1), 1 if b else 0)
 
 
 def measure_pairs(
@@ -77,9 +86,13 @@ def measure_pairs(
     batch_size: int = 8,
     loss: str = "auto",
     progress: Progress | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> dict[tuple[str, str], float]:
-    """Loss increase of quantizing each node alone to each format, measured on ``backend``."""
-    runner = _Runner(model, calib, batch_size, loss, backend)
+    """Loss increase of quantizing each node alone to each format, measured on ``backend``.
+
+    ``outputs``: the outputs the loss covers (``--outputs``; default as in the Hessian analysis).
+    """
+    runner = _Runner(model, calib, batch_size, loss, backend, outputs)
     blob = ir.to_proto(model).SerializeToString()
     out: dict[tuple[str, str], float] = {}
     for i, (node, fmt_name) in enumerate(pairs):
@@ -143,12 +156,14 @@ def validate(
     batch_size: int = 8,
     loss: str = "auto",
     progress: Progress | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> SensitivityTable:
     """Fill ``measured_loss`` for every (node, format) and attach the Spearman report."""
     nodes = {n.name: n for n in find_weight_nodes(model)}
     pairs = [(nodes[n.name], f) for n in table.nodes for f in n.candidates if f != "fp32"]
     measured = measure_pairs(
-        model, calib, pairs, table.activation_amax, backend, batch_size=batch_size, loss=loss, progress=progress
+        model, calib, pairs, table.activation_amax, backend, batch_size=batch_size, loss=loss, progress=progress,
+        outputs=outputs,
     )
     new_nodes = tuple(
         replace(
@@ -173,6 +188,7 @@ def analyze_by_measurement(
     batch_size: int = 8,
     loss: str = "auto",
     progress: Progress | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> SensitivityTable:
     """Fallback analysis without gradients: every (node, format) measured on ``backend``."""
     nodes = find_weight_nodes(model)
@@ -180,7 +196,9 @@ def analyze_by_measurement(
     acts = sorted({n.activation for n in nodes})
     amax = backend.amax(ir.to_proto(model), batches(calib, batch_size), acts) if acts else {}
     pairs = [(n, f) for n in nodes for f in fmts]
-    measured = measure_pairs(model, calib, pairs, amax, backend, batch_size=batch_size, loss=loss, progress=progress)
+    measured = measure_pairs(
+        model, calib, pairs, amax, backend, batch_size=batch_size, loss=loss, progress=progress, outputs=outputs
+    )
     groups = tied_groups(nodes)
     table_nodes = tuple(
         NodeSensitivity(
@@ -208,7 +226,7 @@ def analyze_by_measurement(
         method="measured",
         loss=loss,
         calib=calib.source,
-        num_samples=int(sum(len(next(iter(b.values()))) for b in batches(calib, batch_size))),
+        num_samples=int(sum(_batch_len(b) for b in batches(calib, batch_size))),
         synthetic_calib=calib.synthetic,
         activation_amax=amax,
     )

@@ -86,6 +86,7 @@ class SensitivityTable:
     validation: Mapping[str, Any] | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     version: int = TABLE_VERSION
+    loss_outputs: Mapping[str, Any] | None = None  # LossSpec.to_dict(): outputs, loss per output, masks
 
     def node(self, name: str) -> NodeSensitivity | None:
         """The node called ``name`` (None when the table has none)."""
@@ -112,6 +113,7 @@ class SensitivityTable:
             "activation_amax": {k: _num(v) for k, v in sorted(self.activation_amax.items())},
             "validation": self.validation,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            **({"loss_outputs": dict(self.loss_outputs)} if self.loss_outputs else {}),
             "nodes": [
                 {
                     "name": n.name,
@@ -198,6 +200,7 @@ class SensitivityTable:
             synthetic_calib=bool(data.get("synthetic_calib", False)),
             activation_amax={k: float(v) for k, v in (data.get("activation_amax") or {}).items()},
             validation=data.get("validation"),
+            loss_outputs=data.get("loss_outputs"),
             timings=dict(data.get("timings") or {}),
         )
 

@@ -29,6 +29,18 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--loss", choices=["auto", "kl", "mse"], default="auto")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="input shape for synthetic data: NAME=1x3x640x640, NAME=batch:1,width:320 or width:320 (repeatable)",
+    )
+    g.add_argument(
+        "--outputs",
+        metavar="NAME[,NAME]",
+        help="outputs the loss is measured on (default: floating outputs that depend on weights)",
+    )
 
 
 def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
@@ -37,6 +49,11 @@ def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, not {value}")
     check_seed(args.seed)
+    from lpcompile.analysis.losses import parse_outputs
+    from lpcompile.frontend.input_spec import parse_input_shapes
+
+    input_shapes = tuple(getattr(args, "input_shape", None) or ())
+    parse_input_shapes(input_shapes)  # a malformed spec is a usage error before any work
     return AnalysisConfig(
         formats=parse_format_list(args.formats),
         probes=args.probes,
@@ -45,6 +62,8 @@ def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
         seed=args.seed,
         method=args.method,
         loss=args.loss,
+        outputs=parse_outputs(getattr(args, "outputs", None)),
+        input_shapes=input_shapes,
     )
 
 

@@ -32,6 +32,25 @@ def plan_rows(plan: PrecisionPlan, table: SensitivityTable | None = None) -> lis
     return rows
 
 
+def shorten(name: str, width: int) -> str:
+    """``name`` cut to ``width`` characters from the left (the end of a node path says the most):
+    ``/model/layers.0/self_attn/q_proj/MatMul`` → ``…/self_attn/q_proj/MatMul``."""
+    if width < 2 or len(name) <= width:
+        return name
+    tail = name[-(width - 1) :]
+    cut = tail.find("/", 0, len(tail) // 2)  # start at a path separator when one is near
+    return "…" + (tail[cut:] if cut > 0 else tail)
+
+
+def _name_width(out: Output, rows: list[tuple[Any, ...]], columns: int) -> int:
+    """Room for the node column so the table fits the console (80 columns when not a terminal)."""
+    total = out.console.width or 80
+    cell = lambda v: 9 if isinstance(v, float) else len(str(v)) if v is not None else 1  # noqa: E731 - floats: ≤ 9 chars
+    others = sum(max((cell(r[i]) for r in rows), default=0) for i in range(1, columns))
+    borders = 3 * columns + 1  # "│ " + " " per cell and the closing "│"
+    return max(16, total - others - borders)
+
+
 def print_plan(out: Output, plan: PrecisionPlan, table: SensitivityTable | None = None) -> None:
     rows = [
         (
@@ -46,6 +65,8 @@ def print_plan(out: Output, plan: PrecisionPlan, table: SensitivityTable | None 
         )
         for r in plan_rows(plan, table)
     ]
+    width = _name_width(out, rows, 6)
+    rows = [(shorten(r[0], width), *r[1:]) for r in rows]
     out.table(
         f"precision plan — {plan.achieved_bits:.4g} bits/weight over {plan.total_params:,} weights"
         + (f" (budget {plan.budget})" if plan.budget else ""),

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from lpcompile.commands._args import add_analysis_args, add_keep_arg, add_target_args, analysis_config, keep_rules
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output, StageProgress
+
+if TYPE_CHECKING:
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.files import CompileResult
+    from lpcompile.guard import GuardResult
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,6 +26,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true", help="also measure every (node, format) in ORT (slow)")
     p.add_argument("--report", metavar="HTML", help="write a self-contained HTML report")
     p.add_argument("--force", action="store_true", help="replace a previous output (an input is never replaced)")
+    g = p.add_argument_group("quality guard (lpcompile.guard)")
+    g.add_argument(
+        "--max-loss",
+        type=float,
+        metavar="D",
+        help="distortion above which the written model is flagged (default 0.1: KL in nats / normalised MSE)",
+    )
+    g.add_argument("--strict", action="store_true", help="exit 1 when the quality guard fires")
     return p
 
 
@@ -55,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             from lpcompile.commands._tables import write_report
 
             write_report(args.report, result.plan, result.table)
+    guard = _guard(args, config, result)
     print_plan(out, result.plan, result.table)
     if result.table.validation:
         out.line(f"validation: Spearman ρ(predicted, measured) = {result.table.validation.get('spearman')}")
@@ -76,6 +91,38 @@ def run(args: argparse.Namespace) -> int:
             "timings": dict(result.timings),
             "nodes": plan_rows(result.plan, result.table),
             "checks": result.applied.checks.to_list(),
+            "guard": guard.to_dict(),
         }
     )
-    return 0
+    return guard.exit_code
+
+
+def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResult) -> GuardResult:
+    """The quality guard on held-out samples: the last quarter of --calib, or fresh synthetic inputs (seed + 1)."""
+    from lpcompile.frontend.calib import calibration_for
+    from lpcompile.frontend.input_spec import parse_input_shapes
+    from lpcompile.frontend.onnx_io import load_model
+    from lpcompile.guard import check_quality, heldout_split
+
+    model = load_model(args.model)
+    if args.calib:
+        heldout = heldout_split(calibration_for(model, args.calib))[1]
+    else:
+        heldout = calibration_for(
+            model,
+            None,
+            input_shapes=parse_input_shapes(config.input_shapes),
+            num_samples=16,
+            seed=config.seed + 1,
+        )
+    return check_quality(
+        result.applied.output,
+        args.model,
+        heldout,
+        plan=result.plan,
+        table=result.table,
+        max_loss=args.max_loss,
+        strict=args.strict,
+        outputs=config.outputs,
+        batch_size=config.batch_size,
+    )

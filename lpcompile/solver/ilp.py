@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -334,11 +335,12 @@ def _lagrangian_reduction(
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Send C-level writes to fd 1 to stderr while HiGHS runs.
+def _quiet_highs() -> Iterator[None]:
+    """Capture C-level writes to fd 1 while HiGHS runs and log them at DEBUG.
 
     HiGHS 1.12 sometimes prints a debug line (``HighsMipSolverData::transformNewIntegerFeasible
-    Solution``) straight to stdout, which would corrupt ``--json`` output read by a pipeline.
+    Solution``) straight to stdout: on stdout it would corrupt ``--json`` output read by a pipeline,
+    on stderr it reads like an error. It goes to a temporary file and then to the log (``-vv``).
     """
     try:
         fd = sys.stdout.fileno()
@@ -347,18 +349,23 @@ def _stdout_to_stderr() -> Iterator[None]:
         return
     sys.stdout.flush()
     saved = os.dup(fd)
-    try:
-        os.dup2(sys.stderr.fileno(), fd)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, fd)
-        os.close(saved)
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), fd)
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    logger.debug("HiGHS: %s", line.strip())
 
 
 def _milp(c: np.ndarray, constraints: list[LinearConstraint], time_limit: float):
     options = {"time_limit": time_limit, "mip_rel_gap": 0.0, "presolve": True, "disp": False}
-    with warnings.catch_warnings(), _stdout_to_stderr():
+    with warnings.catch_warnings(), _quiet_highs():
         warnings.filterwarnings("ignore", message="Unrecognized options", category=RuntimeWarning)
         return milp(
             c,
