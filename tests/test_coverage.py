@@ -529,3 +529,25 @@ def test_tied_head_decode_is_folded_by_ort(tmp_path: Path) -> None:
     ops_left = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert "GatherBlockQuantized" in ops_left and "MatMul" in ops_left
     assert not {"Mul", "Reshape", "Transpose"} & set(ops_left)  # the head weight is a folded fp32 constant
+
+
+@pytest.mark.parametrize("target", ["qdq", "ort", "tvm"])
+@pytest.mark.parametrize("case", ["tied", "depthwise", "fp16", "conv_transpose"])
+def test_quantize_pass_is_idempotent_on_the_new_layouts(case: str, target: str) -> None:
+    from pass_helpers import snapshot
+
+    from lpcompile.passes.quantize_weights import QuantizeWeightsPass
+
+    rng = np.random.default_rng(14)
+    proto, fmt = {
+        "tied": (lambda: parse(TIED, E=_table()), "int4_b32"),
+        "depthwise": (lambda: parse(DW, w=rng.standard_normal((8, 1, 3, 3)).astype(np.float32)), "int4_b128"),
+        "fp16": (lambda: parse(FP16, w=rng.standard_normal((64, 16)).astype(np.float16)), "int4_b32"),
+        "conv_transpose": (lambda: parse(CONVT, w=rng.standard_normal((4, 3, 3, 3)).astype(np.float32)), "int8"),
+    }[case]
+    model = _prepare(proto())
+    plan = uniform_plan(model, fmt)
+    assert QuantizeWeightsPass(plan, target=target)(model).modified
+    before = snapshot(model)
+    assert not QuantizeWeightsPass(plan, target=target)(model).modified
+    assert snapshot(model) == before
