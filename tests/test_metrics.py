@@ -149,3 +149,34 @@ def test_compare_outputs_mismatch_errors() -> None:
         compare_outputs({"a": np.zeros(2)}, {"b": np.zeros(2)})
     with pytest.raises(LpError, match="shape mismatch"):
         compare_outputs({"a": np.zeros(2)}, {"a": np.zeros(3)})
+
+
+def test_output_kind_is_one_rule() -> None:
+    from lpcompile.metrics import array_kind, output_kind
+
+    assert output_kind("logits", ("batch", 7)) == "classifier"
+    assert output_kind("output", (8, 1000)) == "classifier"  # ImageNet width
+    assert output_kind("sentence_embedding", (8, 384)) == "tensor"  # no top-1 for embeddings
+    assert output_kind("output", (8, 384)) == "tensor"
+    assert output_kind("output", (2, 16, 32000), vocab=32000) == "sequence"  # LM logits by vocabulary
+    assert output_kind("last_hidden_state", (2, 16, 576), vocab=49152) == "tensor"
+    assert output_kind("y", (1, 40, 12), producer="Softmax") == "sequence"  # per-step softmax
+    assert output_kind("ids", (2, 5), integer=True) == "integer"
+    assert output_kind("x", (5,)) == "tensor"
+    probs = np.full((4, 3), 1 / 3, dtype=np.float32)
+    assert array_kind("out", probs) == "classifier"  # probability rows
+    assert array_kind("n", np.zeros((4, 3), np.int64)) == "integer"
+
+
+def test_masked_kl_and_top1_leave_padding_out() -> None:
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((2, 4, 6))
+    test = ref + 0.05 * rng.standard_normal(ref.shape)
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]])
+    garbage = test.copy()
+    garbage[mask == 0] = -ref[mask == 0] * 50  # padded positions disagree completely
+    kept = mask.astype(bool)
+    assert kl_divergence(ref, garbage, mask=mask) == pytest.approx(kl_divergence(ref[kept], test[kept]), rel=1e-12)
+    assert top1_agreement(ref, garbage, mask) == top1_agreement(ref[kept], test[kept])
+    out = compare_outputs({"output": ref}, {"output": garbage}, kinds={"output": "sequence"}, mask=mask)
+    assert out["output"].top1 == top1_agreement(ref[kept], test[kept]) and out["output"].kind == "sequence"

@@ -534,3 +534,46 @@ def test_guard_is_silent_on_the_example_models(tmp_path) -> None:
         guard = check_quality(out, model, held, plan=result.plan, table=result.table)
         assert not guard.fired, guard.message()
         assert guard.distortion < 0.05  # measured 4.1e-05 (MLP) and 3.0e-03 (CNN) at 4.5 bits
+
+
+@pytest.mark.parametrize("build", [encoder, causal_lm])
+def test_classes_3_5_compile_without_data(tmp_path, build) -> None:  # type: ignore[no-untyped-def]
+    result = _compile(tmp_path, build(), budget="6bits")
+    assert result.table.loss_outputs is not None
+    names = [o["name"] for o in result.table.loss_outputs["outputs"]]
+    assert names == (["sentence_embedding"] if build is encoder else ["output", "last_hidden_state"])
+
+
+def test_classes_2_4_5_compile_with_real_data(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    lines = tmp_path / "lines.npz"
+    np.savez(lines, input1=rng.standard_normal((5, 1, 16, 24)).astype(np.float32))
+    assert _compile(tmp_path, recogniser(), "6bits", lines).table.num_samples == 5
+    audio = tmp_path / "audio.npz"
+    np.savez(
+        audio,
+        input=rng.standard_normal((24, 64)).astype(np.float32),
+        sr=np.int64(16000),
+        state=np.zeros((2, 24, 16), np.float32),
+    )
+    assert _compile(tmp_path, vad(), "6bits", audio).table.num_samples == 24
+    tokens = tmp_path / "tokens.npz"
+    np.savez(tokens, **padded_tokens(12, 10))
+    table = _compile(tmp_path, causal_lm(), "6bits", tokens).table
+    assert table.loss_outputs["outputs"][0]["mask"] == "attention_mask"
+
+
+def test_class1_cli_flag_and_error_line(tmp_path, capsys) -> None:
+    from lpcompile.cli import main
+
+    src = tmp_path / "det.onnx"
+    onnx.save(detector(), str(src))
+    out = tmp_path / "det.lp.onnx"
+    base = ["compile", str(src), "--budget", "6bits", "-o", str(out), "--probes", "2", "-q"]
+    assert main([*base, "--input-shape", "images=2x3x96x96"]) == 0, capsys.readouterr().err
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    capsys.readouterr()
+    assert main([*base, "--force", "--input-shape", "images=batch:2,height:40,width:40"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "images 2x3x40x40" in err and "--input-shape images=" in err
+    assert main([*base, "--force", "--input-shape", "images=1xAx3"]) == 2
