@@ -577,3 +577,13 @@ def test_class1_cli_flag_and_error_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "images 2x3x40x40" in err and "--input-shape images=" in err
     assert main([*base, "--force", "--input-shape", "images=1xAx3"]) == 2
+
+
+def test_plan_table_names_fit_80_columns() -> None:
+    from lpcompile.commands._tables import shorten
+
+    names = [f"/model/decoder/layers.0/self_attention_block/mlp/{n}/MatMul" for n in ("embed", "up", "lm_head")]
+    prefix, suffix = "/model/decoder/layers.0/self_attention_block/mlp/", "/MatMul"
+    assert [shorten(n, 12, prefix, suffix) for n in names] == ["…embed/…", "…up/MatMul", "…lm_head/…"]
+    assert shorten("/a/b/c/q_proj/MatMul", 16) == "…/q_proj/MatMul"
+    assert shorten("short", 12) == "short"

@@ -32,23 +32,52 @@ def plan_rows(plan: PrecisionPlan, table: SensitivityTable | None = None) -> lis
     return rows
 
 
-def shorten(name: str, width: int) -> str:
-    """``name`` cut to ``width`` characters from the left (the end of a node path says the most):
-    ``/model/layers.0/self_attn/q_proj/MatMul`` → ``…/self_attn/q_proj/MatMul``."""
-    if width < 2 or len(name) <= width:
+def shorten(name: str, width: int, prefix: str = "", suffix: str = "") -> str:
+    """``name`` fitted to ``width`` characters: a ``prefix`` / ``suffix`` every node name shares (a
+    path, an op-type tail) becomes ``…``; then the name is cut from the left (the end of a node path
+    says the most): ``/model/layers.0/self_attn/q_proj/MatMul`` → ``…/q_proj/MatMul``."""
+    if len(name) <= width:
+        return name
+    if prefix and name.startswith(prefix) and len(name) > len(prefix):
+        name = "…" + name[len(prefix) :]
+    if len(name) > width and suffix and name.endswith(suffix) and len(name) > len(suffix) + 1:
+        name = name[: len(name) - len(suffix)] + "/…"
+    if len(name) <= width or width < 2:
         return name
     tail = name[-(width - 1) :]
     cut = tail.find("/", 0, len(tail) // 2)  # start at a path separator when one is near
     return "…" + (tail[cut:] if cut > 0 else tail)
 
 
-def _name_width(out: Output, rows: list[tuple[Any, ...]], columns: int) -> int:
+def _common_start(names: list[str]) -> str:
+    first, last = min(names), max(names)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return first[:n]
+
+
+def _shared_parts(names: list[str]) -> tuple[str, str]:
+    """The path prefix (ending in ``/``) and suffix (starting with ``/``) all names share (several names)."""
+    if len(names) < 2:
+        return "", ""
+    start = _common_start(names)
+    end = _common_start([n[::-1] for n in names])[::-1]
+    prefix = start[: start.rfind("/") + 1] if "/" in start else ""
+    suffix = end[end.find("/") :] if "/" in end else ""
+    return prefix, suffix
+
+
+def _name_width(out: Output, rows: list[tuple[Any, ...]], headers: list[str]) -> int:
     """Room for the node column so the table fits the console (80 columns when not a terminal)."""
     total = out.console.width or 80
-    cell = lambda v: 9 if isinstance(v, float) else len(str(v)) if v is not None else 1  # noqa: E731 - floats: ≤ 9 chars
-    others = sum(max((cell(r[i]) for r in rows), default=0) for i in range(1, columns))
-    borders = 3 * columns + 1  # "│ " + " " per cell and the closing "│"
-    return max(16, total - others - borders)
+
+    def cell(v: Any) -> int:
+        return 9 if isinstance(v, float) else len(str(v)) if v is not None else 1  # floats print in ≤ 9 chars
+
+    others = sum(max([len(h), *(cell(r[i]) for r in rows)]) for i, h in enumerate(headers) if i > 0)
+    borders = 3 * len(headers) + 1  # "│ " + " " per cell and the closing "│"
+    return max(12, total - others - borders)
 
 
 def print_plan(out: Output, plan: PrecisionPlan, table: SensitivityTable | None = None) -> None:
@@ -65,13 +94,18 @@ def print_plan(out: Output, plan: PrecisionPlan, table: SensitivityTable | None 
         )
         for r in plan_rows(plan, table)
     ]
-    width = _name_width(out, rows, 6)
-    rows = [(shorten(r[0], width), *r[1:]) for r in rows]
+    headers = ["node", "params", "format", "bits", "predicted loss", "runner-up"]
+    width = _name_width(out, rows, headers)
+    prefix, suffix = _shared_parts([r[0] for r in rows])
+    shortened = [(shorten(r[0], width, prefix, suffix), *r[1:]) for r in rows]
+    cut = any(r[0] != s[0] for r, s in zip(rows, shortened, strict=True))
+    note = f"; node names without {prefix or ''}…{suffix or ''}" if cut and (prefix or suffix) else ""
     out.table(
         f"precision plan — {plan.achieved_bits:.4g} bits/weight over {plan.total_params:,} weights"
-        + (f" (budget {plan.budget})" if plan.budget else ""),
-        ["node", "params", "format", "bits", "predicted loss", "runner-up"],
-        rows,
+        + (f" (budget {plan.budget})" if plan.budget else "")
+        + note,
+        headers,
+        shortened,
     )
 
 
