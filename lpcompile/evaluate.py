@@ -36,7 +36,7 @@ from lpcompile.frontend.calib import (
 from lpcompile.frontend.input_spec import ShapeOverride
 from lpcompile.frontend.onnx_io import load_proto
 from lpcompile.metrics import OutputMetrics, compare_outputs
-from lpcompile.runtime.ort import make_session, run_batches
+from lpcompile.runtime.ort import make_session, run
 
 SYNTHETIC_REFUSAL = (
     "eval compares on real inputs: give --calib DATA (an .npz keyed by input name), or --synthetic to accept "
@@ -171,8 +171,9 @@ def evaluate(
         calib = check_against_model(calib, specs)
     if calib.fixed_batch is not None and calib.fixed_batch != batch_size:
         logger.info("reference has a fixed batch of %d: evaluating in batches of that size", calib.fixed_batch)
-    ref_out = run_batches(ref_session, batches(calib, batch_size), outputs=r_out)
-    test_out = run_batches(test_session, batches(calib, batch_size), outputs=r_out)
+    axes = output_sample_axes(ref_proto)
+    ref_out = _run_all(ref_session, calib, batch_size, r_out, axes)
+    test_out = _run_all(test_session, calib, batch_size, r_out, axes)
     spec = choose_outputs(ref_proto, outputs, shapes={k: v.shape for k, v in ref_out.items()})
     mask_name = next((o.mask for o in spec.outputs if o.mask), None)
     mask = _batched(calib, mask_name, batch_size) if mask_name else None
@@ -188,6 +189,36 @@ def evaluate(
         loss=spec.describe(),
         loss_outputs=spec.names,
     )
+
+
+def output_sample_axes(proto: onnx.ModelProto) -> dict[str, int]:
+    """Per output, the axis holding the samples: where the inputs' batch symbol sits (a recurrent
+    state ``[2, batch, 128]`` → 1), else 0."""
+    from lpcompile.frontend.input_spec import batch_symbol
+
+    sym = batch_symbol(model_input_specs(proto))
+    axes = {}
+    for o in proto.graph.output:
+        dims = [d.dim_param for d in o.type.tensor_type.shape.dim] if o.type.tensor_type.HasField("shape") else []
+        axes[o.name] = dims.index(sym) if sym is not None and sym in dims else 0
+    return axes
+
+
+def _run_all(session: Any, calib: CalibrationSet, batch_size: int, names: list[str], axes: dict[str, int]) -> dict:
+    """Every batch through ``session``, each output concatenated along its sample axis."""
+    import numpy as np
+
+    parts = [run(session, b, names) for b in batches(calib, batch_size)]
+    if not parts:
+        raise LpError("no input batches to run")
+    out = {}
+    for name in names:
+        arrays = [p[name] for p in parts]
+        axis = axes.get(name, 0)
+        out[name] = (
+            np.stack(arrays) if arrays[0].ndim == 0 else np.concatenate(arrays, axis=min(axis, arrays[0].ndim - 1))
+        )
+    return out
 
 
 def _batched(calib: CalibrationSet, name: str, batch_size: int) -> Any:

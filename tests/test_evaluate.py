@@ -185,3 +185,21 @@ def test_fixed_batch_is_honoured_in_eval() -> None:
     report = evaluate(ref, ref, CalibrationSet({"input1": x}, "lines"), batch_size=8)
     m = report.outputs["probs"]
     assert report.num_samples == 3 and m.kind == "sequence" and m.top1 == 1.0
+
+
+def test_state_outputs_are_joined_along_their_batch_axis() -> None:
+    from test_models_as_they_come import vad
+
+    ref = vad()
+    rng = np.random.default_rng(0)
+    data = {
+        "input": rng.standard_normal((10, 64)).astype(np.float32),
+        "sr": np.int64(16000),
+        "state": rng.standard_normal((2, 10, 16)).astype(np.float32),
+    }
+    calib = CalibrationSet(data, "audio", sample_axes={"input": 0, "sr": None, "state": 1})
+    report = evaluate(ref, ref, calib, batch_size=4)
+    assert report.num_samples == 10 and report.outputs["stateN"].cosine == 1.0
+    from lpcompile.evaluate import output_sample_axes
+
+    assert output_sample_axes(ref) == {"output": 0, "stateN": 1}
