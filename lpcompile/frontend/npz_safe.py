@@ -160,8 +160,8 @@ def _check_budget(headers: Iterable[ArrayHeader], max_rows: int | None, budget: 
             rows = "" if max_rows is None else f" (first {max_rows} rows)"
             raise NpzError(
                 f"array {h.name!r} in {where} would take {_human(need)}{rows}: shape {list(h.shape)} {h.dtype}; "
-                f"the arrays of this file may take at most {_human(budget)} of memory"
-                + ("" if max_rows is not None else " (use --max-samples to read fewer rows)")
+                f"the arrays of this file may take at most {_human(budget)} of memory "
+                "(LPCOMPILE_MAX_ARRAY_BYTES sets the cap, never above half the available memory)"
             )
 
 
