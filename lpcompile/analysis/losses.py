@@ -170,7 +170,7 @@ def _weight_dependent(model: ir.Model) -> set[str]:
         used = {v.name for v in node.inputs if v is not None}
         for attr in node.attributes.values():  # subgraphs (If/Loop) reading weights from the outer scope
             if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                graphs = attr.value if isinstance(attr.value, Sequence) else [attr.value]
+                graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else list(attr.value)
                 for g in graphs:
                     for inner in ir.traversal.RecursiveGraphIterator(g):
                         used |= {v.name for v in inner.inputs if v is not None}
