@@ -632,7 +632,20 @@ def test_plan_limits_are_linear_and_bounded(tmp_path: Path, capsys: pytest.Captu
     big.write_text(json.dumps({"version": 1, "nodes": [{"name": f"n{i}", "format": "int8"} for i in range(10**6)]}))
     code, err = _cli(capsys, "report", big, "-o", tmp_path / "r.html", "-q")
     assert code == 1 and "1,000,000 nodes" in _one_line(err)
-    assert not (tmp_path / "r.html").exists()
+    shutil.copy(MLP, tmp_path / "m.onnx")
+    code, err = _cli(capsys, "apply", tmp_path / "m.onnx", big, "-o", tmp_path / "o.onnx", "-q")
+    assert code == 1 and "1,000,000 nodes" in _one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.plan.json", "m.onnx"]
+
+
+def test_files_in_a_calibration_folder_are_inputs(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = work / "calib_dir"
+    folder.mkdir()
+    shutil.copy(CALIB, folder / "a.npz")
+    before = _snapshot(work)
+    code, err = _cli(capsys, "analyze", work / "m.onnx", "--calib", folder, *FAST, "-o", folder / "a.npz", "-q")
+    assert code == 2 and "input" in _one_line(err)
+    assert _snapshot(work) == before
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), 1e-45, 1e39, "0.1", True])
