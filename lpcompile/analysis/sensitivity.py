@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -25,7 +25,7 @@ import onnx_ir as ir
 import torch
 
 from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig, candidate_formats
-from lpcompile.analysis.losses import ggn_output_probe, output_loss_kinds, torch_distortion
+from lpcompile.analysis.losses import choose_outputs, ggn_output_probe, torch_distortion
 from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
 from lpcompile.formats import activation_scale, get_format, qdq_activation, qdq_weight
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
@@ -164,16 +164,18 @@ def run_analysis(
     refs: list[dict[str, torch.Tensor]] = []
     amax: dict[str, float] = dict.fromkeys(act_tensors, 0.0)
     for b in batch_list:
-        outs, captured = adapter.reference(b)
+        outs, captured = _reference(adapter, b, data)
         refs.append(outs)
         for t in act_tensors:
             a = captured[t].abs()
             a = a[torch.isfinite(a)]
             if a.numel():
                 amax[t] = max(amax[t], float(a.max()))
-    out_names = list(refs[0]) if refs else []
-    kinds = output_loss_kinds(out_names, [tuple(refs[0][k].shape) for k in out_names], config.loss)
-    logger.info("distortion loss per output: %s", kinds)
+    spec = choose_outputs(
+        model, config.outputs, config.loss, shapes={k: tuple(v.shape) for k, v in (refs[0] if refs else {}).items()}
+    )
+    kinds = spec.kinds()
+    logger.info("distortion loss: %s", spec.describe())
     t_ref = time.perf_counter()
 
     # Pass 2: Hutchinson diagonals (weights) and activation-term sums (per tensor × element).
@@ -191,8 +193,9 @@ def run_analysis(
         fw = adapter.probe(b)
         wl = [fw.weight_leaves[w] for w in weights]
         al = [fw.activation_leaves[t] for t in act_tensors]
+        masks = spec.masks(b, {name: tuple(ref[name].shape) for name in kinds})
         est = estimate([fw.outputs[name] for name in kinds], ref, kinds, [*wl, *al], k, gen,
-                       _progress_step(progress, done, total))
+                       _progress_step(progress, done, total), masks)
         done += k
         for w, leaf in zip(weights, wl, strict=True):
             if id(leaf) in est:
@@ -214,9 +217,25 @@ def run_analysis(
     }
     table_nodes = predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths)
     t_end = time.perf_counter()
-    return assemble_table(
+    table = assemble_table(
         table_nodes, fmts, config, kinds, data, int(sizes.sum()), amax, (t0, t_build, t_ref, t_hvp, t_end)
     )
+    return replace(table, loss_outputs=spec.to_dict())
+
+
+def _reference(
+    adapter: ForwardAdapter, batch: Mapping[str, np.ndarray], data: CalibrationSet
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The adapter's reference pass; an op failing on synthetic inputs names the input shapes and the flags."""
+    from lpcompile.analysis.ops import OpEvalError
+    from lpcompile.frontend.input_spec import explain_failure
+
+    try:
+        return adapter.reference(batch)
+    except OpEvalError as exc:
+        if data.synthetic and data.shapes is not None:
+            raise explain_failure(exc, data.shapes) from exc
+        raise
 
 
 def predict_losses(
@@ -329,9 +348,10 @@ def _hvp_diagonals(
     k: int,
     gen: torch.Generator,
     step: Callable[[], None] | None,
+    masks: Mapping[str, np.ndarray | None] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Hutchinson: diag(H) ≈ mean over Rademacher v of v ⊙ Hv, Hv by double backward of the loss."""
-    loss = torch_distortion(dict(zip(kinds, outputs, strict=True)), ref, kinds)
+    loss = torch_distortion(dict(zip(kinds, outputs, strict=True)), ref, kinds, masks)
     grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     pairs = [(leaf, g) for leaf, g in zip(leaves, grads, strict=True) if g is not None and g.requires_grad]
     acc = [torch.zeros_like(leaf) for leaf, _ in pairs]
@@ -356,6 +376,7 @@ def _ggn_diagonals(
     k: int,
     gen: torch.Generator,
     step: Callable[[], None] | None,
+    masks: Mapping[str, np.ndarray | None] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Output-space Hutchinson on H = JᵀMJ: diag(H) ≈ mean over z (Cov z = M) of (Jᵀz)², one backward each.
 
@@ -364,7 +385,7 @@ def _ggn_diagonals(
     """
     acc = [torch.zeros_like(leaf) for leaf in leaves]
     for _ in range(k):
-        zs = [ggn_output_probe(ref[name], kind, gen) for name, kind in kinds.items()]
+        zs = [ggn_output_probe(ref[name], kind, gen, (masks or {}).get(name)) for name, kind in kinds.items()]
         gs = torch.autograd.grad(outputs, leaves, grad_outputs=zs, retain_graph=True, allow_unused=True)
         for a, g in zip(acc, gs, strict=True):
             if g is not None:
@@ -379,12 +400,13 @@ def _limit(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:
         return calib
     from lpcompile.frontend.calib import split
 
-    n = min(max_samples, _batch_len(calib.arrays))
+    n = min(max_samples, calib.num_samples)
     return split(calib, n)[0]
 
 
 def _batch_len(b: Mapping[str, np.ndarray]) -> int:
-    return int(next(iter(b.values())).shape[0]) if b else 0
+    """Samples in a batch: axis 0 of its first input of rank ≥ 1 (scalars are shared by all samples)."""
+    return next((int(v.shape[0]) for v in b.values() if np.ndim(v) >= 1), 1 if b else 0)
 
 
 def _spread(probes: int, nbatches: int) -> list[int]:
