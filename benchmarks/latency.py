@@ -130,42 +130,31 @@ def _task(name: str) -> Task:
 
 
 def _write(ctx: Context, plan: Any, target: str, out: Path) -> dict[str, Any]:
-    """Rewrite the task's model by ``plan`` for ``target`` (``dq``: per-run DequantizeLinear weights)."""
-    from lpcompile.passes.targets import softmax_pays
+    """Rewrite the task's model by ``plan`` for ``target`` (``dq``: the ``tvm`` target's per-run
+    DequantizeLinear weights and FP8 Q/DQ activations, i.e. what ``qdq`` wrote before issue 16)."""
+    from lpcompile.config import ApplyConfig
+    from lpcompile.files import apply_file
 
-    softmax = None if softmax_pays("tvm" if target == "dq" else target) else "keep"
-    if target in ("qdq", "ort"):
-        from lpcompile.workflow import apply_to_file
-
-        res = apply_to_file(
-            ctx.task.model, out, plan=plan, calib_path=ctx.task.calib, target=target, softmax=softmax, force=True
-        )
-        return {"plan_bits": res.plan.achieved_bits, "softmax_substituted": len(res.softmax_substituted)}
-    # "dq": the same steps with the tvm target's weight form, Softmax kept (what ORT would run)
-    from lpcompile.frontend.onnx_io import save_model
-    from lpcompile.graph import find_weight_nodes
-    from lpcompile.passes.pipeline import apply_plan
-    from lpcompile.workflow import calibrate_plan, fp8_activation_tensors, load_calib_for, normalized_model
-
-    model = normalized_model(ctx.task.model)
-    nodes = find_weight_nodes(model)
-    if fp8_activation_tensors(plan, nodes):
-        plan = calibrate_plan(model, plan, load_calib_for(model, ctx.task.calib, seed=0))
-    # the tvm target's forms: weight DequantizeLinear, FP8 activation Q/DQ pairs (what qdq wrote before)
-    rewritten, _ = apply_plan(model, plan, target="tvm")
-    save_model(rewritten, out)
-    return {"plan_bits": plan.achieved_bits, "softmax_substituted": 0}
+    res = apply_file(
+        ctx.task.model,
+        out,
+        plan=plan,
+        calib_path=ctx.task.calib,
+        config=ApplyConfig(target="tvm" if target == "dq" else target),
+        force=True,
+    )
+    return {"plan_bits": res.plan.achieved_bits, "softmax_substituted": len(res.softmax_substituted)}
 
 
 def _plan(ctx: Context, budget: float | None, uniform: str | None, formats: tuple[str, ...] = LPC_FORMATS) -> Any:
-    from lpcompile.compiler import plan_from_table
-    from lpcompile.passes.pipeline import uniform_plan
-    from lpcompile.workflow import normalized_model
+    """The plan (softmax resolved for ORT: kept) at ``budget`` from the cached table, or a uniform one."""
+    from lpcompile.api import decide, decide_uniform
+    from lpcompile.config import DecideConfig
+    from lpcompile.files import load_normalized
 
     if uniform is not None:
-        return uniform_plan(normalized_model(ctx.task.model), uniform)
-    plan, _ = plan_from_table(ctx.table, f"{budget}bits", formats=formats)
-    return plan
+        return decide_uniform(load_normalized(ctx.task.model), uniform, target="qdq")
+    return decide(ctx.table, f"{budget}bits", DecideConfig(formats=formats, target="qdq")).plan
 
 
 def _per_run_decodes(path: Path) -> dict[str, int]:
@@ -274,7 +263,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     fast_formats = latency_formats("qdq", LPC_FORMATS, "latency")
     for budget in [float(b) for b in args.budgets.split(",") if b]:
         variants = [("plan", LPC_FORMATS, targets)]
-        if args.latency_plans:
+        if args.latency_plans and budget in {float(b) for b in args.latency_plans.split(",") if b}:
             variants.append(("plan-latency", fast_formats, [t for t in targets if t != "dq"]))
         for variant, formats, tgts in variants:
             plan = _plan(ctx, budget, None, formats)
@@ -352,6 +341,40 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One markdown table per model: latency ratio vs fp32 per target, bits, size, primary quality."""
+    out = []
+    for res in results:
+        primary = res["metrics"][0]
+        rows = {(r.get("variant"), r.get("budget"), r.get("target")): r for r in res["rows"] if r["key"] != "fp32"}
+        fp32 = next(r for r in res["rows"] if r["key"] == "fp32")
+        out.append(
+            f"#### {res['model']} ({res['weight_params']:,} weights; fp32 {fp32.get('fp32_ms', 0):.3f} ms, "
+            f"{fp32['file_bytes'] / 1e6:.2f} MB; fp32 vs itself {fp32.get('control_ratio', float('nan')):.2f}x)"
+        )
+        out.append("")
+        out.append(
+            f"| variant | bits qdq | MB qdq | {primary['label']} qdq | qdq × fp32 | ort × fp32 | bits ort "
+            f"| {primary['label']} ort | before (dq) × fp32 |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        keys = sorted({(v, b) for v, b, _ in rows}, key=lambda k: (k[1] is None, k[0] != "plan", k[1] or 0, k[0]))
+        for v, b in keys:
+            q, o, d = (rows.get((v, b, t), {}) for t in ("qdq", "ort", "dq"))
+            name = v if b is None else f"{v}@{b:g}"
+
+            def f(r: dict[str, Any], k: str, spec: str) -> str:
+                return spec.format(r[k]) if k in r and r[k] is not None else "–"
+
+            out.append(
+                f"| {name} | {f(q, 'bits', '{:.3f}')} | {f(q, 'file_bytes', '{:.0f}')} | "
+                f"{f(q, primary['key'], primary['fmt'])} | {f(q, 'ratio', '{:.2f}')} | {f(o, 'ratio', '{:.2f}')} | "
+                f"{f(o, 'bits', '{:.3f}')} | {f(o, primary['key'], primary['fmt'])} | {f(d, 'ratio', '{:.2f}')} |"
+            )
+        out.append("")
+    return "\n".join(out).replace("| MB qdq |", "| bytes qdq |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(DEFAULT_MODELS))
@@ -361,8 +384,9 @@ def main() -> None:
     p.add_argument("--before", action="store_true", help="also the per-run DequantizeLinear form ('dq')")
     p.add_argument(
         "--latency-plans",
-        action="store_true",
-        help="also plans from the formats ORT runs fast (passes.targets.latency_formats: no activation rounding)",
+        default="",
+        metavar="BUDGETS",
+        help="at these budgets also plans from the formats ORT runs fast (latency_formats: no activation rounding)",
     )
     p.add_argument("--runs", type=int, default=0, help="timed batch-1 runs per model (default 30; 200-300 sub-ms)")
     p.add_argument("--threads", type=int, default=2)
@@ -371,7 +395,11 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="ignore cached variant rows")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results_latency.json")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="print markdown tables from --out and exit")
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())["results"]))
+        return
     setup_logging(args.verbose)
     logger.setLevel(logging.INFO)
     results = []
