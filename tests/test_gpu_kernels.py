@@ -255,4 +255,4 @@ def test_kernels_benchmark_cpu_rehearsal(tmp_path: Path) -> None:
     assert timed and all(r["lpcompile_ms"] > 0 and r["baseline_ms"] > 0 for r in timed), timed
     assert (tmp_path / "bundle" / "kernels.so").is_file() and (tmp_path / "bundle" / "kernels.cu").is_file()
     table = (tmp_path / "kernels.md").read_text()
-    assert "| int4 GEMV 1×512×256 | SKIPPED (no GPU) | torch fp16 F.linear |" in table
+    assert "| int4 GEMV 1×512×256 | SKIPPED (no GPU) | – | torch fp16 F.linear |" in table
