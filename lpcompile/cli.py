@@ -12,19 +12,44 @@ and its exit code, and the temp files of unfinished outputs are removed on the w
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from types import FrameType
-from typing import Any
 
-from lpcompile import __version__
-from lpcompile.errors import LpError, UsageError
-from lpcompile.io_utils import Terminated, block_signals, unblock_signals
+_EARLY_SIGNALS: list[int] = []
+"""Signals received before :func:`main` installed its handlers (entry-point bookkeeping: CPython can
+lose the ``SystemExit`` raised while a module is being compiled, so :func:`main` checks this too)."""
+
+
+def _early_handler(signum: int, frame: object) -> None:
+    if not _EARLY_SIGNALS:
+        os.write(2, b"lpcompile: terminated\n" if signum == signal.SIGTERM else b"lpcompile: interrupted\n")
+    _EARLY_SIGNALS.append(signum)
+    sys.exit(143 if signum == signal.SIGTERM else 130)
+
+
+def _install_early() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                signal.signal(signum, _early_handler)
+        except ValueError:  # not the main thread
+            return
+
+
+if sys.argv and os.path.basename(sys.argv[0]) == "lpcompile":  # the console script: before any other import
+    _install_early()
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from types import FrameType  # noqa: E402
+from typing import Any  # noqa: E402
+
+from lpcompile import __version__  # noqa: E402
+from lpcompile.errors import LpError, UsageError  # noqa: E402
+from lpcompile.io_utils import Terminated, block_signals, unblock_signals  # noqa: E402
 
 # modules under lpcompile.commands, each exposing register(subparsers) -> parser and run(args) -> int
 COMMAND_MODULES: tuple[str, ...] = (
@@ -115,25 +140,11 @@ def install_signal_handlers() -> Signals:
     return sig
 
 
-_EARLY_SIGNALS: list[int] = []
-"""Signals received before :func:`main` installed its handlers (entry-point bookkeeping: CPython can
-lose the ``SystemExit`` raised while a module is being compiled, so :func:`main` checks this too)."""
-
-
-def _early_handler(signum: int, frame: FrameType | None) -> None:
-    if not _EARLY_SIGNALS:
-        os.write(2, b"lpcompile: terminated\n" if signum == signal.SIGTERM else b"lpcompile: interrupted\n")
-    _EARLY_SIGNALS.append(signum)
-    sys.exit(EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED)
-
-
 def exit_early_on_signals() -> None:
     """Before anything heavy is imported: SIGINT/SIGTERM end the process with one line and 130/143
     (``SystemExit`` prints no traceback). :func:`main` replaces these with :func:`install_signal_handlers`."""
     if _main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) != signal.SIG_IGN:
-                signal.signal(signum, _early_handler)
+        _install_early()
 
 
 def _main_thread() -> bool:
@@ -250,9 +261,6 @@ def _main(argv: Sequence[str] | None) -> int:
         )
         return EXIT_FAILURE
 
-
-if sys.argv and os.path.basename(sys.argv[0]) == "lpcompile":  # the console script: as early as it gets
-    exit_early_on_signals()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -743,9 +743,9 @@ def _check_stopped(proc: subprocess.Popen[str], folder: Path, before: dict[str, 
     before Python ran any lpcompile code), at most one line, no traceback, no temp/lock/backup file,
     the input unchanged, and the outputs either both complete or both absent."""
     _, err = proc.communicate(timeout=300)
-    if "<frozen site>" in err and PACKAGE_DIR not in err:
-        # the interpreter's own start-up (site-packages .pth files) before any lpcompile code exists:
-        # Python reports that itself; nothing was written
+    if ("Traceback" in err or "Fatal Python error" in err) and PACKAGE_DIR not in err:
+        # the interpreter's own start-up (site-packages .pth files, runpy) before any lpcompile code
+        # ran: Python reports that itself; nothing was written
         assert _snapshot(folder) == before
         return
     assert "Traceback" not in err, err
