@@ -287,10 +287,28 @@ def choose_outputs(
         producer = v.producer()
         kind = output_kind(v.name, shape, producer=producer.op_type if producer else None, vocab=vocab)
         term_loss = loss if loss != "auto" else _loss_of_kind(kind)
-        covers = mask is not None and shape is not None and len(shape) >= (3 if term_loss == "kl" else 2)
+        covers = mask is not None and _mask_covers(m, mask, v, shape, term_loss)
         terms.append(OutputLoss(v.name, term_loss, kind, mask if covers else None))
     spec = LossSpec(tuple(terms), tuple(skipped), requested=bool(requested))
     return spec
+
+
+def _mask_covers(model: ir.Model, mask: str, output: ir.Value, shape: Sequence[Any] | None, loss: str) -> bool:
+    """Whether the ``[batch, seq]`` mask input covers the output's leading positions.
+
+    When the mask and the output both declare a symbol on axis 1, they must be the same symbol
+    (a rank-2 ``[B, T]`` output is then covered under MSE); otherwise only outputs of rank ≥ 3
+    (``[B, T, ...]``) are, so a ``[B, H]`` embedding never is. At run time the mask must also
+    match the output's leading dims (:meth:`LossSpec.masks`).
+    """
+    if shape is None or len(shape) < 2:
+        return False
+    mask_value = next((v for v in model.graph.inputs if v.name == mask), None)
+    mask_dims = [getattr(d, "value", d) for d in mask_value.shape] if mask_value and mask_value.shape else []
+    out_dims = [getattr(d, "value", d) for d in output.shape] if output.shape is not None else []
+    if len(mask_dims) == 2 and len(out_dims) >= 2 and isinstance(mask_dims[1], str) and isinstance(out_dims[1], str):
+        return mask_dims[1] == out_dims[1] and (loss == "mse" or len(out_dims) >= 3)
+    return len(shape) >= 3
 
 
 # --------------------------------------------------------------------------------------------
