@@ -30,6 +30,21 @@ class AnalysisConfig:
             floating output that depends on weights (see :func:`lpcompile.analysis.losses.choose_outputs`).
         input_shapes: ``--input-shape`` values for synthetic inputs
             (:func:`lpcompile.frontend.input_spec.parse_input_shape` syntax).
+        probe_tol: convergence mode (``--probe-tol``): draw probes in rounds, the same number on every
+            calibration batch, until each node's Hessian-trace estimate has a relative standard error
+            ≤ this (or ``max_probes`` is reached); None: exactly ``probes`` probes (the default).
+        max_probes: the most probes convergence mode draws in all (``--max-probes``).
+        seeding: ``sequential`` (one generator seeded with ``seed`` feeds every probe in order, the
+            historical mode), ``per-probe`` (probe j on batch b has its own generator seeded from
+            (seed, b, j), so any process can draw it: what sharded runs use) or ``auto`` (per-probe
+            when ``workers`` > 1 or ``ray`` is set, else sequential).
+        device: where the torch interpretation runs: ``cpu``, ``cuda`` or ``auto`` (cuda when present).
+        workers: local worker processes for the probe passes (``--workers``); 1: in this process.
+        ray: run the probe passes as Ray tasks (``--ray [ADDRESS]``): ``"local"`` starts a local Ray,
+            anything else is passed to ``ray.init(address=...)``; None: no Ray.
+        shard_dir: a folder every worker can read, where the driver writes the normalised model for
+            the workers (``--shard-dir``; a shared file system for a multi-machine Ray cluster);
+            None: a temporary folder on this machine.
     """
 
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -43,6 +58,41 @@ class AnalysisConfig:
     estimator: Literal["ggn", "hvp"] = "ggn"
     outputs: tuple[str, ...] | None = None
     input_shapes: tuple[str, ...] = ()
+    probe_tol: float | None = None
+    max_probes: int = 256
+    seeding: Literal["auto", "sequential", "per-probe"] = "auto"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    workers: int = 1
+    ray: str | None = None
+    shard_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        from lpcompile.errors import UsageError
+
+        if self.probe_tol is not None and not (0.0 < self.probe_tol < 1.0):
+            raise UsageError(f"--probe-tol must be in (0, 1), not {self.probe_tol}")
+        if self.max_probes < 1:
+            raise UsageError(f"--max-probes must be at least 1, not {self.max_probes}")
+        if self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        if self.seeding not in ("auto", "sequential", "per-probe"):
+            raise UsageError(f"unknown seeding {self.seeding!r} (auto, sequential, per-probe)")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise UsageError(f"--device: unknown value {self.device!r} (cpu, cuda, auto)")
+        if self.seeding == "sequential" and self.sharded:
+            raise UsageError("sequential seeding cannot be sharded: use seeding='per-probe' with --workers/--ray")
+
+    @property
+    def sharded(self) -> bool:
+        """True when the probe passes run in worker processes or Ray tasks."""
+        return self.workers > 1 or self.ray is not None
+
+    @property
+    def effective_seeding(self) -> Literal["sequential", "per-probe"]:
+        """The seeding mode a run uses (``auto`` resolved)."""
+        if self.seeding == "auto":
+            return "per-probe" if self.sharded else "sequential"
+        return self.seeding
 
 
 def candidate_formats(config: AnalysisConfig) -> tuple[str, ...]:

@@ -193,12 +193,23 @@ def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.Nod
     return [nodes[i] for i in order]
 
 
+def _same_device(args: list[torch.Tensor | None], device: torch.device) -> list[torch.Tensor | None]:
+    """Move CPU tensors of more than one element to ``device`` when another argument lives there."""
+    if not any(a is not None and a.device.type == device.type for a in args):
+        return args
+    return [a.to(device) if a is not None and a.device.type == "cpu" and a.numel() > 1 else a for a in args]
+
+
 class TorchGraph:
     """An ONNX graph evaluated with differentiable torch ops.
 
     Args:
         model: the ONNX model (a ``ModelProto``, or a path loaded with its external data).
         trainable: initializer names to hold as leaf tensors with ``requires_grad=True``.
+        device: where the tensors live and the ops run (``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...).
+            Initializers and inputs are moved there; shape arithmetic that ops do on small CPU
+            tensors stays on the CPU, and an op that mixes a CPU tensor (more than one element)
+            with device tensors gets the CPU one moved to the device.
 
     Attributes:
         params: the trainable initializers, by name.
@@ -209,7 +220,13 @@ class TorchGraph:
         output_names: graph outputs.
     """
 
-    def __init__(self, model: onnx.ModelProto | str | os.PathLike[str], trainable: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto | str | os.PathLike[str],
+        trainable: Iterable[str] = (),
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
             if not path.is_file():
@@ -236,6 +253,8 @@ class TorchGraph:
         train_set = set(trainable)
         for name, proto in init_protos.items():
             t = _load_initializer(proto)
+            if self.device.type != "cpu":
+                t = t.to(self.device)
             if name in train_set:
                 if not t.is_floating_point():
                     raise LpError(f"trainable initializer {name!r} is not floating point")
@@ -246,7 +265,7 @@ class TorchGraph:
             else:
                 self.constants[name] = t
         for t in model.graph.sparse_initializer:
-            self.constants[t.values.name] = _sparse_to_torch(t)
+            self.constants[t.values.name] = _sparse_to_torch(t).to(self.device)
 
         graph = model.graph
         if model.functions:
@@ -337,6 +356,8 @@ class TorchGraph:
             want = self._input_types.get(name, 0)
             if want and want in _ops.ONNX_TO_TORCH and t.dtype != _ops.ONNX_TO_TORCH[want]:
                 t = t.to(_ops.ONNX_TO_TORCH[want])
+            if self.device.type != "cpu":
+                t = t.to(self.device)
             feeds[name] = t
         return feeds
 
@@ -435,6 +456,8 @@ class TorchGraph:
 
         for step in plan:
             args = [get(n) for n in step.spec.inputs]
+            if self.device.type != "cpu":
+                args = _same_device(args, self.device)
             try:
                 outs = step.fn(step.ctx, args, step.attrs)
             except LpError:

@@ -10,13 +10,21 @@ batches, so memory holds one batch's graph at a time.
 The predicted loss of format f on node l is ½·Σ_i D_i·δ_i² with δ = Q_f(W) − W the format's actual
 rounding error (``method="diag"``), or HAWQ-v2's ½·Tr(H)/n·‖δ‖² (``method="trace"``), plus, for
 formats that round the node's activation input, ½·Σ_i D^a_i·(δa_i)² on each calibration batch.
+
+Every probe also yields a trace sample per weight (Σ_i of its diagonal sample), so the table records
+each node's relative standard error of the trace (``trace_rse``; stratified over the batches). With
+``probe_tol`` the probes are drawn in rounds, the same number on every batch, until every node's
+error is within the tolerance or ``max_probes`` is reached. One batch's probe pass is
+:func:`batch_estimate`; it runs in this process, or in worker processes / Ray tasks
+(:mod:`lpcompile.analysis.shard`) with per-probe seeding, which gives the same table.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -78,10 +86,12 @@ class ForwardAdapter(Protocol):
 class OnnxAdapter:
     """The normalised ONNX model interpreted in torch (:class:`lpcompile.analysis.interpreter.TorchGraph`)."""
 
-    def __init__(self, model: ir.Model, weights: Sequence[str], activations: Sequence[str]) -> None:
+    def __init__(
+        self, model: ir.Model, weights: Sequence[str], activations: Sequence[str], device: str = "cpu"
+    ) -> None:
         from lpcompile.analysis.interpreter import TorchGraph
 
-        self.graph = TorchGraph(ir.to_proto(model), trainable=list(weights))
+        self.graph = TorchGraph(ir.to_proto(model), trainable=list(weights), device=device)
         self.weights = list(weights)
         self.activations = list(activations)
         self.out_names = [v.name for v in model.graph.outputs]
@@ -121,8 +131,161 @@ def analyze_onnx(
     weights = sorted({n.weight for n in nodes})
     act_elements = activation_elements(fmts) if config.activations else set()
     act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
-    adapter = OnnxAdapter(model, weights, act_tensors)
-    return run_analysis(adapter, model, nodes, calib, config, progress, module_paths or {}, t0)
+    device = resolve_device(config.device)
+    adapter = OnnxAdapter(model, weights, act_tensors, device=device)
+    if not config.sharded:
+        return run_analysis(adapter, model, nodes, calib, config, progress, module_paths or {}, t0)
+    from lpcompile.analysis.shard import ShardPool
+
+    with ShardPool(model, weights, act_tensors, config, device) as pool:
+        return run_analysis(adapter, model, nodes, calib, config, progress, module_paths or {}, t0, shards=pool.run)
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``/``cuda``/``auto`` → the torch device the analysis runs on (auto: cuda when present).
+
+    Raises:
+        UsageError: ``cuda`` asked for where torch sees no CUDA device.
+    """
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from lpcompile.errors import UsageError
+
+        raise UsageError("--device cuda: torch sees no CUDA device (use --device auto or cpu)")
+    return device
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    """What every batch's probe pass needs besides the batch (picklable: workers receive it).
+
+    Attributes:
+        weights: weight names (trace samples are kept for these).
+        act_tensors: activation tensors perturbed.
+        act_elements: activation element types the candidates round to.
+        kinds: output → distortion kind (``kl``/``mse``).
+        amax: activation tensor → absolute maximum over the calibration data.
+        estimator: ``ggn`` or ``hvp``.
+        seed: the analysis seed.
+        seeding: ``sequential`` or ``per-probe``.
+        mean: return the mean over the batch's probes (fixed probe count) instead of the sum.
+    """
+
+    weights: tuple[str, ...]
+    act_tensors: tuple[str, ...]
+    act_elements: tuple[str, ...]
+    kinds: Mapping[str, str]
+    amax: Mapping[str, float]
+    estimator: str
+    seed: int
+    seeding: str
+    mean: bool
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """Probes ``first`` … ``first + k − 1`` on calibration batch ``index``."""
+
+    index: int
+    batch: Mapping[str, np.ndarray]
+    masks: Mapping[str, np.ndarray | None]
+    first: int
+    k: int
+
+
+@dataclass(frozen=True)
+class BatchEstimate:
+    """One batch's probe pass (CPU tensors).
+
+    Attributes:
+        index: the batch.
+        k: probes drawn.
+        diag: weight or activation tensor → mean (``ProbeJob.mean``) or sum over the probes of the
+            diagonal samples.
+        act: (activation tensor, element) → Σ_i diag_i·δa_i² with ``diag`` as above.
+        trace_samples: weight → one trace sample per probe.
+    """
+
+    index: int
+    k: int
+    diag: Mapping[str, torch.Tensor]
+    act: Mapping[tuple[str, str], float]
+    trace_samples: Mapping[str, tuple[float, ...]]
+
+
+#: runs batch tasks and yields their estimates in task order (in this process or sharded)
+BatchRunner = Callable[[ProbeJob, Sequence[BatchTask], Callable[[int], None] | None], Iterator[BatchEstimate]]
+
+
+def probe_generator(seed: int, batch: int, probe: int) -> torch.Generator:
+    """The generator of probe ``probe`` on batch ``batch`` in per-probe seeding (any process draws it alike)."""
+    state = np.random.SeedSequence([seed, batch, probe]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed((int(state[0]) << 31 | int(state[1])) & (2**63 - 1))
+
+
+def batch_estimate(
+    adapter: ForwardAdapter,
+    task: BatchTask,
+    ref: Mapping[str, torch.Tensor],
+    job: ProbeJob,
+    gen: torch.Generator | None = None,
+    step: Callable[[], None] | None = None,
+) -> BatchEstimate:
+    """The probe pass of one batch: ``task.k`` probes, one differentiable forward.
+
+    Args:
+        gen: the shared generator of sequential seeding; None: per-probe generators.
+    """
+    fw = adapter.probe(task.batch)
+    wl = [fw.weight_leaves[w] for w in job.weights]
+    al = [fw.activation_leaves[t] for t in job.act_tensors]
+    if gen is not None:
+        gens = [gen] * task.k
+    else:
+        gens = [probe_generator(job.seed, task.index, task.first + j) for j in range(task.k)]
+    estimate = _hvp_diagonals if job.estimator == "hvp" else _ggn_diagonals
+    samples: list[list[torch.Tensor]] = [[] for _ in wl]
+    sums = estimate([fw.outputs[name] for name in job.kinds], ref, job.kinds, [*wl, *al], task.k, gens,
+                    step, task.masks, samples)
+    est = {i: a / task.k for i, a in sums.items()} if job.mean else sums
+    diag = {w: est[id(leaf)].detach().cpu() for w, leaf in zip(job.weights, wl, strict=True) if id(leaf) in est}
+    act: dict[tuple[str, str], float] = {}
+    for t, leaf in zip(job.act_tensors, al, strict=True):
+        if id(leaf) not in est:
+            continue
+        d = est[id(leaf)].detach().cpu().double().numpy()
+        a = fw.captured[t].float().cpu().numpy()
+        for e in job.act_elements:
+            delta = qdq_activation(a, e, activation_scale(job.amax[t], e)).astype(np.float64) - a
+            act[(t, e)] = float(np.sum(d * delta * delta))
+    traces = {
+        w: tuple(float(x) for x in torch.stack(ss).cpu().tolist()) if ss else ()
+        for w, ss in zip(job.weights, samples, strict=True)
+    }
+    return BatchEstimate(index=task.index, k=task.k, diag=diag, act=act, trace_samples=traces)
+
+
+def trace_rse(parts: Iterable[tuple[float, Sequence[float]]]) -> float | None:
+    """Relative standard error of a stratified trace estimate T = Σ_b w_b·mean(samples_b).
+
+    ``parts`` holds (batch weight, per-probe trace samples) for each batch that drew probes.
+    Var(T) = Σ_b w_b²·s_b²/k_b with s_b² the batch's sample variance; a batch with one probe takes
+    the pooled squared coefficient of variation of the others. None when no batch has two probes
+    or T is zero.
+    """
+    rows = [(w, np.asarray(s, dtype=np.float64)) for w, s in parts if len(s)]
+    total = sum(w * float(s.mean()) for w, s in rows)
+    multi = [(w, s) for w, s in rows if len(s) >= 2]
+    if not multi or total == 0.0 or not math.isfinite(total):
+        return None
+    cvs = [float(s.var(ddof=1)) / float(s.mean()) ** 2 for _, s in multi if s.mean() != 0.0]
+    cv2 = float(np.mean(cvs)) if cvs else 0.0
+    var = 0.0
+    for w, s in rows:
+        s2 = float(s.var(ddof=1)) if len(s) >= 2 else cv2 * float(s.mean()) ** 2
+        var += w * w * s2 / len(s)
+    return math.sqrt(var) / abs(total)
 
 
 def run_analysis(
@@ -135,6 +298,7 @@ def run_analysis(
     module_paths: Mapping[str, str],
     t0: float,
     prepare: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+    shards: BatchRunner | None = None,
 ) -> SensitivityTable:
     """The one Hutchinson driver: reference pass, probes spread over batches, predicted losses, table.
 
@@ -148,6 +312,8 @@ def run_analysis(
         module_paths: node name → PyTorch module path, recorded in the table.
         t0: ``perf_counter`` at the start of the analysis (for timings).
         prepare: called once with the first batch before the reference pass (module hooks observe).
+        shards: runs the probe passes elsewhere (:class:`lpcompile.analysis.shard.ShardPool`); None:
+            in this process with ``adapter``.
     """
     fmts = candidate_formats(config)
     weights = sorted({n.weight for n in nodes})
@@ -181,34 +347,32 @@ def run_analysis(
     # Pass 2: Hutchinson diagonals (weights) and activation-term sums (per tensor × element).
     sizes = np.array([_batch_len(b) for b in batch_list], dtype=np.float64)
     bweights = sizes / sizes.sum()
-    per_batch = _spread(config.probes, len(batch_list))
-    gen = torch.Generator().manual_seed(config.seed)
-    diag: dict[str, torch.Tensor] = {}
-    act_term: dict[tuple[str, str], float] = {(t, e): 0.0 for t in act_tensors for e in act_elements}
-    done, total = 0, sum(per_batch)
-    estimate = _hvp_diagonals if config.estimator == "hvp" else _ggn_diagonals
-    for b, ref, k, bw in zip(batch_list, refs, per_batch, bweights, strict=True):
-        if k == 0:
-            continue
-        fw = adapter.probe(b)
-        wl = [fw.weight_leaves[w] for w in weights]
-        al = [fw.activation_leaves[t] for t in act_tensors]
-        masks = spec.masks(b, {name: tuple(ref[name].shape) for name in kinds})
-        est = estimate([fw.outputs[name] for name in kinds], ref, kinds, [*wl, *al], k, gen,
-                       _progress_step(progress, done, total), masks)
-        done += k
-        for w, leaf in zip(weights, wl, strict=True):
-            if id(leaf) in est:
-                diag[w] = diag[w] + float(bw) * est[id(leaf)] if w in diag else float(bw) * est[id(leaf)]
-        for t, leaf in zip(act_tensors, al, strict=True):
-            if id(leaf) not in est:
-                continue
-            d = est[id(leaf)].double().numpy()
-            a = fw.captured[t].float().numpy()
-            for e in act_elements:
-                delta = qdq_activation(a, e, activation_scale(amax[t], e)).astype(np.float64) - a
-                act_term[(t, e)] += float(bw) * 0.5 * float(np.sum(d * delta * delta))
-        del fw, est
+    seeding = config.effective_seeding
+    job = ProbeJob(
+        weights=tuple(weights), act_tensors=tuple(act_tensors), act_elements=tuple(sorted(act_elements)),
+        kinds=dict(kinds), amax=dict(amax), estimator=config.estimator, seed=config.seed, seeding=seeding,
+        mean=config.probe_tol is None,
+    )
+    masks = [
+        spec.masks(b, {name: tuple(ref[name].shape) for name in kinds}) for b, ref in zip(batch_list, refs, strict=True)
+    ]
+    if shards is not None:
+        runner: BatchRunner = shards
+    else:
+        if config.sharded:
+            logger.warning("--workers/--ray shard the ONNX interpretation only: this analysis runs in one process")
+        gen = torch.Generator().manual_seed(config.seed) if seeding == "sequential" else None
+
+        def runner(
+            job: ProbeJob, tasks: Sequence[BatchTask], step: Callable[[int], None] | None
+        ) -> Iterator[BatchEstimate]:
+            for task in tasks:
+                yield batch_estimate(adapter, task, refs[task.index], job, gen, (lambda: step(1)) if step else None)
+
+    if config.probe_tol is None:
+        diag, act_term, rse, drawn = _fixed_probes(runner, job, batch_list, masks, bweights, config, progress)
+    else:
+        diag, act_term, rse, drawn = _converge(runner, job, batch_list, masks, bweights, config, progress)
     t_hvp = time.perf_counter()
 
     shapes = {n.weight: n.shape for n in nodes}
@@ -216,10 +380,12 @@ def run_analysis(
         w: diag[w].detach().double().numpy() if w in diag else np.zeros(shapes[w], dtype=np.float64) for w in weights
     }
     table_nodes = predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths)
+    table_nodes = [replace(n, trace_rse=rse.get(n.weight)) for n in table_nodes]
     t_end = time.perf_counter()
     table = assemble_table(
         table_nodes, fmts, config, kinds, data, int(sizes.sum()), amax, (t0, t_build, t_ref, t_hvp, t_end)
     )
+    table = replace(table, probes=drawn, probe_tol=config.probe_tol, seeding=seeding)
     return replace(table, loss_outputs=spec.to_dict())
 
 
@@ -236,6 +402,102 @@ def _reference(
         if data.synthetic and data.shapes is not None:
             raise explain_failure(exc, data.shapes) from exc
         raise
+
+
+def _fixed_probes(
+    runner: BatchRunner,
+    job: ProbeJob,
+    batch_list: Sequence[Mapping[str, np.ndarray]],
+    masks: Sequence[Mapping[str, np.ndarray | None]],
+    bweights: np.ndarray,
+    config: AnalysisConfig,
+    progress: Progress | None,
+) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], float], dict[str, float | None], int]:
+    """``config.probes`` probes spread over the batches (the historical arithmetic, term for term)."""
+    per_batch = _spread(config.probes, len(batch_list))
+    rows = enumerate(zip(batch_list, masks, per_batch, strict=True))
+    tasks = [BatchTask(i, b, m, 0, k) for i, (b, m, k) in rows if k > 0]
+    diag: dict[str, torch.Tensor] = {}
+    act_term: dict[tuple[str, str], float] = {(t, e): 0.0 for t in job.act_tensors for e in job.act_elements}
+    parts: dict[str, list[tuple[float, Sequence[float]]]] = {w: [] for w in job.weights}
+    step = _counter(progress, sum(per_batch))
+    for est in runner(job, tasks, step):
+        bw = bweights[est.index]
+        for w in job.weights:
+            if w in est.diag:
+                diag[w] = diag[w] + float(bw) * est.diag[w] if w in diag else float(bw) * est.diag[w]
+            parts[w].append((float(bw), est.trace_samples.get(w, ())))
+        for key, value in est.act.items():
+            act_term[key] += float(bw) * 0.5 * value
+    return diag, act_term, {w: trace_rse(p) for w, p in parts.items()}, config.probes
+
+
+def _converge(
+    runner: BatchRunner,
+    job: ProbeJob,
+    batch_list: Sequence[Mapping[str, np.ndarray]],
+    masks: Sequence[Mapping[str, np.ndarray | None]],
+    bweights: np.ndarray,
+    config: AnalysisConfig,
+    progress: Progress | None,
+) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], float], dict[str, float | None], int]:
+    """Rounds of probes, the same number on every batch, until every trace's relative error ≤ ``probe_tol``.
+
+    The first round draws max(2, ⌈probes/batches⌉) per batch; each next one what the worst node's
+    error says is missing (error ∝ 1/√k), at most 3× the probes so far, until ``max_probes`` (in
+    all) is reached. Sums are accumulated and divided by the per-batch count at the end.
+    """
+    tol = float(config.probe_tol or 0.0)
+    nb = len(batch_list)
+    k_max = max(1, config.max_probes // max(nb, 1))
+    k_round = min(k_max, max(2, math.ceil(config.probes / max(nb, 1))))
+    k_done = 0
+    acc: dict[str, torch.Tensor] = {}
+    act_num: dict[tuple[str, str], float] = {(t, e): 0.0 for t in job.act_tensors for e in job.act_elements}
+    samples: dict[str, list[list[float]]] = {w: [[] for _ in range(nb)] for w in job.weights}
+    rse: dict[str, float | None] = dict.fromkeys(job.weights)
+    step = _counter(progress, None)
+    while nb and k_round > 0:
+        tasks = [BatchTask(i, b, m, k_done, k_round) for i, (b, m) in enumerate(zip(batch_list, masks, strict=True))]
+        for est in runner(job, tasks, step):
+            bw = float(bweights[est.index])
+            for w in job.weights:
+                if w in est.diag:
+                    acc[w] = acc[w] + bw * est.diag[w] if w in acc else bw * est.diag[w]
+                samples[w][est.index].extend(est.trace_samples.get(w, ()))
+            for key, value in est.act.items():
+                act_num[key] += bw * 0.5 * value
+        k_done += k_round
+        rse = {w: trace_rse(zip(bweights.tolist(), samples[w], strict=True)) for w in job.weights}
+        known = [r for r in rse.values() if r is not None]
+        worst = max(known, default=0.0)
+        logger.info("probes: %d per batch, worst trace error %.3g (tol %.3g)", k_done, worst, tol)
+        if worst <= tol or k_done >= k_max:
+            break
+        need = math.ceil(k_done * (worst / tol) ** 2)
+        k_round = min(k_max - k_done, 3 * k_done, max(1, need - k_done))
+    if known_bad := [w for w, r in rse.items() if r is not None and r > tol]:
+        logger.warning(
+            "%d weight(s) did not converge to a relative trace error of %.3g within %d probes (worst %s: %.3g)",
+            len(known_bad), tol, k_done * nb, max(known_bad, key=lambda w: rse[w] or 0.0),
+            max(rse[w] or 0.0 for w in known_bad),
+        )
+    diag = {w: a / k_done for w, a in acc.items()}
+    act_term = {key: v / k_done for key, v in act_num.items()}
+    return diag, act_term, rse, k_done * nb
+
+
+def _counter(progress: Progress | None, total: int | None) -> Callable[[int], None] | None:
+    """A callback advancing ``progress`` by n probes (total unknown in convergence mode: reported as done)."""
+    if progress is None:
+        return None
+    state = [0]
+
+    def step(n: int) -> None:
+        state[0] += n
+        progress(state[0], total if total is not None else state[0])
+
+    return step
 
 
 def predict_losses(
@@ -346,26 +608,36 @@ def _hvp_diagonals(
     kinds: Mapping[str, str],
     leaves: list[torch.Tensor],
     k: int,
-    gen: torch.Generator,
+    gens: Sequence[torch.Generator],
     step: Callable[[], None] | None,
     masks: Mapping[str, np.ndarray | None] | None = None,
+    samples: list[list[torch.Tensor]] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Hutchinson: diag(H) ≈ mean over Rademacher v of v ⊙ Hv, Hv by double backward of the loss."""
+    """Hutchinson: Σ over Rademacher v (probe j drawn from ``gens[j]``) of v ⊙ Hv, Hv by double backward.
+
+    Returns the sums (divide by k for the diagonal); ``samples[i]`` gets Σ(v ⊙ Hv) of leaf i per probe.
+    """
+    if outputs:
+        ref = {name: r.to(outputs[0].device) for name, r in ref.items()}
     loss = torch_distortion(dict(zip(kinds, outputs, strict=True)), ref, kinds, masks)
     grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     pairs = [(leaf, g) for leaf, g in zip(leaves, grads, strict=True) if g is not None and g.requires_grad]
     acc = [torch.zeros_like(leaf) for leaf, _ in pairs]
-    for _ in range(k):
-        vs = [_rademacher(leaf.shape, gen) for leaf, _ in pairs]
+    slot = {id(leaf): i for i, leaf in enumerate(leaves)}
+    for j in range(k):
+        vs = [_rademacher(leaf.shape, gens[j]).to(leaf.device) for leaf, _ in pairs]
         hv = torch.autograd.grad(
             [g for _, g in pairs], [leaf for leaf, _ in pairs], grad_outputs=vs, retain_graph=True, allow_unused=True
         )
-        for a, v, h in zip(acc, vs, hv, strict=True):
+        for (leaf, _), a, v, h in zip(pairs, acc, vs, hv, strict=True):
             if h is not None:
-                a.add_(v * h.detach())
+                vh = v * h.detach()
+                a.add_(vh)
+                if samples is not None and slot[id(leaf)] < len(samples):
+                    samples[slot[id(leaf)]].append(vh.sum())
         if step:
             step()
-    return {id(leaf): a / k for (leaf, _), a in zip(pairs, acc, strict=True)}
+    return {id(leaf): a for (leaf, _), a in zip(pairs, acc, strict=True)}
 
 
 def _ggn_diagonals(
@@ -374,25 +646,34 @@ def _ggn_diagonals(
     kinds: Mapping[str, str],
     leaves: list[torch.Tensor],
     k: int,
-    gen: torch.Generator,
+    gens: Sequence[torch.Generator],
     step: Callable[[], None] | None,
     masks: Mapping[str, np.ndarray | None] | None = None,
+    samples: list[list[torch.Tensor]] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Output-space Hutchinson on H = JᵀMJ: diag(H) ≈ mean over z (Cov z = M) of (Jᵀz)², one backward each.
+    """Output-space Hutchinson on H = JᵀMJ: Σ over z (Cov z = M; probe j from ``gens[j]``) of (Jᵀz)².
+
+    One backward each; divide the sums by k for diag(H). ``samples[i]`` gets Σ(Jᵀz)² of leaf i per probe.
 
     Unbiased like the HVP form, but every sample is non-negative and free of the off-diagonal
     terms that dominate v ⊙ Hv for small diagonal entries.
     """
     acc = [torch.zeros_like(leaf) for leaf in leaves]
-    for _ in range(k):
-        zs = [ggn_output_probe(ref[name], kind, gen, (masks or {}).get(name)) for name, kind in kinds.items()]
+    for j in range(k):
+        zs = [
+            ggn_output_probe(ref[name].cpu(), kind, gens[j], (masks or {}).get(name)).to(out.device)
+            for (name, kind), out in zip(kinds.items(), outputs, strict=True)
+        ]
         gs = torch.autograd.grad(outputs, leaves, grad_outputs=zs, retain_graph=True, allow_unused=True)
-        for a, g in zip(acc, gs, strict=True):
+        for i, (a, g) in enumerate(zip(acc, gs, strict=True)):
             if g is not None:
-                a.add_(g.detach() * g.detach())
+                sq = g.detach() * g.detach()
+                a.add_(sq)
+                if samples is not None and i < len(samples):
+                    samples[i].append(sq.sum())
         if step:
             step()
-    return {id(leaf): a / k for leaf, a in zip(leaves, acc, strict=True)}
+    return {id(leaf): a for leaf, a in zip(leaves, acc, strict=True)}
 
 
 def _limit(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:
@@ -420,10 +701,17 @@ def _spread(probes: int, nbatches: int) -> list[int]:
 __all__ = [
     "DEFAULT_FORMATS",
     "AnalysisConfig",
+    "BatchEstimate",
+    "BatchTask",
     "ForwardAdapter",
     "OnnxAdapter",
     "ProbeForward",
+    "ProbeJob",
     "analyze_onnx",
+    "batch_estimate",
     "candidate_formats",
+    "probe_generator",
+    "resolve_device",
     "run_analysis",
+    "trace_rse",
 ]

@@ -9,7 +9,10 @@ Schema (version 1)::
      "validation": {"spearman": 0.93, "per_format": {"int8": 0.9}, "pairs": 120} | null,
      "timings": {"hessian_s": 12.3, ...},    # in memory and to_dict() only: not written by save()
      "nodes": [{"name", "op_type", "weight", "params", "shape", "group", "module_path",
-                "trace", "candidates": {"int8": {"bits", "predicted_loss", "measured_loss"}}}]}
+                "trace", "trace_rse"?, "candidates": {"int8": {"bits", "predicted_loss", "measured_loss"}}}]}
+
+``trace_rse`` (per node, when known), ``probe_tol`` and ``seeding`` (when not ``sequential``) are
+written only when set, so tables of the default analysis read and write as before.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class NodeSensitivity:
     group: str | None = None
     module_path: str | None = None
     activation: str | None = None  # the activation input an activation format rounds
+    trace_rse: float | None = None  # relative standard error of ``trace`` (from per-probe samples); None: unknown
 
     def runner_up(self, chosen: str) -> tuple[str, Candidate] | None:
         """The alternative that explains choosing ``chosen``: the next cheaper candidate (what saving
@@ -87,6 +91,8 @@ class SensitivityTable:
     timings: Mapping[str, float] = field(default_factory=dict)
     version: int = TABLE_VERSION
     loss_outputs: Mapping[str, Any] | None = None  # LossSpec.to_dict(): outputs, loss per output, masks
+    probe_tol: float | None = None  # convergence mode: the target relative standard error of each trace
+    seeding: str = "sequential"  # how probes were seeded: sequential | per-probe (sharded runs)
 
     def node(self, name: str) -> NodeSensitivity | None:
         """The node called ``name`` (None when the table has none)."""
@@ -114,6 +120,8 @@ class SensitivityTable:
             "validation": self.validation,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             **({"loss_outputs": dict(self.loss_outputs)} if self.loss_outputs else {}),
+            **({"probe_tol": self.probe_tol} if self.probe_tol is not None else {}),
+            **({"seeding": self.seeding} if self.seeding != "sequential" else {}),
             "nodes": [
                 {
                     "name": n.name,
@@ -125,6 +133,7 @@ class SensitivityTable:
                     "module_path": n.module_path,
                     "activation": n.activation,
                     "trace": _num(n.trace),
+                    **({"trace_rse": _num(n.trace_rse)} if n.trace_rse is not None else {}),
                     "candidates": {
                         f: {
                             "bits": _num(c.bits),
@@ -174,6 +183,7 @@ class SensitivityTable:
                     module_path=n.get("module_path"),
                     activation=n.get("activation"),
                     trace=n.get("trace"),
+                    trace_rse=None if n.get("trace_rse") is None else float(n["trace_rse"]),
                     candidates={
                         f: Candidate(
                             bits=float(c["bits"]),
@@ -201,6 +211,8 @@ class SensitivityTable:
             activation_amax={k: float(v) for k, v in (data.get("activation_amax") or {}).items()},
             validation=data.get("validation"),
             loss_outputs=data.get("loss_outputs"),
+            probe_tol=None if data.get("probe_tol") is None else float(data["probe_tol"]),
+            seeding=str(data.get("seeding", "sequential")),
             timings=dict(data.get("timings") or {}),
         )
 

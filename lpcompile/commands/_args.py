@@ -41,6 +41,36 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME[,NAME]",
         help="outputs the loss is measured on (default: floating outputs that depend on weights)",
     )
+    add_scale_args(g)
+
+
+def add_scale_args(g: argparse._ArgumentGroup) -> None:
+    """Convergence, devices and sharding of the analysis (see :mod:`lpcompile.analysis.shard`)."""
+    g.add_argument(
+        "--probe-tol",
+        type=float,
+        metavar="REL",
+        help="draw probes in rounds until every node's Hessian-trace estimate has this relative standard "
+        "error (e.g. 0.05); default: exactly --probes probes",
+    )
+    g.add_argument("--max-probes", type=int, default=256, help="at most this many probes with --probe-tol")
+    g.add_argument(
+        "--seeding",
+        choices=["auto", "sequential", "per-probe"],
+        default="auto",
+        help="probe seeding; per-probe draws each probe from (seed, batch, probe), as sharded runs do "
+        "(auto: per-probe with --workers/--ray, else sequential)",
+    )
+    g.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where the analysis runs")
+    g.add_argument("--workers", type=int, default=1, help="worker processes for the probe passes (default: 1)")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the probe passes as Ray tasks: a local Ray without ADDRESS, else ray.init(address=ADDRESS)",
+    )
+    g.add_argument("--shard-dir", help="a folder all workers can read (shared file system for a Ray cluster)")
 
 
 def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
@@ -64,6 +94,13 @@ def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
         loss=args.loss,
         outputs=parse_outputs(getattr(args, "outputs", None)),
         input_shapes=input_shapes,
+        probe_tol=getattr(args, "probe_tol", None),
+        max_probes=getattr(args, "max_probes", 256),
+        seeding=getattr(args, "seeding", "auto"),
+        device=getattr(args, "device", "cpu"),
+        workers=getattr(args, "workers", 1),
+        ray=getattr(args, "ray", None),
+        shard_dir=getattr(args, "shard_dir", None),
     )
 
 
