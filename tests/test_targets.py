@@ -11,7 +11,9 @@ scale tensors and must equal the plan's bits exactly. No test asserts a time.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -270,3 +272,21 @@ def test_to_dequantize_form_is_the_tvm_form(fmt: str) -> None:
         assert not {"Flatten", "Concat", "Div"} & set(ops(out)) and "DequantizeLinear" in ops(out)
         outs[target] = run(out, x=x)[0]
     np.testing.assert_array_equal(outs["qdq"], outs["tvm"])
+
+
+def test_eval_latency_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``lpcompile eval --latency --latency-batch N``: ratios against the reference in the JSON (times not asserted)."""
+    from lpcompile.cli import main
+    from lpcompile.config import ApplyConfig
+    from lpcompile.files import apply_file
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "models"
+    ref, calib = examples / "digits_mlp.onnx", examples / "digits_calib.npz"
+    out = tmp_path / "mlp.int4.onnx"
+    apply_file(ref, out, uniform="int4_b32", calib_path=calib, config=ApplyConfig(target="qdq"))
+    args = ["eval", str(out), "--reference", str(ref), "--calib", str(calib), "--latency", "--latency-batch", "4"]
+    assert main([*args, "--latency-runs", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    lat = data["latency"]
+    assert [r["batch"] for r in lat] == [1, 4]
+    assert all(r["threads"] == 2 and r["runs"] == 3 and r["ratio"] > 0 for r in lat)
