@@ -81,7 +81,7 @@ def _write_text(path, text: str):
         (lambda p: np.savez(p / "e.npz") or p / "e.npz", "no arrays"),
         (lambda p: np.savez(p / "i.npz", a=np.zeros((2, 1)), b=np.zeros((3, 1))) or p / "i.npz", "inconsistent"),
         (lambda p: np.savez(p / "z.npz", a=np.zeros((0, 2))) or p / "z.npz", "no samples"),
-        (lambda p: (p / "d").mkdir() or p / "d", "no .npz or .npy files"),
+        (lambda p: (p / "d").mkdir() or p / "d", "no .npz, .npy or image files"),
     ],
 )
 def test_load_errors(tmp_path, setup, message) -> None:

@@ -587,3 +587,20 @@ def test_plan_table_names_fit_80_columns() -> None:
     assert [shorten(n, 12, prefix, suffix) for n in names] == ["…embed/…", "…up/MatMul", "…lm_head/…"]
     assert shorten("/a/b/c/q_proj/MatMul", 16) == "…/q_proj/MatMul"
     assert shorten("short", 12) == "short"
+
+
+def test_folder_of_images(tmp_path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    sized = calibration_for(detector(), tmp_path, input_shapes=parse_input_shapes(["images=1x3x64x64"]))
+    x = sized.arrays["images"]
+    assert x.shape == (3, 3, 64, 64) and x.dtype == np.float32 and x.min() >= 0.0 and x.max() <= 1.0
+    own = calibration_for(detector(), tmp_path)  # symbolic H×W: the images' own size
+    assert own.arrays["images"].shape == (3, 3, 48, 80)
+    gray = calibration_for(recogniser(), tmp_path)  # [1, 1, 16, width]: gray, height resized
+    assert gray.arrays["input1"].shape == (3, 1, 16, 27) and gray.fixed_batch == 1  # 48x80 -> 16x27
+    with pytest.raises(CalibrationError, match="one rank-4 float input"):
+        calibration_for(vad(), tmp_path)

@@ -18,7 +18,15 @@ Calibration format (``--calib DATA``):
   samples that is a multiple of it; every run (analysis, measurement, validation, eval) feeds
   batches of exactly that size.
 * **A folder**: its ``.npz`` files are concatenated along each input's sample axis in filename
-  order; or, without ``.npz`` files, its ``.npy`` files are one input each (``input_ids.npy``).
+  order; or, without ``.npz`` files, its ``.npy`` files are one input each (``input_ids.npy``);
+  or, without either, its images (``.png``/``.jpg``/``.jpeg``/``.bmp``) feed a model's single
+  rank-4 float input: RGB (gray for one channel), float32 in [0, 1], NCHW (NHWC when declared so),
+  resized to the declared or ``--input-shape`` H×W (one of them given: aspect ratio kept). No
+  mean/std normalisation is applied: for a model trained on normalised pixels, save an ``.npz``
+  prepared as in training.
+* **Text** is not read: tokenise it as the model's tokenizer does and save ``input_ids`` /
+  ``attention_mask`` (right padding, mask 0 on padding) in an ``.npz``; padded positions are left
+  out of the loss.
 
 Without data, :func:`synthesize` builds inputs from the model's input signature (see its docstring).
 """
@@ -221,8 +229,12 @@ def _load_npy_folder(p: Path) -> dict[str, np.ndarray]:
 def load_calibration(
     path: str | os.PathLike[str],
     model: ir.Model | onnx.ModelProto | Sequence[InputSpec] | str | os.PathLike[str] | None = None,
+    input_shapes: Sequence[ShapeOverride] = (),
 ) -> CalibrationSet:
     """Load an ``.npz`` file, a folder of ``.npz`` files, or a folder of ``.npy`` files (see the module docstring).
+
+    A folder of images (``.png``/``.jpg``/``.jpeg``/``.bmp``) feeds the model's one image input
+    (see :func:`_load_images`; needs ``model``; ``input_shapes`` may give its H×W).
 
     With ``model`` (in memory or a path), each input's sample axis and the fixed batch come from the model's declared
     shapes (explicit ``_sample_axis.NAME`` entries win); without it, axis 0 (rank-0: none).
@@ -241,8 +253,11 @@ def load_calibration(
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() == ".npz")
     if not files:
         npy = _load_npy_folder(p)
+        images = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not npy and images:
+            return _nonempty(_load_images(images, p, specs, input_shapes))
         if not npy:
-            raise CalibrationError(f"no .npz or .npy files in calibration folder {p}")
+            raise CalibrationError(f"no .npz, .npy or image files in calibration folder {p}")
         data, axes = _split_axes(npy, str(p))
         return _nonempty(_make(data, axes, str(p), specs))
     parts: list[CalibrationSet] = []
@@ -272,6 +287,67 @@ def load_calibration(
         merged[name] = np.concatenate(pieces, axis=axis)
     logger.info("loaded %d calibration file(s) from %s", len(files), p)
     return _nonempty(CalibrationSet(merged, str(p), False, dict(first.sample_axes), first.fixed_batch))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _load_images(
+    files: Sequence[Path], folder: Path, specs: list[InputSpec] | None, input_shapes: Sequence[ShapeOverride]
+) -> CalibrationSet:
+    """Images as the model's one rank-4 float input: RGB (or gray for one channel), float32 in [0, 1].
+
+    Layout NCHW, or NHWC when the last declared dim is 1 or 3 and axis 1 is not; height and width
+    from the declared dims or ``--input-shape``; with only one of them given, the image is scaled
+    to it keeping its aspect ratio (a text line of fixed height); with neither, the images' own
+    size (which must then agree). No mean/std normalisation: a model that expects one needs an
+    ``.npz`` prepared as in training.
+    """
+    from PIL import Image
+
+    if specs is None:
+        raise CalibrationError(f"a folder of images ({folder}) needs the model to know the input it feeds")
+    cands = [s for s in specs if s.shape is not None and len(s.shape) == 4 and s.dtype.is_floating_point()]
+    if len(specs) != 1 or len(cands) != 1:
+        names = ", ".join(s.name for s in specs)
+        raise CalibrationError(
+            f"a folder of images feeds a model with one rank-4 float input; this one takes {names}: save an .npz"
+        )
+    spec = cands[0]
+    shapes = resolve_input_shapes(specs, input_shapes).by_name()[spec.name]
+    declared = spec.shape or ()
+    nhwc = declared[3] in (1, 3) and declared[1] not in (1, 3)
+    c_axis, h_axis, w_axis = (3, 1, 2) if nhwc else (1, 2, 3)
+    channels = int(shapes.shape[c_axis]) if isinstance(declared[c_axis], int) or shapes.origin[c_axis] == "flag" else 3
+    given = ("declared", "flag")
+    want_h = int(shapes.shape[h_axis]) if shapes.origin[h_axis] in given else None
+    want_w = int(shapes.shape[w_axis]) if shapes.origin[w_axis] in given else None
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                img = im.convert("L" if channels == 1 else "RGB")
+                w, h = img.size
+                # both given: that size; one given: scale to it keeping the aspect ratio (a text line)
+                size = (
+                    want_w or max(1, round(w * (want_h or h) / h)),
+                    want_h or max(1, round(h * (want_w or w) / w)),
+                )
+                if img.size != size:
+                    img = img.resize(size, Image.Resampling.BILINEAR)
+                a = np.asarray(img, dtype=np.float32) / 255.0
+        except OSError as exc:
+            raise CalibrationError(f"cannot read image {f}: {exc}") from None
+        a = a[..., None] if a.ndim == 2 else a
+        arrays.append(a if nhwc else a.transpose(2, 0, 1))
+    if len({a.shape for a in arrays}) > 1:
+        raise CalibrationError(
+            f"images in {folder} differ in size and {spec.name!r} has no fixed H×W: "
+            f"give it with --input-shape {spec.name}=1x{channels}xHxW"
+        )
+    logger.info("loaded %d image(s) from %s as %r %s", len(files), folder, spec.name, arrays[0].shape)
+    data = np.stack(arrays).astype(spec.dtype.numpy(), copy=False)
+    return CalibrationSet({spec.name: data}, str(folder), False, {spec.name: 0}, fixed_batch_size(specs))
 
 
 def _make(
@@ -579,12 +655,12 @@ def calibration_for(
     """The one entry point: the user's data checked and laid out for ``model``, or synthetic inputs.
 
     With ``calib_path`` the data is loaded with the model's layout (sample axes, fixed batch) and
-    checked (:func:`check_against_model`); ``input_shapes`` may then only fix the batch. Without,
+    checked (:func:`check_against_model`); ``input_shapes`` then sizes images from an image folder. Without,
     :func:`synthesize` builds ``num_samples`` samples, probing sizes in ONNX Runtime by default.
     """
     if calib_path is None:
         return synthesize(model, num_samples=num_samples, seed=seed, input_shapes=input_shapes, probe=probe)
-    calib = load_calibration(calib_path, model)
+    calib = load_calibration(calib_path, model, input_shapes)
     return check_against_model(calib, model)
 
 
