@@ -105,16 +105,11 @@ def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResu
     from lpcompile.guard import check_quality, heldout_split
 
     model = load_model(args.model)
+    shapes = parse_input_shapes(config.input_shapes)
     if args.calib:
-        heldout = heldout_split(calibration_for(model, args.calib))[1]
+        heldout = heldout_split(calibration_for(model, args.calib, input_shapes=shapes))[1]
     else:
-        heldout = calibration_for(
-            model,
-            None,
-            input_shapes=parse_input_shapes(config.input_shapes),
-            num_samples=16,
-            seed=config.seed + 1,
-        )
+        heldout = calibration_for(model, None, input_shapes=shapes, num_samples=16, seed=config.seed + 1)
     return check_quality(
         result.applied.output,
         args.model,
