@@ -101,6 +101,21 @@ def test_module_path_keep_rules_work_for_budget_and_sweep_alike() -> None:
     assert all(s.assignments["/layer.0/MatMul"] == "int8" for s in sols) and front
 
 
+def test_a_shared_weight_counts_once_in_budget_and_loss() -> None:
+    """A table tied to a Gather and a MatMul head is one weight: stored once, its loss counted once."""
+    cands = {"fp32": Candidate(32.0, 0.0), "int8": Candidate(8.0, 1e-4), "int4_b128": Candidate(4.125, 1e-2)}
+    emb = NodeSensitivity("emb", "Gather", "E", 3000, (100, 30), cands, group="weight:E")
+    head = NodeSensitivity("head", "MatMul", "E", 3000, (100, 30), cands, group="weight:E")
+    other = NodeSensitivity("fc", "MatMul", "W", 1000, (10, 100), cands)
+    t = SensitivityTable(nodes=(emb, head, other), formats=tuple(cands), method="test", loss="kl")
+    dec = decide(t, "5.1bits")  # 4000 stored weights: E at int4, W at int8 = (3000·4.125 + 1000·8) / 4000 = 5.09
+    assert dec.plan.by_name()["emb"].format == dec.plan.by_name()["head"].format == "int4_b128"
+    assert dec.plan.by_name()["fc"].format == "int8"
+    assert dec.plan.total_params == 4000
+    assert dec.plan.achieved_bits == pytest.approx(dec.solution.achieved_bits)
+    assert dec.plan.predicted_loss == pytest.approx(dec.solution.predicted_loss) == pytest.approx(1e-2 + 1e-4)
+
+
 def test_cli_sweep_accepts_every_rule_budget_accepts(tmp_path: Path, capsys) -> None:
     cands = {"fp32": Candidate(32.0, 0.0), "int8": Candidate(8.0, 1e-4), "int4_b128": Candidate(4.125, 1e-2)}
     nodes = tuple(

@@ -18,20 +18,28 @@ logger = logging.getLogger(__name__)
 def items_from_table(table: SensitivityTable, formats: Sequence[str] | None = None) -> list[Item]:
     """One item per table node with the candidates in ``formats`` (fp32 always allowed).
 
+    Nodes that share a weight initializer (a tied group) store it once: the first node of the
+    group carries the weight's parameters and predicted loss (its Hessian diagonal already sums
+    every use of the weight), the others count zero, so the budget and the objective see the
+    shared weight once.
+
     Raises:
         FormatError: a node has none of the requested formats.
     """
     allowed = None if formats is None else {get_format(f).name for f in formats} | {"fp32"}
     items = []
+    stored: set[str] = set()
     for n in table.nodes:
+        repeat = bool(n.group) and n.weight in stored
+        stored.add(n.weight)
         choices = tuple(
-            Choice(format=f, bits=c.bits, loss=float(c.predicted_loss or 0.0))
+            Choice(format=f, bits=c.bits, loss=0.0 if repeat else float(c.predicted_loss or 0.0))
             for f, c in n.candidates.items()
             if allowed is None or f in allowed
         )
         if not choices:
             raise FormatError(f"node {n.name!r} has none of the requested formats in the sensitivity table")
-        items.append(Item(name=n.name, params=n.params, choices=choices, group=n.group))
+        items.append(Item(name=n.name, params=0 if repeat else n.params, choices=choices, group=n.group))
     return items
 
 
