@@ -203,7 +203,7 @@ class PrecisionPlan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}")
-        return cls.from_dict(read_json_bounded(path, "plan"))
+        return cls.from_dict(read_json_bounded(path, "plan", error=PlanError))
 
 
 def _valid_amax(v: Any) -> bool:

@@ -132,7 +132,7 @@ def test_bad_input_one_line_no_traceback_input_untouched(
     elif case == "unknown_node":
         args = ["apply", str(model), str(_bad_plan(tmp_path, name="nope")), "-o", str(tmp_path / "o.onnx")]
     elif case == "unknown_format":
-        args = ["apply", str(model), str(_bad_plan(tmp_path, format="int3")), "-o", str(tmp_path / "o.onnx")]
+        args = ["apply", str(model), str(_bad_plan(tmp_path, format="int99")), "-o", str(tmp_path / "o.onnx")]
     elif case == "same_output":
         args = ["apply", str(model), "--uniform", "int4", "-o", str(model)]
     elif case == "no_plan":

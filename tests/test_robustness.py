@@ -403,8 +403,9 @@ BUDGETS = {
 def test_bad_budget_for_plan(work: Path, budget: str, capsys) -> None:
     sens = work / "t.sens.json"
     _table().save(sens)
+    code = 1 if budget == "1bits" else 2  # malformed: usage error; infeasible: failure
     expect_error(
-        capsys, work, ["plan", str(sens), f"--budget={budget}", "-o", str(work / "p.json")], 1, BUDGETS[budget]
+        capsys, work, ["plan", str(sens), f"--budget={budget}", "-o", str(work / "p.json")], code, BUDGETS[budget]
     )
 
 
@@ -414,7 +415,7 @@ def test_bad_budget_for_compile_fails_before_analysis(work: Path, budget: str, c
         capsys,
         work,
         ["compile", str(work / "m.onnx"), f"--budget={budget}", "-o", str(work / "o.onnx")],
-        1,
+        2,  # a malformed budget is a usage error
         BUDGETS[budget],
     )
 
@@ -820,5 +821,5 @@ def test_subprocess_truncated_model_and_bad_budget(tmp_path: Path) -> None:
     res = _subprocess("compile", str(bad), "--budget", "4.5", "-o", str(tmp_path / "o.onnx"))
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
     res = _subprocess(str(MLP), "--budget", "4.5 parsecs", "-o", str(tmp_path / "o.onnx"))
-    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "unknown budget unit" in res.stderr, res.stderr
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "unknown budget unit" in res.stderr, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx"]

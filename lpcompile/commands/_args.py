@@ -136,3 +136,16 @@ def add_target_args(p: argparse.ArgumentParser, softmax_default: str | None = "a
         default=softmax_default,
         help="two-pass softmax substitution (auto: only where the target runs it faster)",
     )
+
+
+def budget_arg(text: str) -> str:
+    """``--budget`` checked before any work: a malformed budget is a usage error (exit 2); an
+    infeasible one is found later and is a failure (exit 1)."""
+    from lpcompile.budget import parse_budget
+    from lpcompile.errors import BudgetError
+
+    try:
+        parse_budget(text)
+    except BudgetError as exc:
+        raise UsageError(f"--budget: {exc}") from None
+    return text

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from lpcompile.commands._args import add_analysis_args, add_keep_arg, add_target_args, analysis_config, keep_rules
+from lpcompile.commands._args import (
+    add_analysis_args,
+    add_keep_arg,
+    add_target_args,
+    analysis_config,
+    budget_arg,
+    keep_rules,
+)
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output, StageProgress
 
@@ -45,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.io_utils import OutputSession
 
     out = Output(quiet=args.quiet, json=args.json)
+    budget_arg(args.budget)
     target = Path(args.output) if args.output else default_output(args.model)
     config = analysis_config(args)
     decide_config = DecideConfig(keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpcompile.commands._args import add_keep_arg, add_target_args, keep_rules
+from lpcompile.commands._args import add_keep_arg, add_target_args, budget_arg, keep_rules
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output
 from lpcompile.errors import UsageError
@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.solver import parse_sweep
 
     out = Output(quiet=args.quiet, json=args.json)
+    if args.budget:
+        budget_arg(args.budget)
     table = SensitivityTable.load(args.sensitivity)
     formats = parse_format_list(args.formats) if args.formats else None
     config = DecideConfig(formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target)
