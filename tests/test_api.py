@@ -53,7 +53,7 @@ def test_decide_is_pure_and_deterministic(table: SensitivityTable) -> None:
 
 def test_softmax_auto_is_resolved_per_target(table: SensitivityTable) -> None:
     assert decide(table, "6", DecideConfig(target=Target.ORT)).plan.softmax == "keep"
-    assert decide(table, "6", DecideConfig(target=Target.TVM)).plan.softmax == "auto"
+    assert decide(table, "6", DecideConfig(target=Target.TVM)).plan.softmax == "two-pass"
     assert decide(table, "6", DecideConfig(softmax=SoftmaxMode.TWO_PASS)).plan.softmax == "two-pass"
 
 
