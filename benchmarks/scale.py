@@ -16,8 +16,16 @@ machine must hold), ratios against ``single``, and whether the plan of ``workers
 plan of ``single per-probe`` (it must: same seed, same probes). The ``uptime`` load average before
 and after is recorded, since the machine may be shared.
 
+The ``convergence`` part runs the analysis alone (in this process, per-probe seeding) on each model
+with the fixed probe count and with each ``--tols`` value as ``--probe-tol``, and reports the probes drawn, the
+worst and median per-node relative standard error of the trace, and the analysis time.
+
     python benchmarks/scale.py [--repeats 3] [--samples 64] [--seq 64] [--probes 16]
-                               [--workdir /tmp/lpcompile-scale] [--json-out benchmarks/scale.json]
+                               [--parts compile,convergence] [--tols 0.1,0.05] [--max-probes 512]
+                               [--workdir /tmp/lpcompile-scale]
+                               [--json-out benchmarks/scale.json]
+
+With ``--parts convergence`` alone the ``results`` of an existing JSON file are kept.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -125,6 +134,38 @@ def models(work: Path, samples: int, seq: int) -> list[tuple[str, Path, Path, in
     return rows
 
 
+def convergence(
+    rows: list[tuple[str, Path, Path, int]], probes: int, tols: tuple[float | None, ...], max_probes: int
+) -> list[dict[str, Any]]:
+    """Probes drawn and trace errors reached, fixed count vs ``--probe-tol`` (in this process)."""
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.api import analyze
+    from lpcompile.files import load_calib_for, load_normalized
+
+    out = []
+    for name, path, calib_path, _ in rows:
+        model = load_normalized(path)
+        calib = load_calib_for(model, calib_path)
+        for tol in tols:
+            cfg = AnalysisConfig(probes=probes, seeding="per-probe", probe_tol=tol, max_probes=max_probes)
+            table = analyze(model, calib, cfg)
+            errs = [n.trace_rse for n in table.nodes if n.trace_rse is not None]
+            row = {
+                "model": name,
+                "probe_tol": tol,
+                "probes": table.probes,
+                "batches": math.ceil(calib.num_samples / cfg.batch_size),
+                "nodes": len(table.nodes),
+                "nodes_with_error": len(errs),
+                "worst_rse": round(max(errs), 4) if errs else None,
+                "median_rse": round(statistics.median(errs), 4) if errs else None,
+                "hessian_s": round(table.timings.get("hessian_s", float("nan")), 2),
+            }
+            out.append(row)
+            logger.info("convergence %s", row)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -134,7 +175,11 @@ def main() -> None:
     p.add_argument("--budget", default="4.5bits")
     p.add_argument("--workdir", default="/tmp/lpcompile-scale")
     p.add_argument("--json-out", default=str(ROOT / "benchmarks" / "scale.json"))
+    p.add_argument("--parts", default="compile,convergence", help="compile, convergence or both")
+    p.add_argument("--tols", default="0.1,0.05", help="--probe-tol values of the convergence part")
+    p.add_argument("--max-probes", type=int, default=512, help="--max-probes of the convergence part")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -142,7 +187,11 @@ def main() -> None:
     load_before = uptime()
 
     results: list[dict[str, Any]] = []
-    for name, model, calib, wbytes in models(work, args.samples, args.seq):
+    rows = models(work, args.samples, args.seq)
+    previous = json.loads(Path(args.json_out).read_text()) if Path(args.json_out).is_file() else {}
+    if "compile" not in parts:
+        results = previous.get("results", [])
+    for name, model, calib, wbytes in rows if "compile" in parts else []:
         runs: dict[str, list[dict[str, float]]] = {c: [] for c in CONFIGS}
         plans: dict[str, Any] = {}
         for r in range(args.repeats):
@@ -197,6 +246,12 @@ def main() -> None:
                 "plans": plans,
             }
         )
+    tols = (None, *(float(t) for t in args.tols.split(",") if t))
+    conv = (
+        convergence(rows, args.probes, tols, args.max_probes)
+        if "convergence" in parts
+        else previous.get("convergence", [])
+    )
     load_after = uptime()
 
     print(
@@ -212,6 +267,14 @@ def main() -> None:
                 f"{m['max_rss_mib']:>12.0f} {m['tree_rss_mib']:>13.0f}"
             )
         print(f"{'':<52} workers-2 plan == per-probe plan: {res['workers_plan_equals_per_probe_plan']}")
+    if conv:
+        print(f"\n{'model':<52} {'probe tol':>9} {'probes':>7} {'worst rse':>10} {'median rse':>11} {'hessian s':>10}")
+        for c in conv:
+            tol = "fixed" if c["probe_tol"] is None else f"{c['probe_tol']:g}"
+            print(
+                f"{c['model']:<52} {tol:>9} {c['probes']:>7} {c['worst_rse'] or float('nan'):>10.3f} "
+                f"{c['median_rse'] or float('nan'):>11.3f} {c['hessian_s']:>10.1f}"
+            )
     payload = {
         "benchmark": "scale",
         "command": f"lpcompile MODEL --budget {args.budget} --calib CALIB --probes {args.probes} "
@@ -221,6 +284,7 @@ def main() -> None:
         "load_after": load_after,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "results": results,
+        "convergence": conv,
     }
     atomic_write_text(args.json_out, json.dumps(payload, indent=1) + "\n")
     print(f"wrote {args.json_out}")

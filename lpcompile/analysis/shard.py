@@ -27,7 +27,8 @@ written to a temporary folder (or ``--shard-dir``) and every worker reads it fro
 
 Ray (``--ray [ADDRESS]``; ``pip install 'lpcompile[ray]'``)
 -----------------------------------------------------------
-``--ray`` alone starts a local Ray instance (or joins the one this process already initialised);
+``--ray`` alone starts a local Ray instance for the run (or uses the one this process already
+initialised with ``ray.init``, which it leaves running);
 ``--ray auto`` joins the cluster of this machine (``ray start --head`` ran here), and
 ``--ray ray://HEAD:10001`` (Ray Client) or ``--ray HEAD:6379`` joins a remote one. The work runs on
 ``--workers N`` Ray actors (when N is 1: one per CPU of the cluster, at most one per batch), each
@@ -148,6 +149,8 @@ class ShardPool:
         )
         self._executor: ProcessPoolExecutor | None = None
         self._ray_pool: Any = None
+        self._ray_actors: list[Any] = []
+        self._ray_started = False  # this pool initialised Ray (and shuts it down)
 
     def __enter__(self) -> ShardPool:
         return self
@@ -167,7 +170,11 @@ class ShardPool:
 
             for actor in self._ray_actors:
                 ray.kill(actor)
+            self._ray_actors = []
             self._ray_pool = None
+            if self._ray_started:
+                ray.shutdown()
+                self._ray_started = False
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -213,10 +220,11 @@ class ShardPool:
         address = self.config.ray
         if not ray.is_initialized():
             ray.init(address=None if address in (None, "", "local") else address, log_to_driver=False)
+            self._ray_started = True
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         count = max(1, min(self.config.workers if self.config.workers > 1 else cpus, ntasks or 1))
         gpus = 1 if self.spec.device.startswith("cuda") else 0
-        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(ShardWorker)
+        actor_cls: Any = ray.remote(num_cpus=1, num_gpus=gpus)(ShardWorker)
         self._ray_actors = [actor_cls.remote(self.spec) for _ in range(count)]
         self._ray_pool = ActorPool(self._ray_actors)
         logger.info("analysis sharded over %d Ray actor(s) at %s", count, address or "a local Ray")
