@@ -198,6 +198,8 @@ def peer_ort(ctx: Context, out: Path, block: int, symmetric: bool, algo: str = "
 PEERS: dict[str, Any] = {
     "nncf-int4sym-g64-se": lambda ctx, out: peer_nncf(ctx, out, "INT4_SYM", 64, None),
     "nncf-int4sym-g64-se-4.5": lambda ctx, out: peer_nncf(ctx, out, "INT4_SYM", 64, 4.5),
+    "nncf-int4sym-g128-se": lambda ctx, out: peer_nncf(ctx, out, "INT4_SYM", 128, None),
+    "nncf-int4sym-g128-se-4.5": lambda ctx, out: peer_nncf(ctx, out, "INT4_SYM", 128, 4.5),
     "nncf-int4asym-g128-se-awq": lambda ctx, out: peer_nncf(ctx, out, "INT4_ASYM", 128, None, awq=True),
     "ort-default-asym-b64": lambda ctx, out: peer_ort(ctx, out, 64, False),
     "ort-kquant-asym-b64": lambda ctx, out: peer_ort(ctx, out, 64, False, "k_quant"),
@@ -236,6 +238,7 @@ def main() -> None:
     p.add_argument("--mixed-methods", default="nearest,gptq")
     p.add_argument("--skip-uniform", action="store_true")
     p.add_argument("--skip-mixed", action="store_true")
+    p.add_argument("--extra-candidates", default="", help="grammar formats added to the mixed plans' candidates")
     p.add_argument("--peers", default="", help=f"comma list of peer variants: {', '.join(PEERS)}")
     p.add_argument("--out", type=Path, default=OUT_JSON)
     p.add_argument("--threads", type=int, default=1, help="torch threads (rounding, XᵀX, analysis)")
@@ -248,6 +251,7 @@ def main() -> None:
     from lpcompile.api import decide
     from lpcompile.config import DecideConfig
     from lpcompile.files import load_normalized
+    from lpcompile.formats import get_format
     from lpcompile.frontend.calib import load_calibration
     from lpcompile.graph import find_weight_nodes
     from lpcompile.passes.pipeline import uniform_plan
@@ -309,6 +313,8 @@ def main() -> None:
         result["analysis_s"] = analysis_s
         # "nearest" is today's analyzer (½·ΣD·δ², RTN weights); the others score their own weights with
         # the Kronecker prediction; a "+diag" suffix keeps the diagonal prediction (to isolate its effect)
+        extras = tuple(get_format(f).name for f in args.extra_candidates.split(",") if f)
+        result["extra_candidates"] = list(extras)
         variants = []
         for m in args.mixed_methods.split(","):
             method, _, pred = m.partition("+")
@@ -318,7 +324,7 @@ def main() -> None:
             predicted, rounded = predict_rounded_losses(
                 model,
                 nodes,
-                captured["fmts"],
+                (*captured["fmts"], *extras),
                 captured["diag"],
                 captured["act_term"],
                 captured["act_elements"],
@@ -331,7 +337,7 @@ def main() -> None:
             by_name = {n.name: n for n in table.nodes}
             tab = replace(table, nodes=tuple(replace(n, group=by_name[n.name].group) for n in predicted))
             for b in (float(x) for x in args.budgets.split(",")):
-                decision = decide(tab, f"{b}bits", DecideConfig(formats=ANALYSIS_FORMATS, target="qdq"))
+                decision = decide(tab, f"{b}bits", DecideConfig(formats=(*ANALYSIS_FORMATS, *extras), target="qdq"))
                 plan = decision.plan
                 path = work / f"mixed_{b}_{method}.onnx"
                 apply(ctx, plan, weights_for_plan(plan, rounded), path)

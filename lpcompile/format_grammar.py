@@ -171,7 +171,7 @@ def parse(text: str) -> Spec:
             raise FormatError(f"format {text!r}: nf4 is symmetric (no zero point)")
         element, bits = "nf4", 4
     else:
-        raise FormatError(f"unknown format {text!r}: an element must come first (intN, intN_asym, eXmY, nf4)")
+        raise FormatError(f"format {text!r}: an element must come first (intN, intN_asym, eXmY, nf4)")
     block: int | None = None
     per_channel = False
     scale_dtype: str | None = None

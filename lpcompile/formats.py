@@ -286,8 +286,9 @@ def canonical_name(name: str) -> str:
         try:
             return _grammar_format(key).name
         except FormatError as exc:
+            detail = str(exc).split(": ", 1)[-1]
             raise FormatError(
-                f"unknown format {name!r}: {exc}; registry: {', '.join(format_names())} "
+                f"unknown format {name!r} ({detail}); registry: {', '.join(format_names())} "
                 "(aliases: int4, fp8; grammar: see lpcompile.format_grammar)"
             ) from None
     return key
