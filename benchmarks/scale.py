@@ -253,11 +253,23 @@ def main() -> None:
         else previous.get("convergence", [])
     )
     load_after = uptime()
+    # each part keeps the load it ran under (a part not run keeps the previous file's figures)
+    compile_meta = (
+        {"repeats": args.repeats, "load_before": load_before, "load_after": load_after}
+        if "compile" in parts
+        else {k: previous.get(k) for k in ("repeats", "load_before", "load_after")}
+    )
+    conv_load = (
+        {"load_before": load_before, "load_after": load_after}
+        if "convergence" in parts
+        else previous.get("convergence_load")
+    )
 
     print(
-        f"`lpcompile MODEL --budget {args.budget} --probes {args.probes}`: medians of {args.repeats} interleaved runs"
+        f"`lpcompile MODEL --budget {args.budget} --probes {args.probes}`: "
+        f"medians of {compile_meta['repeats']} interleaved runs"
     )
-    print(f"load average before: {load_before}; after: {load_after}")
+    print(f"load average before: {compile_meta['load_before']}; after: {compile_meta['load_after']}")
     hdr = f"{'model':<52} {'config':<17} {'wall s':>7} {'×single':>8} {'max RSS MiB':>12} {'tree RSS MiB':>13}"
     print(hdr)
     for res in results:
@@ -268,7 +280,8 @@ def main() -> None:
             )
         print(f"{'':<52} workers-2 plan == per-probe plan: {res['workers_plan_equals_per_probe_plan']}")
     if conv:
-        print(f"\n{'model':<52} {'probe tol':>9} {'probes':>7} {'worst rse':>10} {'median rse':>11} {'hessian s':>10}")
+        print(f"\nconvergence (analysis only, per-probe seeding); load: {conv_load}")
+        print(f"{'model':<52} {'probe tol':>9} {'probes':>7} {'worst rse':>10} {'median rse':>11} {'hessian s':>10}")
         for c in conv:
             tol = "fixed" if c["probe_tol"] is None else f"{c['probe_tol']:g}"
             print(
@@ -279,12 +292,11 @@ def main() -> None:
         "benchmark": "scale",
         "command": f"lpcompile MODEL --budget {args.budget} --calib CALIB --probes {args.probes} "
         "[--seeding per-probe | --workers 2]",
-        "repeats": args.repeats,
-        "load_before": load_before,
-        "load_after": load_after,
+        **compile_meta,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "results": results,
         "convergence": conv,
+        "convergence_load": conv_load,
     }
     atomic_write_text(args.json_out, json.dumps(payload, indent=1) + "\n")
     print(f"wrote {args.json_out}")
