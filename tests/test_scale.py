@@ -112,6 +112,16 @@ def test_convergence_stops_at_max_probes(model_and_calib: tuple[Any, Any], caplo
     assert "did not converge" in caplog.text
 
 
+def test_one_probe_per_batch_is_not_taken_for_convergence(
+    model_and_calib: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    model, calib = model_and_calib
+    with caplog.at_level(logging.WARNING, logger="lpcompile.analysis.sensitivity"):
+        table = analyze(model, calib, replace(SMALL, max_samples=32, probe_tol=0.5, max_probes=4))
+    assert table.probes == 4 and all(n.trace_rse is None for n in table.nodes)  # 4 batches, one probe each
+    assert "trace errors unknown" in caplog.text
+
+
 def test_default_config_keeps_sequential_seeding() -> None:
     assert AnalysisConfig().effective_seeding == "sequential"
     assert AnalysisConfig(workers=2).effective_seeding == "per-probe"
@@ -140,7 +150,6 @@ def test_two_worker_processes_converge_like_one(model_and_calib: tuple[Any, Any]
     assert _numbers(analyze(model, calib, replace(cfg, workers=2))) == _numbers(analyze(model, calib, cfg))
 
 
-@pytest.mark.slow
 def test_ray_local_cluster_gives_the_single_process_table(
     model_and_calib: tuple[Any, Any], single: SensitivityTable
 ) -> None:

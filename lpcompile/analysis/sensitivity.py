@@ -379,7 +379,11 @@ def run_analysis(
     diag_np = {
         w: diag[w].detach().double().numpy() if w in diag else np.zeros(shapes[w], dtype=np.float64) for w in weights
     }
-    table_nodes = predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths)
+    from lpcompile.analysis.rounded import predict_for_config
+
+    table_nodes = predict_for_config(
+        model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths, data
+    ) or predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths)
     table_nodes = [replace(n, trace_rse=rse.get(n.weight)) for n in table_nodes]
     t_end = time.perf_counter()
     table = assemble_table(
@@ -472,7 +476,7 @@ def _converge(
         known = [r for r in rse.values() if r is not None]
         worst = max(known, default=0.0)
         logger.info("probes: %d per batch, worst trace error %.3g (tol %.3g)", k_done, worst, tol)
-        if worst <= tol or k_done >= k_max:
+        if k_done >= k_max or (k_done >= 2 and worst <= tol):  # one probe per batch gives no error
             break
         need = math.ceil(k_done * (worst / tol) ** 2)
         k_round = min(k_max - k_done, 3 * k_done, max(1, need - k_done))
@@ -482,6 +486,10 @@ def _converge(
             len(known_bad), tol, k_done * nb, max(known_bad, key=lambda w: rse[w] or 0.0),
             max(rse[w] or 0.0 for w in known_bad),
         )
+    if nb and k_done < 2:
+        logger.warning("--max-probes %d allows one probe per batch (%d batches): trace errors unknown",
+                       config.max_probes, nb)
+    k_done = max(k_done, 1)  # no batches: nothing was drawn, nothing to divide
     diag = {w: a / k_done for w, a in acc.items()}
     act_term = {key: v / k_done for key, v in act_num.items()}
     return diag, act_term, rse, k_done * nb
