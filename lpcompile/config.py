@@ -52,6 +52,9 @@ class Rounding(StrEnum):
 
     NEAREST = "nearest"  # round half to even
     STOCHASTIC = "stochastic"  # unbiased, seeded per weight
+    RTN = "rtn"  # nearest with the full code range (-8 / -128 where it lowers the error)
+    MSE = "mse"  # per-block clip search, error weighted by diag(XᵀX)
+    GPTQ = "gptq"  # error-compensated with the layer-input Hessian XᵀX (lpcompile.rounding)
 
 
 E = TypeVar("E", bound=StrEnum)

@@ -23,6 +23,7 @@ from lpcompile.budget import parse_budget
 from lpcompile.checks import ModelCheck, check_model
 from lpcompile.config import ApplyConfig, DecideConfig
 from lpcompile.errors import UsageError
+from lpcompile.formats import needs_input_hessians
 from lpcompile.frontend.calib import CalibrationSet, calibration_for
 from lpcompile.frontend.onnx_io import load_model, save_model
 from lpcompile.graph import find_weight_nodes
@@ -212,7 +213,10 @@ def apply_file(
     if plan is None:  # unreachable after the check above; keeps type checkers honest
         raise UsageError("no plan")
     plan = replace(plan, model=Path(model_path).name)
-    calib = load_calib_for(model, calib_path, seed=config.seed) if missing_scales(model, plan) else None
+    wants_calib = missing_scales(model, plan) or needs_input_hessians(
+        config.rounding.value, [n.format for n in plan.nodes]
+    )
+    calib = load_calib_for(model, calib_path, seed=config.seed) if wants_calib else None
     applied = apply(model, plan, config, calib)
     plan_out, out_bytes = write_outputs(applied, out_path, model_path)
     return ApplyResult(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -270,6 +270,12 @@ def split_candidate(name: str) -> tuple[str, str | None]:
     if method not in ROUNDING_METHODS:
         raise FormatError(f"unknown rounding {method!r} in {name!r}; known: {', '.join(ROUNDING_METHODS)}")
     return base, (None if method == "nearest" else method)
+
+
+def needs_input_hessians(rounding: str, formats: Sequence[str]) -> bool:
+    """Whether writing ``formats`` (their ``:rounding`` suffix, else ``rounding``) needs the layers'
+    input ``XᵀX`` (``mse`` / ``gptq``, :mod:`lpcompile.rounding`)."""
+    return any((split_candidate(f)[1] or rounding) in ("mse", "gptq") for f in formats)
 
 
 def canonical_name(name: str) -> str:

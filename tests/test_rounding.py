@@ -464,3 +464,29 @@ def test_predict_rounded_losses_scores_what_is_written() -> None:
     chosen = weights_for_plan(plan, weights)
     assert set(chosen) == {"W1", "W2"}
     np.testing.assert_array_equal(chosen["W1"].codes, weights[("W1", "int4_b32:gptq")].codes)
+
+
+def test_api_analyze_and_apply_with_gptq() -> None:
+    """AnalysisConfig(rounding='gptq') scores GPTQ weights; ApplyConfig(rounding='gptq') writes them."""
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.analysis.input_hessians import collect_input_hessians
+    from lpcompile.api import analyze, apply, decide
+    from lpcompile.config import ApplyConfig, DecideConfig
+    from lpcompile.frontend.calib import CalibrationSet
+
+    model, x, mask, w1, _ = _two_layers()
+    calib = CalibrationSet({"x": x, "attention_mask": mask}, source="test")
+    base = analyze(
+        model.clone() if hasattr(model, "clone") else model, calib, AnalysisConfig(formats=("int4_b32",), probes=4)
+    )
+    model, *_ = _two_layers()
+    table = analyze(model, calib, AnalysisConfig(formats=("int4_b32",), probes=4, rounding="gptq"))
+    for a, b in zip(base.nodes, table.nodes, strict=True):
+        assert b.candidates["int4_b32"].predicted_loss < a.candidates["int4_b32"].predicted_loss
+    plan = decide(table, "4.7bits", DecideConfig(formats=("int4_b32",))).plan
+    model, *_ = _two_layers()
+    out = apply(model, plan, ApplyConfig(rounding="gptq"), calib).model
+    hs = collect_input_hessians(_two_layers()[0], calib, batch_size=16)
+    expect = round_weight("int4_b32", w1, MATMUL_LAYOUT, "gptq", hessian=hs["x"])
+    codes = np.asarray(out.graph.initializers["W1_q"].const_value.numpy()).astype(np.int8)
+    np.testing.assert_array_equal(codes.reshape(expect.codes.shape), expect.codes)  # stored [blocks, bs, N] or [K, N]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lpcompile.formats import get_format
+from lpcompile.formats import canonical_name
 
 DEFAULT_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b64", "int4_b32", "bf16")
 
@@ -45,6 +45,9 @@ class AnalysisConfig:
         shard_dir: a folder every worker can read, where the driver writes the normalised model for
             the workers (``--shard-dir``; a shared file system for a multi-machine Ray cluster);
             None: a temporary folder on this machine.
+        rounding: how the weights of candidates without a ``:rounding`` suffix are rounded when their
+            loss is predicted (``nearest``, ``rtn``, ``mse``, ``gptq``; see :mod:`lpcompile.rounding`);
+            ``mse``/``gptq`` gather the layers' input ``XᵀX`` from the calibration data.
     """
 
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -65,6 +68,7 @@ class AnalysisConfig:
     workers: int = 1
     ray: str | None = None
     shard_dir: str | None = None
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         from lpcompile.errors import UsageError
@@ -96,6 +100,6 @@ class AnalysisConfig:
 
 
 def candidate_formats(config: AnalysisConfig) -> tuple[str, ...]:
-    """Canonical candidate names, fp32 appended when missing."""
-    names = tuple(dict.fromkeys(get_format(f).name for f in config.formats))
+    """Canonical candidate names (a ``:rounding`` suffix kept), fp32 appended when missing."""
+    names = tuple(dict.fromkeys(canonical_name(f) for f in config.formats))
     return names if "fp32" in names else (*names, "fp32")

@@ -119,3 +119,56 @@ def weights_for_plan(plan: object, weights: RoundedWeights) -> dict[str, Quantiz
 
 
 __all__ = ["RoundedWeights", "predict_rounded_losses", "weights_for_plan"]
+
+
+#: roundings whose weights depend on the layer-input Hessian
+HESSIAN_ROUNDINGS = frozenset({"mse", "gptq"})
+#: the batch size every XᵀX collection uses, so analysis and apply sum the same fp32 batches
+HESSIAN_BATCH = 16
+
+
+def needs_hessians(default_rounding: str, candidates: Sequence[str]) -> bool:
+    """Whether any candidate (its ``:rounding`` suffix, else ``default_rounding``) needs ``XᵀX``."""
+    return any((split_candidate(c)[1] or default_rounding) in HESSIAN_ROUNDINGS for c in candidates)
+
+
+def predict_for_config(
+    model: ir.Model,
+    nodes: Sequence[WeightNode],
+    candidates: Sequence[str],
+    config: object,
+    diag: Mapping[str, np.ndarray],
+    act_term: Mapping[tuple[str, str], float],
+    act_elements: set[str],
+    module_paths: Mapping[str, str],
+    calib: object,
+) -> list[NodeSensitivity] | None:
+    """The analyzer's hook: rows scored with ``config.rounding`` (None when every candidate rounds to
+    nearest, so the caller keeps its own prediction). ``XᵀX`` comes from one extra forward over the
+    same calibration samples (:func:`~lpcompile.analysis.input_hessians.collect_input_hessians`);
+    the loss is the Kronecker prediction where a node has ``XᵀX`` (the diagonal one ranks GPTQ weights
+    wrongly against nearest ones: GPTQ raises the plain weight error while it lowers the output error)."""
+    from lpcompile.analysis.input_hessians import collect_input_hessians
+
+    rounding = str(getattr(config, "rounding", "nearest"))
+    if rounding in ("nearest", "stochastic") and not any(split_candidate(c)[1] for c in candidates):
+        return None
+    hessians = (
+        collect_input_hessians(model, calib, nodes, batch_size=HESSIAN_BATCH)
+        if needs_hessians(rounding, candidates)
+        else None
+    )
+    rows, _ = predict_rounded_losses(
+        model,
+        nodes,
+        candidates,
+        diag,
+        act_term,
+        act_elements,
+        module_paths,
+        hessians=hessians,
+        default_rounding=rounding if rounding != "stochastic" else "nearest",
+        kron=True,
+        keep_weights=False,
+    )
+    return rows

@@ -379,7 +379,11 @@ def run_analysis(
     diag_np = {
         w: diag[w].detach().double().numpy() if w in diag else np.zeros(shapes[w], dtype=np.float64) for w in weights
     }
-    table_nodes = predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths)
+    from lpcompile.analysis.rounded import predict_for_config
+
+    table_nodes = predict_for_config(
+        model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths, data
+    ) or predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths)
     table_nodes = [replace(n, trace_rse=rse.get(n.weight)) for n in table_nodes]
     t_end = time.perf_counter()
     table = assemble_table(

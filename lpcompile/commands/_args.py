@@ -28,6 +28,13 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
         help="diag: ½ΣH_iiδ² (default); trace: HAWQ-v2 ½·Tr(H)/n·‖δ‖²",
     )
     g.add_argument("--loss", choices=["auto", "kl", "mse"], default="auto")
+    g.add_argument(
+        "--weight-rounding",
+        choices=["nearest", "rtn", "mse", "gptq"],
+        default="nearest",
+        help="how candidates are rounded when scored (and, for compile, written): gptq/mse use the layers' "
+        "input XᵀX from the calibration data; a format's own ':rounding' suffix wins (default: %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
         "--input-shape",
@@ -101,6 +108,7 @@ def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
         workers=getattr(args, "workers", 1),
         ray=getattr(args, "ray", None),
         shard_dir=getattr(args, "shard_dir", None),
+        rounding=getattr(args, "weight_rounding", "nearest"),
     )
 
 

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.output) if args.output else default_output(args.model)
     config = analysis_config(args)
     decide_config = DecideConfig(keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target)
-    apply_config = ApplyConfig(target=args.target, seed=config.seed)
+    apply_config = ApplyConfig(target=args.target, seed=config.seed, rounding=config.rounding)
     # io_utils guard (issue 15); defer=False: compile_file stats its outputs before returning
     session = OutputSession(inputs=[args.model, args.calib], defer=False)
     with session, StageProgress(out) as progress:

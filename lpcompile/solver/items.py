@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from lpcompile.analysis.table import SensitivityTable
 from lpcompile.errors import FormatError
-from lpcompile.formats import get_format
+from lpcompile.formats import canonical_name
 from lpcompile.solver.problem import Choice, Item, KeepRule
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def items_from_table(table: SensitivityTable, formats: Sequence[str] | None = No
     Raises:
         FormatError: a node has none of the requested formats.
     """
-    allowed = None if formats is None else {get_format(f).name for f in formats} | {"fp32"}
+    allowed = None if formats is None else {canonical_name(f) for f in formats} | {"fp32"}
     items = []
     stored: set[str] = set()
     for n in table.nodes:
