@@ -84,7 +84,7 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_once(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+def run_once(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run ``cmd`` under ``/usr/bin/time -v``; return wall s, max RSS MiB (time -v) and peak tree RSS MiB."""
     proc = subprocess.Popen(
         ["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
@@ -102,8 +102,10 @@ def run_once(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     _, err = proc.communicate(timeout=7200)
     done.set()
     sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    if proc.returncode != 0:  # recorded, not fatal: the other configurations still run
+        lines = [ln for ln in err.splitlines() if ln.startswith("lpcompile:")]
+        logger.error("%s failed (%d): %s", " ".join(cmd), proc.returncode, lines[-1] if lines else err[-500:])
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", err)
     if rss is None or wall is None:
@@ -192,10 +194,12 @@ def main() -> None:
     if "compile" not in parts:
         results = previous.get("results", [])
     for name, model, calib, wbytes in rows if "compile" in parts else []:
-        runs: dict[str, list[dict[str, float]]] = {c: [] for c in CONFIGS}
+        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
         plans: dict[str, Any] = {}
-        for r in range(args.repeats):
-            for cfg, extra in CONFIGS.items():  # interleaved: each repeat runs every configuration once
+        failed: str | None = None
+        for r in range(args.repeats * len(CONFIGS)):
+            cfg, extra = list(CONFIGS.items())[r % len(CONFIGS)]
+            if failed is None:  # interleaved: each repeat runs every configuration once
                 out = work / f"{model.stem}.{cfg.replace(' ', '_')}.lp.onnx"
                 cmd = [
                     sys.executable,
@@ -215,6 +219,9 @@ def main() -> None:
                     *extra,
                 ]
                 fig = run_once(cmd, env)
+                if "error" in fig:
+                    failed = f"{cfg}: {fig['error']}"
+                    continue
                 runs[cfg].append(fig)
                 plan = json.loads(out.with_name(out.name.replace(".onnx", ".plan.json")).read_text())
                 plans[cfg] = {n["name"]: n["format"] for n in plan["nodes"]}
@@ -222,11 +229,14 @@ def main() -> None:
                     "%s / %s #%d: %.1f s, max RSS %.0f MiB, tree %.0f MiB",
                     name,
                     cfg,
-                    r + 1,
+                    r // len(CONFIGS) + 1,
                     fig["wall_s"],
                     fig["max_rss_mib"],
                     fig["tree_rss_mib"],
                 )
+        if failed is not None:
+            results.append({"model": name, "fp32_weights_mib": round(wbytes / 2**20, 2), "error": failed})
+            continue
         med = {c: {k: statistics.median(f[k] for f in fs) for k in fs[0]} for c, fs in runs.items()}
         base = med["single"]
         results.append(
@@ -273,6 +283,9 @@ def main() -> None:
     hdr = f"{'model':<52} {'config':<17} {'wall s':>7} {'×single':>8} {'max RSS MiB':>12} {'tree RSS MiB':>13}"
     print(hdr)
     for res in results:
+        if "error" in res:
+            print(f"{res['model']:<52} failed: {res['error']}")
+            continue
         for c, m in res["configs"].items():
             print(
                 f"{res['model']:<52} {c:<17} {m['wall_s']:>7.1f} {m['wall_ratio']:>8.2f} "
