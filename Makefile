@@ -15,7 +15,7 @@ install:
 	$(PIP) install -q -e .
 
 install-dev: install
-	$(PIP) install -q -e '.[dev,tvm,view,mlir]'
+	$(PIP) install -q -e '.[dev,tvm,view,mlir,ray]'
 
 demo: install
 	lpcompile demo
