@@ -33,7 +33,7 @@ from lpcompile.checks import check_model
 from lpcompile.config import ApplyConfig, DecideConfig, SoftmaxMode, Target
 from lpcompile.errors import LpError, PlanError, UnsupportedOpsError
 from lpcompile.feasibility import stored_bits
-from lpcompile.formats import canonical_name, get_format
+from lpcompile.formats import canonical_name, get_format, needs_input_hessians
 from lpcompile.frontend.calib import CalibrationSet, batches
 from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
 from lpcompile.plan import NodeAssignment, PrecisionPlan, validate_against
@@ -174,9 +174,13 @@ class Decision:
 
 
 def resolved_softmax(mode: SoftmaxMode, target: Target) -> str:
-    """The softmax mode a plan records: ``auto`` becomes ``keep`` where the two-pass form does not pay."""
-    if mode == SoftmaxMode.AUTO and target not in SOFTMAX_PAYS:
-        return SoftmaxMode.KEEP.value
+    """The softmax mode a plan records: ``auto`` becomes ``two-pass`` where the target's two-pass kernel
+    runs faster than its own Softmax (fewer passes over memory, whatever the neighbours' precision) and
+    ``keep`` everywhere else."""
+    from lpcompile.passes.targets import softmax_pays
+
+    if mode == SoftmaxMode.AUTO:
+        return (SoftmaxMode.TWO_PASS if softmax_pays(Target(target).value) else SoftmaxMode.KEEP).value
     return mode.value
 
 
@@ -208,11 +212,16 @@ def plan_from_solution(
     table: SensitivityTable, solution: Solution, budget_text: str | None, config: DecideConfig
 ) -> PrecisionPlan:
     """The plan of a solved budget: node → format, its bits and predicted loss, the activation scales."""
-    by_name = {n.name: n for n in table.nodes}
     nodes = []
-    for name, fmt in solution.assignments.items():
-        n = by_name[name]
+    stored: set[str] = set()
+    for n in table.nodes:  # a shared weight's loss is carried by the first node of its group
+        if n.name not in solution.assignments:
+            continue
+        fmt = solution.assignments[n.name]
         c = n.candidates[fmt]
+        loss = 0.0 if n.group and n.weight in stored and c.predicted_loss is not None else c.predicted_loss
+        stored.add(n.weight)
+        c = replace(c, predicted_loss=loss)
         nodes.append(
             NodeAssignment(
                 name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, format=fmt, bits=c.bits,
@@ -365,12 +374,26 @@ def apply(
     nodes = check_plan(model, plan)
     plan = with_model_facts(plan, nodes, "ort" if config.target == Target.ORT else "qdq")
     plan = complete_scales(model, plan, calib, config.batch_size)
+    written_by = {"target": config.target.value, "rounding": config.rounding.value, "seed": config.seed}
+    plan = replace(plan, metadata={**plan.metadata, "written": written_by})  # how, not what: no decision changes
     low = frozenset(n.name for n in plan.nodes if n.format != "fp32")
     softmax = TwoPassSoftmaxPass(plan.softmax, low)
-    written = "ort" if config.target == Target.ORT else "qdq"
+    written = config.target.value  # how each (op, format) is written: lpcompile.passes.targets
+    hessians = None
+    if calib is not None and needs_input_hessians(config.rounding.value, [n.format for n in plan.nodes]):
+        from lpcompile.analysis.input_hessians import collect_input_hessians
+        from lpcompile.analysis.rounded import HESSIAN_BATCH
+
+        hessians = collect_input_hessians(model, calib, batch_size=HESSIAN_BATCH)  # XᵀX for mse/gptq
     try:
         rewritten, modified = apply_plan(
-            model, plan, target=written, rounding=config.rounding.value, seed=config.seed, extra_passes=[softmax]
+            model,
+            plan,
+            target=written,
+            rounding=config.rounding.value,
+            seed=config.seed,
+            extra_passes=[softmax],
+            hessians=hessians,
         )
     except ir.passes.PassError as exc:
         raise LpError(f"internal error while rewriting the model: {_root_cause(exc)}") from exc

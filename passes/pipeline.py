@@ -9,9 +9,10 @@ normalised model (use :func:`normalize` or :func:`plan_nodes_for` first).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from lpcompile.errors import LpError, PlanError
@@ -23,6 +24,7 @@ from lpcompile.passes.cleanup import CleanupPass
 from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
 from lpcompile.passes.opset import default_opset, min_ir_version
 from lpcompile.passes.quantize_weights import QuantizeWeightsPass
+from lpcompile.passes.targets import activation_style
 from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 logger = logging.getLogger(__name__)
@@ -49,27 +51,31 @@ def apply_plan(
     model: ir.Model,
     plan: PrecisionPlan,
     *,
-    target: Literal["qdq", "ort"] = "qdq",
+    target: Literal["qdq", "ort", "tvm"] = "qdq",
     rounding: str = "nearest",
     seed: int | None = None,
     extra_passes: Sequence[ir.passes.PassBase] = (),
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ir.Model, list[str]]:
     """Rewrite ``model`` in place by ``plan``; return it and the names of the passes that changed it.
 
     Args:
         model: the model (raw or already normalised).
         plan: the precision plan (node names after normalisation).
-        target: ``"qdq"`` (standard ops only) or ``"ort"`` (int4 MatMul → MatMulNBits).
-        rounding: weight rounding, ``"nearest"`` or ``"stochastic"``.
+        target: ``"qdq"`` (standard ops only), ``"ort"`` (int4 MatMul → MatMulNBits) or ``"tvm"``
+            (DequantizeLinear patterns for the TVM lowering); see :mod:`lpcompile.passes.targets`.
+        rounding: default weight rounding (:mod:`lpcompile.rounding`; a plan format's ``:rounding`` wins).
         seed: seed of stochastic rounding.
         extra_passes: in-place passes run after the activation pass and before cleanup
             (e.g. the two-pass softmax).
+        hessians: ``XᵀX`` per activation tensor for ``mse``/``gptq`` rounding
+            (:func:`lpcompile.analysis.input_hessians.collect_input_hessians`).
     """
     log: list[str] = []
     passes: list[ir.passes.PassBase] = [
         NormalizeWeightsPass(),
-        QuantizeWeightsPass(plan, target=target, rounding=rounding, seed=seed),
-        ActivationPrecisionPass(plan, style="cast" if target == "ort" else "qdq"),
+        QuantizeWeightsPass(plan, target=target, rounding=rounding, seed=seed, hessians=hessians),
+        ActivationPrecisionPass(plan, style=activation_style(target)),
         *extra_passes,
         CleanupPass(),
         AnnotatePass(plan),

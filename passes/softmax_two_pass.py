@@ -10,7 +10,9 @@ Modes:
     ``"two-pass"``: every Softmax. ``"keep"``: none. ``"auto"``: a Softmax whose own name is in
     ``low_precision_nodes`` (names of nodes assigned a sub-fp32 format), or whose input is
     produced by, or whose output is consumed by, such a node — where the surrounding arithmetic
-    is fp16/bf16/fp8 and the two-pass form pays.
+    is fp16/bf16/fp8 and the two-pass form pays. With a ``target``, ``"auto"`` substitutes only
+    where the target runs the two-pass form faster (:func:`lpcompile.passes.targets.softmax_pays`:
+    TVM; never ONNX Runtime CPU, whose fused Softmax beats the function body).
 
 Softmax nodes in the main graph and in subgraphs (If/Loop/Scan bodies) are visited; those inside
 model-local functions are not. Models whose default-domain opset is below 15 are left alone
@@ -28,6 +30,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from onnx_ir.traversal import RecursiveGraphIterator
 
 from lpcompile.errors import UsageError
+from lpcompile.passes.targets import softmax_pays
 from lpcompile.twopass import DOMAIN, DOMAIN_VERSION, FUNCTION_NAME, MIN_OPSET, function_proto
 
 logger = logging.getLogger(__name__)
@@ -82,18 +85,21 @@ class TwoPassSoftmaxPass(InPlacePass):
     node appears as ``<unnamed: OUTPUT>``).
     """
 
-    def __init__(self, mode: Mode = "auto", low_precision_nodes: Iterable[str] = frozenset()) -> None:
+    def __init__(
+        self, mode: Mode = "auto", low_precision_nodes: Iterable[str] = frozenset(), target: str | None = None
+    ) -> None:
         super().__init__()
         if mode not in get_args(Mode):
             raise UsageError(f"unknown softmax mode {mode!r}; expected one of {', '.join(get_args(Mode))}")
         self.mode: Mode = mode
         self.low_precision_nodes: frozenset[str] = frozenset(low_precision_nodes)
+        self.auto_pays = True if target is None else softmax_pays(target)
         self.substituted: list[str] = []
 
     def _selected(self, node: ir.Node) -> bool:
         if self.mode == "two-pass":
             return True
-        return self.mode == "auto" and _touches_low_precision(node, self.low_precision_nodes)
+        return self.mode == "auto" and self.auto_pays and _touches_low_precision(node, self.low_precision_nodes)
 
     def call(self, model: ir.Model) -> PassResult:
         self.substituted = []
@@ -144,10 +150,10 @@ def _ensure_function(model: ir.Model, opset: int) -> bool:
 
 
 def substitute_two_pass_softmax(
-    model: ir.Model, mode: Mode = "auto", low_precision_nodes: Iterable[str] = frozenset()
+    model: ir.Model, mode: Mode = "auto", low_precision_nodes: Iterable[str] = frozenset(), target: str | None = None
 ) -> list[str]:
     """Run :class:`TwoPassSoftmaxPass` on ``model`` in place; return the substituted node names."""
-    p = TwoPassSoftmaxPass(mode, low_precision_nodes)
+    p = TwoPassSoftmaxPass(mode, low_precision_nodes, target)
     p(model)
     return p.substituted
 

@@ -27,6 +27,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -379,3 +380,174 @@ def latency_ms(
         session.run_with_ort_values(names, ort_feed)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+# --------------------------------------------------------------------------------------------
+# latency against a reference, and what ORT really runs
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Median latencies of a model and its reference, measured interleaved in one process.
+
+    Attributes:
+        batch: samples per run.
+        threads: intra-op threads of both sessions.
+        runs: timed runs per model (after ``warmup`` untimed ones each).
+        numerics: session settings (``"fast"``: ``ORT_ENABLE_ALL``, what a deployment runs).
+        model_ms: median milliseconds of the model.
+        reference_ms: median milliseconds of the reference.
+        model_times: every timed run of the model (ms).
+        reference_times: every timed run of the reference (ms).
+    """
+
+    batch: int
+    threads: int
+    runs: int
+    numerics: str
+    model_ms: float
+    reference_ms: float
+    model_times: tuple[float, ...] = ()
+    reference_times: tuple[float, ...] = ()
+
+    @property
+    def ratio(self) -> float:
+        """Model median over reference median (< 1: the model is faster)."""
+        return self.model_ms / self.reference_ms if self.reference_ms > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {
+            "batch": self.batch,
+            "threads": self.threads,
+            "runs": self.runs,
+            "numerics": self.numerics,
+            "model_ms": self.model_ms,
+            "reference_ms": self.reference_ms,
+            "ratio": self.ratio,
+        }
+
+
+def _ort_feed(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> dict[str, ort.OrtValue]:
+    feed = prepare_inputs(session, inputs)
+    return {
+        k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.asarray(v))
+        for k, v in feed.items()
+    }
+
+
+def compare_latency(
+    model: onnx.ModelProto | ir.Model | str | os.PathLike[str],
+    reference: onnx.ModelProto | ir.Model | str | os.PathLike[str],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    threads: int = 2,
+    runs: int = 20,
+    warmup: int = 3,
+    numerics: Numerics = "fast",
+) -> LatencyComparison:
+    """Median latency of ``model`` and ``reference`` on the same inputs, interleaved run by run.
+
+    Both sessions live in this process with the same thread count; each round times one run of
+    each, alternating which goes first (ABBA), so drift in machine load hits both alike.
+    ``numerics="fast"`` (the default) measures what a deployment runs (``ORT_ENABLE_ALL``, where
+    ORT constant-folds decode-once weights); ``"exact"`` measures the graph as written.
+
+    Args:
+        model: the rewritten model.
+        reference: the model it came from.
+        inputs: one batch (its sample count is reported as ``batch``: the first axis of the
+            first input, 1 for scalars).
+        threads: intra-op threads of both sessions.
+        runs: timed runs per model (at least 1).
+        warmup: untimed runs per model before timing.
+        numerics: ``"fast"`` or ``"exact"``.
+    """
+    s_model = make_session(model, numerics=numerics, threads=threads)
+    s_ref = make_session(reference, numerics=numerics, threads=threads)
+    pairs = []
+    for s in (s_model, s_ref):
+        names = [o.name for o in s.get_outputs()]
+        pairs.append((s, names, _ort_feed(s, inputs)))
+    for s, names, feed in pairs:
+        for _ in range(max(0, warmup)):
+            s.run_with_ort_values(names, feed)
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(max(1, int(runs))):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            s, names, feed = pairs[i]
+            t0 = time.perf_counter()
+            s.run_with_ort_values(names, feed)
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    first = next(iter(inputs.values()), None)
+    batch = int(np.asarray(first).shape[0]) if first is not None and np.asarray(first).ndim else 1
+    return LatencyComparison(
+        batch=batch,
+        threads=int(threads),
+        runs=len(times[0]),
+        numerics=numerics,
+        model_ms=float(np.median(times[0])),
+        reference_ms=float(np.median(times[1])),
+        model_times=tuple(times[0]),
+        reference_times=tuple(times[1]),
+    )
+
+
+def optimized_proto(
+    model: onnx.ModelProto | ir.Model | str | os.PathLike[str], level: Literal["basic", "extended", "all"] = "basic"
+) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs after its optimisations at ``level`` (constant folding included).
+
+    ``basic`` is portable (no layout transforms): use it to check that a decode subgraph was folded
+    and to read the folded weights. Weights stay inside the returned proto.
+    """
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if level not in levels:
+        raise ValueError(f"level must be one of {', '.join(levels)}, not {level!r}")
+    so = session_options("fast", threads=1)
+    so.graph_optimization_level = levels[level]
+    with tempfile.TemporaryDirectory(prefix="lpcompile-ort-opt-") as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        so.optimized_model_filepath = str(out)
+        if isinstance(model, ir.Model):
+            model = ir.to_proto(model)
+        if isinstance(model, onnx.ModelProto):
+            _session_from_proto(model, so, list(DEFAULT_PROVIDERS))
+        else:
+            _session_from_path(Path(model), so, list(DEFAULT_PROVIDERS))
+        return onnx.load(str(out), load_external_data=True)
+
+
+def latency_inputs(
+    reference: onnx.ModelProto | ir.Model | str | os.PathLike[str], calib: object | None, batch: int
+) -> dict[str, np.ndarray]:
+    """One batch of ``batch`` samples for :func:`compare_latency`.
+
+    From ``calib`` (a :class:`lpcompile.frontend.calib.CalibrationSet`; samples repeated when it
+    has fewer than ``batch``) or synthesised from the reference's input signature when None.
+    """
+    from lpcompile.frontend.calib import CalibrationSet, batches, synthesize
+
+    if batch < 1:
+        raise CalibrationError(f"latency batch must be >= 1, not {batch}")
+    if calib is None:
+        proto = reference if isinstance(reference, (onnx.ModelProto, ir.Model)) else load_proto(Path(reference))
+        calib = synthesize(proto, num_samples=batch)
+    if not isinstance(calib, CalibrationSet):
+        raise TypeError(f"calib must be a CalibrationSet, not {type(calib).__name__}")
+    feed = next(batches(calib, batch), None)
+    if feed is None:
+        raise CalibrationError("no input samples for the latency measurement")
+    first = next(iter(feed.values()), None)
+    have = int(np.asarray(first).shape[0]) if first is not None and np.asarray(first).ndim else batch
+    if have < batch and calib.fixed_batch is None:
+        reps = -(-batch // have)
+        feed = {
+            k: np.concatenate([np.asarray(v)] * reps, axis=0)[:batch] if np.asarray(v).ndim else v
+            for k, v in feed.items()
+        }
+    return dict(feed)

@@ -59,7 +59,7 @@ def props(node: onnx.NodeProto) -> dict[str, str]:
 
 def test_node_and_model_metadata(tmp_path: Path) -> None:
     model, plan = model_and_plan()
-    QuantizeWeightsPass(plan)(model)
+    QuantizeWeightsPass(plan, target="tvm")(model)  # the DequantizeLinear form
     ActivationPrecisionPass(plan)(model)
     result = AnnotatePass(plan)(model)
     assert result.modified

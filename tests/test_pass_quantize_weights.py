@@ -68,7 +68,7 @@ def test_matmul_weight_formats_qdq(fmt: str) -> None:
     proto, w, x = one_matmul(k=200)  # 200: partial last int4 block for every block size
     model = to_ir(proto)
     plan = plan_for(model, fmt)
-    result = QuantizeWeightsPass(plan)(model)
+    result = QuantizeWeightsPass(plan, target="tvm")(model)  # DequantizeLinear form (decode-once: test_targets.py)
     assert result.modified
     out = check(model)
     assert signature(out) == signature(proto)
@@ -103,14 +103,14 @@ def test_matmul_weight_formats_qdq(fmt: str) -> None:
     assert_matmul_close(y, x, qdq_weight(fmt, w, MATMUL_LAYOUT))
     # idempotent: nothing left to do, same model
     before = snapshot(model)
-    again = QuantizeWeightsPass(plan)(model)
+    again = QuantizeWeightsPass(plan, target="tvm")(model)
     assert again.modified is False and snapshot(model) == before
 
 
 def test_stored_int4_codes_match_reference() -> None:
     proto, w, _ = one_matmul(k=64, n=8)
     model = to_ir(proto)
-    QuantizeWeightsPass(plan_for(model, "int4_b32"))(model)
+    QuantizeWeightsPass(plan_for(model, "int4_b32"), target="tvm")(model)
     ref = quantize_weight("int4_b32", w, MATMUL_LAYOUT)
     codes = model.graph.initializers["W_q"].const_value.numpy()
     assert codes.dtype == ml_dtypes.int4
@@ -119,7 +119,8 @@ def test_stored_int4_codes_match_reference() -> None:
 
 
 @pytest.mark.parametrize(("k", "fmt"), [(256, "int4_b32"), (256, "int4_b128"), (80, "int4_b32"), (64, "int4_b128")])
-def test_matmulnbits_target_ort(k: int, fmt: str) -> None:
+def test_matmulnbits_target_ort(k: int, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lpcompile.passes.targets.NBITS_MIN_ELEMENTS", 0)  # MatMulNBits even for small weights
     proto, w, x = one_matmul(k=k, n=24)
     model = to_ir(proto)
     QuantizeWeightsPass(plan_for(model, fmt), target="ort")(model)
@@ -166,7 +167,8 @@ def test_block_not_fitting_matmulnbits_falls_back_to_qdq() -> None:
     model = to_ir(proto)
     QuantizeWeightsPass(plan_for(model, "int4_b128"), target="ort")(model)
     out = check(model)
-    assert ops(out) == ["DequantizeLinear", "Cast", "MatMul"]
+    # decoded once (passes/targets.py): no MatMulNBits, no per-run DequantizeLinear
+    assert ops(out) == ["Cast", "Cast", "Mul", "Cast", "Cast", "Flatten", "MatMul"]
     (y,) = run(out, x=x)
     assert_matmul_close(y, x, qdq_weight("int4_b128", w, MATMUL_LAYOUT))
 
@@ -183,7 +185,7 @@ def test_conv_weight(fmt: str) -> None:
         W=w,
     )
     model = to_ir(proto)
-    QuantizeWeightsPass(plan_for(model, fmt))(model)
+    QuantizeWeightsPass(plan_for(model, fmt), target="tvm")(model)
     out = check(model)
     f = get_format(fmt)
     dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
@@ -212,7 +214,7 @@ def test_shared_weight_one_decode() -> None:
         W=w,
     )
     model = to_ir(proto)
-    QuantizeWeightsPass(plan_for(model, "int8"))(model)
+    QuantizeWeightsPass(plan_for(model, "int8"), target="tvm")(model)
     out = check(model)
     assert ops(out) == ["DequantizeLinear", "MatMul", "MatMul"]
     dq = out.graph.node[0]

@@ -26,6 +26,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--outputs", metavar="NAME[,NAME]", help="outputs the distortion covers (default: float outputs of weights)"
     )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="also time both models in ONNX Runtime CPU (median batch-1 latency, interleaved, same process)",
+    )
+    p.add_argument("--latency-batch", type=int, default=1, metavar="N", help="also time batches of N samples")
+    p.add_argument("--latency-runs", type=int, default=20, metavar="R", help="timed runs per model (default 20)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads for --latency (default 2)")
     return p
 
 
@@ -59,5 +67,27 @@ def run(args: argparse.Namespace) -> int:
     )
     if report.distortion is not None:
         out.line(f"distortion {report.distortion:.4g} — {report.loss}")
-    out.emit_json(report.to_dict())
+    result = report.to_dict()
+    if getattr(args, "latency", False):
+        result["latency"] = _latency(args, calib, out)
+    out.emit_json(result)
     return 0
+
+
+def _latency(args: argparse.Namespace, calib: object, out: Output) -> list[dict[str, object]]:
+    """Time the model against its reference at batch 1 (and ``--latency-batch``); print a table."""
+    from lpcompile.runtime.ort import compare_latency, latency_inputs
+
+    sizes = sorted({1, max(1, int(args.latency_batch))})
+    rows, results = [], []
+    for b in sizes:
+        feed = latency_inputs(args.reference, calib, b)
+        c = compare_latency(args.model, args.reference, feed, threads=args.threads, runs=args.latency_runs)
+        results.append(c.to_dict())
+        rows.append((c.batch, c.threads, c.runs, f"{c.reference_ms:.3f}", f"{c.model_ms:.3f}", f"{c.ratio:.2f}x"))
+    out.table(
+        "ONNX Runtime CPU latency (median, runs interleaved with the reference in one process, ORT_ENABLE_ALL)",
+        ["batch", "threads", "runs", "reference ms", "model ms", "ratio"],
+        rows,
+    )
+    return results

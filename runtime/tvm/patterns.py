@@ -605,9 +605,19 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
         graph.node.remove(node)
 
 
+def _dequantize_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights decoded once (targets qdq/ort) rewritten as DequantizeLinear, the form matched here."""
+    import onnx_ir as ir
+
+    from lpcompile.passes.targets import to_dequantize_form
+
+    m = ir.from_proto(model)
+    return ir.to_proto(m) if to_dequantize_form(m) else model
+
+
 def prepare(model: onnx.ModelProto) -> Prepared:
     """Cut the quantized patterns out of ``model`` (not modified); see the module docstring."""
-    work = _with_types(copy.deepcopy(model))
+    work = _with_types(copy.deepcopy(_dequantize_form(model)))
     g = _Graph(work)
     specs: dict[str, KernelSpec] = {}
     for node in list(g.graph.node):
