@@ -135,6 +135,11 @@ def _set_props(props: dict[str, str], new: dict[str, str], clear: tuple[str, ...
     return changed
 
 
+def _strip_doc(existing: str | None) -> str:
+    """``existing`` without lpcompile's own doc line."""
+    return "\n".join(ln for ln in (existing or "").splitlines() if not ln.startswith(DOC_PREFIX))
+
+
 def _merge_doc(existing: str | None, line: str) -> str:
     kept = [ln for ln in (existing or "").splitlines() if not ln.startswith(DOC_PREFIX)]
     return "\n".join([DOC_PREFIX + line, *kept])
@@ -161,23 +166,39 @@ def _update_serves(graph: ir.Graph, planned: dict[str, NodeAssignment], by_name:
         memo[id(node)] = out
         return out
 
+    def direct(node: ir.Node) -> bool:
+        """The node hands its output to a planned node itself (the last node of a decode chain)."""
+        return any(
+            use.node.name in planned and SERVES_KEY not in use.node.metadata_props
+            for value in node.outputs
+            for use in value.uses()
+        )
+
     changed = False
     for node in inserted:
         served[id(node)] = feeds(node)
         names = sorted(served[id(node)])
         props = {SERVES_KEY: ",".join(names)}
+        clear: tuple[str, ...] = ()
         if names:
             fmts = sorted({planned[n].format for n in names})
             role = (node.name or node.op_type).rsplit("/", 1)[-1]
             props["lpcompile.format"] = ",".join(fmts)
             props["lpcompile.role"] = role
-            first = by_name[names[0]]
-            props.update({k: first.metadata_props[k] for k in GROUPING_KEYS if k in first.metadata_props})
-            doc = _merge_doc(
-                node.doc_string, f"{role} ({node.op_type}) inserted for {', '.join(names)} [{', '.join(fmts)}]"
-            )
+            if direct(node):
+                # The grouping keys (exporter name scopes: long strings) and the doc line go on the node
+                # that feeds the planned node; the rest of a decode chain (up to ~10 nodes in the
+                # decode-once form) carries only the short keys, so metadata does not grow the file.
+                first = by_name[names[0]]
+                props.update({k: first.metadata_props[k] for k in GROUPING_KEYS if k in first.metadata_props})
+                doc = _merge_doc(
+                    node.doc_string, f"{role} ({node.op_type}) inserted for {', '.join(names)} [{', '.join(fmts)}]"
+                )
+            else:
+                clear = GROUPING_KEYS
+                doc = _strip_doc(node.doc_string)
             if doc != (node.doc_string or ""):
                 node.doc_string = doc
                 changed = True
-        changed |= _set_props(node.metadata_props, props)
+        changed |= _set_props(node.metadata_props, props, clear=clear)
     return changed

@@ -88,7 +88,9 @@ def test_node_and_model_metadata(tmp_path: Path) -> None:
     for name in ("n0/weight_dq", "n0/weight_cast"):
         role = name.rsplit("/", 1)[-1]
         assert props(nodes[name]) == {"lpcompile.serves": "n0", "lpcompile.format": "int4_b128", "lpcompile.role": role}
-        assert nodes[name].doc_string.startswith(f"lpcompile: {role} (")
+    # the doc line (and the exporter's grouping keys) sit on the node that feeds the planned node only
+    assert nodes["n0/weight_cast"].doc_string.startswith("lpcompile: weight_cast (")
+    assert nodes["n0/weight_dq"].doc_string == ""
     for name in ("n2/weight_dq", "n2/act_q", "n2/act_dq"):
         role = name.rsplit("/", 1)[-1]
         assert props(nodes[name]) == {"lpcompile.serves": "n2", "lpcompile.format": "fp8_e4m3", "lpcompile.role": role}
