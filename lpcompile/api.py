@@ -31,7 +31,7 @@ from lpcompile.analysis.table import Candidate, SensitivityTable
 from lpcompile.budget import Budget, parse_budget
 from lpcompile.checks import check_model
 from lpcompile.config import ApplyConfig, DecideConfig, SoftmaxMode, Target
-from lpcompile.errors import LpError, PlanError, UnsupportedOpsError
+from lpcompile.errors import LpError, PlanError, UnsupportedOpsError, UsageError
 from lpcompile.feasibility import stored_bits
 from lpcompile.formats import canonical_name, get_format, needs_input_hessians
 from lpcompile.frontend.calib import CalibrationSet, batches
@@ -184,16 +184,26 @@ def resolved_softmax(mode: SoftmaxMode, target: Target) -> str:
     return mode.value
 
 
-def decide(table: SensitivityTable, budget: str | Budget, config: DecideConfig | None = None) -> Decision:
+def decide(table: SensitivityTable, budget: str | Budget | None, config: DecideConfig | None = None) -> Decision:
     """The plan with the least predicted loss within ``budget`` (exact ILP). Pure: no model, no I/O.
+
+    With ``budget=None`` and ``config.max_loss``, the dual: the fewest bits whose predicted loss stays
+    within ``max_loss`` (exact ILP, ties broken by the lower loss).
 
     Raises:
         BudgetError: the budget is infeasible (the message names the smallest feasible budget).
         UsageError / FormatError: bad keep rules or formats.
     """
     config = config or DecideConfig()
-    b = parse_budget(budget) if isinstance(budget, str) else budget
     items = solver_items(table, config.formats, config.keep)
+    if budget is None:
+        if config.max_loss is None:
+            raise UsageError("give a budget (--budget) or a loss bound (--max-loss)")
+        from lpcompile.solver.max_loss import solve_max_loss
+
+        solution = solve_max_loss(items, config.max_loss)
+        return Decision(plan=plan_from_solution(table, solution, None, config), solution=solution)
+    b = parse_budget(budget) if isinstance(budget, str) else budget
     solution = solve(items, b)
     return Decision(plan=plan_from_solution(table, solution, str(budget), config), solution=solution)
 

@@ -81,17 +81,22 @@ class DecideConfig:
         keep: ``--keep`` rules, matched against node names and PyTorch module paths.
         softmax: the softmax substitution mode the plan records.
         target: the target the plan is for (resolves ``SoftmaxMode.AUTO``).
+        max_loss: the dual mode: with no budget, the fewest bits whose predicted loss stays within
+            this bound (in units of the distortion loss); ignored when a budget is given.
     """
 
     formats: tuple[str, ...] | None = None
     keep: tuple[KeepRule, ...] = ()
     softmax: SoftmaxMode = SoftmaxMode.AUTO
     target: Target = Target.QDQ
+    max_loss: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "softmax", parse_option(SoftmaxMode, self.softmax, "--softmax"))
         object.__setattr__(self, "target", parse_option(Target, self.target, "--target"))
         object.__setattr__(self, "keep", tuple(self.keep))
+        if self.max_loss is not None and not (isinstance(self.max_loss, int | float) and self.max_loss >= 0):
+            raise UsageError(f"--max-loss must be a non-negative number, not {self.max_loss!r}")
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,7 @@ def apply_file(
 
 def compile_file(
     model_path: str | os.PathLike[str],
-    budget: str,
+    budget: str | None,
     *,
     out: str | os.PathLike[str] | None = None,
     calib_path: str | os.PathLike[str] | None = None,
@@ -244,18 +244,26 @@ def compile_file(
     force: bool = False,
     progress: Progress | None = None,
 ) -> CompileResult:
-    """``lpcompile MODEL --budget B``: load once, analyse, decide, apply; writes OUT and OUT.plan.json."""
+    """``lpcompile MODEL --budget B``: load once, analyse, decide, apply; writes OUT and OUT.plan.json.
+
+    ``budget=None`` with ``decide_config.max_loss`` solves the dual: the fewest bits whose predicted
+    loss stays within the bound.
+    """
     config = config or AnalysisConfig()
     decide_config = decide_config or DecideConfig()
     apply_config = apply_config or ApplyConfig(target=decide_config.target, seed=config.seed)
     t0 = time.perf_counter()
-    parse_budget(budget)  # fail fast on a malformed budget or output path, before minutes of analysis
+    if budget is None and decide_config.max_loss is None:
+        raise UsageError("give a budget (--budget) or a loss bound (--max-loss)")
+    if budget is not None:
+        parse_budget(budget)  # fail fast on a malformed budget or output path, before minutes of analysis
     check_output_path(model_path, out or default_output(model_path), force, [calib_path])
     model = load_normalized(model_path)
     from lpcompile.feasibility import check_budget, retarget_table  # issue 13: fail before analysis
 
     target = decide_config.target.value
-    check_budget(model, budget, decide_config.formats or config.formats, target)
+    if budget is not None:
+        check_budget(model, budget, decide_config.formats or config.formats, target)
     table = analyze_file(model_path, calib_path, config, validate=validate, progress=progress, model=model)
     table = retarget_table(table, find_weight_nodes(model), target)  # bits as the target stores them
     t1 = time.perf_counter()

@@ -116,6 +116,23 @@ def test_a_shared_weight_counts_once_in_budget_and_loss() -> None:
     assert dec.plan.predicted_loss == pytest.approx(dec.solution.predicted_loss) == pytest.approx(1e-2 + 1e-4)
 
 
+def test_max_loss_is_the_dual_of_the_budget(table: SensitivityTable, tmp_path: Path) -> None:
+    """--max-loss D: the fewest bits whose predicted loss stays within D (plan and compile alike)."""
+    at45 = decide(table, "4.5bits").plan
+    dual = decide(table, None, DecideConfig(max_loss=at45.predicted_loss)).plan
+    assert dual.predicted_loss <= at45.predicted_loss * (1 + 1e-9)
+    assert dual.achieved_bits <= at45.achieved_bits + 1e-9
+    loose = decide(table, None, DecideConfig(max_loss=1e9)).plan
+    assert loose.achieved_bits <= dual.achieved_bits
+    with pytest.raises(UsageError, match="--max-loss"):
+        decide(table, None)
+    sens = tmp_path / "t.sens.json"
+    table.save(sens)
+    assert main(["plan", str(sens), "--max-loss", str(at45.predicted_loss), "-o", str(tmp_path / "p.json"), "-q"]) == 0
+    written = json.loads((tmp_path / "p.json").read_text())
+    assert written["predicted_loss"] <= at45.predicted_loss * (1 + 1e-9) and written["budget"] is None
+
+
 def test_cli_sweep_accepts_every_rule_budget_accepts(tmp_path: Path, capsys) -> None:
     cands = {"fp32": Candidate(32.0, 0.0), "int8": Candidate(8.0, 1e-4), "int4_b128": Candidate(4.125, 1e-2)}
     nodes = tuple(

@@ -29,7 +29,9 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--loss", choices=["auto", "kl", "mse"], default="auto")
     g.add_argument(
+        "--rounding",
         "--weight-rounding",
+        dest="weight_rounding",
         choices=["nearest", "rtn", "mse", "gptq"],
         default="nearest",
         help="how candidates are rounded when scored (and, for compile, written): gptq/mse use the layers' "

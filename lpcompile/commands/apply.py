@@ -19,7 +19,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output model (default MODEL.lp.onnx); the plan goes beside it")
     p.add_argument("--calib", help="calibration .npz or folder (FP8 activation scales)")
     add_target_args(p, softmax_default=None)
-    p.add_argument("--rounding", choices=[r.value for r in Rounding], default=Rounding.NEAREST.value)
+    p.add_argument(
+        "--rounding",
+        "--weight-rounding",
+        dest="rounding",
+        choices=[r.value for r in Rounding],
+        default=Rounding.NEAREST.value,
+        help="weight rounding: nearest (half to even), stochastic (seeded), rtn (full code range), mse (clip "
+        "search), gptq (error-compensated with the layers' input XᵀX from --calib) (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a previous output (an input is never replaced)")
     return p

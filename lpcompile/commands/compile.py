@@ -15,6 +15,7 @@ from lpcompile.commands._args import (
 )
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output, StageProgress
+from lpcompile.errors import UsageError
 
 if TYPE_CHECKING:
     from lpcompile.analysis.config import AnalysisConfig
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="analyse + plan + apply (also: lpcompile MODEL --budget B)")
     p.add_argument("model", help="input ONNX model (never modified)")
-    p.add_argument("--budget", required=True, help="average bits per weight (4.5bits, 4.5) or size (12MB)")
+    p.add_argument(
+        "--budget", help="average bits per weight (4.5bits, 4.5) or size (12MB); or give --max-loss alone"
+    )
     p.add_argument("-o", "--output", help="output model (default MODEL.lp.onnx); the plan goes beside it")
     add_analysis_args(p)
     add_keep_arg(p)
@@ -38,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--max-loss",
         type=float,
         metavar="D",
-        help="distortion above which the written model is flagged (default 0.1: KL in nats / normalised MSE)",
+        help="loss bound D: without --budget, the fewest bits whose predicted loss is <= D; and the distortion "
+        "above which the written model is flagged on held-out samples (default 0.1: KL in nats / normalised MSE)",
     )
     g.add_argument("--strict", action="store_true", help="exit 1 when the quality guard fires")
     return p
@@ -52,10 +56,15 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.io_utils import OutputSession
 
     out = Output(quiet=args.quiet, json=args.json)
-    budget_arg(args.budget)
+    if args.budget is None and args.max_loss is None:
+        raise UsageError("give --budget B or --max-loss D (the fewest bits within a predicted loss)")
+    if args.budget is not None:
+        budget_arg(args.budget)
     target = Path(args.output) if args.output else default_output(args.model)
     config = analysis_config(args)
-    decide_config = DecideConfig(keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target)
+    decide_config = DecideConfig(
+        keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss
+    )
     apply_config = ApplyConfig(target=args.target, seed=config.seed, rounding=config.rounding)
     # io_utils guard (issue 15); defer=False: compile_file stats its outputs before returning
     session = OutputSession(inputs=[args.model, args.calib], defer=False)
@@ -83,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         out.line(f"validation: Spearman ρ(predicted, measured) = {result.table.validation.get('spearman')}")
     out.line(
         f"wrote {result.applied.output} and {result.applied.plan_path}: {result.plan.achieved_bits:.4g} bits/weight "
-        f"(budget {args.budget}), {result.applied.output_bytes:,} bytes; "
+        f"(budget {args.budget or f'max-loss {args.max_loss}'}), {result.applied.output_bytes:,} bytes; "
         f"analysis {result.timings['analyze_s']:.1f}s, total {result.timings['total_s']:.1f}s"
     )
     if args.report:

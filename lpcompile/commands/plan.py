@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--budget", help="average bits per weight (4.5bits, 4.5) or size (12MB)")
     g.add_argument("--sweep", metavar="A:B:S", help="Pareto table over budgets A..B step S (bits)")
+    g.add_argument(
+        "--max-loss", type=float, metavar="D", help="the fewest bits whose predicted loss is <= D (instead of a budget)"
+    )
     p.add_argument("-o", "--output", help="plan JSON (default SENS→.plan.json; not written for --sweep)")
     p.add_argument("--formats", help="restrict to these formats (default: all in the table)")
     add_target_args(p)
@@ -36,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         budget_arg(args.budget)
     table = SensitivityTable.load(args.sensitivity)
     formats = parse_format_list(args.formats) if args.formats else None
-    config = DecideConfig(formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target)
+    config = DecideConfig(
+        formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss
+    )
     if args.sweep:
         if args.output:
             raise UsageError("--sweep prints a table; -o applies to --budget only")
