@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import ml_dtypes
@@ -509,6 +509,39 @@ def _replace_with_nbits(graph: ir.Graph, node: ir.Node, packed: tuple[ir.Value, 
 _I64_PREFIX = "lpcompile_i64_"
 
 
+@dataclass
+class _Chain:
+    """Nodes of one weight's decode chain, named ``<node><suffix>`` with outputs ``<w><suffix>``."""
+
+    namer: Namer
+    base: str
+    w_name: str
+    serves: Sequence[str]
+    nodes: list[ir.Node] = field(default_factory=list)
+
+    def add(
+        self,
+        op: str,
+        inputs: list[ir.Value],
+        attrs: dict[str, object] | None,
+        suffix: str,
+        dtype: ir.DataType,
+        out_shape: Sequence[int],
+    ) -> ir.Value:
+        node = make_node(
+            op,
+            inputs,
+            attrs,
+            name=self.namer.node(self.base + suffix),
+            out_name=self.namer.value(f"{self.w_name}{suffix.replace('/', '_')}"),
+            out_dtype=dtype,
+            out_shape=out_shape,
+            serves=self.serves,
+        )
+        self.nodes.append(node)
+        return node.outputs[0]
+
+
 def _i64_const(graph: ir.Graph, namer: Namer, values: Sequence[int]) -> ir.Value:
     """A shared int64 vector initializer (one per distinct content in the graph)."""
     arr = np.asarray(list(values), dtype=np.int64)
@@ -542,29 +575,9 @@ def _emit_decode_once(
     shape = [int(d) for d in q.codes.shape]
     rank = len(shape)
     stored = _storage_array(q, fmt)
-    nodes: list[ir.Node] = []
+    chain = _Chain(namer, base, w_name, serves)
+    nodes, add = chain.nodes, chain.add
     fp32 = ir.DataType.FLOAT
-
-    def add(
-        op: str,
-        inputs: list[ir.Value],
-        attrs: dict[str, object] | None,
-        suffix: str,
-        dtype: ir.DataType,
-        out_shape: Sequence[int],
-    ) -> ir.Value:
-        node = make_node(
-            op,
-            inputs,
-            attrs,
-            name=namer.node(base + suffix),
-            out_name=namer.value(f"{w_name}{suffix.replace('/', '_')}"),
-            out_dtype=dtype,
-            out_shape=out_shape,
-            serves=serves,
-        )
-        nodes.append(node)
-        return node.outputs[0]
 
     def scaled(codes: np.ndarray, scale: np.ndarray, suffix: str) -> ir.Value:
         """Cast codes, multiply by the scale (same rank, broadcast), round through fp16 if blocked fp16."""
@@ -885,22 +898,8 @@ def _decode_once_shared(
     nb = -(-k // b)
     pad = nb * b - k
     fp32 = ir.DataType.FLOAT
-    nodes: list[ir.Node] = []
-
-    def add(op: str, inputs: list[ir.Value], attrs: dict[str, object] | None, suffix: str, dtype: ir.DataType,
-            out_shape: Sequence[int]) -> ir.Value:  # fmt: skip
-        node = make_node(
-            op,
-            inputs,
-            attrs,
-            name=namer.node(base + suffix),
-            out_name=namer.value(f"{w_name}{suffix.replace('/', '_')}"),
-            out_dtype=dtype,
-            out_shape=out_shape,
-            serves=serves,
-        )
-        nodes.append(node)
-        return node.outputs[0]
+    chain = _Chain(namer, base, w_name, serves)
+    nodes, add = chain.nodes, chain.add
 
     x = add("Cast", [codes], {"to": fp32}, WEIGHT_CAST, fp32, [rows, k])
     if pad:
