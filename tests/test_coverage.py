@@ -347,6 +347,7 @@ def test_already_quantized_model_says_nothing_to_do() -> None:
     assert bits["DequantizeLinear"] == pytest.approx(8 + 32 * 32 / w1.size)  # int8 codes + fp32 scale per column
     assert bits["MatMulNBits"] == pytest.approx((32 * 8 * 4 + 8 * 32) / w2.size)  # nibbles + fp32 scale per block
     assert cov.outcome().startswith("nothing to do")
+    _strict_refuses(proto)
     x = rng.standard_normal((2, 32)).astype(np.float32)
     assert run(proto, x=x)[0].shape == (2, 8)  # the file runs as it is
 
@@ -551,3 +552,16 @@ def test_quantize_pass_is_idempotent_on_the_new_layouts(case: str, target: str) 
     before = snapshot(model)
     assert not QuantizeWeightsPass(plan, target=target)(model).modified
     assert snapshot(model) == before
+
+
+def _strict_refuses(proto: onnx.ModelProto) -> None:
+    """``lpcompile MODEL --budget B --strict`` on a model with nothing to do: one line, exit 1, nothing written."""
+    import tempfile
+
+    from lpcompile.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "q.onnx"
+        onnx.save(proto, str(src))
+        assert main([str(src), "--budget", "4.5bits", "--strict", "-q", "-o", str(Path(tmp) / "o.onnx")]) == 1
+        assert sorted(p.name for p in Path(tmp).iterdir()) == ["q.onnx"]

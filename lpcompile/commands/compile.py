@@ -44,7 +44,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="loss bound D: without --budget, the fewest bits whose predicted loss is <= D; and the distortion "
         "above which the written model is flagged on held-out samples (default 0.1: KL in nats / normalised MSE)",
     )
-    g.add_argument("--strict", action="store_true", help="exit 1 when the quality guard fires")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when the quality guard fires, or when the model has no weight left to quantize",
+    )
     return p
 
 
@@ -67,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     )
     apply_config = ApplyConfig(target=args.target, seed=config.seed, rounding=config.rounding)
     # io_utils guard (issue 15); defer=False: compile_file stats its outputs before returning
+    if args.strict:
+        _refuse_nothing_to_do(args.model)
     session = OutputSession(inputs=[args.model, args.calib], defer=False)
     with session, StageProgress(out) as progress:
         session.declare(target, plan_path_for(target), args.report)
@@ -112,6 +118,18 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     return guard.exit_code
+
+
+def _refuse_nothing_to_do(model_path: str) -> None:
+    """With ``--strict``, a model with no weight left to quantize (already quantized, recurrent only,
+    graph-input weights) is a failure, not a silent copy (the warning names what is kept and why)."""
+    from lpcompile.errors import LpError
+    from lpcompile.files import load_normalized
+    from lpcompile.graph import weight_coverage
+
+    coverage = weight_coverage(load_normalized(model_path))
+    if coverage.nothing_to_do:
+        raise LpError(f"--strict: {coverage.outcome()}")
 
 
 def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResult) -> GuardResult:
