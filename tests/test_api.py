@@ -212,3 +212,25 @@ def test_package_paths_resolve_on_the_file_system() -> None:
     assert (ROOT / "lpcompile" / "runtime" / "ort.py").exists()
     assert Path(lpcompile.passes.pipeline.__file__).name == "pipeline.py"
     assert Path(lpcompile.runtime.ort.__file__).name == "ort.py"
+
+
+def test_analyze_prints_nodes_that_cannot_take_every_format(tmp_path: Path) -> None:
+    """An embedding table has no FP8 candidate (nothing to calibrate); the analyze table shows a gap."""
+    import numpy as np
+    from onnx import numpy_helper, parser
+
+    proto = parser.parse_model(
+        '<ir_version: 10, opset_import: ["" : 21]> g (int64[N, 4] ids) => (float[N, 4, 8] y) {'
+        " e = Gather (E, ids)  y = MatMul (e, W) }"
+    )
+    rng = np.random.default_rng(0)
+    proto.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "E"),
+        numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "W"),
+    ])
+    src, sens = tmp_path / "emb.onnx", tmp_path / "emb.sens.json"
+    onnx.save(proto, str(src))
+    assert main(["analyze", str(src), "-o", str(sens), "--probes", "2", "-q"]) == 0
+    table = SensitivityTable.load(sens)
+    gather = next(n for n in table.nodes if n.op_type == "Gather")
+    assert "fp8_e4m3" not in gather.candidates and "int4_b32" in gather.candidates

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     fmts = [f for f in table.formats if f != "fp32"]
     rows = []
     for n in table.nodes:
-        rows.append((n.name, n.params, n.trace, *(n.candidates[f].predicted_loss for f in fmts)))
+        # a format a node cannot take (e.g. FP8 on an embedding table) has no candidate: shown as empty
+        rows.append((n.name, n.params, n.trace, *(_loss(n.candidates.get(f)) for f in fmts)))
     out.table(
         f"predicted loss per (node, format) — {table.method}, loss {table.loss}, {table.num_samples} samples",
         ["node", "params", "Tr(H)", *fmts],
@@ -58,3 +59,7 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     return 0
+
+
+def _loss(candidate: object) -> float | None:
+    return getattr(candidate, "predicted_loss", None)
