@@ -330,6 +330,27 @@ def _check_hessian(h: np.ndarray | None, k: int, name: str) -> np.ndarray | None
 # ---------------------------------------------------------------------------------------------
 
 
+#: formats whose elements have at least this many bits are rounded ``rtn`` when ``mse``/``gptq`` is only
+#: the run's default (a candidate's own ``:gptq`` suffix still applies): their rounding error is ~16×
+#: below int4's, so the clip search and the error feedback buy little and cost most of the time.
+SEARCH_BELOW_BITS = 8
+
+
+def default_method(fmt: Format | str, method: str, has_hessian: bool = True) -> str:
+    """The rounding a format gets from a run-wide default ``method``.
+
+    ``mse``/``gptq`` become ``rtn`` for formats of :data:`SEARCH_BELOW_BITS` or more bits, and ``gptq``
+    becomes ``rtn`` for weights without an input Hessian (embedding tables: their input is indices), where
+    it would only be an unweighted clip search over the whole table.
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    if method in ("mse", "gptq") and fmt.storage_bits >= SEARCH_BELOW_BITS:
+        return "rtn"
+    if method == "gptq" and not has_hessian:
+        return "rtn"
+    return method
+
+
 def round_weight(
     fmt: Format | str,
     w: np.ndarray,
@@ -634,6 +655,7 @@ __all__ = [
     "Method",
     "RoundingConfig",
     "candidate",
+    "default_method",
     "kron_loss",
     "parse_method",
     "reduction_size",

@@ -334,17 +334,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if pre.format != group.fmt.name:
                 raise PlanError(f"precomputed weight {name!r} is {pre.format}, but the plan asks for {group.fmt.name}")
             return pre
-        method = (
-            next((r for a, _, _ in group.members if (r := getattr(a, "rounding", None))), None)
-            or next((r for a, _, _ in group.members if (r := split_candidate(a.format)[1])), None)
-            or self.rounding
+        method = next((r for a, _, _ in group.members if (r := getattr(a, "rounding", None))), None) or next(
+            (r for a, _, _ in group.members if (r := split_candidate(a.format)[1])), None
         )
+        if method is None and self.rounding in ("nearest", "stochastic"):
+            method = self.rounding
         if method in ("nearest", "stochastic"):
             return quantize_weight(group.fmt, arr, layout, method, seed)  # type: ignore[arg-type]
         from lpcompile.analysis.input_hessians import node_hessian
-        from lpcompile.rounding import round_weight
+        from lpcompile.rounding import default_method, round_weight
 
         h = next((h for _, wn in members if (h := node_hessian(wn, self.hessians)) is not None), None)
+        method = method or default_method(group.fmt, self.rounding, has_hessian=h is not None)
         return round_weight(group.fmt, arr, layout, method, hessian=h, seed=seed)
 
     def _form(self, node: ir.Node, wn: WeightNode, q: QuantizedWeight, fmt: Format) -> WeightForm:

@@ -355,8 +355,12 @@ def test_pass_writes_the_rounded_weights(fmt: str) -> None:
             for n in nodes
         )
     )
+    from lpcompile.rounding import default_method
+
+    method = default_method(fmt, "gptq")  # a run-wide gptq rounds 8-bit formats rtn
+    assert method == ("gptq" if fmt == "int4_b32" else "rtn")
     expect = {
-        n.weight: round_weight(fmt, w, n.layout, "gptq", hessian=hs[n.activation])
+        n.weight: round_weight(fmt, w, n.layout, method, hessian=hs[n.activation])
         for n, w in zip(nodes, (w1, w2), strict=True)
     }
     ref = session(model).run(None, {"x": x, "attention_mask": mask})[0]
@@ -490,3 +494,14 @@ def test_api_analyze_and_apply_with_gptq() -> None:
     expect = round_weight("int4_b32", w1, MATMUL_LAYOUT, "gptq", hessian=hs["x"])
     codes = np.asarray(out.graph.initializers["W1_q"].const_value.numpy()).astype(np.int8)
     np.testing.assert_array_equal(codes.reshape(expect.codes.shape), expect.codes)  # stored [blocks, bs, N] or [K, N]
+
+
+def test_default_method_keeps_the_search_where_it_pays() -> None:
+    from lpcompile.rounding import default_method
+
+    assert default_method("int4_b128", "gptq") == "gptq"
+    assert default_method("int4_b128", "gptq", has_hessian=False) == "rtn"  # embedding tables
+    assert default_method("int4_b128", "mse", has_hessian=False) == "mse"
+    for fmt in ("int8", "fp8_e4m3", "bf16"):
+        assert default_method(fmt, "gptq") == "rtn" and default_method(fmt, "mse") == "rtn"
+    assert default_method("int8", "nearest") == "nearest"

@@ -25,7 +25,7 @@ from lpcompile.analysis.input_hessians import node_hessian
 from lpcompile.analysis.table import Candidate, NodeSensitivity
 from lpcompile.formats import QuantizedWeight, dequantize, get_format, split_candidate
 from lpcompile.graph import WeightNode, tied_groups, weight_array
-from lpcompile.rounding import DEFAULT_CONFIG, RoundingConfig, kron_loss, round_weight
+from lpcompile.rounding import DEFAULT_CONFIG, RoundingConfig, default_method, kron_loss, round_weight
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def predict_rounded_losses(
         for name in candidates:
             fmt_name, method = split_candidate(name)
             fmt = get_format(fmt_name)
-            method = method or default_rounding
+            method = method or default_method(fmt, default_rounding, has_hessian=h is not None)
             bits = fmt.bits_for(n.shape, n.layout)
             if fmt.is_identity:
                 cands[name] = Candidate(bits=bits, predicted_loss=0.0)
