@@ -1,6 +1,6 @@
 """``lpcompile demo``: the main job on the embedded digits MLP, next to uniform int4.
 
-Compiles the example model at ``--budget`` (default 4.5 bits) with its calibration data, then
+Compiles the example model at ``--budget`` (default 4.5 bits, GPTQ-style rounding) with its calibration data, then
 evaluates the result and a uniform-int4 baseline on held-out digits (distortion against fp32
 and accuracy against the true labels).
 """
@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--budget", default="4.5bits")
     p.add_argument("--out", default="out/demo", help="folder for the outputs (default: %(default)s)")
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    p.add_argument(
+        "--rounding",
+        choices=["nearest", "rtn", "mse", "gptq"],
+        default="gptq",
+        help="weight rounding of the compiled model (default: %(default)s; uniform int4 stays nearest)",
+    )
     return p
 
 
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             args.budget,
             out=folder / f"digits_{args.model}.lp.onnx",
             calib_path=calib,
-            config=AnalysisConfig(batch_size=64, probes=32),
+            config=AnalysisConfig(batch_size=64, probes=32, rounding=args.rounding),
             force=True,
             progress=progress,
         )
