@@ -171,3 +171,49 @@ def cast_to(node: ir.Node) -> ir.DataType | None:
         return None
     attr = node.attributes.get("to")
     return None if attr is None else ir.DataType(attr.as_int())
+
+
+def dq_chain(
+    namer: Namer,
+    codes: ir.Value,
+    scale: ir.Value | None,
+    axis: int,
+    block_size: int,
+    shape: Sequence[int],
+    half: bool,
+    base: str,
+    w_name: str,
+    serves: Sequence[str],
+) -> list[ir.Node]:
+    """A weight's ``DequantizeLinear`` (output fp16 when ``half``, then ``Cast`` to fp32), or a plain
+    ``Cast`` of the codes when there is no scale; nodes named ``<base>/weight_dq`` / ``weight_cast``."""
+    shape = list(shape)
+
+    def cast(x: ir.Value) -> ir.Node:
+        return make_node(
+            "Cast",
+            [x],
+            {"to": ir.DataType.FLOAT},
+            name=namer.node(base + WEIGHT_CAST),
+            out_name=namer.value(f"{w_name}_fp32"),
+            out_dtype=ir.DataType.FLOAT,
+            out_shape=shape,
+            serves=serves,
+        )
+
+    if scale is None:
+        return [cast(codes)]
+    attrs: dict[str, object] = {"axis": int(axis)}
+    if block_size:
+        attrs["block_size"] = int(block_size)
+    dq = make_node(
+        "DequantizeLinear",
+        [codes, scale],
+        attrs,
+        name=namer.node(base + WEIGHT_DQ),
+        out_name=namer.value(f"{w_name}_dq"),
+        out_dtype=ir.DataType.FLOAT16 if half else ir.DataType.FLOAT,
+        out_shape=shape,
+        serves=serves,
+    )
+    return [dq, cast(dq.outputs[0])] if half else [dq]

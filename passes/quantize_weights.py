@@ -65,10 +65,10 @@ from lpcompile.passes._common import (
     ELEMENT_DTYPES,
     MS_DOMAIN,
     WEIGHT_CAST,
-    WEIGHT_DQ,
     Namer,
     add_initializer,
     cast_to,
+    dq_chain,
     get_int_attr,
     is_onnx_op,
     make_node,
@@ -393,52 +393,13 @@ def _emit_decode(
 ) -> ir.Value:
     """Insert the decode of ``q`` before the first consumer; return the fp32 weight value."""
     first = consumers[0]
-    base = first.name or w_name
     serves = [n.name or "" for n in consumers]
-    shape = list(q.codes.shape)
     codes = add_initializer(graph, namer, f"{w_name}_q", _storage_array(q, fmt))
-    new_nodes: list[ir.Node] = []
-    if q.scale is None:
-        cast = make_node(
-            "Cast",
-            [codes],
-            {"to": ir.DataType.FLOAT},
-            name=namer.node(base + WEIGHT_CAST),
-            out_name=namer.value(f"{w_name}_fp32"),
-            out_dtype=ir.DataType.FLOAT,
-            out_shape=shape,
-            serves=serves,
-        )
-        new_nodes.append(cast)
-    else:
-        scale = add_initializer(graph, namer, f"{w_name}_scale", np.ascontiguousarray(q.scale))
-        attrs: dict[str, object] = {"axis": int(q.axis)}
-        if q.block_size:
-            attrs["block_size"] = int(q.block_size)
-        out_dtype = ir.DataType.FLOAT16 if q.scale.dtype == np.float16 else ir.DataType.FLOAT
-        dq = make_node(
-            "DequantizeLinear",
-            [codes, scale],
-            attrs,
-            name=namer.node(base + WEIGHT_DQ),
-            out_name=namer.value(f"{w_name}_dq"),
-            out_dtype=out_dtype,
-            out_shape=shape,
-            serves=serves,
-        )
-        new_nodes.append(dq)
-        if out_dtype != ir.DataType.FLOAT:
-            cast = make_node(
-                "Cast",
-                [dq.outputs[0]],
-                {"to": ir.DataType.FLOAT},
-                name=namer.node(base + WEIGHT_CAST),
-                out_name=namer.value(f"{w_name}_fp32"),
-                out_dtype=ir.DataType.FLOAT,
-                out_shape=shape,
-                serves=serves,
-            )
-            new_nodes.append(cast)
+    scale = None if q.scale is None else add_initializer(graph, namer, f"{w_name}_scale", np.ascontiguousarray(q.scale))
+    half = q.scale is not None and q.scale.dtype == np.float16
+    new_nodes = dq_chain(
+        namer, codes, scale, q.axis, q.block_size, list(q.codes.shape), half, first.name or w_name, w_name, serves
+    )
     graph.insert_before(first, new_nodes)
     return new_nodes[-1].outputs[0]
 
@@ -835,49 +796,8 @@ def _decode_chain(
     serves: Sequence[str],
 ) -> list[ir.Node]:
     view = list(q.codes.shape)
-    nodes: list[ir.Node] = []
-    if scale is None:
-        last = make_node(
-            "Cast",
-            [codes],
-            {"to": ir.DataType.FLOAT},
-            name=namer.node(base + WEIGHT_CAST),
-            out_name=namer.value(f"{w_name}_fp32"),
-            out_dtype=ir.DataType.FLOAT,
-            out_shape=view,
-            serves=serves,
-        )
-        nodes.append(last)
-    else:
-        attrs: dict[str, object] = {"axis": int(q.axis)}
-        if q.block_size:
-            attrs["block_size"] = int(q.block_size)
-        dq_dtype = ir.DataType.FLOAT16 if q.scale is not None and q.scale.dtype == np.float16 else ir.DataType.FLOAT
-        nodes.append(
-            make_node(
-                "DequantizeLinear",
-                [codes, scale],
-                attrs,
-                name=namer.node(base + WEIGHT_DQ),
-                out_name=namer.value(f"{w_name}_dq"),
-                out_dtype=dq_dtype,
-                out_shape=view,
-                serves=serves,
-            )
-        )
-        if dq_dtype != ir.DataType.FLOAT:
-            nodes.append(
-                make_node(
-                    "Cast",
-                    [nodes[-1].outputs[0]],
-                    {"to": ir.DataType.FLOAT},
-                    name=namer.node(base + WEIGHT_CAST),
-                    out_name=namer.value(f"{w_name}_fp32"),
-                    out_dtype=ir.DataType.FLOAT,
-                    out_shape=view,
-                    serves=serves,
-                )
-            )
+    half = q.scale is not None and q.scale.dtype == np.float16
+    nodes = dq_chain(namer, codes, scale, q.axis, q.block_size, view, half, base, w_name, serves)
     return nodes + _reshape_cast(graph, namer, nodes[-1].outputs[0], view, shape, out_dtype, base, w_name, serves)
 
 

@@ -66,7 +66,7 @@ import onnx_ir as ir
 
 from lpcompile.errors import UsageError
 from lpcompile.formats import Format, get_format
-from lpcompile.passes._common import cast_to, is_onnx_op
+from lpcompile.passes._common import cast_to, dq_chain, is_onnx_op
 
 logger = logging.getLogger(__name__)
 
@@ -431,7 +431,7 @@ def to_dequantize_form(model: ir.Model) -> int:
     """
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    from lpcompile.passes._common import WEIGHT_CAST, WEIGHT_DQ, Namer, add_initializer, make_node
+    from lpcompile.passes._common import Namer, add_initializer
 
     graph = model.graph
     namer = Namer(graph)
@@ -450,38 +450,10 @@ def to_dequantize_form(model: ir.Model) -> int:
             w = (value.name or "weight").split("_weight_")[0]
             codes = add_initializer(graph, namer, f"{w}_q", np.ascontiguousarray(d.codes))
             scale = add_initializer(graph, namer, f"{w}_scale", np.ascontiguousarray(d.scale))
-            attrs: dict[str, object] = {"axis": d.axis}
-            if d.block_size:
-                attrs["block_size"] = d.block_size
             serves = [c.name or "" for c in value.consumers()]
             half = rounded and d.scale.dtype == np.float16
-            out_dtype = ir.DataType.FLOAT16 if half else ir.DataType.FLOAT
             shape = list(d.codes.shape)
-            new = [
-                make_node(
-                    "DequantizeLinear",
-                    [codes, scale],
-                    attrs,
-                    name=namer.node(base + WEIGHT_DQ),
-                    out_name=namer.value(f"{w}_dq"),
-                    out_dtype=out_dtype,
-                    out_shape=shape,
-                    serves=serves,
-                )
-            ]
-            if half:
-                new.append(
-                    make_node(
-                        "Cast",
-                        [new[0].outputs[0]],
-                        {"to": ir.DataType.FLOAT},
-                        name=namer.node(base + WEIGHT_CAST),
-                        out_name=namer.value(f"{w}_fp32"),
-                        out_dtype=ir.DataType.FLOAT,
-                        out_shape=shape,
-                        serves=serves,
-                    )
-                )
+            new = dq_chain(namer, codes, scale, d.axis, d.block_size, shape, half, base, w, serves)
             graph.insert_before(node, new)
             value.replace_all_uses_with(new[-1].outputs[0])
             count += 1
