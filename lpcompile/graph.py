@@ -397,6 +397,12 @@ def _decode_once_scale(cast: ir.Node) -> ir.Value | None:
     return None
 
 
+def _kept_float(node: ir.Node, v: ir.Value, reason: str, why: str) -> KeptWeight:
+    """A float weight kept as stored (its own element type's bits)."""
+    n = math.prod(int(d) for d in v.const_value.shape) if v.const_value is not None else 0
+    return KeptWeight(node.name or "", node.op_type, v.name or "", n, 8.0 * v.dtype.itemsize, reason, why)
+
+
 def weight_coverage(model: ir.Model) -> WeightCoverage:
     """Weighted nodes plus every weight kept as it is, with the reason (never silent).
 
@@ -419,36 +425,15 @@ def weight_coverage(model: ir.Model) -> WeightCoverage:
         if node.domain in ONNX_DOMAINS and node.op_type in RECURRENT_OPS:
             for v in node.inputs[1:3]:
                 if v is not None and _float_initializer(v):
-                    n = math.prod(int(d) for d in v.const_value.shape)
-                    kept.append(
-                        KeptWeight(
-                            node.name or "",
-                            node.op_type,
-                            v.name or "",
-                            n,
-                            8.0 * v.dtype.itemsize,
-                            "recurrent",
-                            "kept fp32: recurrent weights not yet supported",
-                        )
-                    )
+                    kept.append(_kept_float(node, v, "recurrent", "kept fp32: recurrent weights not yet supported"))
                     seen.add(v.name or "")
             continue
         if node.domain in ONNX_DOMAINS and node.op_type in WEIGHTED_OPS and len(node.inputs) > 1:
             idx = 0 if node.op_type == "Gather" else 1
             v = node.inputs[idx]
             if v is not None and v.is_graph_input() and v.is_initializer() and v.dtype in FLOAT_WEIGHT_DTYPES:
-                n = math.prod(int(d) for d in v.const_value.shape) if v.const_value is not None else 0
-                kept.append(
-                    KeptWeight(
-                        node.name or "",
-                        node.op_type,
-                        v.name or "",
-                        n,
-                        8.0 * v.dtype.itemsize,
-                        "graph-input",
-                        "kept: the weight is also a graph input (overridable at run time)",
-                    )
-                )
+                why = "kept: the weight is also a graph input (overridable at run time)"
+                kept.append(_kept_float(node, v, "graph-input", why))
                 seen.add(v.name or "")
     other = 0
     other_bits = 0.0

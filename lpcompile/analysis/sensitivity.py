@@ -408,6 +408,21 @@ def _reference(
         raise
 
 
+def _add_estimate(
+    est: BatchEstimate,
+    bw: float,
+    weights: Sequence[str],
+    diag: dict[str, torch.Tensor],
+    act_term: dict[tuple[str, str], float],
+) -> None:
+    """Add one batch's estimates, weighted by the batch's share ``bw`` of the samples."""
+    for w in weights:
+        if w in est.diag:
+            diag[w] = diag[w] + bw * est.diag[w] if w in diag else bw * est.diag[w]
+    for key, value in est.act.items():
+        act_term[key] += bw * 0.5 * value
+
+
 def _fixed_probes(
     runner: BatchRunner,
     job: ProbeJob,
@@ -426,13 +441,10 @@ def _fixed_probes(
     parts: dict[str, list[tuple[float, Sequence[float]]]] = {w: [] for w in job.weights}
     step = _counter(progress, sum(per_batch))
     for est in runner(job, tasks, step):
-        bw = bweights[est.index]
+        bw = float(bweights[est.index])
+        _add_estimate(est, bw, job.weights, diag, act_term)
         for w in job.weights:
-            if w in est.diag:
-                diag[w] = diag[w] + float(bw) * est.diag[w] if w in diag else float(bw) * est.diag[w]
-            parts[w].append((float(bw), est.trace_samples.get(w, ())))
-        for key, value in est.act.items():
-            act_term[key] += float(bw) * 0.5 * value
+            parts[w].append((bw, est.trace_samples.get(w, ())))
     return diag, act_term, {w: trace_rse(p) for w, p in parts.items()}, config.probes
 
 
@@ -464,13 +476,9 @@ def _converge(
     while nb and k_round > 0:
         tasks = [BatchTask(i, b, m, k_done, k_round) for i, (b, m) in enumerate(zip(batch_list, masks, strict=True))]
         for est in runner(job, tasks, step):
-            bw = float(bweights[est.index])
+            _add_estimate(est, float(bweights[est.index]), job.weights, acc, act_num)
             for w in job.weights:
-                if w in est.diag:
-                    acc[w] = acc[w] + bw * est.diag[w] if w in acc else bw * est.diag[w]
                 samples[w][est.index].extend(est.trace_samples.get(w, ()))
-            for key, value in est.act.items():
-                act_num[key] += bw * 0.5 * value
         k_done += k_round
         rse = {w: trace_rse(zip(bweights.tolist(), samples[w], strict=True)) for w in job.weights}
         known = [r for r in rse.values() if r is not None]
