@@ -187,6 +187,19 @@ def weight_array(model: ir.Model, name: str) -> np.ndarray:
     return np.asarray(value.const_value.numpy(), dtype=np.float32)
 
 
+def candidate_nodes(nodes: Sequence[WeightNode], fmts: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Node name → the candidate formats it can take, in ``fmts`` order.
+
+    An embedding table (a Gather's weight, and the heads tied to it) has no float activation input to
+    calibrate an FP8 scale on, so formats that round activations to FP8 are not its candidates.
+    """
+    from lpcompile.formats import get_format
+
+    gathered = {n.weight for n in nodes if n.op_type == "Gather"}
+    fp8 = {f for f in fmts if (get_format(f).activation or "").startswith("float8")}
+    return {n.name: tuple(f for f in fmts if n.weight not in gathered or f not in fp8) for n in nodes}
+
+
 def tied_groups(nodes: Sequence[WeightNode]) -> dict[str, str]:
     """Map node name → group key for nodes that share a weight initializer (others omitted).
 

@@ -230,7 +230,9 @@ def test_analyze_prints_nodes_that_cannot_take_every_format(tmp_path: Path) -> N
     ])
     src, sens = tmp_path / "emb.onnx", tmp_path / "emb.sens.json"
     onnx.save(proto, str(src))
-    assert main(["analyze", str(src), "-o", str(sens), "--probes", "2", "-q"]) == 0
-    table = SensitivityTable.load(sens)
-    gather = next(n for n in table.nodes if n.op_type == "Gather")
-    assert "fp8_e4m3" not in gather.candidates and "int4_b32" in gather.candidates
+    for rounding in ("nearest", "gptq"):  # the Hutchinson and the rounded-candidate paths share the rule
+        assert main(["analyze", str(src), "-o", str(sens), "--probes", "2", "--rounding", rounding, "-q"]) == 0
+        table = SensitivityTable.load(sens)
+        gather = next(n for n in table.nodes if n.op_type == "Gather")
+        assert "fp8_e4m3" not in gather.candidates and "int4_b32" in gather.candidates
+        assert "fp8_e4m3" in next(n for n in table.nodes if n.op_type == "MatMul" and n.weight == "W").candidates

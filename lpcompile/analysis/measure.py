@@ -20,7 +20,7 @@ from lpcompile.analysis.losses import choose_outputs, numpy_distortion
 from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
 from lpcompile.formats import get_format
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
-from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
+from lpcompile.graph import WeightNode, candidate_nodes, find_weight_nodes, tied_groups
 from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 logger = logging.getLogger(__name__)
@@ -195,28 +195,24 @@ def analyze_by_measurement(
     fmts = tuple(dict.fromkeys([*(get_format(f).name for f in formats), "fp32"]))
     acts = sorted({n.activation for n in nodes})
     amax = backend.amax(ir.to_proto(model), batches(calib, batch_size), acts) if acts else {}
-    pairs = [(n, f) for n in nodes for f in fmts]
+    offered = candidate_nodes(nodes, fmts)
+    pairs = [(n, f) for n in nodes for f in offered[n.name]]
     measured = measure_pairs(
         model, calib, pairs, amax, backend, batch_size=batch_size, loss=loss, progress=progress, outputs=outputs
     )
     groups = tied_groups(nodes)
     table_nodes = tuple(
-        NodeSensitivity(
-            name=n.name,
-            op_type=n.op_type,
-            weight=n.weight,
-            params=n.params,
-            shape=n.shape,
-            group=groups.get(n.name),
-            activation=n.activation,
-            candidates={
+        NodeSensitivity.of(
+            n,
+            {
                 f: Candidate(
                     bits=get_format(f).bits_for(n.shape, n.layout),
                     predicted_loss=measured[(n.name, f)],
                     measured_loss=measured[(n.name, f)],
                 )
-                for f in fmts
+                for f in offered[n.name]
             },
+            group=groups.get(n.name),
         )
         for n in nodes
     )

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from lpcompile.analysis.input_hessians import node_hessian
 from lpcompile.analysis.table import Candidate, NodeSensitivity
 from lpcompile.formats import QuantizedWeight, dequantize, get_format, split_candidate
-from lpcompile.graph import WeightNode, tied_groups, weight_array
+from lpcompile.graph import WeightNode, candidate_nodes, tied_groups, weight_array
 from lpcompile.rounding import DEFAULT_CONFIG, RoundingConfig, default_method, kron_loss, round_weight
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def predict_rounded_losses(
         keep_weights: return the rounded weights (memory: one copy per candidate per weight).
     """
     groups = tied_groups(nodes)
+    offered = candidate_nodes(nodes, candidates)
     rows: list[NodeSensitivity] = []
     weights: RoundedWeights = {}
     cache: dict[tuple[str, str, str], tuple[QuantizedWeight, float]] = {}
@@ -72,7 +73,7 @@ def predict_rounded_losses(
         d = diag[n.weight]
         h = node_hessian(n, hessians)
         cands: dict[str, Candidate] = {}
-        for name in candidates:
+        for name in offered[n.name]:
             fmt_name, method = split_candidate(name)
             fmt = get_format(fmt_name)
             method = method or default_method(fmt, default_rounding, has_hessian=h is not None)
@@ -92,17 +93,8 @@ def predict_rounded_losses(
             if keep_weights:
                 weights[(n.weight, name)] = q
         rows.append(
-            NodeSensitivity(
-                name=n.name,
-                op_type=n.op_type,
-                weight=n.weight,
-                params=n.params,
-                shape=n.shape,
-                candidates=cands,
-                trace=float(np.sum(d)),
-                group=groups.get(n.name),
-                module_path=module_paths.get(n.name),
-                activation=n.activation,
+            NodeSensitivity.of(
+                n, cands, trace=float(np.sum(d)), group=groups.get(n.name), module_path=module_paths.get(n.name)
             )
         )
     return rows, weights

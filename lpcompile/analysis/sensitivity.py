@@ -37,7 +37,7 @@ from lpcompile.analysis.losses import choose_outputs, ggn_output_probe, torch_di
 from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
 from lpcompile.formats import activation_scale, get_format, qdq_activation, qdq_weight
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
-from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups, weight_array
+from lpcompile.graph import WeightNode, candidate_nodes, find_weight_nodes, tied_groups, weight_array
 
 logger = logging.getLogger(__name__)
 
@@ -532,17 +532,15 @@ def predict_losses(
     tensor, element) to the already-summed ½·Σ D^a·δa² term of formats that round activations.
     """
     groups = tied_groups(nodes)
-    gathered = {n.weight for n in nodes if n.op_type == "Gather"}  # embedding tables (and their tied heads)
+    offered = candidate_nodes(nodes, fmts)
     out = []
     for n in nodes:
         w = weight_array(model, n.weight)
         d = diag[n.weight]
         trace = float(d.sum())
         cands: dict[str, Candidate] = {}
-        for f in fmts:
+        for f in offered[n.name]:
             fmt = get_format(f)
-            if n.weight in gathered and (fmt.activation or "").startswith("float8"):
-                continue  # a Gather has no float activation input for an FP8 scale: not a candidate
             bits = fmt.bits_for(n.shape, n.layout)
             if fmt.is_identity:
                 cands[f] = Candidate(bits=bits, predicted_loss=0.0)
@@ -556,17 +554,8 @@ def predict_losses(
                 pred += act_term[(n.activation, fmt.activation)]
             cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
         out.append(
-            NodeSensitivity(
-                name=n.name,
-                op_type=n.op_type,
-                weight=n.weight,
-                params=n.params,
-                shape=n.shape,
-                candidates=cands,
-                trace=trace,
-                group=groups.get(n.name),
-                module_path=module_paths.get(n.name),
-                activation=n.activation,
+            NodeSensitivity.of(
+                n, cands, trace=trace, group=groups.get(n.name), module_path=module_paths.get(n.name)
             )
         )
     return out

@@ -59,6 +59,30 @@ class NodeSensitivity:
     activation: str | None = None  # the activation input an activation format rounds
     trace_rse: float | None = None  # relative standard error of ``trace`` (from per-probe samples); None: unknown
 
+    @classmethod
+    def of(
+        cls,
+        node: Any,
+        candidates: Mapping[str, Candidate],
+        *,
+        trace: float | None = None,
+        group: str | None = None,
+        module_path: str | None = None,
+    ) -> NodeSensitivity:
+        """The row of a :class:`lpcompile.graph.WeightNode` (name, op, weight, size, activation) with its evidence."""
+        return cls(
+            name=node.name,
+            op_type=node.op_type,
+            weight=node.weight,
+            params=node.params,
+            shape=node.shape,
+            candidates=candidates,
+            trace=trace,
+            group=group,
+            module_path=module_path,
+            activation=node.activation,
+        )
+
     def runner_up(self, chosen: str) -> tuple[str, Candidate] | None:
         """The alternative that explains choosing ``chosen``: the next cheaper candidate (what saving
         more bits would have cost in loss), or, for the cheapest choice, the next more expensive one."""
