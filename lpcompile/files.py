@@ -69,6 +69,7 @@ class CompileResult:
     decision: Decision
     applied: ApplyResult
     timings: Mapping[str, float]
+    calib: CalibrationSet | None = None  # the calibration data analysis and apply used (loaded once)
 
     @property
     def plan(self) -> PrecisionPlan:
@@ -132,6 +133,15 @@ def load_calib_for(
     )
 
 
+def analysis_calib(
+    model: ir.Model, calib_path: str | os.PathLike[str] | None, config: AnalysisConfig
+) -> CalibrationSet:
+    """The calibration data an analysis of ``model`` runs on (synthetic: at least one batch, seeded)."""
+    return load_calib_for(
+        model, calib_path, seed=config.seed, num_samples=max(16, config.batch_size), input_shapes=config.input_shapes
+    )
+
+
 def analyze_file(
     model_path: str | os.PathLike[str],
     calib_path: str | os.PathLike[str] | None,
@@ -140,16 +150,16 @@ def analyze_file(
     validate: bool = False,
     progress: Progress | None = None,
     model: ir.Model | None = None,
+    calib: CalibrationSet | None = None,
 ) -> SensitivityTable:
-    """Load (unless ``model`` is the already normalised model), analyse; the table records the file name."""
+    """Load (unless ``model`` is the already normalised model and ``calib`` its calibration data), analyse;
+    the table records the file name."""
     from lpcompile.frontend.torch_export import module_paths_from_metadata
 
     config = config or AnalysisConfig()
     model = model if model is not None else load_normalized(model_path)
     check_model(model).log()
-    calib = load_calib_for(
-        model, calib_path, seed=config.seed, num_samples=max(16, config.batch_size), input_shapes=config.input_shapes
-    )
+    calib = calib if calib is not None else analysis_calib(model, calib_path, config)
     table = analyze(
         model, calib, config, validate=validate, progress=progress, module_paths=module_paths_from_metadata(model)
     )
@@ -177,6 +187,7 @@ def apply_file(
     plan_path: str | os.PathLike[str] | None = None,
     model: ir.Model | None = None,
     log_checks: bool = True,
+    calib: CalibrationSet | None = None,
 ) -> ApplyResult:
     """Rewrite ``model_path`` by a plan (or one uniform format) and write model + plan atomically.
 
@@ -193,6 +204,9 @@ def apply_file(
         plan_path: the file ``plan`` was read from: the output model may not replace it (the output
             plan may: it is the same plan, completed).
         model: the already loaded, normalised model (loaded from ``model_path`` when None).
+        calib: the calibration data already loaded for this model (loaded from ``calib_path`` when
+            None and the plan needs it): FP8 scales and the XᵀX of ``mse``/``gptq`` rounding come from it,
+            so a compile writes the weights its analysis scored.
         log_checks: log the model checks (compile has logged them already).
     """
     config = config or ApplyConfig()
@@ -216,7 +230,10 @@ def apply_file(
     wants_calib = missing_scales(model, plan) or needs_input_hessians(
         config.rounding.value, [n.format for n in plan.nodes]
     )
-    calib = load_calib_for(model, calib_path, seed=config.seed) if wants_calib else None
+    if not wants_calib:
+        calib = None
+    elif calib is None:
+        calib = load_calib_for(model, calib_path, seed=config.seed)
     applied = apply(model, plan, config, calib)
     plan_out, out_bytes = write_outputs(applied, out_path, model_path)
     return ApplyResult(
@@ -264,14 +281,17 @@ def compile_file(
     target = decide_config.target.value
     if budget is not None:
         check_budget(model, budget, decide_config.formats or config.formats, target)
-    table = analyze_file(model_path, calib_path, config, validate=validate, progress=progress, model=model)
+    calib = analysis_calib(model, calib_path, config)  # loaded once: analysis, apply and the caller share it
+    table = analyze_file(
+        model_path, calib_path, config, validate=validate, progress=progress, model=model, calib=calib
+    )
     table = retarget_table(table, find_weight_nodes(model), target)  # bits as the target stores them
     t1 = time.perf_counter()
     decision = decide(table, budget, decide_config)
     t2 = time.perf_counter()
     applied = apply_file(
         model_path, out, plan=decision.plan, calib_path=calib_path, config=apply_config, force=force,
-        model=model, log_checks=False,
+        model=model, log_checks=False, calib=calib,
     )
     t3 = time.perf_counter()
     return CompileResult(
@@ -279,6 +299,7 @@ def compile_file(
         decision=decision,
         applied=applied,
         timings={"analyze_s": t1 - t0, "plan_s": t2 - t1, "apply_s": t3 - t2, "total_s": t3 - t0},
+        calib=calib,
     )
 
 

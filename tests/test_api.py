@@ -236,3 +236,23 @@ def test_analyze_prints_nodes_that_cannot_take_every_format(tmp_path: Path) -> N
         gather = next(n for n in table.nodes if n.op_type == "Gather")
         assert "fp8_e4m3" not in gather.candidates and "int4_b32" in gather.candidates
         assert "fp8_e4m3" in next(n for n in table.nodes if n.op_type == "MatMul" and n.weight == "W").candidates
+
+
+def test_compile_writes_the_weights_its_analysis_scored(tmp_path: Path) -> None:
+    """One calibration load per compile: apply's GPTQ Hessians come from the data the analysis saw
+    (synthetic here, 32 samples), so the file equals an in-memory apply on that same data."""
+    import numpy as np
+
+    from lpcompile.files import analysis_calib
+
+    cfg = AnalysisConfig(probes=4, batch_size=32, rounding="gptq")
+    res = compile_file(MLP, "4.5bits", out=tmp_path / "g.onnx", config=cfg)
+    assert res.calib is not None and res.calib.num_samples == 32
+    model = load_normalized(MLP)
+    again = apply(model, res.decision.plan, ApplyConfig(rounding="gptq"), analysis_calib(model, None, cfg))
+    written = {t.name: t for t in onnx.load(str(tmp_path / "g.onnx")).graph.initializer}
+    codes = [name for name in again.model.graph.initializers if name.endswith("_q")]
+    assert codes, "the plan quantizes no weight"
+    for name in codes:
+        got = onnx.numpy_helper.to_array(written[name])
+        np.testing.assert_array_equal(got, again.model.graph.initializers[name].const_value.numpy())

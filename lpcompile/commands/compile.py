@@ -139,12 +139,12 @@ def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResu
     from lpcompile.frontend.onnx_io import load_model
     from lpcompile.guard import check_quality, heldout_split
 
-    model = load_model(args.model)
-    shapes = parse_input_shapes(config.input_shapes)
-    if args.calib:
-        heldout = heldout_split(calibration_for(model, args.calib, input_shapes=shapes))[1]
+    if args.calib and result.calib is not None:
+        heldout = heldout_split(result.calib)[1]  # the data compile loaded, not a second read
     else:
-        heldout = calibration_for(model, None, input_shapes=shapes, num_samples=16, seed=config.seed + 1)
+        shapes = parse_input_shapes(config.input_shapes)
+        raw = load_model(args.model)
+        heldout = calibration_for(raw, None, input_shapes=shapes, num_samples=16, seed=config.seed + 1)
     return check_quality(
         result.applied.output,
         args.model,
