@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import onnx_ir as ir
 
 from lpcompile.analysis.config import AnalysisConfig, candidate_formats
@@ -71,8 +72,13 @@ def analyze(
     validate: bool = False,
     progress: Progress | None = None,
     module_paths: Mapping[str, str] | None = None,
+    hessians: MutableMapping[str, np.ndarray] | None = None,
 ) -> SensitivityTable:
     """Sensitivity of every (node, candidate format) of a normalised model.
+
+    ``hessians`` (e.g. an :class:`~lpcompile.analysis.input_hessians.HessianStore`) receives the layer
+    inputs' ``XᵀX`` that ``mse``/``gptq`` rounding needs, so :func:`apply` reuses them. Large models
+    (or ``config.stream="on"``) are analysed segment by segment (:mod:`lpcompile.analysis.streamed`).
 
     Hutchinson estimates through the torch interpretation of the graph; the forward-only
     measurement when the interpreter lacks ops; optionally validated by measurement. Nodes whose
@@ -98,7 +104,15 @@ def analyze(
                                 loss=config.loss, probes=config.probes, seed=config.seed, calib=calib.source,
                                 num_samples=calib.num_samples, synthetic_calib=calib.synthetic)
     try:
-        table = analyze_onnx(model, calib, config, progress=stage("hessian"), module_paths=module_paths)
+        if use_streamed(model, config):
+            from lpcompile.analysis.streamed import analyze_streamed
+
+            seg = int(config.segment_mb * 2**20) if config.segment_mb else None
+            table = analyze_streamed(model, calib, config, module_paths, segment_bytes=seg, hessians=hessians).table
+        else:
+            table = analyze_onnx(
+                model, calib, config, progress=stage("hessian"), module_paths=module_paths, hessians=hessians
+            )
     except UnsupportedOpsError as exc:
         logger.warning("%s; falling back to forward-only perturbation measurement (slower)", exc)
         table = measure.analyze_by_measurement(
@@ -113,6 +127,32 @@ def analyze(
         )
         table = replace(table, timings={**table.timings, "validate_s": time.perf_counter() - t0})
     return finite_table(table, checks.keep_fp32)
+
+
+def use_streamed(model: ir.Model, config: AnalysisConfig) -> bool:
+    """Whether :func:`analyze` streams (``config.stream``; ``auto``: weights above ``STREAM_AUTO_BYTES``).
+
+    Raises:
+        UsageError: ``stream="on"`` with settings that need the whole graph.
+    """
+    from lpcompile.analysis.config import STREAM_AUTO_BYTES
+    from lpcompile.analysis.streamed import streamable
+
+    if config.stream == "off":
+        return False
+    why = streamable(model, config)
+    if config.stream == "on":
+        if why:
+            raise UsageError(f"--stream on: {why}")
+        return True
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if weight_bytes <= STREAM_AUTO_BYTES:
+        return False
+    if why:
+        logger.warning("%.1f GB of weights analysed whole (memory ≈ 4× that): %s", weight_bytes / 1e9, why)
+        return False
+    logger.info("%.1f GB of weights: streamed analysis", weight_bytes / 1e9)
+    return True
 
 
 def measure_backend() -> MeasureBackend:
@@ -364,7 +404,11 @@ def complete_scales(
 
 
 def apply(
-    model: ir.Model, plan: PrecisionPlan, config: ApplyConfig | None = None, calib: CalibrationSet | None = None
+    model: ir.Model,
+    plan: PrecisionPlan,
+    config: ApplyConfig | None = None,
+    calib: CalibrationSet | None = None,
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> Applied:
     """Rewrite ``model`` (normalised; changed in place) by ``plan``.
 
@@ -373,6 +417,8 @@ def apply(
         plan: the decisions; never changed, only completed (scales) and measured (bits).
         config: target, rounding, seed.
         calib: calibration data for FP8 activation scales the plan lacks.
+        hessians: the layer inputs' ``XᵀX`` the analysis gathered (:func:`analyze`'s ``hessians``);
+            gathered from ``calib`` when the rounding needs them and this is empty.
 
     Raises:
         PlanError: the plan does not fit the model.
@@ -389,8 +435,11 @@ def apply(
     low = frozenset(n.name for n in plan.nodes if n.format != "fp32")
     softmax = TwoPassSoftmaxPass(plan.softmax, low)
     written = config.target.value  # how each (op, format) is written: lpcompile.passes.targets
-    hessians = None
-    if calib is not None and needs_input_hessians(config.rounding.value, [n.format for n in plan.nodes]):
+    if not hessians:
+        hessians = None
+    if hessians is None and calib is not None and needs_input_hessians(
+        config.rounding.value, [n.format for n in plan.nodes]
+    ):
         from lpcompile.analysis.input_hessians import collect_input_hessians
         from lpcompile.analysis.rounded import HESSIAN_BATCH
 

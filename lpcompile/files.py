@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from lpcompile.analysis.config import AnalysisConfig
@@ -151,9 +152,10 @@ def analyze_file(
     progress: Progress | None = None,
     model: ir.Model | None = None,
     calib: CalibrationSet | None = None,
+    hessians: MutableMapping[str, np.ndarray] | None = None,
 ) -> SensitivityTable:
     """Load (unless ``model`` is the already normalised model and ``calib`` its calibration data), analyse;
-    the table records the file name."""
+    the table records the file name (``hessians``: see :func:`lpcompile.api.analyze`)."""
     from lpcompile.frontend.torch_export import module_paths_from_metadata
 
     config = config or AnalysisConfig()
@@ -161,7 +163,8 @@ def analyze_file(
     check_model(model).log()
     calib = calib if calib is not None else analysis_calib(model, calib_path, config)
     table = analyze(
-        model, calib, config, validate=validate, progress=progress, module_paths=module_paths_from_metadata(model)
+        model, calib, config, validate=validate, progress=progress, module_paths=module_paths_from_metadata(model),
+        hessians=hessians,
     )
     return replace(table, model=Path(model_path).name)
 
@@ -188,6 +191,7 @@ def apply_file(
     model: ir.Model | None = None,
     log_checks: bool = True,
     calib: CalibrationSet | None = None,
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> ApplyResult:
     """Rewrite ``model_path`` by a plan (or one uniform format) and write model + plan atomically.
 
@@ -208,6 +212,7 @@ def apply_file(
             None and the plan needs it): FP8 scales and the XᵀX of ``mse``/``gptq`` rounding come from it,
             so a compile writes the weights its analysis scored.
         log_checks: log the model checks (compile has logged them already).
+        hessians: the layer inputs' ``XᵀX`` the analysis gathered (compile): not gathered again.
     """
     config = config or ApplyConfig()
     if (plan is None) == (uniform is None):
@@ -234,7 +239,7 @@ def apply_file(
         calib = None
     elif calib is None:
         calib = load_calib_for(model, calib_path, seed=config.seed)
-    applied = apply(model, plan, config, calib)
+    applied = apply(model, plan, config, calib, hessians=hessians)
     plan_out, out_bytes = write_outputs(applied, out_path, model_path)
     return ApplyResult(
         output=out_path,
@@ -282,8 +287,12 @@ def compile_file(
     if budget is not None:
         check_budget(model, budget, decide_config.formats or config.formats, target)
     calib = analysis_calib(model, calib_path, config)  # loaded once: analysis, apply and the caller share it
+    from lpcompile.analysis.input_hessians import HessianStore
+
+    hessians = HessianStore()  # the XᵀX the analysis gathers for mse/gptq: apply rounds with the same ones
     table = analyze_file(
-        model_path, calib_path, config, validate=validate, progress=progress, model=model, calib=calib
+        model_path, calib_path, config, validate=validate, progress=progress, model=model, calib=calib,
+        hessians=hessians,
     )
     table = retarget_table(table, find_weight_nodes(model), target)  # bits as the target stores them
     t1 = time.perf_counter()
@@ -291,8 +300,9 @@ def compile_file(
     t2 = time.perf_counter()
     applied = apply_file(
         model_path, out, plan=decision.plan, calib_path=calib_path, config=apply_config, force=force,
-        model=model, log_checks=False, calib=calib,
+        model=model, log_checks=False, calib=calib, hessians=hessians,
     )
+    hessians.close()
     t3 = time.perf_counter()
     return CompileResult(
         table=table,

@@ -7,6 +7,9 @@ from typing import Literal
 
 from lpcompile.formats import canonical_name
 
+#: ``stream="auto"`` streams the analysis of models with more weight bytes than this
+STREAM_AUTO_BYTES = 1 << 30
+
 DEFAULT_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b64", "int4_b32", "bf16")
 
 
@@ -48,6 +51,11 @@ class AnalysisConfig:
         rounding: how the weights of candidates without a ``:rounding`` suffix are rounded when their
             loss is predicted (``nearest``, ``rtn``, ``mse``, ``gptq``; see :mod:`lpcompile.rounding`);
             ``mse``/``gptq`` gather the layers' input ``XᵀX`` from the calibration data.
+        stream: the segment-streamed analysis (:mod:`lpcompile.analysis.streamed`): one segment of
+            the graph in memory at a time, the same estimates as the full-model GGN with per-probe
+            seeding. ``auto``: streamed when the weights exceed :data:`STREAM_AUTO_BYTES` and the
+            settings allow it (``ggn``, no ``--probe-tol``, not sharded).
+        segment_mb: weight megabytes per streamed segment (None: the weights / 16, 16–512 MB).
     """
 
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -69,6 +77,8 @@ class AnalysisConfig:
     ray: str | None = None
     shard_dir: str | None = None
     rounding: str = "nearest"
+    stream: Literal["auto", "on", "off"] = "auto"
+    segment_mb: float | None = None
 
     def __post_init__(self) -> None:
         from lpcompile.errors import UsageError
@@ -85,6 +95,10 @@ class AnalysisConfig:
             raise UsageError(f"--device: unknown value {self.device!r} (cpu, cuda, auto)")
         if self.seeding == "sequential" and self.sharded:
             raise UsageError("sequential seeding cannot be sharded: use seeding='per-probe' with --workers/--ray")
+        if self.stream not in ("auto", "on", "off"):
+            raise UsageError(f"--stream: unknown value {self.stream!r} (auto, on, off)")
+        if self.segment_mb is not None and not self.segment_mb > 0:
+            raise UsageError(f"--segment-mb must be positive, not {self.segment_mb}")
 
     @property
     def sharded(self) -> bool:

@@ -18,8 +18,10 @@ Hessian-free rounding), nor does an activation read by two nodes that need diffe
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -187,6 +189,58 @@ class HessianAccumulator:
         return {n: (s / max(self._rows[n], 1)).numpy() for n, s in self._sum.items() if self._rows.get(n, 0) > 0}
 
 
+class HessianStore(MutableMapping[str, np.ndarray]):
+    """Layer-input ``XᵀX`` by activation tensor: in memory up to ``limit`` bytes, then in a temporary
+    folder (read back one at a time). :meth:`close` (or garbage collection) removes the folder."""
+
+    def __init__(self, limit: int = 256 << 20) -> None:
+        self.limit = limit
+        self.mem: dict[str, np.ndarray] = {}
+        self.used = 0
+        self.files: dict[str, Path] = {}
+        self.dir: tempfile.TemporaryDirectory[str] | None = None
+
+    def __setitem__(self, key: str, value: np.ndarray) -> None:
+        self.pop(key, None)
+        if self.used + value.nbytes <= self.limit:
+            self.mem[key] = value
+            self.used += value.nbytes
+            return
+        if self.dir is None:
+            self.dir = tempfile.TemporaryDirectory(prefix="lpcompile-xtx-")
+        path = Path(self.dir.name) / f"{len(self.files)}.npy"
+        np.save(path, value)
+        self.files[key] = path
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key in self.mem:
+            return self.mem[key]
+        if key in self.files:
+            return np.load(self.files[key])
+        raise KeyError(key)
+
+    def __delitem__(self, key: str) -> None:
+        if key in self.mem:
+            self.used -= self.mem.pop(key).nbytes
+        elif key in self.files:
+            self.files.pop(key).unlink(missing_ok=True)
+        else:
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.mem, *self.files])
+
+    def __len__(self) -> int:
+        return len(self.mem) + len(self.files)
+
+    def close(self) -> None:
+        """Remove the spilled matrices."""
+        self.files.clear()
+        if self.dir is not None:
+            self.dir.cleanup()
+            self.dir = None
+
+
 def node_hessian(node: WeightNode, hessians: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
     """The Hessian for ``node``'s weight, or None when absent or of the wrong size."""
     if not hessians:
@@ -245,6 +299,7 @@ def collect_input_hessians(
 __all__ = [
     "HessianAccumulator",
     "HessianSpec",
+    "HessianStore",
     "attention_mask",
     "collect_input_hessians",
     "hessian_specs",

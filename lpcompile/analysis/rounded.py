@@ -16,7 +16,7 @@ Candidate names: a format, optionally with a rounding suffix (``int4_b128:gptq``
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -134,6 +134,7 @@ def predict_for_config(
     act_elements: set[str],
     module_paths: Mapping[str, str],
     calib: object,
+    hessians_out: MutableMapping[str, np.ndarray] | None = None,
 ) -> list[NodeSensitivity] | None:
     """The analyzer's hook: rows scored with ``config.rounding`` (None when every candidate rounds to
     nearest, so the caller keeps its own prediction). ``XᵀX`` comes from one extra forward over the
@@ -145,11 +146,14 @@ def predict_for_config(
     rounding = str(getattr(config, "rounding", "nearest"))
     if rounding in ("nearest", "stochastic") and not any(split_candidate(c)[1] for c in candidates):
         return None
-    hessians = (
-        collect_input_hessians(model, calib, nodes, batch_size=HESSIAN_BATCH)
-        if needs_hessians(rounding, candidates)
-        else None
-    )
+    hessians: Mapping[str, np.ndarray] | None = None
+    if needs_hessians(rounding, candidates):
+        if hessians_out:  # already gathered (the caller's store): reuse
+            hessians = hessians_out
+        else:
+            hessians = collect_input_hessians(model, calib, nodes, batch_size=HESSIAN_BATCH)
+            if hessians_out is not None:  # handed on to apply, so the rounding reuses them
+                hessians_out.update(hessians)
     rows, _ = predict_rounded_losses(
         model,
         nodes,

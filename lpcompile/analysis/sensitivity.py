@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -118,8 +118,11 @@ def analyze_onnx(
     config: AnalysisConfig | None = None,
     progress: Progress | None = None,
     module_paths: Mapping[str, str] | None = None,
+    hessians: MutableMapping[str, np.ndarray] | None = None,
 ) -> SensitivityTable:
     """Run the Hutchinson analysis of a normalised model on calibration data.
+
+    ``hessians`` receives the layer inputs' ``XᵀX`` when the rounding needs them (for ``apply``).
 
     Raises:
         UnsupportedOpsError: when the interpreter lacks some ops (callers fall back to measuring).
@@ -134,11 +137,13 @@ def analyze_onnx(
     device = resolve_device(config.device)
     adapter = OnnxAdapter(model, weights, act_tensors, device=device)
     if not config.sharded:
-        return run_analysis(adapter, model, nodes, calib, config, progress, module_paths or {}, t0)
+        return run_analysis(adapter, model, nodes, calib, config, progress, module_paths or {}, t0, hessians=hessians)
     from lpcompile.analysis.shard import ShardPool
 
     with ShardPool(model, weights, act_tensors, config, device) as pool:
-        return run_analysis(adapter, model, nodes, calib, config, progress, module_paths or {}, t0, shards=pool.run)
+        return run_analysis(
+            adapter, model, nodes, calib, config, progress, module_paths or {}, t0, shards=pool.run, hessians=hessians
+        )
 
 
 def resolve_device(device: str) -> str:
@@ -299,6 +304,7 @@ def run_analysis(
     t0: float,
     prepare: Callable[[Mapping[str, np.ndarray]], None] | None = None,
     shards: BatchRunner | None = None,
+    hessians: MutableMapping[str, np.ndarray] | None = None,
 ) -> SensitivityTable:
     """The one Hutchinson driver: reference pass, probes spread over batches, predicted losses, table.
 
@@ -382,7 +388,7 @@ def run_analysis(
     from lpcompile.analysis.rounded import predict_for_config
 
     table_nodes = predict_for_config(
-        model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths, data
+        model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths, data, hessians
     ) or predict_losses(model, nodes, fmts, config, diag_np, act_term, act_elements, module_paths)
     table_nodes = [replace(n, trace_rse=rse.get(n.weight)) for n in table_nodes]
     t_end = time.perf_counter()

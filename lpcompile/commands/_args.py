@@ -80,6 +80,13 @@ def add_scale_args(g: argparse._ArgumentGroup) -> None:
         help="run the probe passes as Ray tasks: a local Ray without ADDRESS, else ray.init(address=ADDRESS)",
     )
     g.add_argument("--shard-dir", help="a folder all workers can read (shared file system for a Ray cluster)")
+    g.add_argument(
+        "--stream",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="analyse segment by segment, one segment's weights in memory (auto: when the weights exceed 1 GiB)",
+    )
+    g.add_argument("--segment-mb", type=float, metavar="MB", help="weight megabytes per streamed segment")
 
 
 def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
@@ -111,6 +118,8 @@ def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
         ray=getattr(args, "ray", None),
         shard_dir=getattr(args, "shard_dir", None),
         rounding=getattr(args, "weight_rounding", "nearest"),
+        stream=getattr(args, "stream", "auto"),
+        segment_mb=getattr(args, "segment_mb", None),
     )
 
 

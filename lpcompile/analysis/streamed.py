@@ -1,0 +1,637 @@
+"""Segment-streamed Hutchinson analysis: the whole-model Gauss–Newton diagonal, one segment in memory.
+
+The full-model analysis (:func:`lpcompile.analysis.sensitivity.analyze_onnx`) holds every weight as a
+torch leaf, the autograd graph of a whole batch and a diagonal accumulator per weight: about four
+times the model. Here the topologically sorted graph is cut into contiguous **segments** of about
+``segment_bytes`` of weights, at positions where few tensors are live (a transformer is cut between
+blocks: the residual stream, the mask and the rotary tables cross the cut). Then:
+
+1. **Forward**, segment by segment with only that segment's weights loaded: the tensors that cross
+   cuts are kept for every calibration batch (for a 1.1B Llama with 16 × 128 tokens, about 16 MB
+   per cut), as are the reference outputs and the activation ranges.
+2. **Backward**, segments in reverse order. For each batch the segment is re-run from its stored
+   inputs with gradients, and each probe's output-space vector z (drawn exactly as the full-model
+   GGN estimator draws it, with per-probe seeding) or the gradient arriving from the segments after
+   it is back-propagated: the squared weight gradients accumulate into the segment's Hessian
+   diagonal, the input gradients are handed to the segment before, and the layer inputs' ``XᵀX``
+   are gathered from the same forward. A weight read in several segments (a tied embedding and
+   head) has its per-probe gradient summed over the segments before squaring, spilled to disk when
+   large, so the estimate is the full-model one.
+3. Each segment's nodes are scored (diagonal or Kronecker prediction of every candidate, rounding
+   included) as soon as their weight's diagonal and their activation term are final, and the
+   segment's weights, gradients and diagonals are released.
+
+The result is the table the full-model GGN estimator gives with ``seeding="per-probe"``: the same
+probes, the same sums (up to floating-point summation order). Peak memory: one segment's weights
+×≈4, the tensors crossing cuts for all batches, and one batch's autograd graph of one segment.
+Only the ``ggn`` estimator with a fixed probe count runs streamed (double backward and convergence
+rounds would need the whole graph again).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from lpcompile.analysis.config import AnalysisConfig, candidate_formats
+from lpcompile.analysis.losses import choose_outputs, ggn_output_probe
+from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
+from lpcompile.formats import activation_scale, qdq_activation
+from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
+from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Segment", "StreamedResult", "analyze_streamed", "plan_segments", "streamable"]
+
+#: default weight bytes per segment: the model's weights / 16, within these bounds (and ≥ the largest tensor)
+MIN_SEGMENT_BYTES = 16 << 20
+MAX_SEGMENT_BYTES = 512 << 20
+#: per-probe partial gradients of weights read in several segments are kept in memory up to this
+SPILL_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of the sorted graph's nodes.
+
+    Attributes:
+        index: position in the graph (0 = first).
+        nodes: the node indices ``[start, stop)`` in the sorted node list.
+        inputs: non-initializer tensors read here and produced before (or graph inputs).
+        outputs: tensors produced here that later segments read, and graph outputs produced here.
+        initializers: initializers read here.
+        weight_bytes: bytes of the initializers read here.
+    """
+
+    index: int
+    nodes: tuple[int, int]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    initializers: tuple[str, ...]
+    weight_bytes: int
+
+
+@dataclass(frozen=True)
+class StreamedResult:
+    """The table and the layer-input second moments gathered on the way (for ``apply``'s rounding)."""
+
+    table: SensitivityTable
+    hessians: MutableMapping[str, np.ndarray]
+
+
+def streamable(model: ir.Model, config: AnalysisConfig) -> str | None:
+    """Why ``model``/``config`` cannot run streamed (None when it can)."""
+    if config.estimator != "ggn":
+        return "the hvp estimator needs double backward through the whole graph"
+    if config.probe_tol is not None:
+        return "convergence mode (--probe-tol) draws probes in rounds over the whole graph"
+    if config.sharded:
+        return "sharded runs (--workers/--ray) interpret the whole graph in each worker"
+    if model.functions:
+        return "the model has local functions (inline them first)"
+    return None
+
+
+def _nbytes(value: ir.Value) -> int:
+    cv = value.const_value
+    return int(cv.nbytes) if cv is not None else 0
+
+
+def plan_segments(model: ir.Model, segment_bytes: int | None = None) -> list[Segment]:
+    """Cut the sorted graph into segments of about ``segment_bytes`` of weights where few tensors are live.
+
+    Args:
+        model: the normalised model (nodes in topological order).
+        segment_bytes: weight bytes per segment (None: the weights / 16, within 16–512 MB, and at
+            least the largest initializer).
+    """
+    nodes = list(model.graph)
+    inits = model.graph.initializers
+    graph_inputs = [v.name for v in model.graph.inputs if v.name not in inits]
+    graph_outputs = {v.name for v in model.graph.outputs}
+    index = {id(n): i for i, n in enumerate(nodes)}
+    first_read: dict[str, int] = {}
+    last_read: dict[str, int] = {}
+    produced: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for v in node.inputs:
+            if v is None or not v.name:
+                continue
+            first_read.setdefault(v.name, i)
+            last_read[v.name] = i
+        for v in node.outputs:
+            if v.name:
+                produced[v.name] = i
+    for name in graph_outputs:
+        last_read[name] = len(nodes)
+    sizes = {name: _nbytes(v) for name, v in inits.items()}
+    total = sum(sizes[n] for n in first_read if n in sizes)
+    if segment_bytes is None:
+        segment_bytes = min(max(total // 16, MIN_SEGMENT_BYTES), MAX_SEGMENT_BYTES)
+    segment_bytes = max(segment_bytes, max(sizes.values(), default=0))
+    new_bytes = [0] * len(nodes)
+    for name, i in first_read.items():
+        if name in sizes:
+            new_bytes[i] += sizes[name]
+    # live (non-initializer) tensors after each node
+    delta = [0] * (len(nodes) + 1)
+    for name in graph_inputs:
+        if name in last_read:
+            delta[0] += 1
+            delta[last_read[name]] -= 1
+    for name, i in produced.items():
+        end = last_read.get(name, i)
+        if end > i:
+            delta[i] += 1
+            delta[end] -= 1
+    live, running = [], 0
+    for i in range(len(nodes)):
+        running += delta[i]
+        live.append(running)
+    floor = min(live[:-1], default=0)
+    cuts: list[int] = []
+    acc, best = 0, None
+    for i in range(len(nodes) - 1):
+        acc += new_bytes[i]
+        if acc < segment_bytes:
+            continue
+        if best is None or live[i] < live[best]:
+            best = i
+        if live[i] <= floor or acc >= 2 * segment_bytes:
+            cuts.append(best + 1)
+            acc = sum(new_bytes[best + 1 : i + 1])
+            best = None
+    bounds = [0, *cuts, len(nodes)]
+    segments: list[Segment] = []
+    for a, b in itertools.pairwise(bounds):
+        if a >= b:
+            continue
+        reads: dict[str, None] = {}
+        made: set[str] = set()
+        for node in nodes[a:b]:
+            for v in node.inputs:
+                if v is not None and v.name:
+                    reads.setdefault(v.name)
+            made.update(v.name for v in node.outputs if v.name)
+        seg_inits = tuple(n for n in reads if n in inits)
+        seg_inputs = tuple(n for n in reads if n not in inits and n not in made)
+        seg_outputs = tuple(
+            n for n in sorted(made, key=lambda x: produced[x]) if last_read.get(n, -1) >= b or n in graph_outputs
+        )
+        segments.append(
+            Segment(len(segments), (a, b), seg_inputs, seg_outputs, seg_inits, sum(sizes[n] for n in seg_inits))
+        )
+    del index
+    logger.info(
+        "streamed analysis: %d segment(s) of ≤ %.0f MB weights (largest %.0f MB)",
+        len(segments), segment_bytes / 2**20, max((s.weight_bytes for s in segments), default=0) / 2**20,
+    )
+    return segments
+
+
+def _value_info(value: ir.Value) -> onnx.ValueInfoProto:
+    dtype = value.dtype
+    elem = int(dtype.value) if dtype is not None else 0
+    return onnx.helper.make_tensor_value_info(value.name, elem, None)
+
+
+class _SegmentGraph:
+    """One segment as a :class:`~lpcompile.analysis.interpreter.TorchGraph` whose initializers are inputs."""
+
+    def __init__(self, model: ir.Model, seg: Segment, device: str) -> None:
+        from lpcompile.analysis.interpreter import TorchGraph
+
+        nodes = list(model.graph)[seg.nodes[0] : seg.nodes[1]]
+        values = {v.name: v for n in nodes for v in (*[i for i in n.inputs if i is not None], *n.outputs)}
+        g = onnx.GraphProto()
+        g.name = f"segment_{seg.index}"
+        g.node.extend(ir.serde.serialize_node(n) for n in nodes)
+        g.input.extend(_value_info(values[n]) for n in (*seg.inputs, *seg.initializers))
+        g.output.extend(_value_info(values[n]) for n in seg.outputs)
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+        proto = onnx.helper.make_model(g, opset_imports=opsets)
+        self.graph = TorchGraph(proto, device=device)
+        self.segment = seg
+
+
+def _load(model: ir.Model, names: Iterable[str], trainable: set[str], device: str) -> dict[str, torch.Tensor]:
+    """Torch copies of initializers (trainable ones as fp32 leaves), external data released after."""
+    from lpcompile.analysis import ops as _ops
+
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        value = model.graph.initializers[name]
+        tensor = value.const_value
+        arr = tensor.numpy()
+        if name in trainable:
+            t = torch.tensor(np.asarray(arr, dtype=np.float32), device=device).requires_grad_(True)
+        else:
+            t = _ops.numpy_to_torch(np.array(arr))
+            t = t.to(device) if device != "cpu" else t
+        out[name] = t
+        _release(tensor)
+    return out
+
+
+def _release(tensor: object) -> None:
+    release = getattr(tensor, "release", None)
+    if callable(release) and isinstance(tensor, ir.ExternalTensor):
+        release()
+
+
+class _Partials:
+    """Per-probe gradients of weights read in several segments, summed over segments before squaring."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.mem: dict[tuple[str, int, int], torch.Tensor] = {}
+        self.used = 0
+        self.dir: tempfile.TemporaryDirectory[str] | None = None
+        self.files: dict[tuple[str, int, int], Path] = {}
+
+    def add(self, key: tuple[str, int, int], g: torch.Tensor) -> None:
+        prev = self.pop(key)
+        g = g.detach().cpu() if prev is None else prev + g.detach().cpu()
+        if self.used + g.numel() * 4 <= self.limit:
+            self.mem[key] = g
+            self.used += g.numel() * 4
+            return
+        if self.dir is None:
+            self.dir = tempfile.TemporaryDirectory(prefix="lpcompile-partials-")
+        path = Path(self.dir.name) / f"{len(self.files)}_{key[1]}_{key[2]}.npy"
+        np.save(path, g.numpy())
+        self.files[key] = path
+
+    def pop(self, key: tuple[str, int, int]) -> torch.Tensor | None:
+        if key in self.mem:
+            g = self.mem.pop(key)
+            self.used -= g.numel() * 4
+            return g
+        if key in self.files:
+            path = self.files.pop(key)
+            g = torch.from_numpy(np.load(path))
+            path.unlink(missing_ok=True)
+            return g
+        return None
+
+    def close(self) -> None:
+        if self.dir is not None:
+            self.dir.cleanup()
+
+
+def analyze_streamed(
+    model: ir.Model,
+    calib: CalibrationSet,
+    config: AnalysisConfig,
+    module_paths: Mapping[str, str] | None = None,
+    segment_bytes: int | None = None,
+    hessians: MutableMapping[str, np.ndarray] | None = None,
+) -> StreamedResult:
+    """The Hutchinson GGN analysis, streamed segment by segment (see the module docstring).
+
+    Args:
+        model: the normalised model.
+        calib: calibration data.
+        config: analyzer settings (``ggn``, fixed probe count, not sharded).
+        module_paths: node name → PyTorch module path, recorded in the table.
+        segment_bytes: weight bytes per segment (None: see :func:`plan_segments`).
+        hessians: where the layer inputs' ``XᵀX`` go when the rounding needs them (a
+            :class:`~lpcompile.analysis.input_hessians.HessianStore` spills big ones to disk); None: a new store.
+
+    Raises:
+        UsageError: when the configuration needs the whole graph (:func:`streamable`).
+    """
+    from lpcompile.analysis.input_hessians import HessianAccumulator, HessianStore, attention_mask, hessian_specs
+    from lpcompile.analysis.rounded import needs_hessians
+    from lpcompile.analysis.sensitivity import (
+        _batch_len,
+        _limit,
+        _spread,
+        activation_elements,
+        assemble_table,
+        probe_generator,
+        resolve_device,
+        trace_rse,
+    )
+    from lpcompile.errors import UsageError
+
+    why = streamable(model, config)
+    if why:
+        raise UsageError(f"the streamed analysis cannot run: {why}")
+    t0 = time.perf_counter()
+    module_paths = module_paths or {}
+    device = resolve_device(config.device)
+    nodes = find_weight_nodes(model)
+    groups = tied_groups(nodes)
+    fmts = candidate_formats(config)
+    weights = sorted({n.weight for n in nodes})
+    wset = set(weights)
+    act_elements = activation_elements(fmts) if config.activations else set()
+    inits = model.graph.initializers
+    act_all = sorted({n.activation for n in nodes}) if act_elements else []
+    act_inits = [t for t in act_all if t in inits]  # a Gather's "activation" is its table
+    act_tensors = [t for t in act_all if t not in inits]
+    rounding = config.rounding if config.rounding != "stochastic" else "nearest"
+    want_h = needs_hessians(rounding, fmts)
+    data = _limit(calib, config.max_samples)
+    dynamic = dynamic_sequence_inputs(model)
+    batch_list = [trim_padding(b, dynamic) for b in batches(data, config.batch_size)]
+    segments = plan_segments(model, segment_bytes)
+    seg_of_node = _segment_of_nodes(model, segments)
+    readers: dict[str, list[int]] = {}
+    for seg in segments:
+        for name in seg.initializers:
+            if name in wset:
+                readers.setdefault(name, []).append(seg.index)
+    producer_seg = {name: seg.index for seg in segments for name in _produced(model, seg)}
+    graph_input_names = {v.name for v in model.graph.inputs}
+    t_build = time.perf_counter()
+
+    # ---- pass 1: forward, segment by segment; keep what crosses cuts, the outputs and activation ranges
+    keep_names = {n for seg in segments for n in seg.inputs} | {v.name for v in model.graph.outputs}
+    stored: list[dict[str, torch.Tensor]] = [
+        {k: torch.as_tensor(np.asarray(v)) for k, v in b.items() if k in keep_names} for b in batch_list
+    ]
+    amax: dict[str, float] = dict.fromkeys(act_tensors, 0.0)
+    graphs: dict[int, _SegmentGraph] = {}
+    for seg in segments:
+        sg = _SegmentGraph(model, seg, device)
+        graphs[seg.index] = sg
+        params = _load(model, seg.initializers, set(), device)
+        capture = [t for t in act_tensors if producer_seg.get(t) == seg.index or
+                   (t in graph_input_names and t in seg.inputs)]
+        with torch.no_grad():
+            for b, batch in enumerate(batch_list):
+                feeds = {n: stored[b][n] if n in stored[b] else torch.as_tensor(batch[n]) for n in seg.inputs}
+                res = sg.graph.forward({**feeds, **params}, capture=capture)
+                for name in seg.outputs:
+                    if name in keep_names:
+                        stored[b][name] = res[name].detach()
+                for t in capture:
+                    a = res[t].abs()
+                    a = a[torch.isfinite(a)]
+                    if a.numel():
+                        amax[t] = max(amax[t], float(a.max()))
+        del params
+    refs = [{v.name: stored[b][v.name] for v in model.graph.outputs} for b in range(len(batch_list))]
+    spec = choose_outputs(
+        model, config.outputs, config.loss, shapes={k: tuple(v.shape) for k, v in (refs[0] if refs else {}).items()}
+    )
+    kinds = spec.kinds()
+    masks = [spec.masks(b, {n: tuple(r[n].shape) for n in kinds}) for b, r in zip(batch_list, refs, strict=True)]
+    t_ref = time.perf_counter()
+
+    # ---- pass 2: backward, segments in reverse order
+    sizes = np.array([_batch_len(b) for b in batch_list], dtype=np.float64)
+    bweights = sizes / max(sizes.sum(), 1.0)
+    per_batch = _spread(config.probes, len(batch_list))
+    dep = _weight_dependent(model, wset | set(act_tensors))
+    incoming: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    zcache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    partials = _Partials(SPILL_BYTES)
+    diag: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[list[float]]] = {w: [[] for _ in batch_list] for w in weights}
+    act_term: dict[tuple[str, str], float] = {(t, e): 0.0 for t in act_all for e in act_elements}
+    act_done: set[str] = set()
+    hess = hessians if hessians is not None else HessianStore()
+    rows: dict[str, NodeSensitivity] = {}
+    pending = list(nodes)
+    t_predict = 0.0
+    try:
+        for seg in reversed(segments):
+            sg = graphs[seg.index]
+            seg_weights = [n for n in seg.initializers if n in wset]
+            params = _load(model, seg.initializers, set(seg_weights), device)
+            acc = {w: torch.zeros_like(params[w]) for w in seg_weights}
+            seg_nodes = [n for n in nodes if seg_of_node.get(n.name) == seg.index]
+            hacc = HessianAccumulator(hessian_specs(model, seg_nodes)) if want_h else None
+            perturb_names = [t for t in act_tensors if producer_seg.get(t) == seg.index or
+                             (t in graph_input_names and t in seg.inputs)]
+            for b, batch in enumerate(batch_list):
+                k = per_batch[b]
+                if k == 0 and hacc is None:
+                    continue
+                feeds: dict[str, torch.Tensor] = {}
+                for n in seg.inputs:
+                    v = stored[b][n] if n in stored[b] else torch.as_tensor(batch[n])
+                    if dep.get(n) and v.is_floating_point():
+                        v = v.detach().clone().requires_grad_(True)
+                    feeds[n] = v
+                perturb = {t: None for t in perturb_names}
+                capture = list(dict.fromkeys([*(hacc.tensors if hacc else ()), *perturb_names]))
+                res = sg.graph.forward({**feeds, **params}, capture=capture, perturb=perturb)
+                if hacc is not None:
+                    hacc.update({t: res[t] for t in hacc.tensors if t in res}, attention_mask(batch))
+                leaves = [params[w] for w in seg_weights]
+                in_leaves = [(n, feeds[n]) for n in seg.inputs if feeds[n].requires_grad]
+                act_leaves = [(t, sg.graph.perturbations[t]) for t in perturb_names if t in sg.graph.perturbations]
+                sq = {t: torch.zeros_like(leaf) for t, leaf in act_leaves}
+                for j in range(k):
+                    outs, gouts = [], []
+                    z = _probe(zcache, (b, j), refs[b], kinds, masks[b], config.seed, probe_generator)
+                    inc = incoming.get((b, j), {})
+                    for name in seg.outputs:
+                        g = inc.pop(name, None)
+                        if name in kinds:
+                            zz = z.pop(name).to(res[name].device)
+                            g = zz if g is None else g + zz
+                        if g is None or not res[name].requires_grad:
+                            continue
+                        outs.append(res[name])
+                        gouts.append(g.to(res[name].device))
+                    if not z:
+                        zcache.pop((b, j), None)
+                    if not outs:
+                        continue
+                    targets = [*leaves, *(v for _, v in in_leaves), *(v for _, v in act_leaves)]
+                    grads = torch.autograd.grad(outs, targets, grad_outputs=gouts, retain_graph=True, allow_unused=True)
+                    gw = grads[: len(leaves)]
+                    gi = grads[len(leaves) : len(leaves) + len(in_leaves)]
+                    ga = grads[len(leaves) + len(in_leaves) :]
+                    for w, g in zip(seg_weights, gw, strict=True):
+                        if g is None:
+                            continue
+                        if len(readers[w]) > 1:
+                            if seg.index != readers[w][0]:
+                                partials.add((w, b, j), g)
+                                continue
+                            prev = partials.pop((w, b, j))
+                            g = g.detach() if prev is None else g.detach() + prev.to(g.device)
+                        s2 = g.detach() * g.detach()
+                        acc[w].add_(s2, alpha=float(bweights[b]) / k)
+                        samples[w][b].append(float(s2.sum()))
+                    nxt = incoming.setdefault((b, j), {})
+                    for (n, _), g in zip(in_leaves, gi, strict=True):
+                        if g is not None:
+                            nxt[n] = nxt[n] + g.detach() if n in nxt else g.detach()
+                    for (t, _), g in zip(act_leaves, ga, strict=True):
+                        if g is not None:
+                            sq[t].add_(g.detach() * g.detach())
+                    if not nxt:
+                        incoming.pop((b, j), None)
+                for t, leaf in act_leaves:
+                    if k == 0:
+                        continue
+                    d = (sq[t] / k).cpu().double().numpy()
+                    a = res[t].detach().float().cpu().numpy()
+                    for e in act_elements:
+                        delta = qdq_activation(a, e, activation_scale(amax[t], e)).astype(np.float64) - a
+                        act_term[(t, e)] += float(bweights[b]) * 0.5 * float(np.sum(d * delta * delta))
+                    del leaf
+                del res
+            act_done.update(perturb_names)
+            for w in seg_weights:
+                if seg.index == readers[w][0]:
+                    diag[w] = acc[w].detach().cpu()
+                    if w in act_inits:  # perturbing a table is perturbing the weight: its diagonal
+                        _table_term(w, params[w], diag[w], act_elements, amax, act_term)
+                        act_done.add(w)
+            del acc, params
+            if hacc is not None:
+                for name, h in hacc.result().items():
+                    hess[name] = h
+                del hacc
+            tp = time.perf_counter()
+            pending = _score_ready(
+                model, pending, diag, act_done, act_tensors, rows, fmts, config, act_term, act_elements,
+                module_paths, hess, want_h, rounding, groups,
+            )
+            t_predict += time.perf_counter() - tp
+            logger.info("segment %d/%d done", len(segments) - seg.index, len(segments))
+    finally:
+        partials.close()
+    if pending:  # weights read by no segment (unused): zero diagonal
+        for n in pending:
+            diag.setdefault(n.weight, torch.zeros(n.shape))
+        _score_ready(model, pending, diag, set(act_tensors), act_tensors, rows, fmts, config, act_term,
+                     act_elements, module_paths, hess, want_h, rounding, groups)
+    t_hvp = time.perf_counter()
+    rse = {w: trace_rse(zip(bweights.tolist(), samples[w], strict=True)) for w in weights}
+    table_nodes = [replace(rows[n.name], trace_rse=rse.get(n.weight)) for n in nodes]
+    table = assemble_table(
+        table_nodes, fmts, config, kinds, data, int(sizes.sum()), amax, (t0, t_build, t_ref, t_hvp - t_predict, t_hvp)
+    )
+    table = replace(table, probes=config.probes, seeding="per-probe", loss_outputs=spec.to_dict())
+    table = replace(table, timings={**table.timings, "segments": float(len(segments))})
+    return StreamedResult(table=table, hessians=hess)
+
+
+def _table_term(
+    name: str,
+    value: torch.Tensor,
+    diag: torch.Tensor,
+    elements: Iterable[str],
+    amax: dict[str, float],
+    act_term: dict[tuple[str, str], float],
+) -> None:
+    """The activation term of an initializer read as an activation: ½·Σ D·δa² with D its weight diagonal."""
+    a = value.detach().float().cpu().numpy()
+    finite = np.abs(a[np.isfinite(a)])
+    amax[name] = float(finite.max()) if finite.size else 0.0
+    d = diag.double().numpy()
+    for e in elements:
+        delta = qdq_activation(a, e, activation_scale(amax[name], e)).astype(np.float64) - a
+        act_term[(name, e)] = 0.5 * float(np.sum(d * delta * delta))
+
+
+def _probe(
+    cache: dict[tuple[int, int], dict[str, torch.Tensor]],
+    key: tuple[int, int],
+    ref: Mapping[str, torch.Tensor],
+    kinds: Mapping[str, str],
+    masks: Mapping[str, np.ndarray | None],
+    seed: int,
+    generator: object,
+) -> dict[str, torch.Tensor]:
+    """The output-space vectors of probe ``key`` = (batch, probe), drawn as the full-model GGN draws them."""
+    if key not in cache:
+        gen = generator(seed, key[0], key[1])  # type: ignore[operator]
+        cache[key] = {
+            name: ggn_output_probe(ref[name].cpu(), kind, gen, masks.get(name)) for name, kind in kinds.items()
+        }
+    return cache[key]
+
+
+def _produced(model: ir.Model, seg: Segment) -> list[str]:
+    nodes = list(model.graph)[seg.nodes[0] : seg.nodes[1]]
+    return [v.name for n in nodes for v in n.outputs if v.name]
+
+
+def _segment_of_nodes(model: ir.Model, segments: Sequence[Segment]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    nodes = list(model.graph)
+    for seg in segments:
+        for n in nodes[seg.nodes[0] : seg.nodes[1]]:
+            out[n.name] = seg.index
+    return out
+
+
+def _weight_dependent(model: ir.Model, sources: set[str]) -> dict[str, bool]:
+    """Tensor name → whether it depends on any of ``sources`` (gradients only flow along these)."""
+    dep = dict.fromkeys(sources, True)
+    for node in model.graph:
+        d = any(dep.get(v.name, False) for v in node.inputs if v is not None)
+        for v in node.outputs:
+            dep[v.name] = d or dep.get(v.name, False)
+    return dep
+
+
+def _score_ready(
+    model: ir.Model,
+    pending: list[WeightNode],
+    diag: dict[str, torch.Tensor],
+    act_done: set[str],
+    act_tensors: Sequence[str],
+    rows: dict[str, NodeSensitivity],
+    fmts: Sequence[str],
+    config: AnalysisConfig,
+    act_term: Mapping[tuple[str, str], float],
+    act_elements: set[str],
+    module_paths: Mapping[str, str],
+    hess: Mapping[str, np.ndarray],
+    want_h: bool,
+    rounding: str,
+    groups: Mapping[str, str],
+) -> list[WeightNode]:
+    """Score the pending nodes whose weight diagonal and activation term are final; return the rest.
+
+    A tied group is scored together (its rows are only complete as a group). Diagonals no pending
+    node needs any more are dropped.
+    """
+    from lpcompile.analysis.rounded import predict_rounded_losses
+    from lpcompile.analysis.sensitivity import predict_losses
+    from lpcompile.formats import split_candidate
+
+    acts = set(act_tensors) | {t for t, _ in act_term}
+    ready = [n for n in pending if n.weight in diag and (n.activation not in acts or n.activation in act_done)]
+    if not ready:
+        return pending
+    d64 = {n.weight: diag[n.weight].double().numpy() for n in ready}
+    rounded = rounding not in ("nearest",) or any(split_candidate(c)[1] for c in fmts)
+    if rounded:
+        scored, _ = predict_rounded_losses(
+            model, ready, fmts, d64, act_term, act_elements, module_paths,
+            hessians=hess if want_h else None, default_rounding=rounding, kron=True, keep_weights=False,
+        )
+    else:
+        scored = predict_losses(model, ready, fmts, config, d64, act_term, act_elements, module_paths)
+    for row in scored:
+        rows[row.name] = replace(row, group=groups.get(row.name, row.group))
+    for n in ready:
+        _release(model.graph.initializers[n.weight].const_value)
+    rest = [n for n in pending if n.name not in rows]
+    still = {n.weight for n in rest}
+    for w in [w for w in diag if w not in still]:
+        del diag[w]
+    return rest
