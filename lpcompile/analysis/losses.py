@@ -315,6 +315,38 @@ def _mask_covers(model: ir.Model, mask: str, output: ir.Value, shape: Sequence[A
 # distortion
 
 
+#: float64 elements per chunk of the KL probe (positions × vocabulary): bounds its temporaries (~8 × 32 MB)
+_KL_CHUNK = 1 << 22
+
+
+def _kl_probe(y_ref: torch.Tensor, gen: torch.Generator, mask: Any) -> torch.Tensor:
+    """The KL branch of :func:`ggn_output_probe`, computed in float64 a block of positions at a time
+    (the same numbers as the whole-tensor formula: every step is per position)."""
+    import torch
+
+    y = y_ref.detach()
+    u8 = torch.randint(0, 2, y.shape, generator=gen, dtype=torch.int8)
+    vocab = max(int(y.shape[-1]), 1) if y.ndim else 1
+    rows = y.reshape(-1, vocab)
+    u_rows = u8.reshape(-1, vocab)
+    m = _torch_mask(mask, y.to(torch.float64)[..., :1], 1)
+    m_rows = m.reshape(-1, 1) if m is not None else None
+    div = math.sqrt(max(rows.shape[0], 1)) if m is None else math.sqrt(float(m.sum().clamp_min(1.0)))
+    out = torch.empty(rows.shape, dtype=y_ref.dtype, device=y.device)
+    step = max(1, _KL_CHUNK // vocab)
+    for start in range(0, rows.shape[0], step):
+        sl = slice(start, start + step)
+        y0 = rows[sl].to(torch.float64)
+        u = u_rows[sl].to(torch.float64).mul_(2).sub_(1)
+        p = torch.softmax(y0, dim=-1)
+        a = p.sqrt()
+        z = a * u - p * (a * u).sum(-1, keepdim=True)
+        if m_rows is not None:
+            z = z * m_rows[sl]
+        out[sl] = (z / div).to(y_ref.dtype)
+    return out.reshape(y.shape)
+
+
 def _torch_mask(mask: Any, like: torch.Tensor, trailing: int) -> torch.Tensor | None:
     import torch
 
@@ -393,18 +425,10 @@ def ggn_output_probe(y_ref: torch.Tensor, kind: str, gen: torch.Generator, mask:
     """
     import torch
 
+    if kind == "kl":
+        return _kl_probe(y_ref, gen, mask)
     y0 = y_ref.detach().to(torch.float64)
     u = torch.randint(0, 2, y0.shape, generator=gen, dtype=torch.int8).to(torch.float64).mul_(2).sub_(1)
-    if kind == "kl":
-        p = torch.softmax(y0, dim=-1)
-        a = p.sqrt()
-        z = a * u - p * (a * u).sum(-1, keepdim=True)
-        m = _torch_mask(mask, y0, 1)
-        if m is None:
-            samples = y0.numel() // y0.shape[-1]
-            return (z / math.sqrt(max(samples, 1))).to(y_ref.dtype)
-        valid = float(m.sum().clamp_min(1.0))
-        return (z * m / math.sqrt(valid)).to(y_ref.dtype)
     m = _torch_mask(mask, y0, y0.ndim - np.asarray(mask).ndim) if mask is not None else None
     if m is None:
         denom = float((y0 * y0).mean().clamp_min(1e-30))

@@ -439,7 +439,11 @@ def analyze_streamed(
                 sq = {t: torch.zeros_like(leaf) for t, leaf in act_leaves}
                 for j in range(k):
                     outs, gouts = [], []
-                    z = _probe(zcache, (b, j), refs[b], kinds, masks[b], config.seed, probe_generator)
+                    z = (
+                        _probe(zcache, (b, j), refs[b], kinds, masks[b], config.seed, probe_generator)
+                        if any(name in kinds for name in seg.outputs)
+                        else {}
+                    )
                     inc = incoming.get((b, j), {})
                     for name in seg.outputs:
                         g = inc.pop(name, None)
@@ -450,7 +454,7 @@ def analyze_streamed(
                             continue
                         outs.append(res[name])
                         gouts.append(g.to(res[name].device))
-                    if not z:
+                    if not zcache.get((b, j), True):
                         zcache.pop((b, j), None)
                     if not outs:
                         continue

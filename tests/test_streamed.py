@@ -1,0 +1,138 @@
+"""The segment-streamed analysis gives the full-model GGN table; XᵀX is gathered once per compile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from lpcompile.analysis.config import AnalysisConfig
+from lpcompile.analysis.input_hessians import HessianStore
+from lpcompile.analysis.sensitivity import analyze_onnx
+from lpcompile.analysis.streamed import analyze_streamed, plan_segments, streamable
+from lpcompile.files import load_normalized
+from lpcompile.frontend.calib import CalibrationSet
+from lpcompile.frontend.synth_llama import PRESETS, write_llama
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_llama(tmp_path_factory.mktemp("toy") / "toy.onnx", PRESETS["toy"], seed=0)
+
+
+def _calib(n: int = 6, seq: int = 12) -> CalibrationSet:
+    ids = np.random.default_rng(1).integers(0, PRESETS["toy"].vocab, (n, seq)).astype(np.int64)
+    return CalibrationSet(arrays={"input_ids": ids}, source="random ids")
+
+
+def _same_tables(a: object, b: object, rtol: float = 1e-5) -> None:
+    assert [n.name for n in a.nodes] == [n.name for n in b.nodes]  # type: ignore[attr-defined]
+    for x, y in zip(a.nodes, b.nodes, strict=True):  # type: ignore[attr-defined]
+        assert x.candidates.keys() == y.candidates.keys()
+        for f, c in x.candidates.items():
+            np.testing.assert_allclose(y.candidates[f].predicted_loss, c.predicted_loss, rtol=rtol, atol=1e-30)
+            assert y.candidates[f].bits == c.bits
+        assert x.group == y.group
+        np.testing.assert_allclose(y.trace, x.trace, rtol=rtol)
+    for t, v in a.activation_amax.items():  # type: ignore[attr-defined]
+        np.testing.assert_allclose(b.activation_amax[t], v, rtol=1e-6)  # type: ignore[attr-defined]
+
+
+def test_synth_llama_runs_in_ort_and_is_causal(toy: Path) -> None:
+    onnx.checker.check_model(str(toy), full_check=True)
+    sess = ort.InferenceSession(str(toy))
+    ids = np.random.default_rng(0).integers(0, PRESETS["toy"].vocab, (2, 10)).astype(np.int64)
+    y = sess.run(None, {"input_ids": ids})[0]
+    ids2 = ids.copy()
+    ids2[:, 6] = (ids2[:, 6] + 1) % PRESETS["toy"].vocab
+    y2 = sess.run(None, {"input_ids": ids2})[0]
+    assert y.shape == (2, 10, PRESETS["toy"].vocab)
+    np.testing.assert_array_equal(y[:, :6], y2[:, :6])  # earlier positions never see later tokens
+    assert np.abs(y[:, 6:] - y2[:, 6:]).max() > 0
+    assert PRESETS["tinyllama-1.1b"].params() == pytest.approx(1.1e9, rel=0.01)
+
+
+def test_segments_cover_the_graph_and_cut_between_blocks(toy: Path) -> None:
+    model = load_normalized(toy)
+    segs = plan_segments(model, segment_bytes=20_000)
+    assert len(segs) >= 3
+    assert segs[0].nodes[0] == 0 and segs[-1].nodes[1] == len(list(model.graph))
+    assert all(a.nodes[1] == b.nodes[0] for a, b in zip(segs, segs[1:], strict=False))
+    # an interior cut carries the residual stream plus the shared mask/rotary tensors, not a block's innards
+    consts = {n.outputs[0].name for n in model.graph if n.op_type == "Constant"}
+    assert all(len(set(s.inputs) - consts) <= 5 for s in segs[1:])
+    # the tied embedding table is read by the first and the last segment
+    assert "model.embed_tokens.weight" in segs[0].initializers
+    assert "model.embed_tokens.weight" in segs[-1].initializers
+
+
+@pytest.mark.parametrize(("rounding", "segment_bytes"), [("nearest", 20_000), ("gptq", 60_000)])
+def test_streamed_table_equals_full_model_table(toy: Path, rounding: str, segment_bytes: int) -> None:
+    model = load_normalized(toy)
+    cfg = AnalysisConfig(seeding="per-probe", batch_size=2, probes=6, rounding=rounding)
+    full = analyze_onnx(model, _calib(), cfg)
+    store = HessianStore(limit=0)  # every XᵀX spills to disk and is read back
+    res = analyze_streamed(model, _calib(), cfg, segment_bytes=segment_bytes, hessians=store)
+    _same_tables(full, res.table)
+    assert res.table.timings["segments"] >= 2
+    if rounding == "gptq":
+        assert len(store) and store.files
+        ref = HessianStore()
+        analyze_onnx(model, _calib(), cfg, hessians=ref)
+        for name in ref:
+            # the same samples summed in other batch sizes (fp32 products per batch)
+            np.testing.assert_allclose(store[name], ref[name], rtol=1e-5, atol=1e-6 * np.abs(ref[name]).max())
+    else:
+        assert not len(store)
+    store.close()
+
+
+def test_streamed_matches_on_a_classifier_with_activation_formats() -> None:
+    model = load_normalized(EXAMPLES / "digits_mlp.onnx")
+    data = np.load(EXAMPLES / "digits_calib.npz")
+    calib = CalibrationSet(arrays={k: data[k][:24] for k in data.files}, source="digits")
+    cfg = AnalysisConfig(seeding="per-probe", batch_size=8, probes=6)
+    _same_tables(analyze_onnx(model, calib, cfg), analyze_streamed(model, calib, cfg, segment_bytes=1).table)
+
+
+def test_settings_that_need_the_whole_graph_are_refused(toy: Path) -> None:
+    model = load_normalized(toy)
+    assert streamable(model, AnalysisConfig()) is None
+    assert "hvp" in (streamable(model, AnalysisConfig(estimator="hvp")) or "")
+    assert "probe-tol" in (streamable(model, AnalysisConfig(probe_tol=0.1)) or "")
+    out = subprocess.run(
+        [sys.executable, "-m", "lpcompile", "analyze", str(toy), "--stream", "on", "--probe-tol", "0.1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "--stream on" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_compile_gathers_xtx_once(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile hands the analysis' XᵀX to apply: one calibration pass for them, not two."""
+    import lpcompile.analysis.input_hessians as ih
+    from lpcompile.files import compile_file
+
+    calls: list[int] = []
+    real = ih.collect_input_hessians
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ih, "collect_input_hessians", counting)
+    np.savez(tmp_path / "calib.npz", input_ids=_calib(8).arrays["input_ids"])
+    for stream, expected in (("off", 1), ("on", 0)):
+        calls.clear()
+        cfg = AnalysisConfig(rounding="gptq", probes=4, stream=stream, segment_mb=0.02)
+        res = compile_file(toy, "4.5bits", out=tmp_path / f"o_{stream}.onnx", calib_path=tmp_path / "calib.npz",
+                           config=cfg)
+        assert len(calls) == expected, stream
+        assert res.applied.output.exists()
