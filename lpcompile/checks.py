@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from lpcompile.graph import WeightNode, find_weight_nodes
+from lpcompile.graph import WeightNode, find_weight_nodes, release_data
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +105,15 @@ def _nonfinite_weights(model: ir.Model, nodes: list[WeightNode]) -> tuple[list[F
     counts: dict[str, int] = {}
     zero_weights: set[str] = set()
     for w in sorted({n.weight for n in nodes}):
-        arr = np.asarray(model.graph.initializers[w].const_value.numpy())
+        tensor = model.graph.initializers[w].const_value
+        arr = np.asarray(tensor.numpy())
         finite = np.isfinite(arr)
         if not finite.all():
             counts[w] = int(arr.size - np.count_nonzero(finite))
         elif not np.any(arr):
             zero_weights.add(w)
+        del arr, finite
+        release_data(tensor)  # a big external model is scanned one mapped tensor at a time
     for n in nodes:
         if n.weight in counts:
             bad_nodes.add(n.name)

@@ -187,6 +187,17 @@ def weight_array(model: ir.Model, name: str) -> np.ndarray:
     return np.asarray(value.const_value.numpy(), dtype=np.float32)
 
 
+def release_data(tensor: object) -> None:
+    """Unmap an external (memory-mapped) initializer after reading it, so its pages leave this
+    process's resident set; it maps again when next read. A no-op for in-memory tensors or while
+    an array still views the mapping."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # an array still views the mapping: it goes when that array does
+            logger.debug("external tensor %s still viewed; left mapped", tensor.name)
+
+
 def candidate_nodes(nodes: Sequence[WeightNode], fmts: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Node name → the candidate formats it can take, in ``fmts`` order.
 

@@ -48,7 +48,7 @@ from lpcompile.analysis.losses import choose_outputs, ggn_output_probe
 from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
 from lpcompile.formats import activation_scale, qdq_activation
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
-from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
+from lpcompile.graph import WeightNode, find_weight_nodes, release_data, tied_groups
 
 logger = logging.getLogger(__name__)
 
@@ -240,14 +240,9 @@ def _load(model: ir.Model, names: Iterable[str], trainable: set[str], device: st
             t = _ops.numpy_to_torch(np.array(arr))
             t = t.to(device) if device != "cpu" else t
         out[name] = t
-        _release(tensor)
+        del arr
+        release_data(tensor)
     return out
-
-
-def _release(tensor: object) -> None:
-    release = getattr(tensor, "release", None)
-    if callable(release) and isinstance(tensor, ir.ExternalTensor):
-        release()
 
 
 class _Partials:
@@ -633,7 +628,7 @@ def _score_ready(
     for row in scored:
         rows[row.name] = replace(row, group=groups.get(row.name, row.group))
     for n in ready:
-        _release(model.graph.initializers[n.weight].const_value)
+        release_data(model.graph.initializers[n.weight].const_value)
     rest = [n for n in pending if n.name not in rows]
     still = {n.weight for n in rest}
     for w in [w for w in diag if w not in still]:
