@@ -136,3 +136,20 @@ def test_compile_gathers_xtx_once(toy: Path, tmp_path: Path, monkeypatch: pytest
                            config=cfg)
         assert len(calls) == expected, stream
         assert res.applied.output.exists()
+
+
+def test_big_weights_are_scored_in_channel_slices_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lpcompile.analysis.sensitivity as sens
+    from lpcompile.formats import WeightLayout, get_format
+
+    rng = np.random.default_rng(0)
+    cases = [((300, 256), WeightLayout(1, 0)), ((256, 300), WeightLayout(0, 1)), ((64, 40, 3, 3), WeightLayout(0, 1))]
+    for shape, layout in cases:
+        w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        d = rng.random(shape)
+        for name in ("int4_b128", "int4_b32", "int8", "fp8_e4m3", "bf16"):
+            fmt = get_format(name)
+            monkeypatch.setattr(sens, "PREDICT_SLICE", 1 << 30)
+            whole = sens.rounding_error(fmt, w, layout, d)
+            monkeypatch.setattr(sens, "PREDICT_SLICE", 5000)
+            np.testing.assert_allclose(sens.rounding_error(fmt, w, layout, d), whole, rtol=1e-12)

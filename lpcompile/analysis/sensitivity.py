@@ -35,7 +35,15 @@ import torch
 from lpcompile.analysis.config import DEFAULT_FORMATS, AnalysisConfig, candidate_formats
 from lpcompile.analysis.losses import choose_outputs, ggn_output_probe, torch_distortion
 from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
-from lpcompile.formats import activation_scale, get_format, qdq_activation, qdq_weight
+from lpcompile.formats import (
+    Format,
+    WeightLayout,
+    activation_scale,
+    get_format,
+    is_classic,
+    qdq_activation,
+    qdq_weight,
+)
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import WeightNode, candidate_nodes, find_weight_nodes, tied_groups, weight_array
 
@@ -551,11 +559,8 @@ def predict_losses(
             if fmt.is_identity:
                 cands[f] = Candidate(bits=bits, predicted_loss=0.0)
                 continue
-            delta = qdq_weight(fmt, w, n.layout).astype(np.float64) - w
-            if config.method == "trace":
-                pred = 0.5 * trace / max(n.params, 1) * float(np.sum(delta * delta))
-            else:
-                pred = 0.5 * float(np.sum(d * delta * delta))
+            weighted, plain = rounding_error(fmt, w, n.layout, d)
+            pred = 0.5 * trace / max(n.params, 1) * plain if config.method == "trace" else 0.5 * weighted
             if fmt.activation and fmt.activation in act_elements:
                 pred += act_term[(n.activation, fmt.activation)]
             cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
@@ -565,6 +570,36 @@ def predict_losses(
             )
         )
     return out
+
+
+#: weights of more elements are scored a slice of output channels at a time (bounded temporaries)
+PREDICT_SLICE = 1 << 23
+
+
+def rounding_error(fmt: Format, w: np.ndarray, layout: WeightLayout, d: np.ndarray) -> tuple[float, float]:
+    """(Σ d·δ², Σ δ²) for δ = Q_fmt(w) − w, round to nearest.
+
+    A big weight in a format whose scales are per channel or per block of the reduction axis (every
+    channel quantized on its own) is done ``PREDICT_SLICE`` elements of channels at a time: the same
+    δ element for element, with memory for a slice instead of several float64 copies of the tensor.
+    """
+    c = layout.channel_axis % w.ndim if w.ndim else 0
+    sliceable = (
+        w.size > PREDICT_SLICE and w.ndim >= 2 and is_classic(fmt) and not layout.flatten
+        and fmt.scale in ("none", "per_channel", "per_block") and c != layout.reduction_axis % w.ndim
+    )
+    if not sliceable:
+        delta = qdq_weight(fmt, w, layout).astype(np.float64) - w
+        return float(np.sum(d * delta * delta)), float(np.sum(delta * delta))
+    step = max(1, PREDICT_SLICE * w.shape[c] // w.size)
+    weighted = plain = 0.0
+    for start in range(0, w.shape[c], step):
+        idx = tuple(slice(start, start + step) if i == c else slice(None) for i in range(w.ndim))
+        ws = np.ascontiguousarray(w[idx])
+        delta = qdq_weight(fmt, ws, layout).astype(np.float64) - ws
+        weighted += float(np.sum(d[idx] * delta * delta))
+        plain += float(np.sum(delta * delta))
+    return weighted, plain
 
 
 def assemble_table(

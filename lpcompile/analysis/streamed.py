@@ -30,6 +30,8 @@ rounds would need the whole graph again).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import logging
 import tempfile
@@ -379,6 +381,7 @@ def analyze_streamed(
                     if a.numel():
                         amax[t] = max(amax[t], float(a.max()))
         del params
+        _trim_heap()
     refs = [{v.name: stored[b][v.name] for v in model.graph.outputs} for b in range(len(batch_list))]
     spec = choose_outputs(
         model, config.outputs, config.loss, shapes={k: tuple(v.shape) for k, v in (refs[0] if refs else {}).items()}
@@ -507,6 +510,7 @@ def analyze_streamed(
                 module_paths, hess, want_h, rounding, groups,
             )
             t_predict += time.perf_counter() - tp
+            _trim_heap()
             logger.info("segment %d/%d done", len(segments) - seg.index, len(segments))
     finally:
         partials.close()
@@ -542,6 +546,14 @@ def _table_term(
     for e in elements:
         delta = qdq_activation(a, e, activation_scale(amax[name], e)).astype(np.float64) - a
         act_term[(name, e)] = 0.5 * float(np.sum(d * delta * delta))
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed blocks below its (adaptive, ≤ 32 MB)
+    mmap threshold in its arenas, so a segment's many mid-sized tensors would otherwise stay resident
+    after the segment is done."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _probe(
