@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_segments_cover_the_graph_and_cut_between_blocks(toy: Path) -> None:
     segs = plan_segments(model, segment_bytes=20_000)
     assert len(segs) >= 3
     assert segs[0].nodes[0] == 0 and segs[-1].nodes[1] == len(list(model.graph))
-    assert all(a.nodes[1] == b.nodes[0] for a, b in zip(segs, segs[1:], strict=False))
+    assert all(a.nodes[1] == b.nodes[0] for a, b in itertools.pairwise(segs))
     # an interior cut carries the residual stream plus the shared mask/rotary tensors, not a block's innards
     consts = {n.outputs[0].name for n in model.graph if n.op_type == "Constant"}
     assert all(len(set(s.inputs) - consts) <= 5 for s in segs[1:])
