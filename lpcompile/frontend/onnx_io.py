@@ -35,6 +35,8 @@ EXTERNAL_THRESHOLD = 1_800_000_000
 """Bytes of initializers beyond which :func:`save_model` writes external data."""
 INLINE_EXTERNAL_LIMIT = 1_000_000_000
 """External data up to this many bytes is read into memory on load (the model then fits one proto)."""
+STREAMED_INLINE_LIMIT = 256 * 2**20
+""":func:`save_model` writes external data when more than this many bytes still stream from an input file."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -342,19 +344,21 @@ def save_model(
         model: the model (not modified).
         path: the ``.onnx`` file.
         external: write initializers to ``<name>.data`` beside ``path``; ``None`` (default) does
-            so when they exceed :data:`EXTERNAL_THRESHOLD` bytes or some are still streamed from an
-            input's data file (:class:`StreamedTensor`). Without external data a stale
+            so when they exceed :data:`EXTERNAL_THRESHOLD` bytes or more than
+            :data:`STREAMED_INLINE_LIMIT` bytes still stream from an input's data file
+            (:class:`StreamedTensor`). Without external data a stale
             ``<name>.data`` beside the target is left alone; the new model does not refer to it.
     """
     path = Path(path)
     if isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
     if external is None:
-        # a model still reading weights from its input's file (a big model: see load_model) keeps
-        # external data, so those weights go from file to file without passing through memory
-        external = model_bytes_estimate(model) > EXTERNAL_THRESHOLD or any(
-            isinstance(v.const_value, StreamedTensor) for v in external_tensors(model)
+        # a model still reading many weights from its input's file (a big model: see load_model)
+        # keeps external data, so those weights go from file to file without passing through memory
+        streamed = sum(
+            v.const_value.nbytes for v in external_tensors(model) if isinstance(v.const_value, StreamedTensor)
         )
+        external = model_bytes_estimate(model) > EXTERNAL_THRESHOLD or streamed > STREAMED_INLINE_LIMIT
     try:
         if external:
             return _save_external(model, path)
