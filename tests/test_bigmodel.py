@@ -25,6 +25,7 @@ from onnx import numpy_helper
 
 import lpcompile.frontend.onnx_io as onnx_io
 from lpcompile.analysis.config import AnalysisConfig
+from lpcompile.errors import ModelLoadError
 from lpcompile.files import analysis_calib, apply_file, load_normalized
 from lpcompile.formats import WeightLayout, get_format, quantize_weight
 from lpcompile.frontend.calib import load_calibration
@@ -178,3 +179,14 @@ def test_max_samples_on_the_cli_keeps_peak_memory_small(small_big, tmp_path: Pat
     *lines, peak = proc.stderr.rstrip("\n").split("\n")
     assert proc.returncode == 0, "\n".join(lines)
     assert int(peak) < 1024 * 1024, f"peak RSS {peak} KiB"  # < 1 GiB; the whole array would be 256 MiB
+
+
+def test_truncated_external_data_is_one_line_at_load(small_big, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(onnx_io, "INLINE_EXTERNAL_LIMIT", 0)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(small_big.path.read_bytes())
+    data = small_big.data_path.read_bytes()
+    (tmp_path / small_big.data_path.name).write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ModelLoadError) as info:
+        load_model(model)
+    assert "truncated" in str(info.value) and "\n" not in str(info.value)

@@ -230,14 +230,26 @@ class StreamedTensor(ir.ExternalTensor):
 
 
 def stream_external(model: ir.Model) -> int:
-    """Replace every memory-mapped external initializer by a :class:`StreamedTensor`; return how many."""
+    """Replace every memory-mapped external initializer by a :class:`StreamedTensor`; return how many.
+
+    Raises:
+        ModelLoadError: a tensor's bytes run past the end of its data file (a truncated file would
+            otherwise fail in the middle of a pass).
+    """
     n = 0
+    sizes: dict[str, int] = {}
     for v in external_tensors(model):
         t = v.const_value
-        if isinstance(t, StreamedTensor):
+        if isinstance(t, StreamedTensor) or t.raw is not None:  # streamed already, or mapped by its owner
             continue
-        if t.raw is not None:  # already mapped by someone: keep that mapping's owner in charge
-            continue
+        if t.path not in sizes:
+            sizes[t.path] = os.stat(t.path).st_size
+        end = (t.offset or 0) + (t.length if t.length is not None else t.nbytes)
+        if end > sizes[t.path] or (t.length is not None and t.length < t.nbytes):
+            raise ModelLoadError(
+                f"external data of tensor {t.name!r} is truncated: it needs bytes up to {end:,} of "
+                f"{t.location!r}, which holds {sizes[t.path]:,}"
+            )
         v.const_value = StreamedTensor.of(t)
         n += 1
     return n
