@@ -367,7 +367,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         return form
 
 
-SLICE_BYTES = 32 * 2**20
+SLICE_BYTES = 8 * 2**20
 """Round-to-nearest quantizes weights bigger than this many float32 bytes a slice of channels at a time."""
 
 
@@ -397,15 +397,21 @@ def quantize_in_slices(
     if axis is None or arr.nbytes <= slice_bytes or arr.shape[axis] < 2:
         return quantize_weight(fmt, arr, layout, "nearest")
     per = max(1, int(slice_bytes // max(1, arr.nbytes // arr.shape[axis])))
-    parts = [
-        quantize_weight(fmt, arr[(slice(None),) * axis + (slice(i, i + per),)], layout, "nearest")
-        for i in range(0, arr.shape[axis], per)
-    ]
-    first = parts[0]
-    codes = np.concatenate([q.codes for q in parts], axis=axis)
+    codes: np.ndarray | None = None
+    scales: list[np.ndarray] = []
+    first: QuantizedWeight | None = None
+    for i in range(0, arr.shape[axis], per):
+        cut = (slice(None),) * axis + (slice(i, i + per),)
+        q = quantize_weight(fmt, arr[cut], layout, "nearest")
+        if codes is None:  # filled in place: no second copy of the codes
+            first, codes = q, np.empty(arr.shape, dtype=q.codes.dtype)
+        codes[cut] = q.codes
+        if q.scale is not None:
+            scales.append(q.scale)
+    assert first is not None and codes is not None
     scale = None
     if first.scale is not None:  # per-channel: 1-D over channels; per-block: the weight's rank
-        scale = np.concatenate([q.scale for q in parts], axis=0 if first.scale.ndim == 1 else axis)  # type: ignore[misc]
+        scale = np.concatenate(scales, axis=0 if first.scale.ndim == 1 else axis)
     return QuantizedWeight(first.format, codes, scale, first.axis, first.block_size)
 
 
