@@ -86,9 +86,11 @@ def test_streamed_apply_writes_the_same_model_as_the_in_memory_path(small_big, t
     before = _sha(small_big.data_path)
     in_memory = apply_file(small_big.path, tmp_path / "mem.onnx", uniform="int4")
     monkeypatch.setattr(onnx_io, "INLINE_EXTERNAL_LIMIT", 0)
+    monkeypatch.setattr(onnx_io, "STREAMED_INLINE_LIMIT", 0)  # a streamed model's output: tensor by tensor
     monkeypatch.setattr("lpcompile.passes.quantize_weights.SLICE_BYTES", 4096)  # slice-wise rounding too
     streamed = apply_file(small_big.path, tmp_path / "str.onnx", uniform="int4")
     assert _sha(small_big.data_path) == before  # the input's data is never written
+    assert not (tmp_path / "mem.onnx.data").exists() and (tmp_path / "str.onnx.data").is_file()
     mem, st = onnx.load(str(in_memory.output)), onnx.load(str(streamed.output))
     a = {t.name: numpy_helper.to_array(t) for t in mem.graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in st.graph.initializer}

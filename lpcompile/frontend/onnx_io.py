@@ -36,7 +36,9 @@ EXTERNAL_THRESHOLD = 1_800_000_000
 INLINE_EXTERNAL_LIMIT = 1_000_000_000
 """External data up to this many bytes is read into memory on load (the model then fits one proto)."""
 STREAMED_INLINE_LIMIT = 256 * 2**20
-""":func:`save_model` writes external data when more than this many bytes still stream from an input file."""
+""":func:`save_model` writes a model loaded with streamed weights with external data above this many bytes."""
+STREAMED_META = "lpcompile.streamed"
+"""``model.meta`` key :func:`load_model` sets when the model's weights stream from their file."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -286,6 +288,7 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
             materialize(model)
         elif ext:
             stream_external(model)
+            model.meta[STREAMED_META] = True
             logger.info("%d external initializer(s) of %s are read from the file one at a time", len(ext), path)
         _check_text(model)
     except ModelLoadError:
@@ -356,9 +359,9 @@ def save_model(
         model: the model (not modified).
         path: the ``.onnx`` file.
         external: write initializers to ``<name>.data`` beside ``path``; ``None`` (default) does
-            so when they exceed :data:`EXTERNAL_THRESHOLD` bytes or more than
-            :data:`STREAMED_INLINE_LIMIT` bytes still stream from an input's data file
-            (:class:`StreamedTensor`). Without external data a stale
+            so when they exceed :data:`EXTERNAL_THRESHOLD` bytes, or :data:`STREAMED_INLINE_LIMIT`
+            bytes for a model whose weights were streamed (:class:`StreamedTensor`; a big input and
+            what is rewritten from it). Without external data a stale
             ``<name>.data`` beside the target is left alone; the new model does not refer to it.
     """
     path = Path(path)
@@ -367,10 +370,13 @@ def save_model(
     if external is None:
         # a model still reading many weights from its input's file (a big model: see load_model)
         # keeps external data, so those weights go from file to file without passing through memory
-        streamed = sum(
-            v.const_value.nbytes for v in external_tensors(model) if isinstance(v.const_value, StreamedTensor)
+        # (or came from such a model): its output, once above the limit too, is written tensor by
+        # tensor instead of as one protobuf that holds a second and a third copy of every weight
+        size = model_bytes_estimate(model)
+        streamed = bool(model.meta.get(STREAMED_META)) or any(
+            isinstance(v.const_value, StreamedTensor) for v in external_tensors(model)
         )
-        external = model_bytes_estimate(model) > EXTERNAL_THRESHOLD or streamed > STREAMED_INLINE_LIMIT
+        external = size > EXTERNAL_THRESHOLD or (streamed and size > STREAMED_INLINE_LIMIT)
     try:
         if external:
             return _save_external(model, path)
