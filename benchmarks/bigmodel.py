@@ -16,8 +16,14 @@ size"), in one run:
 
 Targets (issue 15): apply peak ≤ 3 × the largest tensor + 2 GB; compile peak ≤ 2.5 × the model's size.
 
+Then compile is profiled phase by phase in one process (``--phase-dims``: the 2.5 GiB model and a
+0.63 GiB one whose analysis fits the current in-memory analysis): resident set after and peak during
+each of load+normalize, checks, feasibility, calibration, analysis, decide, apply+save, with the
+tracemalloc peak of each phase.
+
     python benchmarks/bigmodel.py [--dim 8192] [--layers 10] [--workdir artifacts/issue15]
-        [--old-tree /path/to/old/checkout] [--skip-compile] [--json-out benchmarks/bigmodel.json]
+        [--old-tree /path/to/old/checkout] [--skip-compile] [--phase-dims 8192,4096]
+        [--json-out benchmarks/bigmodel.json]
 """
 
 from __future__ import annotations
@@ -131,6 +137,78 @@ def write_model(path: str | os.PathLike[str], *, dim: int = 8192, layers: int = 
     return BigModel(path, data_path, dim, layers, batch, offset, largest)
 
 
+# A child process: compile's steps one by one (as lpcompile.files.compile_file runs them), printing
+# after each the resident set now and at its peak (VmRSS / VmHWM, anonymous and file-backed) and the
+# peak of tracemalloc (numpy and Python allocations; torch's own allocator is not traced).
+_PHASES = r"""
+import gc, json, sys, time, tracemalloc
+from pathlib import Path
+tracemalloc.start()
+rows = []
+t = time.perf_counter()
+def mark(name, error=""):
+    global t
+    gc.collect()
+    st = {k: int(v.split()[0]) // 1024 for k, v in (ln.split(":", 1) for ln in open("/proc/self/status"))
+          if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+    rows.append({"phase": name, "s": round(time.perf_counter() - t, 1), "rss_mib": st["VmRSS"],
+                 "anon_mib": st["RssAnon"], "file_mib": st["RssFile"], "peak_rss_mib": st["VmHWM"],
+                 "tracemalloc_peak_mib": tracemalloc.get_traced_memory()[1] // 2**20, "error": error})
+    tracemalloc.reset_peak()
+    print("LPPHASE " + json.dumps(rows[-1]), flush=True)
+    t = time.perf_counter()
+import lpcompile.analysis.sensitivity  # noqa: F401  (the analysis imports torch)
+from lpcompile.analysis.config import AnalysisConfig
+from lpcompile.api import decide
+from lpcompile.checks import check_model
+from lpcompile.config import ApplyConfig, DecideConfig
+from lpcompile.feasibility import check_budget, retarget_table
+from lpcompile.files import analysis_calib, analyze_file, apply_file, load_normalized
+from lpcompile.graph import find_weight_nodes
+mark("imports")
+src, out, budget = sys.argv[1], sys.argv[2], sys.argv[3]
+config, dc = AnalysisConfig(), DecideConfig()
+model = load_normalized(src); mark("load+normalize")
+check_model(model); mark("checks")
+check_budget(model, budget, dc.formats or config.formats, dc.target.value); mark("feasibility")
+calib = analysis_calib(model, None, config); mark("calibration")
+try:
+    table = analyze_file(src, None, config, model=model, calib=calib)
+except Exception as exc:
+    mark("analysis", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    sys.exit(0)
+mark("analysis")
+table = retarget_table(table, find_weight_nodes(model), dc.target.value)
+decision = decide(table, budget, dc); mark("decide")
+ac = ApplyConfig(target=dc.target, seed=config.seed, rounding=config.rounding)
+apply_file(src, out, plan=decision.plan, config=ac, force=True, model=model, log_checks=False, calib=calib)
+mark("apply+save")
+"""
+
+
+def phases(tree: Path, model: Path, out: Path, budget: str = "4.5bits") -> list[dict[str, object]]:
+    """Compile's phases in one process of ``tree`` (see ``_PHASES``); one row per phase."""
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", _PHASES, str(model), str(out), budget], env=env, cwd=str(tree),
+                          capture_output=True, text=True, check=False)
+    rows = [json.loads(ln[len("LPPHASE "):]) for ln in proc.stdout.splitlines() if ln.startswith("LPPHASE ")]
+    if proc.returncode:
+        rows.append({"phase": "crashed", "error": proc.stderr.strip().splitlines()[-1:]})
+    _remove_outputs(out)
+    return rows
+
+
+def _print_phases(title: str, rows: list[dict[str, object]]) -> None:
+    print(f"\n{title}")
+    print(f"{'phase':16} {'s':>6} {'rss':>6} {'anon':>6} {'file':>6} {'peak':>6} {'tracemalloc':>11}  (MiB)")
+    for r in rows:
+        if r["phase"] == "crashed":
+            print(f"crashed: {r['error']}")
+            continue
+        print(f"{r['phase']:16} {r['s']:>6} {r['rss_mib']:>6} {r['anon_mib']:>6} {r['file_mib']:>6} "
+              f"{r['peak_rss_mib']:>6} {r['tracemalloc_peak_mib']:>11}  {r['error']}")
+
+
 @dataclass(frozen=True)
 class Run:
     """One measured command."""
@@ -171,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "artifacts" / "issue15")
     ap.add_argument("--old-tree", type=Path, help="another checkout measured the same way (the old path)")
     ap.add_argument("--skip-compile", action="store_true", help="measure apply only")
+    ap.add_argument("--phase-dims", default="8192,4096",
+                    help="hidden sizes whose compile is profiled phase by phase (10 layers each; '' for none)")
     ap.add_argument("--json-out", type=Path, default=ROOT / "benchmarks" / "bigmodel.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -198,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s", runs[-1])
         _remove_outputs(out1, out2)
 
+    phase_runs: dict[str, object] = {}
+    for d in [int(x) for x in args.phase_dims.split(",") if x.strip()]:
+        m = big if d == args.dim else write_model(args.workdir / f"big_d{d}_l{args.layers}.onnx", dim=d,
+                                                 layers=args.layers)
+        phase_runs[f"d{d}"] = {"data_bytes": m.data_bytes,
+                               "rows": phases(ROOT, m.path, args.workdir / f"out_phases_d{d}.onnx")}
+
     model_gb = big.data_bytes / 1e9
     apply_target_mib = (3 * big.largest_tensor_bytes + 2e9) / 2**20
     compile_target_mib = 2.5 * big.data_bytes / 2**20
@@ -210,11 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.tree:5} {r.command:26} {r.rc:>3} {r.wall_s:>8.1f} {r.max_rss_mib:>9.0f} {target:>10.0f}  {met}")
         if r.rc:
             print(f"      {r.last_line}")
+    for key, pr in phase_runs.items():
+        _print_phases(f"compile phase by phase, {key}: {pr['data_bytes'] / 2**20:.0f} MiB of weights",
+                      pr["rows"])  # type: ignore[arg-type]
     record = {
         "model": {**asdict(big), "path": str(big.path), "data_path": str(big.data_path)},
         "generate_s": round(gen_s, 1),
         "targets_mib": {"apply": round(apply_target_mib), "compile": round(compile_target_mib)},
         "runs": [asdict(r) for r in runs],
+        "phases": phase_runs,
         "load_avg_end": os.getloadavg(),
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
