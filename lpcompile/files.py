@@ -123,14 +123,21 @@ def load_calib_for(
     seed: int = 0,
     num_samples: int = 16,
     input_shapes: Sequence[str] = (),
+    max_samples: int | None = None,
 ) -> CalibrationSet:
     """Calibration data for ``model``: the user's file/folder checked and laid out for its inputs
     (sample axes, fixed batch), or synthetic inputs at sizes the model runs at (``input_shapes``:
-    ``--input-shape`` values); see :func:`lpcompile.frontend.calib.calibration_for`."""
+    ``--input-shape`` values); see :func:`lpcompile.frontend.calib.calibration_for`. ``max_samples``
+    (``--max-samples``) bounds what is read from the user's data."""
     from lpcompile.frontend.input_spec import parse_input_shapes
 
     return calibration_for(
-        model, calib_path, input_shapes=parse_input_shapes(input_shapes), num_samples=num_samples, seed=seed
+        model,
+        calib_path,
+        input_shapes=parse_input_shapes(input_shapes),
+        num_samples=num_samples,
+        seed=seed,
+        max_samples=max_samples,
     )
 
 
@@ -139,7 +146,12 @@ def analysis_calib(
 ) -> CalibrationSet:
     """The calibration data an analysis of ``model`` runs on (synthetic: at least one batch, seeded)."""
     return load_calib_for(
-        model, calib_path, seed=config.seed, num_samples=max(16, config.batch_size), input_shapes=config.input_shapes
+        model,
+        calib_path,
+        seed=config.seed,
+        num_samples=max(16, config.batch_size),
+        input_shapes=config.input_shapes,
+        max_samples=config.max_samples,
     )
 
 

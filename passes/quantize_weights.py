@@ -339,7 +339,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         )
         if method is None and self.rounding in ("nearest", "stochastic"):
             method = self.rounding
-        if method in ("nearest", "stochastic"):
+        if method == "nearest":
+            return quantize_in_slices(group.fmt, arr, layout)
+        if method == "stochastic":
             return quantize_weight(group.fmt, arr, layout, method, seed)  # type: ignore[arg-type]
         from lpcompile.analysis.input_hessians import node_hessian
         from lpcompile.rounding import default_method, round_weight
@@ -363,6 +365,54 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 size,
             )
         return form
+
+
+SLICE_BYTES = 8 * 2**20
+"""Round-to-nearest quantizes weights bigger than this many float32 bytes a slice of channels at a time."""
+
+
+def _slice_axis(fmt: Format, layout: WeightLayout, ndim: int) -> int | None:
+    """The axis a weight can be cut along without changing its codes or scales, or None."""
+    if not is_classic(fmt) or ndim == 0:
+        return None
+    if fmt.scale == "none":
+        return 0  # element-wise casts
+    c, r = layout.channel_axis % ndim, layout.reduction_axis % ndim
+    if fmt.scale == "per_block" and (layout.flatten or c == r):
+        return None
+    return c  # per-channel scales and per-block scales (blocks run along the reduction axis) live per channel
+
+
+def quantize_in_slices(
+    fmt: Format, arr: np.ndarray, layout: WeightLayout, slice_bytes: int = SLICE_BYTES
+) -> QuantizedWeight:
+    """Round-to-nearest :func:`~lpcompile.formats.quantize_weight`, one slice of channels at a time.
+
+    The reference works on the whole tensor in float64 (several copies of the weight at twice its
+    size); scales are per channel, or per block of one channel, so slicing along the channel axis
+    gives the same codes and scales bit for bit while the temporaries stay a few slices big.
+    Small weights, and formats whose scales span channels, go to the reference directly.
+    """
+    axis = _slice_axis(fmt, layout, arr.ndim)
+    if axis is None or arr.nbytes <= slice_bytes or arr.shape[axis] < 2:
+        return quantize_weight(fmt, arr, layout, "nearest")
+    per = max(1, int(slice_bytes // max(1, arr.nbytes // arr.shape[axis])))
+    codes: np.ndarray | None = None
+    scales: list[np.ndarray] = []
+    first: QuantizedWeight | None = None
+    for i in range(0, arr.shape[axis], per):
+        cut = (slice(None),) * axis + (slice(i, i + per),)
+        q = quantize_weight(fmt, arr[cut], layout, "nearest")
+        if codes is None:  # filled in place: no second copy of the codes
+            first, codes = q, np.empty(arr.shape, dtype=q.codes.dtype)
+        codes[cut] = q.codes
+        if q.scale is not None:
+            scales.append(q.scale)
+    assert first is not None and codes is not None
+    scale = None
+    if first.scale is not None:  # per-channel: 1-D over channels; per-block: the weight's rank
+        scale = np.concatenate(scales, axis=0 if first.scale.ndim == 1 else axis)
+    return QuantizedWeight(first.format, codes, scale, first.axis, first.block_size)
 
 
 def _emit_table(

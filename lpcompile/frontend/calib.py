@@ -60,7 +60,7 @@ from lpcompile.frontend.input_spec import (
     sample_axis,
     specs_of,
 )
-from lpcompile.frontend.npz_safe import read_npy, read_npz
+from lpcompile.frontend.npz_safe import npz_headers, read_npy, read_npz
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +180,16 @@ class CalibrationSet:
 # loading
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+def _load_npz(
+    path: Path, max_samples: int | None = None, specs: list[InputSpec] | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays of one ``.npz``; with ``max_samples``, arrays whose samples run along axis 0 are read
+    only up to that many rows (the rest is never inflated; ``read_npz(max_rows=...)``)."""
     if not zipfile.is_zipfile(path):
         raise CalibrationError(f"not an .npz file: {path}")
     try:
-        arrays = read_npz(path)  # headers checked against memory before anything inflates (npz_safe)
+        # headers checked against memory before anything inflates (npz_safe)
+        arrays = read_npz(path) if max_samples is None else _read_npz_rows(path, max_samples, specs)
     except ValueError:
         raise CalibrationError(f"{path} holds pickled objects; save plain numeric arrays") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
@@ -194,23 +199,49 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _read_npz_rows(path: Path, max_samples: int, specs: list[InputSpec] | None) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` with at most ``max_samples`` samples of every array whose sample axis is 0
+    (rounded up to the model's fixed batch); arrays sampled along another axis are read whole."""
+    headers = npz_headers(path)
+    axis_names = [n for n in headers if n.startswith(SAMPLE_AXIS_PREFIX)]
+    explicit_arrays = read_npz(path, names=axis_names) if axis_names else {}
+    explicit = _explicit_axes(explicit_arrays, [n for n in headers if n not in explicit_arrays], str(path))
+    ndims = {n: len(h.shape) for n, h in headers.items() if not n.startswith(SAMPLE_AXIS_PREFIX)}
+    axes = _axes_for(ndims, explicit, specs) if specs is not None else {
+        n: explicit.get(n, 0 if d else None) for n, d in ndims.items()
+    }
+    fixed = fixed_batch_size(specs) if specs is not None else None
+    rows = max_samples if not fixed else -(-max_samples // fixed) * fixed
+    by_rows = [n for n, a in axes.items() if a == 0]
+    whole = [n for n, a in axes.items() if a != 0]
+    arrays = dict(explicit_arrays)
+    if by_rows:
+        arrays.update(read_npz(path, names=by_rows, max_rows=rows))
+    if whole:
+        arrays.update(read_npz(path, names=whole))
+    return {n: arrays[n] for n in headers if n in arrays}  # the file's order
+
+
 def _split_axes(arrays: dict[str, np.ndarray], where: str) -> tuple[dict[str, np.ndarray], dict[str, int | None]]:
     """Separate ``_sample_axis.NAME`` entries from the data arrays."""
-    data, axes = {}, {}
-    for k, v in arrays.items():
-        if not k.startswith(SAMPLE_AXIS_PREFIX):
-            data[k] = v
-            continue
-        name = k[len(SAMPLE_AXIS_PREFIX) :]
-        if v.ndim != 0 or v.dtype.kind not in "iu":
-            raise CalibrationError(f"{where}: {k} must be a scalar integer (an axis, or -1 for none)")
-        axes[name] = None if int(v) == -1 else int(v)
-    unknown = [n for n in axes if n not in data]
-    if unknown:
-        raise CalibrationError(f"{where}: sample axis given for unknown array(s) {', '.join(unknown)}")
+    data = {k: v for k, v in arrays.items() if not k.startswith(SAMPLE_AXIS_PREFIX)}
+    axes = _explicit_axes({k: v for k, v in arrays.items() if k not in data}, list(data), where)
     if not data:
         raise CalibrationError(f"calibration file has no arrays: {where}")
     return data, axes
+
+
+def _explicit_axes(entries: Mapping[str, np.ndarray], data_names: Sequence[str], where: str) -> dict[str, int | None]:
+    """The ``_sample_axis.NAME`` entries as ``{NAME: axis or None}``, checked against the data arrays' names."""
+    axes: dict[str, int | None] = {}
+    for k, v in entries.items():
+        if v.ndim != 0 or v.dtype.kind not in "iu":
+            raise CalibrationError(f"{where}: {k} must be a scalar integer (an axis, or -1 for none)")
+        axes[k[len(SAMPLE_AXIS_PREFIX) :]] = None if int(v) == -1 else int(v)
+    unknown = [n for n in axes if n not in data_names]
+    if unknown:
+        raise CalibrationError(f"{where}: sample axis given for unknown array(s) {', '.join(unknown)}")
+    return axes
 
 
 def _load_npy_folder(p: Path) -> dict[str, np.ndarray]:
@@ -230,6 +261,7 @@ def load_calibration(
     path: str | os.PathLike[str],
     model: ir.Model | onnx.ModelProto | Sequence[InputSpec] | str | os.PathLike[str] | None = None,
     input_shapes: Sequence[ShapeOverride] = (),
+    max_samples: int | None = None,
 ) -> CalibrationSet:
     """Load an ``.npz`` file, a folder of ``.npz`` files, or a folder of ``.npy`` files (see the module docstring).
 
@@ -239,6 +271,9 @@ def load_calibration(
     With ``model`` (in memory or a path), each input's sample axis and the fixed batch come from the model's declared
     shapes (explicit ``_sample_axis.NAME`` entries win); without it, axis 0 (rank-0: none).
 
+    ``max_samples`` (``--max-samples``) keeps at most that many samples (rounded up to the model's fixed
+    batch); in ``.npz`` files, arrays sampled along axis 0 are not even inflated past it.
+
     Raises:
         CalibrationError: missing path, not an npz, no arrays or samples, inconsistent sample
             counts, or files whose arrays differ in names or per-sample shapes.
@@ -247,22 +282,26 @@ def load_calibration(
     if not p.exists():
         raise CalibrationError(f"calibration data not found: {p}")
     specs = specs_of(model) if model is not None else None
+    if max_samples is not None and max_samples < 1:
+        raise UsageError(f"--max-samples must be at least 1, not {max_samples}")
     if p.is_file():
-        data, axes = _split_axes(_load_npz(p), str(p))
-        return _nonempty(_make(data, axes, str(p), specs))
+        data, axes = _split_axes(_load_npz(p, max_samples, specs), str(p))
+        return _at_most(_nonempty(_make(data, axes, str(p), specs)), max_samples)
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() == ".npz")
     if not files:
         npy = _load_npy_folder(p)
         images = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         if not npy and images:
-            return _nonempty(_load_images(images, p, specs, input_shapes))
+            return _at_most(_nonempty(_load_images(images[:max_samples], p, specs, input_shapes)), max_samples)
         if not npy:
             raise CalibrationError(f"no .npz, .npy or image files in calibration folder {p}")
         data, axes = _split_axes(npy, str(p))
-        return _nonempty(_make(data, axes, str(p), specs))
+        return _at_most(_nonempty(_make(data, axes, str(p), specs)), max_samples)
     parts: list[CalibrationSet] = []
     for f in files:
-        data, axes = _split_axes(_load_npz(f), str(f))
+        if max_samples is not None and parts and sum(c.num_samples for c in parts) >= max_samples:
+            break  # enough samples: later files are not read
+        data, axes = _split_axes(_load_npz(f, max_samples, specs), str(f))
         part = _make(data, axes, str(f), specs)  # validates each file on its own first
         if parts and set(part.arrays) != set(parts[0].arrays):
             raise CalibrationError(
@@ -285,8 +324,17 @@ def load_calibration(
                 f"per-sample shapes {sorted(str(s) for s in shapes)}"
             )
         merged[name] = np.concatenate(pieces, axis=axis)
-    logger.info("loaded %d calibration file(s) from %s", len(files), p)
-    return _nonempty(CalibrationSet(merged, str(p), False, dict(first.sample_axes), first.fixed_batch))
+    logger.info("loaded %d calibration file(s) from %s", len(parts), p)
+    merged_set = CalibrationSet(merged, str(p), False, dict(first.sample_axes), first.fixed_batch)
+    return _at_most(_nonempty(merged_set), max_samples)
+
+
+def _at_most(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:
+    """The first ``max_samples`` samples (rounded up to the fixed batch), or ``calib`` itself."""
+    if max_samples is None:
+        return calib
+    n = max_samples if not calib.fixed_batch else -(-max_samples // calib.fixed_batch) * calib.fixed_batch
+    return calib if calib.num_samples <= n else calib.subset(0, n)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -366,14 +414,21 @@ def _model_axes(
     data: Mapping[str, np.ndarray], explicit: Mapping[str, int | None], specs: Sequence[InputSpec]
 ) -> dict[str, int | None]:
     """Sample axes from the model's declared shapes; ``explicit`` entries win."""
+    return _axes_for({name: a.ndim for name, a in data.items()}, explicit, specs)
+
+
+def _axes_for(
+    ndims: Mapping[str, int], explicit: Mapping[str, int | None], specs: Sequence[InputSpec]
+) -> dict[str, int | None]:
+    """:func:`_model_axes` from the arrays' ranks alone (known from ``.npy`` headers before reading)."""
     by_name = {s.name: s for s in specs}
     axes: dict[str, int | None] = {}
-    for name, a in data.items():
+    for name, ndim in ndims.items():
         spec = by_name.get(name)
         if name in explicit:
             axes[name] = explicit[name]
-        elif spec is None or spec.shape is None or a.ndim != len(spec.shape):
-            axes[name] = _default_axis(a)
+        elif spec is None or spec.shape is None or ndim != len(spec.shape):
+            axes[name] = 0 if ndim else None
         else:
             axes[name] = sample_axis(spec, specs)
     return axes
@@ -651,8 +706,11 @@ def calibration_for(
     num_samples: int = 16,
     seed: int = 0,
     probe: bool | Probe = True,
+    max_samples: int | None = None,
 ) -> CalibrationSet:
     """The one entry point: the user's data checked and laid out for ``model``, or synthetic inputs.
+
+    ``max_samples`` bounds what is read from the user's data (:func:`load_calibration`).
 
     With ``calib_path`` the data is loaded with the model's layout (sample axes, fixed batch) and
     checked (:func:`check_against_model`); ``input_shapes`` then sizes images from an image folder. Without,
@@ -660,7 +718,7 @@ def calibration_for(
     """
     if calib_path is None:
         return synthesize(model, num_samples=num_samples, seed=seed, input_shapes=input_shapes, probe=probe)
-    calib = load_calibration(calib_path, model, input_shapes)
+    calib = load_calibration(calib_path, model, input_shapes, max_samples=max_samples)
     return check_against_model(calib, model)
 
 

@@ -6,9 +6,10 @@ truncated or not ONNX, without outputs, with names that are not UTF-8, failing `
 (full check: types and shapes too), or with external data whose ``location`` is absolute,
 escapes the model's folder (``../x``, symlinks out of it) or is missing.
 
-External data: :func:`load_model` maps external tensors lazily (onnx-ir ``ExternalTensor``)
-and reads them into memory only when they fit in one protobuf (so the model can still be
-handed to ONNX Runtime or the analyzer as a proto); bigger models stay memory-mapped.
+External data: :func:`load_model` reads external tensors into memory when they total at most
+:data:`INLINE_EXTERNAL_LIMIT` (so the model can still be handed to ONNX Runtime or the analyzer
+as a proto); bigger models keep them as :class:`StreamedTensor` references, read from the file
+each time a pass asks and dropped by the pass afterwards, so memory holds one weight at a time.
 :func:`save_model` writes ``<name>.data`` beside the model when the initializers exceed
 :data:`EXTERNAL_THRESHOLD` (or when asked), data file first, model second, each through a
 temp file and an atomic rename, so a reader never sees a model pointing at missing data.
@@ -34,6 +35,10 @@ EXTERNAL_THRESHOLD = 1_800_000_000
 """Bytes of initializers beyond which :func:`save_model` writes external data."""
 INLINE_EXTERNAL_LIMIT = 1_000_000_000
 """External data up to this many bytes is read into memory on load (the model then fits one proto)."""
+STREAMED_INLINE_LIMIT = 256 * 2**20
+""":func:`save_model` writes a model loaded with streamed weights with external data above this many bytes."""
+STREAMED_META = "lpcompile.streamed"
+"""``model.meta`` key :func:`load_model` sets when the model's weights stream from their file."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -158,6 +163,100 @@ def external_tensors(model: ir.Model) -> list[ir.Value]:
     return [v for v in _all_initializers(model) if isinstance(v.const_value, ir.ExternalTensor)]
 
 
+class StreamedTensor(ir.ExternalTensor):
+    """An external tensor read from its file on each access and never cached.
+
+    ``onnx_ir.ExternalTensor`` memory-maps the data file and keeps the mapping: every page a pass
+    touches stays in the process's resident set (file-backed) until the tensor is released, so a
+    pass over all weights of a 2.5 GB model ends at 2.5 GB RSS. This tensor reads the bytes with
+    ``np.fromfile`` instead: the array belongs to the caller and is freed when the caller drops it,
+    so passes that touch one weight at a time hold one weight at a time. Writing it to a file
+    (``tofile``, used by ``ir.save`` with external data) copies inside the kernel. It stays an
+    ``ExternalTensor``, so ``ir.to_proto`` and ``ir.save`` treat it as external data (the same
+    location checks, the same refusal to overwrite its own file).
+
+    Sub-byte types (int4, fp4, ...) fall back to the memory-mapped parent.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, t: ir.ExternalTensor) -> StreamedTensor:
+        """The same external reference as ``t`` (location, offset, length, type, shape, base folder)."""
+        return cls(
+            t.location,
+            t.offset,
+            t.length,
+            t.dtype,
+            shape=t.shape,
+            name=t.name or "",
+            doc_string=t.doc_string,
+            metadata_props=dict(t.metadata_props) if t.metadata_props else None,
+            base_dir=t.base_dir,
+        )
+
+    def _streams(self) -> bool:
+        return self.dtype.bitwidth >= 8 and self.size > 0
+
+    def numpy(self) -> np.ndarray:
+        """A fresh array read from the file (the caller owns it; nothing is cached here)."""
+        if not self._streams():
+            return super().numpy()
+        self._check_validity()
+        self._check_path_containment()
+        dtype = np.dtype(self.dtype.numpy()).newbyteorder("<")
+        arr = np.fromfile(self.path, dtype=dtype, count=self.size, offset=self.offset or 0)
+        if arr.size != self.size:
+            raise ValueError(f"external data of {self.name!r} is truncated ({arr.size} of {self.size} values)")
+        if not dtype.isnative:
+            arr = arr.astype(dtype.newbyteorder("="))
+        return arr.reshape(self.shape.numpy())
+
+    def __array__(self, dtype: object = None, copy: bool | None = None) -> np.ndarray:
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def tobytes(self) -> bytes:
+        """The tensor's bytes, read from the file."""
+        if not self._streams():
+            return super().tobytes()
+        self._check_validity()
+        self._check_path_containment()
+        length = self.length if self.length is not None else self.nbytes
+        with open(self.path, "rb") as f:
+            f.seek(self.offset or 0)
+            data = f.read(length)
+        if len(data) != length:
+            raise ValueError(f"external data of {self.name!r} is truncated ({len(data)} of {length} bytes)")
+        return data
+
+
+def stream_external(model: ir.Model) -> int:
+    """Replace every memory-mapped external initializer by a :class:`StreamedTensor`; return how many.
+
+    Raises:
+        ModelLoadError: a tensor's bytes run past the end of its data file (a truncated file would
+            otherwise fail in the middle of a pass).
+    """
+    n = 0
+    sizes: dict[str, int] = {}
+    for v in external_tensors(model):
+        t = v.const_value
+        if isinstance(t, StreamedTensor) or t.raw is not None:  # streamed already, or mapped by its owner
+            continue
+        if t.path not in sizes:
+            sizes[t.path] = os.stat(t.path).st_size
+        end = (t.offset or 0) + (t.length if t.length is not None else t.nbytes)
+        if end > sizes[t.path] or (t.length is not None and t.length < t.nbytes):
+            raise ModelLoadError(
+                f"external data of tensor {t.name!r} is truncated: it needs bytes up to {end:,} of "
+                f"{t.location!r}, which holds {sizes[t.path]:,}"
+            )
+        v.const_value = StreamedTensor.of(t)
+        n += 1
+    return n
+
+
 def materialize(model: ir.Model) -> int:
     """Read every external initializer into memory (the model no longer refers to files); return how many."""
     n = 0
@@ -188,7 +287,9 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
         if ext and sum(v.const_value.nbytes for v in ext) <= INLINE_EXTERNAL_LIMIT:
             materialize(model)
         elif ext:
-            logger.info("%d external initializer(s) of %s stay memory-mapped", len(ext), path)
+            stream_external(model)
+            model.meta[STREAMED_META] = True
+            logger.info("%d external initializer(s) of %s are read from the file one at a time", len(ext), path)
         _check_text(model)
     except ModelLoadError:
         raise
@@ -258,14 +359,24 @@ def save_model(
         model: the model (not modified).
         path: the ``.onnx`` file.
         external: write initializers to ``<name>.data`` beside ``path``; ``None`` (default) does
-            so when they exceed :data:`EXTERNAL_THRESHOLD` bytes. Without external data a stale
+            so when they exceed :data:`EXTERNAL_THRESHOLD` bytes, or :data:`STREAMED_INLINE_LIMIT`
+            bytes for a model whose weights were streamed (:class:`StreamedTensor`; a big input and
+            what is rewritten from it). Without external data a stale
             ``<name>.data`` beside the target is left alone; the new model does not refer to it.
     """
     path = Path(path)
     if isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
     if external is None:
-        external = model_bytes_estimate(model) > EXTERNAL_THRESHOLD
+        # a model still reading many weights from its input's file (a big model: see load_model)
+        # keeps external data, so those weights go from file to file without passing through memory
+        # (or came from such a model): its output, once above the limit too, is written tensor by
+        # tensor instead of as one protobuf that holds a second and a third copy of every weight
+        size = model_bytes_estimate(model)
+        streamed = bool(model.meta.get(STREAMED_META)) or any(
+            isinstance(v.const_value, StreamedTensor) for v in external_tensors(model)
+        )
+        external = size > EXTERNAL_THRESHOLD or (streamed and size > STREAMED_INLINE_LIMIT)
     try:
         if external:
             return _save_external(model, path)
