@@ -124,17 +124,29 @@ def lm_rows(task: Task, budget: float, targets: Sequence[str], keep_models: bool
     ctx: Context = prepare(task)
     t0 = time.perf_counter()
     table = analyze(ctx)
-    logger.info("%s: table of %d nodes (analysis %.0f s, cached: %s)", task.name, len(table.nodes), ctx.analysis_s,
-                time.perf_counter() - t0 < 60)
+    logger.info(
+        "%s: table of %d nodes (analysis %.0f s, cached: %s)",
+        task.name,
+        len(table.nodes),
+        ctx.analysis_s,
+        time.perf_counter() - t0 < 60,
+    )
     nodes = find_weight_nodes(load_normalized(task.model))
     p_tab = sum(n.params for n in {n.weight: n for n in nodes if n.weight in ctx.tables}.values())
     p_all = ctx.model_params
     mm_budget = (budget * (p_all - p_tab) + 32.0 * p_tab) / p_all
     t1 = time.perf_counter()
     ref = task.collect(session(ctx.norm))
-    fp32 = {"plan": "fp32", "target": "-", "file_bytes": ctx.fp32_bytes, "size_ratio": 1.0,
-            "model_bits": model_bits(ctx.norm, ctx), "bits": weight_bits(ctx.norm, ctx),
-            "eval_s": time.perf_counter() - t1, **task.score(ref, ref)}
+    fp32 = {
+        "plan": "fp32",
+        "target": "-",
+        "file_bytes": ctx.fp32_bytes,
+        "size_ratio": 1.0,
+        "model_bits": model_bits(ctx.norm, ctx),
+        "bits": weight_bits(ctx.norm, ctx),
+        "eval_s": time.perf_counter() - t1,
+        **task.score(ref, ref),
+    }
     rows = [fp32]
     out_dir = ctx.dir / "coverage"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,10 +159,16 @@ def lm_rows(task: Task, budget: float, targets: Sequence[str], keep_models: bool
             plan = decide(t_table, f"{b:.6f}bits", cfg).plan
             out = out_dir / f"{kind}_{budget:g}_{target}.onnx"
             t2 = time.perf_counter()
-            res = apply_file(task.model, out, plan=plan, calib_path=task.calib, config=ApplyConfig(target=target),
-                             force=True)
-            row: dict[str, Any] = {"plan": kind, "target": target, "solver_budget_bits": b,
-                                   "apply_s": time.perf_counter() - t2, **_plan_summary(res.plan, ctx.tables)}
+            res = apply_file(
+                task.model, out, plan=plan, calib_path=task.calib, config=ApplyConfig(target=target), force=True
+            )
+            row: dict[str, Any] = {
+                "plan": kind,
+                "target": target,
+                "solver_budget_bits": b,
+                "apply_s": time.perf_counter() - t2,
+                **_plan_summary(res.plan, ctx.tables),
+            }
             size = file_bytes(out)
             fb, fp = _file_weight_bits(out)
             row.update(
@@ -189,8 +207,12 @@ def lm_rows(task: Task, budget: float, targets: Sequence[str], keep_models: bool
         "params_all": p_all,
         "params_tables": p_tab,
         "fp32_bytes": ctx.fp32_bytes,
-        "analysis": {"wall_s": ctx.analysis_s, "nodes": len(table.nodes), "table": str(ctx.dir / "sens.json"),
-                     "timings": dict(table.timings)},
+        "analysis": {
+            "wall_s": ctx.analysis_s,
+            "nodes": len(table.nodes),
+            "table": str(ctx.dir / "sens.json"),
+            "timings": dict(table.timings),
+        },
         "primary": primary,
         "all_over_matmul_only": ratios,
         "rows": rows,
@@ -200,15 +222,25 @@ def lm_rows(task: Task, budget: float, targets: Sequence[str], keep_models: bool
 def _brief(row: dict[str, Any], task: Task) -> str:
     m = task.metrics[0]
     val = row.get(m.key)
-    return (f"plan {row['plan_bits']:.4f} b, file {row['model_bits']:.4f} b, size ×{row['size_ratio']:.3f}, "
-            f"{m.key} {val if val is None else m.fmt.format(val)}"
-            + (f" ERROR {row['error']}" if "error" in row else ""))
+    return (
+        f"plan {row['plan_bits']:.4f} b, file {row['model_bits']:.4f} b, size ×{row['size_ratio']:.3f}, "
+        f"{m.key} {val if val is None else m.fmt.format(val)}" + (f" ERROR {row['error']}" if "error" in row else "")
+    )
 
 
 def lm_table(res: dict[str, Any], task: Task) -> str:
     metrics = task.metrics
-    head = ["plan", "target", "plan bits", "file bits", "bits (linear)", "MB", "size ×fp32",
-            *[m.label for m in metrics], "tables"]
+    head = [
+        "plan",
+        "target",
+        "plan bits",
+        "file bits",
+        "bits (linear)",
+        "MB",
+        "size ×fp32",
+        *[m.label for m in metrics],
+        "tables",
+    ]
     lines = [" | ".join(head)]
     for r in res["rows"]:
         tab = ", ".join(sorted({t["format"] for t in r.get("tables", [])})) or "-"
@@ -224,8 +256,10 @@ def lm_table(res: dict[str, Any], task: Task) -> str:
             tab,
         ]
         lines.append(" | ".join(cells))
-    lines.append(f"{res['primary']} all / matmul-only: " + ", ".join(f"{t} {v:.3f}" for t, v in
-                                                                      res["all_over_matmul_only"].items()))
+    lines.append(
+        f"{res['primary']} all / matmul-only: "
+        + ", ".join(f"{t} {v:.3f}" for t, v in res["all_over_matmul_only"].items())
+    )
     return "\n".join(lines)
 
 
@@ -250,8 +284,9 @@ def _import_seconds(cmd: Sequence[str]) -> dict[str, Any]:
     summed), the run's wall time, and the slowest top-level packages."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    p = subprocess.run([cmd[0], "-X", "importtime", *cmd[1:]], capture_output=True, text=True, cwd=ROOT, env=env,
-                       check=False)
+    p = subprocess.run(
+        [cmd[0], "-X", "importtime", *cmd[1:]], capture_output=True, text=True, cwd=ROOT, env=env, check=False
+    )
     wall = time.perf_counter() - t0
     top: dict[str, float] = {}
     for line in p.stderr.splitlines():
@@ -295,8 +330,16 @@ def efficientnet(repeat: int = 3, infeasible: float = 4.1) -> dict[str, Any]:
         message = "feasible?"
     except Exception as exc:
         message = str(exc)
-    cli = [sys.executable, "-m", "lpcompile", str(model_path), "--budget", f"{infeasible}bits", "-o",
-           str(ARTIFACTS / "efficientnet_lite0" / "coverage_infeasible.onnx")]
+    cli = [
+        sys.executable,
+        "-m",
+        "lpcompile",
+        str(model_path),
+        "--budget",
+        f"{infeasible}bits",
+        "-o",
+        str(ARTIFACTS / "efficientnet_lite0" / "coverage_infeasible.onnx"),
+    ]
     wall, rc, err = _median_wall(cli, repeat)
     imports = _import_seconds(cli)
     bare, _, _ = _median_wall([sys.executable, "-c", "pass"], repeat)
@@ -323,8 +366,9 @@ def efficientnet(repeat: int = 3, infeasible: float = 4.1) -> dict[str, Any]:
 
 def efficientnet_table(res: dict[str, Any]) -> str:
     f = res["smallest_feasible_bits"]
-    lines = [f"smallest feasible budget ({', '.join(res['formats'])}): "
-             + ", ".join(f"{t} {v:.4f}" for t, v in f.items())]
+    lines = [
+        f"smallest feasible budget ({', '.join(res['formats'])}): " + ", ".join(f"{t} {v:.4f}" for t, v in f.items())
+    ]
     for fmt, u in res["uniform_int4"].items():
         lines.append(f"uniform {fmt}: plan {u['plan_bits']:.4f} bits, file {u['file_bits']:.4f} bits")
     i = res["infeasible"]
@@ -376,8 +420,12 @@ def main() -> None:
             text = efficientnet_table(res)
         else:
             p.error(f"unknown model {name!r}")
-        res.update(wall_s=time.perf_counter() - t0, load_before=load0, load_after=_load_avg(),
-                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        res.update(
+            wall_s=time.perf_counter() - t0,
+            load_before=load0,
+            load_after=_load_avg(),
+            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        )
         results[name] = res
         tmp = OUT_JSON.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1, default=str))
