@@ -386,6 +386,46 @@ def efficientnet_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def profile_analysis(num_layers: int, eval_windows: int = 4, top: int = 25) -> dict[str, Any]:
+    """cProfile of the SmolLM2 analysis (the bench's config) on a model truncated to ``num_layers`` layers.
+
+    Writes ``artifacts/bench/smollm2_l<N>/analysis.pstats`` and returns the table's own stage timings
+    with the ``top`` functions by cumulative and by own time.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    from bench_smollm2 import smollm2_task
+    from harness import ANALYSIS_FORMATS
+
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.files import analyze_file
+
+    task = smollm2_task(eval_windows=eval_windows, num_layers=num_layers, name=f"smollm2_l{num_layers}")
+    cfg = AnalysisConfig(formats=ANALYSIS_FORMATS, **dict(task.analysis))
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    table = analyze_file(task.model, task.calib, cfg)
+    prof.disable()
+    wall = time.perf_counter() - t0
+    out = ARTIFACTS / f"smollm2_l{num_layers}" / "analysis.pstats"
+    prof.dump_stats(str(out))
+    res: dict[str, Any] = {
+        "layers": num_layers,
+        "nodes": len(table.nodes),
+        "wall_s": wall,
+        "timings": dict(table.timings),
+        "pstats": str(out),
+    }
+    for key in ("cumulative", "tottime"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
+        res[key] = buf.getvalue()
+    return res
+
+
 def _load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -398,6 +438,7 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=4, help="SmolLM2 evaluation windows of 256 tokens")
     p.add_argument("--repeat", type=int, default=3, help="runs of the infeasible-budget command (median)")
     p.add_argument("--keep-models", action="store_true", help="keep the written models under artifacts/bench/")
+    p.add_argument("--profile-layers", type=int, default=0, help="model 'profile': SmolLM2 truncated to N layers")
     args = p.parse_args()
     setup_logging()
     logger.setLevel(logging.INFO)
@@ -418,6 +459,10 @@ def main() -> None:
             task = smollm2_task(eval_windows=args.eval_windows)
             res = lm_rows(task, args.budget, targets, args.keep_models)
             text = lm_table(res, task)
+        elif name == "profile":
+            res = profile_analysis(args.profile_layers or 2, args.eval_windows)
+            head = f"{res['nodes']} nodes, {res['wall_s']:.1f} s, timings {res['timings']}"
+            text = f"{head}\n{res['cumulative']}\n{res['tottime']}"
         elif name == "efficientnet":
             res = efficientnet(args.repeat)
             text = efficientnet_table(res)
