@@ -214,6 +214,7 @@ def lm_rows(task: Task, budget: float, targets: Sequence[str], keep_models: bool
             "wall_s": ctx.analysis_s,
             "nodes": len(table.nodes),
             "table": str(ctx.dir / "sens.json"),
+            "settings": dict(task.analysis),
             "timings": dict(table.timings),
         },
         "primary": primary,
@@ -426,6 +427,19 @@ def profile_analysis(num_layers: int, eval_windows: int = 4, top: int = 25) -> d
     return res
 
 
+def _with_analysis(task: Task, spec: str) -> Task:
+    """``task`` with analysis settings overridden by ``key=value,...`` (ints where they parse)."""
+    from dataclasses import replace
+
+    if not spec:
+        return task
+    over: dict[str, Any] = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        over[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return replace(task, analysis={**dict(task.analysis), **over})
+
+
 def _load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -438,6 +452,12 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=4, help="SmolLM2 evaluation windows of 256 tokens")
     p.add_argument("--repeat", type=int, default=3, help="runs of the infeasible-budget command (median)")
     p.add_argument("--keep-models", action="store_true", help="keep the written models under artifacts/bench/")
+    p.add_argument(
+        "--lm-analysis",
+        default="",
+        help="override the language models' analysis settings, e.g. probes=4,max_samples=8,batch_size=2 "
+        "(the table is cached per setting in artifacts/bench/<model>/sens.json)",
+    )
     p.add_argument("--profile-layers", type=int, default=0, help="model 'profile': SmolLM2 truncated to N layers")
     args = p.parse_args()
     setup_logging()
@@ -450,13 +470,13 @@ def main() -> None:
         if name == "minilm":
             from bench_minilm import minilm_task
 
-            task = minilm_task()
+            task = _with_analysis(minilm_task(), args.lm_analysis)
             res = lm_rows(task, args.budget, targets, args.keep_models)
             text = lm_table(res, task)
         elif name == "smollm2":
             from bench_smollm2 import smollm2_task
 
-            task = smollm2_task(eval_windows=args.eval_windows)
+            task = _with_analysis(smollm2_task(eval_windows=args.eval_windows), args.lm_analysis)
             res = lm_rows(task, args.budget, targets, args.keep_models)
             text = lm_table(res, task)
         elif name == "profile":
