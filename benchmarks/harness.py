@@ -366,21 +366,44 @@ def lpcompile_plan(ctx: Context, formats: Sequence[str], budget: float, out: Pat
     from lpcompile.config import ApplyConfig, DecideConfig
     from lpcompile.files import apply_file
 
-    plan = decide(ctx.table, f"{budget}bits", DecideConfig(formats=tuple(formats), target=TARGET)).plan
+    keep, bits = peer_scope(ctx, budget)
+    plan = decide(ctx.table, f"{bits:.6f}bits", DecideConfig(formats=tuple(formats), keep=keep, target=TARGET)).plan
     res = apply_file(ctx.task.model, out, plan=plan, calib_path=ctx.task.calib, config=ApplyConfig(target=TARGET),
                      force=True)
     twin = _ort_twin(out)
     apply_file(ctx.task.model, twin, plan=plan, calib_path=ctx.task.calib, config=ApplyConfig(target="ort"),
                force=True)
     mix: dict[str, float] = {}
-    for n in res.plan.nodes:
+    lin = list({n.weight: n for n in res.plan.nodes if n.weight not in ctx.tables}.values())  # tied weights once
+    for n in lin:
         mix[n.format] = mix.get(n.format, 0.0) + n.params
     total = sum(mix.values())
     return out, {
         "latency_model": twin,
-        "plan_bits": res.plan.achieved_bits,
+        "plan_bits": sum(n.bits * n.params for n in lin) / total,  # over the linear weights, like ``bits``
+        "plan_model_bits": res.plan.achieved_bits,
         "mix": {f: round(v / total, 4) for f, v in sorted(mix.items())},
     }
+
+
+def peer_scope(ctx: Context, budget: float) -> tuple[tuple[Any, ...], float]:
+    """Keep rules and solver budget for a plan over the weights the peers quantize.
+
+    The peers leave embedding tables in fp32, so the main comparison does too: the tables (and the
+    heads tied to them) are pinned to fp32 and ``budget`` covers the other weights, i.e. the solver's
+    budget over every weight is ``(budget·P_linear + 32·P_tables) / P_all``. Whole-model plans (the
+    tables quantized too) are benchmarked by ``bench_coverage.py``.
+    """
+    import re
+
+    from lpcompile.solver.problem import KeepRule
+
+    names = [n.name for n in ctx.table.nodes if n.weight in ctx.tables]
+    if not names:
+        return (), budget
+    p_tab = ctx.model_params - ctx.weight_params
+    rule = KeepRule("^(?:" + "|".join(re.escape(x) for x in names) + ")$", ("fp32",), spec="embedding tables=fp32")
+    return (rule,), (budget * ctx.weight_params + 32.0 * p_tab) / ctx.model_params
 
 
 def lpcompile_uniform(ctx: Context, fmt: str, out: Path) -> tuple[Path, dict[str, Any]]:
