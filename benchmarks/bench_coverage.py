@@ -416,7 +416,7 @@ def profile_analysis(num_layers: int, eval_windows: int = 4, top: int = 25) -> d
     res: dict[str, Any] = {
         "layers": num_layers,
         "nodes": len(table.nodes),
-        "wall_s": wall,
+        "analysis_wall_s": wall,
         "timings": dict(table.timings),
         "pstats": str(out),
     }
@@ -481,7 +481,7 @@ def main() -> None:
             text = lm_table(res, task)
         elif name == "profile":
             res = profile_analysis(args.profile_layers or 2, args.eval_windows)
-            head = f"{res['nodes']} nodes, {res['wall_s']:.1f} s, timings {res['timings']}"
+            head = f"{res['nodes']} nodes, {res['analysis_wall_s']:.1f} s, timings {res['timings']}"
             text = f"{head}\n{res['cumulative']}\n{res['tottime']}"
         elif name == "efficientnet":
             res = efficientnet(args.repeat)
