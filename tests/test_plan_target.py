@@ -103,3 +103,14 @@ def test_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[
     args = ["plan", str(sens), "--budget", "5bits", "--model", str(other), "-o", str(tmp_path / "p.json")]
     assert main(args) == 2
     assert "no weighted node 'mm'" in capsys.readouterr().err
+
+
+def test_a_same_named_other_model_next_to_the_table_only_warns_on_qdq(tmp_path: Path) -> None:
+    """Found implicitly (not named by --model), a model that does not match the table is not an error on
+    qdq/tvm (the table's counts stand, a warning), but it is on ort, whose counts must change."""
+    sens = _table(_model(tmp_path / "m.onnx"))
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    proto.graph.node[0].name = "renamed"
+    onnx.save(proto, tmp_path / "m.onnx")
+    assert main(["plan", str(sens), "--budget", "5bits", "-o", str(tmp_path / "q.json"), "-q"]) == 0
+    assert main(["plan", str(sens), "--budget", "5bits", "--target", "ort", "-o", str(tmp_path / "o.json")]) == 2

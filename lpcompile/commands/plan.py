@@ -135,7 +135,8 @@ def _retargeted(table: SensitivityTable, args: argparse.Namespace) -> Sensitivit
     The analysis counts each format's own storage (``Format.bits_for``), which is what ``qdq`` and
     ``tvm`` write for fp32 weights; ``ort`` writes large int4 MatMul weights as MatMulNBits with fp32
     scales, and a kept fp16 weight stores 16 bits. Recounting needs the model's layouts: without the
-    model, ``--target ort`` is refused, and the other targets keep the table's counts (a warning).
+    model (or with a same-named file that is another model), ``--target ort`` is refused, and the
+    other targets keep the table's counts (a warning); a model named by ``--model`` must match.
     """
     from lpcompile.feasibility import retarget_saved_table
     from lpcompile.files import load_normalized
@@ -152,7 +153,13 @@ def _retargeted(table: SensitivityTable, args: argparse.Namespace) -> Sensitivit
             "stores them)", table.model, args.target,
         )
         return table
-    return retarget_saved_table(table, load_normalized(path), str(args.target))
+    try:
+        return retarget_saved_table(table, load_normalized(path), str(args.target))
+    except UsageError as exc:
+        if args.model or args.target == "ort":  # the model was named, or the counts must change: refuse
+            raise
+        logger.warning("%s is not the table's model (%s): bits as the analysis counted them", path, exc)
+        return table
 
 
 def _default_plan_path(sens: str) -> str:
