@@ -463,7 +463,6 @@ def main() -> None:
     setup_logging()
     logger.setLevel(logging.INFO)
     targets = [t for t in args.targets.split(",") if t]
-    results: dict[str, Any] = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
     for name in [m for m in args.models.split(",") if m]:
         t0 = time.perf_counter()
         load0 = _load_avg()
@@ -494,6 +493,7 @@ def main() -> None:
             load_after=_load_avg(),
             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         )
+        results = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}  # another run may have written
         results[name] = res
         tmp = OUT_JSON.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1, default=str))
