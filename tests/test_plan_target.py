@@ -114,3 +114,12 @@ def test_a_same_named_other_model_next_to_the_table_only_warns_on_qdq(tmp_path: 
     onnx.save(proto, tmp_path / "m.onnx")
     assert main(["plan", str(sens), "--budget", "5bits", "-o", str(tmp_path / "q.json"), "-q"]) == 0
     assert main(["plan", str(sens), "--budget", "5bits", "--target", "ort", "-o", str(tmp_path / "o.json")]) == 2
+
+
+def test_output_never_replaces_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _model(tmp_path / "m.onnx")
+    sens = _table(model)
+    before = model.read_bytes()
+    assert main(["plan", str(sens), "--budget", "5bits", "--model", str(model), "-o", str(model)]) == 2
+    assert "input" in capsys.readouterr().err
+    assert model.read_bytes() == before

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     target = args.output or _default_plan_path(args.sensitivity)
-    with OutputSession(inputs=[args.sensitivity]) as session:  # io_utils guard (issue 15)
+    inputs = [args.sensitivity, *([args.model] if args.model else [])]
+    with OutputSession(inputs=inputs) as session:  # io_utils guard (issue 15): -o never replaces an input
         session.declare(target)
         decision = decide(table, args.budget, config)
         plan, solution = decision.plan, decision.solution
