@@ -141,6 +141,9 @@ class Context:
     weight_k: dict[str, int]
     weight_ops: dict[str, str]
     nonweight: frozenset[tuple[str, int, tuple[int, ...]]]
+    model_params: int = 0
+    tables: frozenset[str] = frozenset()
+    fp32_bytes: int = 0
     table: Any = None
     analysis_s: float = 0.0
 
@@ -174,23 +177,45 @@ def file_bytes(path: Path) -> int:
     return total
 
 
-def weight_bits(path: Path, ctx: Context) -> float:
-    """Average bits per weight of a (quantized) model file, the same rule for every method.
+def _stored_bits(path: Path, ctx: Context) -> tuple[float, float]:
+    """Stored bits of the file's weight-derived tensors: (linear/conv weights, embedding tables).
 
-    Every tensor stored in the file (initializers and Constant nodes) counts, at its element
-    width times its element count, except the tensors the fp32 model already had unchanged
-    (same name, type and shape) that are not weights of weighted nodes (biases, norms,
-    embeddings, shapes). The sum is divided by the number of weights of the weighted nodes
-    (MatMul/Gemm/Conv, after normalisation). So quantized weights, their scales, zero points,
-    packed nibbles, and any new constants a method adds (activation scales) are all counted.
+    A tensor belongs to a table when it is named after it (the table itself, or ``<table>_…``: the
+    codes and scales lpcompile writes for it); every other counted tensor to the linear/conv weights.
     """
     proto = onnx.load(str(path), load_external_data=False)
-    total = 0.0
+    linear = table = 0.0
     for name, dtype, dims in _tensor_entries(proto):
         if (name, dtype, dims) in ctx.nonweight:
             continue
-        total += ONNX_BITS.get(dtype, 32) * math.prod(dims)
-    return total / ctx.weight_params
+        bits = ONNX_BITS.get(dtype, 32) * math.prod(dims)
+        if any(name == t or name.startswith(t + "_") for t in ctx.tables):
+            table += bits
+        else:
+            linear += bits
+    return linear, table
+
+
+def weight_bits(path: Path, ctx: Context) -> float:
+    """Average bits per weight of the linear/conv weights of a (quantized) model file, one rule for every method.
+
+    Every tensor stored in the file (initializers and Constant nodes) counts, at its element
+    width times its element count, except the tensors the fp32 model already had unchanged
+    (same name, type and shape) that are not weights of weighted nodes (biases, norms, shapes)
+    and the tensors of embedding tables (see :func:`model_bits`). The sum is divided by the
+    number of weights of the MatMul/Gemm/Conv/ConvTranspose nodes (after normalisation). So
+    quantized weights, their scales, zero points, packed nibbles, and any new constants a method
+    adds (activation scales) are all counted.
+    """
+    return _stored_bits(path, ctx)[0] / ctx.weight_params
+
+
+def model_bits(path: Path, ctx: Context) -> float:
+    """Average bits over every weight of the model: the linear/conv weights of :func:`weight_bits`
+    plus the Gather embedding tables (tied heads once), whatever each method did with them (a table
+    left in fp32 counts 32 bits per entry)."""
+    linear, table = _stored_bits(path, ctx)
+    return (linear + table) / ctx.model_params
 
 
 # ------------------------------------------------------------------------------------------
@@ -242,11 +267,13 @@ def prepare(task: Task, workdir: Path = ARTIFACTS) -> Context:
     if not norm.exists() or norm.stat().st_mtime < Path(task.model).stat().st_mtime:
         proto = _lower_ir(ir.to_proto(model))
         save_proto(proto, norm)
-    weights = {n.weight: n for n in nodes}
+    every = {n.weight: n for n in nodes}
+    tables = frozenset(n.weight for n in nodes if n.op_type == "Gather")
+    weights = {w: n for w, n in every.items() if w not in tables}
     weight_params = sum(n.params for n in weights.values())
     weight_k = {w: n.params // n.shape[n.layout.channel_axis] for w, n in weights.items()}
     proto = onnx.load(str(norm), load_external_data=False)
-    nonweight = frozenset(e for e in _tensor_entries(proto) if e[0] not in weights)
+    nonweight = frozenset(e for e in _tensor_entries(proto) if e[0] not in every)
     return Context(
         task=task,
         dir=d,
@@ -256,6 +283,9 @@ def prepare(task: Task, workdir: Path = ARTIFACTS) -> Context:
         weight_k=weight_k,
         weight_ops={w: n.op_type for w, n in weights.items()},
         nonweight=nonweight,
+        model_params=sum(n.params for n in every.values()),
+        tables=tables,
+        fp32_bytes=file_bytes(Path(task.model)),
     )
 
 
@@ -336,21 +366,44 @@ def lpcompile_plan(ctx: Context, formats: Sequence[str], budget: float, out: Pat
     from lpcompile.config import ApplyConfig, DecideConfig
     from lpcompile.files import apply_file
 
-    plan = decide(ctx.table, f"{budget}bits", DecideConfig(formats=tuple(formats), target=TARGET)).plan
+    keep, bits = peer_scope(ctx, budget)
+    plan = decide(ctx.table, f"{bits:.6f}bits", DecideConfig(formats=tuple(formats), keep=keep, target=TARGET)).plan
     res = apply_file(ctx.task.model, out, plan=plan, calib_path=ctx.task.calib, config=ApplyConfig(target=TARGET),
                      force=True)
     twin = _ort_twin(out)
     apply_file(ctx.task.model, twin, plan=plan, calib_path=ctx.task.calib, config=ApplyConfig(target="ort"),
                force=True)
     mix: dict[str, float] = {}
-    for n in res.plan.nodes:
+    lin = list({n.weight: n for n in res.plan.nodes if n.weight not in ctx.tables}.values())  # tied weights once
+    for n in lin:
         mix[n.format] = mix.get(n.format, 0.0) + n.params
     total = sum(mix.values())
     return out, {
         "latency_model": twin,
-        "plan_bits": res.plan.achieved_bits,
+        "plan_bits": sum(n.bits * n.params for n in lin) / total,  # over the linear weights, like ``bits``
+        "plan_model_bits": res.plan.achieved_bits,
         "mix": {f: round(v / total, 4) for f, v in sorted(mix.items())},
     }
+
+
+def peer_scope(ctx: Context, budget: float) -> tuple[tuple[Any, ...], float]:
+    """Keep rules and solver budget for a plan over the weights the peers quantize.
+
+    The peers leave embedding tables in fp32, so the main comparison does too: the tables (and the
+    heads tied to them) are pinned to fp32 and ``budget`` covers the other weights, i.e. the solver's
+    budget over every weight is ``(budget·P_linear + 32·P_tables) / P_all``. Whole-model plans (the
+    tables quantized too) are benchmarked by ``bench_coverage.py``.
+    """
+    import re
+
+    from lpcompile.solver.problem import KeepRule
+
+    names = [n.name for n in ctx.table.nodes if n.weight in ctx.tables]
+    if not names:
+        return (), budget
+    p_tab = ctx.model_params - ctx.weight_params
+    rule = KeepRule("^(?:" + "|".join(re.escape(x) for x in names) + ")$", ("fp32",), spec="embedding tables=fp32")
+    return (rule,), (budget * ctx.weight_params + 32.0 * p_tab) / ctx.model_params
 
 
 def lpcompile_uniform(ctx: Context, fmt: str, out: Path) -> tuple[Path, dict[str, Any]]:
@@ -555,11 +608,9 @@ def evaluate_variant(
         info = dict(extra[1])
         lat_model = Path(info.pop("latency_model", path))
         row.update(info)
-    row["bits"] = weight_bits(path, ctx)
-    row["file_bytes"] = file_bytes(path)
+    row.update(size_columns(path, ctx))
     if lat_model != path:
-        row["bits_ort"] = weight_bits(lat_model, ctx)
-        row["file_bytes_ort"] = file_bytes(lat_model)
+        row.update({f"{k}_ort": v for k, v in size_columns(lat_model, ctx).items()})
     try:
         t1 = time.perf_counter()
         outs = ctx.task.collect(session(path))
@@ -581,6 +632,17 @@ def evaluate_variant(
                     p.unlink()
     _write_json(cache, row)
     return row
+
+
+def size_columns(path: Path, ctx: Context) -> dict[str, float]:
+    """``bits`` (linear/conv weights), ``model_bits`` (every weight) and the file size, also vs fp32."""
+    size = file_bytes(path)
+    return {
+        "bits": weight_bits(path, ctx),
+        "model_bits": model_bits(path, ctx),
+        "file_bytes": size,
+        "size_ratio": size / ctx.fp32_bytes,
+    }
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -632,8 +694,7 @@ def run_task(
     fp32_row: dict[str, Any] = {
         "method": "fp32",
         "budget": None,
-        "bits": weight_bits(ctx.norm, ctx),
-        "file_bytes": file_bytes(ctx.norm),
+        **size_columns(ctx.norm, ctx),
         "eval_s": fp32_eval_s,
         **task.score(ref_out, ref_out),
     }
@@ -665,6 +726,8 @@ def run_task(
         "model": str(Path(task.model).name),
         "notes": task.notes,
         "weight_params": ctx.weight_params,
+        "model_params": ctx.model_params,
+        "fp32_bytes": ctx.fp32_bytes,
         "weighted_nodes": len(table.nodes),
         "analysis": {
             "wall_s": ctx.analysis_s,
@@ -718,7 +781,7 @@ def slot(row: Mapping[str, Any], budgets: Sequence[float] = BUDGETS) -> float | 
 def format_table(summary: Mapping[str, Any]) -> str:
     """A plain-text table of one task's rows."""
     metrics = [Metric(**m) for m in summary["metrics"]]
-    head = ["method", "budget", "bits", "MB", *[m.label for m in metrics], "ms", "×fp32"]
+    head = ["method", "budget", "bits", "model bits", "MB", "size×fp32", *[m.label for m in metrics], "ms", "×fp32"]
     lines = [" | ".join(head)]
     for r in summary["rows"]:
         b = r.get("budget")
@@ -726,7 +789,12 @@ def format_table(summary: Mapping[str, Any]) -> str:
         if "error" in r:
             lines.append(" | ".join([*cells, "error: " + r["error"][:80]]))
             continue
-        cells += [f"{r.get('bits', float('nan')):.3f}", f"{r.get('file_bytes', 0) / 1e6:.2f}"]
+        cells += [
+            f"{r.get('bits', float('nan')):.3f}",
+            f"{r['model_bits']:.3f}" if "model_bits" in r else "-",
+            f"{r.get('file_bytes', 0) / 1e6:.2f}",
+            f"{r['size_ratio']:.3f}" if "size_ratio" in r else "-",
+        ]
         cells += [m.fmt.format(r[m.key]) if r.get(m.key) is not None else "-" for m in metrics]
         cells += [
             f"{r['latency_ms']:.2f}" if "latency_ms" in r else "-",

@@ -137,7 +137,8 @@ def primary_table(summary: Mapping[str, Any]) -> list[str]:
 
 def detail_table(summary: Mapping[str, Any]) -> list[str]:
     metrics = summary["metrics"]
-    head = ["method", "budget", "bits", "MB", *[m["label"] for m in metrics], "ms b=1", "×fp32", "mix"]
+    head = ["method", "budget", "bits", "model bits", "MB", "size ×fp32", *[m["label"] for m in metrics], "ms b=1",
+            "×fp32", "mix"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
         if "error" in r:
@@ -150,7 +151,9 @@ def detail_table(summary: Mapping[str, Any]) -> list[str]:
             name,
             b,
             bits,
+            f"{r['model_bits']:.3f}" if "model_bits" in r else "–",
             f"{r['file_bytes'] / 1e6:.2f}",
+            f"{r['size_ratio']:.3f}" if "size_ratio" in r else "–",
             *[_fmt(m, r.get(m["key"])) for m in metrics],
             f"{r['latency_ms']:.2f}" if "latency_ms" in r else "–",
             f"{r['latency_ratio']:.2f}" if "latency_ratio" in r else "–",
@@ -267,9 +270,15 @@ def section(tasks: Sequence[str]) -> str:
         "How to read: every method quantizes the same normalised graph (Gemm → MatMul + Add). **bits** = stored "
         "bits of every weight-derived tensor in the output file (codes, scales, zero points, packed nibbles, "
         "added constants) ÷ number of weights of the MatMul/Gemm/Conv nodes — one rule for every method, "
-        "read from the file. Embeddings (Gather), biases and norms stay fp32 for every method (NNCF is told to "
-        "ignore Gather). A budget column holds a method's point if its bits are ≤ budget (+2 %: uniform int8 at "
-        "8 + 32/K bits sits at 8); ⚠ marks a point over its budget. lpcompile is analysed once per model "
+        "read from the file (tensors named after an embedding table — the table, or lpcompile's `<table>_…` "
+        "codes and scales — are left out of it). **model bits** = the same stored bits with the Gather "
+        "embedding tables included (a table left in fp32 counts 32 bits per entry) ÷ every weight of the "
+        "model (tied heads once); **size ×fp32** = model file plus external data ÷ the fp32 files. Peers leave "
+        "embeddings (Gather) in fp32 (NNCF is told to ignore Gather), so lpcompile's plans here do too (tables "
+        "pinned to fp32, the budget over the other weights; whole-model budgets: `benchmarks/bench_coverage.py`); "
+        "biases and norms stay fp32 for every method. A budget column holds a method's point if its bits are "
+        "≤ budget (+2 %: uniform int8 at 8 + 32/K bits sits at 8); ⚠ marks a point over its budget. "
+        "lpcompile is analysed once per model "
         "(formats fp8_e4m3, int8, int4_b128, int4_b64, int4_b32, bf16) and every budget is solved from that "
         "table: `lpcompile` chooses from fp8_e4m3,int8,int4_b128,int4_b32,bf16, `lpcompile-b128only` from the "
         "former default fp8_e4m3,int8,int4_b128,bf16 (the default now also has int4_b64, int4_b32), "

@@ -194,3 +194,30 @@ def retarget_table(table: SensitivityTable, nodes: Sequence[WeightNode], target:
     if changed:
         logger.info("%d candidate cost(s) recounted as target %r stores them", changed, target)
     return replace(table, nodes=tuple(out))
+
+
+def retarget_saved_table(table: SensitivityTable, model: ir.Model, target: str) -> SensitivityTable:
+    """A saved table's candidate bits recounted as ``target`` stores them, from the model it was made of.
+
+    The table stores node names and shapes but not the layouts, dtypes and tied-head paths the
+    storage depends on, so those are read from ``model`` (weights are not needed).
+
+    Raises:
+        UsageError: ``model`` does not hold the table's nodes (another model), or a node's weight
+            shape differs.
+    """
+    from lpcompile.errors import UsageError
+
+    nodes = {n.name: n for n in find_weight_nodes(model)}
+    missing = [ns.name for ns in table.nodes if ns.name not in nodes]
+    if missing:
+        raise UsageError(
+            f"the model has no weighted node {missing[0]!r} of the sensitivity table "
+            f"({len(missing)} of {len(table.nodes)} missing): give the model the table was analysed from"
+        )
+    for ns in table.nodes:
+        if tuple(ns.shape) != nodes[ns.name].shape:
+            raise UsageError(
+                f"node {ns.name!r}: weight shape {nodes[ns.name].shape} in the model, {tuple(ns.shape)} in the table"
+            )
+    return retarget_table(table, list(nodes.values()), target)

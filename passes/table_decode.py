@@ -9,10 +9,17 @@ stored                      decode (every inserted node carries ``lpcompile.serv
                             one ``lpcompile.table_decode = <format>``)
 ==========================  =====================================================================
 ``<w>_codes`` UINT8         codes of 1/2/4 bits packed ``8/bits`` per byte (first code in the low
-                            bits), wider codes one per byte: ``BitShift``/``BitwiseAnd`` per lane
-                            → ``Concat`` → ``Reshape`` → ``Slice`` → ``Reshape(codes shape)``
+                            bits): ``BitShift``/``BitwiseAnd`` per lane → ``Concat``; 3/5/6/7
+                            bits: 8 codes in ``bits`` bytes (little-endian bit stream), code j read
+                            from the two bytes it spans: ``Cast(INT32)`` → ``Gather`` low / high
+                            byte → ``lo + 256·hi`` → ``Div(2^(bits·j mod 8))`` → ``Mod(2^bits)`` →
+                            ``Cast(UINT8)`` (values < 2^16: exact; ORT's int64 ReduceSum is not
+                            exact beyond 2^53, so no 56-bit word is formed); 8 bits one per byte;
+                            then ``Reshape`` → ``Slice`` → ``Reshape(codes shape)``. Every code
+                            stores exactly ``bits`` bits (plus zero codes padding the last group)
 ``<w>_table`` FLOAT [2^b]   ``Cast(INT32)`` → ``Gather(<w>_table, codes)``: the value of every code
-``<w>_zp`` UINT8            asymmetric ints: ``Sub(values, Cast(zp))`` per group
+``<w>_zp`` UINT8            asymmetric ints: zero points packed like the codes, unpacked the same
+                            way (``<w>_zp_…`` nodes), then ``Sub(values, Cast(zp))`` per group
 ``<w>_scale``               fp32 as is; fp16 / bf16 / FLOAT8E4M3FN → ``Cast(FLOAT)``; E8M0 as UINT8
                             → ``Gather(<w>_scale_table [256])``; NVFP4: ``Mul(·, <w>_tscale)``
 ==========================  =====================================================================
@@ -42,29 +49,40 @@ DECODE_KEY = "lpcompile.table_decode"
 _FLOAT = ir.DataType.FLOAT
 
 
-def pack_codes(codes: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
-    """Unsigned codes (flattened) packed ``8 // bits`` per byte when ``bits`` divides 8; (bytes, per byte)."""
+def pack_codes(codes: np.ndarray, bits: int) -> tuple[np.ndarray, int, int]:
+    """Unsigned ``bits``-bit codes (flattened) packed into bytes: ``(bytes, codes per group, bytes per group)``.
+
+    1/2/4-bit codes: ``8 // bits`` per byte, the first code in the low bits. 3/5/6/7-bit codes: 8
+    codes in ``bits`` bytes, a little-endian bit stream (code ``j`` of a group occupies bits
+    ``[bits·j, bits·j + bits)`` of the group's ``8·bits``-bit word). 8-bit codes: one per byte. The
+    last group is padded with zero codes.
+    """
     flat = np.asarray(codes, dtype=np.uint8).reshape(-1)
-    if bits not in (1, 2, 4):
-        return flat.copy(), 1
-    per = 8 // bits
+    if bits >= 8:
+        return flat.copy(), 1, 1
+    per, nbytes = (8 // bits, 1) if bits in (1, 2, 4) else (8, bits)
     pad = (-flat.size) % per
     if pad:
         flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
-    lanes = flat.reshape(-1, per).astype(np.uint16)
-    packed = np.zeros(lanes.shape[0], np.uint16)
+    lanes = flat.reshape(-1, per).astype(np.uint64)
+    word = np.zeros(lanes.shape[0], np.uint64)
     for j in range(per):
-        packed |= lanes[:, j] << (bits * j)
-    return packed.astype(np.uint8), per
+        word |= lanes[:, j] << np.uint64(bits * j)
+    out = np.stack([(word >> np.uint64(8 * k)) & np.uint64(0xFF) for k in range(nbytes)], axis=1)
+    return out.astype(np.uint8).reshape(-1), per, nbytes
 
 
 def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of :func:`pack_codes` (for tests and readers)."""
-    if bits not in (1, 2, 4):
+    if bits >= 8:
         return np.asarray(packed, np.uint8)[:n]
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    lanes = [(packed >> (bits * j)) & mask for j in range(per)]
+    per, nbytes = (8 // bits, 1) if bits in (1, 2, 4) else (8, bits)
+    groups = np.asarray(packed, np.uint8).reshape(-1, nbytes).astype(np.uint64)
+    word = np.zeros(groups.shape[0], np.uint64)
+    for k in range(nbytes):
+        word |= groups[:, k] << np.uint64(8 * k)
+    mask = np.uint64((1 << bits) - 1)
+    lanes = [(word >> np.uint64(bits * j)) & mask for j in range(per)]
     return np.stack(lanes, axis=1).reshape(-1)[:n].astype(np.uint8)
 
 
@@ -129,6 +147,61 @@ def _scale_value(b: _Builder, q: QuantizedWeight, fmt: Format, shape: Sequence[i
     return val
 
 
+def _unpacked(b: _Builder, what: str, array: np.ndarray, bits: int, shape: list[int]) -> ir.Value:
+    """Store ``array`` (unsigned ``bits``-bit codes) packed (:func:`pack_codes`); the UINT8 decode in ``shape``.
+
+    ``what`` is ``"codes"`` (the weight's codes: the names the 1/2/4-bit decode always had) or
+    ``"zp"`` (asymmetric zero points, packed the same way so they store ``bits`` bits each).
+    """
+    n = int(np.prod(shape))
+    packed, per, nbytes = pack_codes(array, bits)
+
+    def nm(suffix: str) -> str:
+        return suffix if what == "codes" else f"{what}_{suffix}"
+
+    stored = b.const("codes" if what == "codes" else what, packed)
+    u8 = ir.DataType.UINT8
+    if per == 1:
+        return b.add("Reshape", [stored, b.i64(nm("codes_shape"), shape)], None, nm("codes_nd"), u8, shape)
+    groups = packed.size // nbytes
+    if nbytes == 1:  # 1/2/4 bits: lane j = (byte >> bits·j) & mask
+        mask = b.const(nm("code_mask"), np.asarray([(1 << bits) - 1], np.uint8))
+        lanes = []
+        for j in range(per):
+            src = stored
+            if j:
+                sh = b.const(nm(f"code_shift{j}"), np.asarray([bits * j], np.uint8))
+                src = b.add("BitShift", [stored, sh], {"direction": "RIGHT"}, nm(f"lane{j}_shift"), u8, [groups])
+            lane = b.add("BitwiseAnd", [src, mask], None, nm(f"lane{j}"), u8, [groups])
+            axis = b.i64(nm(f"lane{j}_axis"), [1])
+            lanes.append(b.add("Unsqueeze", [lane, axis], None, nm(f"lane{j}_col"), u8, [groups, 1]))
+        inter = b.add("Concat", lanes, {"axis": 1}, nm("lanes"), u8, [groups, per])
+    else:  # 3/5/6/7 bits: code j spans bytes lo_j, lo_j + 1 of its group: ((lo + 256·hi) / 2^(bits·j mod 8)) mod 2^bits
+        i32 = ir.DataType.INT32
+        lo = [bits * j // 8 for j in range(per)]
+        hi = [min(i + 1, nbytes - 1) for i in lo]
+        hi_weight = [256 if i + 1 < nbytes else 0 for i in lo]  # the last code of a group lies in one byte
+        gs = [groups, nbytes]
+        rows = b.add("Reshape", [stored, b.i64(nm("group_shape"), gs)], None, nm("groups"), u8, gs)
+        wide = b.add("Cast", [rows], {"to": i32}, nm("groups_i32"), i32, gs)
+        lanes_shape = [groups, per]
+        low = b.add("Gather", [wide, b.i64(nm("lo_byte"), lo)], {"axis": 1}, nm("lo"), i32, lanes_shape)
+        high = b.add("Gather", [wide, b.i64(nm("hi_byte"), hi)], {"axis": 1}, nm("hi"), i32, lanes_shape)
+        hw = b.const(nm("hi_weight"), np.asarray(hi_weight, np.int32))
+        high = b.add("Mul", [high, hw], None, nm("hi_placed"), i32, lanes_shape)
+        pair = b.add("Add", [low, high], None, nm("pair"), i32, lanes_shape)
+        div = b.const(nm("lane_div"), np.asarray([1 << (bits * j % 8) for j in range(per)], np.int32))
+        shifted = b.add("Div", [pair, div], None, nm("shifted"), i32, lanes_shape)
+        mod = b.const(nm("lane_mod"), np.asarray([1 << bits], np.int32))
+        lanes_i = b.add("Mod", [shifted, mod], {"fmod": 0}, nm("lanes_i32"), i32, lanes_shape)
+        inter = b.add("Cast", [lanes_i], {"to": u8}, nm("lanes"), u8, lanes_shape)
+    flat = b.add("Reshape", [inter, b.i64(nm("flat_shape"), [groups * per])], None, nm("flat"), u8, [groups * per])
+    if groups * per != n:
+        cut = [b.i64(nm("cut_start"), [0]), b.i64(nm("cut_end"), [n]), b.i64(nm("cut_axis"), [0])]
+        flat = b.add("Slice", [flat, *cut], None, nm("cut"), u8, [n])
+    return b.add("Reshape", [flat, b.i64(nm("codes_shape"), shape)], None, nm("codes_nd"), u8, shape)
+
+
 def emit_table_decode(
     graph: ir.Graph,
     namer: Namer,
@@ -144,53 +217,8 @@ def emit_table_decode(
     b = _Builder(graph, namer, base, w_name, serves)
     shape = [int(d) for d in q.codes.shape]
     rank = len(shape)
-    n = int(np.prod(shape))
     bits = fg.element_bits(fmt.element)
-    codes_u8 = fg.to_codes(q.codes, fmt.element)
-    packed, per = pack_codes(codes_u8, bits)
-    stored = b.const("codes", packed)
-    if per > 1:
-        mask = b.const("code_mask", np.asarray([(1 << bits) - 1], np.uint8))
-        lanes = []
-        for j in range(per):
-            src = stored
-            if j:
-                sh = b.const(f"code_shift{j}", np.asarray([bits * j], np.uint8))
-                src = b.add(
-                    "BitShift", [stored, sh], {"direction": "RIGHT"}, f"lane{j}_shift", ir.DataType.UINT8, [packed.size]
-                )
-            lane = b.add("BitwiseAnd", [src, mask], None, f"lane{j}", ir.DataType.UINT8, [packed.size])
-            lanes.append(
-                b.add(
-                    "Unsqueeze",
-                    [lane, b.i64(f"lane{j}_axis", [1])],
-                    None,
-                    f"lane{j}_col",
-                    ir.DataType.UINT8,
-                    [packed.size, 1],
-                )
-            )
-        inter = b.add("Concat", lanes, {"axis": 1}, "lanes", ir.DataType.UINT8, [packed.size, per])
-        flat = b.add(
-            "Reshape",
-            [inter, b.i64("flat_shape", [packed.size * per])],
-            None,
-            "flat",
-            ir.DataType.UINT8,
-            [packed.size * per],
-        )
-        if packed.size * per != n:
-            flat = b.add(
-                "Slice",
-                [flat, b.i64("cut_start", [0]), b.i64("cut_end", [n]), b.i64("cut_axis", [0])],
-                None,
-                "cut",
-                ir.DataType.UINT8,
-                [n],
-            )
-        codes = b.add("Reshape", [flat, b.i64("codes_shape", shape)], None, "codes_nd", ir.DataType.UINT8, shape)
-    else:
-        codes = b.add("Reshape", [stored, b.i64("codes_shape", shape)], None, "codes_nd", ir.DataType.UINT8, shape)
+    codes = _unpacked(b, "codes", fg.to_codes(q.codes, fmt.element), bits, shape)
     idx = b.add("Cast", [codes], {"to": ir.DataType.INT32}, "idx", ir.DataType.INT32, shape)
     values = b.add("Gather", [b.const("table", fg.code_table(fmt.element)), idx], {"axis": 0}, "values", _FLOAT, shape)
 
@@ -213,7 +241,7 @@ def emit_table_decode(
         group_shape[q.axis] = shape[q.axis]
         blocked = shape
     if q.zero_point is not None:
-        zp = b.const("zp", np.asarray(q.zero_point, np.uint8).reshape(group_shape))
+        zp = _unpacked(b, "zp", np.asarray(q.zero_point, np.uint8), bits, group_shape)
         zpf = b.add("Cast", [zp], {"to": _FLOAT}, "zp_f32", _FLOAT, group_shape)
         values = b.add("Sub", [values, zpf], None, "centered", _FLOAT, blocked)
     scale = _scale_value(b, q, fmt, group_shape)
@@ -242,7 +270,7 @@ def emit_table_decode(
     if out_dtype != _FLOAT:
         values = b.add("Cast", [values], {"to": out_dtype}, "cast_out", out_dtype, list(weight_shape))
     b.nodes[-1].metadata_props[DECODE_KEY] = fmt.name
-    logger.debug("%s: %s decoded by table (%d nodes, %d code(s) per byte)", w_name, fmt.name, len(b.nodes), per)
+    logger.debug("%s: %s decoded by table (%d nodes, %d-bit codes packed)", w_name, fmt.name, len(b.nodes), bits)
     return b.nodes
 
 

@@ -57,3 +57,41 @@ def test_bench_smoke_digits(tmp_path: Path) -> None:
     assert rows["lpcompile"]["kl"] < rows["uniform-int4_b32"]["kl"]
     assert slot(rows["ort-rtn-b32"]) == 5.0
     assert "lpcompile" in format_table(summary)
+    # whole-model columns: no embedding table here, so every weight is a linear weight
+    for r in rows.values():
+        assert r["model_bits"] == pytest.approx(r["bits"], rel=1e-12)
+        assert r["size_ratio"] == pytest.approx(r["file_bytes"] / summary["fp32_bytes"])
+    assert rows["fp32"]["size_ratio"] == pytest.approx(1.0, abs=0.01)  # the normalised copy of the fp32 file
+
+
+def test_model_bits_count_embedding_tables(tmp_path: Path) -> None:
+    """``bits`` covers the MatMul weights, ``model_bits`` every weight: a table left in fp32 counts 32 bits."""
+    import numpy as np
+    import onnx
+    from harness import Metric, Task, model_bits, prepare, weight_bits
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lpcompile.config import ApplyConfig
+    from lpcompile.files import apply_file
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["h"], name="emb"), helper.make_node("MatMul", ["h", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [
+            numpy_helper.from_array(rng.standard_normal((50, 32)).astype(np.float32), "E"),
+            numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "W"),
+        ],
+    )
+    path = tmp_path / "emb.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
+    task = Task("emb", path, path, lambda s: {}, lambda a, b: {}, (Metric("m", "m", True),), {})
+    ctx = prepare(task, tmp_path / "work")
+    assert ctx.tables == {"E"} and ctx.weight_params == 32 * 8 and ctx.model_params == 50 * 32 + 32 * 8
+    assert weight_bits(ctx.norm, ctx) == pytest.approx(32.0) and model_bits(ctx.norm, ctx) == pytest.approx(32.0)
+    out = tmp_path / "int4.onnx"
+    apply_file(path, out, uniform="int4_b32", config=ApplyConfig(target="qdq"), force=True)
+    # int4 codes + one fp16 scale per 32: 4.5 bits for the MatMul weight and for the table's rows
+    assert weight_bits(out, ctx) == pytest.approx(4.5) and model_bits(out, ctx) == pytest.approx(4.5)

@@ -34,6 +34,11 @@ FAMILIES = (
     "int2_asym_b16_sbf16",
     "e2m1_b32_sbf16",
     "int4_b48_sbf16",
+    "int5_b32",
+    "int7_b64",
+    "int3_asym_b32",
+    "int5_asym_pc",
+    "int6_b32_se8m0",
 )
 
 ONE = """<ir_version: 10, opset_import: ["" : 21]>
@@ -51,13 +56,23 @@ def _plan(model: ir.Model, fmt: str) -> PrecisionPlan:
     return PrecisionPlan(nodes=tuple(nodes))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_pack_roundtrip(bits: int) -> None:
     rng = np.random.default_rng(bits)
     codes = rng.integers(0, 2**bits, size=37).astype(np.uint8)
-    packed, per = pack_codes(codes, bits)
-    assert packed.size == -(-37 // per)
+    packed, per, nbytes = pack_codes(codes, bits)
+    assert packed.size == -(-37 // per) * nbytes  # whole groups of `per` codes in `nbytes` bytes
+    assert per * bits == nbytes * 8  # no bit of a group is unused
     np.testing.assert_array_equal(unpack_codes(packed, bits, 37), codes)
+
+
+def test_pack_is_a_little_endian_bit_stream() -> None:
+    """3-bit codes 0..7: bit i of the stream is bit (i mod 3) of code i // 3."""
+    codes = np.arange(8, dtype=np.uint8)
+    packed, _, _ = pack_codes(codes, 3)
+    stream = np.unpackbits(packed, bitorder="little")
+    expect = np.array([(c >> k) & 1 for c in codes for k in range(3)], np.uint8)
+    np.testing.assert_array_equal(stream, expect)
 
 
 @pytest.mark.parametrize("fmt", FAMILIES)
@@ -97,3 +112,42 @@ def test_packed_storage_is_small() -> None:
     assert codes == [256 * 64 // 2]  # two FP4 codes per byte
     scales = [s for name, s in sizes.items() if name.endswith("_scale_q")]
     assert scales == [256 // 32 * 64]  # one E8M0 byte per block of 32
+
+
+STORED = ("_codes", "_scale", "_scale_q", "_zp", "_tscale")
+"""The initializers a table decode stores per weight: codes, scales, zero points, NVFP4's tensor scale
+(its other constants — the code table, the E8M0 table, shapes, masks — are the decode's, not the weight's)."""
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "int3_b32",
+        "int5_b32",
+        "int6_pc",
+        "int7_b64",
+        "int2_b16",
+        "int3_asym_b32",
+        "int5_asym_pc",
+        "int4_asym_b64",
+        "int6_b32_se8m0",
+        "mxfp4",
+        "nvfp4",
+        "nf4",
+        "mxfp6_e3m2",
+    ],
+)
+def test_plan_bits_equal_file_bits(fmt: str) -> None:
+    """The bits a plan counts (``Format.bits_for``) are the bits the file stores, for every code width.
+
+    K·N and the number of scale groups are multiples of 8, so no group is padded (the padding of the
+    last group, fewer than 8 codes per tensor, is the only storage a plan does not count).
+    """
+    rng = np.random.default_rng(5)
+    k, n = 128, 16
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    model = to_ir(parse(ONE.format(k=k, n=n), W=w))
+    plan = _plan(model, fmt)
+    out = QuantizeWeightsPass(plan)(model).model
+    stored = sum(8 * v.const_value.nbytes for v in out.graph.initializers.values() if v.name.endswith(STORED))
+    assert stored == pytest.approx(plan.nodes[0].bits * k * n, rel=1e-12)

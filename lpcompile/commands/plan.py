@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lpcompile.commands._args import add_keep_arg, add_target_args, budget_arg, keep_rules
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output
 from lpcompile.errors import UsageError
 from lpcompile.formats import parse_format_list
+
+if TYPE_CHECKING:
+    from lpcompile.analysis.table import SensitivityTable
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", help="plan JSON (default SENS→.plan.json; not written for --sweep)")
     p.add_argument("--formats", help="restrict to these formats (default: all in the table)")
+    p.add_argument(
+        "--model",
+        help="the model the table was analysed from, read for the weights' layouts so bits are counted as "
+        "--target stores them (default: the table's model file, next to the table or in the current folder)",
+    )
     add_target_args(p)
     add_keep_arg(p)
     return p
@@ -37,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     out = Output(quiet=args.quiet, json=args.json)
     if args.budget:
         budget_arg(args.budget)
-    table = SensitivityTable.load(args.sensitivity)
+    table = _retargeted(SensitivityTable.load(args.sensitivity), args)
     formats = parse_format_list(args.formats) if args.formats else None
     config = DecideConfig(
         formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss
@@ -78,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     target = args.output or _default_plan_path(args.sensitivity)
-    with OutputSession(inputs=[args.sensitivity]) as session:  # io_utils guard (issue 15)
+    inputs = [args.sensitivity, *([args.model] if args.model else [])]
+    with OutputSession(inputs=inputs) as session:  # io_utils guard (issue 15): -o never replaces an input
         session.declare(target)
         decision = decide(table, args.budget, config)
         plan, solution = decision.plan, decision.solution
@@ -98,6 +112,55 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     return 0
+
+
+def _model_path(table: SensitivityTable, args: argparse.Namespace) -> Path | None:
+    """``--model``, else the table's model file found next to the table or in the current folder."""
+    if args.model:
+        path = Path(args.model)
+        if not path.is_file():
+            raise UsageError(f"--model {args.model}: no such file")
+        return path
+    if not table.model:
+        return None
+    for folder in (Path(args.sensitivity).parent, Path.cwd()):
+        path = folder / Path(table.model).name
+        if path.is_file():
+            return path
+    return None
+
+
+def _retargeted(table: SensitivityTable, args: argparse.Namespace) -> SensitivityTable:
+    """The table with its candidates' bits as ``--target`` writes them (issue 13: plan bits = file bits).
+
+    The analysis counts each format's own storage (``Format.bits_for``), which is what ``qdq`` and
+    ``tvm`` write for fp32 weights; ``ort`` writes large int4 MatMul weights as MatMulNBits with fp32
+    scales, and a kept fp16 weight stores 16 bits. Recounting needs the model's layouts: without the
+    model (or with a same-named file that is another model), ``--target ort`` is refused, and the
+    other targets keep the table's counts (a warning); a model named by ``--model`` must match.
+    """
+    from lpcompile.feasibility import retarget_saved_table
+    from lpcompile.files import load_normalized
+
+    path = _model_path(table, args)
+    if path is None:
+        if args.target == "ort":
+            raise UsageError(
+                f"--target ort counts MatMulNBits' fp32 scales from the model's layouts: the table's model "
+                f"{table.model!r} is not next to the table; give it with --model"
+            )
+        logger.warning(
+            "model %r not found: bits as the analysis counted them (give --model to count them as target %s "
+            "stores them)", table.model, args.target,
+        )
+        return table
+    try:
+        return retarget_saved_table(table, load_normalized(path), str(args.target))
+    except UsageError as exc:
+        if args.model or args.target == "ort":  # the model was named, or the counts must change: refuse
+            raise
+        logger.warning("%s is not the table's model (%s): bits as the analysis counted them", path, exc)
+        return table
 
 
 def _default_plan_path(sens: str) -> str:
