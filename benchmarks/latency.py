@@ -67,8 +67,8 @@ logger = logging.getLogger(__name__)
 
 OUT_DIR = ROOT / "artifacts" / "latency"
 UNIFORM = ("int8", "fp8_e4m3", "int4_b128")
-DEFAULT_MODELS = ("digits_mlp", "digits_cnn", "fashion_mnist_cnn", "efficientnet_lite0", "minilm")
-RUNS = {"digits_mlp": 300, "digits_cnn": 300, "fashion_mnist_cnn": 200}
+DEFAULT_MODELS = ("digits_mlp", "digits_cnn", "fashion_mnist_cnn", "efficientnet_lite0", "minilm", "smollm2")
+RUNS = {"digits_mlp": 300, "digits_cnn": 300, "fashion_mnist_cnn": 200, "smollm2": 20}
 """Timed runs per model where one run is well under a millisecond (more runs, steadier medians)."""
 
 
@@ -122,6 +122,10 @@ def _task(name: str) -> Task:
         from bench_minilm import minilm_task
 
         return minilm_task()
+    if name == "smollm2":
+        from bench_smollm2 import smollm2_task
+
+        return smollm2_task(eval_windows=4)  # 4×256 tokens for quality: 2 shared cores
     raise ValueError(f"unknown model {name!r}; known: {', '.join(DEFAULT_MODELS)}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpcompile.commands._args import add_keep_arg, add_target_args, budget_arg, keep_rules
+from lpcompile.commands._args import add_keep_arg, add_objective_arg, add_target_args, budget_arg, keep_rules
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output
 from lpcompile.errors import UsageError
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="plan JSON (default SENS→.plan.json; not written for --sweep)")
     p.add_argument("--formats", help="restrict to these formats (default: all in the table)")
     add_target_args(p)
+    add_objective_arg(p)
     add_keep_arg(p)
     return p
 
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     table = SensitivityTable.load(args.sensitivity)
     formats = parse_format_list(args.formats) if args.formats else None
     config = DecideConfig(
-        formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss
+        formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss,
+        objective=args.objective,
     )
     if args.sweep:
         if args.output:
