@@ -161,6 +161,39 @@ def _plan(ctx: Context, budget: float | None, uniform: str | None, formats: tupl
     return decide(ctx.table, f"{budget}bits", DecideConfig(formats=formats, target="qdq")).plan
 
 
+W8A8_FORMATS = (*LPC_FORMATS, "w8a8")
+"""Formats of the ``plan-w8a8`` variant: the table's formats plus W8A8 int8."""
+
+
+def _w8a8_table(ctx: Context) -> Any:
+    """A sensitivity table that also scores ``w8a8`` (its own cache: the shared ``sens.json`` is not touched)."""
+    from harness import ANALYSIS_FORMATS
+
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.analysis.table import SensitivityTable
+    from lpcompile.files import analyze_file
+
+    cfg = AnalysisConfig(formats=(*ANALYSIS_FORMATS, "w8a8"), **dict(ctx.task.analysis))
+    path = OUT_DIR / ctx.task.name / "sens_w8a8.json"
+    meta = path.with_suffix(".meta.json")
+    if path.exists() and meta.exists() and json.loads(meta.read_text()).get("config") == repr(cfg):
+        return SensitivityTable.load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    table = analyze_file(ctx.task.model, ctx.task.calib, cfg)
+    table.save(path)
+    meta.write_text(json.dumps({"config": repr(cfg), "wall_s": time.perf_counter() - t0}))
+    return table
+
+
+def _w8a8_plan(ctx: Context, table: Any, budget: float, objective: str) -> Any:
+    """The budget solved over :data:`W8A8_FORMATS` for the ``ort`` target with ``objective``."""
+    from lpcompile.api import decide
+    from lpcompile.config import DecideConfig
+
+    return decide(table, f"{budget}bits", DecideConfig(formats=W8A8_FORMATS, target="ort", objective=objective)).plan
+
+
 def _per_run_decodes(path: Path) -> dict[str, int]:
     """Ops of the ORT_ENABLE_ALL graph that still decode or round per inference."""
     from lpcompile.runtime.ort import optimized_proto
@@ -174,6 +207,7 @@ def _per_run_decodes(path: Path) -> dict[str, int]:
             "QuantizeLinear",
             "Cast",
             "com.microsoft.MatMulNBits",
+            "com.microsoft.MatMulIntegerToFloat",
             "lpcompile.TwoPassSoftmax",
         ):
             counts[key] = counts.get(key, 0) + 1
@@ -277,8 +311,14 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         variants = [("plan", LPC_FORMATS, targets)]
         if args.latency_plans and budget in {float(b) for b in args.latency_plans.split(",") if b}:
             variants.append(("plan-latency", fast_formats, [t for t in targets if t != "dq"]))
+        if args.w8a8_plans and budget in {float(b) for b in args.w8a8_plans.split(",") if b}:
+            for objective in ("size", "latency"):
+                variants.append((f"plan-w8a8-{objective}", W8A8_FORMATS, [t for t in targets if t != "dq"]))
         for variant, formats, tgts in variants:
-            plan = _plan(ctx, budget, None, formats)
+            if variant.startswith("plan-w8a8-"):
+                plan = _w8a8_plan(ctx, _w8a8_table(ctx), budget, variant.rsplit("-", 1)[1])
+            else:
+                plan = _plan(ctx, budget, None, formats)
             for target in tgts:
                 key = f"{variant}@{budget:g}/{target}"
                 row = measure(
@@ -292,6 +332,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     args.fresh,
                 )
                 row.update(variant=variant, budget=budget, target=target, mix=_mix(plan), formats=list(formats))
+                if "latency" in plan.metadata:
+                    row["predicted_x_fp32"] = plan.metadata["latency"]["predicted_x_fp32"]
                 rows.append(row)
                 logger.info("%s %s: %.2fx fp32, %.3f bits", name, key, row["ratio"], row["bits"])
     for fmt in [f for f in args.uniform.split(",") if f]:
@@ -400,6 +442,12 @@ def main() -> None:
         default="",
         metavar="BUDGETS",
         help="at these budgets also plans from the formats ORT runs fast (latency_formats: no activation rounding)",
+    )
+    p.add_argument(
+        "--w8a8-plans",
+        default="",
+        metavar="BUDGETS",
+        help="at these budgets also plans over the formats + w8a8 (own analysis), objective size and latency (ort)",
     )
     p.add_argument("--runs", type=int, default=0, help="timed batch-1 runs per model (default 30; 200-300 sub-ms)")
     p.add_argument("--threads", type=int, default=2)

@@ -9,6 +9,8 @@ No test asserts a time.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -180,3 +182,20 @@ def test_objective_latency_refuses_no_budget() -> None:
     assert set(sol.assignments.values()) <= {"int8", "w8a8"}
     with pytest.raises(UsageError):
         solve_with_objective(items, parse_budget("8.1bits"), table, "ort", "fastest")
+
+
+def test_plan_cli_objective_records_predicted_latency(tmp_path: Path) -> None:
+    from lpcompile.cli import main
+
+    sens = tmp_path / "t.sens.json"
+    table_two_nodes().save(sens)
+    out = tmp_path / "t.plan.json"
+    args = ["plan", str(sens), "--budget", "8.1bits", "--target", "ort", "-o", str(out), "-q"]
+    assert main([*args, "--objective", "both"]) == 0
+    plan = PrecisionPlan.load(out)
+    assert {a.name: a.format for a in plan.nodes} == {"a": "w8a8", "b": "int8"}
+    lat = plan.metadata["latency"]
+    assert lat["objective"] == "both" and lat["target"] == "ort" and lat["predicted_x_fp32"] < 1.0
+    out.unlink()
+    assert main(args) == 0  # default objective: size, no latency entry
+    assert "latency" not in PrecisionPlan.load(out).metadata
