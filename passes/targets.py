@@ -45,6 +45,17 @@ What was checked on ONNX Runtime 1.32 CPU (2 threads, batch 1; ``benchmarks/late
 * ORT has no weight-only int4/int8 Conv kernel; int8 W8A8 (``ConvInteger`` /
   ``QLinearConv`` with ``DynamicQuantizeLinear``) would round the activations as well, which an
   ``int8`` plan (fp32 activations) does not ask for: Conv weights are decoded once.
+* W8A8 int8 (format ``w8a8``: the plan asks for int8 activations too) on a MatMul: ``ort`` writes
+  ``com.microsoft.MatMulIntegerToFloat`` with uint8 activations (:mod:`lpcompile.passes.w8a8`),
+  0.25–0.27× an fp32 MatMul+bias of 47×384×1536 (2 threads). The standard Q/DQ form is fused by
+  ORT into the same kernel only without a bias ``Add`` (``MatMulAddFusion`` runs first and leaves a
+  ``Gemm`` with per-run DQs, 3.1–3.3×) and with int8 activations it takes the s8s8 path (20×), so
+  ``qdq`` decodes a ``w8a8`` weight once and rounds the activation per run. On a Conv, measured on
+  one 1×1 Conv 32→64 at 28×28: weight DQ + activation Q/DQ → ``FusedConv`` with a per-run DQ 1.34×,
+  + an output Q/DQ → ``QLinearConv`` between NCHW↔NHWC ``Transpose`` s 1.21×, explicit
+  ``ConvInteger`` 5.1×: no faster-than-fp32 Conv form without quantizing whole chains of tensors
+  (what ``quantize_static`` does: 0.61× on EfficientNet-Lite0 at KL 0.32), so ``w8a8`` Conv weights
+  are decoded once and ``runs_fast`` says no.
 
 The two-pass softmax runs faster only where the target has a real two-pass kernel (TVM); on ORT
 CPU its function body (a dozen standard ops) is slower than the fused ``Softmax``
