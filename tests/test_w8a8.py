@@ -168,7 +168,8 @@ def test_objective_prefers_faster_among_near_equal_losses() -> None:
     assert predict_latency(table, both.assignments, "ort").ratio < predict_latency(table, size.assignments, "ort").ratio
     # latency: only fast choices (on ort int8 decode-once is as fast as fp32, so b keeps int8)
     lat = solve_with_objective(items, budget, table, "ort", "latency")
-    assert lat.assignments["a"] == "w8a8"
+    assert lat.assignments == {"a": "w8a8", "b": "w8a8"}  # speed first: b's loss does not stop it
+    assert lat.predicted_loss == pytest.approx(0.5101)
     # on qdq w8a8 is slower than int8: size and both agree
     assert solve_with_objective(items, budget, table, "qdq", "both").assignments == size.assignments
 

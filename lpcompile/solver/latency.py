@@ -11,9 +11,12 @@ The predicted latency of a plan is ``Σ params·cost / Σ params`` (1.0 = fp32 s
   ``size`` plan at the same budget. The result's predicted loss is at most ``L*·(1 + tolerance·Δ)``
   (``Δ`` the largest cost spread of a node, ≤ 3): no budget is refused and quality moves within the
   tolerance.
-* ``latency``: only choices the target runs at least as fast as fp32 per node
-  (:func:`lpcompile.passes.targets.runs_fast`), then the ``both`` tie-break. When the restriction
-  makes the budget infeasible the unrestricted items are used (with the tie-break): refuse none.
+* ``latency``: speed first. Only choices the target runs at least as fast as fp32 per node
+  (:func:`lpcompile.passes.targets.runs_fast`); among them the least predicted latency within the
+  budget, the predicted loss breaking ties (the latency term is weighted ``LATENCY_FIRST`` times the
+  largest possible loss, so any latency gain outweighs any loss difference). When the restriction
+  makes the budget infeasible the unrestricted items are used: refuse none. This is the objective
+  that picks ``w8a8`` on ``ort`` (an int8 GEMM, 0.3× fp32) over the more accurate weight-only ``int8``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 OBJECTIVES: tuple[str, ...] = ("size", "latency", "both")
 DEFAULT_TOLERANCE = 0.02
-"""Relative predicted-loss slack ``both``/``latency`` may spend on faster choices (see the module docstring)."""
+"""Relative predicted-loss slack ``both`` may spend on faster choices (see the module docstring)."""
+LATENCY_FIRST = 1e3
+"""``latency``: weight of the latency term over the largest possible total loss."""
 
 
 def check_objective(objective: str) -> str:
@@ -137,6 +142,8 @@ def solve_with_objective(
     chosen = list(items)
     if objective == "latency":
         chosen = _fast_only(items, nodes, target)
+        worst = sum(max(abs(c.loss) for c in it.choices) for it in items if it.choices)
+        eps = LATENCY_FIRST * max(worst, 1e-30)
     try:
         sol = solve(_tie_broken(chosen, nodes, target, eps, total), budget)
     except BudgetError:
@@ -149,6 +156,7 @@ def solve_with_objective(
 
 __all__ = [
     "DEFAULT_TOLERANCE",
+    "LATENCY_FIRST",
     "OBJECTIVES",
     "LatencyEstimate",
     "check_objective",
