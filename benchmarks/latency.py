@@ -20,9 +20,14 @@ plan written with per-run ``DequantizeLinear`` weights (what the ``qdq`` target 
 16; today the ``tvm`` target's form). The softmax follows ``passes.targets.softmax_pays`` (kept
 as ``Softmax`` on ORT).
 
-    python benchmarks/latency.py [--models digits_mlp,digits_cnn,fashion_mnist_cnn,efficientnet_lite0,minilm]
+``--w8a8-plans B,..`` adds, at those budgets, plans over the table's formats plus ``w8a8`` (W8A8 int8,
+from a separate w8a8-aware analysis cached in ``artifacts/latency/<model>/sens_w8a8.json``), solved for
+the ``ort`` target with ``--objective size`` and ``--objective latency`` (``plan-w8a8-size``,
+``plan-w8a8-latency``; the plan's predicted latency is recorded as ``predicted_x_fp32``).
+
+    python benchmarks/latency.py [--models digits_mlp,digits_cnn,fashion_mnist_cnn,efficientnet_lite0,minilm,smollm2]
         [--budgets 4.25,4.5,5,6,8] [--targets qdq,ort] [--uniform int8,fp8_e4m3,int4_b128] [--before]
-        [--runs 20] [--threads 2] [--no-quality] [--fresh]
+        [--latency-plans B,..] [--w8a8-plans B,..] [--runs 20] [--threads 2] [--no-quality] [--fresh]
 
 Writes ``benchmarks/results_latency.json`` and prints a table. Timings on shared machines are
 noisy: every ratio is measured side by side with fp32 in the same process, and ``uptime`` load is
