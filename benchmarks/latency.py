@@ -413,10 +413,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         )
         out.append("")
         out.append(
-            f"| variant | bits qdq | MB qdq | {primary['label']} qdq | qdq × fp32 | ort × fp32 | bits ort "
-            f"| {primary['label']} ort | before (dq) × fp32 | bits before |"
+            f"| variant | bits qdq | MB qdq | {primary['label']} qdq | qdq × fp32 | ort × fp32 | ort predicted "
+            f"| bits ort | {primary['label']} ort | before (dq) × fp32 | bits before |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
         keys = sorted({(v, b) for v, b, _ in rows}, key=lambda k: (k[1] is None, k[0] != "plan", k[1] or 0, k[0]))
         for v, b in keys:
             q, o, d = (rows.get((v, b, t), {}) for t in ("qdq", "ort", "dq"))
@@ -428,6 +428,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             out.append(
                 f"| {name} | {f(q, 'bits', '{:.3f}')} | {f(q, 'file_bytes', '{:.0f}')} | "
                 f"{f(q, primary['key'], primary['fmt'])} | {f(q, 'ratio', '{:.2f}')} | {f(o, 'ratio', '{:.2f}')} | "
+                f"{f(o, 'predicted_x_fp32', '{:.2f}')} | "
                 f"{f(o, 'bits', '{:.3f}')} | {f(o, primary['key'], primary['fmt'])} | {f(d, 'ratio', '{:.2f}')} | "
                 f"{f(d, 'bits', '{:.3f}')} |"
             )
