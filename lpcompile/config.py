@@ -85,7 +85,8 @@ class DecideConfig:
             this bound (in units of the distortion loss); ignored when a budget is given.
         objective: ``"size"`` (least loss within the budget), ``"both"`` (among near-equal-loss
             choices the faster one on ``target``) or ``"latency"`` (only choices that run at least as
-            fast as fp32, then as ``both``); see :mod:`lpcompile.solver.latency`.
+            fast as fp32, speed first); see :mod:`lpcompile.solver.latency`. Applies to a
+            budget, not to the ``max_loss`` dual.
     """
 
     formats: tuple[str, ...] | None = None
