@@ -351,7 +351,7 @@ class KernelRow:
     note: str
 
 
-TABLE_FORMATS: tuple[str, ...] = ("int4_b128", "int4_b32", "int8", "fp8_e4m3", "bf16", "fp16")
+TABLE_FORMATS: tuple[str, ...] = ("int4_b128", "int4_b32", "int8", "w8a8", "fp8_e4m3", "bf16", "fp16")
 
 
 def kernel_table(formats: tuple[str, ...] = TABLE_FORMATS) -> list[KernelRow]:
