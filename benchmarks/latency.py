@@ -20,9 +20,14 @@ plan written with per-run ``DequantizeLinear`` weights (what the ``qdq`` target 
 16; today the ``tvm`` target's form). The softmax follows ``passes.targets.softmax_pays`` (kept
 as ``Softmax`` on ORT).
 
-    python benchmarks/latency.py [--models digits_mlp,digits_cnn,fashion_mnist_cnn,efficientnet_lite0,minilm]
+``--w8a8-plans B,..`` adds, at those budgets, plans over the table's formats plus ``w8a8`` (W8A8 int8,
+from a separate w8a8-aware analysis cached in ``artifacts/latency/<model>/sens_w8a8.json``), solved for
+the ``ort`` target with ``--objective size`` and ``--objective latency`` (``plan-w8a8-size``,
+``plan-w8a8-latency``; the plan's predicted latency is recorded as ``predicted_x_fp32``).
+
+    python benchmarks/latency.py [--models digits_mlp,digits_cnn,fashion_mnist_cnn,efficientnet_lite0,minilm,smollm2]
         [--budgets 4.25,4.5,5,6,8] [--targets qdq,ort] [--uniform int8,fp8_e4m3,int4_b128] [--before]
-        [--runs 20] [--threads 2] [--no-quality] [--fresh]
+        [--latency-plans B,..] [--w8a8-plans B,..] [--runs 20] [--threads 2] [--no-quality] [--fresh]
 
 Writes ``benchmarks/results_latency.json`` and prints a table. Timings on shared machines are
 noisy: every ratio is measured side by side with fp32 in the same process, and ``uptime`` load is
@@ -67,8 +72,8 @@ logger = logging.getLogger(__name__)
 
 OUT_DIR = ROOT / "artifacts" / "latency"
 UNIFORM = ("int8", "fp8_e4m3", "int4_b128")
-DEFAULT_MODELS = ("digits_mlp", "digits_cnn", "fashion_mnist_cnn", "efficientnet_lite0", "minilm")
-RUNS = {"digits_mlp": 300, "digits_cnn": 300, "fashion_mnist_cnn": 200}
+DEFAULT_MODELS = ("digits_mlp", "digits_cnn", "fashion_mnist_cnn", "efficientnet_lite0", "minilm", "smollm2")
+RUNS = {"digits_mlp": 300, "digits_cnn": 300, "fashion_mnist_cnn": 200, "smollm2": 20}
 """Timed runs per model where one run is well under a millisecond (more runs, steadier medians)."""
 
 
@@ -122,6 +127,10 @@ def _task(name: str) -> Task:
         from bench_minilm import minilm_task
 
         return minilm_task()
+    if name == "smollm2":
+        from bench_smollm2 import smollm2_task
+
+        return smollm2_task(eval_windows=4)  # 4×256 tokens for quality: 2 shared cores
     raise ValueError(f"unknown model {name!r}; known: {', '.join(DEFAULT_MODELS)}")
 
 
@@ -157,6 +166,39 @@ def _plan(ctx: Context, budget: float | None, uniform: str | None, formats: tupl
     return decide(ctx.table, f"{budget}bits", DecideConfig(formats=formats, target="qdq")).plan
 
 
+W8A8_FORMATS = (*LPC_FORMATS, "w8a8")
+"""Formats of the ``plan-w8a8`` variant: the table's formats plus W8A8 int8."""
+
+
+def _w8a8_table(ctx: Context) -> Any:
+    """A sensitivity table that also scores ``w8a8`` (its own cache: the shared ``sens.json`` is not touched)."""
+    from harness import ANALYSIS_FORMATS
+
+    from lpcompile.analysis.config import AnalysisConfig
+    from lpcompile.analysis.table import SensitivityTable
+    from lpcompile.files import analyze_file
+
+    cfg = AnalysisConfig(formats=(*ANALYSIS_FORMATS, "w8a8"), **dict(ctx.task.analysis))
+    path = OUT_DIR / ctx.task.name / "sens_w8a8.json"
+    meta = path.with_suffix(".meta.json")
+    if path.exists() and meta.exists() and json.loads(meta.read_text()).get("config") == repr(cfg):
+        return SensitivityTable.load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    table = analyze_file(ctx.task.model, ctx.task.calib, cfg)
+    table.save(path)
+    meta.write_text(json.dumps({"config": repr(cfg), "wall_s": time.perf_counter() - t0}))
+    return table
+
+
+def _w8a8_plan(ctx: Context, table: Any, budget: float, objective: str) -> Any:
+    """The budget solved over :data:`W8A8_FORMATS` for the ``ort`` target with ``objective``."""
+    from lpcompile.api import decide
+    from lpcompile.config import DecideConfig
+
+    return decide(table, f"{budget}bits", DecideConfig(formats=W8A8_FORMATS, target="ort", objective=objective)).plan
+
+
 def _per_run_decodes(path: Path) -> dict[str, int]:
     """Ops of the ORT_ENABLE_ALL graph that still decode or round per inference."""
     from lpcompile.runtime.ort import optimized_proto
@@ -170,6 +212,7 @@ def _per_run_decodes(path: Path) -> dict[str, int]:
             "QuantizeLinear",
             "Cast",
             "com.microsoft.MatMulNBits",
+            "com.microsoft.MatMulIntegerToFloat",
             "lpcompile.TwoPassSoftmax",
         ):
             counts[key] = counts.get(key, 0) + 1
@@ -273,8 +316,14 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         variants = [("plan", LPC_FORMATS, targets)]
         if args.latency_plans and budget in {float(b) for b in args.latency_plans.split(",") if b}:
             variants.append(("plan-latency", fast_formats, [t for t in targets if t != "dq"]))
+        if args.w8a8_plans and budget in {float(b) for b in args.w8a8_plans.split(",") if b}:
+            for objective in ("size", "latency"):
+                variants.append((f"plan-w8a8-{objective}", W8A8_FORMATS, [t for t in targets if t != "dq"]))
         for variant, formats, tgts in variants:
-            plan = _plan(ctx, budget, None, formats)
+            if variant.startswith("plan-w8a8-"):
+                plan = _w8a8_plan(ctx, _w8a8_table(ctx), budget, variant.rsplit("-", 1)[1])
+            else:
+                plan = _plan(ctx, budget, None, formats)
             for target in tgts:
                 key = f"{variant}@{budget:g}/{target}"
                 row = measure(
@@ -288,6 +337,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     args.fresh,
                 )
                 row.update(variant=variant, budget=budget, target=target, mix=_mix(plan), formats=list(formats))
+                if "latency" in plan.metadata:
+                    row["predicted_x_fp32"] = plan.metadata["latency"]["predicted_x_fp32"]
                 rows.append(row)
                 logger.info("%s %s: %.2fx fp32, %.3f bits", name, key, row["ratio"], row["bits"])
     for fmt in [f for f in args.uniform.split(",") if f]:
@@ -362,10 +413,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         )
         out.append("")
         out.append(
-            f"| variant | bits qdq | MB qdq | {primary['label']} qdq | qdq × fp32 | ort × fp32 | bits ort "
-            f"| {primary['label']} ort | before (dq) × fp32 | bits before |"
+            f"| variant | bits qdq | MB qdq | {primary['label']} qdq | qdq × fp32 | ort × fp32 | ort predicted "
+            f"| bits ort | {primary['label']} ort | before (dq) × fp32 | bits before |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
         keys = sorted({(v, b) for v, b, _ in rows}, key=lambda k: (k[1] is None, k[0] != "plan", k[1] or 0, k[0]))
         for v, b in keys:
             q, o, d = (rows.get((v, b, t), {}) for t in ("qdq", "ort", "dq"))
@@ -377,6 +428,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             out.append(
                 f"| {name} | {f(q, 'bits', '{:.3f}')} | {f(q, 'file_bytes', '{:.0f}')} | "
                 f"{f(q, primary['key'], primary['fmt'])} | {f(q, 'ratio', '{:.2f}')} | {f(o, 'ratio', '{:.2f}')} | "
+                f"{f(o, 'predicted_x_fp32', '{:.2f}')} | "
                 f"{f(o, 'bits', '{:.3f}')} | {f(o, primary['key'], primary['fmt'])} | {f(d, 'ratio', '{:.2f}')} | "
                 f"{f(d, 'bits', '{:.3f}')} |"
             )
@@ -396,6 +448,12 @@ def main() -> None:
         default="",
         metavar="BUDGETS",
         help="at these budgets also plans from the formats ORT runs fast (latency_formats: no activation rounding)",
+    )
+    p.add_argument(
+        "--w8a8-plans",
+        default="",
+        metavar="BUDGETS",
+        help="at these budgets also plans over the formats + w8a8 (own analysis), objective size and latency (ort)",
     )
     p.add_argument("--runs", type=int, default=0, help="timed batch-1 runs per model (default 30; 200-300 sub-ms)")
     p.add_argument("--threads", type=int, default=2)

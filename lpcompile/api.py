@@ -34,7 +34,7 @@ from lpcompile.checks import check_model
 from lpcompile.config import ApplyConfig, DecideConfig, SoftmaxMode, Target
 from lpcompile.errors import LpError, PlanError, UnsupportedOpsError, UsageError
 from lpcompile.feasibility import stored_bits
-from lpcompile.formats import canonical_name, get_format, needs_input_hessians
+from lpcompile.formats import canonical_name, get_format, needs_input_hessians, scaled_activation
 from lpcompile.frontend.calib import CalibrationSet, batches
 from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
 from lpcompile.plan import NodeAssignment, PrecisionPlan, validate_against
@@ -244,8 +244,18 @@ def decide(table: SensitivityTable, budget: str | Budget | None, config: DecideC
         solution = solve_max_loss(items, config.max_loss)
         return Decision(plan=plan_from_solution(table, solution, None, config), solution=solution)
     b = parse_budget(budget) if isinstance(budget, str) else budget
-    solution = solve(items, b)
-    return Decision(plan=plan_from_solution(table, solution, str(budget), config), solution=solution)
+    if config.objective == "size":
+        solution = solve(items, b)
+        return Decision(plan=plan_from_solution(table, solution, str(budget), config), solution=solution)
+    from lpcompile.solver.latency import predict_latency, solve_with_objective
+
+    target = Target(config.target).value
+    solution = solve_with_objective(items, b, table, target, config.objective)
+    plan = plan_from_solution(table, solution, str(budget), config)
+    est = predict_latency(table, solution.assignments, target)
+    latency = {"objective": config.objective, "target": target, "predicted_x_fp32": round(est.ratio, 4)}
+    plan = replace(plan, metadata={**plan.metadata, "latency": latency})
+    return Decision(plan=plan, solution=solution)
 
 
 def decide_sweep(
@@ -298,12 +308,12 @@ def plan_from_solution(
 
 
 def fp8_activations(nodes: Sequence[NodeAssignment], activation_of: Mapping[str, str | None]) -> set[str]:
-    """Activation tensors whose node's chosen format rounds them to FP8 (they need a calibrated scale)."""
+    """Activation tensors whose node's chosen format rounds them to FP8 or int8 (they need a calibrated scale)."""
     out = set()
     for a in nodes:
         act = get_format(a.format).activation
         tensor = activation_of.get(a.name)
-        if act and act.startswith("float8") and tensor:
+        if scaled_activation(act) and tensor:
             out.add(tensor)
     return out
 
@@ -321,7 +331,7 @@ def decide_uniform(
     gathered = {w.weight for w in find_weight_nodes(model) if w.op_type == "Gather"}
     for w in find_weight_nodes(model):
         chosen = get_format("fp32") if w.name in pinned else f
-        if w.weight in gathered and (f.activation or "").startswith("float8"):
+        if w.weight in gathered and scaled_activation(f.activation):
             logger.info("kept in fp32 (an embedding table has no activation for %s): %s", f.name, w.name)
             chosen = get_format("fp32")
         if w.name in pinned and not f.is_identity:

@@ -225,6 +225,15 @@ def _build_registry() -> dict[str, Format]:
             scale_dtype="float32",
             description="int8 symmetric weights per output channel, fp32 activations",
         ),
+        Format(
+            "w8a8",
+            "int8",
+            8,
+            scale="per_channel",
+            scale_dtype="float32",
+            activation="int8",
+            description="W8A8 int8: symmetric per-channel weights, per-tensor int8 activations (calibrated scale)",
+        ),
     ]
     for bs in (32, 64, 128):
         formats.append(
@@ -588,23 +597,38 @@ def qdq_weight(
 # ---------------------------------------------------------------------------------------------
 
 
+INT8_ACTIVATION_MAX = 127
+"""Symmetric int8 activations: ``amax`` maps to code 127 (zero point 0, codes -128..127 representable)."""
+
+
+def scaled_activation(element: str | None) -> bool:
+    """Whether rounding an activation to ``element`` needs a calibrated per-tensor scale (FP8, int8)."""
+    return element is not None and (element.startswith("float8") or element == "int8")
+
+
 def activation_scale(amax: float, element: str) -> float:
-    """Per-tensor scale mapping a calibrated ``amax`` onto an FP8 grid (1.0 for casts)."""
-    if not element.startswith("float8"):
+    """Per-tensor scale mapping a calibrated ``amax`` onto an FP8 / int8 grid (1.0 for casts)."""
+    if not scaled_activation(element):
         return 1.0
     amax = float(amax)
     if not math.isfinite(amax) or amax <= 0:
         return 1.0
-    return float(np.float32(amax / FLOAT_SPECS[element].max_value))
+    top = INT8_ACTIVATION_MAX if element == "int8" else FLOAT_SPECS[element].max_value
+    return float(np.float32(amax / top))
 
 
 def qdq_activation(x: np.ndarray, element: str, scale: float = 1.0) -> np.ndarray:
     """Round an activation the way the rewritten graph does (QDQ for FP8, Cast round trip else).
 
     FP8: ``QuantizeLinear(x, scale)`` (x / scale, RNE, saturating) then ``DequantizeLinear``.
+    int8: ``QuantizeLinear(x, scale, int8 zero point 0)`` (x / scale, RNE, clipped to -128..127)
+    then ``DequantizeLinear``.
     bf16/fp16: a Cast round trip (RNE).
     """
     x = np.asarray(x, dtype=np.float32)
+    if element == "int8":
+        s = np.float32(scale)
+        return (np.clip(np.rint(x / s), -128, 127).astype(np.float32) * s).astype(np.float32)
     if element.startswith("float8"):
         s = np.float32(scale)
         return (round_to_float(x / s, element).astype(np.float32) * s).astype(np.float32)

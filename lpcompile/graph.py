@@ -204,10 +204,10 @@ def candidate_nodes(nodes: Sequence[WeightNode], fmts: Sequence[str]) -> dict[st
     An embedding table (a Gather's weight, and the heads tied to it) has no float activation input to
     calibrate an FP8 scale on, so formats that round activations to FP8 are not its candidates.
     """
-    from lpcompile.formats import get_format
+    from lpcompile.formats import get_format, scaled_activation
 
     gathered = {n.weight for n in nodes if n.op_type == "Gather"}
-    fp8 = {f for f in fmts if (get_format(f).activation or "").startswith("float8")}
+    fp8 = {f for f in fmts if scaled_activation(get_format(f).activation)}
     return {n.name: tuple(f for f in fmts if n.weight not in gathered or f not in fp8) for n in nodes}
 
 

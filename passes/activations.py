@@ -14,6 +14,10 @@ For every plan node whose format has ``activation`` set, the node's activation i
   (``/act_dq``) → ``Mul(·, scale)``: bit-identical to the Q/DQ pair, and kept intact by every
   ORT optimisation level (ORT 1.31's QDQ transforms at ``ORT_ENABLE_ALL`` drop FP8 zero points
   and change the results of the Q/DQ form).
+* int8 (the ``w8a8`` format): ``QuantizeLinear(x, <x>_act_scale, <x>_act_zp)`` →
+  ``DequantizeLinear`` with an int8 zero point 0 and scale ``amax / 127`` — always the Q/DQ pair,
+  whatever the style: ONNX Runtime fuses it with the weight's ``DequantizeLinear`` and a MatMul
+  into ``MatMulIntegerToFloat`` (int8 GEMM; ``passes/targets.py``), and it is exact at every level.
 * bf16 / fp16: a Cast round trip ``Cast(x; to=BFLOAT16|FLOAT16)`` → ``Cast(·; to=FLOAT)``,
   nodes ``<base>/to_bf16`` (``/to_fp16``) and ``<base>/to_fp32``; values ``<x>_bf16`` and
   ``<x>_bf16_fp32``.
@@ -49,7 +53,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lpcompile.errors import PlanError
-from lpcompile.formats import FLOAT_SPECS, activation_scale, get_format
+from lpcompile.formats import FLOAT_SPECS, activation_scale, get_format, scaled_activation
 from lpcompile.passes._common import (
     ACT_DQ,
     ACT_Q,
@@ -89,7 +93,7 @@ def existing_activation_rounding(node: ir.Node) -> str | None:
         zp = producer.inputs[2]
         if q is not None and is_onnx_op(q, "QuantizeLinear") and zp is not None:
             for element, dtype in ELEMENT_DTYPES.items():
-                if is_fp8(element) and zp.dtype == dtype:
+                if (is_fp8(element) or element == "int8") and zp.dtype == dtype:
                     return element
         return None
     if is_onnx_op(producer, "Mul") and producer.inputs[0] is not None:
@@ -149,7 +153,7 @@ class ActivationPrecisionPass(ir.passes.InPlacePass):
         namer = Namer(graph)
         for r in sorted(roundings.values(), key=lambda r: min(positions[id(c)] for c in r.consumers)):
             r.consumers.sort(key=lambda c: positions[id(c)])
-            if is_fp8(r.element):
+            if scaled_activation(r.element):
                 self._insert_fp8(graph, namer, r)
             else:
                 _insert_round_trip(graph, namer, r, after_producer=id(r.tensor) in internal)
@@ -174,7 +178,7 @@ class ActivationPrecisionPass(ir.passes.InPlacePass):
                 continue
             if existing_activation_rounding(node) == element:
                 continue
-            if is_fp8(element) and x.name not in self.plan.activation_scales:
+            if scaled_activation(element) and x.name not in self.plan.activation_scales:
                 raise PlanError(
                     f"node {a.name!r} ({a.format}) needs a calibrated amax for its activation {x.name!r}, "
                     "but the plan has none: calibrate first (the pipeline fills plan.activation_scales)"
@@ -187,10 +191,13 @@ class ActivationPrecisionPass(ir.passes.InPlacePass):
         x_name = x.name or "x"
         amax = float(self.plan.activation_scales[x_name])
         scale = np.array(activation_scale(amax, r.element), dtype=np.float32)
-        zp = np.zeros((), dtype=FLOAT_SPECS[r.element].np_dtype)
+        int8 = r.element == "int8"
+        zp = np.zeros((), dtype=np.int8 if int8 else FLOAT_SPECS[r.element].np_dtype)
         scale_v = add_initializer(graph, namer, f"{x_name}_act_scale", scale)
         fp8 = ELEMENT_DTYPES[r.element]
-        if self.style == "cast":
+        # int8 is always a Q/DQ pair: exact at every ORT level, and what ORT fuses with a
+        # DequantizeLinear weight into its int8 kernels (MatMulIntegerToFloat, QLinearConv)
+        if self.style == "cast" and not int8:
             steps = [
                 _Step("Div", (scale_v,), None, "/act_div", "_act_div", ir.DataType.FLOAT),
                 _Step("Cast", (), {"to": int(fp8), "saturate": 1}, ACT_Q, "_act_q", fp8),
@@ -200,7 +207,7 @@ class ActivationPrecisionPass(ir.passes.InPlacePass):
         else:
             zp_v = add_initializer(graph, namer, f"{x_name}_act_zp", zp)
             steps = [
-                _Step("QuantizeLinear", (scale_v, zp_v), {"saturate": 1}, ACT_Q, "_act_q", fp8),
+                _Step("QuantizeLinear", (scale_v, zp_v), None if int8 else {"saturate": 1}, ACT_Q, "_act_q", fp8),
                 _Step("DequantizeLinear", (scale_v, zp_v), None, ACT_DQ, "_act_dq", ir.DataType.FLOAT),
             ]
         _insert_chain(graph, namer, r, _base_name(r), steps)

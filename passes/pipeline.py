@@ -25,6 +25,7 @@ from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
 from lpcompile.passes.opset import default_opset, min_ir_version
 from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 from lpcompile.passes.targets import activation_style
+from lpcompile.passes.w8a8 import FuseW8A8MatMulPass
 from lpcompile.plan import NodeAssignment, PrecisionPlan
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def apply_plan(
         NormalizeWeightsPass(),
         QuantizeWeightsPass(plan, target=target, rounding=rounding, seed=seed, hessians=hessians),
         ActivationPrecisionPass(plan, style=activation_style(target)),
+        *([FuseW8A8MatMulPass()] if target == "ort" else []),
         *extra_passes,
         CleanupPass(),
         AnnotatePass(plan),

@@ -45,6 +45,17 @@ What was checked on ONNX Runtime 1.32 CPU (2 threads, batch 1; ``benchmarks/late
 * ORT has no weight-only int4/int8 Conv kernel; int8 W8A8 (``ConvInteger`` /
   ``QLinearConv`` with ``DynamicQuantizeLinear``) would round the activations as well, which an
   ``int8`` plan (fp32 activations) does not ask for: Conv weights are decoded once.
+* W8A8 int8 (format ``w8a8``: the plan asks for int8 activations too) on a MatMul: ``ort`` writes
+  ``com.microsoft.MatMulIntegerToFloat`` with uint8 activations (:mod:`lpcompile.passes.w8a8`),
+  0.25–0.27× an fp32 MatMul+bias of 47×384×1536 (2 threads). The standard Q/DQ form is fused by
+  ORT into the same kernel only without a bias ``Add`` (``MatMulAddFusion`` runs first and leaves a
+  ``Gemm`` with per-run DQs, 3.1–3.3×) and with int8 activations it takes the s8s8 path (20×), so
+  ``qdq`` decodes a ``w8a8`` weight once and rounds the activation per run. On a Conv, measured on
+  one 1×1 Conv 32→64 at 28×28: weight DQ + activation Q/DQ → ``FusedConv`` with a per-run DQ 1.34×,
+  + an output Q/DQ → ``QLinearConv`` between NCHW↔NHWC ``Transpose`` s 1.21×, explicit
+  ``ConvInteger`` 5.1×: no faster-than-fp32 Conv form without quantizing whole chains of tensors
+  (what ``quantize_static`` does: 0.61× on EfficientNet-Lite0 at KL 0.32), so ``w8a8`` Conv weights
+  are decoded once and ``runs_fast`` says no.
 
 The two-pass softmax runs faster only where the target has a real two-pass kernel (TVM); on ORT
 CPU its function body (a dozen standard ops) is slower than the fused ``Softmax``
@@ -162,6 +173,14 @@ def weight_kernel(
     if f.scale == "none":
         # bf16 / fp16 weights: a Cast on an initializer, folded by ORT (and matched by the TVM lowering)
         return Kernel(WeightForm.CAST, tgt != "tvm" or cls == "matmul", "16-bit weight widened once by Cast")
+    if f.activation == "int8" and tgt != "tvm":
+        # W8A8 int8 on "ort": the weight stays a DequantizeLinear that passes/w8a8.py turns, with the
+        # activation Q/DQ, into MatMulIntegerToFloat (an int8 GEMM). On "qdq" ORT's MatMulAddFusion
+        # turns a biased Q/DQ MatMul into a Gemm with per-run DQs (3x fp32), and ORT has no fused
+        # Conv without an output Q: those weights are decoded once (the activation Q/DQ runs per run)
+        if cls == "matmul" and tgt == "ort":
+            return Kernel(WeightForm.DEQUANTIZE, True, "W8A8: MatMulIntegerToFloat (int8 GEMM, passes/w8a8.py)")
+        return Kernel(WeightForm.DECODE_ONCE, True, "W8A8: weight decoded once; activation Q/DQ per run")
     if tgt == "tvm":
         fast = cls == "matmul"
         note = "TVM lowering matches DequantizeLinear → MatMul" if fast else "folded at build time by the lowering"
@@ -214,7 +233,7 @@ def softmax_pays(target: str) -> bool:
     return check_target(target) == "tvm"
 
 
-def activation_kernel(target: str, element: str | None) -> Kernel:
+def activation_kernel(target: str, element: str | None, op_type: str = "MatMul") -> Kernel:
     """What rounding an activation to ``element`` costs on ``target`` (``None``: fp32, free).
 
     ORT CPU has no FP8 and almost no bf16 arithmetic: the rounding is emulated by per-inference
@@ -222,12 +241,21 @@ def activation_kernel(target: str, element: str | None) -> Kernel:
     format that rounds activations never runs faster than fp32 there (measured: uniform FP8 on the
     digits MLP 1.2× fp32 at batch 1 with decode-once weights; the Q/DQ form 2.5×, and unfaithful at
     ``ORT_ENABLE_ALL``). The TVM lowering fuses the rounding into its kernels.
+
+    int8 (``w8a8``) on an ``ort`` MatMul is the exception: written as ``MatMulIntegerToFloat`` with
+    uint8 activations (:mod:`lpcompile.passes.w8a8`; 0.25–0.27× an fp32 MatMul of 47×384×1536 with
+    bias, measured). Elsewhere the Q/DQ pair is a per-run rounding (on a Conv QLinearConv would need a
+    quantized output as well; on ``qdq`` ORT turns a biased Q/DQ MatMul into a Gemm with per-run DQs).
     """
     tgt = check_target(target)
     if element is None:
         return Kernel(WeightForm.CAST, True, "fp32 activations")
     if tgt == "tvm":
         return Kernel(WeightForm.DEQUANTIZE, True, "rounding fused into the TVM kernel")
+    if element == "int8":
+        if op_class(op_type) == "matmul" and tgt == "ort":
+            return Kernel(WeightForm.DEQUANTIZE, True, "int8 Q/DQ fused into MatMulIntegerToFloat")
+        return Kernel(WeightForm.DEQUANTIZE, False, "int8 rounding per run: Q/DQ pair (no fused Conv kernel)")
     if element.startswith("float8"):
         return Kernel(WeightForm.CAST, False, "FP8 rounding emulated per run: Div, Cast(fp8), Cast(fp32), Mul")
     return Kernel(WeightForm.CAST, False, f"{element} rounding emulated per run: a Cast round trip")
@@ -239,7 +267,7 @@ def runs_fast(
     """Whether ``target`` runs an ``op_type`` node in ``fmt`` at least as fast as fp32 (weights and activations)."""
     f = get_format(fmt) if isinstance(fmt, str) else fmt
     weight = weight_kernel(target, op_type, f, block_size=block_size, rank=rank, axis=axis)
-    return weight.fast and activation_kernel(target, f.activation).fast
+    return weight.fast and activation_kernel(target, f.activation, op_type).fast
 
 
 def latency_formats(target: str, formats: tuple[str, ...], objective: str = "size") -> tuple[str, ...]:
@@ -270,21 +298,39 @@ _RELATIVE_COST = {
     WeightForm.MATMUL_NBITS: 0.6,
     WeightForm.DEQUANTIZE: 3.0,
 }
-_ACTIVATION_COST = {"float8": 0.3, "half": 0.1}
+_ACTIVATION_COST = {"float8": 0.3, "half": 0.1, "int8": 0.1}
+_INT8_GEMM_COST = 0.3
+"""W8A8 MatMulIntegerToFloat over the fp32 MatMul (0.22–0.39× measured on 47–128 rows, K, N 384–1536)."""
 
 
 def relative_latency(
-    target: str, op_type: str, fmt: Format | str, *, block_size: int = 0, rank: int = 2, axis: int = 0
+    target: str,
+    op_type: str,
+    fmt: Format | str,
+    *,
+    block_size: int = 0,
+    rank: int = 2,
+    axis: int = 0,
+    elements: int = 0,
 ) -> float:
-    """Declared batch-1 latency of an op in ``fmt`` over its fp32 latency on ``target`` (a solver tie-break)."""
+    """Declared batch-1 latency of an op in ``fmt`` over its fp32 latency on ``target`` (a solver tie-break).
+
+    A declared table (``_RELATIVE_COST``; measured figures in the module docstring), not a per-machine
+    measurement: decode-once and cast weights 1.0, MatMulNBits 0.6, a per-run DequantizeLinear 3.0,
+    the int8 GEMM of ``w8a8`` on ``ort`` 0.3; activation rounding emulated per run adds 0.1–0.3.
+    """
     f = get_format(fmt) if isinstance(fmt, str) else fmt
     if f.is_identity:
         return 1.0
-    form = weight_form(target, op_type, f, block_size=block_size, rank=rank, axis=axis)
-    cost = _RELATIVE_COST[form] if check_target(target) != "tvm" else 1.0
-    act = activation_kernel(target, f.activation)
+    tgt = check_target(target)
+    act = activation_kernel(tgt, f.activation, op_type)
+    if f.activation == "int8" and act.fast:
+        return _INT8_GEMM_COST
+    form = weight_form(tgt, op_type, f, block_size=block_size, rank=rank, axis=axis, elements=elements)
+    cost = _RELATIVE_COST[form] if tgt != "tvm" else 1.0
     if not act.fast and f.activation is not None:
-        cost += _ACTIVATION_COST["float8" if f.activation.startswith("float8") else "half"]
+        key = "float8" if f.activation.startswith("float8") else "int8" if f.activation == "int8" else "half"
+        cost += _ACTIVATION_COST[key]
     return cost
 
 
@@ -305,7 +351,7 @@ class KernelRow:
     note: str
 
 
-TABLE_FORMATS: tuple[str, ...] = ("int4_b128", "int4_b32", "int8", "fp8_e4m3", "bf16", "fp16")
+TABLE_FORMATS: tuple[str, ...] = ("int4_b128", "int4_b32", "int8", "w8a8", "fp8_e4m3", "bf16", "fp16")
 
 
 def kernel_table(formats: tuple[str, ...] = TABLE_FORMATS) -> list[KernelRow]:

@@ -157,6 +157,17 @@ def add_target_args(p: argparse.ArgumentParser, softmax_default: str | None = "a
     )
 
 
+def add_objective_arg(p: argparse.ArgumentParser) -> None:
+    """``--objective`` (:mod:`lpcompile.solver.latency`)."""
+    p.add_argument(
+        "--objective",
+        choices=["size", "latency", "both"],
+        default="size",
+        help="size: least predicted loss in the budget; both: among near-equal-loss choices the faster one on "
+        "--target; latency: only formats that run at least as fast as fp32 there (refuses no budget)",
+    )
+
+
 def budget_arg(text: str) -> str:
     """``--budget`` checked before any work: a malformed budget is a usage error (exit 2); an
     infeasible one is found later and is a failure (exit 1)."""

@@ -103,9 +103,21 @@ def print_plan(out: Output, plan: PrecisionPlan, table: SensitivityTable | None 
     out.table(
         f"precision plan — {plan.achieved_bits:.4g} bits/weight over {plan.total_params:,} weights"
         + (f" (budget {plan.budget})" if plan.budget else "")
+        + _latency_note(plan)
         + note,
         headers,
         shortened,
+    )
+
+
+def _latency_note(plan: PrecisionPlan) -> str:
+    """``; predicted latency 0.52x fp32 on ort (objective latency)`` for plans solved with an objective."""
+    lat = plan.metadata.get("latency") if isinstance(plan.metadata, dict) else None
+    if not isinstance(lat, dict) or "predicted_x_fp32" not in lat:
+        return ""
+    return (
+        f"; predicted latency {lat['predicted_x_fp32']:.2f}x fp32 on {lat.get('target')} "
+        f"(objective {lat.get('objective')}; measure: lpcompile eval --latency)"
     )
 
 

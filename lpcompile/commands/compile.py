@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from lpcompile.commands._args import (
     add_analysis_args,
     add_keep_arg,
+    add_objective_arg,
     add_target_args,
     analysis_config,
     budget_arg,
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_analysis_args(p)
     add_keep_arg(p)
     add_target_args(p)
+    add_objective_arg(p)
     p.add_argument("--validate", action="store_true", help="also measure every (node, format) in ORT (slow)")
     p.add_argument("--report", metavar="HTML", help="write a self-contained HTML report")
     p.add_argument("--force", action="store_true", help="replace a previous output (an input is never replaced)")
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.output) if args.output else default_output(args.model)
     config = analysis_config(args)
     decide_config = DecideConfig(
-        keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss
+        keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss,
+        objective=args.objective,
     )
     apply_config = ApplyConfig(target=args.target, seed=config.seed, rounding=config.rounding)
     # io_utils guard (issue 15); defer=False: compile_file stats its outputs before returning

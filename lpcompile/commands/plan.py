@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lpcompile.commands._args import add_keep_arg, add_target_args, budget_arg, keep_rules
+from lpcompile.commands._args import add_keep_arg, add_objective_arg, add_target_args, budget_arg, keep_rules
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output
 from lpcompile.errors import UsageError
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--target stores them (default: the table's model file, next to the table or in the current folder)",
     )
     add_target_args(p)
+    add_objective_arg(p)
     add_keep_arg(p)
     return p
 
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     table = _retargeted(SensitivityTable.load(args.sensitivity), args)
     formats = parse_format_list(args.formats) if args.formats else None
     config = DecideConfig(
-        formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss
+        formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss,
+        objective=args.objective,
     )
     if args.sweep:
         if args.output:
