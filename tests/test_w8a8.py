@@ -186,12 +186,22 @@ def test_objective_latency_refuses_no_budget() -> None:
 
 
 def test_plan_cli_objective_records_predicted_latency(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
     from lpcompile.cli import main
 
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((1024, 1024)).astype(np.float32), f"{n}.w") for n in "ab"]
+    nodes = [helper.make_node("MatMul", ["a.x", "a.w"], ["b.x"], name="a"),
+             helper.make_node("MatMul", ["b.x", "b.w"], ["y"], name="b")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("a.x", TensorProto.FLOAT, [1, 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])], inits)
+    model = tmp_path / "two.onnx"  # --target ort recounts bits from the model's layouts
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), model)
     sens = tmp_path / "t.sens.json"
     table_two_nodes().save(sens)
     out = tmp_path / "t.plan.json"
-    args = ["plan", str(sens), "--budget", "8.1bits", "--target", "ort", "-o", str(out), "-q"]
+    args = ["plan", str(sens), "--budget", "8.1bits", "--target", "ort", "--model", str(model), "-o", str(out), "-q"]
     assert main([*args, "--objective", "both"]) == 0
     plan = PrecisionPlan.load(out)
     assert {a.name: a.format for a in plan.nodes} == {"a": "w8a8", "b": "int8"}

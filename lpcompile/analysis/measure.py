@@ -60,7 +60,7 @@ class _Runner:
         self.masks = [
             spec.masks(b, {k: ref[k].shape for k in self.kinds}) for b, ref in zip(self.batches, self.refs, strict=True)
         ]
-        sizes = np.array([_batch_len(b) for b in self.batches], dtype=np.float64)
+        sizes = np.array([batch_len(b) for b in self.batches], dtype=np.float64)
         self.weights = sizes / sizes.sum()
 
     def loss_of(self, model: ir.Model) -> float:
@@ -71,7 +71,7 @@ class _Runner:
         return total
 
 
-def _batch_len(b: Mapping[str, np.ndarray]) -> int:
+def batch_len(b: Mapping[str, np.ndarray]) -> int:
     """Samples in a batch: axis 0 of its first input of rank ≥ 1 (scalars are shared by all samples)."""
     return next((int(v.shape[0]) for v in b.values() if np.ndim(v) >= 1), 1 if b else 0)
 
@@ -222,7 +222,7 @@ def analyze_by_measurement(
         method="measured",
         loss=loss,
         calib=calib.source,
-        num_samples=int(sum(_batch_len(b) for b in batches(calib, batch_size))),
+        num_samples=int(sum(batch_len(b) for b in batches(calib, batch_size))),
         synthetic_calib=calib.synthetic,
         activation_amax=amax,
     )

@@ -333,7 +333,7 @@ def run_analysis(
     weights = sorted({n.weight for n in nodes})
     act_elements = activation_elements(fmts) if config.activations else set()
     act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
-    data = _limit(calib, config.max_samples)
+    data = limit_samples(calib, config.max_samples)
     dynamic = dynamic_sequence_inputs(model)
     batch_list = [trim_padding(b, dynamic) for b in batches(data, config.batch_size)]
     if prepare is not None and batch_list:
@@ -359,7 +359,7 @@ def run_analysis(
     t_ref = time.perf_counter()
 
     # Pass 2: Hutchinson diagonals (weights) and activation-term sums (per tensor × element).
-    sizes = np.array([_batch_len(b) for b in batch_list], dtype=np.float64)
+    sizes = np.array([batch_len(b) for b in batch_list], dtype=np.float64)
     bweights = sizes / sizes.sum()
     seeding = config.effective_seeding
     job = ProbeJob(
@@ -447,7 +447,7 @@ def _fixed_probes(
     progress: Progress | None,
 ) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], float], dict[str, float | None], int]:
     """``config.probes`` probes spread over the batches (the historical arithmetic, term for term)."""
-    per_batch = _spread(config.probes, len(batch_list))
+    per_batch = spread_probes(config.probes, len(batch_list))
     rows = enumerate(zip(batch_list, masks, per_batch, strict=True))
     tasks = [BatchTask(i, b, m, 0, k) for i, (b, m, k) in rows if k > 0]
     diag: dict[str, torch.Tensor] = {}
@@ -722,7 +722,7 @@ def _ggn_diagonals(
     return {id(leaf): a for leaf, a in zip(leaves, acc, strict=True)}
 
 
-def _limit(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:
+def limit_samples(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:
     if max_samples is None:
         return calib
     from lpcompile.frontend.calib import split
@@ -731,12 +731,12 @@ def _limit(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:
     return split(calib, n)[0]
 
 
-def _batch_len(b: Mapping[str, np.ndarray]) -> int:
+def batch_len(b: Mapping[str, np.ndarray]) -> int:
     """Samples in a batch: axis 0 of its first input of rank ≥ 1 (scalars are shared by all samples)."""
     return next((int(v.shape[0]) for v in b.values() if np.ndim(v) >= 1), 1 if b else 0)
 
 
-def _spread(probes: int, nbatches: int) -> list[int]:
+def spread_probes(probes: int, nbatches: int) -> list[int]:
     """Distribute ``probes`` over batches, at least one per batch when probes ≥ batches."""
     if nbatches == 0:
         return []

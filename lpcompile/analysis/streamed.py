@@ -312,13 +312,13 @@ def analyze_streamed(
     from lpcompile.analysis.input_hessians import HessianAccumulator, HessianStore, attention_mask, hessian_specs
     from lpcompile.analysis.rounded import needs_hessians
     from lpcompile.analysis.sensitivity import (
-        _batch_len,
-        _limit,
-        _spread,
         activation_elements,
         assemble_table,
+        batch_len,
+        limit_samples,
         probe_generator,
         resolve_device,
+        spread_probes,
         trace_rse,
     )
     from lpcompile.errors import UsageError
@@ -341,7 +341,7 @@ def analyze_streamed(
     act_tensors = [t for t in act_all if t not in inits]
     rounding = config.rounding if config.rounding != "stochastic" else "nearest"
     want_h = needs_hessians(rounding, fmts)
-    data = _limit(calib, config.max_samples)
+    data = limit_samples(calib, config.max_samples)
     dynamic = dynamic_sequence_inputs(model)
     batch_list = [trim_padding(b, dynamic) for b in batches(data, config.batch_size)]
     segments = plan_segments(model, segment_bytes)
@@ -391,9 +391,9 @@ def analyze_streamed(
     t_ref = time.perf_counter()
 
     # ---- pass 2: backward, segments in reverse order
-    sizes = np.array([_batch_len(b) for b in batch_list], dtype=np.float64)
+    sizes = np.array([batch_len(b) for b in batch_list], dtype=np.float64)
     bweights = sizes / max(sizes.sum(), 1.0)
-    per_batch = _spread(config.probes, len(batch_list))
+    per_batch = spread_probes(config.probes, len(batch_list))
     dep = _weight_dependent(model, wset | set(act_tensors))
     incoming: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     zcache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
