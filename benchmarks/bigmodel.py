@@ -22,7 +22,7 @@ each of load+normalize, checks, feasibility, calibration, analysis, decide, appl
 tracemalloc peak of each phase.
 
     python benchmarks/bigmodel.py [--dim 8192] [--layers 10] [--workdir artifacts/issue15]
-        [--old-tree /path/to/old/checkout] [--skip-compile] [--phase-dims 8192,4096]
+        [--old-tree /path/to/old/checkout] [--skip-compile] [--gemm] [--phase-dims 8192,4096]
         [--json-out benchmarks/bigmodel.json]
 """
 
@@ -89,7 +89,7 @@ def _write_weight(f, rng: np.random.Generator, rows: int, cols: int, scale: floa
 
 
 def write_model(path: str | os.PathLike[str], *, dim: int = 8192, layers: int = 10, batch: int = 4,
-                seed: int = 0) -> BigModel:
+                seed: int = 0, gemm: bool = False) -> BigModel:
     """Write the stacked MatMul/Add/Relu model with its weights in ``<name>.data`` beside it.
 
     Args:
@@ -98,6 +98,8 @@ def write_model(path: str | os.PathLike[str], *, dim: int = 8192, layers: int = 
         layers: number of MatMul/Add/Relu blocks.
         batch: rows of the (fixed-shape) input ``x: [batch, dim]``.
         seed: the generator's seed (same seed, same bytes).
+        gemm: write each block as ``Relu(Gemm(x, W_i, b_i, transB=1))`` (how torch exports Linear;
+            the data file is the same, read as ``[out, in]``) instead of MatMul + Add.
 
     Returns:
         The paths and sizes written.
@@ -120,11 +122,16 @@ def write_model(path: str | os.PathLike[str], *, dim: int = 8192, layers: int = 
             inits.append(_external(f"b{i}", [dim], location, offset, b))
             offset += b
             x = "x" if i == 0 else f"h{i - 1}"
-            nodes += [
-                helper.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"matmul{i}"),
-                helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"add{i}"], name=f"add{i}"),
-                helper.make_node("Relu", [f"add{i}"], [f"h{i}" if i < layers - 1 else "y"], name=f"relu{i}"),
-            ]
+            if gemm:
+                nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"add{i}"], name=f"gemm{i}", transB=1))
+            else:
+                nodes += [
+                    helper.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"matmul{i}"),
+                    helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"add{i}"], name=f"add{i}"),
+                ]
+            nodes.append(
+                helper.make_node("Relu", [f"add{i}"], [f"h{i}" if i < layers - 1 else "y"], name=f"relu{i}")
+            )
     graph = helper.make_graph(
         nodes, "bigmodel",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, dim])],
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "artifacts" / "issue15")
     ap.add_argument("--old-tree", type=Path, help="another checkout measured the same way (the old path)")
     ap.add_argument("--skip-compile", action="store_true", help="measure apply only")
+    ap.add_argument("--gemm", action="store_true", help="Gemm(transB=1) blocks, as torch exports Linear")
     ap.add_argument("--phase-dims", default="8192,4096",
                     help="hidden sizes whose compile is profiled phase by phase (10 layers each; '' for none)")
     ap.add_argument("--json-out", type=Path, default=ROOT / "benchmarks" / "bigmodel.json")
@@ -256,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model_path = args.workdir / f"big_d{args.dim}_l{args.layers}.onnx"
+    kind = "gemm" if args.gemm else "l"
+    model_path = args.workdir / f"big_d{args.dim}_{kind}{args.layers}.onnx"
     t0 = time.perf_counter()
-    big = write_model(model_path, dim=args.dim, layers=args.layers)
+    big = write_model(model_path, dim=args.dim, layers=args.layers, gemm=args.gemm)
     gen_s = time.perf_counter() - t0
     logger.info("wrote %s: %.2f GiB external data, largest tensor %.0f MiB (%.1f s)",
                 model_path, big.data_bytes / 2**30, big.largest_tensor_bytes / 2**20, gen_s)
@@ -280,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
     phase_runs: dict[str, object] = {}
     for d in [int(x) for x in args.phase_dims.split(",") if x.strip()]:
-        m = big if d == args.dim else write_model(args.workdir / f"big_d{d}_l{args.layers}.onnx", dim=d,
-                                                 layers=args.layers)
+        m = big if d == args.dim else write_model(args.workdir / f"big_d{d}_{kind}{args.layers}.onnx", dim=d,
+                                                 layers=args.layers, gemm=args.gemm)
         phase_runs[f"d{d}"] = {"data_bytes": m.data_bytes,
                                "rows": phases(ROOT, m.path, args.workdir / f"out_phases_d{d}.onnx")}
 
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_phases(f"compile phase by phase, {key}: {pr['data_bytes'] / 2**20:.0f} MiB of weights",
                       pr["rows"])  # type: ignore[arg-type]
     record = {
-        "model": {**asdict(big), "path": str(big.path), "data_path": str(big.data_path)},
+        "model": {**asdict(big), "path": str(big.path), "data_path": str(big.data_path), "gemm": args.gemm},
         "generate_s": round(gen_s, 1),
         "targets_mib": {"apply": round(apply_target_mib), "compile": round(compile_target_mib)},
         "runs": [asdict(r) for r in runs],

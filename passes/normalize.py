@@ -168,12 +168,13 @@ def _convert_gemms(graph: ir.Graph, namer: Namer) -> int:
         if alpha == 1.0 and not trans_b:
             transformed[key] = b
             continue
-        arr = np.asarray(b.const_value.numpy(), dtype=np.float32)
-        new = arr.T if trans_b else arr
-        if alpha != 1.0:
-            new = (np.float32(alpha) * new).astype(np.float32)
-        new = np.ascontiguousarray(new)
         users = {id(u.node) for u in b.uses()}
+        if users == {id(n) for n in nodes} and _streamed(b):  # a big model: transform on access, never held
+            b.const_value = _lazy_gemm_weight(b.const_value, alpha, bool(trans_b), b.name or "")
+            b.shape = ir.Shape(b.const_value.shape)
+            transformed[key] = b
+            continue
+        new = _gemm_weight(np.asarray(b.const_value.numpy()), alpha, bool(trans_b))
         if users == {id(n) for n in nodes}:
             b.const_value = ir.tensor(new, name=b.name)
             b.shape = ir.Shape(new.shape)
@@ -185,6 +186,34 @@ def _convert_gemms(graph: ir.Graph, namer: Namer) -> int:
     for node in gemms:
         _rewrite_gemm(graph, namer, node, transformed[_weight_key(node)])
     return len(gemms)
+
+
+def _gemm_weight(arr: np.ndarray, alpha: float, trans_b: bool) -> np.ndarray:
+    """The MatMul weight of a Gemm: ``alpha · B`` (transposed with ``transB``), float32, C-contiguous."""
+    new = np.asarray(arr, dtype=np.float32)
+    new = new.T if trans_b else new
+    if alpha != 1.0:
+        new = (np.float32(alpha) * new).astype(np.float32)
+    return np.ascontiguousarray(new)
+
+
+def _streamed(value: ir.Value) -> bool:
+    from lpcompile.frontend.onnx_io import StreamedTensor
+
+    return isinstance(value.const_value, StreamedTensor)
+
+
+def _lazy_gemm_weight(src: ir.TensorProtocol, alpha: float, trans_b: bool, name: str) -> ir.LazyTensor:
+    """:func:`_gemm_weight` of a weight streamed from its file, computed each time it is read (not cached),
+    so a big model's Gemm weights are never all in memory at once."""
+    dims = [int(d) for d in src.shape]
+    shape = ir.Shape(dims[::-1] if trans_b else dims)
+    return ir.LazyTensor(
+        lambda: ir.tensor(_gemm_weight(src.numpy(), alpha, trans_b), name=name),
+        dtype=ir.DataType.FLOAT,
+        shape=shape,
+        name=name,
+    )
 
 
 def _rewrite_gemm(graph: ir.Graph, namer: Namer, node: ir.Node, weight: ir.Value) -> None:

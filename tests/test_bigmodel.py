@@ -192,3 +192,47 @@ def test_truncated_external_data_is_one_line_at_load(small_big, tmp_path: Path, 
     with pytest.raises(ModelLoadError) as info:
         load_model(model)
     assert "truncated" in str(info.value) and "\n" not in str(info.value)
+
+
+def _gemm_model(path: Path) -> np.ndarray:
+    """Two Gemm(transB=1, alpha=0.5 on the second) layers with external data; return the first weight."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(11)
+    w0 = rng.standard_normal((48, 64)).astype(np.float32) / 8  # [N, K]: transB=1
+    w1 = rng.standard_normal((16, 48)).astype(np.float32) / 8
+    b0 = rng.standard_normal(48).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0", "b0"], ["h"], name="fc0", transB=1),
+        helper.make_node("Gemm", ["h", "w1"], ["y"], name="fc1", transB=1, alpha=0.5),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        initializer=[numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(b0, "b0"),
+                     numpy_helper.from_array(w1, "w1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    return w0
+
+
+def test_streamed_gemm_weights_are_transposed_on_access(tmp_path: Path, monkeypatch) -> None:
+    import onnx_ir as ir
+
+    w0 = _gemm_model(tmp_path / "gemm.onnx")
+    in_memory = apply_file(tmp_path / "gemm.onnx", tmp_path / "mem.onnx", uniform="int8")
+    monkeypatch.setattr(onnx_io, "INLINE_EXTERNAL_LIMIT", 0)
+    model = load_normalized(tmp_path / "gemm.onnx")
+    t = model.graph.initializers["w0"].const_value
+    assert isinstance(t, ir.LazyTensor) and not t.cache  # computed from the file each time, never held
+    assert tuple(t.shape) == (64, 48)
+    np.testing.assert_array_equal(t.numpy(), w0.T)
+    streamed = apply_file(tmp_path / "gemm.onnx", tmp_path / "str.onnx", uniform="int8")
+    mem, st = onnx.load(str(in_memory.output)), onnx.load(str(streamed.output))
+    a = {x.name: numpy_helper.to_array(x) for x in mem.graph.initializer}
+    b = {x.name: numpy_helper.to_array(x) for x in st.graph.initializer}
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
