@@ -84,7 +84,8 @@ def main() -> None:
     if args.samples and calib.num_samples > args.samples:
         calib = split(calib, args.samples)[0]
     cfg = AnalysisConfig(
-        formats=tuple(args.candidates.split(",")), probes=args.probes, batch_size=args.batch_size, seed=args.seed
+        formats=tuple(args.candidates.split(",")), probes=args.probes, batch_size=args.batch_size, seed=args.seed,
+        rounding="nearest",  # a candidate's rounding is its suffix; none means the reference rounding
     )
     cands = [c for c in candidate_formats(cfg) if c != "fp32"]
     t0 = time.perf_counter()
