@@ -536,3 +536,27 @@ def test_default_method_keeps_the_search_where_it_pays() -> None:
     for fmt in ("int8", "fp8_e4m3", "bf16"):
         assert default_method(fmt, "gptq") == "rtn" and default_method(fmt, "mse") == "rtn"
     assert default_method("int8", "nearest") == "nearest"
+
+
+def test_measurement_keeps_the_rounding_suffix() -> None:
+    """The validator measures a ``:gptq`` candidate with GPTQ weights (keyed by the suffixed name), so
+    ρ(predicted, measured) covers the rounding variants; with the writer's XᵀX it is lower than nearest."""
+    from dataclasses import replace as dc_replace
+
+    from lpcompile.analysis.input_hessians import collect_input_hessians
+    from lpcompile.analysis.measure import measure_pairs
+    from lpcompile.api import measure_backend
+    from lpcompile.frontend.calib import CalibrationSet
+    from lpcompile.graph import find_weight_nodes
+    from lpcompile.passes.pipeline import apply_plan
+
+    model, x, mask, _, _ = _two_layers()
+    calib = CalibrationSet({"x": x, "attention_mask": mask}, source="test")
+    hs = collect_input_hessians(model, calib)
+    backend = dc_replace(
+        measure_backend(), rewrite=lambda m, plan: apply_plan(m, plan, target="qdq", hessians=hs)[0]
+    )
+    n0 = find_weight_nodes(model)[0]
+    got = measure_pairs(model, calib, [(n0, "int4_b32"), (n0, "int4_b32:gptq"), (n0, "int4:gptq")], {}, backend)
+    assert set(got) == {(n0.name, "int4_b32"), (n0.name, "int4_b32:gptq"), (n0.name, "int4_b128:gptq")}
+    assert 0.0 < got[(n0.name, "int4_b32:gptq")] < got[(n0.name, "int4_b32")]
