@@ -512,7 +512,9 @@ def test_api_analyze_and_apply_with_gptq() -> None:
     model, x, mask, w1, _ = _two_layers()
     calib = CalibrationSet({"x": x, "attention_mask": mask}, source="test")
     base = analyze(
-        model.clone() if hasattr(model, "clone") else model, calib, AnalysisConfig(formats=("int4_b32",), probes=4)
+        model.clone() if hasattr(model, "clone") else model,
+        calib,
+        AnalysisConfig(formats=("int4_b32",), probes=4, rounding="nearest"),
     )
     model, *_ = _two_layers()
     table = analyze(model, calib, AnalysisConfig(formats=("int4_b32",), probes=4, rounding="gptq"))
