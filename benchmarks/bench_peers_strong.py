@@ -184,21 +184,23 @@ PEERS: dict[str, Callable[[Context, Path], dict[str, Any]]] = {
 # lpcompile
 
 
-def lpcompile_table(ctx: Context, rounding: str, formats: tuple[str, ...]) -> tuple[Any, float]:
+def lpcompile_table(
+    ctx: Context, rounding: str, formats: tuple[str, ...], calib_path: Path, overrides: dict[str, Any]
+) -> tuple[Any, float]:
     from lpcompile.analysis.config import AnalysisConfig
     from lpcompile.api import analyze
     from lpcompile.files import load_calib_for, load_normalized
 
     model = load_normalized(ctx.task.model)
-    calib = load_calib_for(model, ctx.task.calib)
-    cfg = AnalysisConfig(formats=formats, rounding=rounding, **dict(ctx.task.analysis))
+    calib = load_calib_for(model, calib_path)
+    cfg = AnalysisConfig(formats=formats, rounding=rounding, **{**dict(ctx.task.analysis), **overrides})
     t0 = time.perf_counter()
     table = analyze(model, calib, cfg)
     return table, time.perf_counter() - t0
 
 
 def lpcompile_build(
-    ctx: Context, table: Any, rounding: str, formats: tuple[str, ...], budget: float, out: Path
+    ctx: Context, table: Any, rounding: str, formats: tuple[str, ...], budget: float, out: Path, calib_path: Path
 ) -> dict[str, Any]:
     from lpcompile.api import decide
     from lpcompile.config import ApplyConfig, DecideConfig
@@ -206,7 +208,7 @@ def lpcompile_build(
 
     plan = decide(table, f"{budget}bits", DecideConfig(formats=formats, target="qdq")).plan
     res = apply_file(
-        ctx.task.model, out, plan=plan, calib_path=ctx.task.calib,
+        ctx.task.model, out, plan=plan, calib_path=calib_path,
         config=ApplyConfig(target="qdq", rounding=rounding), force=True,
     )
     mix: dict[str, float] = {}
@@ -226,6 +228,8 @@ def main() -> None:
     p.add_argument("--peers", default="all", help=f"'all' or a comma list of: {', '.join(PEERS)}")
     p.add_argument("--roundings", default="gptq,nearest", help="lpcompile roundings (analysis and apply)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--calib-samples", type=int, default=0, help="lpcompile: first N calibration samples (0: all)")
+    p.add_argument("--probes", type=int, default=0, help="lpcompile analysis probes (0: the task's)")
     p.add_argument("--extra-candidates", default="", help="formats added to lpcompile's candidates (e.g. int4_pc)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -271,8 +275,18 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",") if b]
     formats = (*LPC_FORMATS, *(f for f in args.extra_candidates.split(",") if f))
     result["candidates"] = list(formats)
+    calib_path = Path(task.calib)
+    if args.calib_samples:
+        import numpy as np
+
+        calib_path = ctx.dir / f"calib_first{args.calib_samples}.npz"
+        with np.load(task.calib) as data:
+            np.savez(calib_path, **{k: data[k][: args.calib_samples] for k in data.files})
+    overrides: dict[str, Any] = {"probes": args.probes} if args.probes else {}
+    result["lpcompile_calib"] = str(calib_path)
+    result["lpcompile_overrides"] = overrides
     for rounding in [r for r in args.roundings.split(",") if r]:
-        table, analysis_s = lpcompile_table(ctx, rounding, formats)
+        table, analysis_s = lpcompile_table(ctx, rounding, formats, calib_path, overrides)
         result[f"analysis_s_{rounding}"] = analysis_s
         targets = [(f"budget {b:g}", b) for b in budgets]
         if rounding == "gptq":
@@ -280,7 +294,7 @@ def main() -> None:
         for label, b in targets:
             path = work / f"lpc_{rounding}_{b:g}.onnx"
             try:
-                info = lpcompile_build(ctx, table, rounding, formats, b, path)
+                info = lpcompile_build(ctx, table, rounding, formats, b, path, calib_path)
                 row = {"kind": "lpcompile", "rounding": rounding, "target": label, "budget": b, **info, **score(path)}
             except Exception as exc:
                 row = {"kind": "lpcompile", "rounding": rounding, "target": label, "budget": b,
