@@ -105,14 +105,13 @@ class ApplyConfig:
 
     Attributes:
         target: how formats are written (see :class:`Target`).
-        rounding: weight rounding mode (default ``gptq``: with ``calib`` the layers' input XᵀX drives
-            error-compensated rounding; without it, or for ≥ 8-bit formats, full-range ``rtn``).
+        rounding: weight rounding mode.
         seed: seeds stochastic rounding and synthetic calibration data.
         batch_size: calibration batch size for FP8 activation scales a plan still lacks.
     """
 
     target: Target = Target.QDQ
-    rounding: Rounding = Rounding.GPTQ
+    rounding: Rounding = Rounding.NEAREST
     seed: int = 0
     batch_size: int = 16
 

@@ -47,9 +47,7 @@ class AnalysisConfig:
             None: a temporary folder on this machine.
         rounding: how the weights of candidates without a ``:rounding`` suffix are rounded when their
             loss is predicted (``nearest``, ``rtn``, ``mse``, ``gptq``; see :mod:`lpcompile.rounding`);
-            ``mse``/``gptq`` gather the layers' input ``XᵀX`` from the calibration data. Default ``gptq``
-            (best accuracy at the bits; ≥ 8-bit formats and weights without an input Hessian get ``rtn``,
-            :func:`lpcompile.rounding.default_method`).
+            ``mse``/``gptq`` gather the layers' input ``XᵀX`` from the calibration data.
     """
 
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -70,7 +68,7 @@ class AnalysisConfig:
     workers: int = 1
     ray: str | None = None
     shard_dir: str | None = None
-    rounding: str = "gptq"
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         from lpcompile.errors import UsageError

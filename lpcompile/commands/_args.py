@@ -33,7 +33,7 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
         "--weight-rounding",
         dest="weight_rounding",
         choices=["nearest", "rtn", "mse", "gptq"],
-        default="gptq",
+        default="nearest",
         help="how candidates are rounded when scored (and, for compile, written): gptq/mse use the layers' "
         "input XᵀX from the calibration data; a format's own ':rounding' suffix wins (default: %(default)s)",
     )
@@ -110,7 +110,7 @@ def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
         workers=getattr(args, "workers", 1),
         ray=getattr(args, "ray", None),
         shard_dir=getattr(args, "shard_dir", None),
-        rounding=getattr(args, "weight_rounding", "gptq"),
+        rounding=getattr(args, "weight_rounding", "nearest"),
     )
 
 

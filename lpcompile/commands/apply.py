@@ -24,10 +24,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--weight-rounding",
         dest="rounding",
         choices=[r.value for r in Rounding],
-        default=None,
+        default=Rounding.NEAREST.value,
         help="weight rounding: nearest (half to even), stochastic (seeded), rtn (full code range), mse (clip "
-        "search), gptq (error-compensated with the layers' input XᵀX from --calib) (default: gptq with "
-        "--calib, else rtn: GPTQ on synthetic data would fit noise)",
+        "search), gptq (error-compensated with the layers' input XᵀX from --calib) (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a previous output (an input is never replaced)")
@@ -40,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.io_utils import OutputSession
 
     out = Output(quiet=args.quiet, json=args.json)
-    rounding = args.rounding or (Rounding.GPTQ.value if args.calib else Rounding.RTN.value)
-    config = ApplyConfig(target=args.target, rounding=rounding, seed=args.seed)  # checks the seed
+    config = ApplyConfig(target=args.target, rounding=args.rounding, seed=args.seed)  # checks the seed
     target = Path(args.output) if args.output else default_output(args.model)
     # io_utils guard (issue 15): outputs never replace an input or its external data; locked; temp files
     # removed on SIGINT/SIGTERM. defer=False: apply_file stats its outputs before returning.
