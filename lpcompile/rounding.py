@@ -467,7 +467,7 @@ def _round_table_family(
 
     ref = quantize_weight(fmt, w, layout, "nearest")
     clean, finite = _sanitize(w)
-    if method != "gptq" or hessian is None or not finite or ref.scale is None:
+    if method not in ("mse", "gptq") or not finite or ref.scale is None:
         return ref
     asym = ref.zero_point is not None
     table = np.arange(fg.int_range(fmt.element)[1] + 1) if asym else np.unique(fg.code_table(fmt.element))
@@ -475,6 +475,11 @@ def _round_table_family(
     if ref.tensor_scale is None and fmt.scale_dtype in ("float16", "bfloat16"):
         round_to = torch.float16 if fmt.scale_dtype == "float16" else torch.bfloat16
     grid = _TableGrid(torch.from_numpy(np.asarray(table, dtype=np.float32)), round_to)
+    searched = not asym and bool(ref.block_size)
+    if searched:  # block scales chosen by weighted error before any compensation
+        ref = _search_table_scales(fmt, ref, clean, layout, grid, hessian, cfg)
+    if method != "gptq" or hessian is None:
+        return _table_nearest(fmt, ref, clean, grid) if searched else ref
     full_s = _expand_groups(ref.scale.astype(np.float32), ref, w.shape)
     if ref.tensor_scale is not None:
         full_s = (full_s * np.float32(ref.tensor_scale)).astype(np.float32)
@@ -488,15 +493,109 @@ def _round_table_family(
     shape_p = tuple(np.transpose(clean, perm).shape)
     vals = _gptq(grid, view(clean), view(full_s), hessian, cfg, view(full_z) if full_z is not None else None)
     v = np.transpose(vals.reshape(shape_p).numpy(), np.argsort(perm))
-    if asym:
-        codes = v.astype(np.int16)
-    elif fmt.element == "nf4":
-        codes = np.searchsorted(np.asarray(fg.NF4_TABLE, dtype=np.float32), v).astype(np.uint8)
-    elif fmt.element.startswith("int"):
-        codes = v.astype(np.int8)
-    else:
-        codes = v.astype(fg.BY_ELEMENT[fmt.element].np_dtype)
+    codes = v.astype(np.int16) if asym else _table_codes(fmt, v, fg)
     return QuantizedWeight(ref.format, codes, ref.scale, ref.axis, ref.block_size, ref.zero_point, ref.tensor_scale)
+
+
+def _element_weights(
+    hessian: np.ndarray | None, shape: tuple[int, ...], layout: WeightLayout, cfg: RoundingConfig
+) -> np.ndarray:
+    """``diag(XᵀX)`` (normalised, floored as :func:`_diag_weights`) broadcast to every element of a
+    weight of ``shape`` (ones without a usable Hessian or when ``cfg.weighted`` is off)."""
+    perm = _perm(len(shape), layout)
+    shape_p = tuple(shape[i] for i in perm)
+    d = _diag_weights(hessian, shape_p, cfg)
+    if d is None:
+        return np.ones(shape, dtype=np.float32)
+    full = np.broadcast_to(d.numpy(), shape_p)
+    return np.ascontiguousarray(np.transpose(full, np.argsort(perm)))
+
+
+def _table_scale_candidates(fmt: Format, cfg: RoundingConfig) -> list[float]:
+    """Multipliers of the reference block scale tried by the table families' scale search.
+
+    Power-of-two (E8M0) scales: the OCP rule ``2^(⌊log2 amax⌋ − emax)`` maps the block maximum into
+    ``[2^emax, 2^(emax+1))`` and saturates whatever lies above the element's largest value (6 for
+    E2M1, so up to 25 % of the largest weight is cut); the only other useful choice is the next
+    power of two (nothing saturates, the grid is twice as coarse). Other scale types: a clip
+    search ``α ∈ [clip_min, 1]`` as ``mse`` does for the integer grids.
+    """
+    if fmt.scale_dtype == "float8_e8m0fnu":
+        return [1.0, 2.0]
+    n = cfg.clip_steps
+    return [1.0] if n == 1 else [1.0 - (1.0 - cfg.clip_min) * i / (n - 1) for i in range(n)]
+
+
+def _group_sum(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
+    """Sum of a per-element array over each scale group: the shape of ``q.scale`` (blocked formats)."""
+    moved = np.moveaxis(a, q.axis, 0)
+    k = moved.shape[0]
+    nb = -(-k // q.block_size)
+    pad = nb * q.block_size - k
+    if pad:
+        moved = np.concatenate([moved, np.zeros((pad, *moved.shape[1:]), moved.dtype)], axis=0)
+    g = moved.reshape(nb, q.block_size, *moved.shape[1:]).sum(axis=1, dtype=np.float64)
+    return np.moveaxis(g, 0, q.axis)
+
+
+def _decode_nearest(
+    fmt: Format, q: QuantizedWeight, w: np.ndarray, grid: _TableGrid
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest table values ``w/s`` and their decode ``v·s`` for the (block) scales of ``q``."""
+    full_s = _expand_groups(q.scale.astype(np.float32), q, w.shape).astype(np.float32)
+    if q.tensor_scale is not None:
+        full_s = (full_s * np.float32(q.tensor_scale)).astype(np.float32)
+    s_t = torch.from_numpy(np.ascontiguousarray(full_s))
+    v = grid.codes(torch.from_numpy(np.array(w, dtype=np.float32)) / s_t)
+    return v.numpy(), grid.decode(v, s_t).numpy()
+
+
+def _search_table_scales(
+    fmt: Format,
+    ref: QuantizedWeight,
+    w: np.ndarray,
+    layout: WeightLayout,
+    grid: _TableGrid,
+    hessian: np.ndarray | None,
+    cfg: RoundingConfig,
+) -> QuantizedWeight:
+    """Per block, the stored scale among :func:`_table_scale_candidates` × the reference scale whose
+    nearest rounding has the lowest (``diag(XᵀX)``-weighted) squared error; the reference on ties."""
+    from lpcompile import format_grammar as fg
+
+    weights = _element_weights(hessian, w.shape, layout, cfg)
+    ref_s = ref.scale.astype(np.float64)
+    best_s = ref.scale
+    best_e: np.ndarray | None = None
+    for mult in _table_scale_candidates(fmt, cfg):
+        stored = ref.scale if mult == 1.0 else fg.store_scale(ref_s * mult, fmt.scale_dtype)
+        cand = QuantizedWeight(ref.format, ref.codes, stored, ref.axis, ref.block_size, None, ref.tensor_scale)
+        _, dec = _decode_nearest(fmt, cand, w, grid)
+        err = _group_sum(weights * (dec.astype(np.float64) - w) ** 2, ref)
+        if best_e is None:
+            best_s, best_e = stored, err
+            continue
+        better = err < best_e
+        best_s = np.where(better, stored, best_s).astype(ref.scale.dtype)
+        best_e = np.where(better, err, best_e)
+    return QuantizedWeight(ref.format, ref.codes, best_s, ref.axis, ref.block_size, None, ref.tensor_scale)
+
+
+def _table_nearest(fmt: Format, q: QuantizedWeight, w: np.ndarray, grid: _TableGrid) -> QuantizedWeight:
+    """``q`` with its codes re-rounded to nearest under its (searched) scales."""
+    from lpcompile import format_grammar as fg
+
+    v, _ = _decode_nearest(fmt, q, w, grid)
+    return QuantizedWeight(q.format, _table_codes(fmt, v, fg), q.scale, q.axis, q.block_size, None, q.tensor_scale)
+
+
+def _table_codes(fmt: Format, v: np.ndarray, fg: object) -> np.ndarray:
+    """Stored codes of table values ``v`` (symmetric families)."""
+    if fmt.element == "nf4":
+        return np.searchsorted(np.asarray(fg.NF4_TABLE, dtype=np.float32), v).astype(np.uint8)  # type: ignore[attr-defined]
+    if fmt.element.startswith("int"):
+        return v.astype(np.int8)
+    return v.astype(fg.BY_ELEMENT[fmt.element].np_dtype)  # type: ignore[attr-defined]
 
 
 def _expand_groups(a: np.ndarray, q: QuantizedWeight, shape: tuple[int, ...]) -> np.ndarray:

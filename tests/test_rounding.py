@@ -380,15 +380,21 @@ def test_pass_writes_the_rounded_weights(fmt: str) -> None:
     "fmt", ("mxfp4", "nvfp4", "nf4", "int4_asym_b64", "int3_b32", "mxfp6_e3m2", "int8_asym", "e2m1_b32_sbf16")
 )
 def test_grammar_families_gptq(fmt: str) -> None:
-    """rtn/mse keep the reference; gptq keeps the reference's scales (and zero points), picks other
-    codes of the same grid, and lowers ‖Xδ‖."""
+    """rtn keeps the reference; mse/gptq keep its grid, scale type and zero points, choose block scales
+    by weighted error (symmetric blocked families), and gptq lowers ‖Xδ‖."""
     w, x, h = _layer(k=128, n=16)
     ref = quantize_weight(fmt, w, MATMUL_LAYOUT)
-    for m in ("rtn", "mse"):
-        np.testing.assert_array_equal(dequantize(round_weight(fmt, w, MATMUL_LAYOUT, m, hessian=h)), dequantize(ref))
+    np.testing.assert_array_equal(dequantize(round_weight(fmt, w, MATMUL_LAYOUT, "rtn", hessian=h)), dequantize(ref))
+    d = np.diagonal(h)
+    wd = ((d + 1e-3 * d.mean()) / d.mean())[:, None]
+    e_ref_w = float(np.sum(wd * (dequantize(ref) - w) ** 2))
+    mse = round_weight(fmt, w, MATMUL_LAYOUT, "mse", hessian=h)
+    assert float(np.sum(wd * (dequantize(mse) - w) ** 2)) <= e_ref_w * (1 + 1e-6)
     q = round_weight(fmt, w, MATMUL_LAYOUT, "gptq", hessian=h)
     assert q.codes.dtype == ref.codes.dtype and q.codes.shape == ref.codes.shape
-    np.testing.assert_array_equal(q.scale.astype(np.float32), ref.scale.astype(np.float32))
+    assert q.scale.dtype == ref.scale.dtype and q.scale.shape == ref.scale.shape
+    if ref.zero_point is not None or not ref.block_size:
+        np.testing.assert_array_equal(q.scale.astype(np.float32), ref.scale.astype(np.float32))
     if ref.zero_point is not None:
         np.testing.assert_array_equal(q.zero_point, ref.zero_point)
         lo, hi = (0, 2 ** get_format(fmt).storage_bits - 1)
@@ -397,6 +403,31 @@ def test_grammar_families_gptq(fmt: str) -> None:
     e_ref = float(np.linalg.norm(x @ (dequantize(ref) - w)))
     e_gptq = float(np.linalg.norm(x @ (dequantize(q) - w)))
     assert e_gptq < 0.9 * e_ref, (e_gptq, e_ref)
+
+
+def test_mx_scale_choice_matches_brute_force() -> None:
+    """E8M0 (MXFP4) under mse/gptq: per block the OCP scale or twice it, whichever has the lower
+    diag(XᵀX)-weighted nearest-rounding error — checked against an independent numpy/ml_dtypes search."""
+    import ml_dtypes
+
+    w, _, h = _layer(k=128, n=16)
+    w[5, :4] *= 7.0  # push some block maxima into E2M1's saturated range (amax/scale in (6, 8))
+    d = np.diagonal(h)
+    wd = ((d + 1e-3 * d.mean()) / d.mean())[:, None]
+    ref = quantize_weight("mxfp4", w, MATMUL_LAYOUT)
+    s_ref = ref.scale.astype(np.float32)  # [K/32, N]
+    expected = np.empty_like(s_ref)
+    for g in range(s_ref.shape[0]):
+        blk, wb = w[32 * g : 32 * (g + 1)], wd[32 * g : 32 * (g + 1)]
+        errs = []
+        for s in (s_ref[g], 2 * s_ref[g]):
+            dec = (blk / s).astype(ml_dtypes.float4_e2m1fn).astype(np.float32) * s
+            errs.append(np.sum(wb * (dec - blk) ** 2, axis=0))
+        expected[g] = np.where(errs[1] < errs[0], 2 * s_ref[g], s_ref[g])
+    assert (expected != s_ref).any()  # the search does move some blocks
+    for m in ("mse", "gptq"):
+        got = round_weight("mxfp4", w, MATMUL_LAYOUT, m, hessian=h)
+        np.testing.assert_array_equal(got.scale.astype(np.float32), expected)
 
 
 def test_plan_suffix_selects_the_rounding() -> None:
@@ -481,7 +512,9 @@ def test_api_analyze_and_apply_with_gptq() -> None:
     model, x, mask, w1, _ = _two_layers()
     calib = CalibrationSet({"x": x, "attention_mask": mask}, source="test")
     base = analyze(
-        model.clone() if hasattr(model, "clone") else model, calib, AnalysisConfig(formats=("int4_b32",), probes=4)
+        model.clone() if hasattr(model, "clone") else model,
+        calib,
+        AnalysisConfig(formats=("int4_b32",), probes=4, rounding="nearest"),
     )
     model, *_ = _two_layers()
     table = analyze(model, calib, AnalysisConfig(formats=("int4_b32",), probes=4, rounding="gptq"))
@@ -505,3 +538,27 @@ def test_default_method_keeps_the_search_where_it_pays() -> None:
     for fmt in ("int8", "fp8_e4m3", "bf16"):
         assert default_method(fmt, "gptq") == "rtn" and default_method(fmt, "mse") == "rtn"
     assert default_method("int8", "nearest") == "nearest"
+
+
+def test_measurement_keeps_the_rounding_suffix() -> None:
+    """The validator measures a ``:gptq`` candidate with GPTQ weights (keyed by the suffixed name), so
+    ρ(predicted, measured) covers the rounding variants; with the writer's XᵀX it is lower than nearest."""
+    from dataclasses import replace as dc_replace
+
+    from lpcompile.analysis.input_hessians import collect_input_hessians
+    from lpcompile.analysis.measure import measure_pairs
+    from lpcompile.api import measure_backend
+    from lpcompile.frontend.calib import CalibrationSet
+    from lpcompile.graph import find_weight_nodes
+    from lpcompile.passes.pipeline import apply_plan
+
+    model, x, mask, _, _ = _two_layers()
+    calib = CalibrationSet({"x": x, "attention_mask": mask}, source="test")
+    hs = collect_input_hessians(model, calib)
+    backend = dc_replace(
+        measure_backend(), rewrite=lambda m, plan: apply_plan(m, plan, target="qdq", hessians=hs)[0]
+    )
+    n0 = find_weight_nodes(model)[0]
+    got = measure_pairs(model, calib, [(n0, "int4_b32"), (n0, "int4_b32:gptq"), (n0, "int4:gptq")], {}, backend)
+    assert set(got) == {(n0.name, "int4_b32"), (n0.name, "int4_b32:gptq"), (n0.name, "int4_b128:gptq")}
+    assert 0.0 < got[(n0.name, "int4_b32:gptq")] < got[(n0.name, "int4_b32")]

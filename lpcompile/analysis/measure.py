@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 
 from lpcompile.analysis.losses import choose_outputs, numpy_distortion
 from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
-from lpcompile.formats import get_format
+from lpcompile.formats import canonical_name, get_format
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import WeightNode, candidate_nodes, find_weight_nodes, tied_groups
 from lpcompile.plan import NodeAssignment, PrecisionPlan
@@ -97,8 +97,9 @@ def measure_pairs(
     out: dict[tuple[str, str], float] = {}
     for i, (node, fmt_name) in enumerate(pairs):
         fmt = get_format(fmt_name)
+        name = canonical_name(fmt_name)  # the candidate: a ``:rounding`` suffix is kept (the plan rounds by it)
         if fmt.is_identity:
-            out[(node.name, fmt.name)] = 0.0
+            out[(node.name, name)] = 0.0
             continue
         one = PrecisionPlan(
             nodes=(
@@ -107,7 +108,7 @@ def measure_pairs(
                     op_type=node.op_type,
                     weight=node.weight,
                     params=node.params,
-                    format=fmt.name,
+                    format=name,
                     bits=fmt.bits_for(node.shape, node.layout),
                 ),
             ),
@@ -115,7 +116,7 @@ def measure_pairs(
             activation_scales={node.activation: activation_amax.get(node.activation, 0.0)},
         )
         fresh = ir.from_proto(onnx.load_from_string(blob))
-        out[(node.name, fmt.name)] = runner.loss_of(backend.rewrite(fresh, one))
+        out[(node.name, name)] = runner.loss_of(backend.rewrite(fresh, one))
         if progress:
             progress(i + 1, len(pairs))
     return out
