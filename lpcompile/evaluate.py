@@ -98,6 +98,18 @@ def _to_proto(model: ModelLike) -> onnx.ModelProto:
     return load_proto(model)
 
 
+def _graph_and_source(model: ModelLike) -> tuple[onnx.ModelProto, ModelLike]:
+    """The proto ``evaluate`` reads names, shapes and metadata from, and what its session loads.
+
+    A file is read without its external data (ONNX Runtime reads that itself from the path), so a
+    multi-gigabyte model is not held twice, once as a proto and once in the session.
+    """
+    if isinstance(model, (onnx.ModelProto, ir.Model)):
+        proto = _to_proto(model)
+        return proto, proto
+    return load_proto(model, external_data=False), model
+
+
 def _io_names(proto: onnx.ModelProto) -> tuple[list[str], list[str]]:
     inits = {t.name for t in proto.graph.initializer}
     inputs = [i.name for i in proto.graph.input if i.name not in inits]
@@ -153,15 +165,14 @@ def evaluate(
 
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, not {batch_size}")
-    test_proto, ref_proto = _to_proto(model), _to_proto(reference)
+    (test_proto, test_src), (ref_proto, ref_src) = _graph_and_source(model), _graph_and_source(reference)
     t_in, t_out = _io_names(test_proto)
     r_in, r_out = _io_names(ref_proto)
     if sorted(t_in) != sorted(r_in):
         raise LpError(f"models take different inputs: {t_in} vs reference {r_in}")
     if sorted(t_out) != sorted(r_out):
         raise LpError(f"models produce different outputs: {t_out} vs reference {r_out}")
-    ref_session = make_session(ref_proto, numerics="exact")  # models that cannot run fail first
-    test_session = make_session(test_proto, numerics="exact")
+    ref_session = make_session(ref_src, numerics="exact")  # a reference that cannot run fails first
     if calib is None and not synthetic:
         raise UsageError(SYNTHETIC_REFUSAL)
     specs = model_input_specs(ref_proto)
@@ -172,8 +183,10 @@ def evaluate(
     if calib.fixed_batch is not None and calib.fixed_batch != batch_size:
         logger.info("reference has a fixed batch of %d: evaluating in batches of that size", calib.fixed_batch)
     axes = output_sample_axes(ref_proto)
+    # one session at a time: peak memory is the bigger model's, not the sum of both
     ref_out = _run_all(ref_session, calib, batch_size, r_out, axes)
-    test_out = _run_all(test_session, calib, batch_size, r_out, axes)
+    del ref_session
+    test_out = _run_all(make_session(test_src, numerics="exact"), calib, batch_size, r_out, axes)
     spec = choose_outputs(ref_proto, outputs, shapes={k: v.shape for k, v in ref_out.items()})
     mask_name = next((o.mask for o in spec.outputs if o.mask), None)
     mask = _batched(calib, mask_name, batch_size) if mask_name else None

@@ -116,18 +116,22 @@ def check_file(path: str | os.PathLike[str]) -> None:
         raise ModelLoadError(f"model fails the ONNX checker: {path}: {_first_line(exc)}") from None
 
 
-def load_proto(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
+def load_proto(path: str | os.PathLike[str], *, check: bool = True, external_data: bool = True) -> onnx.ModelProto:
     """Read an ONNX file with its external data, or raise ``ModelLoadError`` with one line.
 
     Args:
         path: the ``.onnx`` file.
         check: run ``onnx.checker`` on it (default).
+        external_data: read the external data too (False: the graph, names and metadata only; the
+            external initializers keep their references).
     """
     path = Path(path)
     proto = _read_header(path)
     _check_external_locations(proto, path.parent)
     if check:
         check_file(path)
+    if not external_data:
+        return proto
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
     except Exception as exc:
