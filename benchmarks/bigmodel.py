@@ -190,6 +190,13 @@ decision = decide(table, budget, dc); mark("decide")
 ac = ApplyConfig(target=dc.target, seed=config.seed, rounding=config.rounding)
 apply_file(src, out, plan=decision.plan, config=ac, force=True, model=model, log_checks=False, calib=calib)
 mark("apply+save")
+del model, table, decision
+from lpcompile.frontend.calib import calibration_for
+from lpcompile.frontend.onnx_io import load_model
+from lpcompile.guard import check_quality
+held = calibration_for(load_model(src), None, num_samples=16, seed=config.seed + 1)
+check_quality(out, src, held, batch_size=config.batch_size)
+mark("quality guard")
 """
 
 
