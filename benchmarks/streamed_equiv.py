@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lpcompile.analysis.config import AnalysisConfig  # noqa: E402
-from lpcompile.analysis.sensitivity import analyze_onnx  # noqa: E402
-from lpcompile.analysis.streamed import analyze_streamed  # noqa: E402
-from lpcompile.files import load_calib_for, load_normalized  # noqa: E402
+from lpcompile.analysis.config import AnalysisConfig
+from lpcompile.analysis.sensitivity import analyze_onnx
+from lpcompile.analysis.streamed import analyze_streamed
+from lpcompile.files import load_calib_for, load_normalized
 
 
 def main() -> None:
