@@ -177,6 +177,13 @@ def test_busy_port_is_refused(model_copy: Path) -> None:
             ViewerProcess("netron", model_copy, port=s.getsockname()[1])
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT at its default, as in a terminal. A process started with SIGINT ignored (as a
+    shell's background jobs are, and as this test process may be after other tests) keeps it ignored, and
+    lpcompile respects that, so Ctrl-C could not be simulated."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_ctrl_c_stops_cleanly(model_copy: Path) -> None:
     """The real command in a child: prints the URL, and SIGINT (Ctrl-C) stops it and its server with exit 0."""
     pytest.importorskip("netron")
@@ -192,7 +199,7 @@ def test_cli_ctrl_c_stops_cleanly(model_copy: Path) -> None:
         "--timeout",
         "120",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     try:
         url = proc.stdout.readline().strip()  # type: ignore[union-attr]
         assert url.startswith(f"http://{LOOPBACK}:"), url
@@ -340,7 +347,7 @@ def test_cli_ctrl_c_without_timeout_stops_cleanly(model_copy: Path) -> None:
     """Ctrl-C with no --timeout used to end in a TypeError; it stops with exit 0 and one line."""
     pytest.importorskip("netron")
     cmd = [sys.executable, "-m", "lpcompile", "view", str(model_copy), "--viewer", "netron", "--no-browser"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     try:
         url = proc.stdout.readline().strip()  # type: ignore[union-attr]
         assert "token=" in url
