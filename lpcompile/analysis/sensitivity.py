@@ -270,13 +270,18 @@ def batch_estimate(
         d = est[id(leaf)].detach().cpu().double().numpy()
         a = fw.captured[t].float().cpu().numpy()
         for e in job.act_elements:
-            delta = qdq_activation(a, e, activation_scale(job.amax[t], e)).astype(np.float64) - a
-            act[(t, e)] = float(np.sum(d * delta * delta))
+            act[(t, e)] = activation_error(d, a, e, job.amax[t])
     traces = {
         w: tuple(float(x) for x in torch.stack(ss).cpu().tolist()) if ss else ()
         for w, ss in zip(job.weights, samples, strict=True)
     }
     return BatchEstimate(index=task.index, k=task.k, diag=diag, act=act, trace_samples=traces)
+
+
+def activation_error(d: np.ndarray, a: np.ndarray, element: str, amax: float) -> float:
+    """Σ d·δa² for δa the rounding of activation ``a`` to ``element`` at the scale ``amax`` calibrates."""
+    delta = qdq_activation(a, element, activation_scale(amax, element)).astype(np.float64) - a
+    return float(np.sum(d * delta * delta))
 
 
 def trace_rse(parts: Iterable[tuple[float, Sequence[float]]]) -> float | None:
@@ -753,6 +758,7 @@ __all__ = [
     "OnnxAdapter",
     "ProbeForward",
     "ProbeJob",
+    "activation_error",
     "analyze_onnx",
     "batch_estimate",
     "candidate_formats",

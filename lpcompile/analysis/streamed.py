@@ -34,11 +34,9 @@ import contextlib
 import ctypes
 import itertools
 import logging
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -46,9 +44,10 @@ import onnx_ir as ir
 import torch
 
 from lpcompile.analysis.config import AnalysisConfig, candidate_formats
+from lpcompile.analysis.interpreter import TorchGraph
 from lpcompile.analysis.losses import choose_outputs, ggn_output_probe
+from lpcompile.analysis.sensitivity import activation_error
 from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
-from lpcompile.formats import activation_scale, qdq_activation
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import WeightNode, find_weight_nodes, release_data, tied_groups
 
@@ -122,7 +121,6 @@ def plan_segments(model: ir.Model, segment_bytes: int | None = None) -> list[Seg
     inits = model.graph.initializers
     graph_inputs = [v.name for v in model.graph.inputs if v.name not in inits]
     graph_outputs = {v.name for v in model.graph.outputs}
-    index = {id(n): i for i, n in enumerate(nodes)}
     first_read: dict[str, int] = {}
     last_read: dict[str, int] = {}
     produced: dict[str, int] = {}
@@ -194,7 +192,6 @@ def plan_segments(model: ir.Model, segment_bytes: int | None = None) -> list[Seg
         segments.append(
             Segment(len(segments), (a, b), seg_inputs, seg_outputs, seg_inits, sum(sizes[n] for n in seg_inits))
         )
-    del index
     logger.info(
         "streamed analysis: %d segment(s) of ≤ %.0f MB weights (largest %.0f MB)",
         len(segments), segment_bytes / 2**20, max((s.weight_bytes for s in segments), default=0) / 2**20,
@@ -208,23 +205,17 @@ def _value_info(value: ir.Value) -> onnx.ValueInfoProto:
     return onnx.helper.make_tensor_value_info(value.name, elem, None)
 
 
-class _SegmentGraph:
+def _segment_graph(model: ir.Model, seg: Segment, device: str) -> TorchGraph:
     """One segment as a :class:`~lpcompile.analysis.interpreter.TorchGraph` whose initializers are inputs."""
-
-    def __init__(self, model: ir.Model, seg: Segment, device: str) -> None:
-        from lpcompile.analysis.interpreter import TorchGraph
-
-        nodes = list(model.graph)[seg.nodes[0] : seg.nodes[1]]
-        values = {v.name: v for n in nodes for v in (*[i for i in n.inputs if i is not None], *n.outputs)}
-        g = onnx.GraphProto()
-        g.name = f"segment_{seg.index}"
-        g.node.extend(ir.serde.serialize_node(n) for n in nodes)
-        g.input.extend(_value_info(values[n]) for n in (*seg.inputs, *seg.initializers))
-        g.output.extend(_value_info(values[n]) for n in seg.outputs)
-        opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
-        proto = onnx.helper.make_model(g, opset_imports=opsets)
-        self.graph = TorchGraph(proto, device=device)
-        self.segment = seg
+    nodes = list(model.graph)[seg.nodes[0] : seg.nodes[1]]
+    values = {v.name: v for n in nodes for v in (*[i for i in n.inputs if i is not None], *n.outputs)}
+    g = onnx.GraphProto()
+    g.name = f"segment_{seg.index}"
+    g.node.extend(ir.serde.serialize_node(n) for n in nodes)
+    g.input.extend(_value_info(values[n]) for n in (*seg.inputs, *seg.initializers))
+    g.output.extend(_value_info(values[n]) for n in seg.outputs)
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    return TorchGraph(onnx.helper.make_model(g, opset_imports=opsets), device=device)
 
 
 def _load(model: ir.Model, names: Iterable[str], trainable: set[str], device: str) -> dict[str, torch.Tensor]:
@@ -248,43 +239,29 @@ def _load(model: ir.Model, names: Iterable[str], trainable: set[str], device: st
 
 
 class _Partials:
-    """Per-probe gradients of weights read in several segments, summed over segments before squaring."""
+    """Per-probe gradients of weights read in several segments, summed over segments before squaring
+    (kept in a :class:`~lpcompile.analysis.input_hessians.HessianStore`: in memory up to ``limit``, then on disk)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.mem: dict[tuple[str, int, int], torch.Tensor] = {}
-        self.used = 0
-        self.dir: tempfile.TemporaryDirectory[str] | None = None
-        self.files: dict[tuple[str, int, int], Path] = {}
+        from lpcompile.analysis.input_hessians import HessianStore
+
+        self.store = HessianStore(limit)
+
+    @staticmethod
+    def _key(key: tuple[str, int, int]) -> str:
+        return f"{key[1]}/{key[2]}/{key[0]}"
 
     def add(self, key: tuple[str, int, int], g: torch.Tensor) -> None:
+        g = g.detach().cpu()
         prev = self.pop(key)
-        g = g.detach().cpu() if prev is None else prev + g.detach().cpu()
-        if self.used + g.numel() * 4 <= self.limit:
-            self.mem[key] = g
-            self.used += g.numel() * 4
-            return
-        if self.dir is None:
-            self.dir = tempfile.TemporaryDirectory(prefix="lpcompile-partials-")
-        path = Path(self.dir.name) / f"{len(self.files)}_{key[1]}_{key[2]}.npy"
-        np.save(path, g.numpy())
-        self.files[key] = path
+        self.store[self._key(key)] = (g if prev is None else prev + g).numpy()
 
     def pop(self, key: tuple[str, int, int]) -> torch.Tensor | None:
-        if key in self.mem:
-            g = self.mem.pop(key)
-            self.used -= g.numel() * 4
-            return g
-        if key in self.files:
-            path = self.files.pop(key)
-            g = torch.from_numpy(np.load(path))
-            path.unlink(missing_ok=True)
-            return g
-        return None
+        value = self.store.pop(self._key(key), None)
+        return None if value is None else torch.from_numpy(value)
 
     def close(self) -> None:
-        if self.dir is not None:
-            self.dir.cleanup()
+        self.store.close()
 
 
 def analyze_streamed(
@@ -316,7 +293,6 @@ def analyze_streamed(
         assemble_table,
         batch_len,
         limit_samples,
-        probe_generator,
         resolve_device,
         spread_probes,
         trace_rse,
@@ -361,9 +337,9 @@ def analyze_streamed(
         {k: torch.as_tensor(np.asarray(v)) for k, v in b.items() if k in keep_names} for b in batch_list
     ]
     amax: dict[str, float] = dict.fromkeys(act_tensors, 0.0)
-    graphs: dict[int, _SegmentGraph] = {}
+    graphs: dict[int, TorchGraph] = {}
     for seg in segments:
-        sg = _SegmentGraph(model, seg, device)
+        sg = _segment_graph(model, seg, device)
         graphs[seg.index] = sg
         params = _load(model, seg.initializers, set(), device)
         capture = [t for t in act_tensors if producer_seg.get(t) == seg.index or
@@ -371,7 +347,7 @@ def analyze_streamed(
         with torch.no_grad():
             for b, batch in enumerate(batch_list):
                 feeds = {n: stored[b][n] if n in stored[b] else torch.as_tensor(batch[n]) for n in seg.inputs}
-                res = sg.graph.forward({**feeds, **params}, capture=capture)
+                res = sg.forward({**feeds, **params}, capture=capture)
                 for name in seg.outputs:
                     if name in keep_names:
                         stored[b][name] = res[name].detach()
@@ -428,17 +404,17 @@ def analyze_streamed(
                     feeds[n] = v
                 perturb = {t: None for t in perturb_names}
                 capture = list(dict.fromkeys([*(hacc.tensors if hacc else ()), *perturb_names]))
-                res = sg.graph.forward({**feeds, **params}, capture=capture, perturb=perturb)
+                res = sg.forward({**feeds, **params}, capture=capture, perturb=perturb)
                 if hacc is not None:
                     hacc.update({t: res[t] for t in hacc.tensors if t in res}, attention_mask(batch))
                 leaves = [params[w] for w in seg_weights]
                 in_leaves = [(n, feeds[n]) for n in seg.inputs if feeds[n].requires_grad]
-                act_leaves = [(t, sg.graph.perturbations[t]) for t in perturb_names if t in sg.graph.perturbations]
+                act_leaves = [(t, sg.perturbations[t]) for t in perturb_names if t in sg.perturbations]
                 sq = {t: torch.zeros_like(leaf) for t, leaf in act_leaves}
                 for j in range(k):
                     outs, gouts = [], []
                     z = (
-                        _probe(zcache, (b, j), refs[b], kinds, masks[b], config.seed, probe_generator)
+                        _probe(zcache, (b, j), refs[b], kinds, masks[b], config.seed)
                         if any(name in kinds for name in seg.outputs)
                         else {}
                     )
@@ -488,8 +464,7 @@ def analyze_streamed(
                     d = (sq[t] / k).cpu().double().numpy()
                     a = res[t].detach().float().cpu().numpy()
                     for e in act_elements:
-                        delta = qdq_activation(a, e, activation_scale(amax[t], e)).astype(np.float64) - a
-                        act_term[(t, e)] += float(bweights[b]) * 0.5 * float(np.sum(d * delta * delta))
+                        act_term[(t, e)] += float(bweights[b]) * 0.5 * activation_error(d, a, e, amax[t])
                     del leaf
                 del res
             act_done.update(perturb_names)
@@ -544,8 +519,7 @@ def _table_term(
     amax[name] = float(finite.max()) if finite.size else 0.0
     d = diag.double().numpy()
     for e in elements:
-        delta = qdq_activation(a, e, activation_scale(amax[name], e)).astype(np.float64) - a
-        act_term[(name, e)] = 0.5 * float(np.sum(d * delta * delta))
+        act_term[(name, e)] = 0.5 * activation_error(d, a, e, amax[name])
 
 
 def _trim_heap() -> None:
@@ -563,11 +537,12 @@ def _probe(
     kinds: Mapping[str, str],
     masks: Mapping[str, np.ndarray | None],
     seed: int,
-    generator: object,
 ) -> dict[str, torch.Tensor]:
     """The output-space vectors of probe ``key`` = (batch, probe), drawn as the full-model GGN draws them."""
+    from lpcompile.analysis.sensitivity import probe_generator
+
     if key not in cache:
-        gen = generator(seed, key[0], key[1])  # type: ignore[operator]
+        gen = probe_generator(seed, key[0], key[1])
         cache[key] = {
             name: ggn_output_probe(ref[name].cpu(), kind, gen, masks.get(name)) for name, kind in kinds.items()
         }
