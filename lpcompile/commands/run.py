@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lpcompile.console import Output
-from lpcompile.errors import ModelLoadError, UsageError
+from lpcompile.errors import LpError, ModelLoadError, UsageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_INPUT_MB = 256.0
+"""What ``run`` reads at once by default: the input arrays, or one batch of them with ``--batch-size``."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,6 +30,21 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="MODEL.onnx",
         help="also run this ONNX model in ONNX Runtime (graph as written) and report the difference",
     )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="run N samples (rows along axis 0) at a time, reading the inputs in batches, so memory is bounded "
+        "by one batch whatever the file's size (needs inputs with a dynamic first dimension)",
+    )
+    p.add_argument(
+        "--max-input-mb",
+        type=float,
+        default=DEFAULT_MAX_INPUT_MB,
+        metavar="MB",
+        help=f"refuse inputs whose arrays take more than this in memory, or with --batch-size one batch of them "
+        f"(default {DEFAULT_MAX_INPUT_MB:g}); checked from the .npy headers before anything inflates",
+    )
     return p
 
 
@@ -29,26 +52,37 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.io_utils import OutputSession
 
     out = Output(quiet=args.quiet, json=args.json)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if not args.max_input_mb > 0:
+        raise UsageError(f"--max-input-mb must be positive, not {args.max_input_mb}")
     if importlib.util.find_spec("tvm") is None:
         raise UsageError("running a compiled module needs Apache TVM: pip install 'lpcompile[tvm]'")
-    from lpcompile.runtime.tvm.build import (
-        compare_with_onnx,
-        load_compiled,
-        load_inputs,
-        meta_path_for,
-        read_module_meta,
-        save_outputs,
-    )
+    from lpcompile.runtime.tvm.build import load_compiled, meta_path_for, read_module_meta, save_outputs
 
     if not Path(args.module).is_file():
         raise ModelLoadError(f"compiled module not found: {args.module}")
     inputs_in = [args.module, meta_path_for(args.module), args.inputs, args.reference]
     with OutputSession(inputs=inputs_in, models=[args.reference]) as session:
         session.declare(args.output)  # never over the module, its metadata, the inputs or the reference
-        _check_input_headers(args.inputs, read_module_meta(args.module))
+        meta = read_module_meta(args.module)
+        names = _input_names(args.inputs, meta, batched=args.batch_size is not None)
+        limit = int(args.max_input_mb * 1024**2)
+        batches = _batches(args.inputs, names, args.batch_size, limit, meta)
         model = load_compiled(args.module)  # checks the library's size and hash before loading it
-        inputs = load_inputs(args.inputs, model.input_names)
-        outputs = model.run(inputs)
+        diffs = _Diffs(args.reference) if args.reference else None
+        parts: dict[str, list[np.ndarray]] = {}
+        for i, feed in enumerate(batches):
+            result = model.run(feed)
+            if i == 0 and args.batch_size is not None:
+                _check_output_room(args.inputs, names, result, args.batch_size)
+            if diffs is not None:
+                diffs.add(feed, result)
+            for name, a in result.items():
+                parts.setdefault(name, []).append(a)
+            del feed
+        outputs = {n: a[0] if len(a) == 1 else np.concatenate(a, axis=0) for n, a in parts.items()}
+        parts.clear()
         rows = [
             (
                 name,
@@ -66,37 +100,141 @@ def run(args: argparse.Namespace) -> int:
             payload["output_file"] = args.output
     if args.output:
         out.line(f"wrote {args.output}")
-    if args.reference:
-        diffs = compare_with_onnx(args.reference, inputs, outputs)
+    if diffs is not None:
+        table = diffs.result()
         out.table(
             "vs ONNX Runtime",
             ["output", "max |diff|", "max |ref|"],
-            [(n, d["max_abs_diff"], d["max_abs_ref"]) for n, d in diffs.items()],
+            [(n, d["max_abs_diff"], d["max_abs_ref"]) for n, d in table.items()],
         )
-        payload["reference"] = diffs
+        payload["reference"] = table
     out.emit_json(payload)
     return 0
 
 
-def _check_input_headers(path: str, meta: dict) -> None:
-    """Compare the .npz headers with the module's input shapes before any array is inflated."""
-    from lpcompile.errors import LpError
-    from lpcompile.frontend.npz_safe import npz_headers
+def _batches(
+    path: str, names: Mapping[str, str], batch_size: int | None, limit: int, meta: Mapping[str, Any]
+) -> Iterator[dict[str, np.ndarray]]:
+    """The module's feeds: the whole file at once, or ``batch_size`` rows at a time, within ``limit`` bytes.
+
+    Every size check happens here, from the headers, before the module is loaded or any array inflates.
+    """
+    from lpcompile.frontend.npz_safe import NpzError, human_bytes, iter_npz_batches, npz_headers, read_npz
+
+    headers = npz_headers(path)
+    used = [headers[n] for n in names.values()]
+    total = sum(h.nbytes for h in used)
+    if batch_size is None:
+        if total > limit:
+            raise LpError(
+                f"{Path(path).name} holds {human_bytes(total)} of input arrays, more than `run` reads at once "
+                f"({human_bytes(limit)}, --max-input-mb); pass --batch-size N to run it N samples at a time, "
+                "or raise --max-input-mb"
+            )
+        try:
+            arrays = read_npz(path, names=list(names.values()), max_bytes=limit)
+        except NpzError as exc:
+            raise LpError(str(exc)) from None
+        return iter([{model_name: arrays[file_name] for model_name, file_name in names.items()}])
+    for info in meta.get("inputs", []):
+        lead = (info.get("shape") or [None])[0]
+        if isinstance(lead, int) and lead > 0 and lead != batch_size:
+            raise UsageError(
+                f"input {info['name']!r} has a fixed first dimension {lead}; --batch-size must be {lead} "
+                "or the module lowered with a dynamic batch"
+            )
+    per_batch = sum(h.bytes_for(batch_size) for h in used)
+    if per_batch > limit:
+        raise LpError(
+            f"one batch of {batch_size} samples of {Path(path).name} takes {human_bytes(per_batch)}, more than "
+            f"--max-input-mb ({human_bytes(limit)}); use a smaller --batch-size"
+        )
+    return _renamed(iter_npz_batches(path, list(names.values()), batch_size, max_bytes=limit), names)
+
+
+def _renamed(batches: Iterator[dict[str, np.ndarray]], names: Mapping[str, str]) -> Iterator[dict[str, np.ndarray]]:
+    from lpcompile.frontend.npz_safe import NpzError
+
+    try:
+        for batch in batches:
+            yield {model_name: batch[file_name] for model_name, file_name in names.items()}
+    except NpzError as exc:
+        raise LpError(str(exc)) from None
+
+
+def _check_output_room(path: str, names: Mapping[str, str], first: Mapping[str, np.ndarray], batch_size: int) -> None:
+    """Refuse, after the first batch, outputs whose projected size for the whole file exceeds the memory budget."""
+    from lpcompile.frontend.npz_safe import human_bytes, memory_budget, npz_headers
+
+    headers = npz_headers(path)
+    rows = headers[next(iter(names.values()))].shape[0]
+    got = max((a.shape[0] if a.ndim else 1) for a in first.values()) if first else 0
+    per_row = sum(a.nbytes for a in first.values()) / max(got, 1)
+    projected = int(per_row * rows)
+    budget = memory_budget()
+    if projected > budget:
+        raise LpError(
+            f"the outputs for all {rows:,} samples would take {human_bytes(projected)}, more than the "
+            f"{human_bytes(budget)} of memory this run may use; split {Path(path).name} into smaller files"
+        )
+    logger.info("batch 1: %d samples, outputs for all %d about %s", got, rows, human_bytes(projected))
+
+
+class _Diffs:
+    """Running max |diff| and max |ref| between the module's outputs and ORT on the reference, batch by batch."""
+
+    def __init__(self, model_path: str) -> None:
+        from lpcompile.runtime.tvm.build import ort_session
+
+        self._sess = ort_session(model_path)
+        self._acc: dict[str, dict[str, float]] = {}
+
+    def add(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        sess = self._sess
+        ref_feed = {i.name: np.asarray(feed[i.name]) for i in sess.get_inputs()}
+        ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, ref_feed), strict=False))
+        for name, got in outputs.items():
+            if name not in ref:
+                continue
+            r = np.asarray(ref[name], dtype=np.float64)
+            d = self._acc.setdefault(name, {"max_abs_diff": 0.0, "max_abs_ref": 0.0})
+            if r.size:
+                d["max_abs_diff"] = max(d["max_abs_diff"], float(np.max(np.abs(np.asarray(got, np.float64) - r))))
+                d["max_abs_ref"] = max(d["max_abs_ref"], float(np.max(np.abs(r))))
+
+    def result(self) -> dict[str, dict[str, float]]:
+        return self._acc
+
+
+def _input_names(path: str, meta: Mapping[str, Any], *, batched: bool) -> dict[str, str]:
+    """Model input name → array name in the ``.npz``, with the headers checked against the module's shapes.
+
+    Nothing is inflated: only the ``.npy`` headers are read. With ``batched`` the first dimension is
+    not compared (it is cut into batches).
+    """
+    from lpcompile.frontend.npz_safe import NpzError, npz_headers
 
     if not Path(path).is_file():
         raise UsageError(f"inputs file not found: {path}")
-    headers = npz_headers(path)
+    try:
+        headers = npz_headers(path)
+    except NpzError as exc:
+        raise LpError(str(exc)) from None
     infos = {i["name"]: i for i in meta.get("inputs", [])}
-    by_name = dict(headers)
-    if len(infos) == 1 and len(headers) == 1 and not set(infos) & set(headers):
-        by_name = {next(iter(infos)): next(iter(headers.values()))}
+    if all(n in headers for n in infos):
+        names = {n: n for n in infos}
+    elif len(infos) == 1 and len(headers) == 1:
+        names = {next(iter(infos)): next(iter(headers))}
+    else:
+        raise LpError(f"{Path(path).name} holds {', '.join(sorted(headers))}; the model takes {', '.join(infos)}")
     for name, info in infos.items():
-        h = by_name.get(name)
-        if h is None:
-            continue  # load_inputs names what is missing
+        h = headers[names[name]]
         want = info.get("shape") or []
         if want and len(want) != len(h.shape):
             raise LpError(f"input {name!r} has rank {len(h.shape)}, the model expects {len(want)}")
-        for w, g in zip(want, h.shape, strict=False):
+        for axis, (w, g) in enumerate(zip(want, h.shape, strict=False)):
+            if batched and axis == 0:
+                continue
             if isinstance(w, int) and w > 0 and w != g:
                 raise LpError(f"input {name!r} has shape {list(h.shape)}, the model expects {want}")
+    return names

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -97,7 +97,7 @@ def memory_budget(max_bytes: int | None = None) -> int:
     return max_bytes
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     if n < 1024:
         return f"{n} B"
     size = float(n)
@@ -134,6 +134,11 @@ def _read_data(fp: IO[bytes], header: ArrayHeader, max_rows: int | None, where: 
     shape = header.shape
     if need != header.nbytes:
         shape = (max_rows or 0, *header.shape[1:])
+    return _read_exact(fp, header, shape, need, where)
+
+
+def _read_exact(fp: IO[bytes], header: ArrayHeader, shape: tuple[int, ...], need: int, where: str) -> np.ndarray:
+    """The next ``need`` bytes of ``fp`` as an array of ``shape``, in chunks, in native byte order."""
     buf = np.empty(need, dtype=np.uint8)
     view = memoryview(buf)
     got = 0
@@ -159,8 +164,8 @@ def _check_budget(headers: Iterable[ArrayHeader], max_rows: int | None, budget: 
         if total > budget:
             rows = "" if max_rows is None else f" (first {max_rows} rows)"
             raise NpzError(
-                f"array {h.name!r} in {where} would take {_human(need)}{rows}: shape {list(h.shape)} {h.dtype}; "
-                f"the arrays of this file may take at most {_human(budget)} of memory "
+                f"array {h.name!r} in {where} would take {human_bytes(need)}{rows}: shape {list(h.shape)} {h.dtype}; "
+                f"the arrays of this file may take at most {human_bytes(budget)} of memory "
                 "(LPCOMPILE_MAX_ARRAY_BYTES sets the cap, never above half the available memory)"
             )
 
@@ -198,8 +203,8 @@ def _headers(zf: zipfile.ZipFile, p: Path) -> list[ArrayHeader]:
             raise NpzError(f"cannot read array {name!r} in {p}: {type(exc).__name__}: {exc}") from None
         if info.file_size < start + h.nbytes:
             raise NpzError(
-                f"array {name!r} in {p} is truncated or inconsistent: its header promises {_human(h.nbytes)}, "
-                f"the archive holds {_human(max(info.file_size - start, 0))}"
+                f"array {name!r} in {p} is truncated or inconsistent: its header promises {human_bytes(h.nbytes)}, "
+                f"the archive holds {human_bytes(max(info.file_size - start, 0))}"
             )
         headers.append(h)
     return headers
@@ -257,8 +262,71 @@ def read_npy(path: str | os.PathLike[str], *, max_rows: int | None = None, max_b
             h = _read_header(fp, p.stem, str(p))
             size = os.fstat(fp.fileno()).st_size
             if size < fp.tell() + h.nbytes:
-                raise NpzError(f"{p} is truncated: its header promises {_human(h.nbytes)}")
+                raise NpzError(f"{p} is truncated: its header promises {human_bytes(h.nbytes)}")
             _check_budget([h], max_rows, memory_budget(max_bytes), str(p))
             return _read_data(fp, h, max_rows, str(p))
     except OSError as exc:
         raise NpzError(f"cannot read {p}: {exc.strerror or type(exc).__name__}") from None
+
+
+def iter_npz_batches(
+    path: str | os.PathLike[str],
+    names: Iterable[str],
+    batch_rows: int,
+    *,
+    max_bytes: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield the arrays ``names`` of an ``.npz`` ``batch_rows`` rows at a time along axis 0.
+
+    Only one batch of each array is in memory at a time: the members are read as streams (stored
+    or deflated alike), so an input of any size runs in memory bounded by the batch.
+
+    Args:
+        path: the ``.npz`` file.
+        names: the arrays to read; all must be C-ordered, of rank >= 1, with the same number of rows.
+        batch_rows: rows per batch (the last batch may be shorter).
+        max_bytes: cap on the bytes one batch of all arrays takes (default :func:`memory_budget`).
+
+    Raises:
+        NpzError: a missing, Fortran-ordered or scalar array, row counts that differ, or a batch
+            over the budget, each in one line, before any data is inflated.
+    """
+    p = Path(path)
+    if batch_rows < 1:
+        raise NpzError(f"the batch size must be at least 1, not {batch_rows}")
+    wanted = list(names)
+    with _open_zip(p) as zf:
+        by_name = {h.name: h for h in _headers(zf, p)}
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise NpzError(f"{p} holds no array named {', '.join(map(repr, missing))}")
+        headers = [by_name[n] for n in wanted]
+        for h in headers:
+            if not h.shape:
+                raise NpzError(f"array {h.name!r} in {p} is a scalar; batches are taken along axis 0")
+            if h.fortran_order and h.count > math.prod(h.shape[1:]):
+                raise NpzError(f"array {h.name!r} in {p} is Fortran-ordered; save it C-ordered to read it in batches")
+        rows = {h.shape[0] for h in headers}
+        if len(rows) > 1:
+            counts = ", ".join(f"{h.name} {h.shape[0]}" for h in headers)
+            raise NpzError(f"the arrays of {p} have different numbers of rows ({counts}); batches need the same")
+        _check_budget(headers, batch_rows, memory_budget(max_bytes), str(p))
+        total = rows.pop() if rows else 0
+        streams = []
+        try:
+            for h in headers:
+                fp = zf.open(h.name + ".npy")
+                streams.append(fp)
+                _read_header(fp, h.name, str(p))
+            for start in range(0, total, batch_rows):
+                n = min(batch_rows, total - start)
+                batch = {}
+                for h, fp in zip(headers, streams, strict=True):
+                    row_bytes = math.prod(h.shape[1:]) * h.dtype.itemsize
+                    batch[h.name] = _read_exact(fp, h, (n, *h.shape[1:]), n * row_bytes, str(p))
+                yield batch
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise NpzError(f"cannot read {p}: {type(exc).__name__}: {exc}") from None
+        finally:
+            for fp in streams:
+                fp.close()
