@@ -23,6 +23,7 @@ from lpcompile.passes.annotate import AnnotatePass
 from lpcompile.passes.cleanup import CleanupPass
 from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
 from lpcompile.passes.opset import default_opset, min_ir_version
+from lpcompile.passes.qlinear_conv import QLinearConvChainPass
 from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 from lpcompile.passes.targets import activation_style
 from lpcompile.passes.w8a8 import FuseW8A8MatMulPass
@@ -77,7 +78,7 @@ def apply_plan(
         NormalizeWeightsPass(),
         QuantizeWeightsPass(plan, target=target, rounding=rounding, seed=seed, hessians=hessians),
         ActivationPrecisionPass(plan, style=activation_style(target)),
-        *([FuseW8A8MatMulPass()] if target == "ort" else []),
+        *([FuseW8A8MatMulPass(), QLinearConvChainPass()] if target == "ort" else []),
         *extra_passes,
         CleanupPass(),
         AnnotatePass(plan),

@@ -173,14 +173,20 @@ def weight_kernel(
     if f.scale == "none":
         # bf16 / fp16 weights: a Cast on an initializer, folded by ORT (and matched by the TVM lowering)
         return Kernel(WeightForm.CAST, tgt != "tvm" or cls == "matmul", "16-bit weight widened once by Cast")
-    if f.activation == "int8" and tgt != "tvm":
-        # W8A8 int8 on "ort": the weight stays a DequantizeLinear that passes/w8a8.py turns, with the
-        # activation Q/DQ, into MatMulIntegerToFloat (an int8 GEMM). On "qdq" ORT's MatMulAddFusion
-        # turns a biased Q/DQ MatMul into a Gemm with per-run DQs (3x fp32), and ORT has no fused
-        # Conv without an output Q: those weights are decoded once (the activation Q/DQ runs per run)
-        if cls == "matmul" and tgt == "ort":
-            return Kernel(WeightForm.DEQUANTIZE, True, "W8A8: MatMulIntegerToFloat (int8 GEMM, passes/w8a8.py)")
-        return Kernel(WeightForm.DECODE_ONCE, True, "W8A8: weight decoded once; activation Q/DQ per run")
+    if f.activation == "int8" and tgt != "tvm" and cls in ("matmul", "conv"):
+        # W8A8 int8: the weight stays a per-channel DequantizeLinear. A decoded (float) weight behind
+        # the activation's DequantizeLinear is re-quantized *per tensor* by ORT's WeightBiasQuantization
+        # (ORT_ENABLE_BASIC and up): EfficientNet-Lite0 w8a8 went from KL 0.039 as written to 0.99.
+        # On "ort", passes/w8a8.py turns the MatMuls into MatMulIntegerToFloat and passes/qlinear_conv.py
+        # the Convs whose output is rounded anyway into QLinearConv chains; the rest run a per-run decode.
+        if tgt == "ort":
+            note = (
+                "MatMulIntegerToFloat (int8 GEMM, passes/w8a8.py)"
+                if cls == "matmul"
+                else ("QLinearConv where its output is rounded anyway (passes/qlinear_conv.py)")
+            )
+            return Kernel(WeightForm.DEQUANTIZE, True, f"W8A8: {note}")
+        return Kernel(WeightForm.DEQUANTIZE, False, "W8A8: per-channel DequantizeLinear weight, decoded per run")
     if tgt == "tvm":
         fast = cls == "matmul"
         note = "TVM lowering matches DequantizeLinear → MatMul" if fast else "folded at build time by the lowering"
@@ -244,8 +250,10 @@ def activation_kernel(target: str, element: str | None, op_type: str = "MatMul")
 
     int8 (``w8a8``) on an ``ort`` MatMul is the exception: written as ``MatMulIntegerToFloat`` with
     uint8 activations (:mod:`lpcompile.passes.w8a8`; 0.25–0.27× an fp32 MatMul of 47×384×1536 with
-    bias, measured). Elsewhere the Q/DQ pair is a per-run rounding (on a Conv QLinearConv would need a
-    quantized output as well; on ``qdq`` ORT turns a biased Q/DQ MatMul into a Gemm with per-run DQs).
+    bias, measured), and on an ``ort`` Conv whose output reaches only later int8 roundings, a uint8
+    ``QLinearConv`` chain (:mod:`lpcompile.passes.qlinear_conv`; uniform w8a8 EfficientNet-Lite0 0.69–0.77×
+    fp32). Elsewhere the Q/DQ pair is a per-run rounding (on ``qdq`` ORT turns a biased Q/DQ MatMul into
+    a Gemm with per-run DQs).
     """
     tgt = check_target(target)
     if element is None:
@@ -255,7 +263,9 @@ def activation_kernel(target: str, element: str | None, op_type: str = "MatMul")
     if element == "int8":
         if op_class(op_type) == "matmul" and tgt == "ort":
             return Kernel(WeightForm.DEQUANTIZE, True, "int8 Q/DQ fused into MatMulIntegerToFloat")
-        return Kernel(WeightForm.DEQUANTIZE, False, "int8 rounding per run: Q/DQ pair (no fused Conv kernel)")
+        if op_class(op_type) == "conv" and tgt == "ort":
+            return Kernel(WeightForm.DEQUANTIZE, True, "uint8 QLinearConv chains where the output is rounded anyway")
+        return Kernel(WeightForm.DEQUANTIZE, False, "int8 rounding per run: Q/DQ pair (no fused kernel)")
     if element.startswith("float8"):
         return Kernel(WeightForm.CAST, False, "FP8 rounding emulated per run: Div, Cast(fp8), Cast(fp32), Mul")
     return Kernel(WeightForm.CAST, False, f"{element} rounding emulated per run: a Cast round trip")
@@ -301,6 +311,8 @@ _RELATIVE_COST = {
 _ACTIVATION_COST = {"float8": 0.3, "half": 0.1, "int8": 0.1}
 _INT8_GEMM_COST = 0.3
 """W8A8 MatMulIntegerToFloat over the fp32 MatMul (0.22–0.39× measured on 47–128 rows, K, N 384–1536)."""
+_INT8_CONV_COST = 0.75
+"""W8A8 Convs as uint8 QLinearConv chains: uniform w8a8 EfficientNet-Lite0 ran at 0.69–0.77× fp32 (whole model)."""
 
 
 def relative_latency(
@@ -325,7 +337,7 @@ def relative_latency(
     tgt = check_target(target)
     act = activation_kernel(tgt, f.activation, op_type)
     if f.activation == "int8" and act.fast:
-        return _INT8_GEMM_COST
+        return _INT8_CONV_COST if op_class(op_type) == "conv" else _INT8_GEMM_COST
     form = weight_form(tgt, op_type, f, block_size=block_size, rank=rank, axis=axis, elements=elements)
     cost = _RELATIVE_COST[form] if tgt != "tvm" else 1.0
     if not act.fast and f.activation is not None:

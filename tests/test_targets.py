@@ -135,7 +135,8 @@ def test_weight_forms() -> None:
     assert weight_kernel("tvm", "Conv", "int8").fast is False
     rows = kernel_table()
     assert {(r.target, r.op) for r in rows} == {(t, op) for t in TARGETS for op in ("MatMul", "Conv")}
-    assert all(r.fast for r in rows if r.target != "tvm")
+    # every weight-only form is fast on ORT; w8a8 on qdq decodes its DequantizeLinear weight per run
+    assert all(r.fast for r in rows if r.target != "tvm" and not (r.target == "qdq" and r.format == "w8a8"))
 
 
 # -- decode once: numerics, folding, stored bits ------------------------------------------------

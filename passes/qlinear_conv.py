@@ -1,0 +1,317 @@
+"""W8A8 int8 Convs as ``QLinearConv`` chains on ONNX Runtime (target ``ort``).
+
+A ``w8a8`` Conv (int8 per-channel weights, per-tensor int8 activations) is written by the weight and
+activation passes with its weight decoded once and its input rounded per run::
+
+    x ─ Q(s_x, int8 0) ─ DQ ─ Conv(W = Cast(Wq) · ws, b) ─ [Clip | Relu | MaxPool | Reshape | Flatten]* ─ z
+    z ─ Q(s_z, int8 0) ─ DQ ─ (the next w8a8 node)
+
+ONNX Runtime CPU has no int8 Conv faster than fp32 unless the Conv's *output* is quantized too
+(``QLinearConv``; measured in :mod:`lpcompile.passes.targets`). Where the Conv's output reaches, through
+ops that commute with rounding (Clip, Relu, MaxPool, Reshape, Flatten: monotone, and shape-only),
+nothing but the activation rounding of later w8a8 nodes with one scale ``s_z``, rounding the Conv's
+output with ``s_z`` is what the plan already does one step later: ``Q(clip(y)) = clip(Q(y))`` and
+``Q(max(y)) = max(Q(y))`` for a monotone ``Q``. This pass writes that chain in the integer domain::
+
+    x_u8 ─ QLinearConv(s_x, 128, Wq, ws, 0, s_z, 128, bias_i32) ─ Clip(u8) ─ MaxPool(u8) ─ … ─ z_u8 ─ DQ(s_z, 128)
+
+so the next w8a8 Conv reads ``z_u8`` directly and ORT runs the chain as int8 kernels (NHWC, with
+the layout transposes between consecutive ones cancelled). Activations are uint8 with zero point
+128, the same rounding as int8 with zero point 0 shifted by 128 (ORT's u8s8 kernels are the fast
+ones on x86). The only change to the numbers is the bias, stored as ``int32 round(b / (s_x·ws))``
+as ``QLinearConv`` requires (an error of at most ``s_x·ws/2`` before the output rounding), and the
+requantization's fp32 arithmetic. Convs whose output goes anywhere else (a residual ``Add``, a
+pooling average, a graph output) keep the decoded-once form.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from lpcompile.passes._common import Namer, add_initializer, is_onnx_op
+
+logger = logging.getLogger(__name__)
+
+ZERO_POINT_U8 = 128
+_TRANSPARENT = ("Clip", "Relu", "MaxPool", "Reshape", "Flatten")
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return np.asarray(value.const_value.numpy())
+
+
+@dataclass(frozen=True)
+class _Act:
+    """A per-tensor activation rounding feeding a node: ``DQ(q, scale, zp)``."""
+
+    dq: ir.Node
+    q: ir.Value
+    scale: ir.Value
+    zp: int
+    unsigned: bool
+
+
+def _activation(value: ir.Value | None) -> _Act | None:
+    """``value = DQ(q, s, zp)`` with a scalar scale and zp int8 0 or uint8 128 (this pass's own)."""
+    dq = value.producer() if value is not None else None
+    if dq is None or not is_onnx_op(dq, "DequantizeLinear") or len(dq.inputs) < 3:
+        return None
+    q, s, zp = dq.inputs[:3]
+    sc, z = _const(s), _const(zp)
+    if q is None or s is None or sc is None or z is None or sc.size != 1 or z.size != 1:
+        return None
+    if not (np.isfinite(sc).all() and float(sc.reshape(())) > 0):
+        return None
+    zi = int(z.reshape(()))
+    if z.dtype == np.int8 and zi == 0:
+        return _Act(dq, q, s, 0, unsigned=False)
+    if z.dtype == np.uint8 and zi == ZERO_POINT_U8:
+        return _Act(dq, q, s, ZERO_POINT_U8, unsigned=True)
+    return None
+
+
+def _rounded_from(act: _Act) -> ir.Value | None:
+    """The float tensor an int8 activation rounding quantizes: ``x`` of ``Q(x, s, 0)`` with the same ``s``."""
+    q = act.q.producer()
+    if q is None or not is_onnx_op(q, "QuantizeLinear") or len(q.inputs) < 3:
+        return None
+    if _const(q.inputs[1]) is None or not np.array_equal(_const(q.inputs[1]), _const(act.scale)):
+        return None
+    z = _const(q.inputs[2])
+    if z is None or z.dtype != np.int8 or z.size != 1 or int(z.reshape(())) != 0:
+        return None
+    return q.inputs[0]
+
+
+def _int8_weight(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(codes int8 [Cout, ...], scales [Cout])`` of a per-channel int8 Conv weight.
+
+    Matches the decoded-once form ``Mul(Cast(codes), scale[Cout,1,…])`` and ``DQ(codes, scale, axis=0)``.
+    """
+    node = value.producer() if value is not None else None
+    if node is None:
+        return None
+    if is_onnx_op(node, "Mul") and len(node.inputs) == 2:
+        cast, scale = node.inputs
+        cnode = cast.producer() if cast is not None else None
+        if cnode is None or not is_onnx_op(cnode, "Cast"):
+            return None
+        codes, s = _const(cnode.inputs[0]), _const(scale)
+    elif is_onnx_op(node, "DequantizeLinear") and not node.attributes.get_int("block_size", 0):
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            zp = _const(node.inputs[2])
+            if zp is None or np.any(zp != 0):
+                return None
+        codes, s = _const(node.inputs[0]), _const(node.inputs[1])
+        if s is not None and s.ndim == 1 and node.attributes.get_int("axis", 1) != 0:
+            return None
+    else:
+        return None
+    if codes is None or s is None or codes.dtype != np.int8 or codes.ndim < 3:
+        return None
+    cout = codes.shape[0]
+    if s.size == 1:
+        s = np.full(cout, float(s.reshape(())), np.float32)
+    elif s.size == cout and (s.ndim == 1 or s.shape == (cout,) + (1,) * (codes.ndim - 1)):
+        s = s.reshape(cout).astype(np.float32)
+    else:
+        return None
+    if not (np.isfinite(s).all() and (s > 0).all()):
+        return None
+    return codes, s
+
+
+def _is_transparent(node: ir.Node, data: ir.Value) -> bool:
+    """An op that commutes with a monotone per-tensor rounding, with ``data`` as its rounded input."""
+    if not is_onnx_op(node, _TRANSPARENT) or not node.inputs or node.inputs[0] is not data:
+        return False
+    if is_onnx_op(node, "Clip"):
+        return all(v is None or (_const(v) is not None and _const(v).size == 1) for v in node.inputs[1:3])
+    if is_onnx_op(node, "MaxPool"):
+        return len(node.outputs) == 1 or not any(True for _ in node.outputs[1].uses())
+    if is_onnx_op(node, "Reshape"):
+        return len(node.inputs) > 1 and _const(node.inputs[1]) is not None
+    return True
+
+
+@dataclass(frozen=True)
+class _Chain:
+    ops: tuple[ir.Node, ...]
+    end: ir.Value
+    scale: ir.Value
+    quantizers: tuple[ir.Node, ...]
+
+
+def _output_chain(conv: ir.Node) -> _Chain | None:
+    """The transparent ops after ``conv`` up to a tensor read only by int8 roundings of one scale."""
+    v = conv.outputs[0]
+    ops: list[ir.Node] = []
+    while True:
+        if v.is_graph_output():
+            return None
+        uses = [u.node for u in v.uses()]
+        if not uses:
+            return None
+        if all(is_onnx_op(u, "QuantizeLinear") and u.inputs[0] is v for u in uses):
+            scales = [_const(u.inputs[1]) for u in uses]
+            zps = [_const(u.inputs[2]) if len(u.inputs) > 2 else None for u in uses]
+            if any(s is None or s.size != 1 for s in scales) or any(
+                z is None or z.dtype != np.int8 or z.size != 1 or int(z.reshape(())) != 0 for z in zps
+            ):
+                return None
+            if len({float(s.reshape(())) for s in scales}) != 1 or not float(scales[0].reshape(())) > 0:  # type: ignore[union-attr]
+                return None
+            for u in uses:  # every reader of the rounded tensor must be a DequantizeLinear of the same scale
+                for w in u.outputs[0].uses():
+                    if (
+                        not is_onnx_op(w.node, "DequantizeLinear")
+                        or w.idx != 0
+                        or _activation(w.node.outputs[0]) is None
+                    ):
+                        return None
+                if u.outputs[0].is_graph_output():
+                    return None
+            return _Chain(tuple(ops), v, uses[0].inputs[1], tuple(uses))  # type: ignore[arg-type]
+        if len(uses) != 1 or not _is_transparent(uses[0], v):
+            return None
+        ops.append(uses[0])
+        v = uses[0].outputs[0]
+
+
+def _q_u8(x: float, scale: float) -> int:
+    """``QuantizeLinear(x, scale, uint8 128)``: round half to even, saturate."""
+    return int(np.clip(np.rint(np.float32(x) / np.float32(scale)) + ZERO_POINT_U8, 0, 255))
+
+
+class QLinearConvChainPass(ir.passes.InPlacePass):
+    """Rewrite w8a8 Convs whose outputs are rounded anyway as uint8 ``QLinearConv`` chains (module docstring)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        namer = Namer(graph)
+        zp_u8: ir.Value | None = None
+        zp_w: ir.Value | None = None
+        quantized_u8: dict[tuple[int, int], ir.Value] = {}
+        count = 0
+        for conv in list(graph):
+            if not is_onnx_op(conv, "Conv") or len(conv.inputs) < 2 or conv.graph is not graph:
+                continue
+            act = _activation(conv.inputs[0])
+            wt = _int8_weight(conv.inputs[1])
+            if act is None or wt is None:
+                continue
+            bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+            if len(conv.inputs) > 2 and conv.inputs[2] is not None and bias is None:
+                continue
+            chain = _output_chain(conv)
+            if chain is None:
+                continue
+            x_float = None if act.unsigned else _rounded_from(act)
+            if not act.unsigned and x_float is None:
+                continue
+            codes, ws = wt
+            s_x = float(_const(act.scale).reshape(()))  # type: ignore[union-attr]
+            s_z = float(_const(chain.scale).reshape(()))  # type: ignore[union-attr]
+            if zp_u8 is None:
+                zp_u8 = add_initializer(graph, namer, "qlinear_act_zp_u8", np.array(ZERO_POINT_U8, np.uint8))
+                zp_w = add_initializer(graph, namer, "qlinear_weight_zp", np.array(0, np.int8))
+            new_nodes: list[ir.Node] = []
+            base = conv.name or "conv"
+            if act.unsigned:
+                x_u8 = act.q
+            else:
+                key = (id(x_float), id(act.scale))
+                if key not in quantized_u8:
+                    out = ir.Value(name=namer.value(f"{x_float.name or 'x'}_u8"), type=ir.TensorType(ir.DataType.UINT8))  # type: ignore[union-attr]
+                    out.shape = x_float.shape.copy() if x_float.shape is not None else None  # type: ignore[union-attr]
+                    new_nodes.append(
+                        ir.node(
+                            "QuantizeLinear",
+                            [x_float, act.scale, zp_u8],
+                            None,
+                            name=namer.node(f"{base}/act_q_u8"),
+                            outputs=[out],
+                        )
+                    )
+                    quantized_u8[key] = out
+                x_u8 = quantized_u8[key]
+            w_codes = add_initializer(graph, namer, f"{base}_w_i8", codes)
+            w_scale = add_initializer(graph, namer, f"{base}_w_scale", ws.astype(np.float32))
+            inputs: list[ir.Value | None] = [x_u8, act.scale, zp_u8, w_codes, w_scale, zp_w, chain.scale, zp_u8]
+            if bias is not None:
+                bq = np.rint(bias.astype(np.float64) / (np.float64(s_x) * ws.astype(np.float64)))
+                inputs.append(
+                    add_initializer(graph, namer, f"{base}_bias_i32", np.clip(bq, -(2**31), 2**31 - 1).astype(np.int32))
+                )
+            y = ir.Value(name=namer.value(f"{conv.outputs[0].name or base}_u8"), type=ir.TensorType(ir.DataType.UINT8))
+            y.shape = conv.outputs[0].shape.copy() if conv.outputs[0].shape is not None else None
+            new_nodes.append(
+                ir.node(
+                    "QLinearConv",
+                    inputs,
+                    {a.name: a for a in conv.attributes.values()},
+                    name=conv.name,
+                    outputs=[y],
+                    doc_string=conv.doc_string,
+                    metadata_props=dict(conv.metadata_props),
+                )
+            )
+            cur = y
+            for op in chain.ops:
+                cur = self._int_op(graph, namer, op, cur, s_z, new_nodes)
+            graph.insert_before(conv, new_nodes)
+            for qn in chain.quantizers:
+                for use in list(qn.outputs[0].uses()):
+                    dq = use.node
+                    dq.replace_input_with(0, cur)
+                    dq.replace_input_with(2, zp_u8)
+            count += 1
+        if not count:
+            return ir.passes.PassResult(model, False)
+        RemoveUnusedNodesPass()(model)
+        logger.info("wrote %d w8a8 Conv(s) as QLinearConv chains (uint8 activations)", count)
+        return ir.passes.PassResult(model, True)
+
+    @staticmethod
+    def _int_op(graph: ir.Graph, namer: Namer, op: ir.Node, data: ir.Value, s_z: float, out: list[ir.Node]) -> ir.Value:
+        """``op`` applied to the uint8 tensor ``data`` (the output rounded with ``s_z``, zero point 128)."""
+        result = ir.Value(
+            name=namer.value(f"{op.outputs[0].name or op.op_type}_u8"), type=ir.TensorType(ir.DataType.UINT8)
+        )
+        result.shape = op.outputs[0].shape.copy() if op.outputs[0].shape is not None else None
+        name = namer.node(f"{op.name or op.op_type}/u8")
+        if is_onnx_op(op, ("Clip", "Relu")):
+            lo = 0.0 if is_onnx_op(op, "Relu") else None
+            hi = None
+            if is_onnx_op(op, "Clip"):
+                if len(op.inputs) > 1 and op.inputs[1] is not None:
+                    lo = float(_const(op.inputs[1]).reshape(()))  # type: ignore[union-attr]
+                if len(op.inputs) > 2 and op.inputs[2] is not None:
+                    hi = float(_const(op.inputs[2]).reshape(()))  # type: ignore[union-attr]
+            bounds: list[ir.Value | None] = [
+                None
+                if lo is None
+                else add_initializer(graph, namer, f"{name}_min", np.array(_q_u8(lo, s_z), np.uint8)),
+                None
+                if hi is None
+                else add_initializer(graph, namer, f"{name}_max", np.array(_q_u8(hi, s_z), np.uint8)),
+            ]
+            while bounds and bounds[-1] is None:
+                bounds.pop()
+            out.append(ir.node("Clip", [data, *bounds], None, name=name, outputs=[result]))
+        else:
+            attrs = {a.name: a for a in op.attributes.values()}
+            out.append(
+                ir.node(op.op_type, [data, *op.inputs[1:]], attrs, domain=op.domain, name=name, outputs=[result])
+            )
+        return result
+
+
+__all__ = ["ZERO_POINT_U8", "QLinearConvChainPass"]
