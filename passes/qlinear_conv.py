@@ -150,7 +150,11 @@ class _Chain:
 
 
 def _output_chain(conv: ir.Node) -> _Chain | None:
-    """The transparent ops after ``conv`` up to a tensor read only by int8 roundings of one scale."""
+    """The transparent ops after ``conv`` up to a tensor read only by int8 roundings of one scale.
+
+    A rounding is ``QuantizeLinear`` with int8 zero point 0 read by ``DequantizeLinear`` s (the activation
+    pass's form) or uint8 zero point 128 (the input of a fused ``MatMulIntegerToFloat``).
+    """
     v = conv.outputs[0]
     ops: list[ir.Node] = []
     while True:
@@ -161,28 +165,36 @@ def _output_chain(conv: ir.Node) -> _Chain | None:
             return None
         if all(is_onnx_op(u, "QuantizeLinear") and u.inputs[0] is v for u in uses):
             scales = [_const(u.inputs[1]) for u in uses]
-            zps = [_const(u.inputs[2]) if len(u.inputs) > 2 else None for u in uses]
-            if any(s is None or s.size != 1 for s in scales) or any(
-                z is None or z.dtype != np.int8 or z.size != 1 or int(z.reshape(())) != 0 for z in zps
-            ):
+            if any(s is None or s.size != 1 for s in scales):
                 return None
             if len({float(s.reshape(())) for s in scales}) != 1 or not float(scales[0].reshape(())) > 0:  # type: ignore[union-attr]
                 return None
-            for u in uses:  # every reader of the rounded tensor must be a DequantizeLinear of the same scale
-                for w in u.outputs[0].uses():
-                    if (
-                        not is_onnx_op(w.node, "DequantizeLinear")
-                        or w.idx != 0
-                        or _activation(w.node.outputs[0]) is None
-                    ):
-                        return None
-                if u.outputs[0].is_graph_output():
+            for u in uses:
+                if u.outputs[0].is_graph_output() or _zero_point(u) is None:
                     return None
+                if _zero_point(u) == 0:  # int8: every reader must be a DequantizeLinear (rewired to the uint8 end)
+                    for w in u.outputs[0].uses():
+                        dq = w.node
+                        if not is_onnx_op(dq, "DequantizeLinear") or w.idx != 0 or _activation(dq.outputs[0]) is None:
+                            return None
             return _Chain(tuple(ops), v, uses[0].inputs[1], tuple(uses))  # type: ignore[arg-type]
         if len(uses) != 1 or not _is_transparent(uses[0], v):
             return None
         ops.append(uses[0])
         v = uses[0].outputs[0]
+
+
+def _zero_point(q: ir.Node) -> int | None:
+    """0 for an int8 zero point 0, 128 for a uint8 zero point 128 (the MatMul fusion's), else None."""
+    z = _const(q.inputs[2]) if len(q.inputs) > 2 else None
+    if z is None or z.size != 1:
+        return None
+    zi = int(z.reshape(()))
+    if z.dtype == np.int8 and zi == 0:
+        return 0
+    if z.dtype == np.uint8 and zi == ZERO_POINT_U8:
+        return ZERO_POINT_U8
+    return None
 
 
 def _q_u8(x: float, scale: float) -> int:
@@ -268,6 +280,9 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
                 cur = self._int_op(graph, namer, op, cur, s_z, new_nodes)
             graph.insert_before(conv, new_nodes)
             for qn in chain.quantizers:
+                if _zero_point(qn) == ZERO_POINT_U8:  # already uint8 zero point 128 (MatMulIntegerToFloat's input)
+                    qn.outputs[0].replace_all_uses_with(cur)
+                    continue
                 for use in list(qn.outputs[0].uses()):
                     dq = use.node
                     dq.replace_input_with(0, cur)

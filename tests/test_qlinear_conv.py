@@ -163,3 +163,46 @@ def test_qdq_target_stays_standard_onnx() -> None:
     model = check(apply_plan(to_ir(proto), _plan(proto, x), target="qdq")[0])
     assert "QLinearConv" not in ops(model)
     assert not {n.domain for n in model.graph.node} - {"", "ai.onnx"}
+
+
+CNN_TEXT = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[2,1,8,8] x) => (float[2,5] y) {
+  c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, W1, B1)
+  a1 = Relu(c1)
+  p1 = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (a1)
+  f1 = Flatten(p1)
+  m = MatMul(f1, W2)
+  y = Add(m, B2)
+}"""
+
+
+def test_chain_runs_into_a_fused_int8_matmul() -> None:
+    """Conv → Relu → MaxPool → Flatten → a w8a8 MatMul: the MatMul's uint8 input is the chain's end."""
+    w = {
+        "W1": (RNG.standard_normal((6, 1, 3, 3)) * 0.4).astype(np.float32),
+        "B1": RNG.standard_normal(6).astype(np.float32),
+        "W2": (RNG.standard_normal((96, 5)) * 0.2).astype(np.float32),
+        "B2": RNG.standard_normal(5).astype(np.float32),
+    }
+    proto = parse(CNN_TEXT, **w)
+    x = (RNG.standard_normal((2, 1, 8, 8)) * 2).astype(np.float32)
+    probe = _with_outputs(proto, ["f1"])
+    f1 = run(probe, x=x)[1]
+    f = get_format("w8a8")
+    nodes = tuple(
+        NodeAssignment(n.name, n.op_type, n.weight, n.params, "w8a8", f.bits_for(n.shape, n.layout))
+        for n in find_weight_nodes(to_ir(proto))
+    )
+    plan = PrecisionPlan(nodes=nodes, activation_scales={"x": float(np.abs(x).max()), "f1": float(np.abs(f1).max())})
+    ort_model = check(apply_plan(to_ir(proto), plan, target="ort")[0])
+    assert ops(ort_model).count("QLinearConv") == 1 and ops(ort_model).count("MatMulIntegerToFloat") == 1
+    assert ops(ort_model).count("QuantizeLinear") == 1  # only the image is quantized from float
+    mm = next(n for n in ort_model.graph.node if n.op_type == "MatMulIntegerToFloat")
+    producers = {o: n.op_type for n in ort_model.graph.node for o in n.output}
+    assert producers[mm.input[0]] == "Flatten"
+    (want,) = run(check(apply_plan(to_ir(proto), plan, target="qdq")[0]), x=x)
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        (got,) = _session_run(ort_model, level, x)
+        # a flipped code of f1 (scale s) moves an output by at most s · max_j Σ_i |W2[i, j]|
+        step = plan.activation_scales["f1"] / 127 * np.abs(w["W2"]).sum(axis=0).max()
+        assert np.abs(got - want).max() <= 2 * step, (np.abs(got - want).max(), step)
