@@ -183,6 +183,44 @@ def test_objective_prefers_faster_among_near_equal_losses() -> None:
     assert solve_with_objective(items, budget, table, "qdq", "both").assignments == size.assignments
 
 
+def test_objective_fast_drops_emulated_activation_rounding() -> None:
+    """``fast``: least loss among the formats ORT runs at fp32 speed; bf16 (a per-run Cast round trip) only
+    when nothing else fits, and never a refused budget."""
+
+    def node(name: str, loss_bf16: float, loss8: float) -> NodeSensitivity:
+        return NodeSensitivity(
+            name=name,
+            op_type="Conv",
+            weight=name + ".w",
+            params=4096,
+            shape=(64, 64, 1, 1),
+            candidates={
+                "fp32": Candidate(32.0, 0.0),
+                "bf16": Candidate(16.0, loss_bf16),
+                "int8": Candidate(8.5, loss8),
+            },
+            activation=name + ".x",
+        )
+
+    table = SensitivityTable(
+        formats=("bf16", "int8"), method="hutchinson", loss="kl", nodes=(node("a", 1e-4, 0.02), node("b", 1e-4, 0.02))
+    )
+    items = items_of(table)
+    budget = parse_budget("16bits")
+    assert solve_with_objective(items, budget, table, "qdq", "size").assignments == {"a": "bf16", "b": "bf16"}
+    fast = solve_with_objective(items, budget, table, "qdq", "fast")
+    assert fast.assignments == {"a": "int8", "b": "int8"}  # int8 + fp32 (20.25 bits on average) does not fit
+    assert fast.predicted_loss == pytest.approx(0.04)
+    roomy = solve_with_objective(items, parse_budget("20.25bits"), table, "qdq", "fast")
+    assert sorted(roomy.assignments.values()) == ["fp32", "int8"] and roomy.predicted_loss == pytest.approx(0.02)
+    assert predict_latency(table, fast.assignments, "qdq").ratio <= 1.0
+    # tvm runs bf16 natively: fast and size agree there
+    assert solve_with_objective(items, budget, table, "tvm", "fast").assignments == {"a": "bf16", "b": "bf16"}
+    # a budget only the slow formats meet is still solved
+    tight = [Item(it.name, it.params, tuple(c for c in it.choices if c.format != "int8")) for it in items]
+    assert set(solve_with_objective(tight, budget, table, "qdq", "fast").assignments.values()) == {"bf16"}
+
+
 def test_objective_latency_refuses_no_budget() -> None:
     table = table_two_nodes()
     items = [

@@ -11,6 +11,11 @@ The predicted latency of a plan is ``Σ params·cost / Σ params`` (1.0 = fp32 s
   ``size`` plan at the same budget. The result's predicted loss is at most ``L*·(1 + tolerance·Δ)``
   (``Δ`` the largest cost spread of a node, ≤ 3): no budget is refused and quality moves within the
   tolerance.
+* ``fast``: the least predicted loss within the budget among the choices the target runs at least as
+  fast as fp32 per node (:func:`lpcompile.passes.targets.runs_fast`); a node with no such choice keeps
+  all of its choices, and an infeasible budget falls back to every choice: no budget is refused. On
+  ONNX Runtime this drops the formats whose activation rounding is emulated per run (bf16, fp16, FP8:
+  ORT CPU has no arithmetic in them), so the file runs at fp32 speed or better.
 * ``latency``: speed first. Only choices the target runs at least as fast as fp32 per node
   (:func:`lpcompile.passes.targets.runs_fast`); among them the least predicted latency within the
   budget, the predicted loss breaking ties (the latency term is weighted ``LATENCY_FIRST`` times the
@@ -35,7 +40,7 @@ from lpcompile.solver.problem import Choice, Item, Solution
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES: tuple[str, ...] = ("size", "latency", "both")
+OBJECTIVES: tuple[str, ...] = ("size", "fast", "latency", "both")
 DEFAULT_TOLERANCE = 0.02
 """Relative predicted-loss slack ``both`` may spend on faster choices (see the module docstring)."""
 LATENCY_FIRST = 1e3
@@ -140,6 +145,13 @@ def solve_with_objective(
     total = sum(it.params for it in items)
     eps = tolerance * max(abs(base.predicted_loss), 1e-30)
     chosen = list(items)
+    if objective == "fast":
+        try:
+            sol = solve(_fast_only(items, nodes, target), budget)
+        except BudgetError:
+            logger.warning("objective fast: the budget needs formats that run slower than fp32; allowing them")
+            return base
+        return sol
     if objective == "latency":
         chosen = _fast_only(items, nodes, target)
         worst = sum(max(abs(c.loss) for c in it.choices) for it in items if it.choices)
