@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "bench"
 BENCH_DIR = ROOT / "benchmarks"
 BUDGETS: tuple[float, ...] = (4.25, 4.5, 5.0, 6.0, 8.0)
-LPC_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b32", "bf16")
+LPC_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b32", "bf16", "bf16w")
 """The formats lpcompile chooses from in the main comparison."""
-ANALYSIS_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b64", "int4_b32", "bf16")
+ANALYSIS_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b64", "int4_b32", "bf16", "bf16w")
 """The formats analysed (one table); subsets are solved from it."""
 LPC_VARIANTS: dict[str, tuple[str, ...]] = {
     "lpcompile": LPC_FORMATS,

@@ -83,7 +83,8 @@ class DecideConfig:
         target: the target the plan is for (resolves ``SoftmaxMode.AUTO``).
         max_loss: the dual mode: with no budget, the fewest bits whose predicted loss stays within
             this bound (in units of the distortion loss); ignored when a budget is given.
-        objective: ``"size"`` (least loss within the budget), ``"fast"`` (least loss among the choices
+        objective: ``"auto"`` (``"fast"`` on ``qdq``/``ort``, ``"size"`` on ``tvm``), ``"size"`` (least loss
+            within the budget), ``"fast"`` (least loss among the choices
             that run at least as fast as fp32 on ``target``), ``"both"`` (among near-equal-loss
             choices the faster one on ``target``) or ``"latency"`` (only choices that run at least as
             fast as fp32, speed first); see :mod:`lpcompile.solver.latency`. Applies to a
@@ -95,14 +96,14 @@ class DecideConfig:
     softmax: SoftmaxMode = SoftmaxMode.AUTO
     target: Target = Target.QDQ
     max_loss: float | None = None
-    objective: str = "size"
+    objective: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "softmax", parse_option(SoftmaxMode, self.softmax, "--softmax"))
         object.__setattr__(self, "target", parse_option(Target, self.target, "--target"))
         object.__setattr__(self, "keep", tuple(self.keep))
-        if self.objective not in ("size", "fast", "latency", "both"):
-            raise UsageError(f"--objective must be size, fast, latency or both, not {self.objective!r}")
+        if self.objective not in ("auto", "size", "fast", "latency", "both"):
+            raise UsageError(f"--objective must be auto, size, fast, latency or both, not {self.objective!r}")
         if self.max_loss is not None and not (isinstance(self.max_loss, int | float) and self.max_loss >= 0):
             raise UsageError(f"--max-loss must be a non-negative number, not {self.max_loss!r}")
 

@@ -199,6 +199,8 @@ def _build_registry() -> dict[str, Format]:
         Format("fp32", "float32", 32, description="fp32 weights and activations (unchanged)"),
         Format("bf16", "bfloat16", 16, activation="bfloat16", description="W16A16 bf16, fp32 accumulation"),
         Format("fp16", "float16", 16, activation="float16", description="W16A16 fp16, fp32 accumulation"),
+        Format("bf16w", "bfloat16", 16, description="bf16 weights, fp32 activations (weight-only W16A32)"),
+        Format("fp16w", "float16", 16, description="fp16 weights, fp32 activations (weight-only W16A32)"),
         Format(
             "fp8_e4m3",
             "float8_e4m3fn",

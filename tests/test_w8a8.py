@@ -262,7 +262,10 @@ def test_plan_cli_objective_records_predicted_latency(tmp_path: Path) -> None:
     lat = plan.metadata["latency"]
     assert lat["objective"] == "both" and lat["target"] == "ort" and lat["predicted_x_fp32"] < 1.0
     out.unlink()
-    assert main(args) == 0  # default objective: size, no latency entry
+    assert main(args) == 0  # default objective: auto, which is fast on ort
+    assert PrecisionPlan.load(out).metadata["latency"]["objective"] == "fast"
+    out.unlink()
+    assert main([*args, "--objective", "size"]) == 0  # size: no latency entry
     assert "latency" not in PrecisionPlan.load(out).metadata
 
 

@@ -161,9 +161,10 @@ def add_objective_arg(p: argparse.ArgumentParser) -> None:
     """``--objective`` (:mod:`lpcompile.solver.latency`)."""
     p.add_argument(
         "--objective",
-        choices=["size", "fast", "latency", "both"],
-        default="size",
-        help="size: least predicted loss in the budget; fast: the same among formats that run at least as fast "
+        choices=["auto", "size", "fast", "latency", "both"],
+        default="auto",
+        help="auto (default): fast on qdq/ort, size on tvm; "
+        "size: least predicted loss in the budget; fast: the same among formats that run at least as fast "
         "as fp32 on --target (no emulated bf16/FP8 activation rounding on ONNX Runtime); both: among "
         "near-equal-loss choices the faster one; latency: speed first (none refuses a budget)",
     )

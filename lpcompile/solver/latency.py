@@ -5,7 +5,8 @@ The latency model is the target's declared per-(op, format) cost relative to the
 (a batch-1 GEMV/GEMM reads every weight once, so its time is roughly proportional to its size).
 The predicted latency of a plan is ``Σ params·cost / Σ params`` (1.0 = fp32 speed).
 
-* ``size`` (default): the least predicted loss within the budget; latency is not looked at.
+* ``auto`` (default): ``fast`` on ONNX Runtime targets (``qdq``, ``ort``), ``size`` on ``tvm``.
+* ``size``: the least predicted loss within the budget; latency is not looked at.
 * ``both``: among (near-)equal-loss choices, the faster one. Each choice's loss gets a tie-break
   ``ε·(cost − 1)·params / Σ params`` with ``ε = tolerance · L*``, ``L*`` the predicted loss of the
   ``size`` plan at the same budget. The result's predicted loss is at most ``L*·(1 + tolerance·Δ)``
@@ -40,11 +41,20 @@ from lpcompile.solver.problem import Choice, Item, Solution
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES: tuple[str, ...] = ("size", "fast", "latency", "both")
+OBJECTIVES: tuple[str, ...] = ("auto", "size", "fast", "latency", "both")
 DEFAULT_TOLERANCE = 0.02
 """Relative predicted-loss slack ``both`` may spend on faster choices (see the module docstring)."""
 LATENCY_FIRST = 1e3
 """``latency``: weight of the latency term over the largest possible total loss."""
+
+
+def resolve_objective(objective: str, target: str) -> str:
+    """``auto`` → ``fast`` on ONNX Runtime targets (ORT CPU has no bf16/FP8 arithmetic: a format that rounds
+    activations only emulates it, per run, slower than fp32), ``size`` on ``tvm``; others unchanged."""
+    name = check_objective(objective)
+    if name != "auto":
+        return name
+    return "size" if str(target) == "tvm" else "fast"
 
 
 def check_objective(objective: str) -> str:
@@ -137,7 +147,7 @@ def solve_with_objective(
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> Solution:
     """Solve ``items`` at ``budget`` for ``objective`` (module docstring); the loss reported is the true one."""
-    objective = check_objective(objective)
+    objective = resolve_objective(objective, target)
     base = solve(items, budget)
     if objective == "size":
         return base
@@ -175,5 +185,6 @@ __all__ = [
     "node_cost",
     "node_fast",
     "predict_latency",
+    "resolve_objective",
     "solve_with_objective",
 ]
