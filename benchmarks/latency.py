@@ -20,6 +20,10 @@ plan written with per-run ``DequantizeLinear`` weights (what the ``qdq`` target 
 16; today the ``tvm`` target's form). The softmax follows ``passes.targets.softmax_pays`` (kept
 as ``Softmax`` on ORT).
 
+``plan`` rows use the default objective (``auto``: ``fast`` on ONNX Runtime); ``--size-plans`` adds
+``plan-size``: ``--objective size`` over the same formats without ``bf16w`` (the default before), so the
+speed and quality of the two are side by side.
+
 ``--w8a8-plans B,..`` adds, at those budgets, plans over the table's formats plus ``w8a8`` (W8A8 int8,
 from a separate w8a8-aware analysis cached in ``artifacts/latency/<model>/sens_w8a8.json``), solved for
 the ``ort`` target with ``--objective size`` and ``--objective latency`` (``plan-w8a8-size``,
@@ -155,7 +159,13 @@ def _write(ctx: Context, plan: Any, target: str, out: Path) -> dict[str, Any]:
     return {"plan_bits": res.plan.achieved_bits, "softmax_substituted": len(res.softmax_substituted)}
 
 
-def _plan(ctx: Context, budget: float | None, uniform: str | None, formats: tuple[str, ...] = LPC_FORMATS) -> Any:
+def _plan(
+    ctx: Context,
+    budget: float | None,
+    uniform: str | None,
+    formats: tuple[str, ...] = LPC_FORMATS,
+    objective: str = "auto",
+) -> Any:
     """The plan (softmax resolved for ORT: kept) at ``budget`` from the cached table, or a uniform one."""
     from lpcompile.api import decide, decide_uniform
     from lpcompile.config import DecideConfig
@@ -163,7 +173,7 @@ def _plan(ctx: Context, budget: float | None, uniform: str | None, formats: tupl
 
     if uniform is not None:
         return decide_uniform(load_normalized(ctx.task.model), uniform, target="qdq")
-    return decide(ctx.table, f"{budget}bits", DecideConfig(formats=formats, target="qdq")).plan
+    return decide(ctx.table, f"{budget}bits", DecideConfig(formats=formats, target="qdq", objective=objective)).plan
 
 
 W8A8_FORMATS = (*LPC_FORMATS, "w8a8")
@@ -314,6 +324,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     fast_formats = latency_formats("qdq", LPC_FORMATS, "latency")
     for budget in budgets:
         variants = [("plan", LPC_FORMATS, targets)]
+        if args.size_plans:  # the size objective over the formats of before issue 16 (bf16 and FP8 included)
+            variants.append(("plan-size", tuple(f for f in LPC_FORMATS if f != "bf16w"), targets))
         if args.latency_plans and budget in {float(b) for b in args.latency_plans.split(",") if b}:
             variants.append(("plan-latency", fast_formats, [t for t in targets if t != "dq"]))
         if args.w8a8_plans and budget in {float(b) for b in args.w8a8_plans.split(",") if b}:
@@ -323,7 +335,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             if variant.startswith("plan-w8a8-"):
                 plan = _w8a8_plan(ctx, _w8a8_table(ctx), budget, variant.rsplit("-", 1)[1])
             else:
-                plan = _plan(ctx, budget, None, formats)
+                plan = _plan(ctx, budget, None, formats, "size" if variant == "plan-size" else "auto")
             for target in tgts:
                 key = f"{variant}@{budget:g}/{target}"
                 row = measure(
@@ -454,6 +466,12 @@ def main() -> None:
         default="",
         metavar="BUDGETS",
         help="at these budgets also plans over the formats + w8a8 (own analysis), objective size and latency (ort)",
+    )
+    p.add_argument(
+        "--size-plans",
+        action="store_true",
+        help="also the plans of --objective size over the formats without bf16w ('plan-size': the default before "
+        "the fast objective), from the same table",
     )
     p.add_argument("--runs", type=int, default=0, help="timed batch-1 runs per model (default 30; 200-300 sub-ms)")
     p.add_argument("--threads", type=int, default=2)
