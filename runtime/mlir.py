@@ -81,7 +81,15 @@ LEVELS: dict[str, str] = {
 }
 
 #: format → the element type that carries it at the linalg level (int4: i8 storage + f16 scales)
-_FORMAT_TYPES = {"bf16": "bf16", "fp16": "f16", "fp8_e4m3": "f8E4M3FN", "fp8_e5m2": "f8E5M2", "int8": "i8"}
+_FORMAT_TYPES = {
+    "bf16": "bf16",
+    "fp16": "f16",
+    "bf16w": "bf16",
+    "fp16w": "f16",
+    "fp8_e4m3": "f8E4M3FN",
+    "fp8_e5m2": "f8E5M2",
+    "int8": "i8",
+}
 
 #: ONNX ops whose outputs depend only on their input's shape, not its values
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
