@@ -100,17 +100,9 @@ def analyze(
         from lpcompile.graph import weight_coverage
 
         logger.warning("%s", weight_coverage(model).outcome())  # "nothing to do: ..." with what is kept and why
-        return SensitivityTable(
-            nodes=(),
-            formats=candidate_formats(config),
-            method=f"hutchinson-{config.method}",
-            loss=config.loss,
-            probes=config.probes,
-            seed=config.seed,
-            calib=calib.source,
-            num_samples=calib.num_samples,
-            synthetic_calib=calib.synthetic,
-        )
+        return SensitivityTable(nodes=(), formats=candidate_formats(config), method=f"hutchinson-{config.method}",
+                                loss=config.loss, probes=config.probes, seed=config.seed, calib=calib.source,
+                                num_samples=calib.num_samples, synthetic_calib=calib.synthetic)
     try:
         if use_streamed(model, config):
             from lpcompile.analysis.streamed import analyze_streamed
@@ -124,26 +116,14 @@ def analyze(
     except UnsupportedOpsError as exc:
         logger.warning("%s; falling back to forward-only perturbation measurement (slower)", exc)
         table = measure.analyze_by_measurement(
-            model,
-            calib,
-            config.formats,
-            measure_backend(),
-            batch_size=config.batch_size,
-            loss=config.loss,
-            progress=stage("measure"),
-            outputs=config.outputs,
+            model, calib, config.formats, measure_backend(), batch_size=config.batch_size, loss=config.loss,
+            progress=stage("measure"), outputs=config.outputs,
         )
     if validate:
         t0 = time.perf_counter()
         table = measure.validate(
-            table,
-            model,
-            calib,
-            measure_backend(),
-            batch_size=config.batch_size,
-            loss=config.loss,
-            progress=stage("validate"),
-            outputs=config.outputs,
+            table, model, calib, measure_backend(), batch_size=config.batch_size, loss=config.loss,
+            progress=stage("validate"), outputs=config.outputs,
         )
         table = replace(table, timings={**table.timings, "validate_s": time.perf_counter() - t0})
     return finite_table(table, checks.keep_fp32)
@@ -305,15 +285,8 @@ def plan_from_solution(
         c = replace(c, predicted_loss=loss)
         nodes.append(
             NodeAssignment(
-                name=n.name,
-                op_type=n.op_type,
-                weight=n.weight,
-                params=n.params,
-                format=fmt,
-                bits=c.bits,
-                predicted_loss=c.predicted_loss,
-                module_path=n.module_path,
-                group=n.group,
+                name=n.name, op_type=n.op_type, weight=n.weight, params=n.params, format=fmt, bits=c.bits,
+                predicted_loss=c.predicted_loss, module_path=n.module_path, group=n.group,
             )
         )
     order = {n.name: i for i, n in enumerate(table.nodes)}
@@ -366,13 +339,8 @@ def decide_uniform(
             logger.info("kept in fp32 (NaN/Inf weights): %s", w.name)
         nodes.append(
             NodeAssignment(
-                name=w.name,
-                op_type=w.op_type,
-                weight=w.weight,
-                params=w.params,
-                format=chosen.name,
-                bits=stored_bits(chosen, w, str(config.target)),
-                group=groups.get(w.name),
+                name=w.name, op_type=w.op_type, weight=w.weight, params=w.params, format=chosen.name,
+                bits=stored_bits(chosen, w, str(config.target)), group=groups.get(w.name),
             )
         )
     return PrecisionPlan(nodes=tuple(nodes), softmax=resolved_softmax(config.softmax, config.target))
@@ -403,7 +371,8 @@ def check_plan(model: ir.Model, plan: PrecisionPlan) -> list[WeightNode]:
     bad = sorted(n.name for n in plan.nodes if n.name in check_model(model).keep_fp32 and n.format != "fp32")
     if bad:
         raise PlanError(
-            f"plan gives a low-precision format to node(s) with NaN/Inf weights: {', '.join(bad[:5])}; set them to fp32"
+            f"plan gives a low-precision format to node(s) with NaN/Inf weights: {', '.join(bad[:5])}; "
+            "set them to fp32"
         )
     return nodes
 
@@ -479,10 +448,8 @@ def apply(
     written = config.target.value  # how each (op, format) is written: lpcompile.passes.targets
     if not hessians:
         hessians = None
-    if (
-        hessians is None
-        and calib is not None
-        and needs_input_hessians(config.rounding.value, [n.format for n in plan.nodes])
+    if hessians is None and calib is not None and needs_input_hessians(
+        config.rounding.value, [n.format for n in plan.nodes]
     ):
         from lpcompile.analysis.input_hessians import collect_input_hessians
         from lpcompile.analysis.rounded import HESSIAN_BATCH

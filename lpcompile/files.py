@@ -175,12 +175,7 @@ def analyze_file(
     check_model(model).log()
     calib = calib if calib is not None else analysis_calib(model, calib_path, config)
     table = analyze(
-        model,
-        calib,
-        config,
-        validate=validate,
-        progress=progress,
-        module_paths=module_paths_from_metadata(model),
+        model, calib, config, validate=validate, progress=progress, module_paths=module_paths_from_metadata(model),
         hessians=hessians,
     )
     return replace(table, model=Path(model_path).name)
@@ -308,13 +303,7 @@ def compile_file(
 
     hessians = HessianStore()  # the XᵀX the analysis gathers for mse/gptq: apply rounds with the same ones
     table = analyze_file(
-        model_path,
-        calib_path,
-        config,
-        validate=validate,
-        progress=progress,
-        model=model,
-        calib=calib,
+        model_path, calib_path, config, validate=validate, progress=progress, model=model, calib=calib,
         hessians=hessians,
     )
     table = retarget_table(table, find_weight_nodes(model), target)  # bits as the target stores them
@@ -322,16 +311,8 @@ def compile_file(
     decision = decide(table, budget, decide_config)
     t2 = time.perf_counter()
     applied = apply_file(
-        model_path,
-        out,
-        plan=decision.plan,
-        calib_path=calib_path,
-        config=apply_config,
-        force=force,
-        model=model,
-        log_checks=False,
-        calib=calib,
-        hessians=hessians,
+        model_path, out, plan=decision.plan, calib_path=calib_path, config=apply_config, force=force,
+        model=model, log_checks=False, calib=calib, hessians=hessians,
     )
     hessians.close()
     t3 = time.perf_counter()

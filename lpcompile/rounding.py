@@ -538,7 +538,9 @@ def _group_sum(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
     return np.moveaxis(g, 0, q.axis)
 
 
-def _decode_nearest(fmt: Format, q: QuantizedWeight, w: np.ndarray, grid: _TableGrid) -> tuple[np.ndarray, np.ndarray]:
+def _decode_nearest(
+    fmt: Format, q: QuantizedWeight, w: np.ndarray, grid: _TableGrid
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest table values ``w/s`` and their decode ``v·s`` for the (block) scales of ``q``."""
     full_s = _expand_groups(q.scale.astype(np.float32), q, w.shape).astype(np.float32)
     if q.tensor_scale is not None:

@@ -184,9 +184,8 @@ def compile(
         raise UsageError(f"analysis must be 'module' or 'onnx', not {analysis!r}")
     parse_budget(budget)  # fail before the export
     rules = tuple(r if isinstance(r, KeepRule) else parse_keep(r) for r in keep)
-    decide_cfg = DecideConfig(
-        formats=tuple(formats) if formats is not None else None, keep=rules, softmax=softmax, target=target
-    )  # type: ignore[arg-type]
+    decide_cfg = DecideConfig(formats=tuple(formats) if formats is not None else None, keep=rules,
+                              softmax=softmax, target=target)  # type: ignore[arg-type]
     apply_cfg = ApplyConfig(target=target, seed=seed)  # type: ignore[arg-type]
     cfg = config or AnalysisConfig()
     cfg = replace(cfg, seed=seed, formats=tuple(formats) if formats is not None else cfg.formats or DEFAULT_FORMATS)
@@ -228,10 +227,8 @@ def compile(
     decision = decide(table, budget, decide_cfg)
     plan = replace(
         decision.plan,
-        metadata={
-            **decision.plan.metadata,
-            "frontend": {"source": "torch", "module": type(module).__name__, "analysis": used},
-        },
+        metadata={**decision.plan.metadata, "frontend": {"source": "torch", "module": type(module).__name__,
+                                                         "analysis": used}},
     )
     t3 = time.perf_counter()
     applied = apply(exported.model.clone(), plan, replace(apply_cfg, batch_size=cfg.batch_size), data)

@@ -47,15 +47,8 @@ class MeasureBackend:
 class _Runner:
     """Runs a (rewritten) model on the fixed calibration batches and scores its distortion."""
 
-    def __init__(
-        self,
-        model: ir.Model,
-        calib: CalibrationSet,
-        batch_size: int,
-        loss: str,
-        backend: MeasureBackend,
-        outputs: Sequence[str] | None = None,
-    ) -> None:
+    def __init__(self, model: ir.Model, calib: CalibrationSet, batch_size: int, loss: str,
+                 backend: MeasureBackend, outputs: Sequence[str] | None = None) -> None:
         self.backend = backend
         dynamic = dynamic_sequence_inputs(model)
         self.batches = [trim_padding(b, dynamic) for b in batches(calib, batch_size)]
@@ -170,14 +163,7 @@ def validate(
     nodes = {n.name: n for n in find_weight_nodes(model)}
     pairs = [(nodes[n.name], f) for n in table.nodes for f in n.candidates if f != "fp32"]
     measured = measure_pairs(
-        model,
-        calib,
-        pairs,
-        table.activation_amax,
-        backend,
-        batch_size=batch_size,
-        loss=loss,
-        progress=progress,
+        model, calib, pairs, table.activation_amax, backend, batch_size=batch_size, loss=loss, progress=progress,
         outputs=outputs,
     )
     new_nodes = tuple(

@@ -259,9 +259,8 @@ def batch_estimate(
         gens = [probe_generator(job.seed, task.index, task.first + j) for j in range(task.k)]
     estimate = _hvp_diagonals if job.estimator == "hvp" else _ggn_diagonals
     samples: list[list[torch.Tensor]] = [[] for _ in wl]
-    sums = estimate(
-        [fw.outputs[name] for name in job.kinds], ref, job.kinds, [*wl, *al], task.k, gens, step, task.masks, samples
-    )
+    sums = estimate([fw.outputs[name] for name in job.kinds], ref, job.kinds, [*wl, *al], task.k, gens,
+                    step, task.masks, samples)
     est = {i: a / task.k for i, a in sums.items()} if job.mean else sums
     diag = {w: est[id(leaf)].detach().cpu() for w, leaf in zip(job.weights, wl, strict=True) if id(leaf) in est}
     act: dict[tuple[str, str], float] = {}
@@ -369,14 +368,8 @@ def run_analysis(
     bweights = sizes / sizes.sum()
     seeding = config.effective_seeding
     job = ProbeJob(
-        weights=tuple(weights),
-        act_tensors=tuple(act_tensors),
-        act_elements=tuple(sorted(act_elements)),
-        kinds=dict(kinds),
-        amax=dict(amax),
-        estimator=config.estimator,
-        seed=config.seed,
-        seeding=seeding,
+        weights=tuple(weights), act_tensors=tuple(act_tensors), act_elements=tuple(sorted(act_elements)),
+        kinds=dict(kinds), amax=dict(amax), estimator=config.estimator, seed=config.seed, seeding=seeding,
         mean=config.probe_tol is None,
     )
     masks = [
@@ -517,16 +510,12 @@ def _converge(
     if known_bad := [w for w, r in rse.items() if r is not None and r > tol]:
         logger.warning(
             "%d weight(s) did not converge to a relative trace error of %.3g within %d probes (worst %s: %.3g)",
-            len(known_bad),
-            tol,
-            k_done * nb,
-            max(known_bad, key=lambda w: rse[w] or 0.0),
+            len(known_bad), tol, k_done * nb, max(known_bad, key=lambda w: rse[w] or 0.0),
             max(rse[w] or 0.0 for w in known_bad),
         )
     if nb and k_done < 2:
-        logger.warning(
-            "--max-probes %d allows one probe per batch (%d batches): trace errors unknown", config.max_probes, nb
-        )
+        logger.warning("--max-probes %d allows one probe per batch (%d batches): trace errors unknown",
+                       config.max_probes, nb)
     k_done = max(k_done, 1)  # no batches: nothing was drawn, nothing to divide
     diag = {w: a / k_done for w, a in acc.items()}
     act_term = {key: v / k_done for key, v in act_num.items()}
@@ -581,7 +570,9 @@ def predict_losses(
                 pred += act_term[(n.activation, fmt.activation)]
             cands[f] = Candidate(bits=bits, predicted_loss=max(pred, 0.0))
         out.append(
-            NodeSensitivity.of(n, cands, trace=trace, group=groups.get(n.name), module_path=module_paths.get(n.name))
+            NodeSensitivity.of(
+                n, cands, trace=trace, group=groups.get(n.name), module_path=module_paths.get(n.name)
+            )
         )
     return out
 
@@ -599,12 +590,8 @@ def rounding_error(fmt: Format, w: np.ndarray, layout: WeightLayout, d: np.ndarr
     """
     c = layout.channel_axis % w.ndim if w.ndim else 0
     sliceable = (
-        w.size > PREDICT_SLICE
-        and w.ndim >= 2
-        and is_classic(fmt)
-        and not layout.flatten
-        and fmt.scale in ("none", "per_channel", "per_block")
-        and c != layout.reduction_axis % w.ndim
+        w.size > PREDICT_SLICE and w.ndim >= 2 and is_classic(fmt) and not layout.flatten
+        and fmt.scale in ("none", "per_channel", "per_block") and c != layout.reduction_axis % w.ndim
     )
     if not sliceable:
         delta = qdq_weight(fmt, w, layout).astype(np.float64) - w

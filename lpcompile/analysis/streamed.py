@@ -194,9 +194,7 @@ def plan_segments(model: ir.Model, segment_bytes: int | None = None) -> list[Seg
         )
     logger.info(
         "streamed analysis: %d segment(s) of ≤ %.0f MB weights (largest %.0f MB)",
-        len(segments),
-        segment_bytes / 2**20,
-        max((s.weight_bytes for s in segments), default=0) / 2**20,
+        len(segments), segment_bytes / 2**20, max((s.weight_bytes for s in segments), default=0) / 2**20,
     )
     return segments
 
@@ -344,9 +342,8 @@ def analyze_streamed(
         sg = _segment_graph(model, seg, device)
         graphs[seg.index] = sg
         params = _load(model, seg.initializers, set(), device)
-        capture = [
-            t for t in act_tensors if producer_seg.get(t) == seg.index or (t in graph_input_names and t in seg.inputs)
-        ]
+        capture = [t for t in act_tensors if producer_seg.get(t) == seg.index or
+                   (t in graph_input_names and t in seg.inputs)]
         with torch.no_grad():
             for b, batch in enumerate(batch_list):
                 feeds = {n: stored[b][n] if n in stored[b] else torch.as_tensor(batch[n]) for n in seg.inputs}
@@ -393,11 +390,8 @@ def analyze_streamed(
             acc = {w: torch.zeros_like(params[w]) for w in seg_weights}
             seg_nodes = [n for n in nodes if seg_of_node.get(n.name) == seg.index]
             hacc = HessianAccumulator(hessian_specs(model, seg_nodes)) if want_h else None
-            perturb_names = [
-                t
-                for t in act_tensors
-                if producer_seg.get(t) == seg.index or (t in graph_input_names and t in seg.inputs)
-            ]
+            perturb_names = [t for t in act_tensors if producer_seg.get(t) == seg.index or
+                             (t in graph_input_names and t in seg.inputs)]
             for b, batch in enumerate(batch_list):
                 k = per_batch[b]
                 if k == 0 and hacc is None:
@@ -487,21 +481,8 @@ def analyze_streamed(
                 del hacc
             tp = time.perf_counter()
             pending = _score_ready(
-                model,
-                pending,
-                diag,
-                act_done,
-                act_tensors,
-                rows,
-                fmts,
-                config,
-                act_term,
-                act_elements,
-                module_paths,
-                hess,
-                want_h,
-                rounding,
-                groups,
+                model, pending, diag, act_done, act_tensors, rows, fmts, config, act_term, act_elements,
+                module_paths, hess, want_h, rounding, groups,
             )
             t_predict += time.perf_counter() - tp
             _trim_heap()
@@ -511,23 +492,8 @@ def analyze_streamed(
     if pending:  # weights read by no segment (unused): zero diagonal
         for n in pending:
             diag.setdefault(n.weight, torch.zeros(n.shape))
-        _score_ready(
-            model,
-            pending,
-            diag,
-            set(act_tensors),
-            act_tensors,
-            rows,
-            fmts,
-            config,
-            act_term,
-            act_elements,
-            module_paths,
-            hess,
-            want_h,
-            rounding,
-            groups,
-        )
+        _score_ready(model, pending, diag, set(act_tensors), act_tensors, rows, fmts, config, act_term,
+                     act_elements, module_paths, hess, want_h, rounding, groups)
     t_hvp = time.perf_counter()
     rse = {w: trace_rse(zip(bweights.tolist(), samples[w], strict=True)) for w in weights}
     table_nodes = [replace(rows[n.name], trace_rse=rse.get(n.weight)) for n in nodes]
@@ -641,17 +607,8 @@ def _score_ready(
     rounded = rounding not in ("nearest",) or any(split_candidate(c)[1] for c in fmts)
     if rounded:
         scored, _ = predict_rounded_losses(
-            model,
-            ready,
-            fmts,
-            d64,
-            act_term,
-            act_elements,
-            module_paths,
-            hessians=hess if want_h else None,
-            default_rounding=rounding,
-            kron=True,
-            keep_weights=False,
+            model, ready, fmts, d64, act_term, act_elements, module_paths,
+            hessians=hess if want_h else None, default_rounding=rounding, kron=True, keep_weights=False,
         )
     else:
         scored = predict_losses(model, ready, fmts, config, d64, act_term, act_elements, module_paths)

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="analyse + plan + apply (also: lpcompile MODEL --budget B)")
     p.add_argument("model", help="input ONNX model (never modified)")
-    p.add_argument("--budget", help="average bits per weight (4.5bits, 4.5) or size (12MB); or give --max-loss alone")
+    p.add_argument(
+        "--budget", help="average bits per weight (4.5bits, 4.5) or size (12MB); or give --max-loss alone"
+    )
     p.add_argument("-o", "--output", help="output model (default MODEL.lp.onnx); the plan goes beside it")
     add_analysis_args(p)
     add_keep_arg(p)
@@ -67,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.output) if args.output else default_output(args.model)
     config = analysis_config(args)
     decide_config = DecideConfig(
-        keep=tuple(keep_rules(args)),
-        softmax=args.softmax,
-        target=args.target,
-        max_loss=args.max_loss,
+        keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss,
         objective=args.objective,
     )
     apply_config = ApplyConfig(target=args.target, seed=config.seed, rounding=config.rounding)

@@ -54,11 +54,7 @@ def run(args: argparse.Namespace) -> int:
     table = _retargeted(SensitivityTable.load(args.sensitivity), args)
     formats = parse_format_list(args.formats) if args.formats else None
     config = DecideConfig(
-        formats=formats,
-        keep=tuple(keep_rules(args)),
-        softmax=args.softmax,
-        target=args.target,
-        max_loss=args.max_loss,
+        formats=formats, keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss,
         objective=args.objective,
     )
     if args.sweep:
@@ -157,9 +153,7 @@ def _retargeted(table: SensitivityTable, args: argparse.Namespace) -> Sensitivit
             )
         logger.warning(
             "model %r not found: bits as the analysis counted them (give --model to count them as target %s "
-            "stores them)",
-            table.model,
-            args.target,
+            "stores them)", table.model, args.target,
         )
         return table
     try:

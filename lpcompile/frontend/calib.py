@@ -207,11 +207,9 @@ def _read_npz_rows(path: Path, max_samples: int, specs: list[InputSpec] | None) 
     explicit_arrays = read_npz(path, names=axis_names) if axis_names else {}
     explicit = _explicit_axes(explicit_arrays, [n for n in headers if n not in explicit_arrays], str(path))
     ndims = {n: len(h.shape) for n, h in headers.items() if not n.startswith(SAMPLE_AXIS_PREFIX)}
-    axes = (
-        _axes_for(ndims, explicit, specs)
-        if specs is not None
-        else {n: explicit.get(n, 0 if d else None) for n, d in ndims.items()}
-    )
+    axes = _axes_for(ndims, explicit, specs) if specs is not None else {
+        n: explicit.get(n, 0 if d else None) for n, d in ndims.items()
+    }
     fixed = fixed_batch_size(specs) if specs is not None else None
     rows = max_samples if not fixed else -(-max_samples // fixed) * fixed
     by_rows = [n for n, a in axes.items() if a == 0]
