@@ -288,7 +288,7 @@ def test_input_hessians_match_numpy() -> None:
 
     model, x, mask, w1, _ = _two_layers()
     calib = CalibrationSet({"x": x, "attention_mask": mask}, source="test")
-    hs = collect_input_hessians(model, calib, batch_size=4, use_mask=True)
+    hs = collect_input_hessians(model, calib, batch_size=4, use_mask=True, shrink=False)
     assert set(hs) == {"x", "r"}
     rows = x[mask.astype(bool)].astype(np.float64)
     _assert_gram(hs["x"], rows)
@@ -296,7 +296,7 @@ def test_input_hessians_match_numpy() -> None:
     assert hs["r"].shape == (48, 48)
     _assert_gram(hs["r"], r, rel=1e-5)
     all_rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
-    h_all = collect_input_hessians(model, calib, batch_size=4, use_mask=False)["x"]
+    h_all = collect_input_hessians(model, calib, batch_size=4, use_mask=False, shrink=False)["x"]
     _assert_gram(h_all, all_rows)
 
 
@@ -317,7 +317,7 @@ def test_conv_hessian_is_im2col() -> None:
     w = (rng.standard_normal((12, 8, 3, 3)) * 0.1).astype(np.float32)
     model = to_ir(parse(CONV.format(), W=w))
     x = rng.standard_normal((3, 8, 9, 9)).astype(np.float32)
-    h = collect_input_hessians(model, CalibrationSet({"x": x}, source="test"))["x"]
+    h = collect_input_hessians(model, CalibrationSet({"x": x}, source="test"), shrink=False)["x"]
     xp = torch.nn.functional.pad(torch.from_numpy(x), [0, 1, 1, 0])  # ONNX pads [top, left, bottom, right]
     cols = torch.nn.functional.unfold(xp, (3, 3), stride=2).transpose(1, 2).reshape(-1, 72).double().numpy()
     _assert_gram(h, cols)
@@ -475,7 +475,8 @@ def test_predict_rounded_losses_scores_what_is_written() -> None:
     from lpcompile.plan import NodeAssignment, PrecisionPlan
 
     model, x, mask, _, _ = _two_layers()
-    hs = collect_input_hessians(model, CalibrationSet({"x": x, "attention_mask": mask}, source="test"))
+    # the raw mean (no shrinkage): the prediction is then the exact in-sample output error
+    hs = collect_input_hessians(model, CalibrationSet({"x": x, "attention_mask": mask}, source="test"), shrink=False)
     nodes = find_weight_nodes(model)
     # an isotropic output sensitivity: D_kn = diag(XᵀX)_k, so the prediction is ½‖Xδ‖²/rows
     diag = {n.weight: np.repeat(np.diagonal(hs[n.activation])[:, None], n.shape[1], axis=1) for n in nodes}
