@@ -30,7 +30,7 @@ import onnx_ir as ir
 import torch
 
 from lpcompile.graph import WeightNode, find_weight_nodes
-from lpcompile.rounding import reduction_size
+from lpcompile.rounding import FactoredXtX, reduction_size
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class HessianAccumulator:
                 s = s * (1.0 - delta)
                 s.diagonal().copy_((1.0 - delta) * d + delta * d.mean())
                 logger.debug("XᵀX of %r: shrinkage %.3f (K=%d, %d rows)", n, delta, d.numel(), self._rows[n])
-            out[n] = s.numpy()
+            out[n] = s.numpy().view(FactoredXtX)  # GPTQ factorises it once for every format and reader
         return out
 
 
