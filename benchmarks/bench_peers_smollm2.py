@@ -211,7 +211,11 @@ def main() -> None:
     p.add_argument("--probes", type=int, default=0, help="lpcompile analysis probes (0: the task's 16)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results_peers_strong_smollm2.json")
+    p.add_argument("--report", action="store_true", help="print the markdown tables of --out and exit")
     args = p.parse_args()
+    if args.report:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     setup_logging()
     logger.setLevel(logging.INFO)
     import torch
@@ -298,6 +302,45 @@ def main() -> None:
     result["loadavg_end"] = os.getloadavg()
     args.out.write_text(json.dumps(result, indent=1, default=str))
     print(format_table([r for r in rows if r["kind"] != "fp32"], task.metrics))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The RESULTS.md tables: lpcompile at the budgets, then each peer beside lpcompile at its bits."""
+    rows = result["rows"]
+    fp32 = next(r for r in rows if r["kind"] == "fp32")
+
+    def cells(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "– | – | –"
+        if "error" in r:
+            return "error | | "
+        return f"{r['ppl']:.3f} | {r['kl']:.3e} | {r['top1_agree']:.4f}"
+
+    out = [f"fp32: ppl {fp32['ppl']:.3f}.", "", "| lpcompile | budget | bits | ppl | KL | top-1 = fp32 | mix |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "lpcompile" and r["target"].startswith("budget"):
+            if "error" in r:
+                out.append(f"| {r['rounding']} | {r['budget']:g} | error: {r['error'][:100]} | | | | |")
+                continue
+            mix = ", ".join(f"{k} {v:.0%}" for k, v in r["mix"].items() if v >= 0.005)
+            out.append(f"| {r['rounding']} | {r['budget']:g} | {r['bits']:.3f} | {cells(r)} | {mix} |")
+    same = result.get("same_bits", {})
+    lpc = {(r["rounding"], r["target"]): r for r in rows if r["kind"] == "lpcompile"}
+    out += ["", "| peer | bits | ppl | KL | top-1 | lpcompile gptq at its bits: bits, ppl, KL, top-1 "
+            "| lpcompile nearest at its bits: bits, ppl, KL, top-1 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] != "peer":
+            continue
+        if "error" in r:
+            out.append(f"| {r['method']} | failed: {r['error'][:160]} | | | | | |")
+            continue
+        name = same.get(r["method"], r["method"])
+        twin = [lpc.get((rd, f"@ {name} bits")) for rd in ("gptq", "nearest")]
+        tw = [f"{t['bits']:.3f}, {cells(t).replace(' | ', ', ')}" if t and "error" not in t else
+              ("error" if t else "–") for t in twin]
+        out.append(f"| {r['method']} | {r['bits']:.3f} | {cells(r)} | {tw[0]} | {tw[1]} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
