@@ -45,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_peers_strong import format_table
+from bench_peers_strong import format_table, run_peers
 from harness import (
     LPC_FORMATS,
     Context,
@@ -249,19 +249,7 @@ def main() -> None:
 
     record({"kind": "fp32", "method": "fp32", "bits": 32.0, **task.score(ref, ref)})
     peer_names = list(PEERS) if args.peers == "all" else [x for x in args.peers.split(",") if x]
-    peer_bits: list[tuple[str, float]] = []
-    for name in peer_names:
-        path = work / f"peer_{name}.onnx"
-        t0 = time.perf_counter()
-        try:
-            info = PEERS[name](ctx, path)
-            row = {"kind": "peer", "method": name, "build_s": time.perf_counter() - t0, **info, **score(path)}
-            peer_bits.append((name, row["bits"]))
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            row = {"kind": "peer", "method": name, "error": f"{type(exc).__name__}: {msg}"}
-        record(row)
-        _unlink(path)
+    peer_bits = run_peers(ctx, PEERS, peer_names, work, score, record)
 
     budgets = [float(b) for b in args.budgets.split(",") if b]
     formats = tuple(LPC_FORMATS)

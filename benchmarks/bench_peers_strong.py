@@ -221,6 +221,33 @@ def lpcompile_build(
 # ------------------------------------------------------------------------------------------
 
 
+def run_peers(
+    ctx: Context,
+    peers: Mapping[str, Callable[[Context, Path], dict[str, Any]]],
+    names: list[str],
+    work: Path,
+    score: Callable[[Path], dict[str, Any]],
+    record: Callable[[dict[str, Any]], None],
+) -> list[tuple[str, float]]:
+    """Build, score and record each peer in ``names`` (a failure is recorded with its first error line);
+    the ``(name, bits)`` of those that ran. Each peer's files are removed after scoring."""
+    peer_bits: list[tuple[str, float]] = []
+    for name in names:
+        path = work / f"peer_{name}.onnx"
+        t0 = time.perf_counter()
+        try:
+            info = peers[name](ctx, path)
+            row = {"kind": "peer", "method": name, "build_s": time.perf_counter() - t0, **info, **score(path)}
+            peer_bits.append((name, row["bits"]))
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            row = {"kind": "peer", "method": name, "error": f"{type(exc).__name__}: {msg}"}
+        record(row)
+        for p in (path, path.with_name(path.name + ".data"), path.with_name(path.stem + ".plan.json")):
+            p.unlink(missing_ok=True)
+    return peer_bits
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["fashion_mnist_cnn", "efficientnet_lite0"])
@@ -259,18 +286,7 @@ def main() -> None:
         return {"bits": weight_bits(path, ctx), **task.score(outs, ref)}
 
     peer_names = list(PEERS) if args.peers == "all" else [x for x in args.peers.split(",") if x]
-    peer_bits: list[tuple[str, float]] = []
-    for name in peer_names:
-        path = work / f"peer_{name}.onnx"
-        t0 = time.perf_counter()
-        try:
-            info = PEERS[name](ctx, path)
-            row = {"kind": "peer", "method": name, "build_s": time.perf_counter() - t0, **info, **score(path)}
-            peer_bits.append((name, row["bits"]))
-        except Exception as exc:
-            row = {"kind": "peer", "method": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        record(row)
-        path.unlink(missing_ok=True)
+    peer_bits = run_peers(ctx, PEERS, peer_names, work, score, record)
 
     budgets = [float(b) for b in args.budgets.split(",") if b]
     formats = (*LPC_FORMATS, *(f for f in args.extra_candidates.split(",") if f))
