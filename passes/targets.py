@@ -251,7 +251,7 @@ def activation_kernel(target: str, element: str | None, op_type: str = "MatMul")
     int8 (``w8a8``) on an ``ort`` MatMul is the exception: written as ``MatMulIntegerToFloat`` with
     uint8 activations (:mod:`lpcompile.passes.w8a8`; 0.25–0.27× an fp32 MatMul of 47×384×1536 with
     bias, measured), and on an ``ort`` Conv whose output reaches only later int8 roundings, a uint8
-    ``QLinearConv`` chain (:mod:`lpcompile.passes.qlinear_conv`; uniform w8a8 EfficientNet-Lite0 0.69–0.77×
+    ``QLinearConv`` chain (:mod:`lpcompile.passes.qlinear_conv`; uniform w8a8 EfficientNet-Lite0 0.95–1.06×
     fp32). Elsewhere the Q/DQ pair is a per-run rounding (on ``qdq`` ORT turns a biased Q/DQ MatMul into
     a Gemm with per-run DQs).
     """
@@ -311,8 +311,9 @@ _RELATIVE_COST = {
 _ACTIVATION_COST = {"float8": 0.3, "half": 0.1, "int8": 0.1}
 _INT8_GEMM_COST = 0.3
 """W8A8 MatMulIntegerToFloat over the fp32 MatMul (0.22–0.39× measured on 47–128 rows, K, N 384–1536)."""
-_INT8_CONV_COST = 0.75
-"""W8A8 Convs as uint8 QLinearConv chains: uniform w8a8 EfficientNet-Lite0 ran at 0.69–0.77× fp32 (whole model)."""
+_INT8_CONV_COST = 1.0
+"""W8A8 Convs as uint8 QLinearConv chains: uniform w8a8 EfficientNet-Lite0 ran at 0.95–1.06× fp32 quiet (whole model;
+0.69–0.88× at load 5–11), so no faster than a decoded-once weight."""
 
 
 def relative_latency(

@@ -67,7 +67,7 @@ def test_w8a8_format_and_kernels() -> None:
     assert runs_fast("ort", "MatMul", "w8a8") and not runs_fast("qdq", "MatMul", "w8a8")
     assert runs_fast("ort", "Conv", "w8a8", rank=4, axis=1) and not runs_fast("qdq", "Conv", "w8a8", rank=4, axis=1)
     assert relative_latency("ort", "MatMul", "w8a8") < 1.0 < relative_latency("qdq", "MatMul", "w8a8")
-    assert relative_latency("ort", "Conv", "w8a8", rank=4, axis=1) < 1.0 < relative_latency("qdq", "Conv", "w8a8")
+    assert relative_latency("ort", "Conv", "w8a8", rank=4, axis=1) <= 1.0 < relative_latency("qdq", "Conv", "w8a8")
 
 
 def mlp(k: int = 64, h: int = 48, n: int = 10) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
