@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_peers_strong import format_table, run_peers
 from harness import (
+    BENCH_DIR,
+    BUDGETS,
     LPC_FORMATS,
     Context,
     _float_feeds,
@@ -61,8 +63,6 @@ from harness import (
 )
 
 logger = logging.getLogger("bench_peers_smollm2")
-BENCH_DIR = Path(__file__).resolve().parent
-BUDGETS = (4.25, 4.5, 5.0, 6.0, 8.0)
 
 
 # ------------------------------------------------------------------------------------------

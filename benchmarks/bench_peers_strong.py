@@ -36,6 +36,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (
+    BENCH_DIR,
+    BUDGETS,
     LPC_FORMATS,
     Context,
     _float_feeds,
@@ -50,8 +52,6 @@ from harness import (
 )
 
 logger = logging.getLogger("bench_peers_strong")
-BENCH_DIR = Path(__file__).resolve().parent
-BUDGETS = (4.25, 4.5, 5.0, 6.0, 8.0)
 
 
 def _task(name: str) -> Any:

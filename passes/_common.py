@@ -87,6 +87,13 @@ class Namer:
         return self._unique(base, self._nodes)
 
 
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array of an initializer (``None`` for anything computed at run time)."""
+    if value is None or not value.is_initializer() or value.const_value is None:
+        return None
+    return np.asarray(value.const_value.numpy())
+
+
 def add_initializer(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer named ``base`` (made unique)."""
     name = namer.value(base)

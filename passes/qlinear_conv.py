@@ -1,9 +1,9 @@
 """W8A8 int8 Convs as ``QLinearConv`` chains on ONNX Runtime (target ``ort``).
 
 A ``w8a8`` Conv (int8 per-channel weights, per-tensor int8 activations) is written by the weight and
-activation passes with its weight decoded once and its input rounded per run::
+activation passes with a per-channel DequantizeLinear weight and its input rounded per run::
 
-    x ─ Q(s_x, int8 0) ─ DQ ─ Conv(W = Cast(Wq) · ws, b) ─ [Clip | Relu | MaxPool | Reshape | Flatten]* ─ z
+    x ─ Q(s_x, int8 0) ─ DQ ─ Conv(W = DQ(Wq, ws, axis 0), b) ─ [Clip | Relu | MaxPool | Reshape | Flatten]* ─ z
     z ─ Q(s_z, int8 0) ─ DQ ─ (the next w8a8 node)
 
 ONNX Runtime CPU has no int8 Conv faster than fp32 unless the Conv's *output* is quantized too
@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from lpcompile.passes._common import Namer, add_initializer, is_onnx_op
+from lpcompile.passes._common import Namer, add_initializer, const_array, is_onnx_op
 
 logger = logging.getLogger(__name__)
 
@@ -41,40 +41,47 @@ ZERO_POINT_U8 = 128
 _TRANSPARENT = ("Clip", "Relu", "MaxPool", "Reshape", "Flatten")
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
+def _zero_point(value: ir.Value | None) -> int | None:
+    """0 for a scalar int8 zero point 0 (the activation pass's), 128 for a scalar uint8 128 (the fused
+    MatMul's and this pass's), else None."""
+    z = const_array(value)
+    if z is None or z.size != 1:
         return None
-    return np.asarray(value.const_value.numpy())
+    zi = int(z.reshape(()))
+    if z.dtype == np.int8 and zi == 0:
+        return 0
+    if z.dtype == np.uint8 and zi == ZERO_POINT_U8:
+        return ZERO_POINT_U8
+    return None
+
+
+def _scalar_scale(value: ir.Value | None) -> float | None:
+    s = const_array(value)
+    if s is None or s.size != 1 or not np.isfinite(s).all() or not float(s.reshape(())) > 0:
+        return None
+    return float(s.reshape(()))
 
 
 @dataclass(frozen=True)
 class _Act:
-    """A per-tensor activation rounding feeding a node: ``DQ(q, scale, zp)``."""
+    """A per-tensor activation rounding feeding a node: ``DQ(q, scale, zp)``, zp int8 0 or uint8 128."""
 
-    dq: ir.Node
     q: ir.Value
     scale: ir.Value
-    zp: int
+    step: float
     unsigned: bool
 
 
 def _activation(value: ir.Value | None) -> _Act | None:
-    """``value = DQ(q, s, zp)`` with a scalar scale and zp int8 0 or uint8 128 (this pass's own)."""
+    """``value = DQ(q, s, zp)`` with a positive scalar scale and zp int8 0 or uint8 128 (this pass's own)."""
     dq = value.producer() if value is not None else None
     if dq is None or not is_onnx_op(dq, "DequantizeLinear") or len(dq.inputs) < 3:
         return None
     q, s, zp = dq.inputs[:3]
-    sc, z = _const(s), _const(zp)
-    if q is None or s is None or sc is None or z is None or sc.size != 1 or z.size != 1:
+    kind, step = _zero_point(zp), _scalar_scale(s)
+    if q is None or s is None or step is None or kind is None:
         return None
-    if not (np.isfinite(sc).all() and float(sc.reshape(())) > 0):
-        return None
-    zi = int(z.reshape(()))
-    if z.dtype == np.int8 and zi == 0:
-        return _Act(dq, q, s, 0, unsigned=False)
-    if z.dtype == np.uint8 and zi == ZERO_POINT_U8:
-        return _Act(dq, q, s, ZERO_POINT_U8, unsigned=True)
-    return None
+    return _Act(q, s, step, unsigned=kind == ZERO_POINT_U8)
 
 
 def _rounded_from(act: _Act) -> ir.Value | None:
@@ -82,45 +89,29 @@ def _rounded_from(act: _Act) -> ir.Value | None:
     q = act.q.producer()
     if q is None or not is_onnx_op(q, "QuantizeLinear") or len(q.inputs) < 3:
         return None
-    if _const(q.inputs[1]) is None or not np.array_equal(_const(q.inputs[1]), _const(act.scale)):
-        return None
-    z = _const(q.inputs[2])
-    if z is None or z.dtype != np.int8 or z.size != 1 or int(z.reshape(())) != 0:
+    if _scalar_scale(q.inputs[1]) != act.step or _zero_point(q.inputs[2]) != 0:
         return None
     return q.inputs[0]
 
 
 def _int8_weight(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(codes int8 [Cout, ...], scales [Cout])`` of a per-channel int8 Conv weight.
-
-    Matches the decoded-once form ``Mul(Cast(codes), scale[Cout,1,…])`` and ``DQ(codes, scale, axis=0)``.
-    """
+    """``(codes int8 [Cout, ...], scales [Cout])`` of a per-channel int8 Conv weight ``DQ(codes, scale, axis=0)``
+    (how :mod:`lpcompile.passes.targets` writes every ``w8a8`` weight on ``ort``)."""
     node = value.producer() if value is not None else None
-    if node is None:
+    if node is None or not is_onnx_op(node, "DequantizeLinear") or node.attributes.get_int("block_size", 0):
         return None
-    if is_onnx_op(node, "Mul") and len(node.inputs) == 2:
-        cast, scale = node.inputs
-        cnode = cast.producer() if cast is not None else None
-        if cnode is None or not is_onnx_op(cnode, "Cast"):
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        zp = const_array(node.inputs[2])
+        if zp is None or np.any(zp != 0):
             return None
-        codes, s = _const(cnode.inputs[0]), _const(scale)
-    elif is_onnx_op(node, "DequantizeLinear") and not node.attributes.get_int("block_size", 0):
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            zp = _const(node.inputs[2])
-            if zp is None or np.any(zp != 0):
-                return None
-        codes, s = _const(node.inputs[0]), _const(node.inputs[1])
-        if s is not None and s.ndim == 1 and node.attributes.get_int("axis", 1) != 0:
-            return None
-    else:
-        return None
+    codes, s = const_array(node.inputs[0]), const_array(node.inputs[1])
     if codes is None or s is None or codes.dtype != np.int8 or codes.ndim < 3:
         return None
     cout = codes.shape[0]
     if s.size == 1:
         s = np.full(cout, float(s.reshape(())), np.float32)
-    elif s.size == cout and (s.ndim == 1 or s.shape == (cout,) + (1,) * (codes.ndim - 1)):
-        s = s.reshape(cout).astype(np.float32)
+    elif s.ndim == 1 and s.size == cout and node.attributes.get_int("axis", 1) == 0:
+        s = s.astype(np.float32)
     else:
         return None
     if not (np.isfinite(s).all() and (s > 0).all()):
@@ -133,19 +124,21 @@ def _is_transparent(node: ir.Node, data: ir.Value) -> bool:
     if not is_onnx_op(node, _TRANSPARENT) or not node.inputs or node.inputs[0] is not data:
         return False
     if is_onnx_op(node, "Clip"):
-        return all(v is None or (_const(v) is not None and _const(v).size == 1) for v in node.inputs[1:3])
+        return all(v is None or (const_array(v) is not None and const_array(v).size == 1) for v in node.inputs[1:3])
     if is_onnx_op(node, "MaxPool"):
         return len(node.outputs) == 1 or not any(True for _ in node.outputs[1].uses())
     if is_onnx_op(node, "Reshape"):
-        return len(node.inputs) > 1 and _const(node.inputs[1]) is not None
+        return len(node.inputs) > 1 and const_array(node.inputs[1]) is not None
     return True
 
 
 @dataclass(frozen=True)
 class _Chain:
+    """The transparent ops after a Conv, and the roundings (of one scale) that read their end."""
+
     ops: tuple[ir.Node, ...]
-    end: ir.Value
     scale: ir.Value
+    step: float
     quantizers: tuple[ir.Node, ...]
 
 
@@ -163,38 +156,25 @@ def _output_chain(conv: ir.Node) -> _Chain | None:
         uses = [u.node for u in v.uses()]
         if not uses:
             return None
-        if all(is_onnx_op(u, "QuantizeLinear") and u.inputs[0] is v for u in uses):
-            scales = [_const(u.inputs[1]) for u in uses]
-            if any(s is None or s.size != 1 for s in scales):
-                return None
-            if len({float(s.reshape(())) for s in scales}) != 1 or not float(scales[0].reshape(())) > 0:  # type: ignore[union-attr]
+        if all(is_onnx_op(u, "QuantizeLinear") and u.inputs[0] is v and len(u.inputs) > 2 for u in uses):
+            steps = {_scalar_scale(u.inputs[1]) for u in uses}
+            step = steps.pop() if len(steps) == 1 else None
+            if step is None:
                 return None
             for u in uses:
-                if u.outputs[0].is_graph_output() or _zero_point(u) is None:
+                kind = _zero_point(u.inputs[2])
+                if u.outputs[0].is_graph_output() or kind is None:
                     return None
-                if _zero_point(u) == 0:  # int8: every reader must be a DequantizeLinear (rewired to the uint8 end)
+                if kind == 0:  # int8: every reader must be a DequantizeLinear (rewired to the uint8 end)
                     for w in u.outputs[0].uses():
                         dq = w.node
                         if not is_onnx_op(dq, "DequantizeLinear") or w.idx != 0 or _activation(dq.outputs[0]) is None:
                             return None
-            return _Chain(tuple(ops), v, uses[0].inputs[1], tuple(uses))  # type: ignore[arg-type]
+            return _Chain(tuple(ops), uses[0].inputs[1], step, tuple(uses))  # type: ignore[arg-type]
         if len(uses) != 1 or not _is_transparent(uses[0], v):
             return None
         ops.append(uses[0])
         v = uses[0].outputs[0]
-
-
-def _zero_point(q: ir.Node) -> int | None:
-    """0 for an int8 zero point 0, 128 for a uint8 zero point 128 (the MatMul fusion's), else None."""
-    z = _const(q.inputs[2]) if len(q.inputs) > 2 else None
-    if z is None or z.size != 1:
-        return None
-    zi = int(z.reshape(()))
-    if z.dtype == np.int8 and zi == 0:
-        return 0
-    if z.dtype == np.uint8 and zi == ZERO_POINT_U8:
-        return ZERO_POINT_U8
-    return None
 
 
 def _q_u8(x: float, scale: float) -> int:
@@ -219,7 +199,7 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
             wt = _int8_weight(conv.inputs[1])
             if act is None or wt is None:
                 continue
-            bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+            bias = const_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
             if len(conv.inputs) > 2 and conv.inputs[2] is not None and bias is None:
                 continue
             chain = _output_chain(conv)
@@ -229,8 +209,7 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
             if not act.unsigned and x_float is None:
                 continue
             codes, ws = wt
-            s_x = float(_const(act.scale).reshape(()))  # type: ignore[union-attr]
-            s_z = float(_const(chain.scale).reshape(()))  # type: ignore[union-attr]
+            s_x, s_z = act.step, chain.step
             if zp_u8 is None:
                 zp_u8 = add_initializer(graph, namer, "qlinear_act_zp_u8", np.array(ZERO_POINT_U8, np.uint8))
                 zp_w = add_initializer(graph, namer, "qlinear_weight_zp", np.array(0, np.int8))
@@ -280,7 +259,7 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
                 cur = self._int_op(graph, namer, op, cur, s_z, new_nodes)
             graph.insert_before(conv, new_nodes)
             for qn in chain.quantizers:
-                if _zero_point(qn) == ZERO_POINT_U8:  # already uint8 zero point 128 (MatMulIntegerToFloat's input)
+                if _zero_point(qn.inputs[2]) == ZERO_POINT_U8:  # MatMulIntegerToFloat's input: uint8 already
                     qn.outputs[0].replace_all_uses_with(cur)
                     continue
                 for use in list(qn.outputs[0].uses()):
@@ -307,9 +286,9 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
             hi = None
             if is_onnx_op(op, "Clip"):
                 if len(op.inputs) > 1 and op.inputs[1] is not None:
-                    lo = float(_const(op.inputs[1]).reshape(()))  # type: ignore[union-attr]
+                    lo = float(const_array(op.inputs[1]).reshape(()))  # type: ignore[union-attr]
                 if len(op.inputs) > 2 and op.inputs[2] is not None:
-                    hi = float(_const(op.inputs[2]).reshape(()))  # type: ignore[union-attr]
+                    hi = float(const_array(op.inputs[2]).reshape(()))  # type: ignore[union-attr]
             bounds: list[ir.Value | None] = [
                 None
                 if lo is None

@@ -29,17 +29,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from lpcompile.passes._common import MS_DOMAIN, Namer, add_initializer, is_onnx_op
+from lpcompile.passes._common import MS_DOMAIN, Namer, add_initializer, const_array, is_onnx_op
 
 logger = logging.getLogger(__name__)
 
 UINT8_ZERO_POINT = 128
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or not value.is_initializer() or value.const_value is None:
-        return None
-    return np.asarray(value.const_value.numpy())
 
 
 def _int8_activation(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None:
@@ -53,8 +47,8 @@ def _int8_activation(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None
         return None
     if q.inputs[1] is not s or q.inputs[2] is not zp:
         return None
-    z = _const(zp)
-    sc = _const(s)
+    z = const_array(zp)
+    sc = const_array(s)
     if z is None or z.dtype != np.int8 or z.size != 1 or int(z.reshape(())) != 0 or sc is None or sc.size != 1:
         return None
     x = q.inputs[0]
@@ -67,13 +61,13 @@ def _int8_weight(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None:
     if dq is None or not is_onnx_op(dq, "DequantizeLinear") or len(dq.inputs) < 2:
         return None
     if len(dq.inputs) > 2 and dq.inputs[2] is not None:
-        zp = _const(dq.inputs[2])
+        zp = const_array(dq.inputs[2])
         if zp is None or np.any(zp != 0):
             return None
     if dq.attributes.get_int("block_size", 0):
         return None
     w, ws = dq.inputs[:2]
-    codes, scale = _const(w), _const(ws)
+    codes, scale = const_array(w), const_array(ws)
     if codes is None or scale is None or codes.dtype != np.int8 or codes.ndim != 2:
         return None
     per_channel = scale.ndim == 1 and scale.shape[0] == codes.shape[1] and dq.attributes.get_int("axis", 1) == 1
@@ -92,7 +86,7 @@ def _bias_add(node: ir.Node, graph: ir.Graph, n: int) -> tuple[ir.Node, ir.Value
     if not is_onnx_op(add, "Add") or add.graph is not graph or len(add.inputs) != 2:
         return None
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    b = _const(other)
+    b = const_array(other)
     if b is None or b.dtype != np.float32 or b.shape != (n,):
         return None
     return add, other  # type: ignore[return-value]

@@ -148,20 +148,19 @@ def solve_with_objective(
 ) -> Solution:
     """Solve ``items`` at ``budget`` for ``objective`` (module docstring); the loss reported is the true one."""
     objective = resolve_objective(objective, target)
+    nodes = {n.name: n for n in table.nodes}
+    if objective == "fast":  # the size plan is solved only when the fast choices cannot meet the budget
+        try:
+            return solve(_fast_only(items, nodes, target), budget)
+        except BudgetError:
+            logger.warning("objective fast: the budget needs formats that run slower than fp32; allowing them")
+            objective = "size"
     base = solve(items, budget)
     if objective == "size":
         return base
-    nodes = {n.name: n for n in table.nodes}
     total = sum(it.params for it in items)
     eps = tolerance * max(abs(base.predicted_loss), 1e-30)
     chosen = list(items)
-    if objective == "fast":
-        try:
-            sol = solve(_fast_only(items, nodes, target), budget)
-        except BudgetError:
-            logger.warning("objective fast: the budget needs formats that run slower than fp32; allowing them")
-            return base
-        return sol
     if objective == "latency":
         chosen = _fast_only(items, nodes, target)
         worst = sum(max(abs(c.loss) for c in it.choices) for it in items if it.choices)
