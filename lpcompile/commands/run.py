@@ -7,12 +7,15 @@ import importlib.util
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lpcompile.console import Output
 from lpcompile.errors import LpError, ModelLoadError, UsageError
+
+if TYPE_CHECKING:
+    from lpcompile.frontend.npz_safe import ArrayHeader
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-input-mb must be positive, not {args.max_input_mb}")
     if importlib.util.find_spec("tvm") is None:
         raise UsageError("running a compiled module needs Apache TVM: pip install 'lpcompile[tvm]'")
-    from lpcompile.runtime.tvm.build import load_compiled, meta_path_for, read_module_meta, save_outputs
+    from lpcompile.runtime.tvm.build import (
+        OnnxComparison,
+        load_compiled,
+        meta_path_for,
+        read_module_meta,
+        save_outputs,
+    )
 
     if not Path(args.module).is_file():
         raise ModelLoadError(f"compiled module not found: {args.module}")
@@ -66,23 +75,22 @@ def run(args: argparse.Namespace) -> int:
     with OutputSession(inputs=inputs_in, models=[args.reference]) as session:
         session.declare(args.output)  # never over the module, its metadata, the inputs or the reference
         meta = read_module_meta(args.module)
-        names = _input_names(args.inputs, meta, batched=args.batch_size is not None)
+        headers = _headers(args.inputs)  # read once; nothing inflates before every check below has passed
+        names = _input_names(args.inputs, headers, meta, batched=args.batch_size is not None)
         limit = int(args.max_input_mb * 1024**2)
-        batches = _batches(args.inputs, names, args.batch_size, limit, meta)
+        batches = _batches(args.inputs, headers, names, args.batch_size, limit, meta)
         model = load_compiled(args.module)  # checks the library's size and hash before loading it
-        diffs = _Diffs(args.reference) if args.reference else None
+        diffs = OnnxComparison(args.reference) if args.reference else None
         parts: dict[str, list[np.ndarray]] = {}
         for i, feed in enumerate(batches):
             result = model.run(feed)
             if i == 0 and args.batch_size is not None:
-                _check_output_room(args.inputs, names, result, args.batch_size)
+                _check_output_room(args.inputs, headers[next(iter(names.values()))].shape[0], result)
             if diffs is not None:
                 diffs.add(feed, result)
             for name, a in result.items():
                 parts.setdefault(name, []).append(a)
-            del feed
         outputs = {n: a[0] if len(a) == 1 else np.concatenate(a, axis=0) for n, a in parts.items()}
-        parts.clear()
         rows = [
             (
                 name,
@@ -112,19 +120,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _headers(path: str) -> dict[str, ArrayHeader]:
+    """The ``.npy`` headers of the inputs file (nothing inflated), each problem one line."""
+    from lpcompile.frontend.npz_safe import NpzError, npz_headers
+
+    if not Path(path).is_file():
+        raise UsageError(f"inputs file not found: {path}")
+    try:
+        return npz_headers(path)
+    except NpzError as exc:
+        raise LpError(str(exc)) from None
+
+
 def _batches(
-    path: str, names: Mapping[str, str], batch_size: int | None, limit: int, meta: Mapping[str, Any]
+    path: str,
+    headers: Mapping[str, ArrayHeader],
+    names: Mapping[str, str],
+    batch_size: int | None,
+    limit: int,
+    meta: Mapping[str, Any],
 ) -> Iterator[dict[str, np.ndarray]]:
     """The module's feeds: the whole file at once, or ``batch_size`` rows at a time, within ``limit`` bytes.
 
     Every size check happens here, from the headers, before the module is loaded or any array inflates.
     """
-    from lpcompile.frontend.npz_safe import NpzError, human_bytes, iter_npz_batches, npz_headers, read_npz
+    from lpcompile.frontend.npz_safe import NpzError, human_bytes, iter_npz_batches, read_npz
 
-    headers = npz_headers(path)
     used = [headers[n] for n in names.values()]
-    total = sum(h.nbytes for h in used)
     if batch_size is None:
+        total = sum(h.nbytes for h in used)
         if total > limit:
             raise LpError(
                 f"{Path(path).name} holds {human_bytes(total)} of input arrays, more than `run` reads at once "
@@ -162,15 +186,12 @@ def _renamed(batches: Iterator[dict[str, np.ndarray]], names: Mapping[str, str])
         raise LpError(str(exc)) from None
 
 
-def _check_output_room(path: str, names: Mapping[str, str], first: Mapping[str, np.ndarray], batch_size: int) -> None:
-    """Refuse, after the first batch, outputs whose projected size for the whole file exceeds the memory budget."""
-    from lpcompile.frontend.npz_safe import human_bytes, memory_budget, npz_headers
+def _check_output_room(path: str, rows: int, first: Mapping[str, np.ndarray]) -> None:
+    """Refuse, after the first batch, outputs whose projected size for all ``rows`` exceeds the memory budget."""
+    from lpcompile.frontend.npz_safe import human_bytes, memory_budget
 
-    headers = npz_headers(path)
-    rows = headers[next(iter(names.values()))].shape[0]
     got = max((a.shape[0] if a.ndim else 1) for a in first.values()) if first else 0
-    per_row = sum(a.nbytes for a in first.values()) / max(got, 1)
-    projected = int(per_row * rows)
+    projected = int(sum(a.nbytes for a in first.values()) / max(got, 1) * rows)
     budget = memory_budget()
     if projected > budget:
         raise LpError(
@@ -180,46 +201,13 @@ def _check_output_room(path: str, names: Mapping[str, str], first: Mapping[str, 
     logger.info("batch 1: %d samples, outputs for all %d about %s", got, rows, human_bytes(projected))
 
 
-class _Diffs:
-    """Running max |diff| and max |ref| between the module's outputs and ORT on the reference, batch by batch."""
-
-    def __init__(self, model_path: str) -> None:
-        from lpcompile.runtime.tvm.build import ort_session
-
-        self._sess = ort_session(model_path)
-        self._acc: dict[str, dict[str, float]] = {}
-
-    def add(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        sess = self._sess
-        ref_feed = {i.name: np.asarray(feed[i.name]) for i in sess.get_inputs()}
-        ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, ref_feed), strict=False))
-        for name, got in outputs.items():
-            if name not in ref:
-                continue
-            r = np.asarray(ref[name], dtype=np.float64)
-            d = self._acc.setdefault(name, {"max_abs_diff": 0.0, "max_abs_ref": 0.0})
-            if r.size:
-                d["max_abs_diff"] = max(d["max_abs_diff"], float(np.max(np.abs(np.asarray(got, np.float64) - r))))
-                d["max_abs_ref"] = max(d["max_abs_ref"], float(np.max(np.abs(r))))
-
-    def result(self) -> dict[str, dict[str, float]]:
-        return self._acc
-
-
-def _input_names(path: str, meta: Mapping[str, Any], *, batched: bool) -> dict[str, str]:
+def _input_names(
+    path: str, headers: Mapping[str, ArrayHeader], meta: Mapping[str, Any], *, batched: bool
+) -> dict[str, str]:
     """Model input name → array name in the ``.npz``, with the headers checked against the module's shapes.
 
-    Nothing is inflated: only the ``.npy`` headers are read. With ``batched`` the first dimension is
-    not compared (it is cut into batches).
+    With ``batched`` the first dimension is not compared (it is cut into batches).
     """
-    from lpcompile.frontend.npz_safe import NpzError, npz_headers
-
-    if not Path(path).is_file():
-        raise UsageError(f"inputs file not found: {path}")
-    try:
-        headers = npz_headers(path)
-    except NpzError as exc:
-        raise LpError(str(exc)) from None
     infos = {i["name"]: i for i in meta.get("inputs", [])}
     if all(n in headers for n in infos):
         names = {n: n for n in infos}

@@ -523,7 +523,10 @@ def save_outputs(path: str | os.PathLike[str], outputs: Mapping[str, np.ndarray]
 
 def reference_outputs(model_path: str | os.PathLike[str], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """ONNX Runtime on the graph *as written* (optimisations off, see :func:`ort_session`)."""
-    sess = ort_session(model_path)
+    return _session_outputs(ort_session(model_path), inputs)
+
+
+def _session_outputs(sess: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     feed = {i.name: np.asarray(inputs[i.name]) for i in sess.get_inputs()}
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=False))
 
@@ -546,21 +549,36 @@ def ort_session(model_path: str | os.PathLike[str]) -> Any:
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+class OnnxComparison:
+    """``{output: {max_abs_diff, max_abs_ref}}`` between a module's outputs and ORT on ``model_path``,
+    accumulated (as maxima) over any number of batches with one ORT session."""
+
+    def __init__(self, model_path: str | os.PathLike[str]) -> None:
+        self._sess = ort_session(model_path)
+        self._acc: dict[str, dict[str, float]] = {}
+
+    def add(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        ref = _session_outputs(self._sess, inputs)
+        for name, got in outputs.items():
+            if name not in ref:
+                continue
+            r = np.asarray(ref[name], dtype=np.float64)
+            d = self._acc.setdefault(name, {"max_abs_diff": 0.0, "max_abs_ref": 0.0})
+            if r.size:
+                d["max_abs_diff"] = max(d["max_abs_diff"], float(np.max(np.abs(np.asarray(got, np.float64) - r))))
+                d["max_abs_ref"] = max(d["max_abs_ref"], float(np.max(np.abs(r))))
+
+    def result(self) -> dict[str, dict[str, float]]:
+        return {name: dict(d) for name, d in self._acc.items()}
+
+
 def compare_with_onnx(
     model_path: str | os.PathLike[str], inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
 ) -> dict[str, dict[str, float]]:
     """``{output: {max_abs_diff, max_abs_ref}}`` between ``outputs`` and ORT on ``model_path``."""
-    ref = reference_outputs(model_path, inputs)
-    out: dict[str, dict[str, float]] = {}
-    for name, got in outputs.items():
-        if name not in ref:
-            continue
-        r = np.asarray(ref[name], dtype=np.float64)
-        out[name] = {
-            "max_abs_diff": float(np.max(np.abs(np.asarray(got, dtype=np.float64) - r))) if r.size else 0.0,
-            "max_abs_ref": float(np.max(np.abs(r))) if r.size else 0.0,
-        }
-    return out
+    comparison = OnnxComparison(model_path)
+    comparison.add(inputs, outputs)
+    return comparison.result()
 
 
 if __name__ == "__main__":
