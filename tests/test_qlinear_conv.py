@@ -140,10 +140,12 @@ def test_chain_computes_the_plan() -> None:
         assert np.abs(got_r - want_r - codes * scale).max() <= 1e-5 * max(1.0, np.abs(want_r).max())
         assert np.abs(codes).max() <= 1, "more than one code from the Q/DQ form"
         assert np.mean(codes != 0) <= 0.02, np.mean(codes != 0)
-        # one flipped code moves y by at most scale · Σ|W| of the rest of the graph (c3, the Add, y)
+        # the 1×1 Convs mix only the channels of one position: codes one step off there move y by at most
+        # scale · max Σ|W3| · 2 (s3 = c3 + c3) · max Σ|W4| (1 % for the weights' own rounding)
         w = _weights()
-        bound = scale * (np.abs(w["W3"]).sum(axis=(1, 2, 3)).max() + 1.0) * np.abs(w["W4"]).sum(axis=(1, 2, 3)).max()
-        assert np.abs(got_y - want_y).max() <= bound * max(1, int(np.abs(codes).sum())) + 1e-4
+        per_position = 1.01 * scale * 2 * np.abs(w["W3"]).sum(axis=(1, 2, 3)).max()
+        per_position *= 1.01 * np.abs(w["W4"]).sum(axis=(1, 2, 3)).max()
+        assert np.abs(got_y - want_y).max() <= per_position + 1e-5, (np.abs(got_y - want_y).max(), per_position)
 
 
 @pytest.mark.parametrize("target", ["qdq", "ort"])
@@ -203,6 +205,7 @@ def test_chain_runs_into_a_fused_int8_matmul() -> None:
     (want,) = run(check(apply_plan(to_ir(proto), plan, target="qdq")[0]), x=x)
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
         (got,) = _session_run(ort_model, level, x)
-        # a flipped code of f1 (scale s) moves an output by at most s · max_j Σ_i |W2[i, j]|
-        step = plan.activation_scales["f1"] / 127 * np.abs(w["W2"]).sum(axis=0).max()
-        assert np.abs(got - want).max() <= 2 * step, (np.abs(got - want).max(), step)
+        # every code of f1 (scale s) one step off moves an output by at most s · max_j Σ_i |W2[i, j]|
+        # (1 % for W2's own rounding, which can raise a weight by half its per-column step)
+        bound = 1.01 * plan.activation_scales["f1"] / 127 * np.abs(w["W2"]).sum(axis=0).max()
+        assert np.abs(got - want).max() <= bound + 1e-5, (np.abs(got - want).max(), bound)
