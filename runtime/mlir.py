@@ -80,16 +80,22 @@ LEVELS: dict[str, str] = {
     "tosa": "tosa",
 }
 
-#: format → the element type that carries it at the linalg level (int4: i8 storage + f16 scales)
-_FORMAT_TYPES = {
-    "bf16": "bf16",
-    "fp16": "f16",
-    "bf16w": "bf16",
-    "fp16w": "f16",
-    "fp8_e4m3": "f8E4M3FN",
-    "fp8_e5m2": "f8E5M2",
+#: a format's stored element → the MLIR element type that carries it at the linalg level
+_ELEMENT_TYPES = {
+    "bfloat16": "bf16",
+    "float16": "f16",
+    "float8_e4m3fn": "f8E4M3FN",
+    "float8_e5m2": "f8E5M2",
     "int8": "i8",
 }
+
+
+def _format_type(fmt: str) -> str | None:
+    """The linalg element type of ``fmt``'s stored weights (int4: i8 storage + f16 scales); None: fp32."""
+    from lpcompile.formats import canonical_name, get_format
+
+    name = canonical_name(fmt)
+    return "i8" if name.startswith("int4") else _ELEMENT_TYPES.get(get_format(name).element)
 
 #: ONNX ops whose outputs depend only on their input's shape, not its values
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
@@ -317,11 +323,8 @@ def import_onnx(
 
 def weight_element_type(fmt: str, level: str = "linalg") -> str | None:
     """The element type of the weight constant a format's weights are stored in (None: fp32)."""
-    from lpcompile.formats import canonical_name
-
     _output_type(level)
-    name = canonical_name(fmt)
-    et = "i8" if name.startswith("int4") else _FORMAT_TYPES.get(name)
+    et = _format_type(fmt)
     return "si8" if et == "i8" and level == "torch" else et
 
 
@@ -333,11 +336,11 @@ def expected_element_types(formats: Sequence[str], level: str = "linalg") -> set
     int8 = "si8" if level == "torch" else "i8"
     out: set[str] = set()
     for f in formats:
-        name = canonical_name(f)
-        if name.startswith("int4"):
+        et = _format_type(f)
+        if canonical_name(f).startswith("int4"):
             out |= {int8, "f16"}
-        elif name in _FORMAT_TYPES:
-            out.add(int8 if _FORMAT_TYPES[name] == "i8" else _FORMAT_TYPES[name])
+        elif et is not None:
+            out.add(int8 if et == "i8" else et)
     return out
 
 
