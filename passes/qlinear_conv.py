@@ -34,10 +34,11 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lpcompile.passes._common import Namer, add_initializer, const_array, is_onnx_op
+from lpcompile.passes.w8a8 import UINT8_ZERO_POINT, Uint8Quantizer
 
 logger = logging.getLogger(__name__)
 
-ZERO_POINT_U8 = 128
+ZERO_POINT_U8 = UINT8_ZERO_POINT
 _TRANSPARENT = ("Clip", "Relu", "MaxPool", "Reshape", "Flatten")
 
 
@@ -94,9 +95,10 @@ def _rounded_from(act: _Act) -> ir.Value | None:
     return q.inputs[0]
 
 
-def _int8_weight(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(codes int8 [Cout, ...], scales [Cout])`` of a per-channel int8 Conv weight ``DQ(codes, scale, axis=0)``
-    (how :mod:`lpcompile.passes.targets` writes every ``w8a8`` weight on ``ort``)."""
+def _int8_weight(value: ir.Value | None) -> tuple[ir.Value, ir.Value, np.ndarray] | None:
+    """``(codes, scale, per-channel scales)`` of a per-channel int8 Conv weight ``DQ(codes, scale, axis=0)``
+    (how :mod:`lpcompile.passes.targets` writes every ``w8a8`` weight on ``ort``); ``QLinearConv`` reads the
+    same two initializers."""
     node = value.producer() if value is not None else None
     if node is None or not is_onnx_op(node, "DequantizeLinear") or node.attributes.get_int("block_size", 0):
         return None
@@ -104,19 +106,18 @@ def _int8_weight(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray] | None
         zp = const_array(node.inputs[2])
         if zp is None or np.any(zp != 0):
             return None
-    codes, s = const_array(node.inputs[0]), const_array(node.inputs[1])
-    if codes is None or s is None or codes.dtype != np.int8 or codes.ndim < 3:
+    codes_v, scale_v = node.inputs[0], node.inputs[1]
+    codes, s = const_array(codes_v), const_array(scale_v)
+    if codes is None or s is None or codes.dtype != np.int8 or codes.ndim < 3 or s.dtype != np.float32:
         return None
     cout = codes.shape[0]
     if s.size == 1:
         s = np.full(cout, float(s.reshape(())), np.float32)
-    elif s.ndim == 1 and s.size == cout and node.attributes.get_int("axis", 1) == 0:
-        s = s.astype(np.float32)
-    else:
+    elif not (s.ndim == 1 and s.size == cout and node.attributes.get_int("axis", 1) == 0):
         return None
     if not (np.isfinite(s).all() and (s > 0).all()):
         return None
-    return codes, s
+    return codes_v, scale_v, s  # type: ignore[return-value]
 
 
 def _is_transparent(node: ir.Node, data: ir.Value) -> bool:
@@ -188,9 +189,8 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         namer = Namer(graph)
-        zp_u8: ir.Value | None = None
+        u8 = Uint8Quantizer(graph, namer, "qlinear")
         zp_w: ir.Value | None = None
-        quantized_u8: dict[tuple[int, int], ir.Value] = {}
         count = 0
         for conv in list(graph):
             if not is_onnx_op(conv, "Conv") or len(conv.inputs) < 2 or conv.graph is not graph:
@@ -208,33 +208,14 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
             x_float = None if act.unsigned else _rounded_from(act)
             if not act.unsigned and x_float is None:
                 continue
-            codes, ws = wt
+            w_codes, w_scale, ws = wt
             s_x, s_z = act.step, chain.step
-            if zp_u8 is None:
-                zp_u8 = add_initializer(graph, namer, "qlinear_act_zp_u8", np.array(ZERO_POINT_U8, np.uint8))
+            if zp_w is None:
                 zp_w = add_initializer(graph, namer, "qlinear_weight_zp", np.array(0, np.int8))
             new_nodes: list[ir.Node] = []
             base = conv.name or "conv"
-            if act.unsigned:
-                x_u8 = act.q
-            else:
-                key = (id(x_float), id(act.scale))
-                if key not in quantized_u8:
-                    out = ir.Value(name=namer.value(f"{x_float.name or 'x'}_u8"), type=ir.TensorType(ir.DataType.UINT8))  # type: ignore[union-attr]
-                    out.shape = x_float.shape.copy() if x_float.shape is not None else None  # type: ignore[union-attr]
-                    new_nodes.append(
-                        ir.node(
-                            "QuantizeLinear",
-                            [x_float, act.scale, zp_u8],
-                            None,
-                            name=namer.node(f"{base}/act_q_u8"),
-                            outputs=[out],
-                        )
-                    )
-                    quantized_u8[key] = out
-                x_u8 = quantized_u8[key]
-            w_codes = add_initializer(graph, namer, f"{base}_w_i8", codes)
-            w_scale = add_initializer(graph, namer, f"{base}_w_scale", ws.astype(np.float32))
+            x_u8 = act.q if act.unsigned else u8.quantize(x_float, act.scale, base, new_nodes)  # type: ignore[arg-type]
+            zp_u8 = u8.zero_point
             inputs: list[ir.Value | None] = [x_u8, act.scale, zp_u8, w_codes, w_scale, zp_w, chain.scale, zp_u8]
             if bias is not None:
                 bq = np.rint(bias.astype(np.float64) / (np.float64(s_x) * ws.astype(np.float64)))

@@ -92,14 +92,47 @@ def _bias_add(node: ir.Node, graph: ir.Graph, n: int) -> tuple[ir.Node, ir.Value
     return add, other  # type: ignore[return-value]
 
 
+class Uint8Quantizer:
+    """``QuantizeLinear(x, s, uint8 128)`` made once per ``(x, s)`` in a graph, with one shared zero point.
+
+    ``uint8 = int8 + 128`` with zero point 128 is the int8 zero-point-0 rounding, and the form ORT's fast
+    u8s8 kernels (``MatMulIntegerToFloat``, ``QLinearConv``) take.
+    """
+
+    def __init__(self, graph: ir.Graph, namer: Namer, prefix: str) -> None:
+        self._graph, self._namer, self._prefix = graph, namer, prefix
+        self._zero_point: ir.Value | None = None
+        self._done: dict[tuple[int, int], ir.Value] = {}
+
+    @property
+    def zero_point(self) -> ir.Value:
+        if self._zero_point is None:
+            zp = np.array(UINT8_ZERO_POINT, dtype=np.uint8)
+            self._zero_point = add_initializer(self._graph, self._namer, f"{self._prefix}_act_zp_u8", zp)
+        return self._zero_point
+
+    def quantize(self, x: ir.Value, scale: ir.Value, node_name: str, new_nodes: list[ir.Node]) -> ir.Value:
+        """The uint8 ``x`` (its ``QuantizeLinear`` appended to ``new_nodes`` the first time)."""
+        key = (id(x), id(scale))
+        if key not in self._done:
+            out = ir.Value(
+                name=self._namer.value(f"{x.name or 'x'}_act_u8"),
+                type=ir.TensorType(ir.DataType.UINT8),
+                shape=x.shape.copy() if x.shape is not None else None,
+            )
+            name = self._namer.node(f"{node_name}/act_q_u8")
+            new_nodes.append(ir.node("QuantizeLinear", [x, scale, self.zero_point], None, name=name, outputs=[out]))
+            self._done[key] = out
+        return self._done[key]
+
+
 class FuseW8A8MatMulPass(ir.passes.InPlacePass):
     """Rewrite w8a8 Q/DQ MatMuls (and their bias ``Add``) as ``MatMulIntegerToFloat`` (module docstring)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         namer = Namer(graph)
-        quantized: dict[tuple[int, int], ir.Value] = {}
-        zp_u8: ir.Value | None = None
+        u8 = Uint8Quantizer(graph, namer, "w8a8")
         count = 0
         for node in list(graph):
             if not is_onnx_op(node, "MatMul") or len(node.inputs) != 2:
@@ -111,30 +144,13 @@ class FuseW8A8MatMulPass(ir.passes.InPlacePass):
             x, s = act
             wq, ws = wt
             n = int(wq.const_value.shape[1])  # type: ignore[union-attr]
-            if zp_u8 is None:
-                zp_u8 = add_initializer(graph, namer, "w8a8_act_zp_u8", np.array(UINT8_ZERO_POINT, dtype=np.uint8))
-            key = (id(x), id(s))
             new_nodes: list[ir.Node] = []
-            if key not in quantized:
-                q_out = ir.Value(
-                    name=namer.value(f"{x.name or 'x'}_act_u8"),
-                    type=ir.TensorType(ir.DataType.UINT8),
-                    shape=x.shape.copy() if x.shape is not None else None,
-                )
-                qn = ir.node(
-                    "QuantizeLinear",
-                    [x, s, zp_u8],
-                    None,
-                    name=namer.node(f"{node.name or 'matmul'}/act_q_u8"),
-                    outputs=[q_out],
-                )
-                new_nodes.append(qn)
-                quantized[key] = q_out
+            x_u8 = u8.quantize(x, s, node.name or "matmul", new_nodes)
             bias = _bias_add(node, graph, n)
             last = bias[0] if bias is not None else node
             out = last.outputs[0]
             new_out = ir.Value(name=None, type=out.type, shape=out.shape.copy() if out.shape is not None else None)
-            inputs = [quantized[key], wq, s, ws, zp_u8, None]
+            inputs = [x_u8, wq, s, ws, u8.zero_point, None]
             if bias is not None:
                 inputs.append(bias[1])
             fused = ir.node(
@@ -165,4 +181,4 @@ class FuseW8A8MatMulPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-__all__ = ["UINT8_ZERO_POINT", "FuseW8A8MatMulPass"]
+__all__ = ["UINT8_ZERO_POINT", "FuseW8A8MatMulPass", "Uint8Quantizer"]
