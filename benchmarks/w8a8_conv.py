@@ -1,0 +1,131 @@
+"""W8A8 Convs on ONNX Runtime: uniform ``w8a8`` on a Conv model written for ``qdq`` and ``ort`` (QLinearConv
+chains), against ORT's own ``quantize_static`` (QDQ, per-channel, uint8 activations), in one process.
+
+For each file: KL of the logits to fp32 on the task's evaluation data at every ORT optimisation level (a file
+must compute the same at every level: ORT's WeightBiasQuantization re-quantized decoded float weights
+behind an activation DequantizeLinear), and the batch-1 latency over fp32, timed interleaved.
+
+    python benchmarks/w8a8_conv.py [--model efficientnet_lite0|fashion_mnist_cnn] [--runs 40]
+
+Writes ``benchmarks/results_w8a8_conv.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import BENCH_DIR, setup_logging
+
+LEVELS = ("disable", "basic", "all")
+
+
+def _session(path: str, level: str, threads: int = 2) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+    def logp(a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float64) - a.max(axis=1, keepdims=True)
+        return a - np.log(np.exp(a).sum(axis=1, keepdims=True))
+
+    lr, lg = logp(ref), logp(got)
+    return float(np.mean(np.sum(np.exp(lr) * (lr - lg), axis=1)))
+
+
+def _quantize_static(model: str, calib: np.ndarray, name: str, out: str) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{name: calib[i : i + 1]} for i in range(len(calib))])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    pre = out + ".pre.onnx"
+    quant_pre_process(model, pre)
+    quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="efficientnet_lite0", choices=["efficientnet_lite0", "fashion_mnist_cnn"])
+    p.add_argument("--runs", type=int, default=40)
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration inputs for quantize_static")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results_w8a8_conv.json")
+    args = p.parse_args()
+    setup_logging()
+    from lpcompile.api import decide_uniform
+    from lpcompile.config import ApplyConfig
+    from lpcompile.files import apply_file, load_normalized
+
+    if args.model == "efficientnet_lite0":
+        from bench_efficientnet import efficientnet_task as make_task
+    else:
+        from bench_fashion_mnist import fashion_task as make_task
+    task = make_task()
+    with np.load(task.calib) as data:
+        name = data.files[0]
+        calib = data[name][: args.calib_samples]
+    result: dict[str, Any] = {"model": task.name, "loadavg_start": os.getloadavg(), "rows": []}
+    with tempfile.TemporaryDirectory(prefix="w8a8_conv_") as tmp:
+        files = {"fp32": str(task.model)}
+        for target in ("qdq", "ort"):
+            out = f"{tmp}/w8a8_{target}.onnx"
+            plan = decide_uniform(load_normalized(task.model), "w8a8", target=target)
+            apply_file(task.model, out, plan=plan, calib_path=task.calib, config=ApplyConfig(target=target))
+            files[f"lpcompile w8a8 {target}"] = out
+        files["ORT quantize_static"] = f"{tmp}/qs.onnx"
+        _quantize_static(str(task.model), calib, name, files["ORT quantize_static"])
+        ref = task.collect(_session(files["fp32"], "disable"))  # the task's evaluation data and metric
+        kls = {
+            k: {lv: float(task.score(task.collect(_session(f, lv)), ref)["kl"]) for lv in LEVELS}
+            for k, f in files.items()
+        }
+        sessions = {k: _session(f, "all") for k, f in files.items()}
+        sessions["fp32 (control)"] = _session(files["fp32"], "all")
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for _ in range(args.runs):
+            for k, s in sessions.items():
+                t0 = time.perf_counter()
+                s.run(None, dict(task.latency_feed))
+                times[k].append(time.perf_counter() - t0)
+    base = float(np.median(times["fp32"]))
+    print(f"{task.name}: KL on the task's evaluation data, {args.runs} interleaved batch-1 runs, 2 threads")
+    print(f"{'file':24s} {'KL off':>9s} {'KL basic':>9s} {'KL all':>9s} {'ms':>8s} {'x fp32':>7s}")
+    for k in sessions:
+        kl = kls.get(k, kls["fp32"])
+        ms = float(np.median(times[k]))
+        print(f"{k:24s} {kl['disable']:9.4g} {kl['basic']:9.4g} {kl['all']:9.4g} {ms * 1e3:8.2f} {ms / base:7.2f}")
+        result["rows"].append({"file": k, "kl": kl, "ms": ms * 1e3, "x_fp32": ms / base})
+    result["loadavg_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
