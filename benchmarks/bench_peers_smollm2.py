@@ -154,8 +154,12 @@ PEERS: dict[str, Callable[[Context, Path], dict[str, Any]]] = {
 # lpcompile
 
 
-def lpcompile_table(ctx: Context, rounding: str, formats: tuple[str, ...], overrides: dict[str, Any]) -> float:
-    """Analyse once for ``rounding`` (streamed) into ``ctx.table``; returns the wall time."""
+def lpcompile_table(
+    ctx: Context, rounding: str, formats: tuple[str, ...], overrides: dict[str, Any], hessians: Any = None
+) -> float:
+    """Analyse once for ``rounding`` (streamed) into ``ctx.table``; returns the wall time. ``hessians``
+    (a ``HessianStore``) receives the layer inputs' XᵀX the analysis gathers, so every apply of this
+    rounding reuses them (as ``lpcompile MODEL --budget`` does) instead of another calibration pass."""
     from lpcompile.analysis.config import AnalysisConfig
     from lpcompile.api import analyze
     from lpcompile.files import load_calib_for, load_normalized
@@ -164,12 +168,15 @@ def lpcompile_table(ctx: Context, rounding: str, formats: tuple[str, ...], overr
     calib = load_calib_for(model, Path(ctx.task.calib))
     cfg = AnalysisConfig(formats=formats, rounding=rounding, **{**dict(ctx.task.analysis), **overrides})
     t0 = time.perf_counter()
-    ctx.table = analyze(model, calib, cfg)
+    ctx.table = analyze(model, calib, cfg, hessians=hessians)
     return time.perf_counter() - t0
 
 
-def lpcompile_build(ctx: Context, rounding: str, formats: tuple[str, ...], budget: float, out: Path) -> dict[str, Any]:
-    """Solve ``budget`` over the linear weights (tied table and head pinned to fp32, like the peers) and write it."""
+def lpcompile_build(
+    ctx: Context, rounding: str, formats: tuple[str, ...], budget: float, out: Path, hessians: Any = None
+) -> dict[str, Any]:
+    """Solve ``budget`` over the linear weights (tied table and head pinned to fp32, like the peers) and write it
+    (``hessians``: the analysis's XᵀX, see :func:`lpcompile_table`)."""
     from lpcompile.api import decide
     from lpcompile.config import ApplyConfig, DecideConfig
     from lpcompile.files import apply_file
@@ -179,7 +186,7 @@ def lpcompile_build(ctx: Context, rounding: str, formats: tuple[str, ...], budge
     t0 = time.perf_counter()
     res = apply_file(
         ctx.task.model, out, plan=plan, calib_path=ctx.task.calib,
-        config=ApplyConfig(target="qdq", rounding=rounding), force=True,
+        config=ApplyConfig(target="qdq", rounding=rounding), force=True, hessians=hessians,
     )
     lin = list({n.weight: n for n in res.plan.nodes if n.weight not in ctx.tables}.values())
     mix: dict[str, float] = {}
@@ -210,6 +217,11 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=6, help="256-token Lee test windows scored")
     p.add_argument("--probes", type=int, default=0, help="lpcompile analysis probes (0: the task's 16)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument(
+        "--peers-from", type=Path, default=None,
+        help="take the peer rows from an earlier result JSON of this script (same --eval-windows) instead of "
+        "rebuilding them; their scores do not depend on load, and each copied row says where it came from",
+    )
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results_peers_strong_smollm2.json")
     p.add_argument("--report", action="store_true", help="print the markdown tables of --out and exit")
     args = p.parse_args()
@@ -248,8 +260,23 @@ def main() -> None:
         return {"bits": weight_bits(path, ctx), **task.score(outs, ref)}
 
     record({"kind": "fp32", "method": "fp32", "bits": 32.0, **task.score(ref, ref)})
-    peer_names = list(PEERS) if args.peers == "all" else [x for x in args.peers.split(",") if x]
-    peer_bits = run_peers(ctx, PEERS, peer_names, work, score, record)
+    if args.peers_from is not None:
+        earlier = json.loads(args.peers_from.read_text())
+        cmd = earlier.get("command", "")
+        said = f"--eval-windows {args.eval_windows}" in cmd or ("--eval-windows" not in cmd and args.eval_windows == 6)
+        if not said:
+            raise SystemExit(f"{args.peers_from} was not scored on --eval-windows {args.eval_windows}")
+        result["peers_from"] = {"file": str(args.peers_from), "date": earlier.get("date"), "command": cmd}
+        peer_bits = []
+        for row in earlier["rows"]:
+            if row.get("kind") != "peer":
+                continue
+            record({**row, "from": earlier.get("date")})
+            if "error" not in row:
+                peer_bits.append((row["method"], row["bits"]))
+    else:
+        peer_names = list(PEERS) if args.peers == "all" else [x for x in args.peers.split(",") if x]
+        peer_bits = run_peers(ctx, PEERS, peer_names, work, score, record)
 
     budgets = [float(b) for b in args.budgets.split(",") if b]
     formats = tuple(LPC_FORMATS)
@@ -258,9 +285,14 @@ def main() -> None:
     result["lpcompile_analysis"] = {**dict(task.analysis), **overrides}
     matched = [r for r in args.match_roundings.split(",") if r]
     roundings = [r for r in args.roundings.split(",") if r]
+    from lpcompile.analysis.input_hessians import HessianStore
+    from lpcompile.formats import needs_input_hessians
+
     tables: dict[str, Any] = {}
+    stores: dict[str, Any] = {}
     for rounding in roundings:
-        result[f"analysis_s_{rounding}"] = lpcompile_table(ctx, rounding, formats, overrides)
+        stores[rounding] = HessianStore() if needs_input_hessians(rounding, formats) else None
+        result[f"analysis_s_{rounding}"] = lpcompile_table(ctx, rounding, formats, overrides, stores[rounding])
         tables[rounding] = ctx.table
         logger.info("analysis %s: %.1f s", rounding, result[f"analysis_s_{rounding}"])
     # every rounding at the budgets first, then at the peers' bits (gptq before nearest)
@@ -279,7 +311,7 @@ def main() -> None:
         path = work / f"lpc_{rounding}_{b:g}.onnx"
         t0 = time.perf_counter()
         try:
-            info = lpcompile_build(ctx, rounding, formats, b, path)
+            info = lpcompile_build(ctx, rounding, formats, b, path, stores[rounding])
             row = {"kind": "lpcompile", "rounding": rounding, "target": label, "budget": b, **info,
                    **score(path), "build_s": time.perf_counter() - t0}
         except Exception as exc:
@@ -287,6 +319,9 @@ def main() -> None:
                    "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         record(row)
         _unlink(path)
+    for store in stores.values():
+        if store is not None:
+            store.close()
     result["loadavg_end"] = os.getloadavg()
     args.out.write_text(json.dumps(result, indent=1, default=str))
     print(format_table([r for r in rows if r["kind"] != "fp32"], task.metrics))

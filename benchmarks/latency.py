@@ -25,8 +25,9 @@ as ``Softmax`` on ORT).
 speed and quality of the two are side by side.
 
 ``--w8a8-plans B,..`` adds, at those budgets, plans over the table's formats plus ``w8a8`` (W8A8 int8,
-from a separate w8a8-aware analysis cached in ``artifacts/latency/<model>/sens_w8a8.json``), solved for
-the ``ort`` target with ``--objective size`` and ``--objective latency`` (``plan-w8a8-size``,
+calibrated activation scale) and ``w8a8_dyn`` (W8A8 with per-run activation ranges), from a separate
+analysis cached in ``artifacts/latency/<model>/sens_w8a8.json``, solved for each row's target with
+``--objective size`` and ``--objective latency`` (``plan-w8a8-size``,
 ``plan-w8a8-latency``; the plan's predicted latency is recorded as ``predicted_x_fp32``).
 
     python benchmarks/latency.py [--models digits_mlp,digits_cnn,fashion_mnist_cnn,efficientnet_lite0,minilm,smollm2]
@@ -179,19 +180,19 @@ def _plan(
     return decide(ctx.table, f"{budget}bits", DecideConfig(formats=formats, target="qdq", objective=objective)).plan
 
 
-W8A8_FORMATS = (*LPC_FORMATS, "w8a8")
+W8A8_FORMATS = (*LPC_FORMATS, "w8a8", "w8a8_dyn")
 """Formats of the ``plan-w8a8`` variant: the table's formats plus W8A8 int8."""
 
 
 def _w8a8_table(ctx: Context) -> Any:
-    """A sensitivity table that also scores ``w8a8`` (its own cache: the shared ``sens.json`` is not touched)."""
+    """A sensitivity table that also scores ``w8a8`` and ``w8a8_dyn`` (its own cache: ``sens.json`` is not touched)."""
     from harness import ANALYSIS_FORMATS
 
     from lpcompile.analysis.config import AnalysisConfig
     from lpcompile.analysis.table import SensitivityTable
     from lpcompile.files import analyze_file
 
-    cfg = AnalysisConfig(formats=(*ANALYSIS_FORMATS, "w8a8"), **dict(ctx.task.analysis))
+    cfg = AnalysisConfig(formats=(*ANALYSIS_FORMATS, "w8a8", "w8a8_dyn"), **dict(ctx.task.analysis))
     path = OUT_DIR / ctx.task.name / "sens_w8a8.json"
     meta = path.with_suffix(".meta.json")
     if path.exists() and meta.exists() and json.loads(meta.read_text()).get("config") == repr(cfg):
@@ -204,12 +205,13 @@ def _w8a8_table(ctx: Context) -> Any:
     return table
 
 
-def _w8a8_plan(ctx: Context, table: Any, budget: float, objective: str) -> Any:
-    """The budget solved over :data:`W8A8_FORMATS` for the ``ort`` target with ``objective``."""
+def _w8a8_plan(ctx: Context, table: Any, budget: float, objective: str, target: str = "ort") -> Any:
+    """The budget solved over :data:`W8A8_FORMATS` for ``target`` with ``objective``."""
     from lpcompile.api import decide
     from lpcompile.config import DecideConfig
 
-    return decide(table, f"{budget}bits", DecideConfig(formats=W8A8_FORMATS, target="ort", objective=objective)).plan
+    cfg = DecideConfig(formats=W8A8_FORMATS, target=target, objective=objective)  # type: ignore[arg-type]
+    return decide(table, f"{budget}bits", cfg).plan
 
 
 def _per_run_decodes(path: Path) -> dict[str, int]:
@@ -335,11 +337,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             for objective in ("size", "latency"):
                 variants.append((f"plan-w8a8-{objective}", W8A8_FORMATS, [t for t in targets if t != "dq"]))
         for variant, formats, tgts in variants:
-            if variant.startswith("plan-w8a8-"):
-                plan = _w8a8_plan(ctx, _w8a8_table(ctx), budget, variant.rsplit("-", 1)[1])
-            else:
+            if not variant.startswith("plan-w8a8-"):
                 plan = _plan(ctx, budget, None, formats, "size" if variant == "plan-size" else "auto")
             for target in tgts:
+                if variant.startswith("plan-w8a8-"):  # solved for the row's target (w8a8 is fast on ort only)
+                    plan = _w8a8_plan(ctx, _w8a8_table(ctx), budget, variant.rsplit("-", 1)[1], target)
                 key = f"{variant}@{budget:g}/{target}"
                 row = measure(
                     ctx,

@@ -34,7 +34,7 @@ from lpcompile.checks import check_model
 from lpcompile.config import ApplyConfig, DecideConfig, SoftmaxMode, Target
 from lpcompile.errors import LpError, PlanError, UnsupportedOpsError, UsageError
 from lpcompile.feasibility import stored_bits
-from lpcompile.formats import canonical_name, get_format, needs_input_hessians, scaled_activation
+from lpcompile.formats import canonical_name, get_format, grid_activation, needs_input_hessians, scaled_activation
 from lpcompile.frontend.calib import CalibrationSet, batches
 from lpcompile.graph import WeightNode, find_weight_nodes, tied_groups
 from lpcompile.plan import NodeAssignment, PrecisionPlan, validate_against
@@ -332,7 +332,7 @@ def decide_uniform(
     gathered = {w.weight for w in find_weight_nodes(model) if w.op_type == "Gather"}
     for w in find_weight_nodes(model):
         chosen = get_format("fp32") if w.name in pinned else f
-        if w.weight in gathered and scaled_activation(f.activation):
+        if w.weight in gathered and grid_activation(f.activation):
             logger.info("kept in fp32 (an embedding table has no activation for %s): %s", f.name, w.name)
             chosen = get_format("fp32")
         if w.name in pinned and not f.is_identity:

@@ -192,6 +192,8 @@ _ONNX_TYPES: Mapping[str, int] = {
 INT_RANGES: Mapping[str, tuple[int, int]] = {"int8": (-128, 127), "int4": (-8, 7)}
 # Symmetric grids map amax to +qmax (127 / 7); the extra negative code is only reached by rounding.
 INT_QMAX: Mapping[str, int] = {"int8": 127, "int4": 7}
+DYNAMIC_UINT8 = "uint8_dynamic"
+"""Activation element of ``w8a8_dyn``: uint8 codes with a scale and zero point from each run's own range."""
 
 
 def _build_registry() -> dict[str, Format]:
@@ -235,6 +237,18 @@ def _build_registry() -> dict[str, Format]:
             scale_dtype="float32",
             activation="int8",
             description="W8A8 int8: symmetric per-channel weights, per-tensor int8 activations (calibrated scale)",
+        ),
+        Format(
+            "w8a8_dyn",
+            "int8",
+            8,
+            scale="per_channel",
+            scale_dtype="float32",
+            activation=DYNAMIC_UINT8,
+            description=(
+                "W8A8 dynamic: symmetric per-channel int8 weights, activations rounded to uint8 per run "
+                "with their own range (ONNX DynamicQuantizeLinear)"
+            ),
         ),
     ]
     for bs in (32, 64, 128):
@@ -603,9 +617,37 @@ INT8_ACTIVATION_MAX = 127
 """Symmetric int8 activations: ``amax`` maps to code 127 (zero point 0, codes -128..127 representable)."""
 
 
+def dynamic_uint8(x: np.ndarray) -> np.ndarray:
+    """ONNX ``DynamicQuantizeLinear`` then ``DequantizeLinear`` of one tensor (the reference, in numpy).
+
+    The range always holds 0: ``lo = min(0, min x)``, ``hi = max(0, max x)``; ``s = (hi − lo)/255`` (fp32),
+    ``z = clip(rint(−lo/s), 0, 255)``, codes ``clip(rint(x/s) + z, 0, 255)``, decoded ``(q − z)·s``.
+    NaN/±Inf are left out of the range (they have no uint8 code; ORT's kernel would spread them over the
+    scale). An all-zero tensor (``s = 0``) decodes to zeros.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    finite = x[np.isfinite(x)]
+    lo = np.float32(min(0.0, float(finite.min()))) if finite.size else np.float32(0.0)
+    hi = np.float32(max(0.0, float(finite.max()))) if finite.size else np.float32(0.0)
+    s = np.float32((hi - lo) / np.float32(255.0))
+    if s == 0:
+        return np.zeros_like(x)
+    z = np.float32(np.clip(np.rint(-lo / s), 0, 255))
+    q = np.clip(np.rint(x / s) + z, 0, 255)
+    return ((q - z) * s).astype(np.float32)
+
+
 def scaled_activation(element: str | None) -> bool:
     """Whether rounding an activation to ``element`` needs a calibrated per-tensor scale (FP8, int8)."""
     return element is not None and (element.startswith("float8") or element == "int8")
+
+
+def grid_activation(element: str | None) -> bool:
+    """Whether ``element`` rounds activations to an integer / FP8 grid (calibrated or per-run scale).
+
+    An embedding table (a Gather's weight) has no float activation input for such a format.
+    """
+    return scaled_activation(element) or element == DYNAMIC_UINT8
 
 
 def activation_scale(amax: float, element: str) -> float:
@@ -626,8 +668,14 @@ def qdq_activation(x: np.ndarray, element: str, scale: float = 1.0) -> np.ndarra
     int8: ``QuantizeLinear(x, scale, int8 zero point 0)`` (x / scale, RNE, clipped to -128..127)
     then ``DequantizeLinear``.
     bf16/fp16: a Cast round trip (RNE).
+    uint8 dynamic (``w8a8_dyn``): :func:`dynamic_uint8` of each sample along axis 0 (``scale`` unused).
     """
     x = np.asarray(x, dtype=np.float32)
+    if element == DYNAMIC_UINT8:
+        # one range per sample: the deployed model runs at batch 1, where the op's range is the sample's
+        if x.ndim < 2:
+            return dynamic_uint8(x)
+        return np.stack([dynamic_uint8(xi) for xi in x]).reshape(x.shape)
     if element == "int8":
         s = np.float32(scale)
         return (np.clip(np.rint(x / s), -128, 127).astype(np.float32) * s).astype(np.float32)

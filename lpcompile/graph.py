@@ -202,12 +202,12 @@ def candidate_nodes(nodes: Sequence[WeightNode], fmts: Sequence[str]) -> dict[st
     """Node name → the candidate formats it can take, in ``fmts`` order.
 
     An embedding table (a Gather's weight, and the heads tied to it) has no float activation input to
-    calibrate an FP8 scale on, so formats that round activations to FP8 are not its candidates.
+    round, so formats that round activations to FP8 / int8 (calibrated or dynamic) are not its candidates.
     """
-    from lpcompile.formats import get_format, scaled_activation
+    from lpcompile.formats import get_format, grid_activation
 
     gathered = {n.weight for n in nodes if n.op_type == "Gather"}
-    fp8 = {f for f in fmts if scaled_activation(get_format(f).activation)}
+    fp8 = {f for f in fmts if grid_activation(get_format(f).activation)}
     return {n.name: tuple(f for f in fmts if n.weight not in gathered or f not in fp8) for n in nodes}
 
 

@@ -19,6 +19,7 @@ WEIGHT_DQ = "/weight_dq"
 WEIGHT_CAST = "/weight_cast"
 ACT_Q = "/act_q"
 ACT_DQ = "/act_dq"
+ACT_DYNQ = "/act_dynq"
 TO_FP32 = "/to_fp32"
 
 # Float element key (formats.FLOAT_SPECS / Format.element) -> IR data type.

@@ -18,6 +18,9 @@ For every plan node whose format has ``activation`` set, the node's activation i
   ``DequantizeLinear`` with an int8 zero point 0 and scale ``amax / 127`` — always the Q/DQ pair,
   whatever the style: ONNX Runtime fuses it with the weight's ``DequantizeLinear`` and a MatMul
   into ``MatMulIntegerToFloat`` (int8 GEMM; ``passes/targets.py``), and it is exact at every level.
+* uint8 dynamic (the ``w8a8_dyn`` format): ``DynamicQuantizeLinear(x)`` (``<base>/act_dynq``: codes, scale
+  and zero point from the tensor's own range on every run) → ``DequantizeLinear`` (``/act_dq``); no
+  calibration. ``passes/w8a8.py`` then feeds the codes to an integer GEMM.
 * bf16 / fp16: a Cast round trip ``Cast(x; to=BFLOAT16|FLOAT16)`` → ``Cast(·; to=FLOAT)``,
   nodes ``<base>/to_bf16`` (``/to_fp16``) and ``<base>/to_fp32``; values ``<x>_bf16`` and
   ``<x>_bf16_fp32``.
@@ -53,11 +56,13 @@ import numpy as np
 import onnx_ir as ir
 
 from lpcompile.errors import PlanError
-from lpcompile.formats import FLOAT_SPECS, activation_scale, get_format, scaled_activation
+from lpcompile.formats import DYNAMIC_UINT8, FLOAT_SPECS, activation_scale, get_format, scaled_activation
 from lpcompile.passes._common import (
     ACT_DQ,
+    ACT_DYNQ,
     ACT_Q,
     ELEMENT_DTYPES,
+    SERVES_KEY,
     SHORT_NAMES,
     TO_FP32,
     Namer,
@@ -91,6 +96,8 @@ def existing_activation_rounding(node: ir.Node) -> str | None:
         q_val = producer.inputs[0]
         q = q_val.producer() if q_val is not None else None
         zp = producer.inputs[2]
+        if q is not None and is_onnx_op(q, "DynamicQuantizeLinear") and zp is q.outputs[2]:
+            return DYNAMIC_UINT8
         if q is not None and is_onnx_op(q, "QuantizeLinear") and zp is not None:
             for element, dtype in ELEMENT_DTYPES.items():
                 if (is_fp8(element) or element == "int8") and zp.dtype == dtype:
@@ -155,6 +162,8 @@ class ActivationPrecisionPass(ir.passes.InPlacePass):
             r.consumers.sort(key=lambda c: positions[id(c)])
             if scaled_activation(r.element):
                 self._insert_fp8(graph, namer, r)
+            elif r.element == DYNAMIC_UINT8:
+                _insert_dynamic(graph, namer, r)
             else:
                 _insert_round_trip(graph, namer, r, after_producer=id(r.tensor) in internal)
         logger.info("rounded %d activation tensor(s)", len(roundings))
@@ -256,6 +265,27 @@ def _insert_chain(
         c.replace_input_with(0, prev)
 
 
+def _insert_dynamic(graph: ir.Graph, namer: Namer, r: _Rounding) -> None:
+    """``DynamicQuantizeLinear(x)`` → ``DequantizeLinear(q, s, z)`` before the first consumer (``w8a8_dyn``)."""
+    x = r.tensor
+    x_name = x.name or "x"
+    base = _base_name(r)
+    serves = sorted({c.name or "" for c in r.consumers} - {""})
+    meta = {SERVES_KEY: ",".join(serves)} if serves else None
+    q = ir.Value(name=namer.value(x_name + "_act_q"), type=ir.TensorType(ir.DataType.UINT8),
+                 shape=x.shape.copy() if x.shape is not None else None)
+    s = ir.Value(name=namer.value(x_name + "_act_scale"), type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]))
+    z = ir.Value(name=namer.value(x_name + "_act_zp"), type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape([]))
+    dyn = ir.node("DynamicQuantizeLinear", [x], None, name=namer.node(base + ACT_DYNQ), outputs=[q, s, z],
+                  metadata_props=meta)
+    dq = make_node("DequantizeLinear", [q, s, z], None, name=namer.node(base + ACT_DQ),
+                   out_name=namer.value(x_name + "_act_dq"), out_dtype=ir.DataType.FLOAT, out_shape=x.shape,
+                   serves=serves)
+    graph.insert_before(r.consumers[0], [dyn, dq])
+    for c in r.consumers:
+        c.replace_input_with(0, dq.outputs[0])
+
+
 def _base_name(r: _Rounding) -> str:
     if len(r.consumers) == 1 and r.consumers[0].name:
         return r.consumers[0].name
@@ -281,7 +311,7 @@ def region_graph(graph: ir.Graph, plan: PrecisionPlan) -> nx.Graph:
     formats = {}
     for a in plan.nodes:
         element = get_format(a.format).activation
-        if element is not None and not is_fp8(element) and a.name in by_name:
+        if element in ("bfloat16", "float16") and a.name in by_name:
             formats[a.name] = a.format
     g = nx.Graph()
     for name, fmt in formats.items():

@@ -79,6 +79,7 @@ def apply_plan(
         QuantizeWeightsPass(plan, target=target, rounding=rounding, seed=seed, hessians=hessians),
         ActivationPrecisionPass(plan, style=activation_style(target)),
         *([FuseW8A8MatMulPass(), QLinearConvChainPass()] if target == "ort" else []),
+        *([FuseW8A8MatMulPass(standard=True)] if target == "qdq" else []),
         *extra_passes,
         CleanupPass(),
         AnnotatePass(plan),

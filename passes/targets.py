@@ -76,7 +76,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lpcompile.errors import UsageError
-from lpcompile.formats import Format, get_format
+from lpcompile.formats import DYNAMIC_UINT8, Format, get_format
 from lpcompile.passes._common import cast_to, dq_chain, is_onnx_op
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,14 @@ def weight_kernel(
     if f.scale == "none":
         # bf16 / fp16 weights: a Cast on an initializer, folded by ORT (and matched by the TVM lowering)
         return Kernel(WeightForm.CAST, tgt != "tvm" or cls == "matmul", "16-bit weight widened once by Cast")
+    if f.activation == DYNAMIC_UINT8 and tgt != "tvm":
+        # W8A8 dynamic: per-channel DequantizeLinear weight (never a decoded float weight, which ORT's
+        # WeightBiasQuantization would re-quantize per tensor); on "ort" a MatMul becomes MatMulIntegerToFloat
+        # fed by DynamicQuantizeLinear, on "qdq" the standard MatMulInteger → Cast → Mul (passes/w8a8.py); ORT
+        # fuses both into DynamicQuantizeMatMul. ORT's Conv form (ConvInteger) is slower than fp32.
+        if cls == "matmul":
+            return Kernel(WeightForm.DEQUANTIZE, True, "W8A8 dynamic: DynamicQuantizeLinear + int8 GEMM")
+        return Kernel(WeightForm.DEQUANTIZE, False, "W8A8 dynamic: per-channel DequantizeLinear, decoded per run")
     if f.activation == "int8" and tgt != "tvm" and cls in ("matmul", "conv"):
         # W8A8 int8: the weight stays a per-channel DequantizeLinear. A decoded (float) weight behind
         # the activation's DequantizeLinear is re-quantized *per tensor* by ORT's WeightBiasQuantization
@@ -266,6 +274,10 @@ def activation_kernel(target: str, element: str | None, op_type: str = "MatMul")
         if op_class(op_type) == "conv" and tgt == "ort":
             return Kernel(WeightForm.DEQUANTIZE, True, "uint8 QLinearConv chains where the output is rounded anyway")
         return Kernel(WeightForm.DEQUANTIZE, False, "int8 rounding per run: Q/DQ pair (no fused kernel)")
+    if element == DYNAMIC_UINT8:
+        if op_class(op_type) == "matmul":
+            return Kernel(WeightForm.DEQUANTIZE, True, "DynamicQuantizeLinear feeding an int8 GEMM")
+        return Kernel(WeightForm.DEQUANTIZE, False, "uint8 dynamic rounding per run: DynamicQuantizeLinear + DQ")
     if element.startswith("float8"):
         return Kernel(WeightForm.CAST, False, "FP8 rounding emulated per run: Div, Cast(fp8), Cast(fp32), Mul")
     return Kernel(WeightForm.CAST, False, f"{element} rounding emulated per run: a Cast round trip")
@@ -337,12 +349,15 @@ def relative_latency(
         return 1.0
     tgt = check_target(target)
     act = activation_kernel(tgt, f.activation, op_type)
-    if f.activation == "int8" and act.fast:
+    if f.activation in ("int8", DYNAMIC_UINT8) and act.fast:
         return _INT8_CONV_COST if op_class(op_type) == "conv" else _INT8_GEMM_COST
     form = weight_form(tgt, op_type, f, block_size=block_size, rank=rank, axis=axis, elements=elements)
     cost = _RELATIVE_COST[form] if tgt != "tvm" else 1.0
     if not act.fast and f.activation is not None:
-        key = "float8" if f.activation.startswith("float8") else "int8" if f.activation == "int8" else "half"
+        key = (
+            "float8" if f.activation.startswith("float8")
+            else "int8" if f.activation in ("int8", DYNAMIC_UINT8) else "half"
+        )
         cost += _ACTIVATION_COST[key]
     return cost
 
@@ -364,7 +379,7 @@ class KernelRow:
     note: str
 
 
-TABLE_FORMATS: tuple[str, ...] = ("int4_b128", "int4_b32", "int8", "w8a8", "fp8_e4m3", "bf16", "fp16")
+TABLE_FORMATS: tuple[str, ...] = ("int4_b128", "int4_b32", "int8", "w8a8", "w8a8_dyn", "fp8_e4m3", "bf16", "fp16")
 
 
 def kernel_table(formats: tuple[str, ...] = TABLE_FORMATS) -> list[KernelRow]:

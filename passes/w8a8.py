@@ -14,6 +14,9 @@ fusion runs the slow s8s8 path (20× fp32); uint8 activations (zero point 128) t
 
     x ─ QuantizeLinear(s, zp=uint8 128) ─ MatMulIntegerToFloat(·, Wq, s, ws, 128, -, bias)
 
+The ``w8a8_dyn`` format's activation is ``DynamicQuantizeLinear(x) → DequantizeLinear``: its uint8 codes,
+scale and zero point feed the fused node directly (ORT's ``quantize_dynamic`` form, 0.44× fp32 on MiniLM).
+
 ``uint8 = int8 + 128`` with zero point 128 is the same rounding (round half to even of ``x / s``,
 saturated to 256 levels), so the result equals the Q/DQ graph's up to fp32 summation order (0.0 on
 the tests). The activation quantization is shared by every fused MatMul reading it (q/k/v). The
@@ -53,6 +56,20 @@ def _int8_activation(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None
         return None
     x = q.inputs[0]
     return (x, s) if x is not None else None
+
+
+def _dynamic_activation(value: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """``DQ(DynamicQuantizeLinear(x))``, the w8a8_dyn activation rounding: its ``(q, s, z)`` outputs."""
+    dq = value.producer() if value is not None else None
+    if dq is None or not is_onnx_op(dq, "DequantizeLinear") or len(dq.inputs) < 3:
+        return None
+    q_val, s, zp = dq.inputs[:3]
+    dyn = q_val.producer() if q_val is not None else None
+    if dyn is None or not is_onnx_op(dyn, "DynamicQuantizeLinear") or len(dyn.outputs) != 3:
+        return None
+    if q_val is not dyn.outputs[0] or s is not dyn.outputs[1] or zp is not dyn.outputs[2]:
+        return None
+    return q_val, s, zp
 
 
 def _int8_weight(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None:
@@ -126,8 +143,42 @@ class Uint8Quantizer:
         return self._done[key]
 
 
+def _integer_matmul(
+    node: ir.Node, q: ir.Value, s: ir.Value, zp: ir.Value, wq: ir.Value, ws: ir.Value, namer: Namer
+) -> tuple[list[ir.Node], ir.Value]:
+    """Standard ONNX ``MatMulInteger(q, Wq, zp) → Cast(float) → Mul(s·ws)``: ORT's ``quantize_dynamic`` form.
+
+    ORT fuses it (with the ``DynamicQuantizeLinear`` before it) into ``DynamicQuantizeMatMul`` from
+    ``ORT_ENABLE_EXTENDED`` up; unfused it is exact integer arithmetic then one fp32 multiply.
+    """
+    base = node.name or "matmul"
+    acc = ir.Value(name=namer.value(f"{base}_int32"), type=ir.TensorType(ir.DataType.INT32))
+    # the MatMulInteger is the planned weighted node: it takes the MatMul's name and metadata
+    node.name = namer.node(f"{base}/float")
+    mm = ir.node(
+        "MatMulInteger", [q, wq, zp], None, name=base, outputs=[acc], doc_string=node.doc_string,
+        metadata_props=dict(node.metadata_props),
+    )
+    f = ir.Value(name=namer.value(f"{base}_int32_f"), type=ir.TensorType(ir.DataType.FLOAT))
+    cast = ir.node("Cast", [acc], {"to": ir.DataType.FLOAT}, name=namer.node(f"{base}/cast_f"), outputs=[f])
+    sc = ir.Value(name=namer.value(f"{base}_scales"), type=ir.TensorType(ir.DataType.FLOAT))
+    smul = ir.node("Mul", [s, ws], None, name=namer.node(f"{base}/scales_mul"), outputs=[sc])
+    y = ir.Value(name=None, type=ir.TensorType(ir.DataType.FLOAT))
+    mul = ir.node("Mul", [f, sc], None, name=namer.node(f"{base}/rescale"), outputs=[y])
+    return [mm, cast, smul, mul], y
+
+
 class FuseW8A8MatMulPass(ir.passes.InPlacePass):
-    """Rewrite w8a8 Q/DQ MatMuls (and their bias ``Add``) as ``MatMulIntegerToFloat`` (module docstring)."""
+    """Rewrite w8a8 Q/DQ MatMuls (and their bias ``Add``) as ``MatMulIntegerToFloat`` (module docstring).
+
+    With ``standard=True`` (the ``qdq`` target: no contrib ops) only ``w8a8_dyn`` MatMuls are rewritten,
+    as the standard ``MatMulInteger → Cast → Mul`` that ORT fuses into ``DynamicQuantizeMatMul``; the
+    bias ``Add`` stays (ORT's fusion absorbs it).
+    """
+
+    def __init__(self, standard: bool = False) -> None:
+        super().__init__()
+        self.standard = standard
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -137,20 +188,39 @@ class FuseW8A8MatMulPass(ir.passes.InPlacePass):
         for node in list(graph):
             if not is_onnx_op(node, "MatMul") or len(node.inputs) != 2:
                 continue
-            act = _int8_activation(node.inputs[0])
             wt = _int8_weight(node.inputs[1])
-            if act is None or wt is None:
+            if wt is None:
                 continue
-            x, s = act
+            act = None if self.standard else _int8_activation(node.inputs[0])
+            dyn = _dynamic_activation(node.inputs[0]) if act is None else None
+            if act is None and dyn is None:
+                continue
+            if self.standard:
+                q, s, zp = dyn  # type: ignore[misc]
+                new_nodes, y = _integer_matmul(node, q, s, zp, *wt, namer)
+                out = node.outputs[0]
+                y.shape = out.shape.copy() if out.shape is not None else None
+                graph.insert_before(node, new_nodes)
+                out_name = out.name
+                out.replace_all_uses_with(y, replace_graph_outputs=True)
+                graph.remove(node, safe=True)
+                out.name = None
+                y.name = out_name
+                count += 1
+                continue
             wq, ws = wt
             n = int(wq.const_value.shape[1])  # type: ignore[union-attr]
             new_nodes: list[ir.Node] = []
-            x_u8 = u8.quantize(x, s, node.name or "matmul", new_nodes)
+            if act is not None:
+                x, s = act
+                x_u8, zp = u8.quantize(x, s, node.name or "matmul", new_nodes), u8.zero_point
+            else:
+                x_u8, s, zp = dyn  # type: ignore[misc]
             bias = _bias_add(node, graph, n)
             last = bias[0] if bias is not None else node
             out = last.outputs[0]
             new_out = ir.Value(name=None, type=out.type, shape=out.shape.copy() if out.shape is not None else None)
-            inputs = [x_u8, wq, s, ws, u8.zero_point, None]
+            inputs = [x_u8, wq, s, ws, zp, None]
             if bias is not None:
                 inputs.append(bias[1])
             fused = ir.node(
@@ -175,9 +245,11 @@ class FuseW8A8MatMulPass(ir.passes.InPlacePass):
             count += 1
         if not count:
             return ir.passes.PassResult(model, False)
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if not self.standard:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
         RemoveUnusedNodesPass()(model)
-        logger.info("fused %d w8a8 MatMul(s) into MatMulIntegerToFloat (uint8 activations)", count)
+        form = "MatMulInteger (standard ONNX)" if self.standard else "MatMulIntegerToFloat"
+        logger.info("wrote %d w8a8 MatMul(s) as %s with uint8 activations", count, form)
         return ir.passes.PassResult(model, True)
 
 

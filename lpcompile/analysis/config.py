@@ -10,7 +10,7 @@ from lpcompile.formats import canonical_name
 #: ``stream="auto"`` streams the analysis of models with more weight bytes than this
 STREAM_AUTO_BYTES = 1 << 30
 
-DEFAULT_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b64", "int4_b32", "bf16", "bf16w")
+DEFAULT_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b64", "int4_b32", "bf16", "bf16w", "w8a8_dyn")
 
 
 @dataclass(frozen=True)
