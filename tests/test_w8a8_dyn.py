@@ -241,3 +241,46 @@ def test_analysis_scores_the_dynamic_activation_term() -> None:
     for n in table.nodes:
         int8, dyn = n.candidates["int8"].predicted_loss, n.candidates["w8a8_dyn"].predicted_loss
         assert int8 is not None and dyn is not None and dyn > int8 >= 0, n.name
+
+
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+def test_interpreter_ops_match_the_reference(case: str) -> None:
+    """The torch interpreter's DynamicQuantizeLinear (MLIR export, measurement) decodes bit for bit like ORT."""
+    import torch
+
+    from lpcompile.analysis.ops import lookup
+
+    class Ctx:
+        name = "t"
+
+        def input_type(self, i: int) -> int:
+            return 0
+
+        def output_type(self, i: int) -> int:
+            return 0
+
+    x = ADVERSARIAL[case]
+    q, s, z = lookup("DynamicQuantizeLinear")(Ctx(), [torch.tensor(x)], {})  # type: ignore[misc,arg-type]
+    assert q.dtype == torch.uint8 and z.dtype == torch.uint8
+    y = (q.to(torch.int64) - z.to(torch.int64)).float() * s
+    assert np.array_equal(y.numpy(), dynamic_uint8(x))
+    a = torch.tensor([[3, 200], [0, 255]], dtype=torch.uint8)
+    b = torch.tensor([[-128, 7], [127, -1]], dtype=torch.int8)
+    (acc,) = lookup("MatMulInteger")(Ctx(), [a, b, torch.tensor(128, dtype=torch.uint8)], {})  # type: ignore[misc,arg-type]
+    ref = (a.numpy().astype(np.int64) - 128) @ b.numpy().astype(np.int64)
+    assert acc.dtype == torch.int32 and np.array_equal(acc.numpy(), ref)
+
+
+def test_mlir_linalg_runs_the_qdq_form_like_onnx_runtime(tmp_path: Path) -> None:
+    pytest.importorskip("torch_mlir")
+    from lpcompile.runtime import mlir
+
+    proto, _ = mlp(batch=1)
+    out = check(apply_plan(to_ir(proto), dyn_plan(proto), target="qdq")[0])
+    path = tmp_path / "dyn.onnx"
+    onnx.save(out, path)
+    x = (RNG.standard_normal((1, 64)) * 2).astype(np.float32)
+    module = mlir.import_onnx(path, "linalg", {"x": x})
+    (got,) = mlir.run_linalg(module, [x])
+    ref = runs_at(out, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x)
+    assert np.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))

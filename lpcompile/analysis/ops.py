@@ -1365,6 +1365,33 @@ def _quantize(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     return [torch.clamp(y, lo, hi).to(ONNX_TO_TORCH[to])]
 
 
+@_reg("DynamicQuantizeLinear")
+def _dynamic_quantize(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
+    """uint8 codes, scale and zero point from the tensor's own range (which always holds 0)."""
+    x = inputs[0].float()
+    # NaN/±Inf out of the range, data-independently (torch.export; torch-mlir has no isfinite): x − x ≠ 0
+    finite = torch.where((x - x) == 0, x, torch.zeros_like(x))
+    lo = torch.clamp(finite.min(), max=0.0)
+    hi = torch.clamp(finite.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero tensor: codes and zp 0
+    zp = torch.clamp(torch.round(-lo / safe), 0, 255)
+    q = torch.clamp(torch.round(x / safe) + zp, 0, 255)
+    return [q.to(torch.uint8), scale, zp.to(torch.uint8)]
+
+
+@_reg("MatMulInteger")
+def _matmul_integer(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
+    """int32 ``(A − a_zp) @ (B − b_zp)``, exact (float64 products of 8-bit codes stay exact)."""
+    a, b = inputs[0].to(torch.float64), inputs[1].to(torch.float64)
+    a_zp, b_zp = _opt(inputs, 2), _opt(inputs, 3)
+    if a_zp is not None:
+        a = a - a_zp.to(torch.float64)
+    if b_zp is not None:
+        b = b - b_zp.to(torch.float64)
+    return [torch.matmul(a, b).to(torch.int32)]
+
+
 @_reg("MatMulNBits", domain="com.microsoft")
 def _matmul_nbits(ctx: OpContext, inputs: Args, attrs: Attrs) -> Outs:
     """y = A @ dequant(B)^T (+ bias), B packed as [N, n_blocks, blob] little-endian nibbles."""
