@@ -44,7 +44,8 @@ References (numpy + ml_dtypes, round-to-nearest-even everywhere):
   rounding is the ``Add``'s and a fused multiply-add gives the same value). Unlike the other
   families the product is *not* rounded to an fp16 / bf16 scale type (no ``DequantizeLinear`` is
   modelled: llama.cpp dequantizes Q4_1 as ``q·d + m`` in fp32 too). A group with max = min stores
-  ``s = 1``, codes 0 and ``m = min``;
+  ``s = 1``, codes 0 and ``m = min``; weights beyond ±float32 max / 4 (±inf) saturate there, so the
+  decode stays finite;
 * minifloats: ``s`` maps ``amax`` to the element's largest value (E8M0 scales: the OCP MX rule
   ``2^(floor(log2 amax) − emax)``), codes = the ml_dtypes cast of ``w/s`` (saturating), decode ``q·s``;
 * NVFP4: ``S = amax_tensor/(448·6)`` (fp32), block scales ``e4m3(amax_b/6/S)``, decode ``q·s_b·S``;
@@ -137,6 +138,8 @@ SHORT_NAMES: Mapping[str, str] = {
 #: float offset types of the ``z<T>`` part (``zfp16`` / ``zfp32`` are accepted too)
 OFFSET_TYPES: Mapping[str, str] = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
 OFFSET_BITS: Mapping[str, int] = {"float16": 16, "bfloat16": 16, "float32": 32}
+#: float-offset formats saturate weights beyond this magnitude (float32 max / 4: the decode never overflows)
+OFFSET_LIMIT = float(np.finfo(np.float32).max) / 4
 
 
 @dataclass(frozen=True)
@@ -414,6 +417,7 @@ def quantize(spec: Spec, w: np.ndarray, channel_axis: int, reduction_axis: int) 
     zp = None
     if spec.offset_dtype is not None:
         hi = int_range(spec.element)[1]
+        gd = np.clip(gd, -OFFSET_LIMIT, OFFSET_LIMIT)  # so hi·s + m stays finite in fp32
         valid = _valid_mask(g.shape, pad)
         gmin = np.min(np.where(valid, gd, np.inf), axis=red, keepdims=True)
         gmax = np.max(np.where(valid, gd, -np.inf), axis=red, keepdims=True)
