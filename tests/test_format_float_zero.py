@@ -438,3 +438,24 @@ def test_mlir_runs_unpacked_offsets_like_ort(tmp_path: object, fmt: str) -> None
     (got,) = mlir.run_linalg(mlir.import_onnx(path, "linalg", {"x": x}), [x])  # type: ignore[arg-type]
     ref = run(make_session(onnx.load(str(path)), numerics="exact"), {"x": x})["y"]
     assert float(np.abs(got - ref).max()) <= 64 * 2.0**-24 * float(np.abs(ref).max())
+
+
+GATHER = """<ir_version: 10, opset_import: ["" : 21]>
+g (int64[2,3] ids) => (float[2,3,{d}] y) {{
+  y = Gather(T, ids)
+}}"""
+
+
+def test_embedding_table_rows_decode_exactly() -> None:
+    """A Gather table (rows = channel 0, blocks along D) in q4_1: the gathered rows are the reference's."""
+    rng = np.random.default_rng(9)
+    v, d = 20, 80
+    table = (rng.standard_normal((v, d)) * 0.1 + 0.05).astype(np.float32)
+    model = to_ir(parse(GATHER.format(d=d), T=table))
+    (wn,) = find_weight_nodes(model)
+    out = QuantizeWeightsPass(_plan(model, "q4_1"), target="ort")(model).model
+    proto = check(out)
+    ids = np.array([[0, 5, 19], [7, 7, 3]], np.int64)
+    ref = dequantize(quantize_weight("q4_1", table, wn.layout)).reshape(v, d)
+    for sess in _sessions(proto):
+        np.testing.assert_array_equal(sess.run(None, {"ids": ids})[0], ref[ids])
