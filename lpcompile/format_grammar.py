@@ -11,25 +11,41 @@ A format name is an element followed by ``_``-separated parts::
     part     := "b"B              one scale per block of B along the reduction axis
               | "pc"              one scale per output channel
               | "s"T              scale type T: fp32 | fp16 | bf16 | e8m0 (power of two) | e4m3
+                                  (``sf16`` / ``sf32`` are accepted for ``sfp16`` / ``sfp32``)
               | "t32"             a second, per-tensor fp32 scale (NVFP4): block scales are stored
                                   relative to it
               | "a"A              activations entering the op rounded to A: e4m3 | e5m2 | bf16 | fp16
+              | "z"T              asymmetric ints only: a FLOAT offset per scale group instead of the
+                                  integer zero point, of type T: f16 | bf16 | f32 (GGUF Q4_1 / Q5_1,
+                                  HQQ-style), decode ``q·s + m``
 
 Defaults: ints and 8-bit floats are per channel with fp32 scales; FP4/FP6 and ``nf4`` need
 blocks; block scales are fp16 unless given. Short names: ``mxfp4`` = ``e2m1_b32_se8m0``,
 ``mxfp6_e2m3``, ``mxfp6_e3m2``, ``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxint8`` = ``int8_b32_se8m0``,
 ``nvfp4`` = ``e2m1_b16_se4m3_t32``, ``nf4`` = ``nf4_b64``, ``int8_asym`` = ``int8_asym_pc``,
-``w4a8`` = ``int4_b128_ae4m3`` (ZeroQuant-FP style W4A8). The names already in the registry
+``w4a8`` = ``int4_b128_ae4m3`` (ZeroQuant-FP style W4A8), ``q4_1`` = ``int4_asym_b32_zf16`` and
+``q5_1`` = ``int5_asym_b32_zf16`` (llama.cpp's Q4_1 / Q5_1: blocks of 32, fp16 scale and fp16 min;
+5.0 / 6.0 bits). The names already in the registry
 (``int4_b128``, ``int8``, ``fp8_e4m3``…) keep their exact definitions and numerics.
 
 Bits per weight count everything stored: the element, each scale (32/16/8 bits), each zero point
-(N bits) and the per-tensor scale.
+(N bits; a float offset: its type's 16 or 32 bits) and the per-tensor scale.
 
 References (numpy + ml_dtypes, round-to-nearest-even everywhere):
 
 * symmetric ints: ``s = amax/qmax`` stored in the scale type, codes ``clip(rint(w/s))``, decode ``q·s``;
 * asymmetric ints: ``s = (max−min)/(2^N−1)``, ``z = clip(rint(−min/s), 0, 2^N−1)``, codes
   ``clip(rint(w/s)+z, 0, 2^N−1)``, decode ``(q−z)·s``;
+* asymmetric ints with a float offset (``z<T>``): ``s = (max−min)/(2^N−1)`` in the scale type and
+  ``m = min`` in the offset type (max / min of the group itself: 0 need not be in range; a partial
+  last block ignores its padding), codes ``clip(rint((w−m)/s), 0, 2^N−1)`` computed (float64) with
+  the STORED ``s`` and ``m``, decode ``q·s + m`` in fp32: ``fp32(fp32(q·s) + m)`` (one ONNX ``Mul``
+  then one ``Add``; with fp16 / bf16 / E4M3 / E8M0 scales ``q·s`` is exact in fp32, so the one
+  rounding is the ``Add``'s and a fused multiply-add gives the same value). Unlike the other
+  families the product is *not* rounded to an fp16 / bf16 scale type (no ``DequantizeLinear`` is
+  modelled: llama.cpp dequantizes Q4_1 as ``q·d + m`` in fp32 too). A group with max = min stores
+  ``s = 1``, codes 0 and ``m = min``; weights beyond ±float32 max / 4 (±inf) saturate there, so the
+  decode stays finite;
 * minifloats: ``s`` maps ``amax`` to the element's largest value (E8M0 scales: the OCP MX rule
   ``2^(floor(log2 amax) − emax)``), codes = the ml_dtypes cast of ``w/s`` (saturating), decode ``q·s``;
 * NVFP4: ``S = amax_tensor/(448·6)`` (fp32), block scales ``e4m3(amax_b/6/S)``, decode ``q·s_b·S``;
@@ -116,7 +132,14 @@ SHORT_NAMES: Mapping[str, str] = {
     "int4_asym": "int4_asym_b128",
     "w4a8": "int4_b128_ae4m3",
     "fp4": "e2m1_b32_sfp16",
+    "q4_1": "int4_asym_b32_zf16",
+    "q5_1": "int5_asym_b32_zf16",
 }
+#: float offset types of the ``z<T>`` part (``zfp16`` / ``zfp32`` are accepted too)
+OFFSET_TYPES: Mapping[str, str] = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
+OFFSET_BITS: Mapping[str, int] = {"float16": 16, "bfloat16": 16, "float32": 32}
+#: float-offset formats saturate weights beyond this magnitude (float32 max / 4: the decode never overflows)
+OFFSET_LIMIT = float(np.finfo(np.float32).max) / 4
 
 
 @dataclass(frozen=True)
@@ -133,9 +156,10 @@ class Spec:
     tensor_scale: bool
     activation: str | None
     description: str
+    offset_dtype: str | None = None  # float offset per group (``z<T>``): decode q·s + m; None: integer zp
 
 
-_PART = re.compile(r"^(b\d+|pc|s[a-z0-9]+|t32|a[a-z0-9]+|asym|sym)$")
+_PART = re.compile(r"^(b\d+|pc|s[a-z0-9]+|t32|a[a-z0-9]+|z[a-z0-9]+|asym|sym)$")
 
 
 @functools.lru_cache(maxsize=256)
@@ -177,9 +201,10 @@ def parse(text: str) -> Spec:
     scale_dtype: str | None = None
     tensor_scale = False
     activation: str | None = None
+    offset_dtype: str | None = None
     for p in rest:
         if not _PART.match(p):
-            raise FormatError(f"format {text!r}: unknown part {p!r} (bN, pc, s<type>, t32, a<type>, asym)")
+            raise FormatError(f"format {text!r}: unknown part {p!r} (bN, pc, s<type>, t32, a<type>, z<type>, asym)")
         if p[0] == "b" and p[1:].isdigit():
             block = int(p[1:])
             if block < 1:
@@ -189,13 +214,23 @@ def parse(text: str) -> Spec:
         elif p == "t32":
             tensor_scale = True
         elif p[0] == "s":
-            if p[1:] not in SCALE_TYPES:
+            st = {"f16": "fp16", "f32": "fp32"}.get(p[1:], p[1:])  # sf16 / sf32 spell the offsets' way
+            if st not in SCALE_TYPES:
                 raise FormatError(f"format {text!r}: scale type {p[1:]!r} is not one of {', '.join(SCALE_TYPES)}")
-            scale_dtype = SCALE_TYPES[p[1:]]
+            scale_dtype = SCALE_TYPES[st]
+        elif p[0] == "z":
+            zt = p[1:].replace("fp", "f", 1) if p[1:] in ("fp16", "fp32") else p[1:]
+            if zt not in OFFSET_TYPES:
+                raise FormatError(f"format {text!r}: offset type {p[1:]!r} is not one of {', '.join(OFFSET_TYPES)}")
+            offset_dtype = OFFSET_TYPES[zt]
         elif p[0] == "a":
             if p[1:] not in ACTIVATIONS:
                 raise FormatError(f"format {text!r}: activation {p[1:]!r} is not one of {', '.join(ACTIVATIONS)}")
             activation = ACTIVATIONS[p[1:]]
+    if offset_dtype is not None and not asym:
+        raise FormatError(f"format {text!r}: a float offset (z<type>) needs an asymmetric int (intN_asym)")
+    if offset_dtype is not None and tensor_scale:
+        raise FormatError(f"format {text!r}: a float offset does not combine with a per-tensor scale (t32)")
     if block is not None and per_channel:
         raise FormatError(f"format {text!r}: give either a block size or pc, not both")
     if block is None and (element.startswith(("float4", "float6")) or element == "nf4"):
@@ -214,6 +249,8 @@ def parse(text: str) -> Spec:
         canon.append("s" + {v: k for k, v in SCALE_TYPES.items()}[scale_dtype])
     if tensor_scale:
         canon.append("t32")
+    if offset_dtype is not None:
+        canon.append("z" + {v: k for k, v in OFFSET_TYPES.items()}[offset_dtype])
     if activation:
         canon.append("a" + {v: k for k, v in ACTIVATIONS.items()}[activation])
     name = "_".join(canon)
@@ -222,9 +259,11 @@ def parse(text: str) -> Spec:
     desc = f"{head} {kind if m_int else ''} weights, {gran}, {scale_dtype} scales".replace("  ", " ")
     if tensor_scale:
         desc += " + fp32 per-tensor scale"
+    if offset_dtype is not None:
+        desc = desc.replace("asymmetric", "asymmetric (float offset)") + f", {offset_dtype} offsets (q·s + m)"
     if activation:
         desc += f", activations {activation}"
-    return Spec(name, element, bits, scale, scale_dtype, block, asym, tensor_scale, activation, desc)
+    return Spec(name, element, bits, scale, scale_dtype, block, asym, tensor_scale, activation, desc, offset_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +350,17 @@ def store_scale(s: np.ndarray, scale_dtype: str) -> np.ndarray:
     raise FormatError(f"unknown scale type {scale_dtype}")
 
 
+def store_offset(m: np.ndarray, offset_dtype: str) -> np.ndarray:
+    """Round float64 offsets to their type (round-to-nearest-even, saturating at the type's largest
+    finite value), returned in that type."""
+    m = np.asarray(m, dtype=np.float64)
+    if offset_dtype not in OFFSET_BITS:
+        raise FormatError(f"unknown offset type {offset_dtype}")
+    np_type = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[offset_dtype]
+    big = float(ml_dtypes.finfo(np_type).max)
+    return np.clip(m, -big, big).astype(np_type)
+
+
 def _mx_scale(amax: np.ndarray, emax: int) -> np.ndarray:
     """OCP MX shared scale: 2^(floor(log2 amax) − emax_elem) (1 for all-zero groups)."""
     a = np.asarray(amax, dtype=np.float64)
@@ -329,7 +379,7 @@ class Encoded:
 
     codes: np.ndarray  # element values: int8/int16 ints, ml_dtypes floats, uint8 NF4 indices
     scale: np.ndarray  # in the scale type
-    zero_point: np.ndarray | None  # uint8, same shape as scale
+    zero_point: np.ndarray | None  # uint8, same shape as scale; float offsets (z<T>): in the offset type
     tensor_scale: float | None
     axis: int
     block_size: int
@@ -365,7 +415,16 @@ def quantize(spec: Spec, w: np.ndarray, channel_axis: int, reduction_axis: int) 
     amax = np.max(np.abs(gd), axis=red, keepdims=True)
     tensor_scale: float | None = None
     zp = None
-    if spec.element.startswith("uint"):
+    if spec.offset_dtype is not None:
+        hi = int_range(spec.element)[1]
+        gd = np.clip(gd, -OFFSET_LIMIT, OFFSET_LIMIT)  # so hi·s + m stays finite in fp32
+        valid = _valid_mask(g.shape, pad)
+        gmin = np.min(np.where(valid, gd, np.inf), axis=red, keepdims=True)
+        gmax = np.max(np.where(valid, gd, -np.inf), axis=red, keepdims=True)
+        s_st = store_scale(np.where(gmax > gmin, (gmax - gmin) / hi, 1.0), spec.scale_dtype)
+        zp = store_offset(gmin, spec.offset_dtype)
+        codes = np.clip(np.rint((gd - zp.astype(np.float64)) / s_st.astype(np.float64)), 0, hi)
+    elif spec.element.startswith("uint"):
         lo, hi = int_range(spec.element)
         gmin = np.minimum(np.min(gd, axis=red, keepdims=True), 0.0)
         gmax = np.maximum(np.max(gd, axis=red, keepdims=True), 0.0)
@@ -423,6 +482,14 @@ SCALE_MAX: Mapping[str, float] = {
 }
 
 
+def _valid_mask(shape: tuple[int, ...], pad: int) -> np.ndarray:
+    """Broadcastable mask of the grouped view ``[G, B, *rest]``: False on the zero padding of the last block."""
+    valid = np.ones(shape[:2] + (1,) * (len(shape) - 2), dtype=bool)
+    if pad:
+        valid[-1, shape[1] - pad :] = False
+    return valid
+
+
 def _ungroup(g: np.ndarray, scale: str, axis: int, pad: int, shape: tuple[int, ...]) -> np.ndarray:
     moved_shape = (shape[axis], *[d for i, d in enumerate(shape) if i != axis])
     flat = g.reshape(moved_shape) if scale == "per_channel" else g.reshape(-1, *g.shape[2:])[: shape[axis]]
@@ -437,7 +504,8 @@ def _ungroup_scale(s: np.ndarray, scale: str, axis: int, shape: tuple[int, ...])
 
 
 def dequantize(spec: Spec, enc: Encoded) -> np.ndarray:
-    """Decode to float32: ``(code − z)·s(·S)`` with the DequantizeLinear rounding of the product."""
+    """Decode to float32: ``(code − z)·s(·S)`` with the DequantizeLinear rounding of the product;
+    float offsets: ``fp32(fp32(code·s) + m)``, no rounding to the scale type."""
     if spec.element == "nf4":
         values = np.asarray(NF4_TABLE, dtype=np.float32)[enc.codes.astype(np.int64)]
     else:
@@ -458,6 +526,8 @@ def dequantize(spec: Spec, enc: Encoded) -> np.ndarray:
                 np.arange(shape[enc.axis]), axis=enc.axis
             )
         )
+    if spec.offset_dtype is not None:  # q·s + m, both in fp32
+        return ((values * full_s).astype(np.float32) + full_z).astype(np.float32)
     if full_z is not None:
         values = values - full_z
     if enc.tensor_scale is not None:
@@ -474,6 +544,7 @@ def bits_per_weight(spec: Spec, n: int, num_groups: int) -> float:
     """Stored bits per weight of a tensor of ``n`` weights in ``num_groups`` scale groups."""
     if n == 0:
         return float(spec.storage_bits)
-    extra = num_groups * (SCALE_BITS[spec.scale_dtype] + (spec.storage_bits if spec.zero_point else 0))
+    zp_bits = OFFSET_BITS[spec.offset_dtype] if spec.offset_dtype else (spec.storage_bits if spec.zero_point else 0)
+    extra = num_groups * (SCALE_BITS[spec.scale_dtype] + zp_bits)
     extra += 32 if spec.tensor_scale else 0
     return (spec.storage_bits * n + extra) / n

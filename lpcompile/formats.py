@@ -127,6 +127,7 @@ class Format:
     description: str = ""
     zero_point: bool = False
     tensor_scale: bool = False
+    offset_dtype: str | None = None  # asymmetric ints with a float offset per group (q·s + m), its type
 
     @property
     def is_float(self) -> bool:
@@ -146,7 +147,9 @@ class Format:
 
     @property
     def _group_bits(self) -> int:
-        """Bits stored per scale group: the scale and, for asymmetric formats, the zero point."""
+        """Bits stored per scale group: the scale and, for asymmetric formats, the zero point (or float offset)."""
+        if self.offset_dtype is not None:
+            return _scale_bits(self.scale_dtype) + _scale_bits(self.offset_dtype)
         return _scale_bits(self.scale_dtype) + (self.storage_bits if self.zero_point else 0)
 
     def bits_for(self, shape: tuple[int, ...], layout: WeightLayout) -> float:
@@ -333,7 +336,10 @@ def get_format(name: str) -> Format:
 
 
 def _identity_key(f: Format) -> tuple[object, ...]:
-    return (f.element, f.storage_bits, f.scale, f.scale_dtype, f.block_size, f.activation, f.zero_point, f.tensor_scale)
+    return (
+        f.element, f.storage_bits, f.scale, f.scale_dtype, f.block_size, f.activation, f.zero_point, f.tensor_scale,
+        f.offset_dtype,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
@@ -354,6 +360,7 @@ def _grammar_format(key: str) -> Format:
         description=spec.description,
         zero_point=spec.zero_point,
         tensor_scale=spec.tensor_scale,
+        offset_dtype=spec.offset_dtype,
     )
     for known in _REGISTRY.values():
         if _identity_key(known) == _identity_key(fmt):
@@ -552,6 +559,7 @@ def _grammar_spec(fmt: Format) -> object:
         fmt.tensor_scale,
         fmt.activation,
         fmt.description,
+        fmt.offset_dtype,
     )
 
 

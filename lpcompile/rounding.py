@@ -462,7 +462,11 @@ def _round_table_family(
     fmt: Format, w: np.ndarray, layout: WeightLayout, method: str, hessian: np.ndarray | None, cfg: RoundingConfig
 ) -> QuantizedWeight:
     """Grammar families (:mod:`lpcompile.format_grammar`): the reference's scales (and zero points),
-    codes by GPTQ on the element's value table when a Hessian is given, else the reference's codes."""
+    codes by GPTQ on the element's value table when a Hessian is given, else the reference's codes.
+
+    Asymmetric ints with a float offset (``z<T>``, decode ``q·s + m``): the reference's ``s`` and ``m``
+    (min / max of the group, no search: ``mse`` is round-to-nearest), GPTQ codes each column as
+    ``clip(rint((x − m)/s))`` with that column's own ``m`` and decodes it as ``q·s + m``."""
     from lpcompile import format_grammar as fg
 
     ref = quantize_weight(fmt, w, layout, "nearest")
@@ -470,9 +474,10 @@ def _round_table_family(
     if method not in ("mse", "gptq") or not finite or ref.scale is None:
         return ref
     asym = ref.zero_point is not None
+    offset = getattr(fmt, "offset_dtype", None) is not None
     table = np.arange(fg.int_range(fmt.element)[1] + 1) if asym else np.unique(fg.code_table(fmt.element))
     round_to = None
-    if ref.tensor_scale is None and fmt.scale_dtype in ("float16", "bfloat16"):
+    if ref.tensor_scale is None and fmt.scale_dtype in ("float16", "bfloat16") and not offset:
         round_to = torch.float16 if fmt.scale_dtype == "float16" else torch.bfloat16
     grid = _TableGrid(torch.from_numpy(np.asarray(table, dtype=np.float32)), round_to)
     searched = not asym and bool(ref.block_size)
@@ -491,7 +496,8 @@ def _round_table_family(
         return torch.from_numpy(np.array(np.transpose(a, perm), dtype=np.float32, order="C")).reshape(k, -1)
 
     shape_p = tuple(np.transpose(clean, perm).shape)
-    vals = _gptq(grid, view(clean), view(full_s), hessian, cfg, view(full_z) if full_z is not None else None)
+    zv = view(full_z) if full_z is not None else None
+    vals = _gptq(grid, view(clean), view(full_s), hessian, cfg, None if offset else zv, zv if offset else None)
     v = np.transpose(vals.reshape(shape_p).numpy(), np.argsort(perm))
     codes = v.astype(np.int16) if asym else _table_codes(fmt, v, fg)
     return QuantizedWeight(ref.format, codes, ref.scale, ref.axis, ref.block_size, ref.zero_point, ref.tensor_scale)
@@ -674,11 +680,13 @@ def _gptq(
     hessian: np.ndarray,
     cfg: RoundingConfig,
     zero: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Codes ``[K, N]`` of ``w [K, N]`` with per-element ``scale [K, N]``, error-compensated along K.
 
     With ``zero`` (asymmetric grids) a value ``x`` is coded as ``codes(x/s + z)`` and decodes to
-    ``decode(c − z, s)``.
+    ``decode(c − z, s)``; with a float ``offset`` ``m`` as ``codes((x − m)/s)``, decoding to
+    ``decode(c, s) + m``.
     """
     k = w.shape[0]
     perm, hinv = _gptq_factor(hessian, cfg)
@@ -686,9 +694,11 @@ def _gptq(
     wt = w.T.contiguous().clone()
     st = scale.T.contiguous()
     zt = zero.T.contiguous() if zero is not None else None
+    mt = offset.T.contiguous() if offset is not None else None
     if perm is not None:
         wt, st = wt[:, perm], st[:, perm]
         zt = zt[:, perm] if zt is not None else None
+        mt = mt[:, perm] if mt is not None else None
     q = torch.zeros_like(wt)
     bs = cfg.block
     for i1 in range(0, k, bs):
@@ -698,10 +708,14 @@ def _gptq(
         h1 = hinv[i1:i2, i1:i2]
         s1 = st[:, i1:i2]
         z1 = zt[:, i1:i2] if zt is not None else None
+        m1 = mt[:, i1:i2] if mt is not None else None
         for i in range(i2 - i1):
             col = w1[:, i]
             sc = s1[:, i]
-            if z1 is None:
+            if m1 is not None:
+                c = grid.codes((col - m1[:, i]) / sc)
+                dec = grid.decode(c, sc) + m1[:, i]
+            elif z1 is None:
                 c = grid.codes(col / sc)
                 dec = grid.decode(c, sc)
             else:

@@ -20,6 +20,9 @@ stored                      decode (every inserted node carries ``lpcompile.serv
 ``<w>_table`` FLOAT [2^b]   ``Cast(INT32)`` → ``Gather(<w>_table, codes)``: the value of every code
 ``<w>_zp`` UINT8            asymmetric ints: zero points packed like the codes, unpacked the same
                             way (``<w>_zp_…`` nodes), then ``Sub(values, Cast(zp))`` per group
+``<w>_offset`` FLOAT16 /    asymmetric ints with a float offset (``z<T>``): after the scale
+BFLOAT16 / FLOAT            ``Mul``, ``Add(·, Cast_f32(<w>_offset))`` per group (``q·s + m``, fp32;
+                            no rounding to the scale type afterwards)
 ``<w>_scale``               fp32 as is; fp16 / bf16 / FLOAT8E4M3FN → ``Cast(FLOAT)``; E8M0 as UINT8
                             → ``Gather(<w>_scale_table [256])``; NVFP4: ``Mul(·, <w>_tscale)``
 ==========================  =====================================================================
@@ -240,13 +243,19 @@ def emit_table_decode(
         group_shape = [1] * rank
         group_shape[q.axis] = shape[q.axis]
         blocked = shape
-    if q.zero_point is not None:
+    offset = getattr(fmt, "offset_dtype", None)
+    if q.zero_point is not None and offset is None:
         zp = _unpacked(b, "zp", np.asarray(q.zero_point, np.uint8), bits, group_shape)
         zpf = b.add("Cast", [zp], {"to": _FLOAT}, "zp_f32", _FLOAT, group_shape)
         values = b.add("Sub", [values, zpf], None, "centered", _FLOAT, blocked)
     scale = _scale_value(b, q, fmt, group_shape)
     values = b.add("Mul", [values, scale], None, "scaled", _FLOAT, blocked)
-    if q.tensor_scale is None and fmt.scale_dtype in ("float16", "bfloat16"):
+    if offset is not None and q.zero_point is not None:  # q·s + m
+        m = b.const("offset", np.asarray(q.zero_point).reshape(group_shape))
+        if offset != "float32":
+            m = b.add("Cast", [m], {"to": _FLOAT}, "offset_f32", _FLOAT, group_shape)
+        values = b.add("Add", [values, m], None, "shifted", _FLOAT, blocked)
+    elif q.tensor_scale is None and fmt.scale_dtype in ("float16", "bfloat16"):
         low = ir.DataType.FLOAT16 if fmt.scale_dtype == "float16" else ir.DataType.BFLOAT16
         values = b.add("Cast", [values], {"to": low}, "round", low, blocked)
         values = b.add("Cast", [values], {"to": _FLOAT}, "round_f32", _FLOAT, blocked)

@@ -90,12 +90,36 @@ _ELEMENT_TYPES = {
 }
 
 
+#: ops of the packed-code table decode (lpcompile.passes.table_decode) the torch interpretation lacks
+_PACKED_DECODE_OPS = frozenset({"BitShift", "BitwiseAnd"})
+
+
+def _refuse_packed_decodes(proto: onnx.ModelProto) -> None:
+    """Raise a one-line ``MlirError`` for weights in grammar formats whose table decode unpacks
+    1/2/4-bit codes with ``BitShift`` / ``BitwiseAnd`` (FP4, NF4, int2/int4 asymmetric or with a
+    float offset such as ``q4_1``...): the torch interpretation this route traces has no such ops."""
+    from lpcompile.passes.table_decode import DECODE_KEY
+
+    serves = "lpcompile.serves"
+    bad = {n.op_type for n in proto.graph.node if n.op_type in _PACKED_DECODE_OPS and not n.domain}
+    if not bad:
+        return
+    formats = sorted({p.value for n in proto.graph.node for p in n.metadata_props if p.key == DECODE_KEY})
+    nodes = sorted({p.value for n in proto.graph.node if n.op_type in bad for p in n.metadata_props if p.key == serves})
+    raise MlirError(
+        f"MLIR lowering does not support weights stored in {', '.join(formats) or 'packed grammar formats'} "
+        f"(their decode unpacks codes with {', '.join(sorted(bad))}; nodes {', '.join(nodes[:4]) or '?'}"
+        f"{'…' if len(nodes) > 4 else ''}): write them for target qdq / ort and run them with ONNX Runtime"
+    )
+
+
 def _format_type(fmt: str) -> str | None:
     """The linalg element type of ``fmt``'s stored weights (int4: i8 storage + f16 scales); None: fp32."""
     from lpcompile.formats import canonical_name, get_format
 
     name = canonical_name(fmt)
     return "i8" if name.startswith("int4") else _ELEMENT_TYPES.get(get_format(name).element)
+
 
 #: ONNX ops whose outputs depend only on their input's shape, not its values
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
@@ -224,6 +248,7 @@ class OnnxProgram(torch.nn.Module):
 
         super().__init__()
         proto = _to_proto(model)
+        _refuse_packed_decodes(proto)
         graph = TorchGraph(proto)
         self._graph_ref = (graph,)  # not an attribute torch.export walks: its tensors are handled below
         self.input_names = tuple(graph.input_names)
