@@ -100,6 +100,7 @@ def refresh_value_info(model: ir.Model) -> bool:
     proto = ir.to_proto(model)
     graph = proto.graph
     del graph.value_info[:]
+    _cut_constant_subgraphs(model, proto)
     large = [t for t in graph.initializer if np.prod(t.dims, dtype=np.int64) > _INFER_INLINE_LIMIT]
     if large:
         names = {t.name for t in large}
@@ -128,6 +129,54 @@ def refresh_value_info(model: ir.Model) -> bool:
                 value.shape = ir.Shape(list(key[1])) if key[1] is not None else None
                 changed = True
     return changed
+
+
+def _cut_constant_subgraphs(model: ir.Model, proto: onnx.ModelProto) -> None:
+    """Hand shape inference the outputs of constant subgraphs (weight decodes) as typed graph inputs.
+
+    ONNX shape inference with ``data_prop`` evaluates constant subgraphs on the weights: a table decode
+    of one 576×1536 weight cost ~110 MB and ~1 s (SmolLM2 with a grammar format ran out of memory at
+    15.9 GB). The rewrite typed those outputs itself, so they are not what this refresh checks: nodes
+    whose inputs are all initializers or outputs of such nodes are dropped from ``proto`` (a copy), and
+    each of their outputs read by the rest of the graph becomes an input with the value's own type and
+    shape. Nothing is cut when one of those outputs has no known type and shape.
+    """
+    const: set[str] = set()
+    cut: list[int] = []
+    for i, node in enumerate(model.graph):
+        ins = [v for v in node.inputs if v is not None]
+        if ins and all(v.const_value is not None or (v.name in const) for v in ins) and not node.attributes.get(
+            "body"
+        ):
+            cut.append(i)
+            const.update(o.name for o in node.outputs if o.name)
+    if not cut:
+        return
+    cut_set = set(cut)
+    boundary: dict[str, ir.Value] = {}
+    for i, node in enumerate(model.graph):
+        if i in cut_set:
+            continue
+        for v in node.inputs:
+            if v is not None and v.name in const:
+                boundary[v.name] = v
+    for v in model.graph.outputs:
+        if v.name in const:
+            boundary[v.name] = v
+    if any(v.dtype is None or v.shape is None for v in boundary.values()):
+        return
+    kept = [n for i, n in enumerate(proto.graph.node) if i not in cut_set]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    declared = {i.name for i in proto.graph.input}
+    for name, v in boundary.items():
+        if name not in declared:
+            dims = [d if isinstance(d, int) else str(d) for d in v.shape]  # type: ignore[union-attr]
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, int(v.dtype), dims))  # type: ignore[arg-type]
+    used = {x for n in proto.graph.node for x in n.input} | {o.name for o in proto.graph.output}
+    live = [t for t in proto.graph.initializer if t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(live)
 
 
 def _replace(value: ir.Value, replacement: ir.Value) -> bool:
