@@ -95,14 +95,28 @@ class OnnxAdapter:
     """The normalised ONNX model interpreted in torch (:class:`lpcompile.analysis.interpreter.TorchGraph`)."""
 
     def __init__(
-        self, model: ir.Model, weights: Sequence[str], activations: Sequence[str], device: str = "cpu"
+        self,
+        model: ir.Model,
+        weights: Sequence[str],
+        activations: Sequence[str],
+        device: str = "cpu",
+        share_tables: bool = False,
     ) -> None:
+        """``share_tables``: an activation that is itself a (float32) weight, a Gather's table, gets the
+        weight's leaf as its activation leaf instead of a zero perturbation leaf of its own: the
+        gradient w.r.t. ``table + δ`` is the table's gradient, so output-space (GGN) estimates are the
+        same, without a table-sized zero leaf, a table-sized ``table + δ`` copy, its gradient and its
+        accumulator per probe pass. (The HVP estimator draws a Rademacher vector per leaf: it keeps
+        the separate leaf.)"""
         from lpcompile.analysis.interpreter import TorchGraph
 
         self.graph = TorchGraph(ir.to_proto(model), trainable=list(weights), device=device)
         self.weights = list(weights)
         self.activations = list(activations)
         self.out_names = [v.name for v in model.graph.outputs]
+        self.shared: frozenset[str] = (
+            frozenset(t for t in self.activations if self.graph.is_float32_param(t)) if share_tables else frozenset()
+        )
 
     def reference(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -110,12 +124,14 @@ class OnnxAdapter:
         return {k: res[k].detach() for k in self.out_names}, {t: res[t].detach() for t in self.activations}
 
     def probe(self, batch: Mapping[str, np.ndarray]) -> ProbeForward:
-        perturb = {t: None for t in self.activations}
+        perturb = {t: None for t in self.activations if t not in self.shared}
         out = self.graph.forward(batch, perturb=perturb, capture=self.activations)
         return ProbeForward(
             outputs={k: out[k] for k in self.out_names},
             weight_leaves={w: self.graph.params[w] for w in self.weights},
-            activation_leaves={t: self.graph.perturbations[t] for t in self.activations},
+            activation_leaves={
+                t: self.graph.params[t] if t in self.shared else self.graph.perturbations[t] for t in self.activations
+            },
             captured={t: out[t].detach() for t in self.activations},
         )
 
@@ -143,7 +159,7 @@ def analyze_onnx(
     act_elements = activation_elements(fmts) if config.activations else set()
     act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
     device = resolve_device(config.device)
-    adapter = OnnxAdapter(model, weights, act_tensors, device=device)
+    adapter = OnnxAdapter(model, weights, act_tensors, device=device, share_tables=config.estimator == "ggn")
     if not config.sharded:
         return run_analysis(adapter, model, nodes, calib, config, progress, module_paths or {}, t0, hessians=hessians)
     from lpcompile.analysis.shard import ShardPool
@@ -259,16 +275,19 @@ def batch_estimate(
         gens = [probe_generator(job.seed, task.index, task.first + j) for j in range(task.k)]
     estimate = _hvp_diagonals if job.estimator == "hvp" else _ggn_diagonals
     samples: list[list[torch.Tensor]] = [[] for _ in wl]
-    sums = estimate([fw.outputs[name] for name in job.kinds], ref, job.kinds, [*wl, *al], task.k, gens,
+    leaves = list({id(leaf): leaf for leaf in [*wl, *al]}.values())  # a shared table leaf once (weights first)
+    sums = estimate([fw.outputs[name] for name in job.kinds], ref, job.kinds, leaves, task.k, gens,
                     step, task.masks, samples)
-    est = {i: a / task.k for i, a in sums.items()} if job.mean else sums
+    captured = fw.captured
+    del fw  # the outputs (and the autograd graph behind them) go before the activation terms are computed
+    est = {i: a.div_(task.k) for i, a in sums.items()} if job.mean else sums  # in place: the sums are ours
     diag = {w: est[id(leaf)].detach().cpu() for w, leaf in zip(job.weights, wl, strict=True) if id(leaf) in est}
     act: dict[tuple[str, str], float] = {}
     for t, leaf in zip(job.act_tensors, al, strict=True):
         if id(leaf) not in est:
             continue
-        d = est[id(leaf)].detach().cpu().double().numpy()
-        a = fw.captured[t].float().cpu().numpy()
+        d = est[id(leaf)].detach().cpu().numpy()  # float32: activation_error widens it exactly
+        a = captured[t].float().cpu().numpy()
         for e in job.act_elements:
             act[(t, e)] = activation_error(d, a, e, job.amax[t])
     traces = {
@@ -279,9 +298,30 @@ def batch_estimate(
 
 
 def activation_error(d: np.ndarray, a: np.ndarray, element: str, amax: float) -> float:
-    """Σ d·δa² for δa the rounding of activation ``a`` to ``element`` at the scale ``amax`` calibrates."""
-    delta = qdq_activation(a, element, activation_scale(amax, element)).astype(np.float64) - a
-    return float(np.sum(d * delta * delta))
+    """Σ d·δa² for δa the rounding of activation ``a`` to ``element`` at the scale ``amax`` calibrates.
+
+    In float64 whatever ``d``'s float type (a float32 ``d`` is widened element by element, exactly);
+    two float64 temporaries of ``a``'s size, the same values as ``np.sum(d * δ * δ)``.
+    """
+    delta = qdq_activation(a, element, activation_scale(amax, element)).astype(np.float64)
+    delta -= a
+    prod = np.multiply(delta, d, dtype=np.float64)
+    prod *= delta
+    return float(np.sum(prod))
+
+
+def finite_amax(t: torch.Tensor, chunk: int = 1 << 20) -> float | None:
+    """max |t| over the finite elements of ``t`` (None when there are none), ``chunk`` elements at a time
+    (no full-size ``abs``, mask and index copies of a large tensor such as an embedding table)."""
+    flat = t.detach().reshape(-1)
+    best: float | None = None
+    for start in range(0, flat.numel(), chunk):
+        a = flat[start : start + chunk].abs()
+        a = a[torch.isfinite(a)]
+        if a.numel():
+            m = float(a.max())
+            best = m if best is None else max(best, m)
+    return best
 
 
 def trace_rse(parts: Iterable[tuple[float, Sequence[float]]]) -> float | None:
@@ -352,10 +392,10 @@ def run_analysis(
         outs, captured = _reference(adapter, b, data)
         refs.append(outs)
         for t in act_tensors:
-            a = captured[t].abs()
-            a = a[torch.isfinite(a)]
-            if a.numel():
-                amax[t] = max(amax[t], float(a.max()))
+            m = finite_amax(captured[t])
+            if m is not None:
+                amax[t] = max(amax[t], m)
+        del outs, captured
     spec = choose_outputs(
         model, config.outputs, config.loss, shapes={k: tuple(v.shape) for k, v in (refs[0] if refs else {}).items()}
     )
@@ -434,10 +474,18 @@ def _add_estimate(
     diag: dict[str, torch.Tensor],
     act_term: dict[tuple[str, str], float],
 ) -> None:
-    """Add one batch's estimates, weighted by the batch's share ``bw`` of the samples."""
+    """Add one batch's estimates, weighted by the batch's share ``bw`` of the samples.
+
+    In place (the same float32 operations as ``diag + bw * est``): the estimate's tensors are scaled and
+    become, or are added to, the accumulators; no weight-sized temporaries.
+    """
     for w in weights:
         if w in est.diag:
-            diag[w] = diag[w] + bw * est.diag[w] if w in diag else bw * est.diag[w]
+            scaled = est.diag[w].mul_(bw)
+            if w in diag:
+                diag[w].add_(scaled)
+            else:
+                diag[w] = scaled
     for key, value in est.act.items():
         act_term[key] += bw * 0.5 * value
 
@@ -709,22 +757,36 @@ def _ggn_diagonals(
     Unbiased like the HVP form, but every sample is non-negative and free of the off-diagonal
     terms that dominate v ⊙ Hv for small diagonal entries.
     """
-    acc = [torch.zeros_like(leaf) for leaf in leaves]
+    # The first probe's squares become the accumulators (0 + x is x for the non-negative x = g², so the
+    # sums are those of zero-initialised ones), and each gradient is dropped once squared: one probe
+    # holds the gradients and the accumulators, not gradients, squares and zeroed accumulators.
+    acc: list[torch.Tensor | None] = [None] * len(leaves)
     for j in range(k):
         zs = [
             ggn_output_probe(ref[name].cpu(), kind, gens[j], (masks or {}).get(name)).to(out.device)
             for (name, kind), out in zip(kinds.items(), outputs, strict=True)
         ]
-        gs = torch.autograd.grad(outputs, leaves, grad_outputs=zs, retain_graph=True, allow_unused=True)
-        for i, (a, g) in enumerate(zip(acc, gs, strict=True)):
-            if g is not None:
-                sq = g.detach() * g.detach()
+        gs = list(torch.autograd.grad(outputs, leaves, grad_outputs=zs, retain_graph=True, allow_unused=True))
+        del zs
+        for i in range(len(gs)):
+            g, gs[i] = gs[i], None
+            if g is None:
+                continue
+            sq = g.detach() * g.detach()
+            del g
+            a = acc[i]
+            if a is None:
+                acc[i] = sq
+            else:
                 a.add_(sq)
-                if samples is not None and i < len(samples):
-                    samples[i].append(sq.sum())
+            if samples is not None and i < len(samples):
+                samples[i].append(sq.sum())
+            del sq
         if step:
             step()
-    return {id(leaf): a for leaf, a in zip(leaves, acc, strict=True)}
+    return {
+        id(leaf): torch.zeros_like(leaf) if a is None else a for leaf, a in zip(leaves, acc, strict=True)
+    }
 
 
 def limit_samples(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:
