@@ -16,6 +16,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from lpcompile.analysis import sensitivity
 from lpcompile.analysis.config import AnalysisConfig
 from lpcompile.analysis.sensitivity import (
     OnnxAdapter,
@@ -44,8 +45,10 @@ def _old_amax(t: torch.Tensor) -> float | None:
     return float(a.max()) if a.numel() else None
 
 
+@pytest.mark.parametrize("chunk", [100, 1 << 20])
 @pytest.mark.parametrize("element", ["float8_e4m3fn", "float8_e5m2", "bfloat16", "float16", "int8"])
-def test_activation_error_is_bit_identical(element: str) -> None:
+def test_activation_error_is_bit_identical(element: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sensitivity, "ACTIVATION_CHUNK", chunk)
     rng = np.random.default_rng(1)
     a = (rng.normal(size=(37, 53)) * 3).astype(np.float32)
     d32 = np.abs(rng.normal(size=a.shape)).astype(np.float32)
