@@ -124,3 +124,32 @@ def test_hvp_keeps_a_separate_table_leaf() -> None:
     adapter = OnnxAdapter(model, sorted({n.weight for n in nodes}), ["E"], share_tables=False)
     assert adapter.shared == frozenset()
     assert OnnxAdapter(model, ["E", "W"], ["E"], share_tables=True).shared == frozenset({"E"})
+
+
+def test_streamed_table_term_is_bit_identical() -> None:
+    from lpcompile.analysis.streamed import _table_term
+
+    rng = np.random.default_rng(6)
+    value = torch.from_numpy((rng.normal(size=(40, 24)) * 2).astype(np.float32))
+    value[3, 3] = -9.5  # the largest magnitude, negative
+    diag = torch.from_numpy(np.abs(rng.normal(size=(40, 24))).astype(np.float32))
+    elements = ["bfloat16", "float8_e4m3fn"]
+    amax: dict[str, float] = {}
+    act_term: dict[tuple[str, str], float] = {}
+    _table_term("E", value, diag, elements, amax, act_term)
+    a = value.numpy()
+    finite = np.abs(a[np.isfinite(a)])
+    old_amax = float(finite.max())
+    assert amax == {"E": old_amax}
+    for e in elements:
+        assert act_term[("E", e)] == 0.5 * _old_activation_error(diag.double().numpy(), a, e, old_amax)
+
+
+def test_float64_diagonals_convert_on_access() -> None:
+    from lpcompile.analysis.sensitivity import Float64Diagonals
+
+    t = torch.tensor([[1.5, 2.0]], dtype=torch.float32)
+    d = Float64Diagonals({"a": t}, {"a": (1, 2), "b": (3,)})
+    assert sorted(d) == ["a", "b"] and len(d) == 2
+    assert d["a"].dtype == np.float64 and np.array_equal(d["a"], t.double().numpy())
+    assert np.array_equal(d["b"], np.zeros(3))
