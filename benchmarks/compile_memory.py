@@ -131,7 +131,7 @@ def run_compile(tree: Path, case: Case, out: Path, budget: str) -> dict[str, Any
         "--budget", budget, "--calib", str(case.calib), "-o", str(out), "--force", "-q", *case.flags,
     ]
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    record: dict[str, Any] = {"tree": str(tree), "command": " ".join(cmd[4:]), "load_before": load_average()}
+    record: dict[str, Any] = {"tree": str(tree), "command": " ".join(cmd[5:]), "load_before": load_average()}
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
     peak = [0]
