@@ -261,7 +261,8 @@ class TorchGraph:
                 if t.dtype in (torch.float16, torch.bfloat16):
                     self._param_dtypes[name] = t.dtype
                     t = t.float()
-                self.params[name] = t.detach().clone().requires_grad_(True)
+                # tensor_from_proto / .to / .float() made ``t``: it owns its data, no clone needed
+                self.params[name] = t.detach().requires_grad_(True)
             else:
                 self.constants[name] = t
         for t in model.graph.sparse_initializer:
@@ -327,6 +328,10 @@ class TorchGraph:
         logger.debug("TorchGraph: %d nodes, %d initializers", len(steps), len(init_names))
 
     # ----------------------------------------------------------------------------------------
+
+    def is_float32_param(self, name: str) -> bool:
+        """Whether ``name`` is a trainable initializer stored in float32 (read as its leaf, no cast)."""
+        return name in self.params and name not in self._param_dtypes
 
     def value_names(self) -> frozenset[str]:
         """Every tensor name of the graph (inputs, initializers, node outputs)."""

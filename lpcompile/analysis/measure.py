@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 import onnx_ir as ir
-from scipy.stats import spearmanr
 
 from lpcompile.analysis.losses import choose_outputs, numpy_distortion
 from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
@@ -138,6 +137,8 @@ def spearman_report(table: SensitivityTable) -> dict[str, object]:
     def rho(a: list[float], b: list[float]) -> float | None:
         if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
             return None
+        from scipy.stats import spearmanr  # lazy: scipy.stats costs ~23 MB of RSS that compile does not need
+
         r = float(spearmanr(a, b).statistic)
         return None if math.isnan(r) else round(r, 4)
 

@@ -21,6 +21,8 @@ error is within the tolerance or ``max_probes`` is reached. One batch's probe pa
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
 import time
@@ -95,14 +97,33 @@ class OnnxAdapter:
     """The normalised ONNX model interpreted in torch (:class:`lpcompile.analysis.interpreter.TorchGraph`)."""
 
     def __init__(
-        self, model: ir.Model, weights: Sequence[str], activations: Sequence[str], device: str = "cpu"
+        self,
+        model: ir.Model,
+        weights: Sequence[str],
+        activations: Sequence[str],
+        device: str = "cpu",
+        share_tables: bool = False,
     ) -> None:
+        """``share_tables``: an activation that is itself a (float32) weight, a Gather's table, gets the
+        weight's leaf as its activation leaf instead of a zero perturbation leaf of its own: the
+        gradient w.r.t. ``table + δ`` is the table's gradient, so output-space (GGN) estimates are the
+        same, without a table-sized zero leaf, a table-sized ``table + δ`` copy, its gradient and its
+        accumulator per probe pass. (The HVP estimator draws a Rademacher vector per leaf: it keeps
+        the separate leaf.)"""
         from lpcompile.analysis.interpreter import TorchGraph
 
         self.graph = TorchGraph(ir.to_proto(model), trainable=list(weights), device=device)
         self.weights = list(weights)
         self.activations = list(activations)
         self.out_names = [v.name for v in model.graph.outputs]
+        self.shared: frozenset[str] = (
+            frozenset(t for t in self.activations if self.graph.is_float32_param(t)) if share_tables else frozenset()
+        )
+
+    def release(self) -> None:
+        """Drop the interpreted graph (its weight leaves: a float32 copy of the weights) once the probe
+        passes are done; the adapter cannot run afterwards."""
+        self.graph = None  # type: ignore[assignment]
 
     def reference(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -110,12 +131,14 @@ class OnnxAdapter:
         return {k: res[k].detach() for k in self.out_names}, {t: res[t].detach() for t in self.activations}
 
     def probe(self, batch: Mapping[str, np.ndarray]) -> ProbeForward:
-        perturb = {t: None for t in self.activations}
+        perturb = {t: None for t in self.activations if t not in self.shared}
         out = self.graph.forward(batch, perturb=perturb, capture=self.activations)
         return ProbeForward(
             outputs={k: out[k] for k in self.out_names},
             weight_leaves={w: self.graph.params[w] for w in self.weights},
-            activation_leaves={t: self.graph.perturbations[t] for t in self.activations},
+            activation_leaves={
+                t: self.graph.params[t] if t in self.shared else self.graph.perturbations[t] for t in self.activations
+            },
             captured={t: out[t].detach() for t in self.activations},
         )
 
@@ -143,7 +166,7 @@ def analyze_onnx(
     act_elements = activation_elements(fmts) if config.activations else set()
     act_tensors = sorted({n.activation for n in nodes}) if act_elements else []
     device = resolve_device(config.device)
-    adapter = OnnxAdapter(model, weights, act_tensors, device=device)
+    adapter = OnnxAdapter(model, weights, act_tensors, device=device, share_tables=config.estimator == "ggn")
     if not config.sharded:
         return run_analysis(adapter, model, nodes, calib, config, progress, module_paths or {}, t0, hessians=hessians)
     from lpcompile.analysis.shard import ShardPool
@@ -259,16 +282,19 @@ def batch_estimate(
         gens = [probe_generator(job.seed, task.index, task.first + j) for j in range(task.k)]
     estimate = _hvp_diagonals if job.estimator == "hvp" else _ggn_diagonals
     samples: list[list[torch.Tensor]] = [[] for _ in wl]
-    sums = estimate([fw.outputs[name] for name in job.kinds], ref, job.kinds, [*wl, *al], task.k, gens,
+    leaves = list({id(leaf): leaf for leaf in [*wl, *al]}.values())  # a shared table leaf once (weights first)
+    sums = estimate([fw.outputs[name] for name in job.kinds], ref, job.kinds, leaves, task.k, gens,
                     step, task.masks, samples)
-    est = {i: a / task.k for i, a in sums.items()} if job.mean else sums
+    captured = fw.captured
+    del fw  # the outputs (and the autograd graph behind them) go before the activation terms are computed
+    est = {i: a.div_(task.k) for i, a in sums.items()} if job.mean else sums  # in place: the sums are ours
     diag = {w: est[id(leaf)].detach().cpu() for w, leaf in zip(job.weights, wl, strict=True) if id(leaf) in est}
     act: dict[tuple[str, str], float] = {}
     for t, leaf in zip(job.act_tensors, al, strict=True):
         if id(leaf) not in est:
             continue
-        d = est[id(leaf)].detach().cpu().double().numpy()
-        a = fw.captured[t].float().cpu().numpy()
+        d = est[id(leaf)].detach().cpu().numpy()  # float32: activation_error widens it exactly
+        a = captured[t].float().cpu().numpy()
         for e in job.act_elements:
             act[(t, e)] = activation_error(d, a, e, job.amax[t])
     traces = {
@@ -278,10 +304,54 @@ def batch_estimate(
     return BatchEstimate(index=task.index, k=task.k, diag=diag, act=act, trace_samples=traces)
 
 
+#: activation terms of bigger tensors round and square this many elements at a time
+ACTIVATION_CHUNK = 1 << 20
+
+
 def activation_error(d: np.ndarray, a: np.ndarray, element: str, amax: float) -> float:
-    """Σ d·δa² for δa the rounding of activation ``a`` to ``element`` at the scale ``amax`` calibrates."""
-    delta = qdq_activation(a, element, activation_scale(amax, element)).astype(np.float64) - a
-    return float(np.sum(d * delta * delta))
+    """Σ d·δa² for δa the rounding of activation ``a`` to ``element`` at the scale ``amax`` calibrates.
+
+    The products d·δa·δa (float64, whatever ``d``'s float type: float32 is widened exactly) are
+    formed ``ACTIVATION_CHUNK`` elements at a time into one float64 array of ``a``'s shape, then
+    summed as a whole: the same array and the same sum as ``np.sum(d * δ * δ)``, with one float64
+    copy of ``a`` instead of five (an embedding table read as an activation is 11.7M elements on
+    MiniLM, 28M on SmolLM2).
+    """
+    a = np.asarray(a, dtype=np.float32)
+    scale = activation_scale(amax, element)
+    prod = np.empty(a.shape, dtype=np.float64)
+    flat_a, flat_d, flat_p = a.reshape(-1), np.asarray(d).reshape(-1), prod.reshape(-1)
+    for start in range(0, flat_a.size, ACTIVATION_CHUNK):
+        sl = slice(start, start + ACTIVATION_CHUNK)
+        ac = flat_a[sl]
+        delta = qdq_activation(ac, element, scale).astype(np.float64)
+        delta -= ac
+        out = flat_p[sl]
+        np.multiply(flat_d[sl], delta, out=out, dtype=np.float64)
+        out *= delta
+    return float(np.sum(prod))
+
+
+def finite_amax(t: torch.Tensor, chunk: int = 1 << 20) -> float | None:
+    """max |t| over the finite elements of ``t`` (None when there are none), ``chunk`` elements at a time
+    (no full-size ``abs``, mask and index copies of a large tensor such as an embedding table)."""
+    flat = t.detach().reshape(-1)
+    best: float | None = None
+    for start in range(0, flat.numel(), chunk):
+        a = flat[start : start + chunk].abs()
+        a = a[torch.isfinite(a)]
+        if a.numel():
+            m = float(a.max())
+            best = m if best is None else max(best, m)
+    return best
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). glibc keeps
+    freed blocks below its adaptive (≤ 32 MB) mmap threshold in its arenas: without this, one batch's
+    many mid-sized autograd tensors stay resident and the next batch's land beside them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def trace_rse(parts: Iterable[tuple[float, Sequence[float]]]) -> float | None:
@@ -352,10 +422,10 @@ def run_analysis(
         outs, captured = _reference(adapter, b, data)
         refs.append(outs)
         for t in act_tensors:
-            a = captured[t].abs()
-            a = a[torch.isfinite(a)]
-            if a.numel():
-                amax[t] = max(amax[t], float(a.max()))
+            m = finite_amax(captured[t])
+            if m is not None:
+                amax[t] = max(amax[t], m)
+        del outs, captured
     spec = choose_outputs(
         model, config.outputs, config.loss, shapes={k: tuple(v.shape) for k, v in (refs[0] if refs else {}).items()}
     )
@@ -386,18 +456,21 @@ def run_analysis(
             job: ProbeJob, tasks: Sequence[BatchTask], step: Callable[[int], None] | None
         ) -> Iterator[BatchEstimate]:
             for task in tasks:
-                yield batch_estimate(adapter, task, refs[task.index], job, gen, (lambda: step(1)) if step else None)
+                est = batch_estimate(adapter, task, refs[task.index], job, gen, (lambda: step(1)) if step else None)
+                trim_heap()  # the batch's autograd graph is gone: hand its freed heap back before the next
+                yield est
 
     if config.probe_tol is None:
         diag, act_term, rse, drawn = _fixed_probes(runner, job, batch_list, masks, bweights, config, progress)
     else:
         diag, act_term, rse, drawn = _converge(runner, job, batch_list, masks, bweights, config, progress)
     t_hvp = time.perf_counter()
+    release = getattr(adapter, "release", None)
+    if callable(release):  # the ONNX adapter's weight leaves are not needed to score the candidates
+        release()
+    trim_heap()
 
-    shapes = {n.weight: n.shape for n in nodes}
-    diag_np = {
-        w: diag[w].detach().double().numpy() if w in diag else np.zeros(shapes[w], dtype=np.float64) for w in weights
-    }
+    diag_np = Float64Diagonals(diag, {n.weight: n.shape for n in nodes})
     from lpcompile.analysis.rounded import predict_for_config
 
     table_nodes = predict_for_config(
@@ -410,6 +483,27 @@ def run_analysis(
     )
     table = replace(table, probes=drawn, probe_tol=config.probe_tol, seeding=seeding)
     return replace(table, loss_outputs=spec.to_dict())
+
+
+class Float64Diagonals(Mapping[str, np.ndarray]):
+    """The float64 numpy diagonals the candidates are scored with, made when a weight is scored (the
+    same values as converting them all first, without a float64 copy of every diagonal at once);
+    weights without an estimate get zeros."""
+
+    def __init__(self, diag: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self._diag = diag
+        self._shapes = shapes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._diag:
+            return self._diag[name].detach().double().numpy()
+        return np.zeros(self._shapes[name], dtype=np.float64)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
 
 
 def _reference(
@@ -434,10 +528,18 @@ def _add_estimate(
     diag: dict[str, torch.Tensor],
     act_term: dict[tuple[str, str], float],
 ) -> None:
-    """Add one batch's estimates, weighted by the batch's share ``bw`` of the samples."""
+    """Add one batch's estimates, weighted by the batch's share ``bw`` of the samples.
+
+    In place (the same float32 operations as ``diag + bw * est``): the estimate's tensors are scaled and
+    become, or are added to, the accumulators; no weight-sized temporaries.
+    """
     for w in weights:
         if w in est.diag:
-            diag[w] = diag[w] + bw * est.diag[w] if w in diag else bw * est.diag[w]
+            scaled = est.diag[w].mul_(bw)
+            if w in diag:
+                diag[w].add_(scaled)
+            else:
+                diag[w] = scaled
     for key, value in est.act.items():
         act_term[key] += bw * 0.5 * value
 
@@ -709,22 +811,36 @@ def _ggn_diagonals(
     Unbiased like the HVP form, but every sample is non-negative and free of the off-diagonal
     terms that dominate v ⊙ Hv for small diagonal entries.
     """
-    acc = [torch.zeros_like(leaf) for leaf in leaves]
+    # The first probe's squares become the accumulators (0 + x is x for the non-negative x = g², so the
+    # sums are those of zero-initialised ones), and each gradient is dropped once squared: one probe
+    # holds the gradients and the accumulators, not gradients, squares and zeroed accumulators.
+    acc: list[torch.Tensor | None] = [None] * len(leaves)
     for j in range(k):
         zs = [
             ggn_output_probe(ref[name].cpu(), kind, gens[j], (masks or {}).get(name)).to(out.device)
             for (name, kind), out in zip(kinds.items(), outputs, strict=True)
         ]
-        gs = torch.autograd.grad(outputs, leaves, grad_outputs=zs, retain_graph=True, allow_unused=True)
-        for i, (a, g) in enumerate(zip(acc, gs, strict=True)):
-            if g is not None:
-                sq = g.detach() * g.detach()
+        gs = list(torch.autograd.grad(outputs, leaves, grad_outputs=zs, retain_graph=True, allow_unused=True))
+        del zs
+        for i in range(len(gs)):
+            g, gs[i] = gs[i], None
+            if g is None:
+                continue
+            sq = g.detach() * g.detach()
+            del g
+            a = acc[i]
+            if a is None:
+                acc[i] = sq
+            else:
                 a.add_(sq)
-                if samples is not None and i < len(samples):
-                    samples[i].append(sq.sum())
+            if samples is not None and i < len(samples):
+                samples[i].append(sq.sum())
+            del sq
         if step:
             step()
-    return {id(leaf): a for leaf, a in zip(leaves, acc, strict=True)}
+    return {
+        id(leaf): torch.zeros_like(leaf) if a is None else a for leaf, a in zip(leaves, acc, strict=True)
+    }
 
 
 def limit_samples(calib: CalibrationSet, max_samples: int | None) -> CalibrationSet:

@@ -46,7 +46,7 @@ import torch
 from lpcompile.analysis.config import AnalysisConfig, candidate_formats
 from lpcompile.analysis.interpreter import TorchGraph
 from lpcompile.analysis.losses import choose_outputs, ggn_output_probe
-from lpcompile.analysis.sensitivity import activation_error
+from lpcompile.analysis.sensitivity import Float64Diagonals, activation_error, finite_amax
 from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import WeightNode, find_weight_nodes, release_data, tied_groups
@@ -352,10 +352,9 @@ def analyze_streamed(
                     if name in keep_names:
                         stored[b][name] = res[name].detach()
                 for t in capture:
-                    a = res[t].abs()
-                    a = a[torch.isfinite(a)]
-                    if a.numel():
-                        amax[t] = max(amax[t], float(a.max()))
+                    m = finite_amax(res[t])
+                    if m is not None:
+                        amax[t] = max(amax[t], m)
         del params
         _trim_heap()
     refs = [{v.name: stored[b][v.name] for v in model.graph.outputs} for b in range(len(batch_list))]
@@ -461,7 +460,7 @@ def analyze_streamed(
                 for t, leaf in act_leaves:
                     if k == 0:
                         continue
-                    d = (sq[t] / k).cpu().double().numpy()
+                    d = (sq[t] / k).cpu().numpy()  # float32: activation_error widens it exactly
                     a = res[t].detach().float().cpu().numpy()
                     for e in act_elements:
                         act_term[(t, e)] += float(bweights[b]) * 0.5 * activation_error(d, a, e, amax[t])
@@ -515,9 +514,9 @@ def _table_term(
 ) -> None:
     """The activation term of an initializer read as an activation: ½·Σ D·δa² with D its weight diagonal."""
     a = value.detach().float().cpu().numpy()
-    finite = np.abs(a[np.isfinite(a)])
-    amax[name] = float(finite.max()) if finite.size else 0.0
-    d = diag.double().numpy()
+    m = finite_amax(value)  # chunked: no mask, index and abs copies of the table
+    amax[name] = m if m is not None else 0.0
+    d = diag.numpy()  # float32: activation_error widens it exactly (no float64 copy of the table)
     for e in elements:
         act_term[(name, e)] = 0.5 * activation_error(d, a, e, amax[name])
 
@@ -603,7 +602,7 @@ def _score_ready(
     ready = [n for n in pending if n.weight in diag and (n.activation not in acts or n.activation in act_done)]
     if not ready:
         return pending
-    d64 = {n.weight: diag[n.weight].double().numpy() for n in ready}
+    d64 = Float64Diagonals({n.weight: diag[n.weight] for n in ready}, {n.weight: n.shape for n in ready})
     rounded = rounding not in ("nearest",) or any(split_candidate(c)[1] for c in fmts)
     if rounded:
         scored, _ = predict_rounded_losses(
