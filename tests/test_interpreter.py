@@ -650,6 +650,18 @@ CASES: list[Case] = [
         axis=1,
     ),
     one("Q-int16", "QuantizeLinear", {"x": X * 100}, {"s": np.array(0.001, np.float32), "z": np.array(0, np.int16)}),
+    one("DynQ", "DynamicQuantizeLinear", {"x": X * 20}, outs=["y", "ys", "yz"]),
+    one("DynQ-positive", "DynamicQuantizeLinear", {"x": np.abs(X) + 3}, outs=["y", "ys", "yz"]),
+    one(
+        "MatMulInteger-u8s8",
+        "MatMulInteger",
+        {},
+        {
+            "a": np.arange(12, dtype=np.uint8).reshape(3, 4) * 20,
+            "b": (np.arange(20).reshape(4, 5) * 13 % 255 - 127).astype(np.int8),
+            "az": np.array(128, np.uint8),
+        },
+    ),
 ]
 
 
