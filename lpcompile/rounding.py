@@ -33,8 +33,10 @@ All methods are deterministic (no randomness is drawn except by ``stochastic``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -319,7 +321,7 @@ def _diag_weights(h: np.ndarray | None, shape_p: tuple[int, ...], cfg: RoundingC
 def _check_hessian(h: np.ndarray | None, k: int, name: str) -> np.ndarray | None:
     if h is None:
         return None
-    h = np.asarray(h)
+    h = np.asanyarray(h)  # keeps a FactoredXtX (np.asarray would drop it, and its cached factors)
     if h.shape != (k, k):
         raise FormatError(f"{name}: Hessian of shape {h.shape} does not fit a reduction of {k}")
     return h
@@ -382,6 +384,26 @@ def round_weight(
     if method in ("nearest", "stochastic") or fmt.is_identity:
         return quantize_weight(fmt, w, layout, "nearest" if fmt.is_identity else method, seed)  # type: ignore[arg-type]
     w = np.asarray(w, dtype=np.float32)
+    if method in HESSIAN_METHODS and isinstance(hessian, FactoredXtX):
+        digest = hashlib.blake2b(np.ascontiguousarray(w).data, digest_size=16).digest()
+        key = (fmt.name, method, layout, config, w.shape, digest)
+        hit = hessian.rounded.get(key)
+        if hit is None:
+            hit = _round_weight(fmt, w, layout, method, hessian, config, seed)
+            hessian.remember(key, hit)
+        return hit
+    return _round_weight(fmt, w, layout, method, hessian, config, seed)
+
+
+def _round_weight(
+    fmt: Format,
+    w: np.ndarray,
+    layout: WeightLayout,
+    method: str,
+    hessian: np.ndarray | None,
+    config: RoundingConfig,
+    seed: int | None,
+) -> QuantizedWeight:
     if w.ndim == 0 and fmt.scale != "none":
         raise FormatError(f"format {fmt.name} needs a weight of rank >= 1")
     if getattr(layout, "flatten", False) and fmt.scale == "per_block":  # codes and scales on the im2col view
@@ -538,9 +560,7 @@ def _group_sum(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
     return np.moveaxis(g, 0, q.axis)
 
 
-def _decode_nearest(
-    fmt: Format, q: QuantizedWeight, w: np.ndarray, grid: _TableGrid
-) -> tuple[np.ndarray, np.ndarray]:
+def _decode_nearest(fmt: Format, q: QuantizedWeight, w: np.ndarray, grid: _TableGrid) -> tuple[np.ndarray, np.ndarray]:
     """Nearest table values ``w/s`` and their decode ``v·s`` for the (block) scales of ``q``."""
     full_s = _expand_groups(q.scale.astype(np.float32), q, w.shape).astype(np.float32)
     if q.tensor_scale is not None:
@@ -626,19 +646,54 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise FormatError("gptq: the Hessian could not be factorised even with heavy damping")
 
 
+#: bytes of rounded weights all :class:`FactoredXtX` keep together (codes and scales); beyond it new
+#: results are not kept (a repeated call rounds again)
+ROUNDED_CACHE_BYTES = 512 << 20
+_rounded_bytes = [0]
+
+
+def _release(nbytes: int) -> None:
+    _rounded_bytes[0] -= nbytes
+
+
 class FactoredXtX(np.ndarray):
-    """A layer input's ``XᵀX`` that keeps the GPTQ factorisations made from it.
+    """A layer input's ``XᵀX`` that keeps the GPTQ factorisations, and the weights rounded with it.
 
     Every candidate format of a node, and every node reading the same input (q/k/v), rounds with the
     same ``XᵀX``: the float64 inverse Cholesky of a 1536² matrix is ~0.4 s of the ~1.2 s one GPTQ call
     takes on 2 cores, so :func:`_gptq` computes it once per ``(damp, act_order)`` and stores it on the
     array (a view or copy starts with no factors; pickling drops them).
+
+    :func:`round_weight` also keeps its ``mse``/``gptq`` results here, keyed by format, method, layout,
+    config and a digest of the weight's bytes: the analysis rounds every candidate and ``apply`` then
+    rounds the chosen one again with the same ``XᵀX`` (deterministic, so the kept result is returned).
+    All arrays together keep at most :data:`ROUNDED_CACHE_BYTES`; the bytes are released with the array.
     """
 
     gptq_factors: dict[tuple[float, bool], tuple[torch.Tensor | None, torch.Tensor]]
+    rounded: dict[tuple[object, ...], QuantizedWeight]
 
     def __array_finalize__(self, obj: object) -> None:
         self.gptq_factors = {}
+        self.rounded = {}
+        self._kept = [0]
+        weakref.finalize(self, _release_list, self._kept)
+
+    def remember(self, key: tuple[object, ...], q: QuantizedWeight) -> None:
+        """Keep ``q`` under ``key`` while the shared byte budget allows."""
+        nbytes = sum(a.nbytes for a in (q.codes, q.scale, q.zero_point) if a is not None)
+        if _rounded_bytes[0] + nbytes > ROUNDED_CACHE_BYTES:
+            return
+        for a in (q.codes, q.scale, q.zero_point):
+            if a is not None and a.flags.writeable:
+                a.flags.writeable = False  # shared between callers
+        self.rounded[key] = q
+        self._kept[0] += nbytes
+        _rounded_bytes[0] += nbytes
+
+
+def _release_list(kept: list[int]) -> None:
+    _release(kept[0])
 
 
 def _gptq_factor(hessian: np.ndarray, cfg: RoundingConfig) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -679,46 +734,55 @@ def _gptq(
 
     With ``zero`` (asymmetric grids) a value ``x`` is coded as ``codes(x/s + z)`` and decodes to
     ``decode(c − z, s)``.
+
+    The lazy-batch GPTQ of the paper on the ``[K, N]`` layout itself: reduction index ``i`` is the
+    contiguous row ``i`` (all N outputs at once); within a block of ``cfg.block`` rows each row's
+    error is spread over the block's later rows by one rank-1 update (``addr_``), and after the block
+    over all later rows by one matmul (``addmm_``). Same arithmetic as column-by-column on ``Wᵀ``
+    (float32, the factor of :func:`_gptq_factor`), a few Torch calls per row.
     """
     k = w.shape[0]
     perm, hinv = _gptq_factor(hessian, cfg)
-    # rows of w = reduction index; work on Wt [N, K] as in the paper (columns = inputs)
-    wt = w.T.contiguous().clone()
-    st = scale.T.contiguous()
-    zt = zero.T.contiguous() if zero is not None else None
     if perm is not None:
-        wt, st = wt[:, perm], st[:, perm]
-        zt = zt[:, perm] if zt is not None else None
-    q = torch.zeros_like(wt)
+        wk = w.index_select(0, perm)
+        sk = scale.index_select(0, perm)
+        zk = zero.index_select(0, perm) if zero is not None else None
+    else:
+        wk = w.clone(memory_format=torch.contiguous_format)
+        sk = scale.contiguous()
+        zk = zero.contiguous() if zero is not None else None
+    wk = wk.to(torch.float32).contiguous()
+    q = torch.empty_like(wk)
     bs = cfg.block
+    diag = torch.diagonal(hinv)
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
-        w1 = wt[:, i1:i2].clone()
-        e1 = torch.zeros_like(w1)
+        w1 = wk[i1:i2]  # a view: rows i1..i2 are only read from here on
+        e1 = torch.empty_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        s1 = st[:, i1:i2]
-        z1 = zt[:, i1:i2] if zt is not None else None
         for i in range(i2 - i1):
-            col = w1[:, i]
-            sc = s1[:, i]
-            if z1 is None:
-                c = grid.codes(col / sc)
+            r = i1 + i
+            row = w1[i]
+            sc = sk[r]
+            if zk is None:
+                c = grid.codes(row / sc)
                 dec = grid.decode(c, sc)
             else:
-                c = grid.codes(col / sc + z1[:, i])
-                dec = grid.decode(c - z1[:, i], sc)
-            q[:, i1 + i] = c
-            err = (col - dec) / h1[i, i]
+                c = grid.codes(row / sc + zk[r])
+                dec = grid.decode(c - zk[r], sc)
+            q[r] = c
+            err = e1[i]
+            torch.sub(row, dec, out=err)
+            err.div_(diag[r])
             if i + 1 < i2 - i1:
-                w1[:, i + 1 :].sub_(torch.outer(err, h1[i, i + 1 :]))
-            e1[:, i] = err
+                w1[i + 1 :].addr_(h1[i, i + 1 :], err, alpha=-1.0)
         if i2 < k:
-            wt[:, i2:].sub_(e1 @ hinv[i1:i2, i2:])
+            wk[i2:].addmm_(hinv[i1:i2, i2:].T, e1, alpha=-1.0)
     if perm is not None:
         out = torch.empty_like(q)
-        out[:, perm] = q
+        out[perm] = q
         q = out
-    return q.T.contiguous()
+    return q
 
 
 # ---------------------------------------------------------------------------------------------
