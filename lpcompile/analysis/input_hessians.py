@@ -13,8 +13,11 @@ the raw mean over few rows lets GPTQ fit the calibration rows and lose to neares
 Rows of padded positions (``attention_mask == 0``) are left out when the caller passes the mask.
 A MatMul/Gemm input's ``K`` is its last axis (Gemm with ``transA``: the first); a 1-D/2-D Conv's is
 ``I·kh·kw`` in ``torch.nn.functional.unfold`` order (the flattened weight order of
-:func:`lpcompile.rounding.to_2d`). Grouped convolutions get no entry (callers fall back to
-Hessian-free rounding), nor does an activation read by two nodes that need different ``K``.
+:func:`lpcompile.rounding.to_2d`). A grouped (e.g. depthwise) Conv's output channels of group ``g``
+read only that group's input channels, so its entry is one ``XᵀX`` per group, ``[G, K, K]`` with
+``K = (I/G)·kh·kw`` (``[C, kh·kw, kh·kw]`` for a depthwise Conv), each shrunk the same way;
+:func:`lpcompile.rounding.round_weight` uses group ``o // (O/G)``'s matrix for output channel ``o``.
+An activation read by two nodes that need different ``K`` (or groups) gets no entry.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class HessianSpec:
     kind: str
     k: int
     conv: ConvGeometry | None = None
+    groups: int = 1  # conv: one XᵀX per group of input channels (``group`` attribute)
 
 
 def _ints(node: ir.Node, name: str, default: Sequence[int]) -> tuple[int, ...]:
@@ -83,7 +87,7 @@ def hessian_specs(model: ir.Model, nodes: Sequence[WeightNode] | None = None) ->
         elif wn.op_type == "Gemm":
             trans_a = node.attributes.get_int("transA", 0)
             spec = HessianSpec(wn.activation, "matmul_t" if trans_a else "matmul", k)
-        elif wn.op_type == "Conv" and node.attributes.get_int("group", 1) == 1 and len(wn.shape) in (3, 4):
+        elif wn.op_type == "Conv" and len(wn.shape) in (3, 4):
             nk = len(wn.shape) - 2
             auto = node.attributes.get_string("auto_pad", "NOTSET") or "NOTSET"
             geom = ConvGeometry(
@@ -93,7 +97,10 @@ def hessian_specs(model: ir.Model, nodes: Sequence[WeightNode] | None = None) ->
                 pads=_ints(node, "pads", [0] * (2 * nk)),
                 auto_pad=auto,
             )
-            spec = HessianSpec(wn.activation, "conv", k, geom)
+            groups = node.attributes.get_int("group", 1)
+            if groups < 1 or wn.shape[0] % groups:
+                continue
+            spec = HessianSpec(wn.activation, "conv", k, geom, groups)
         else:
             spec = None
         if spec is None or wn.activation in dropped:
@@ -145,13 +152,18 @@ class HessianAccumulator:
         return tuple(self.specs)
 
     def rows(self, name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The ``[rows, K]`` matrix the layer multiplies (None when the shape does not fit the spec)."""
+        """The ``[rows, K]`` matrix the layer multiplies, ``[G, rows, K]`` for a grouped Conv (None when
+        the shape does not fit the spec)."""
         spec = self.specs[name]
         x = x.detach().to(torch.float32)
         if spec.kind == "conv":
             if spec.conv is None or x.ndim not in (3, 4):
                 return None
             r = _conv_rows(x, spec.conv)
+            if spec.groups > 1:
+                if r.shape[1] != spec.groups * spec.k:
+                    return None
+                return r.reshape(r.shape[0], spec.groups, spec.k).transpose(0, 1)  # [G, rows, K]
         elif spec.kind == "matmul_t":
             r = x.reshape(x.shape[0], -1).T if x.ndim == 2 else None
             if r is None:
@@ -184,12 +196,13 @@ class HessianAccumulator:
                 logger.debug("activation %r: shape %s does not fit its spec", name, tuple(x.shape))
                 continue
             r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
-            acc = (r.T @ r).to(torch.float64)  # fp32 product per batch (BLAS speed), fp64 running sum
+            # fp32 product per batch (BLAS speed), fp64 running sum
+            acc = (torch.bmm(r.transpose(1, 2), r) if r.ndim == 3 else r.T @ r).to(torch.float64)
             if name in self._sum:
                 self._sum[name] += acc
             else:
                 self._sum[name] = acc
-            self._rows[name] = self._rows.get(name, 0) + int(r.shape[0])
+            self._rows[name] = self._rows.get(name, 0) + int(r.shape[-2])
 
     def shrinkage(self, name: str) -> float:
         """Shrinkage intensity ``δ = c·K / (c·K + n)`` of ``name``'s ``XᵀX`` (``n`` rows, ``c`` = :data:`SHRINK`)."""
@@ -198,7 +211,8 @@ class HessianAccumulator:
         return SHRINK * k / (SHRINK * k + n) if n > 0 and SHRINK > 0 else 0.0
 
     def result(self, shrink: bool = True) -> dict[str, np.ndarray]:
-        """Mean ``xxᵀ`` per activation tensor, float64 ``[K, K]``.
+        """Mean ``xxᵀ`` per activation tensor, float64 ``[K, K]`` (``[G, K, K]`` for grouped Convs, each
+        group shrunk towards its own diagonal mean).
 
         With ``shrink`` (the default, what the rounding and the analyzer use) each matrix is shrunk
         towards a multiple of the identity by :meth:`shrinkage`: off-diagonal entries times ``1 − δ``,
@@ -218,10 +232,10 @@ class HessianAccumulator:
             s = total / self._rows[n]
             delta = self.shrinkage(n) if shrink else 0.0
             if delta > 0:
-                d = torch.diagonal(s).clone()
+                d = torch.diagonal(s, dim1=-2, dim2=-1).clone()
                 s = s * (1.0 - delta)
-                s.diagonal().copy_((1.0 - delta) * d + delta * d.mean())
-                logger.debug("XᵀX of %r: shrinkage %.3f (K=%d, %d rows)", n, delta, d.numel(), self._rows[n])
+                s.diagonal(dim1=-2, dim2=-1).copy_((1.0 - delta) * d + delta * d.mean(-1, keepdim=True))
+                logger.debug("XᵀX of %r: shrinkage %.3f (K=%d, %d rows)", n, delta, d.shape[-1], self._rows[n])
             out[n] = s.numpy().view(FactoredXtX)  # GPTQ factorises it once for every format and reader
         return out
 
@@ -279,14 +293,20 @@ class HessianStore(MutableMapping[str, np.ndarray]):
 
 
 def node_hessian(node: WeightNode, hessians: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
-    """The Hessian for ``node``'s weight, or None when absent or of the wrong size."""
+    """The Hessian for ``node``'s weight (``[K, K]``, or ``[G, K, K]`` per group of output channels),
+    or None when absent or of the wrong size."""
     if not hessians:
         return None
     h = hessians.get(node.activation)
-    k = reduction_size(node.shape, node.layout)
-    if h is None or h.shape != (k, k):
+    if h is None:
         return None
-    return h
+    k = reduction_size(node.shape, node.layout)
+    if h.shape == (k, k):
+        return h
+    channels = node.shape[node.layout.channel_axis % len(node.shape)] if node.shape else 0
+    if h.ndim == 3 and h.shape[1:] == (k, k) and h.shape[0] > 0 and channels % h.shape[0] == 0:
+        return h
+    return None
 
 
 def attention_mask(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
