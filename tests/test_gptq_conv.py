@@ -215,3 +215,28 @@ def test_gptq_never_loses_to_nearest_on_new_images(kernel: int, fmt: str, calib_
     # what the shrinkage fixes: with the raw mean of the calibration rows GPTQ fits those images and
     # loses to nearest rounding on new ones (as on EfficientNet-Lite0's classifier and deep 1×1 Convs)
     assert err["gptq_raw"] > err["nearest"], err
+
+
+@pytest.mark.parametrize("fmt", ["int4_pc", "int4_b32", "int4_asym_b32", "fp8_e4m3"])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_grouped_gptq_is_gptq_per_group(fmt: str, act_order: bool) -> None:
+    """``[G, K, K]``: each group of output channels is rounded exactly as the plain ``[K, K]`` GPTQ of
+    that group's channels alone (same scales, same codes)."""
+    from lpcompile.rounding import RoundingConfig
+
+    rng = np.random.default_rng(SEED)
+    groups, per, k = 4, 3, 18
+    hs = []
+    for _ in range(groups):
+        x = rng.standard_normal((60, k)) @ rng.standard_normal((k, k))
+        hs.append(x.T @ x / 60)
+    h = np.stack(hs)
+    h[2, :, 5] = h[2, 5, :] = 0.0  # a dead input in one group
+    w = (rng.standard_normal((groups * per, 2, 3, 3)) * 0.1).astype(np.float32)
+    layout = WeightLayout(channel_axis=0, reduction_axis=1)
+    cfg = RoundingConfig(act_order=act_order, block=8)
+    q = dequantize(round_weight(fmt, w, layout, "gptq", hessian=h, config=cfg)).reshape(w.shape)
+    for g in range(groups):
+        sl = slice(g * per, (g + 1) * per)
+        ref = dequantize(round_weight(fmt, w[sl], layout, "gptq", hessian=h[g], config=cfg)).reshape(w[sl].shape)
+        np.testing.assert_allclose(q[sl], ref, rtol=0, atol=1e-6 * np.abs(ref).max())
