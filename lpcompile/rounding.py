@@ -24,7 +24,10 @@ choice of scales and codes differs:
 
 Layouts: a MatMul weight ``W[K, N]`` reduces over axis 0; a Conv weight ``[O, I, kh, kw]`` over
 axis 1, and GPTQ works on the flattened reduction ``I·kh·kw`` (channel-major, the ordering of
-``torch.nn.functional.unfold``), which is also the index order of the Hessian given for it.
+``torch.nn.functional.unfold``), which is also the index order of the Hessian given for it. A grouped
+(depthwise) Conv's Hessian is ``[G, K, K]``, one per group of input channels
+(:mod:`lpcompile.analysis.input_hessians`): output channel ``o`` is rounded (``gptq``) and weighted
+(``mse``/``rtn``) with group ``o // (O/G)``'s matrix, the groups side by side.
 
 Non-finite weights: NaN counts as 0 and ±inf as ±float32 max, as :mod:`lpcompile.formats` does for
 scales; GPTQ falls back to ``mse`` for such tensors (error feedback from them would be meaningless).
