@@ -39,11 +39,18 @@ def _ints(node: Any, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
 def shrink(raw: np.ndarray, c: float, rows: int) -> np.ndarray:
     """``raw`` (``[K, K]`` or ``[G, K, K]``) shrunk with ``δ = c·K/(c·K + rows)``, independently of lpcompile."""
     k = raw.shape[-1]
-    delta = c * k / (c * k + rows) if c > 0 else 0.0
-    out = np.array(raw, dtype=np.float64) * (1.0 - delta)
+    return shrink_by(raw, np.asarray(c * k / (c * k + rows) if c > 0 else 0.0))
+
+
+def shrink_by(raw: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """``(1−δ)·raw + δ·μI`` (``μ`` the mean diagonal) with ``δ`` a scalar or one per group."""
+    k = raw.shape[-1]
+    dl = np.asarray(delta, dtype=np.float64).reshape(-1, 1, 1) if raw.ndim == 3 else float(delta)
+    out = np.array(raw, dtype=np.float64) * (1.0 - dl)
     d = np.diagonal(raw, axis1=-2, axis2=-1)
+    dd = np.asarray(delta, dtype=np.float64).reshape(-1, 1) if raw.ndim == 3 else float(delta)
     idx = np.arange(k)
-    out[..., idx, idx] = (1.0 - delta) * d + delta * d.mean(axis=-1, keepdims=True)
+    out[..., idx, idx] = (1.0 - dd) * d + dd * d.mean(axis=-1, keepdims=True)
     return out
 
 
@@ -64,7 +71,9 @@ def main() -> None:
     p.add_argument("--held-out", default="32:48", help="calibration rows A:B used as held-out inputs")
     p.add_argument("--held-out-file", type=Path, help="held-out inputs from this .npz (rows --held-out of it)")
     p.add_argument("--format", default="int4_b128")
-    p.add_argument("--shrink", default="raw,lpc", help="comma list: raw, lpc, or shrinkage constants c")
+    p.add_argument(
+        "--shrink", default="raw,lpc", help="comma list: raw, lpc, lw (Ledoit–Wolf over samples) or constants c"
+    )
     p.add_argument("--nodes", choices=("all", "grouped"), default="all")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -84,7 +93,8 @@ def main() -> None:
     if not args.held_out_file and args.calib_samples > a:
         raise SystemExit("--calib-samples overlaps the held-out rows")
     graph = TorchGraph(ir.to_proto(model))
-    acc = HessianAccumulator(hessian_specs(model, nodes))
+    settings = [s.strip() for s in args.shrink.split(",") if s.strip()]
+    acc = HessianAccumulator(hessian_specs(model, nodes), sample_stats="lw" in settings)
     with torch.no_grad():
         for i in range(0, args.calib_samples, args.batch):
             bt = {k: v[i : min(i + args.batch, args.calib_samples)] for k, v in calib.items()}
@@ -93,8 +103,7 @@ def main() -> None:
         held = graph.forward(hb, capture=sorted({n.activation for n in nodes}))
     hmask = attention_mask(hb)
     raw_all = acc.result(shrink=False)
-    settings = [s.strip() for s in args.shrink.split(",") if s.strip()]
-    consts = {s: (0.0 if s == "raw" else SHRINK if s == "lpc" else float(s)) for s in settings}
+    consts = {s: (0.0 if s == "raw" else SHRINK if s == "lpc" else float(s)) for s in settings if s != "lw"}
     rows: list[dict[str, Any]] = []
     for wn in nodes:
         node = by_name[wn.name]
@@ -136,11 +145,19 @@ def main() -> None:
             "rows": n_rows,
             "rows_per_k": n_rows / k,
         }
+        lw = acc.ledoit_wolf(wn.activation) if "lw" in settings else None
+        if lw is not None:
+            row["delta_lw"] = lw.tolist()
         variants: list[tuple[str, str, np.ndarray | None]] = [("nearest", "nearest", None)]
         if groups > 1:
             variants += [("rtn", "rtn", None), ("mse_noH", "mse", None)]
         for s in settings:
-            h = np.asarray(h_raw) if consts[s] == 0 else shrink(np.asarray(h_raw), consts[s], n_rows)
+            if s == "lw":
+                if lw is None:
+                    continue
+                h = shrink_by(np.asarray(h_raw), lw)
+            else:
+                h = np.asarray(h_raw) if consts[s] == 0 else shrink(np.asarray(h_raw), consts[s], n_rows)
             variants.append((f"gptq_{s}", "gptq", h.view(FactoredXtX)))
         for name, method, h in variants:
             q = dequantize(round_weight(args.format, w, wn.layout, method, hessian=h)).reshape(w.shape)
@@ -148,6 +165,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"{wn.name:16s} g={groups:4d} K={k:5d} rows={n_rows:7d} "
+            + (f"δlw={float(np.mean(lw)):.3g} " if lw is not None else "")
             + "  ".join(f"{nm} {row[nm]:.3g}" for nm, _, _ in variants),
             flush=True,
         )

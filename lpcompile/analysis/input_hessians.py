@@ -141,10 +141,15 @@ def _conv_rows(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
 class HessianAccumulator:
     """Running ``Σ xxᵀ`` and row counts per activation tensor (see the module docstring)."""
 
-    def __init__(self, specs: Mapping[str, HessianSpec]) -> None:
+    def __init__(self, specs: Mapping[str, HessianSpec], sample_stats: bool = False) -> None:
+        """``sample_stats``: also keep what :meth:`ledoit_wolf` needs (per calibration sample ``Σ xxᵀ``
+        moments; one more ``[K, K]`` per tensor, and one product per sample instead of per batch)."""
         self.specs = dict(specs)
         self._sum: dict[str, torch.Tensor] = {}
         self._rows: dict[str, int] = {}
+        self.sample_stats = sample_stats
+        # per tensor: Σ_b ‖G_b‖²_F (per group), Σ_b n_b·G_b, Σ_b n_b², samples (G_b = Σ xxᵀ of sample b)
+        self._lw: dict[str, list] = {}
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -191,6 +196,9 @@ class HessianAccumulator:
             x = values.get(name)
             if x is None:
                 continue
+            if self.sample_stats and self.specs[name].kind != "matmul_t" and x.ndim >= 2:
+                self._update_per_sample(name, x, m)
+                continue
             r = self.rows(name, x, m)
             if r is None:
                 logger.debug("activation %r: shape %s does not fit its spec", name, tuple(x.shape))
@@ -203,6 +211,52 @@ class HessianAccumulator:
             else:
                 self._sum[name] = acc
             self._rows[name] = self._rows.get(name, 0) + int(r.shape[-2])
+
+    def _update_per_sample(self, name: str, x: torch.Tensor, m: torch.Tensor | None) -> None:
+        """:meth:`update` one calibration sample (batch item) at a time, keeping the moments of the
+        per-sample ``G_b = Σ xxᵀ`` that :meth:`ledoit_wolf` needs."""
+        for b in range(x.shape[0]):
+            mb = m[b : b + 1] if m is not None and m.ndim == 2 and m.shape[0] == x.shape[0] else None
+            r = self.rows(name, x[b : b + 1], mb)
+            if r is None:
+                continue
+            r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+            n = int(r.shape[-2])
+            if n == 0:
+                continue
+            g = (torch.bmm(r.transpose(1, 2), r) if r.ndim == 3 else r.T @ r).to(torch.float64)
+            if name in self._sum:
+                self._sum[name] += g
+            else:
+                self._sum[name] = g.clone()
+            self._rows[name] = self._rows.get(name, 0) + n
+            sq = (g * g).sum(dim=(-2, -1))
+            st = self._lw.get(name)
+            if st is None:
+                self._lw[name] = [sq, n * g, float(n * n), 1]
+            else:
+                st[0] += sq
+                st[1] += n * g
+                st[2] += float(n * n)
+                st[3] += 1
+
+    def ledoit_wolf(self, name: str) -> np.ndarray | None:
+        """Ledoit–Wolf intensity towards ``μI`` per matrix (per group: shape ``[G]``, else ``[]``), with
+        the calibration *samples* as the independent units (the rows of one image or sentence are not
+        independent): ``δ = min(1, β²/γ²)``, ``β² = Σ_b (n_b/N)²‖S_b − S‖²_F`` the estimated variance of
+        the mean ``S``, ``γ² = ‖S − μI‖²_F``. None without :attr:`sample_stats` or with < 2 samples."""
+        st = self._lw.get(name)
+        total, n = self._sum.get(name), self._rows.get(name, 0)
+        if st is None or total is None or n <= 0 or st[3] < 2:
+            return None
+        sq, a, m2, _ = st
+        s = total / n
+        beta2 = (sq - 2.0 * (a * s).sum(dim=(-2, -1)) + m2 * (s * s).sum(dim=(-2, -1))) / float(n * n)
+        mu = torch.diagonal(s, dim1=-2, dim2=-1).mean(-1)
+        gamma2 = (s * s).sum(dim=(-2, -1)) - 2.0 * mu * torch.diagonal(s, dim1=-2, dim2=-1).sum(-1)
+        gamma2 = gamma2 + mu * mu * s.shape[-1]
+        delta = torch.where(gamma2 > 0, beta2.clamp(min=0.0) / gamma2.clamp(min=1e-300), torch.ones_like(gamma2))
+        return delta.clamp(0.0, 1.0).numpy()
 
     def shrinkage(self, name: str) -> float:
         """Shrinkage intensity ``δ = c·K / (c·K + n)`` of ``name``'s ``XᵀX`` (``n`` rows, ``c`` = :data:`SHRINK`)."""
