@@ -1,5 +1,6 @@
 """The digits demo (``lpcompile demo``'s compile: 4.5 bits, gptq, 32 probes) at several XᵀX shrinkage
-constants ``c`` (:data:`lpcompile.analysis.input_hessians.SHRINK`; 0 = the raw mean), held-out KL,
+constants ``c`` (:data:`lpcompile.analysis.input_hessians.SHRINK`; 0 = the raw mean; ``lw``: the
+Ledoit–Wolf rule, :data:`~lpcompile.analysis.input_hessians.SHRINK_RULE`), held-out KL,
 SQNR, top-1 and accuracy against fp32 on the 397 held-out digits (issue 19).
 
     nice -n 10 python benchmarks/gptq_shrink_demo.py --shrink 0,0.5,1,2 --json-out benchmarks/gptq_shrink_demo.json
@@ -41,8 +42,9 @@ def main() -> None:
     labels = np.load(ex / "digits_heldout_labels.npy")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for c in (float(v) for v in args.shrink.split(",")):
-            input_hessians.SHRINK = c
+        for c in (v.strip() for v in args.shrink.split(",")):
+            input_hessians.SHRINK_RULE = "ledoit_wolf" if c == "lw" else "constant"
+            input_hessians.SHRINK = 2.0 if c == "lw" else float(c)  # lw: the constant rule where lw has no estimate
             t0 = time.time()
             res = compile_file(
                 model,
@@ -66,7 +68,7 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"c={c:<5g} bits {row['bits']:.3f}  KL {row['kl']:.3e}  SQNR {row['sqnr_db']:.2f} dB  "
+                f"c={c:<5s} bits {row['bits']:.3f}  KL {row['kl']:.3e}  SQNR {row['sqnr_db']:.2f} dB  "
                 f"top1 {row['top1_agreement']:.4f}  acc {row['accuracy']:.4f}  {row['formats']}",
                 flush=True,
             )

@@ -72,3 +72,22 @@ def test_iid_isotropic_rows_shrink_fully_structured_rows_little() -> None:
     cor = HessianAccumulator({"x": HessianSpec("x", "matmul", k)}, sample_stats=True)
     cor.update({"x": torch.from_numpy(rng.standard_normal((2000, k)) @ mix).float()})
     assert float(cor.ledoit_wolf("x")) < 0.05
+
+
+def test_result_with_the_ledoit_wolf_rule(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lpcompile.analysis import input_hessians as ih
+
+    rng = np.random.default_rng(SEED)
+    k = 10
+    mix = rng.standard_normal((k, k)) * np.linspace(3, 0.2, k)[:, None]
+    x = ((rng.standard_normal((20, 8, k)) @ mix) * np.exp(0.3 * rng.standard_normal((20, 1, k)))).astype(np.float32)
+    monkeypatch.setattr(ih, "SHRINK_RULE", "ledoit_wolf")
+    acc = HessianAccumulator({"x": HessianSpec("x", "matmul", k)})
+    assert acc.sample_stats
+    acc.update({"x": torch.from_numpy(x)})
+    raw = acc.result(shrink=False)["x"]
+    delta = float(acc.ledoit_wolf("x"))
+    assert 0.0 < delta < 1.0
+    exp = raw * (1 - delta)
+    np.fill_diagonal(exp, (1 - delta) * np.diag(raw) + delta * np.diag(raw).mean())
+    np.testing.assert_allclose(acc.result()["x"], exp, rtol=1e-12, atol=1e-15)

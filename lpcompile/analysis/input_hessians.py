@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 #: ``c`` of the shrinkage ``δ = c·K/(c·K + n)`` of every ``XᵀX`` (:meth:`HessianAccumulator.result`);
 #: chosen on held-out layer-output error (EfficientNet-Lite0 Convs and classifier, MiniLM MatMuls).
 SHRINK = 2.0
+#: how :meth:`HessianAccumulator.result` picks ``δ``: ``"constant"`` (``c·K/(c·K + rows)`` with
+#: :data:`SHRINK`) or ``"ledoit_wolf"`` (:meth:`HessianAccumulator.ledoit_wolf`, estimated from the
+#: spread between calibration samples; the constant rule where it is unavailable)
+SHRINK_RULE = "constant"
 
 
 @dataclass(frozen=True)
@@ -141,13 +145,14 @@ def _conv_rows(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
 class HessianAccumulator:
     """Running ``Σ xxᵀ`` and row counts per activation tensor (see the module docstring)."""
 
-    def __init__(self, specs: Mapping[str, HessianSpec], sample_stats: bool = False) -> None:
+    def __init__(self, specs: Mapping[str, HessianSpec], sample_stats: bool | None = None) -> None:
         """``sample_stats``: also keep what :meth:`ledoit_wolf` needs (per calibration sample ``Σ xxᵀ``
-        moments; one more ``[K, K]`` per tensor, and one product per sample instead of per batch)."""
+        moments; one more ``[K, K]`` per tensor, and one product per sample instead of per batch);
+        None: when :data:`SHRINK_RULE` is ``"ledoit_wolf"``."""
         self.specs = dict(specs)
         self._sum: dict[str, torch.Tensor] = {}
         self._rows: dict[str, int] = {}
-        self.sample_stats = sample_stats
+        self.sample_stats = SHRINK_RULE == "ledoit_wolf" if sample_stats is None else sample_stats
         # per tensor: Σ_b ‖G_b‖²_F (per group), Σ_b n_b·G_b, Σ_b n_b², samples (G_b = Σ xxᵀ of sample b)
         self._lw: dict[str, list] = {}
 
@@ -284,6 +289,15 @@ class HessianAccumulator:
             if self._rows.get(n, 0) <= 0:
                 continue
             s = total / self._rows[n]
+            lw = self.ledoit_wolf(n) if shrink and SHRINK_RULE == "ledoit_wolf" else None
+            if lw is not None:
+                dl = torch.from_numpy(np.asarray(lw, dtype=np.float64))
+                d = torch.diagonal(s, dim1=-2, dim2=-1).clone()
+                s = s * (1.0 - dl[..., None, None])
+                s.diagonal(dim1=-2, dim2=-1).copy_((1.0 - dl[..., None]) * d + dl[..., None] * d.mean(-1, keepdim=True))
+                logger.debug("XᵀX of %r: Ledoit–Wolf shrinkage %.3g (mean)", n, float(dl.mean()))
+                out[n] = s.numpy().view(FactoredXtX)
+                continue
             delta = self.shrinkage(n) if shrink else 0.0
             if delta > 0:
                 d = torch.diagonal(s, dim1=-2, dim2=-1).clone()
@@ -411,6 +425,7 @@ def collect_input_hessians(
 
 __all__ = [
     "SHRINK",
+    "SHRINK_RULE",
     "HessianAccumulator",
     "HessianSpec",
     "HessianStore",
