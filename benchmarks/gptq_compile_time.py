@@ -81,6 +81,8 @@ def main() -> None:
             r = _run(cmd, env)
             r["repeat"] = i
             runs[name].append(r)
+            if args.json_out:  # partial results survive an interrupted run
+                args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}))
             print(
                 f"[{i}] {name:8s} wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  rss {r['peak_rss_gb']:.2f} GB  "
                 f"load {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}",
