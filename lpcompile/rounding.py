@@ -24,7 +24,10 @@ choice of scales and codes differs:
 
 Layouts: a MatMul weight ``W[K, N]`` reduces over axis 0; a Conv weight ``[O, I, kh, kw]`` over
 axis 1, and GPTQ works on the flattened reduction ``I·kh·kw`` (channel-major, the ordering of
-``torch.nn.functional.unfold``), which is also the index order of the Hessian given for it.
+``torch.nn.functional.unfold``), which is also the index order of the Hessian given for it. A grouped
+(depthwise) Conv's Hessian is ``[G, K, K]``, one per group of input channels
+(:mod:`lpcompile.analysis.input_hessians`): output channel ``o`` is rounded (``gptq``) and weighted
+(``mse``/``rtn``) with group ``o // (O/G)``'s matrix, the groups side by side.
 
 Non-finite weights: NaN counts as 0 and ±inf as ±float32 max, as :mod:`lpcompile.formats` does for
 scales; GPTQ falls back to ``mse`` for such tensors (error feedback from them would be meaningless).
@@ -33,8 +36,10 @@ All methods are deterministic (no randomness is drawn except by ``stochastic``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -304,10 +309,21 @@ def _full_scale(blocks: _Blocks, s: torch.Tensor) -> torch.Tensor:
 
 
 def _diag_weights(h: np.ndarray | None, shape_p: tuple[int, ...], cfg: RoundingConfig) -> torch.Tensor | None:
+    """``diag(XᵀX)`` normalised to mean 1 (and floored) in the permuted view: ``[*shape_p[:-1], 1]``,
+    or per output channel ``[*shape_p[:-1], C]`` for a grouped ``[G, K, K]`` Hessian (each group's
+    diagonal normalised to its own mean)."""
     if h is None or not cfg.weighted:
         return None
-    d = np.asarray(np.diagonal(h), dtype=np.float64).copy()
+    d = np.asarray(np.diagonal(h, axis1=-2, axis2=-1), dtype=np.float64).copy()  # [K] or [G, K]
     d = np.where(np.isfinite(d) & (d > 0), d, 0.0)
+    if d.ndim == 2:
+        mean = d.mean(axis=1, keepdims=True) if d.size else np.zeros((d.shape[0], 1))
+        if not (mean > 0).any():
+            return None
+        # a group never seen (all inputs dead) is weighted uniformly
+        d = np.where(mean > 0, (d + 1e-3 * mean) / np.where(mean > 0, mean, 1.0), 1.0)
+        per_channel = np.repeat(d.T, shape_p[-1] // d.shape[0], axis=1)  # [K, C]: channel o in group o // (C/G)
+        return torch.from_numpy(per_channel.astype(np.float32)).reshape(*shape_p)
     mean = d.mean() if d.size else 0.0
     if mean <= 0:
         return None
@@ -316,13 +332,16 @@ def _diag_weights(h: np.ndarray | None, shape_p: tuple[int, ...], cfg: RoundingC
     return torch.from_numpy(d.astype(np.float32)).reshape(*shape_p[:-1], 1)
 
 
-def _check_hessian(h: np.ndarray | None, k: int, name: str) -> np.ndarray | None:
+def _check_hessian(h: np.ndarray | None, k: int, name: str, channels: int = 0) -> np.ndarray | None:
+    """``h`` if it is ``[K, K]``, or ``[G, K, K]`` with ``G`` dividing ``channels`` (grouped Convs)."""
     if h is None:
         return None
-    h = np.asarray(h)
-    if h.shape != (k, k):
-        raise FormatError(f"{name}: Hessian of shape {h.shape} does not fit a reduction of {k}")
-    return h
+    h = np.asanyarray(h)  # keeps a FactoredXtX (np.asarray would drop it, and its cached factors)
+    if h.shape == (k, k):
+        return h
+    if h.ndim == 3 and h.shape[1:] == (k, k) and h.shape[0] > 0 and channels % h.shape[0] == 0:
+        return h
+    raise FormatError(f"{name}: Hessian of shape {h.shape} does not fit a reduction of {k} ({channels} channels)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +401,26 @@ def round_weight(
     if method in ("nearest", "stochastic") or fmt.is_identity:
         return quantize_weight(fmt, w, layout, "nearest" if fmt.is_identity else method, seed)  # type: ignore[arg-type]
     w = np.asarray(w, dtype=np.float32)
+    if method in HESSIAN_METHODS and isinstance(hessian, FactoredXtX):
+        digest = hashlib.blake2b(np.ascontiguousarray(w).data, digest_size=16).digest()
+        key = (fmt.name, method, layout, config, w.shape, digest)
+        hit = hessian.rounded.get(key)
+        if hit is None:
+            hit = _round_weight(fmt, w, layout, method, hessian, config, seed)
+            hessian.remember(key, hit)
+        return hit
+    return _round_weight(fmt, w, layout, method, hessian, config, seed)
+
+
+def _round_weight(
+    fmt: Format,
+    w: np.ndarray,
+    layout: WeightLayout,
+    method: str,
+    hessian: np.ndarray | None,
+    config: RoundingConfig,
+    seed: int | None,
+) -> QuantizedWeight:
     if w.ndim == 0 and fmt.scale != "none":
         raise FormatError(f"format {fmt.name} needs a weight of rank >= 1")
     if getattr(layout, "flatten", False) and fmt.scale == "per_block":  # codes and scales on the im2col view
@@ -396,7 +435,7 @@ def round_weight(
         logger.debug("%s: reduction axis = channel axis; reference rounding", fmt.name)
         return quantize_weight(fmt, w, layout, "nearest")
     k = reduction_size(w.shape, layout)
-    hessian = _check_hessian(hessian, k, fmt.name)
+    hessian = _check_hessian(hessian, k, fmt.name, int(w.shape[layout.channel_axis % w.ndim]))
     if not _has_grid(fmt):
         return _round_table_family(fmt, w, layout, method, hessian, config)
     grid = _Grid.of(fmt)
@@ -544,9 +583,7 @@ def _group_sum(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
     return np.moveaxis(g, 0, q.axis)
 
 
-def _decode_nearest(
-    fmt: Format, q: QuantizedWeight, w: np.ndarray, grid: _TableGrid
-) -> tuple[np.ndarray, np.ndarray]:
+def _decode_nearest(fmt: Format, q: QuantizedWeight, w: np.ndarray, grid: _TableGrid) -> tuple[np.ndarray, np.ndarray]:
     """Nearest table values ``w/s`` and their decode ``v·s`` for the (block) scales of ``q``."""
     full_s = _expand_groups(q.scale.astype(np.float32), q, w.shape).astype(np.float32)
     if q.tensor_scale is not None:
@@ -632,19 +669,54 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise FormatError("gptq: the Hessian could not be factorised even with heavy damping")
 
 
+#: bytes of rounded weights all :class:`FactoredXtX` keep together (codes and scales); beyond it new
+#: results are not kept (a repeated call rounds again)
+ROUNDED_CACHE_BYTES = 512 << 20
+_rounded_bytes = [0]
+
+
+def _release(nbytes: int) -> None:
+    _rounded_bytes[0] -= nbytes
+
+
 class FactoredXtX(np.ndarray):
-    """A layer input's ``XᵀX`` that keeps the GPTQ factorisations made from it.
+    """A layer input's ``XᵀX`` that keeps the GPTQ factorisations, and the weights rounded with it.
 
     Every candidate format of a node, and every node reading the same input (q/k/v), rounds with the
     same ``XᵀX``: the float64 inverse Cholesky of a 1536² matrix is ~0.4 s of the ~1.2 s one GPTQ call
     takes on 2 cores, so :func:`_gptq` computes it once per ``(damp, act_order)`` and stores it on the
     array (a view or copy starts with no factors; pickling drops them).
+
+    :func:`round_weight` also keeps its ``mse``/``gptq`` results here, keyed by format, method, layout,
+    config and a digest of the weight's bytes: the analysis rounds every candidate and ``apply`` then
+    rounds the chosen one again with the same ``XᵀX`` (deterministic, so the kept result is returned).
+    All arrays together keep at most :data:`ROUNDED_CACHE_BYTES`; the bytes are released with the array.
     """
 
     gptq_factors: dict[tuple[float, bool], tuple[torch.Tensor | None, torch.Tensor]]
+    rounded: dict[tuple[object, ...], QuantizedWeight]
 
     def __array_finalize__(self, obj: object) -> None:
         self.gptq_factors = {}
+        self.rounded = {}
+        self._kept = [0]
+        weakref.finalize(self, _release_list, self._kept)
+
+    def remember(self, key: tuple[object, ...], q: QuantizedWeight) -> None:
+        """Keep ``q`` under ``key`` while the shared byte budget allows."""
+        nbytes = sum(a.nbytes for a in (q.codes, q.scale, q.zero_point) if a is not None)
+        if _rounded_bytes[0] + nbytes > ROUNDED_CACHE_BYTES:
+            return
+        for a in (q.codes, q.scale, q.zero_point):
+            if a is not None and a.flags.writeable:
+                a.flags.writeable = False  # shared between callers
+        self.rounded[key] = q
+        self._kept[0] += nbytes
+        _rounded_bytes[0] += nbytes
+
+
+def _release_list(kept: list[int]) -> None:
+    _release(kept[0])
 
 
 def _gptq_factor(hessian: np.ndarray, cfg: RoundingConfig) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -654,6 +726,11 @@ def _gptq_factor(hessian: np.ndarray, cfg: RoundingConfig) -> tuple[torch.Tensor
     key = (float(cfg.damp), bool(cfg.act_order))
     if cache is not None and key in cache:
         return cache[key]
+    if hessian.ndim == 3:
+        out = _grouped_factor(hessian, cfg)
+        if cache is not None:
+            cache[key] = out
+        return out
     h = torch.from_numpy(np.array(hessian, dtype=np.float64))
     h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
     h = 0.5 * (h + h.T)
@@ -673,6 +750,90 @@ def _gptq_factor(hessian: np.ndarray, cfg: RoundingConfig) -> tuple[torch.Tensor
     return out
 
 
+def _grouped_factor(hessian: np.ndarray, cfg: RoundingConfig) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """:func:`_gptq_factor` of every group of a ``[G, K, K]`` Hessian at once: ``perm [G, K]`` (or None)
+    and ``hinv [G, K, K]``; damping per group as a fraction of that group's mean diagonal."""
+    h = torch.from_numpy(np.array(hessian, dtype=np.float64))
+    h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
+    h = 0.5 * (h + h.transpose(1, 2))
+    live = (torch.diagonal(h, dim1=1, dim2=2) > 0).to(torch.float64)  # [G, K]
+    h = h * live[:, :, None] * live[:, None, :] + torch.diag_embed(1.0 - live)  # dead inputs: independent
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(torch.diagonal(h, dim1=1, dim2=2), dim=1, descending=True, stable=True)
+        h = h.gather(1, perm[:, :, None].expand_as(h)).gather(2, perm[:, None, :].expand_as(h))
+    mean = torch.diagonal(h, dim1=1, dim2=2).mean(dim=1)
+    mean = torch.where((mean > 0) & torch.isfinite(mean), mean, torch.ones_like(mean))
+    eye = torch.eye(h.shape[1], dtype=h.dtype)
+    lam = cfg.damp * mean
+    upper = torch.empty_like(h)
+    todo = torch.arange(h.shape[0])
+    for _ in range(8):
+        hl = h[todo] + lam[todo, None, None] * eye
+        lower, info = torch.linalg.cholesky_ex(hl)
+        inv = torch.cholesky_inverse(torch.where((info == 0)[:, None, None], lower, eye))
+        up, info2 = torch.linalg.cholesky_ex(inv, upper=True)
+        ok = (info == 0) & (info2 == 0) & torch.isfinite(up).flatten(1).all(dim=1)
+        upper[todo[ok]] = up[ok]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return perm, upper.to(torch.float32)
+        lam[todo] = torch.maximum(lam[todo] * 10.0, 1e-6 * mean[todo])
+        logger.debug("gptq: Cholesky failed for %d groups, damping raised", todo.numel())
+    raise FormatError("gptq: the Hessian could not be factorised even with heavy damping")
+
+
+def _gptq_grouped(
+    grid: _Grid | _TableGrid,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    hessian: np.ndarray,
+    cfg: RoundingConfig,
+    zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`_gptq` with a Hessian per group of output channels (``[G, K, K]``; channel ``n`` of
+    ``w [K, N]`` is in group ``n // (N/G)``): the groups are rounded side by side (batched updates)."""
+    k, n = w.shape
+    g = hessian.shape[0]
+    perm, hinv = _gptq_factor(hessian, cfg)
+
+    def grouped(a: torch.Tensor) -> torch.Tensor:  # [K, N] -> [G, K, N/G] in the factor's row order
+        out = a.reshape(k, g, n // g).permute(1, 0, 2)
+        return (out.gather(1, perm[:, :, None].expand_as(out)) if perm is not None else out).contiguous()
+
+    wk, sk = grouped(w.to(torch.float32)), grouped(scale)
+    zk = grouped(zero) if zero is not None else None
+    q = torch.empty_like(wk)
+    diag = torch.diagonal(hinv, dim1=1, dim2=2)[:, :, None]  # [G, K, 1]
+    bs = cfg.block
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        w1 = wk[:, i1:i2]
+        e1 = torch.empty_like(w1)
+        h1 = hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            r = i1 + i
+            row = w1[:, i]
+            if zk is None:
+                c = grid.codes(row / sk[:, r])
+                dec = grid.decode(c, sk[:, r])
+            else:
+                c = grid.codes(row / sk[:, r] + zk[:, r])
+                dec = grid.decode(c - zk[:, r], sk[:, r])
+            q[:, r] = c
+            err = (row - dec) / diag[:, r]
+            e1[:, i] = err
+            if i + 1 < i2 - i1:
+                w1[:, i + 1 :].sub_(h1[:, i, i + 1 :, None] * err[:, None, :])
+        if i2 < k:
+            wk[:, i2:].sub_(torch.bmm(hinv[:, i1:i2, i2:].transpose(1, 2), e1))
+    if perm is not None:
+        out = torch.empty_like(q)
+        out.scatter_(1, perm[:, :, None].expand_as(q), q)
+        q = out
+    return q.permute(1, 0, 2).reshape(k, n)
+
+
 def _gptq(
     grid: _Grid | _TableGrid,
     w: torch.Tensor,
@@ -687,52 +848,64 @@ def _gptq(
     With ``zero`` (asymmetric grids) a value ``x`` is coded as ``codes(x/s + z)`` and decodes to
     ``decode(c − z, s)``; with a float ``offset`` ``m`` as ``codes((x − m)/s)``, decoding to
     ``decode(c, s) + m``.
+
+    The lazy-batch GPTQ of the paper on the ``[K, N]`` layout itself: reduction index ``i`` is the
+    contiguous row ``i`` (all N outputs at once); within a block of ``cfg.block`` rows each row's
+    error is spread over the block's later rows by one rank-1 update (``addr_``), and after the block
+    over all later rows by one matmul (``addmm_``). Same arithmetic as column-by-column on ``Wᵀ``
+    (float32, the factor of :func:`_gptq_factor`), a few Torch calls per row.
     """
+    if hessian.ndim == 3:
+        if offset is not None:  # float offsets on grouped Convs: nearest codes (no per-group GPTQ for them)
+            return grid.codes((w.to(torch.float32) - offset) / scale)
+        return _gptq_grouped(grid, w, scale, hessian, cfg, zero)
     k = w.shape[0]
     perm, hinv = _gptq_factor(hessian, cfg)
-    # rows of w = reduction index; work on Wt [N, K] as in the paper (columns = inputs)
-    wt = w.T.contiguous().clone()
-    st = scale.T.contiguous()
-    zt = zero.T.contiguous() if zero is not None else None
-    mt = offset.T.contiguous() if offset is not None else None
     if perm is not None:
-        wt, st = wt[:, perm], st[:, perm]
-        zt = zt[:, perm] if zt is not None else None
-        mt = mt[:, perm] if mt is not None else None
-    q = torch.zeros_like(wt)
+        wk = w.index_select(0, perm)
+        sk = scale.index_select(0, perm)
+        zk = zero.index_select(0, perm) if zero is not None else None
+        mk = offset.index_select(0, perm) if offset is not None else None
+    else:
+        wk = w.clone(memory_format=torch.contiguous_format)
+        sk = scale.contiguous()
+        zk = zero.contiguous() if zero is not None else None
+        mk = offset.contiguous() if offset is not None else None
+    wk = wk.to(torch.float32).contiguous()
+    q = torch.empty_like(wk)
     bs = cfg.block
+    diag = torch.diagonal(hinv)
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
-        w1 = wt[:, i1:i2].clone()
-        e1 = torch.zeros_like(w1)
+        w1 = wk[i1:i2]  # a view: rows i1..i2 are only read from here on
+        e1 = torch.empty_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        s1 = st[:, i1:i2]
-        z1 = zt[:, i1:i2] if zt is not None else None
-        m1 = mt[:, i1:i2] if mt is not None else None
         for i in range(i2 - i1):
-            col = w1[:, i]
-            sc = s1[:, i]
-            if m1 is not None:
-                c = grid.codes((col - m1[:, i]) / sc)
-                dec = grid.decode(c, sc) + m1[:, i]
-            elif z1 is None:
-                c = grid.codes(col / sc)
+            r = i1 + i
+            row = w1[i]
+            sc = sk[r]
+            if mk is not None:
+                c = grid.codes((row - mk[r]) / sc)
+                dec = grid.decode(c, sc) + mk[r]
+            elif zk is None:
+                c = grid.codes(row / sc)
                 dec = grid.decode(c, sc)
             else:
-                c = grid.codes(col / sc + z1[:, i])
-                dec = grid.decode(c - z1[:, i], sc)
-            q[:, i1 + i] = c
-            err = (col - dec) / h1[i, i]
+                c = grid.codes(row / sc + zk[r])
+                dec = grid.decode(c - zk[r], sc)
+            q[r] = c
+            err = e1[i]
+            torch.sub(row, dec, out=err)
+            err.div_(diag[r])
             if i + 1 < i2 - i1:
-                w1[:, i + 1 :].sub_(torch.outer(err, h1[i, i + 1 :]))
-            e1[:, i] = err
+                w1[i + 1 :].addr_(h1[i, i + 1 :], err, alpha=-1.0)
         if i2 < k:
-            wt[:, i2:].sub_(e1 @ hinv[i1:i2, i2:])
+            wk[i2:].addmm_(hinv[i1:i2, i2:].T, e1, alpha=-1.0)
     if perm is not None:
         out = torch.empty_like(q)
-        out[:, perm] = q
+        out[perm] = q
         q = out
-    return q.T.contiguous()
+    return q
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,6 +929,8 @@ def kron_loss(delta: np.ndarray, layout: WeightLayout, diag: np.ndarray, hessian
         return 0.5 * float(np.sum(dg * d64 * d64))
     k = reduction_size(d64.shape, layout)
     h = np.asarray(hessian, dtype=np.float64)
+    if h.ndim == 3:
+        return _kron_loss_grouped(d64, layout, dg, h)
     hd = np.diagonal(h)
     mean = float(hd.mean()) if hd.size else 0.0
     if h.shape != (k, k) or not mean > 0 or not np.isfinite(h).all():
@@ -764,6 +939,23 @@ def kron_loss(delta: np.ndarray, layout: WeightLayout, diag: np.ndarray, hessian
     d2 = to_2d(d64, layout)  # [K, N]
     g = to_2d(dg, layout).sum(axis=0) / float(np.diagonal(hn).sum())  # [N]
     quad = np.einsum("kn,kn->n", d2, hn @ d2)
+    return 0.5 * float(np.sum(np.maximum(g, 0.0) * quad))
+
+
+def _kron_loss_grouped(d64: np.ndarray, layout: WeightLayout, dg: np.ndarray, h: np.ndarray) -> float:
+    """:func:`kron_loss` with one ``Ĥ_g`` per group of output channels (``[G, K, K]``, grouped Convs):
+    ``g_n = Σ_k D_kn / tr Ĥ_g(n)`` and ``δ_nᵀ·Ĥ_g(n)·δ_n``, each ``Ĥ_g`` normalised to unit mean diagonal."""
+    k = reduction_size(d64.shape, layout)
+    d2, dg2 = to_2d(d64, layout), to_2d(dg, layout)  # [K, N]
+    n = d2.shape[1]
+    groups = h.shape[0]
+    mean = np.diagonal(h, axis1=1, axis2=2).mean(axis=1)
+    if h.shape[1:] != (k, k) or n % groups or not (mean > 0).all() or not np.isfinite(h).all():
+        return 0.5 * float(np.sum(dg * d64 * d64))
+    hn = h / mean[:, None, None]
+    dgr = d2.reshape(k, groups, n // groups)
+    quad = np.einsum("kgj,gkl,lgj->gj", dgr, hn, dgr).reshape(n)
+    g = dg2.sum(axis=0) / float(k)  # tr Ĥ_g = K for every group
     return 0.5 * float(np.sum(np.maximum(g, 0.0) * quad))
 
 
