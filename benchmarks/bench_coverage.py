@@ -56,6 +56,7 @@ from harness import (
     file_bytes,
     model_bits,
     prepare,
+    remove_model_files,
     session,
     setup_logging,
     weight_bits,
@@ -192,9 +193,7 @@ def lm_rows(task: Task, budget: float, targets: Sequence[str], keep_models: bool
             rows.append(row)
             logger.info("%s %s %s: %s", task.name, kind, target, _brief(row, task))
             if not keep_models:
-                for p in (out, out.with_name(out.name + ".data"), out.with_name(out.stem + ".plan.json")):
-                    if p.exists():
-                        p.unlink()
+                remove_model_files(out)
     primary = task.metrics[0].key
     ratios = {}
     for target in targets:

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import BENCH_DIR, Context, prepare, session, setup_logging, weight_bits
+from harness import BENCH_DIR, Context, prepare, remove_model_files, session, setup_logging, weight_bits
 
 logger = logging.getLogger("bench_float_zero_smollm2")
 
@@ -79,10 +79,6 @@ def uniform_linear(ctx: Context, fmt: str, rounding: str, out: Path) -> dict[str
         "apply_s": time.perf_counter() - t0,
     }
 
-
-def _unlink(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".data"), path.with_name(path.stem + ".plan.json")):
-        p.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -140,7 +136,7 @@ def main() -> None:
                 logger.exception("%s failed", fmt)
                 row = {"kind": "uniform", "method": fmt, "rounding": rounding, "error": f"{type(exc).__name__}: {exc}"}
             record(row)
-            _unlink(path)
+            remove_model_files(path)
     if "hqq" in args.peers.split(","):
         from bench_peers_smollm2 import ort_nbits
 
@@ -149,7 +145,7 @@ def main() -> None:
         info = ort_nbits(ctx, path, 32, False, "hqq")
         record({"kind": "peer", "method": "ort-nbits-hqq-asym-b32", **info, "build_s": time.perf_counter() - t0,
                 **score(path)})  # fmt: skip
-        _unlink(path)
+        remove_model_files(path)
     budgets = [float(b) for b in args.budgets.split(",") if b]
     if budgets:
         from bench_peers_smollm2 import lpcompile_build, lpcompile_table
@@ -166,7 +162,7 @@ def main() -> None:
                 logger.exception("budget %g failed", b)
                 row = {"kind": "mixed", "budget": b, "error": f"{type(exc).__name__}: {exc}"}
             record(row)
-            _unlink(path)
+            remove_model_files(path)
     result["loadavg_end"] = os.getloadavg()
     args.out.write_text(json.dumps(result, indent=1, default=str))
     for r in rows:

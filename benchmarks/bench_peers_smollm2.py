@@ -56,6 +56,7 @@ from harness import (
     calib_batches,
     peer_scope,
     prepare,
+    remove_model_files,
     save_proto,
     session,
     setup_logging,
@@ -200,10 +201,6 @@ def lpcompile_build(
     }
 
 
-def _unlink(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".data"), path.with_name(path.stem + ".plan.json")):
-        p.unlink(missing_ok=True)
-
 
 # ------------------------------------------------------------------------------------------
 
@@ -318,7 +315,7 @@ def main() -> None:
             row = {"kind": "lpcompile", "rounding": rounding, "target": label, "budget": b,
                    "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         record(row)
-        _unlink(path)
+        remove_model_files(path)
     for store in stores.values():
         if store is not None:
             store.close()

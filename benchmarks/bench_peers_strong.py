@@ -45,6 +45,7 @@ from harness import (
     _Reader,
     calib_batches,
     prepare,
+    remove_model_files,
     save_proto,
     session,
     setup_logging,
@@ -243,8 +244,7 @@ def run_peers(
             msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             row = {"kind": "peer", "method": name, "error": f"{type(exc).__name__}: {msg}"}
         record(row)
-        for p in (path, path.with_name(path.name + ".data"), path.with_name(path.stem + ".plan.json")):
-            p.unlink(missing_ok=True)
+        remove_model_files(path)
     return peer_bits
 
 

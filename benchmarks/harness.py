@@ -162,6 +162,12 @@ def _tensor_entries(proto: onnx.ModelProto) -> list[tuple[str, int, tuple[int, .
     return out
 
 
+def remove_model_files(path: Path) -> None:
+    """Delete a written model, its external ``.data`` and its ``.plan.json`` (those that exist)."""
+    for p in (path, path.with_name(path.name + ".data"), path.with_name(path.stem + ".plan.json")):
+        p.unlink(missing_ok=True)
+
+
 def file_bytes(path: Path) -> int:
     """The model file plus its external data files (if any)."""
     total = path.stat().st_size
@@ -627,9 +633,7 @@ def evaluate_variant(
             row.update(latency_pair(ctx.norm, lat_model, ctx.task.latency_feed, numerics="exact"))
     if not keep_model:
         for m in {path, lat_model}:
-            for p in (m, m.with_name(m.name + ".data"), m.with_name(m.stem + ".plan.json")):
-                if p.exists():
-                    p.unlink()
+            remove_model_files(m)
     _write_json(cache, row)
     return row
 

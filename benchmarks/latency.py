@@ -336,12 +336,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if args.w8a8_plans and budget in {float(b) for b in args.w8a8_plans.split(",") if b}:
             for objective in ("size", "latency"):
                 variants.append((f"plan-w8a8-{objective}", W8A8_FORMATS, [t for t in targets if t != "dq"]))
+        w8a8_table = _w8a8_table(ctx) if any(v.startswith("plan-w8a8-") for v, _, _ in variants) else None
         for variant, formats, tgts in variants:
-            if not variant.startswith("plan-w8a8-"):
+            if w8a8_table is None or not variant.startswith("plan-w8a8-"):
                 plan = _plan(ctx, budget, None, formats, "size" if variant == "plan-size" else "auto")
             for target in tgts:
-                if variant.startswith("plan-w8a8-"):  # solved for the row's target (w8a8 is fast on ort only)
-                    plan = _w8a8_plan(ctx, _w8a8_table(ctx), budget, variant.rsplit("-", 1)[1], target)
+                if w8a8_table is not None and variant.startswith("plan-w8a8-"):  # solved for the row's target
+                    plan = _w8a8_plan(ctx, w8a8_table, budget, variant.rsplit("-", 1)[1], target)
                 key = f"{variant}@{budget:g}/{target}"
                 row = measure(
                     ctx,

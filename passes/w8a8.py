@@ -144,17 +144,15 @@ class Uint8Quantizer:
 
 
 def _integer_matmul(
-    node: ir.Node, q: ir.Value, s: ir.Value, zp: ir.Value, wq: ir.Value, ws: ir.Value, namer: Namer
+    base: str, node: ir.Node, q: ir.Value, s: ir.Value, zp: ir.Value, wq: ir.Value, ws: ir.Value, namer: Namer
 ) -> tuple[list[ir.Node], ir.Value]:
     """Standard ONNX ``MatMulInteger(q, Wq, zp) → Cast(float) → Mul(s·ws)``: ORT's ``quantize_dynamic`` form.
 
     ORT fuses it (with the ``DynamicQuantizeLinear`` before it) into ``DynamicQuantizeMatMul`` from
-    ``ORT_ENABLE_EXTENDED`` up; unfused it is exact integer arithmetic then one fp32 multiply.
+    ``ORT_ENABLE_EXTENDED`` up; unfused it is exact integer arithmetic then one fp32 multiply. The
+    ``MatMulInteger`` is named ``base`` and carries ``node``'s doc string and metadata (it is the planned node).
     """
-    base = node.name or "matmul"
     acc = ir.Value(name=namer.value(f"{base}_int32"), type=ir.TensorType(ir.DataType.INT32))
-    # the MatMulInteger is the planned weighted node: it takes the MatMul's name and metadata
-    node.name = namer.node(f"{base}/float")
     mm = ir.node(
         "MatMulInteger", [q, wq, zp], None, name=base, outputs=[acc], doc_string=node.doc_string,
         metadata_props=dict(node.metadata_props),
@@ -197,7 +195,9 @@ class FuseW8A8MatMulPass(ir.passes.InPlacePass):
                 continue
             if self.standard:
                 q, s, zp = dyn  # type: ignore[misc]
-                new_nodes, y = _integer_matmul(node, q, s, zp, *wt, namer)
+                base = node.name or "matmul"
+                node.name = namer.node(f"{base}/float")  # frees the planned name for the MatMulInteger
+                new_nodes, y = _integer_matmul(base, node, q, s, zp, *wt, namer)
                 out = node.outputs[0]
                 y.shape = out.shape.copy() if out.shape is not None else None
                 graph.insert_before(node, new_nodes)

@@ -269,8 +269,10 @@ def test_plan_cli_objective_records_predicted_latency(tmp_path: Path) -> None:
     assert "latency" not in PrecisionPlan.load(out).metadata
 
 
-def test_analysis_scores_the_int8_activation_term() -> None:
-    """w8a8 = int8 weights + an activation term: its predicted loss exceeds int8's on every node."""
+@pytest.mark.parametrize("fmt", ["w8a8", "w8a8_dyn"])
+def test_analysis_scores_the_int8_activation_term(fmt: str) -> None:
+    """w8a8 (calibrated scale) / w8a8_dyn (per-run range) = int8 weights + an activation term: the
+    predicted loss exceeds int8's on every node."""
     from lpcompile.analysis.config import AnalysisConfig
     from lpcompile.api import analyze
     from lpcompile.files import load_calib_for, load_normalized
@@ -278,8 +280,8 @@ def test_analysis_scores_the_int8_activation_term() -> None:
     examples = Path(__file__).resolve().parents[1] / "examples" / "models"
     model = load_normalized(examples / "digits_mlp.onnx")
     calib = load_calib_for(model, examples / "digits_calib.npz")
-    table = analyze(model, calib, AnalysisConfig(formats=("int8", "w8a8"), probes=4))
+    table = analyze(model, calib, AnalysisConfig(formats=("int8", fmt), probes=4))
     for n in table.nodes:
-        int8, w8a8 = n.candidates["int8"].predicted_loss, n.candidates["w8a8"].predicted_loss
-        assert int8 is not None and w8a8 is not None and w8a8 > int8 >= 0, n.name
+        int8, act = n.candidates["int8"].predicted_loss, n.candidates[fmt].predicted_loss
+        assert int8 is not None and act is not None and act > int8 >= 0, n.name
     assert set(table.activation_amax) >= {n.activation for n in table.nodes}

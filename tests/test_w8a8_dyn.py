@@ -228,21 +228,6 @@ def test_objective_latency_picks_the_dynamic_int8_gemm() -> None:
     assert set(solve_with_objective(items, budget, table, "qdq", "latency").assignments.values()) == {"w8a8_dyn"}
 
 
-def test_analysis_scores_the_dynamic_activation_term() -> None:
-    """w8a8_dyn = int8 weights + a per-run activation term: its predicted loss exceeds int8's on every node."""
-    from lpcompile.analysis.config import AnalysisConfig
-    from lpcompile.api import analyze
-    from lpcompile.files import load_calib_for, load_normalized
-
-    examples = Path(__file__).resolve().parents[1] / "examples" / "models"
-    model = load_normalized(examples / "digits_mlp.onnx")
-    calib = load_calib_for(model, examples / "digits_calib.npz")
-    table = analyze(model, calib, AnalysisConfig(formats=("int8", "w8a8_dyn"), probes=4))
-    for n in table.nodes:
-        int8, dyn = n.candidates["int8"].predicted_loss, n.candidates["w8a8_dyn"].predicted_loss
-        assert int8 is not None and dyn is not None and dyn > int8 >= 0, n.name
-
-
 @pytest.mark.parametrize("case", sorted(ADVERSARIAL))
 def test_interpreter_ops_match_the_reference(case: str) -> None:
     """The torch interpreter's DynamicQuantizeLinear (MLIR export, measurement) decodes bit for bit like ORT."""
