@@ -11,7 +11,10 @@ other node fp32. Spearman ρ is reported over all pairs and per candidate.
         [--json-out benchmarks/analyzer_rho_MODEL.json]
 
 ``--max-nodes K`` measures K nodes spread evenly over the graph order (all when 0); the analysis
-still covers every node. Analysis and measurement use the same first ``--samples`` calibration
+still covers every node. By default analysis and measurement use the same first ``--samples``
+calibration samples (in-sample). ``--heldout M`` measures on the M samples that follow them
+instead: the data a deployed model sees, where rounding fitted to the calibration rows (``gptq``,
+``mse``) gains less than it does in-sample. The rounding's ``XᵀX`` always comes from the analysis
 samples.
 """
 
@@ -70,6 +73,8 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-nodes", type=int, default=0, help="measure this many nodes spread over the graph (0: all)")
+    ap.add_argument("--heldout", type=int, default=0,
+                    help="measure on the M samples after the analysis samples (0: measure in-sample)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json-out", required=True)
@@ -81,8 +86,13 @@ def main() -> None:
 
     model = load_normalized(args.model)
     calib = load_calib_for(model, args.calib)
+    heldout = None
     if args.samples and calib.num_samples > args.samples:
-        calib = split(calib, args.samples)[0]
+        calib, rest = split(calib, args.samples)
+        if args.heldout:
+            heldout = split(rest, min(args.heldout, rest.num_samples))[0]
+    if args.heldout and heldout is None:
+        raise SystemExit("--heldout needs --samples below the calibration set's size")
     cfg = AnalysisConfig(
         formats=tuple(args.candidates.split(",")), probes=args.probes, batch_size=args.batch_size, seed=args.seed,
         rounding="nearest",  # a candidate's rounding is its suffix; none means the reference rounding
@@ -107,7 +117,8 @@ def main() -> None:
     pairs = [(nodes[n.name], c) for n in chosen for c in n.candidates if c != "fp32"]
     t1 = time.perf_counter()
     measured = measure.measure_pairs(
-        model, calib, pairs, table.activation_amax, backend, batch_size=args.batch_size, loss=cfg.loss
+        model, heldout if heldout is not None else calib, pairs, table.activation_amax, backend,
+        batch_size=args.batch_size, loss=cfg.loss,
     )
     t_measure = time.perf_counter() - t1
 
@@ -147,6 +158,7 @@ def main() -> None:
         "model": str(args.model),
         "calib": str(args.calib),
         "samples": calib.num_samples,
+        "measured_on": f"{heldout.num_samples} held-out samples" if heldout is not None else "the analysis samples",
         "probes": args.probes,
         "candidates": cands,
         "nodes_analysed": len(table.nodes),

@@ -9,7 +9,8 @@ on its own, for ``apply`` without an analysis.
 Result: ``Mapping[str, np.ndarray]`` keyed by activation tensor name, each ``[K, K]`` float64, the
 mean of ``xxᵀ`` over all rows the layer multiplies (tokens × batch for MatMul, patches for Conv),
 shrunk towards a multiple of the identity by ``δ = c·K/(c·K + rows)`` (:meth:`HessianAccumulator.result`:
-the raw mean over few rows lets GPTQ fit the calibration rows and lose to nearest rounding on new data).
+the raw mean over few rows lets GPTQ fit the calibration rows and lose to nearest rounding on new data;
+each matrix carries its ``δ`` so the loss prediction can use the raw mean, :func:`lpcompile.rounding.unshrunk`).
 Rows of padded positions (``attention_mask == 0``) are left out when the caller passes the mask.
 A MatMul/Gemm input's ``K`` is its last axis (Gemm with ``transA``: the first); a 1-D/2-D Conv's is
 ``I·kh·kw`` in ``torch.nn.functional.unfold`` order (the flattened weight order of
@@ -284,8 +285,10 @@ class HessianAccumulator:
         held-out images was *above* nearest rounding's there (classifier 1.29e-2 vs 9.2e-3 relative;
         seven expanding 1×1 Convs by 11–50 %) while the analyzer, scoring on the same rows, predicted
         it far below.
-        Shrunk, every such layer beats nearest on held-out images and the prediction is no longer
-        fitted to the calibration rows. ``δ`` is 1e-3 or less where rows are plentiful (early Convs).
+        Shrunk, every such layer beats nearest on held-out images. ``δ`` is 1e-3 or less where rows
+        are plentiful (early Convs). Each matrix carries its ``δ`` (:attr:`FactoredXtX.shrinkage`): the
+        analyzer predicts the loss with the raw mean (:func:`lpcompile.rounding.unshrunk`), which ranked
+        held-out measurements better than the shrunk matrix (issue 19, wave 6).
         """
         out: dict[str, np.ndarray] = {}
         for n, total in self._sum.items():
@@ -300,6 +303,7 @@ class HessianAccumulator:
                 s.diagonal(dim1=-2, dim2=-1).copy_((1.0 - dl[..., None]) * d + dl[..., None] * d.mean(-1, keepdim=True))
                 logger.debug("XᵀX of %r: Ledoit–Wolf shrinkage %.3g (mean)", n, float(dl.mean()))
                 out[n] = s.numpy().view(FactoredXtX)
+                out[n].shrinkage = np.asarray(lw, dtype=np.float64)
                 continue
             delta = self.shrinkage(n) if shrink else 0.0
             if delta > 0:
@@ -308,6 +312,7 @@ class HessianAccumulator:
                 s.diagonal(dim1=-2, dim2=-1).copy_((1.0 - delta) * d + delta * d.mean(-1, keepdim=True))
                 logger.debug("XᵀX of %r: shrinkage %.3f (K=%d, %d rows)", n, delta, d.shape[-1], self._rows[n])
             out[n] = s.numpy().view(FactoredXtX)  # GPTQ factorises it once for every format and reader
+            out[n].shrinkage = float(delta)  # the prediction undoes it (rounding.unshrunk)
         return out
 
 
@@ -320,6 +325,7 @@ class HessianStore(MutableMapping[str, np.ndarray]):
         self.mem: dict[str, np.ndarray] = {}
         self.used = 0
         self.files: dict[str, Path] = {}
+        self.shrinkage: dict[str, float | np.ndarray] = {}  # of the spilled matrices (np.save drops it)
         self.dir: tempfile.TemporaryDirectory[str] | None = None
 
     def __setitem__(self, key: str, value: np.ndarray) -> None:
@@ -333,12 +339,15 @@ class HessianStore(MutableMapping[str, np.ndarray]):
         path = Path(self.dir.name) / f"{len(self.files)}.npy"
         np.save(path, value)
         self.files[key] = path
+        self.shrinkage[key] = getattr(value, "shrinkage", 0.0)
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key in self.mem:
             return self.mem[key]
         if key in self.files:
-            return np.load(self.files[key])
+            out = np.load(self.files[key]).view(FactoredXtX)
+            out.shrinkage = self.shrinkage.get(key, 0.0)
+            return out
         raise KeyError(key)
 
     def __delitem__(self, key: str) -> None:
@@ -346,6 +355,7 @@ class HessianStore(MutableMapping[str, np.ndarray]):
             self.used -= self.mem.pop(key).nbytes
         elif key in self.files:
             self.files.pop(key).unlink(missing_ok=True)
+            self.shrinkage.pop(key, None)
         else:
             raise KeyError(key)
 
@@ -358,6 +368,7 @@ class HessianStore(MutableMapping[str, np.ndarray]):
     def close(self) -> None:
         """Remove the spilled matrices."""
         self.files.clear()
+        self.shrinkage.clear()
         if self.dir is not None:
             self.dir.cleanup()
             self.dir = None

@@ -5,7 +5,8 @@ layer-input Hessians (:mod:`lpcompile.analysis.input_hessians`, accumulated in i
 each candidate's loss is computed from the very weights that candidate writes
 (:func:`lpcompile.rounding.candidate`), with the Kronecker-factored prediction
 ½·Σ_n g_n·δ_nᵀĤδ_n (:func:`lpcompile.rounding.kron_loss`) wherever the node has a Hessian, so
-GPTQ's use of input correlations is visible to the solver. The rounded weights are returned too,
+GPTQ's use of input correlations is visible to the solver. The rounding uses the shrunk ``XᵀX``, the
+prediction the raw one (:func:`lpcompile.rounding.unshrunk`). The rounded weights are returned too,
 keyed by (weight, candidate), so ``apply`` can write exactly what was scored
 (``QuantizeWeightsPass(weights=...)``).
 
@@ -25,7 +26,7 @@ from lpcompile.analysis.input_hessians import node_hessian
 from lpcompile.analysis.table import Candidate, NodeSensitivity
 from lpcompile.formats import QuantizedWeight, dequantize, get_format, split_candidate
 from lpcompile.graph import WeightNode, candidate_nodes, tied_groups, weight_array
-from lpcompile.rounding import DEFAULT_CONFIG, RoundingConfig, default_method, kron_loss, round_weight
+from lpcompile.rounding import DEFAULT_CONFIG, RoundingConfig, default_method, kron_loss, round_weight, unshrunk
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def predict_rounded_losses(
         w = weight_array(model, n.weight)
         d = diag[n.weight]
         h = node_hessian(n, hessians)
+        h_pred = unshrunk(h) if kron else None  # predict with the raw XᵀX, round with the shrunk one
         cands: dict[str, Candidate] = {}
         for name in offered[n.name]:
             fmt_name, method = split_candidate(name)
@@ -85,7 +87,7 @@ def predict_rounded_losses(
             if key not in cache:
                 q = round_weight(fmt, w, n.layout, method, hessian=h, config=config)
                 delta = dequantize(q).reshape(w.shape).astype(np.float64) - w
-                cache[key] = (q, kron_loss(delta, n.layout, d, h if kron else None))
+                cache[key] = (q, kron_loss(delta, n.layout, d, h_pred))
             q, pred = cache[key]
             if fmt.activation and fmt.activation in act_elements:
                 pred += act_term[(n.activation, fmt.activation)]
