@@ -12,7 +12,9 @@ the model is rewritten for each target and measured:
 * quality: the task's metrics (``harness.Task.score``) of the outputs computed in ``"exact"``
   numerics against the fp32 outputs;
 * the ops ORT still runs after its optimisations that decode weights per inference
-  (``DequantizeLinear`` left after folding).
+  (``DequantizeLinear`` left after folding), and whether its optimised graph runs the fp32 model's
+  kernels on the same shapes (``lpcompile.runtime.ort_kernels``: the ``kernels`` column says ``fp32``);
+* a 95 % bootstrap interval of each ratio over the interleaved rounds.
 
 Targets: ``qdq`` (default, standard ONNX: weights decoded once at session start), ``ort``
 (MatMulNBits for int4 MatMul weights, decode-once elsewhere); ``--before`` adds ``dq``: the same
@@ -259,6 +261,7 @@ def measure(
     """Build one variant and measure latency (vs fp32), size, bits and quality (cached as JSON)."""
     from lpcompile.errors import LpError
     from lpcompile.runtime.ort import compare_latency, latency_inputs
+    from lpcompile.runtime.ort_kernels import compare_kernels
 
     cache = OUT_DIR / ctx.task.name / f"{key}.json"
     if cache.exists() and not fresh:
@@ -275,12 +278,14 @@ def measure(
     row["contrib_ops"] = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     try:
         row["per_run_ops"] = _per_run_decodes(path)
+        row["kernels"] = compare_kernels(path, ctx.task.model).to_dict()
         lat = compare_latency(path, ctx.task.model, ctx.task.latency_feed, threads=threads, runs=runs)
     except LpError as exc:  # e.g. ORT's QDQ transforms at ORT_ENABLE_ALL reject FP8 Q/DQ graphs
         row["latency_note"] = f"ORT_ENABLE_ALL failed ({str(exc)[:200]}); both timed with exact numerics"
         logger.warning("%s: %s", key, row["latency_note"])
         lat = compare_latency(path, ctx.task.model, ctx.task.latency_feed, threads=threads, runs=runs, numerics="exact")
     row.update(fp32_ms=lat.reference_ms, ms=lat.model_ms, ratio=lat.ratio, runs=lat.runs, threads=lat.threads)
+    row["ratio_ci95"] = list(lat.ratio_interval())
     if batch > 1:
         from lpcompile.frontend.calib import load_calibration
 
@@ -393,7 +398,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     lines = []
     head = (
         f"{'model':<20} {'variant':<22} {'target':<6} {'bits':>6} {'MB':>7} {'fp32 ms':>8} {'ms':>8} {'ratio':>6}"
-        "  quality"
+        f" {'95% interval':>12} {'kernels':>8}  quality"
     )
     lines.append(head)
     lines.append("-" * len(head))
@@ -411,9 +416,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
             variant = r["variant"] if r["budget"] is None else f"{r['variant']}@{r['budget']:g}bits"
             q = r.get(primary["key"])
             qs = f"{primary['label']} {primary['fmt'].format(q)}" if q is not None else ""
+            ci = r.get("ratio_ci95") or [float("nan")] * 2
+            same = (r.get("kernels") or {}).get("same_kernels")
             lines.append(
                 f"{res['model']:<20} {variant:<22} {r['target']:<6} {r['bits']:6.3f} {r['file_bytes'] / 1e6:7.2f} "
-                f"{r['fp32_ms']:8.3f} {r['ms']:8.3f} {r['ratio']:5.2f}x  {qs}"
+                f"{r['fp32_ms']:8.3f} {r['ms']:8.3f} {r['ratio']:5.2f}x {ci[0]:5.2f}-{ci[1]:5.2f}"
+                f" {'fp32' if same else ('other' if same is not None else '?'):>8}  {qs}"
             )
     return "\n".join(lines)
 
@@ -431,10 +439,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         )
         out.append("")
         out.append(
-            f"| variant | bits qdq | MB qdq | {primary['label']} qdq | qdq × fp32 | ort × fp32 | ort predicted "
-            f"| bits ort | {primary['label']} ort | before (dq) × fp32 | bits before |"
+            f"| variant | bits qdq | MB qdq | {primary['label']} qdq | qdq × fp32 | qdq 95 % | qdq kernels "
+            f"| ort × fp32 | ort predicted | bits ort | {primary['label']} ort | before (dq) × fp32 | bits before |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         keys = sorted({(v, b) for v, b, _ in rows}, key=lambda k: (k[1] is None, k[0] != "plan", k[1] or 0, k[0]))
         for v, b in keys:
             q, o, d = (rows.get((v, b, t), {}) for t in ("qdq", "ort", "dq"))
@@ -443,9 +451,13 @@ def markdown(results: list[dict[str, Any]]) -> str:
             def f(r: dict[str, Any], k: str, spec: str) -> str:
                 return spec.format(r[k]) if k in r and r[k] is not None else "–"
 
+            ci = q.get("ratio_ci95")
+            same = (q.get("kernels") or {}).get("same_kernels")
             out.append(
                 f"| {name} | {f(q, 'bits', '{:.3f}')} | {f(q, 'file_bytes', '{:.0f}')} | "
-                f"{f(q, primary['key'], primary['fmt'])} | {f(q, 'ratio', '{:.2f}')} | {f(o, 'ratio', '{:.2f}')} | "
+                f"{f(q, primary['key'], primary['fmt'])} | {f(q, 'ratio', '{:.2f}')} | "
+                f"{f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '–'} | "
+                f"{'fp32' if same else ('other' if same is not None else '–')} | {f(o, 'ratio', '{:.2f}')} | "
                 f"{f(o, 'predicted_x_fp32', '{:.2f}')} | "
                 f"{f(o, 'bits', '{:.3f}')} | {f(o, primary['key'], primary['fmt'])} | {f(d, 'ratio', '{:.2f}')} | "
                 f"{f(d, 'bits', '{:.3f}')} |"

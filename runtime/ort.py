@@ -418,7 +418,21 @@ class LatencyComparison:
         """Model median over reference median (< 1: the model is faster)."""
         return self.model_ms / self.reference_ms if self.reference_ms > 0 else float("nan")
 
-    def to_dict(self) -> dict[str, float | int | str]:
+    def ratio_interval(self, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """Bootstrap interval of :attr:`ratio` at ``confidence``: the rounds (one run of each model,
+        interleaved) are resampled with replacement, so a load spike that slowed both runs of a round
+        stays paired. ``(nan, nan)`` without the individual times."""
+        a = np.asarray(self.model_times, dtype=np.float64)
+        b = np.asarray(self.reference_times, dtype=np.float64)
+        if a.size == 0 or a.size != b.size:
+            return (float("nan"), float("nan"))
+        idx = np.random.default_rng(seed).integers(0, a.size, size=(int(resamples), a.size))
+        r = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+        tail = (1.0 - confidence) / 2.0
+        lo, hi = np.quantile(r, [tail, 1.0 - tail])
+        return (float(lo), float(hi))
+
+    def to_dict(self) -> dict[str, float | int | str | list[float]]:
         return {
             "batch": self.batch,
             "threads": self.threads,
@@ -427,6 +441,7 @@ class LatencyComparison:
             "model_ms": self.model_ms,
             "reference_ms": self.reference_ms,
             "ratio": self.ratio,
+            "ratio_ci95": list(self.ratio_interval()),
         }
 
 

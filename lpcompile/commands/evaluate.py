@@ -77,17 +77,28 @@ def run(args: argparse.Namespace) -> int:
 def _latency(args: argparse.Namespace, calib: object, out: Output) -> list[dict[str, object]]:
     """Time the model against its reference at batch 1 (and ``--latency-batch``); print a table."""
     from lpcompile.runtime.ort import compare_latency, latency_inputs
+    from lpcompile.runtime.ort_kernels import compare_kernels
 
     sizes = sorted({1, max(1, int(args.latency_batch))})
     rows, results = [], []
+    kernels = compare_kernels(args.model, args.reference)
     for b in sizes:
         feed = latency_inputs(args.reference, calib, b)
         c = compare_latency(args.model, args.reference, feed, threads=args.threads, runs=args.latency_runs)
-        results.append(c.to_dict())
-        rows.append((c.batch, c.threads, c.runs, f"{c.reference_ms:.3f}", f"{c.model_ms:.3f}", f"{c.ratio:.2f}x"))
+        lo, hi = c.ratio_interval()
+        results.append({**c.to_dict(), **kernels.to_dict()})
+        rows.append(
+            (c.batch, c.threads, c.runs, f"{c.reference_ms:.3f}", f"{c.model_ms:.3f}", f"{c.ratio:.2f}x",
+             f"{lo:.2f}-{hi:.2f}")
+        )
     out.table(
         "ONNX Runtime CPU latency (median, runs interleaved with the reference in one process, ORT_ENABLE_ALL)",
-        ["batch", "threads", "runs", "reference ms", "model ms", "ratio"],
+        ["batch", "threads", "runs", "reference ms", "model ms", "ratio", "95% interval"],
         rows,
     )
+    if kernels.same:
+        out.line("kernels: the same as the reference's after ORT's optimisations (weights decoded once at load)")
+    else:
+        extra = ", ".join(f"{k} x{v}" for k, v in kernels.extra_ops().items()) or "a different graph"
+        out.line(f"kernels: not the reference's ({extra}; first difference at node {kernels.first_difference})")
     return results

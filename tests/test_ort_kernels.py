@@ -1,0 +1,88 @@
+"""Kernel identity after ORT's optimisations (:mod:`lpcompile.runtime.ort_kernels`) and the bootstrap
+interval of a latency ratio (:meth:`lpcompile.runtime.ort.LatencyComparison.ratio_interval`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lpcompile.config import ApplyConfig
+from lpcompile.files import apply_file
+from lpcompile.runtime.ort import LatencyComparison
+from lpcompile.runtime.ort_kernels import compare_kernels, kernel_steps
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
+MLP, CALIB = EXAMPLES / "digits_mlp.onnx", EXAMPLES / "digits_calib.npz"
+
+
+@pytest.mark.parametrize("fmt", ["int4_b32", "int8", "nf4", "int4_b128:gptq"])
+def test_decode_once_runs_the_fp32_kernels(tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / "m.onnx"
+    apply_file(MLP, out, uniform=fmt, calib_path=CALIB, config=ApplyConfig(target="qdq"))
+    c = compare_kernels(out, MLP)
+    assert c.same and c.extra_ops() == {} and c.first_difference == ""
+    assert c.model_ops == c.reference_ops
+
+
+def test_per_run_decodes_are_reported(tmp_path: Path) -> None:
+    """The ``tvm`` target keeps DequantizeLinear in the graph (TVM matches it): ORT runs it every time."""
+    out = tmp_path / "m.onnx"
+    apply_file(MLP, out, uniform="int4_b32", calib_path=CALIB, config=ApplyConfig(target="tvm"))
+    c = compare_kernels(out, MLP)
+    assert not c.same
+    assert c.extra_ops().get("DequantizeLinear", 0) >= 4
+    assert c.first_difference.startswith("0: ")
+    d = c.to_dict()
+    assert d["same_kernels"] is False and d["model_nodes"] > d["reference_nodes"]
+
+
+def _matmul(n: int) -> object:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, n), np.float32), "W")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=onnx.IR_VERSION)
+
+
+def test_the_same_op_on_another_weight_shape_is_another_kernel() -> None:
+    assert [str(s) for s in kernel_steps(_matmul(8))] == ["MatMul 1[4, 8]"]
+    c = compare_kernels(_matmul(16), _matmul(8))
+    assert not c.same and c.extra_ops() == {}  # same ops, other shapes
+    assert c.first_difference == "0: MatMul 1[4, 16] | MatMul 1[4, 8]"
+    assert compare_kernels(_matmul(8), _matmul(8)).same
+
+
+def _comparison(a: list[float], b: list[float]) -> LatencyComparison:
+    return LatencyComparison(
+        batch=1, threads=2, runs=len(a), numerics="fast", model_ms=float(np.median(a)),
+        reference_ms=float(np.median(b)), model_times=tuple(a), reference_times=tuple(b),
+    )
+
+
+def test_ratio_interval_brackets_the_ratio_and_shrinks_with_runs() -> None:
+    rng = np.random.default_rng(5)
+    widths = []
+    for n in (20, 400):
+        load = rng.lognormal(0.0, 0.3, n)  # a load spike slows both runs of a round
+        a = list(10.0 * load * rng.lognormal(0.0, 0.02, n))
+        b = list(10.0 * load * rng.lognormal(0.0, 0.02, n))
+        c = _comparison(a, b)
+        lo, hi = c.ratio_interval()
+        assert lo <= c.ratio <= hi
+        assert c.ratio_interval() == (lo, hi)  # seeded
+        widths.append(hi - lo)
+    assert widths[1] < widths[0]
+    assert json.loads(json.dumps(c.to_dict()))["ratio_ci95"] == [lo, hi]
+
+
+def test_ratio_interval_without_times_is_nan() -> None:
+    c = LatencyComparison(batch=1, threads=2, runs=5, numerics="fast", model_ms=1.0, reference_ms=1.0)
+    assert all(np.isnan(v) for v in c.ratio_interval())
