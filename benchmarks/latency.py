@@ -13,7 +13,8 @@ the model is rewritten for each target and measured:
   numerics against the fp32 outputs;
 * the ops ORT still runs after its optimisations that decode weights per inference
   (``DequantizeLinear`` left after folding), and whether its optimised graph runs the fp32 model's
-  kernels on the same shapes (``lpcompile.runtime.ort_kernels``: the ``kernels`` column says ``fp32``);
+  kernels on the same shapes (``lpcompile.runtime.ort_kernels``: the ``kernels`` column says ``fp32``, or
+  ``fp32 (Nᵀ)`` where N weights are laid out otherwise, e.g. a Gemm weight transposed with ``transB`` flipped);
 * a 95 % bootstrap interval of each ratio over the interleaved rounds.
 
 Targets: ``qdq`` (default, standard ONNX: weights decoded once at session start), ``ort``
@@ -394,6 +395,18 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 # table
 
 
+def _kernels_label(k: dict[str, Any] | None) -> str:
+    """``fp32`` (the fp32 graph's kernels on the same shapes), ``fp32 (Nᵀ)`` (the same but N weights laid
+    out otherwise, e.g. a Gemm's ``transB`` flipped), ``other``, or ``–`` (not checked)."""
+    if not k:
+        return "–"
+    if k.get("same_kernels"):
+        return "fp32"
+    if k.get("same_ops"):
+        return f"fp32 ({k.get('layout_changes', 0)}ᵀ)"
+    return "other"
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     lines = []
     head = (
@@ -417,11 +430,11 @@ def format_table(results: list[dict[str, Any]]) -> str:
             q = r.get(primary["key"])
             qs = f"{primary['label']} {primary['fmt'].format(q)}" if q is not None else ""
             ci = r.get("ratio_ci95") or [float("nan")] * 2
-            same = (r.get("kernels") or {}).get("same_kernels")
+            same = _kernels_label(r.get("kernels"))
             lines.append(
                 f"{res['model']:<20} {variant:<22} {r['target']:<6} {r['bits']:6.3f} {r['file_bytes'] / 1e6:7.2f} "
                 f"{r['fp32_ms']:8.3f} {r['ms']:8.3f} {r['ratio']:5.2f}x {ci[0]:5.2f}-{ci[1]:5.2f}"
-                f" {'fp32' if same else ('other' if same is not None else '?'):>8}  {qs}"
+                f" {same:>8}  {qs}"
             )
     return "\n".join(lines)
 
@@ -452,12 +465,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 return spec.format(r[k]) if k in r and r[k] is not None else "–"
 
             ci = q.get("ratio_ci95")
-            same = (q.get("kernels") or {}).get("same_kernels")
+            same = _kernels_label(q.get("kernels"))
             out.append(
                 f"| {name} | {f(q, 'bits', '{:.3f}')} | {f(q, 'file_bytes', '{:.0f}')} | "
                 f"{f(q, primary['key'], primary['fmt'])} | {f(q, 'ratio', '{:.2f}')} | "
                 f"{f'{ci[0]:.2f}–{ci[1]:.2f}' if ci else '–'} | "
-                f"{'fp32' if same else ('other' if same is not None else '–')} | {f(o, 'ratio', '{:.2f}')} | "
+                f"{same} | {f(o, 'ratio', '{:.2f}')} | "
                 f"{f(o, 'predicted_x_fp32', '{:.2f}')} | "
                 f"{f(o, 'bits', '{:.3f}')} | {f(o, primary['key'], primary['fmt'])} | {f(d, 'ratio', '{:.2f}')} | "
                 f"{f(d, 'bits', '{:.3f}')} |"

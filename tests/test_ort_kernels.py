@@ -45,9 +45,11 @@ def _matmul(n: int) -> object:
 
     w = numpy_helper.from_array(np.ones((4, n), np.float32), "W")
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [w],
     )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=onnx.IR_VERSION)
 
@@ -57,13 +59,45 @@ def test_the_same_op_on_another_weight_shape_is_another_kernel() -> None:
     c = compare_kernels(_matmul(16), _matmul(8))
     assert not c.same and c.extra_ops() == {}  # same ops, other shapes
     assert c.first_difference == "0: MatMul 1[4, 16] | MatMul 1[4, 8]"
+    assert not c.same_ops  # 64 weights against 32: other work
     assert compare_kernels(_matmul(8), _matmul(8)).same
+
+
+def _gemm(trans_b: int) -> object:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = (6, 4) if trans_b else (4, 6)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=trans_b)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+        [
+            numpy_helper.from_array(np.ones(shape, np.float32), "W"),
+            numpy_helper.from_array(np.ones(6, np.float32), "b"),
+        ],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=onnx.IR_VERSION)
+
+
+def test_a_transposed_gemm_weight_is_the_same_work() -> None:
+    """lpcompile's normaliser writes a ``transB=1`` Gemm as ``transB=0`` on ``Wᵀ``: same op, same weight size."""
+    c = compare_kernels(_gemm(0), _gemm(1))
+    assert not c.same and c.same_ops and c.layout_changes == 1
+    assert c.to_dict()["same_ops"] is True
 
 
 def _comparison(a: list[float], b: list[float]) -> LatencyComparison:
     return LatencyComparison(
-        batch=1, threads=2, runs=len(a), numerics="fast", model_ms=float(np.median(a)),
-        reference_ms=float(np.median(b)), model_times=tuple(a), reference_times=tuple(b),
+        batch=1,
+        threads=2,
+        runs=len(a),
+        numerics="fast",
+        model_ms=float(np.median(a)),
+        reference_ms=float(np.median(b)),
+        model_times=tuple(a),
+        reference_times=tuple(b),
     )
 
 
