@@ -3,7 +3,8 @@ chains), against ORT's own ``quantize_static`` (QDQ, per-channel, uint8 activati
 
 For each file: KL of the logits to fp32 on the task's evaluation data at every ORT optimisation level (a file
 must compute the same at every level: ORT's WeightBiasQuantization re-quantized decoded float weights
-behind an activation DequantizeLinear), and the batch-1 latency over fp32, timed interleaved.
+behind an activation DequantizeLinear), and the batch-1 latency over fp32, each file timed ABBA-interleaved
+with fp32 (``fp32`` against itself is the control), with a 95 % bootstrap interval.
 
     python benchmarks/w8a8_conv.py [--model efficientnet_lite0|fashion_mnist_cnn] [--runs 40]
 
@@ -17,7 +18,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ def main() -> None:
     from lpcompile.api import decide_uniform
     from lpcompile.config import ApplyConfig
     from lpcompile.files import apply_file, load_normalized
+    from lpcompile.runtime.ort import compare_latency
 
     if args.model == "efficientnet_lite0":
         from bench_efficientnet import efficientnet_task as make_task
@@ -106,22 +107,24 @@ def main() -> None:
             k: {lv: float(task.score(task.collect(_session(f, lv)), ref)["kl"]) for lv in LEVELS}
             for k, f in files.items()
         }
-        sessions = {k: _session(f, "all") for k, f in files.items()}
-        sessions["fp32 (control)"] = _session(files["fp32"], "all")
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for _ in range(args.runs):
-            for k, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, dict(task.latency_feed))
-                times[k].append(time.perf_counter() - t0)
-    base = float(np.median(times["fp32"]))
-    print(f"{task.name}: KL on the task's evaluation data, {args.runs} interleaved batch-1 runs, 2 threads")
-    print(f"{'file':24s} {'KL off':>9s} {'KL basic':>9s} {'KL all':>9s} {'ms':>8s} {'x fp32':>7s}")
-    for k in sessions:
-        kl = kls.get(k, kls["fp32"])
-        ms = float(np.median(times[k]))
-        print(f"{k:24s} {kl['disable']:9.4g} {kl['basic']:9.4g} {kl['all']:9.4g} {ms * 1e3:8.2f} {ms / base:7.2f}")
-        result["rows"].append({"file": k, "kl": kl, "ms": ms * 1e3, "x_fp32": ms / base})
+        # each file against fp32 in its own ABBA-interleaved pair (lpcompile.runtime.ort.compare_latency);
+        # a fixed round-robin over all sessions put fp32 first in every round and read it up to 20 % slow
+        # against itself (control 0.82x, 2026-12-03)
+        lats = {k: compare_latency(f, files["fp32"], dict(task.latency_feed), threads=2, runs=args.runs)
+                for k, f in files.items()}  # fmt: skip
+    print(f"{task.name}: KL on the task's evaluation data, {args.runs} ABBA batch-1 runs per file against fp32, "
+          "2 threads")  # fmt: skip
+    head = f"{'file':24s} {'KL off':>9s} {'KL basic':>9s} {'KL all':>9s} {'ms':>8s} {'x fp32':>7s}"
+    print(f"{head} {'95% interval':>13s}")
+    for k, lat in lats.items():
+        kl = kls[k]
+        lo, hi = lat.ratio_interval()
+        print(f"{k:24s} {kl['disable']:9.4g} {kl['basic']:9.4g} {kl['all']:9.4g} {lat.model_ms:8.2f} "
+              f"{lat.ratio:7.2f} {lo:6.2f}-{hi:5.2f}")  # fmt: skip
+        result["rows"].append(
+            {"file": k, "kl": kl, "ms": lat.model_ms, "fp32_ms": lat.reference_ms, "x_fp32": lat.ratio,
+             "x_fp32_ci95": [lo, hi]}
+        )  # fmt: skip
     result["loadavg_end"] = os.getloadavg()
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

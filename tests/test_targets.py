@@ -133,6 +133,10 @@ def test_weight_forms() -> None:
     # tvm: the DequantizeLinear patterns its lowering matches
     assert weight_form("tvm", "MatMul", "int4_b32", block_size=32) == WeightForm.DEQUANTIZE
     assert weight_kernel("tvm", "Conv", "int8").fast is False
+    # grammar families are a portable table decode there: no kernel matches it, so not fast
+    for fmt in ("nf4", "mxfp4", "nvfp4", "q4_1"):
+        k = weight_kernel("tvm", "MatMul", fmt, block_size=32)
+        assert k.fast is False and "table decode" in k.note
     rows = kernel_table()
     assert {(r.target, r.op) for r in rows} == {(t, op) for t in TARGETS for op in ("MatMul", "Conv")}
     # every weight-only form is fast on ORT; w8a8 on qdq decodes its DequantizeLinear weight per run, and
