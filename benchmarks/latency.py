@@ -258,6 +258,7 @@ def measure(
     threads: int,
     batch: int,
     fresh: bool,
+    sessions: int = 1,
 ) -> dict[str, Any]:
     """Build one variant and measure latency (vs fp32), size, bits and quality (cached as JSON)."""
     from lpcompile.errors import LpError
@@ -280,12 +281,15 @@ def measure(
     try:
         row["per_run_ops"] = _per_run_decodes(path)
         row["kernels"] = compare_kernels(path, ctx.task.model).to_dict()
-        lat = compare_latency(path, ctx.task.model, ctx.task.latency_feed, threads=threads, runs=runs)
+        lat = compare_latency(
+            path, ctx.task.model, ctx.task.latency_feed, threads=threads, runs=runs, sessions=sessions
+        )
     except LpError as exc:  # e.g. ORT's QDQ transforms at ORT_ENABLE_ALL reject FP8 Q/DQ graphs
         row["latency_note"] = f"ORT_ENABLE_ALL failed ({str(exc)[:200]}); both timed with exact numerics"
         logger.warning("%s: %s", key, row["latency_note"])
         lat = compare_latency(path, ctx.task.model, ctx.task.latency_feed, threads=threads, runs=runs, numerics="exact")
     row.update(fp32_ms=lat.reference_ms, ms=lat.model_ms, ratio=lat.ratio, runs=lat.runs, threads=lat.threads)
+    row["sessions"] = sessions
     row["ratio_ci95"] = list(lat.ratio_interval())
     if batch > 1:
         from lpcompile.frontend.calib import load_calibration
@@ -327,8 +331,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     runs = args.runs or RUNS.get(name, 30)
     fp32 = {"key": "fp32", "file_bytes": file_bytes(Path(task.model)), "bits": weight_bits(ctx.norm, ctx)}
     # control: the fp32 model against itself (two sessions), the noise floor of every ratio below
-    ctl = compare_latency(task.model, task.model, task.latency_feed, threads=args.threads, runs=runs)
+    ctl = compare_latency(
+        task.model, task.model, task.latency_feed, threads=args.threads, runs=runs, sessions=args.sessions
+    )
     fp32.update(fp32_ms=ctl.reference_ms, control_ms=ctl.model_ms, control_ratio=ctl.ratio, runs=ctl.runs)
+    fp32["control_ci95"] = list(ctl.ratio_interval())
     logger.info("%s: fp32 %.3f ms; fp32 vs itself %.3fx (noise floor)", name, ctl.reference_ms, ctl.ratio)
     rows = [fp32]
     targets = [t for t in args.targets.split(",") if t] + (["dq"] if args.before else [])
@@ -359,6 +366,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     args.threads,
                     args.batch,
                     args.fresh,
+                    args.sessions,
                 )
                 row.update(variant=variant, budget=budget, target=target, mix=_mix(plan), formats=list(formats))
                 if "latency" in plan.metadata:
@@ -378,6 +386,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 args.threads,
                 args.batch,
                 args.fresh,
+                args.sessions,
             )
             row.update(variant=f"uniform-{fmt}", budget=None, target=target)
             rows.append(row)
@@ -506,6 +515,8 @@ def main() -> None:
     )
     p.add_argument("--runs", type=int, default=0, help="timed batch-1 runs per model (default 30; 200-300 sub-ms)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sessions", type=int, default=1,
+                   help="fresh session pairs per ratio, created in alternating order (--runs rounds each)")
     p.add_argument("--batch", type=int, default=1, help="also time this batch size (> 1)")
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--fresh", action="store_true", help="ignore cached variant rows")

@@ -76,7 +76,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lpcompile.errors import UsageError
-from lpcompile.formats import DYNAMIC_UINT8, Format, get_format
+from lpcompile.formats import DYNAMIC_UINT8, Format, get_format, is_classic
 from lpcompile.passes._common import cast_to, dq_chain, is_onnx_op
 
 logger = logging.getLogger(__name__)
@@ -195,6 +195,11 @@ def weight_kernel(
             )
             return Kernel(WeightForm.DEQUANTIZE, True, f"W8A8: {note}")
         return Kernel(WeightForm.DEQUANTIZE, False, "W8A8: per-channel DequantizeLinear weight, decoded per run")
+    if tgt == "tvm" and not is_classic(f):
+        # grammar families (FP4/FP6, NF4, asymmetric or 2–7-bit ints, E8M0/E4M3 scales) are written as the
+        # portable table decode (passes/table_decode.py): no TVM kernel matches it, the lowering only folds
+        # DequantizeLinear/Cast, so the decode goes through TVM's ONNX converters
+        return Kernel(WeightForm.DEQUANTIZE, False, "portable table decode: no TVM low-precision kernel")
     if tgt == "tvm":
         fast = cls == "matmul"
         note = "TVM lowering matches DequantizeLinear → MatMul" if fast else "folded at build time by the lowering"

@@ -402,6 +402,7 @@ class LatencyComparison:
         reference_ms: median milliseconds of the reference.
         model_times: every timed run of the model (ms).
         reference_times: every timed run of the reference (ms).
+        blocks: rounds per session pair, in order (empty: one pair).
     """
 
     batch: int
@@ -412,6 +413,7 @@ class LatencyComparison:
     reference_ms: float
     model_times: tuple[float, ...] = ()
     reference_times: tuple[float, ...] = ()
+    blocks: tuple[int, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -421,12 +423,22 @@ class LatencyComparison:
     def ratio_interval(self, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
         """Bootstrap interval of :attr:`ratio` at ``confidence``: the rounds (one run of each model,
         interleaved) are resampled with replacement, so a load spike that slowed both runs of a round
-        stays paired. ``(nan, nan)`` without the individual times."""
+        stays paired; with several session pairs (:attr:`blocks`) the pairs are resampled first, so the
+        interval also holds the spread between sessions. ``(nan, nan)`` without the individual times."""
         a = np.asarray(self.model_times, dtype=np.float64)
         b = np.asarray(self.reference_times, dtype=np.float64)
         if a.size == 0 or a.size != b.size:
             return (float("nan"), float("nan"))
-        idx = np.random.default_rng(seed).integers(0, a.size, size=(int(resamples), a.size))
+        rng = np.random.default_rng(seed)
+        sizes = [n for n in self.blocks if n > 0] if sum(self.blocks) == a.size else [a.size]
+        starts = np.cumsum([0, *sizes[:-1]])
+        if len(sizes) > 1:  # resample session pairs, then rounds within each (a two-stage bootstrap)
+            picks = rng.integers(0, len(sizes), size=(int(resamples), len(sizes)))
+            idx = np.stack([
+                np.concatenate([starts[p] + rng.integers(0, sizes[p], size=sizes[p]) for p in row]) for row in picks
+            ])  # fmt: skip
+        else:
+            idx = rng.integers(0, a.size, size=(int(resamples), a.size))
         r = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
         tail = (1.0 - confidence) / 2.0
         lo, hi = np.quantile(r, [tail, 1.0 - tail])
@@ -442,6 +454,7 @@ class LatencyComparison:
             "reference_ms": self.reference_ms,
             "ratio": self.ratio,
             "ratio_ci95": list(self.ratio_interval()),
+            "sessions": max(1, len(self.blocks)),
         }
 
 
@@ -462,11 +475,16 @@ def compare_latency(
     runs: int = 20,
     warmup: int = 3,
     numerics: Numerics = "fast",
+    sessions: int = 1,
 ) -> LatencyComparison:
     """Median latency of ``model`` and ``reference`` on the same inputs, interleaved run by run.
 
     Both sessions live in this process with the same thread count; each round times one run of
-    each, alternating which goes first (ABBA), so drift in machine load hits both alike.
+    each, alternating which goes first (ABBA), so drift in machine load hits both alike. With
+    ``sessions`` > 1 the whole comparison is repeated with fresh sessions, created in alternating
+    order: on a 2-core machine the same fp32 model read 0.93–1.15× against itself across five
+    session pairs (200 rounds each), so a ratio from one pair carries that spread, and
+    :meth:`LatencyComparison.ratio_interval` then resamples session pairs as well as rounds.
     ``numerics="fast"`` (the default) measures what a deployment runs (``ORT_ENABLE_ALL``, where
     ORT constant-folds decode-once weights); ``"exact"`` measures the graph as written.
 
@@ -476,27 +494,37 @@ def compare_latency(
         inputs: one batch (its sample count is reported as ``batch``: the first axis of the
             first input, 1 for scalars).
         threads: intra-op threads of both sessions.
-        runs: timed runs per model (at least 1).
+        runs: timed runs per model and session pair (at least 1).
         warmup: untimed runs per model before timing.
         numerics: ``"fast"`` or ``"exact"``.
+        sessions: session pairs, each timed ``runs`` rounds.
     """
-    s_model = make_session(model, numerics=numerics, threads=threads)
-    s_ref = make_session(reference, numerics=numerics, threads=threads)
-    pairs = []
-    for s in (s_model, s_ref):
-        names = [o.name for o in s.get_outputs()]
-        pairs.append((s, names, _ort_feed(s, inputs)))
-    for s, names, feed in pairs:
-        for _ in range(max(0, warmup)):
-            s.run_with_ort_values(names, feed)
     times: tuple[list[float], list[float]] = ([], [])
-    for r in range(max(1, int(runs))):
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        for i in order:
-            s, names, feed = pairs[i]
-            t0 = time.perf_counter()
-            s.run_with_ort_values(names, feed)
-            times[i].append((time.perf_counter() - t0) * 1e3)
+    blocks: list[int] = []
+    for rep in range(max(1, int(sessions))):
+        # fresh sessions per repeat, created in alternating order: one session of a model can run a few
+        # per cent faster or slower than another of the same model for its whole life (allocation,
+        # thread placement), which interleaving rounds cannot average out
+        first_model = rep % 2 == 0
+        made = [make_session(m, numerics=numerics, threads=threads) for m in
+                ((model, reference) if first_model else (reference, model))]  # fmt: skip
+        s_model, s_ref = made if first_model else made[::-1]
+        pairs = []
+        for s in (s_model, s_ref):
+            names = [o.name for o in s.get_outputs()]
+            pairs.append((s, names, _ort_feed(s, inputs)))
+        for s, names, feed in pairs:
+            for _ in range(max(0, warmup)):
+                s.run_with_ort_values(names, feed)
+        for r in range(max(1, int(runs))):
+            order = (0, 1) if r % 2 == 0 else (1, 0)
+            for i in order:
+                s, names, feed = pairs[i]
+                t0 = time.perf_counter()
+                s.run_with_ort_values(names, feed)
+                times[i].append((time.perf_counter() - t0) * 1e3)
+        blocks.append(max(1, int(runs)))
+        del pairs, made, s_model, s_ref
     first = next(iter(inputs.values()), None)
     batch = int(np.asarray(first).shape[0]) if first is not None and np.asarray(first).ndim else 1
     return LatencyComparison(
@@ -508,6 +536,7 @@ def compare_latency(
         reference_ms=float(np.median(times[1])),
         model_times=tuple(times[0]),
         reference_times=tuple(times[1]),
+        blocks=tuple(blocks),
     )
 
 

@@ -12,6 +12,7 @@ same shapes, so their latency is equal up to measurement noise, whatever a loade
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,11 @@ class KernelStep:
     def __str__(self) -> str:
         return self.op + "".join(f" {dt}{list(s)}" for dt, s in self.weights)
 
+    def loose(self) -> tuple[str, tuple[tuple[int, int], ...]]:
+        """The op and its weights' element types and sizes, shapes forgotten: a Gemm on ``Wᵀ`` with
+        ``transB`` flipped (lpcompile's normaliser turns ``transB=1`` Gemms around) is the same work."""
+        return self.op, tuple((dt, math.prod(s)) for dt, s in self.weights)
+
 
 @dataclass(frozen=True)
 class KernelComparison:
@@ -43,6 +49,9 @@ class KernelComparison:
 
     Attributes:
         same: both graphs are the same sequence of :class:`KernelStep`.
+        same_ops: the same sequence of ops, each on weights of the same element types and sizes
+            (:meth:`KernelStep.loose`): ``same`` but for weight layouts (e.g. a transposed Gemm weight).
+        layout_changes: positions where only the weight shapes differ.
         model_ops: op counts of the model's optimised graph.
         reference_ops: op counts of the reference's.
         first_difference: the first position where the sequences differ, as ``"i: model | reference"``
@@ -50,6 +59,8 @@ class KernelComparison:
     """
 
     same: bool
+    same_ops: bool = False
+    layout_changes: int = 0
     model_ops: dict[str, int] = field(default_factory=dict)
     reference_ops: dict[str, int] = field(default_factory=dict)
     first_difference: str = ""
@@ -63,6 +74,8 @@ class KernelComparison:
     def to_dict(self) -> dict[str, object]:
         return {
             "same_kernels": self.same,
+            "same_ops": self.same_ops,
+            "layout_changes": self.layout_changes,
             "extra_ops": self.extra_ops(),
             "first_difference": self.first_difference,
             "model_nodes": sum(self.model_ops.values()),
@@ -82,7 +95,8 @@ def kernel_steps(model: ModelLike) -> tuple[KernelStep, ...]:
 
 
 def compare_kernels(model: ModelLike, reference: ModelLike) -> KernelComparison:
-    """Whether ``model`` and ``reference`` run the same kernels on the same shapes once ORT has optimised them."""
+    """Whether ``model`` and ``reference`` run the same kernels on the same shapes once ORT has optimised them
+    (``same``), or the same kernels on weights of the same sizes laid out otherwise (``same_ops``)."""
     a, b = kernel_steps(model), kernel_steps(reference)
     first = ""
     for i in range(max(len(a), len(b))):
@@ -92,9 +106,13 @@ def compare_kernels(model: ModelLike, reference: ModelLike) -> KernelComparison:
             first = f"{i}: {x if x is not None else '(end)'} | {y if y is not None else '(end)'}"
             break
     same = not first
+    same_ops = len(a) == len(b) and all(x.loose() == y.loose() for x, y in zip(a, b, strict=True))
+    layout = sum(x != y for x, y in zip(a, b, strict=True)) if same_ops else 0
     logger.debug("kernels %s the reference's%s", "match" if same else "differ from", f" at {first}" if first else "")
     return KernelComparison(
         same=same,
+        same_ops=same_ops,
+        layout_changes=layout,
         model_ops=dict(Counter(s.op for s in a)),
         reference_ops=dict(Counter(s.op for s in b)),
         first_difference=first,

@@ -120,3 +120,36 @@ def test_ratio_interval_brackets_the_ratio_and_shrinks_with_runs() -> None:
 def test_ratio_interval_without_times_is_nan() -> None:
     c = LatencyComparison(batch=1, threads=2, runs=5, numerics="fast", model_ms=1.0, reference_ms=1.0)
     assert all(np.isnan(v) for v in c.ratio_interval())
+
+
+def test_session_pairs_widen_the_interval_to_the_spread_between_sessions() -> None:
+    """Each session pair has its own offset (one session of the same model runs a few per cent faster for
+    its whole life): pooled rounds alone give a narrow interval around a biased ratio, the two-stage
+    bootstrap over pairs covers the truth (1.0) and is wider."""
+    rng = np.random.default_rng(7)
+    a: list[float] = []
+    b: list[float] = []
+    for offset in (0.92, 1.10, 0.95, 1.06, 0.97, 1.04):  # model session vs reference session, per pair
+        load = rng.lognormal(0.0, 0.05, 100)
+        a += list(10.0 * offset * load * rng.lognormal(0.0, 0.01, 100))
+        b += list(10.0 * load * rng.lognormal(0.0, 0.01, 100))
+    pooled = _comparison(a, b)
+    paired = LatencyComparison(
+        batch=1, threads=2, runs=len(a), numerics="fast", model_ms=pooled.model_ms, reference_ms=pooled.reference_ms,
+        model_times=tuple(a), reference_times=tuple(b), blocks=(100,) * 6,
+    )  # fmt: skip
+    lo1, hi1 = pooled.ratio_interval()
+    lo2, hi2 = paired.ratio_interval()
+    assert hi2 - lo2 > 2 * (hi1 - lo1)
+    assert lo2 <= 1.0 <= hi2
+    assert paired.to_dict()["sessions"] == 6
+
+
+def test_compare_latency_with_fresh_session_pairs() -> None:
+    from lpcompile.runtime.ort import compare_latency
+
+    x = np.ones((1, 4), np.float32)
+    c = compare_latency(_matmul(8), _matmul(8), {"x": x}, runs=3, warmup=1, sessions=3)
+    assert c.blocks == (3, 3, 3) and c.runs == 9 and len(c.model_times) == 9
+    lo, hi = c.ratio_interval()
+    assert lo <= c.ratio <= hi

@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--latency-batch", type=int, default=1, metavar="N", help="also time batches of N samples")
     p.add_argument("--latency-runs", type=int, default=20, metavar="R", help="timed runs per model (default 20)")
+    p.add_argument(
+        "--latency-sessions", type=int, default=1, metavar="S",
+        help="repeat the timing with S fresh session pairs (R runs each); the interval then covers the spread "
+        "between sessions (default 1)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads for --latency (default 2)")
     return p
 
@@ -84,7 +89,10 @@ def _latency(args: argparse.Namespace, calib: object, out: Output) -> list[dict[
     kernels = compare_kernels(args.model, args.reference)
     for b in sizes:
         feed = latency_inputs(args.reference, calib, b)
-        c = compare_latency(args.model, args.reference, feed, threads=args.threads, runs=args.latency_runs)
+        c = compare_latency(
+            args.model, args.reference, feed, threads=args.threads, runs=args.latency_runs,
+            sessions=max(1, int(getattr(args, "latency_sessions", 1))),
+        )  # fmt: skip
         lo, hi = c.ratio_interval()
         results.append({**c.to_dict(), **kernels.to_dict()})
         rows.append(
