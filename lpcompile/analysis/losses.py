@@ -325,11 +325,9 @@ def _kl_probe(y_ref: torch.Tensor, gen: torch.Generator, mask: Any) -> torch.Ten
     import torch
 
     y = y_ref.detach()
-    u8 = torch.randint(0, 2, y.shape, generator=gen, dtype=torch.int8)
     vocab = max(int(y.shape[-1]), 1) if y.ndim else 1
     rows = y.reshape(-1, vocab)
-    u_rows = u8.reshape(-1, vocab)
-    m = _torch_mask(mask, y.to(torch.float64)[..., :1], 1)
+    m = _torch_mask(mask, y[..., :1], 1)  # (only the device of the reference is read)
     m_rows = m.reshape(-1, 1) if m is not None else None
     div = math.sqrt(max(rows.shape[0], 1)) if m is None else math.sqrt(float(m.sum().clamp_min(1.0)))
     out = torch.empty(rows.shape, dtype=y_ref.dtype, device=y.device)
@@ -337,7 +335,9 @@ def _kl_probe(y_ref: torch.Tensor, gen: torch.Generator, mask: Any) -> torch.Ten
     for start in range(0, rows.shape[0], step):
         sl = slice(start, start + step)
         y0 = rows[sl].to(torch.float64)
-        u = u_rows[sl].to(torch.float64).mul_(2).sub_(1)
+        # the signs of these rows: consecutive draws of one generator are one draw of the whole tensor
+        u8 = torch.randint(0, 2, (y0.shape[0], vocab), generator=gen, dtype=torch.int8)
+        u = u8.to(torch.float64).mul_(2).sub_(1)
         p = torch.softmax(y0, dim=-1)
         a = p.sqrt()
         z = a * u - p * (a * u).sum(-1, keepdim=True)

@@ -332,7 +332,16 @@ def analyze_streamed(
     t_build = time.perf_counter()
 
     # ---- pass 1: forward, segment by segment; keep what crosses cuts, the outputs and activation ranges
-    keep_names = {n for seg in segments for n in seg.inputs} | {v.name for v in model.graph.outputs}
+    out_names = [v.name for v in model.graph.outputs]
+    # the reference outputs the probes are drawn from: when every graph output comes out of one segment,
+    # that segment's backward recomputes them (the same forward on the same inputs) and no batch's
+    # outputs are kept (SmolLM2: 16 × 128 × 49,152 logits = 400 MB); else they are kept from here
+    out_segs = {producer_seg[n] for n in out_names if n in producer_seg}
+    refs_from_backward = len(out_segs) == 1 and all(n in producer_seg for n in out_names)
+    keep_names = {n for seg in segments for n in seg.inputs}
+    if not refs_from_backward:
+        keep_names |= set(out_names)
+    out_shapes: list[dict[str, tuple[int, ...]]] = [{} for _ in batch_list]
     stored: list[dict[str, torch.Tensor]] = [
         {k: torch.as_tensor(np.asarray(v)) for k, v in b.items() if k in keep_names} for b in batch_list
     ]
@@ -351,19 +360,29 @@ def analyze_streamed(
                 for name in seg.outputs:
                     if name in keep_names:
                         stored[b][name] = res[name].detach()
+                    if name in out_names:
+                        out_shapes[b][name] = tuple(res[name].shape)
                 for t in capture:
                     m = finite_amax(res[t])
                     if m is not None:
                         amax[t] = max(amax[t], m)
         del params
         _trim_heap()
-    refs = [{v.name: stored[b][v.name] for v in model.graph.outputs} for b in range(len(batch_list))]
-    spec = choose_outputs(
-        model, config.outputs, config.loss, shapes={k: tuple(v.shape) for k, v in (refs[0] if refs else {}).items()}
+        logger.debug("forward: segment %d/%d done", seg.index + 1, len(segments))
+    for b, batch in enumerate(batch_list):  # outputs that are graph inputs or initializers (no producer here)
+        for name in out_names:
+            if name not in out_shapes[b] and name in stored[b]:
+                out_shapes[b][name] = tuple(stored[b][name].shape)
+            elif name not in out_shapes[b] and name in batch:
+                out_shapes[b][name] = tuple(np.shape(batch[name]))
+    refs: list[dict[str, torch.Tensor]] = (
+        [] if refs_from_backward else [{n: stored[b][n] for n in out_names} for b in range(len(batch_list))]
     )
+    spec = choose_outputs(model, config.outputs, config.loss, shapes=out_shapes[0] if out_shapes else {})
     kinds = spec.kinds()
-    masks = [spec.masks(b, {n: tuple(r[n].shape) for n in kinds}) for b, r in zip(batch_list, refs, strict=True)]
+    masks = [spec.masks(b, {n: sh[n] for n in kinds}) for b, sh in zip(batch_list, out_shapes, strict=True)]
     t_ref = time.perf_counter()
+    logger.debug("forward pass done: reference outputs of %d batch(es) kept", len(batch_list))
 
     # ---- pass 2: backward, segments in reverse order
     sizes = np.array([batch_len(b) for b in batch_list], dtype=np.float64)
@@ -386,9 +405,12 @@ def analyze_streamed(
             sg = graphs[seg.index]
             seg_weights = [n for n in seg.initializers if n in wset]
             params = _load(model, seg.initializers, set(seg_weights), device)
-            acc = {w: torch.zeros_like(params[w]) for w in seg_weights}
+            # (a weight read in several segments accumulates where it is read first: its other readers only
+            # hand on their per-probe partial gradients)
+            acc = {w: torch.zeros_like(params[w]) for w in seg_weights if seg.index == readers[w][0]}
             seg_nodes = [n for n in nodes if seg_of_node.get(n.name) == seg.index]
             hacc = HessianAccumulator(hessian_specs(model, seg_nodes)) if want_h else None
+            logger.debug("backward: segment %d loaded (%d weights)", seg.index, len(seg_weights))
             perturb_names = [t for t in act_tensors if producer_seg.get(t) == seg.index or
                              (t in graph_input_names and t in seg.inputs)]
             for b, batch in enumerate(batch_list):
@@ -412,8 +434,9 @@ def analyze_streamed(
                 sq = {t: torch.zeros_like(leaf) for t, leaf in act_leaves}
                 for j in range(k):
                     outs, gouts = [], []
+                    zz: torch.Tensor | None = None
                     z = (
-                        _probe(zcache, (b, j), refs[b], kinds, masks[b], config.seed)
+                        _probe(zcache, (b, j), refs[b] if refs else _detached(res, kinds), kinds, masks[b], config.seed)
                         if any(name in kinds for name in seg.outputs)
                         else {}
                     )
@@ -433,6 +456,8 @@ def analyze_streamed(
                         continue
                     targets = [*leaves, *(v for _, v in in_leaves), *(v for _, v in act_leaves)]
                     grads = torch.autograd.grad(outs, targets, grad_outputs=gouts, retain_graph=True, allow_unused=True)
+                    del outs, gouts, g, z  # this probe's output vectors (the outputs' size) go now
+                    zz = None
                     gw = grads[: len(leaves)]
                     gi = grads[len(leaves) : len(leaves) + len(in_leaves)]
                     ga = grads[len(leaves) + len(in_leaves) :]
@@ -457,6 +482,7 @@ def analyze_streamed(
                             sq[t].add_(g.detach() * g.detach())
                     if not nxt:
                         incoming.pop((b, j), None)
+                    logger.debug("backward: segment %d batch %d probe %d", seg.index, b, j)
                 for t, leaf in act_leaves:
                     if k == 0:
                         continue
@@ -466,6 +492,7 @@ def analyze_streamed(
                         act_term[(t, e)] += float(bweights[b]) * 0.5 * activation_error(d, a, e, amax[t])
                     del leaf
                 del res
+                logger.debug("backward: segment %d batch %d: %d probe(s) done", seg.index, b, k)
             act_done.update(perturb_names)
             for w in seg_weights:
                 if seg.index == readers[w][0]:
@@ -479,6 +506,7 @@ def analyze_streamed(
                     hess[name] = h
                 del hacc
             tp = time.perf_counter()
+            logger.debug("backward: segment %d scoring", seg.index)
             pending = _score_ready(
                 model, pending, diag, act_done, act_tensors, rows, fmts, config, act_term, act_elements,
                 module_paths, hess, want_h, rounding, groups,
@@ -546,6 +574,10 @@ def _probe(
             name: ggn_output_probe(ref[name].cpu(), kind, gen, masks.get(name)) for name, kind in kinds.items()
         }
     return cache[key]
+
+
+def _detached(res: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    return {n: res[n].detach() for n in names if n in res}
 
 
 def _produced(model: ir.Model, seg: Segment) -> list[str]:
