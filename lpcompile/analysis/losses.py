@@ -315,8 +315,8 @@ def _mask_covers(model: ir.Model, mask: str, output: ir.Value, shape: Sequence[A
 # distortion
 
 
-#: float64 elements per chunk of the KL probe (positions × vocabulary): bounds its temporaries (~8 × 32 MB)
-_KL_CHUNK = 1 << 22
+#: float64 elements per chunk of the KL probe (positions × vocabulary): bounds its temporaries (~8 × 8 MB)
+_KL_CHUNK = 1 << 20
 
 
 def _kl_probe(y_ref: torch.Tensor, gen: torch.Generator, mask: Any) -> torch.Tensor:

@@ -59,7 +59,7 @@ __all__ = ["Segment", "StreamedResult", "analyze_streamed", "plan_segments", "st
 MIN_SEGMENT_BYTES = 16 << 20
 MAX_SEGMENT_BYTES = 512 << 20
 #: per-probe partial gradients of weights read in several segments are kept in memory up to this
-SPILL_BYTES = 256 << 20
+SPILL_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -469,10 +469,11 @@ def analyze_streamed(
                                 partials.add((w, b, j), g)
                                 continue
                             prev = partials.pop((w, b, j))
-                            g = g.detach() if prev is None else g.detach() + prev.to(g.device)
-                        s2 = g.detach() * g.detach()
+                            g = g if prev is None else prev.to(g.device).add_(g.detach())  # (= g + prev)
+                        s2 = _square_(g.detach())  # a fresh gradient, or the partial sum: squared where it is
                         acc[w].add_(s2, alpha=float(bweights[b]) / k)
                         samples[w][b].append(float(s2.sum()))
+                        del s2
                     nxt = incoming.setdefault((b, j), {})
                     for (n, _), g in zip(in_leaves, gi, strict=True):
                         if g is not None:
@@ -482,6 +483,7 @@ def analyze_streamed(
                             sq[t].add_(g.detach() * g.detach())
                     if not nxt:
                         incoming.pop((b, j), None)
+                    del grads, gw, gi, ga  # before the next probe's gradients are made
                     logger.debug("backward: segment %d batch %d probe %d", seg.index, b, j)
                 for t, leaf in act_leaves:
                     if k == 0:
@@ -574,6 +576,14 @@ def _probe(
             name: ggn_output_probe(ref[name].cpu(), kind, gen, masks.get(name)) for name, kind in kinds.items()
         }
     return cache[key]
+
+
+def _square_(g: torch.Tensor) -> torch.Tensor:
+    """``g * g``, in ``g``'s memory unless its elements overlap (an expanded tensor)."""
+    try:
+        return g.mul_(g)
+    except RuntimeError:
+        return g * g
 
 
 def _detached(res: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
