@@ -124,3 +124,27 @@ def test_spilled_weights_compile_to_the_same_files(tmp_path: Path, monkeypatch: 
     del model, streamed, v
     gc.collect()
     assert not folder.exists()  # the copy goes with the model
+
+
+def test_guard_measures_a_big_embedded_model_from_an_external_data_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lpcompile.guard as guard
+    from lpcompile.files import apply_file
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "models"
+    src = examples / "digits_mlp.onnx"
+    out = tmp_path / "digits.lp.onnx"
+    apply_file(src, out, uniform="int4_b32")
+    data = np.load(examples / "digits_calib.npz")
+    heldout = CalibrationSet(arrays={k: data[k][:32] for k in data.files}, source="digits")
+    whole = guard.check_quality(out, src, heldout)
+    with guard.lean_model_file(src) as same:
+        assert same == src  # small: as it is
+    monkeypatch.setattr(guard, "LEAN_REFERENCE_BYTES", 0)
+    with guard.lean_model_file(src) as copy:
+        assert copy != src and Path(str(copy) + ".data").is_file()
+        folder = Path(copy).parent
+    assert not folder.exists()
+    lean = guard.check_quality(out, src, heldout)
+    assert lean.distortion == whole.distortion and lean.top1 == whole.top1
