@@ -13,6 +13,7 @@ import torch
 
 from lpcompile.analysis import losses
 from lpcompile.analysis.config import AnalysisConfig
+from lpcompile.analysis.interpreter import TorchGraph
 from lpcompile.analysis.sensitivity import analyze_onnx
 from lpcompile.analysis.streamed import analyze_streamed
 from lpcompile.files import load_normalized
@@ -148,3 +149,42 @@ def test_guard_measures_a_big_embedded_model_from_an_external_data_copy(
     assert not folder.exists()
     lean = guard.check_quality(out, src, heldout)
     assert lean.distortion == whole.distortion and lean.top1 == whole.top1
+
+
+def test_an_activation_computed_from_inputs_alone_still_gets_its_gradient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """x → Relu → MatMul: no weight is upstream of the MatMul's activation, so the streamed analysis
+    takes its gradient through an additive perturbation leaf (elsewhere at the tensor itself)."""
+    from tests.test_streamed import _same_tables
+
+    rng = np.random.default_rng(2)
+    w = onnx.numpy_helper.from_array((rng.standard_normal((16, 10)) * 0.3).astype(np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            onnx.helper.make_node("MatMul", ["r", "w"], ["y"], name="mm"),
+        ],
+        "relu_mm",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 10])],
+        [w],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]), tmp_path / "m.onnx")
+    model = load_normalized(tmp_path / "m.onnx")
+    x = rng.standard_normal((16, 16)).astype(np.float32)
+    calib = CalibrationSet(arrays={"x": x}, source="random")
+    cfg = AnalysisConfig(seeding="per-probe", batch_size=8, probes=4)
+    perturbed: list[object] = []
+    real = TorchGraph.forward
+
+    def forward(self: TorchGraph, *args: object, **kwargs: object) -> object:
+        perturbed.append(kwargs.get("perturb"))
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TorchGraph, "forward", forward)
+    streamed = analyze_streamed(model, calib, cfg, segment_bytes=1).table
+    assert {"r": None} in perturbed  # the leaf was used
+    _same_tables(analyze_onnx(model, calib, cfg), streamed)
+    row = streamed.nodes[0]
+    assert row.candidates["fp8_e4m3"].predicted_loss > row.candidates["bf16w"].predicted_loss  # activation term

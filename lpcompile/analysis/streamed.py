@@ -413,6 +413,10 @@ def analyze_streamed(
             logger.debug("backward: segment %d loaded (%d weights)", seg.index, len(seg_weights))
             perturb_names = [t for t in act_tensors if producer_seg.get(t) == seg.index or
                              (t in graph_input_names and t in seg.inputs)]
+            # an activation's gradient is taken at the tensor itself (no zero perturbation leaf and no
+            # ``a + 0`` copy of every activation: the same gradient); one that no gradient reaches otherwise
+            # (computed from inputs alone) gets the additive leaf
+            leafed: set[str] = set()
             for b, batch in enumerate(batch_list):
                 k = per_batch[b]
                 if k == 0 and hacc is None:
@@ -423,14 +427,22 @@ def analyze_streamed(
                     if dep.get(n) and v.is_floating_point():
                         v = v.detach().clone().requires_grad_(True)
                     feeds[n] = v
-                perturb = {t: None for t in perturb_names}
                 capture = list(dict.fromkeys([*(hacc.tensors if hacc else ()), *perturb_names]))
-                res = sg.forward({**feeds, **params}, capture=capture, perturb=perturb)
+                res = sg.forward({**feeds, **params}, capture=capture, perturb=dict.fromkeys(leafed) or None)
+                unreached = [t for t in perturb_names if t not in leafed and t in res and not res[t].requires_grad]
+                if unreached:
+                    leafed.update(unreached)
+                    del res
+                    res = sg.forward({**feeds, **params}, capture=capture, perturb=dict.fromkeys(leafed))
                 if hacc is not None:
                     hacc.update({t: res[t] for t in hacc.tensors if t in res}, attention_mask(batch))
                 leaves = [params[w] for w in seg_weights]
                 in_leaves = [(n, feeds[n]) for n in seg.inputs if feeds[n].requires_grad]
-                act_leaves = [(t, sg.perturbations[t]) for t in perturb_names if t in sg.perturbations]
+                act_leaves = [
+                    (t, sg.perturbations[t] if t in leafed else res[t])
+                    for t in perturb_names
+                    if (t in leafed and t in sg.perturbations) or (t not in leafed and t in res)
+                ]
                 sq = {t: torch.zeros_like(leaf) for t, leaf in act_leaves}
                 for j in range(k):
                     outs, gouts = [], []
