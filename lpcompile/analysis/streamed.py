@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Segment", "StreamedResult", "analyze_streamed", "plan_segments", "streamable"]
 
-#: default weight bytes per segment: the model's weights / 16, within these bounds (and ≥ the largest tensor)
+#: default weight bytes per segment: the model's weights / 16, within these bounds
 MIN_SEGMENT_BYTES = 16 << 20
 MAX_SEGMENT_BYTES = 512 << 20
 #: per-probe partial gradients of weights read in several segments are kept in memory up to this
@@ -114,8 +114,9 @@ def plan_segments(model: ir.Model, segment_bytes: int | None = None) -> list[Seg
 
     Args:
         model: the normalised model (nodes in topological order).
-        segment_bytes: weight bytes per segment (None: the weights / 16, within 16–512 MB, and at
-            least the largest initializer).
+        segment_bytes: weight bytes per segment (None: the weights / 16, within 16–512 MB; a segment
+            that reads a bigger tensor is cut at the next place few tensors are live. A given value is
+            raised to the largest initializer).
     """
     nodes = list(model.graph)
     inits = model.graph.initializers
@@ -138,8 +139,11 @@ def plan_segments(model: ir.Model, segment_bytes: int | None = None) -> list[Seg
     sizes = {name: _nbytes(v) for name, v in inits.items()}
     total = sum(sizes[n] for n in first_read if n in sizes)
     if segment_bytes is None:
+        # not raised to the largest tensor (SmolLM2's 113 MB embedding table would make segments of 8–14
+        # of its 30 layers: a batch's autograd graph through them, not the weights, is the memory then)
         segment_bytes = min(max(total // 16, MIN_SEGMENT_BYTES), MAX_SEGMENT_BYTES)
-    segment_bytes = max(segment_bytes, max(sizes.values(), default=0))
+    else:
+        segment_bytes = max(segment_bytes, max(sizes.values(), default=0))
     new_bytes = [0] * len(nodes)
     for name, i in first_read.items():
         if name in sizes:
