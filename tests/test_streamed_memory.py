@@ -188,3 +188,19 @@ def test_an_activation_computed_from_inputs_alone_still_gets_its_gradient(
     _same_tables(analyze_onnx(model, calib, cfg), streamed)
     row = streamed.nodes[0]
     assert row.candidates["fp8_e4m3"].predicted_loss > row.candidates["bf16w"].predicted_loss  # activation term
+
+
+def test_default_segments_are_not_raised_to_the_largest_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default segment size is the weights / 16 (within bounds): a big embedding table no longer makes
+    every segment as big as itself; a given size still is."""
+    import lpcompile.analysis.streamed as streamed
+
+    toy = write_llama(tmp_path / "toy.onnx", PRESETS["toy"], seed=0)
+    model = load_normalized(toy)
+    table = model.graph.initializers["model.embed_tokens.weight"].const_value.nbytes
+    monkeypatch.setattr(streamed, "MIN_SEGMENT_BYTES", 1)
+    default = streamed.plan_segments(model)
+    given = streamed.plan_segments(model, segment_bytes=1)
+    assert len(default) > len(given)
+    assert min(s.weight_bytes for s in default) < table
+    assert default[0].nodes[0] == 0 and default[-1].nodes[1] == len(list(model.graph))
