@@ -204,3 +204,18 @@ def test_default_segments_are_not_raised_to_the_largest_tensor(tmp_path: Path, m
     assert len(default) > len(given)
     assert min(s.weight_bytes for s in default) < table
     assert default[0].nodes[0] == 0 and default[-1].nodes[1] == len(list(model.graph))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_distortion_measured_a_position_at_a_time_is_the_same_number(
+    masked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(3)
+    ref = {"logits": (rng.standard_normal((3, 20, 300)) * 3).astype(np.float32)}
+    test = {"logits": ref["logits"] + (rng.standard_normal((3, 20, 300)) * 0.2).astype(np.float32)}
+    mask = {"logits": (rng.random((3, 20)) > 0.3).astype(np.int64)} if masked else None
+    whole = losses.numpy_distortion(test, ref, {"logits": "kl"}, mask)
+    monkeypatch.setattr(losses, "KL_BY_POSITION_ABOVE", 0)
+    assert losses.numpy_distortion(test, ref, {"logits": "kl"}, mask) == whole
+    test["logits"][1, 4, 7] = np.nan
+    assert math.isnan(losses.numpy_distortion(test, ref, {"logits": "kl"}, mask))

@@ -35,7 +35,7 @@ import ctypes
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -594,6 +594,27 @@ def _probe(
     return cache[key]
 
 
+class _Float32Diagonals(Mapping[str, np.ndarray]):
+    """The diagonals :func:`~lpcompile.analysis.sensitivity.predict_losses` scores with, as float32 numpy
+    views where they are float32 tensors: its products widen them to float64 exactly and its trace sums a
+    float64 copy, so the numbers are those of the float64 diagonals."""
+
+    def __init__(self, d64: Float64Diagonals) -> None:
+        self._d64 = d64
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._d64._diag.get(name)
+        if t is not None and t.dtype == torch.float32:
+            return t.detach().numpy()
+        return self._d64[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d64)
+
+    def __len__(self) -> int:
+        return len(self._d64)
+
+
 def _square_(g: torch.Tensor) -> torch.Tensor:
     """``g * g``, in ``g``'s memory unless its elements overlap (an expanded tensor)."""
     try:
@@ -662,6 +683,8 @@ def _score_ready(
         return pending
     d64 = Float64Diagonals({n.weight: diag[n.weight] for n in ready}, {n.weight: n.shape for n in ready})
     rounded = rounding not in ("nearest",) or any(split_candidate(c)[1] for c in fmts)
+    if not rounded:  # round to nearest reads float32 diagonals (no float64 copy of a 28M-weight table)
+        d64 = _Float32Diagonals(d64)
     if rounded:
         scored, _ = predict_rounded_losses(
             model, ready, fmts, d64, act_term, act_elements, module_paths,
