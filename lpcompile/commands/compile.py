@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.io_utils import OutputSession
 
     out = Output(quiet=args.quiet, json=args.json)
+    _map_big_blocks()
     if args.budget is None and args.max_loss is None:
         raise UsageError("give --budget B or --max-loss D (the fewest bits within a predicted loss)")
     if args.budget is not None:
@@ -164,22 +165,32 @@ def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResu
 
 #: glibc ``mallopt`` parameter: allocations of at least this many bytes are memory-mapped (``M_MMAP_THRESHOLD``)
 _M_MMAP_THRESHOLD = -3
-#: from the guard on, blocks of 1 MiB and more go straight back to the OS when freed
-GUARD_MMAP_THRESHOLD = 1 << 20
+#: a compile has blocks of 1 MiB and more memory-mapped, so they go back to the OS when freed
+COMPILE_MMAP_THRESHOLD = 1 << 20
+
+
+def _map_big_blocks() -> None:
+    """Have glibc memory-map every block of at least :data:`COMPILE_MMAP_THRESHOLD` bytes for this process.
+
+    By default the threshold follows the largest block freed (up to 32 MB), so the analysis' many
+    activation-sized tensors (SmolLM2: 2–6 MB) end up as free chunks inside the heap: resident until
+    reused, and reused by the guard's ONNX Runtime session, whose freed weights then stay resident under the
+    outputs and the distortion measured after it (≈ 400 MB on SmolLM2-135M). Mapped blocks leave on free.
+    """
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, COMPILE_MMAP_THRESHOLD)
 
 
 def _release_compile_memory() -> None:
     """Before the guard's ONNX Runtime sessions: collect the compile's model (onnx-ir graphs are reference
-    cycles, freed only by the collector), hand the freed heap back to the OS, and have blocks of 1 MiB and
-    more memory-mapped from here on. glibc's default threshold has grown to 32 MB during the analysis (it
-    follows the largest block freed), so the reference session's weights (SmolLM2: 3.5 MB each) would stay
-    in the heap after the session is gone, under the outputs and the distortion measured after it."""
+    cycles, freed only by the collector) and hand the freed heap back to the OS."""
     import contextlib
     import ctypes
     import gc
 
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-        libc.mallopt(_M_MMAP_THRESHOLD, GUARD_MMAP_THRESHOLD)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
