@@ -386,7 +386,10 @@ def analyze_streamed(
     kinds = spec.kinds()
     masks = [spec.masks(b, {n: sh[n] for n in kinds}) for b, sh in zip(batch_list, out_shapes, strict=True)]
     t_ref = time.perf_counter()
-    logger.debug("forward pass done: reference outputs of %d batch(es) kept", len(batch_list))
+    logger.debug(
+        "forward pass done (%d batch(es)); reference outputs %s", len(batch_list),
+        "recomputed by their segment's backward" if refs_from_backward else "kept",
+    )
 
     # ---- pass 2: backward, segments in reverse order
     sizes = np.array([batch_len(b) for b in batch_list], dtype=np.float64)

@@ -62,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.io_utils import OutputSession
 
     out = Output(quiet=args.quiet, json=args.json)
-    _map_big_blocks()
     if args.budget is None and args.max_loss is None:
         raise UsageError("give --budget B or --max-loss D (the fewest bits within a predicted loss)")
     if args.budget is not None:
@@ -161,27 +160,6 @@ def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResu
         outputs=config.outputs,
         batch_size=config.batch_size,
     )
-
-
-#: glibc ``mallopt`` parameter: allocations of at least this many bytes are memory-mapped (``M_MMAP_THRESHOLD``)
-_M_MMAP_THRESHOLD = -3
-#: a compile has blocks of 1 MiB and more memory-mapped, so they go back to the OS when freed
-COMPILE_MMAP_THRESHOLD = 1 << 20
-
-
-def _map_big_blocks() -> None:
-    """Have glibc memory-map every block of at least :data:`COMPILE_MMAP_THRESHOLD` bytes for this process.
-
-    By default the threshold follows the largest block freed (up to 32 MB), so the analysis' many
-    activation-sized tensors (SmolLM2: 2–6 MB) end up as free chunks inside the heap: resident until
-    reused, and reused by the guard's ONNX Runtime session, whose freed weights then stay resident under the
-    outputs and the distortion measured after it (≈ 400 MB on SmolLM2-135M). Mapped blocks leave on free.
-    """
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, COMPILE_MMAP_THRESHOLD)
 
 
 def _release_compile_memory() -> None:
