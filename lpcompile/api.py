@@ -115,6 +115,10 @@ def analyze(
             )
     except UnsupportedOpsError as exc:
         logger.warning("%s; falling back to forward-only perturbation measurement (slower)", exc)
+        if model.meta.get("lpcompile.spilled_weights") is not None:  # ORT gets the model as one protobuf
+            from lpcompile.frontend.onnx_io import materialize
+
+            materialize(model)
         table = measure.analyze_by_measurement(
             model, calib, config.formats, measure_backend(), batch_size=config.batch_size, loss=config.loss,
             progress=stage("measure"), outputs=config.outputs,

@@ -7,8 +7,10 @@ normalise the model once, call the in-memory API and write the model with its pl
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,12 +28,20 @@ from lpcompile.config import ApplyConfig, DecideConfig
 from lpcompile.errors import UsageError
 from lpcompile.formats import needs_input_hessians
 from lpcompile.frontend.calib import CalibrationSet, calibration_for
-from lpcompile.frontend.onnx_io import load_model, save_model
+from lpcompile.frontend.onnx_io import EXTERNAL_THRESHOLD, StreamedTensor, load_model, model_bytes_estimate, save_model
 from lpcompile.graph import find_weight_nodes
 from lpcompile.io_utils import check_outputs
 from lpcompile.plan import PrecisionPlan
 
 logger = logging.getLogger(__name__)
+
+#: a model whose initializers are embedded in its file and total more than this many bytes is read from a
+#: temporary external-data copy, one weight at a time (:func:`spill_embedded_weights`)
+SPILL_EMBEDDED_BYTES = 256 << 20
+#: ``model.meta`` key holding the temporary folder of the spilled weights (removed with the model, or at exit)
+SPILLED_META = "lpcompile.spilled_weights"
+#: initializers below this many bytes stay in memory (as their own protobuf copies)
+_SPILL_MIN_TENSOR = 4096
 
 __all__ = [
     "ApplyResult",
@@ -117,6 +127,80 @@ def load_normalized(model_path: str | os.PathLike[str]) -> ir.Model:
     return model
 
 
+def spill_for_streaming(model: ir.Model, config: AnalysisConfig) -> int:
+    """:func:`spill_embedded_weights` when the analysis of ``model`` streams (it reads one segment's weights
+    at a time; the whole-graph analysis needs every weight inline); return the bytes moved."""
+    from lpcompile.api import use_streamed
+
+    return spill_embedded_weights(model, SPILL_EMBEDDED_BYTES) if use_streamed(model, config) else 0
+
+
+def spill_embedded_weights(model: ir.Model, limit: int = SPILL_EMBEDDED_BYTES) -> int:
+    """Move the weights embedded in the model's protobuf to a temporary file; return the bytes moved.
+
+    onnx-ir keeps an embedded initializer as a view of the loaded protobuf, so the whole file stays
+    resident until the compile ends (SmolLM2-135M: 513 MiB, a quarter of issue 18's memory bound). Above
+    ``limit`` bytes of embedded initializers, each one of at least 4 KiB is written to
+    ``weights.data`` in a temporary folder and becomes a
+    :class:`~lpcompile.frontend.onnx_io.StreamedTensor` (read from the file on each access, owned by the
+    reader), as the weights of a model with big external data are; smaller ones and tensor attributes
+    become their own protobuf copies, so nothing refers to the loaded protobuf and it is freed. The
+    folder lives as long as the model (``model.meta[SPILLED_META]``). Values and the bytes written for
+    the model are unchanged (:func:`write_outputs` decides inline or external data as it would have).
+    """
+    from onnx_ir.serde import TensorProtoTensor
+
+    in_memory = (TensorProtoTensor, ir.Tensor)  # (external data up to 1 GB is read into ir.Tensors on load)
+    embedded = [v for g in model.graphs() for v in g.initializers.values() if isinstance(v.const_value, in_memory)]
+    total = sum(v.const_value.nbytes for v in embedded if v.const_value is not None)
+    if total <= limit:
+        return 0
+    folder = tempfile.TemporaryDirectory(prefix="lpcompile-weights-")
+    location = "weights.data"
+    moved = 0
+    with open(Path(folder.name) / location, "wb") as f:
+        for v in embedded:
+            t = v.const_value
+            if not isinstance(t, in_memory):
+                continue
+            if t.nbytes < _SPILL_MIN_TENSOR or t.dtype.bitwidth < 8 or t.dtype == ir.DataType.STRING:
+                if isinstance(t, TensorProtoTensor):
+                    v.const_value = _own_proto(t)
+                continue
+            data = t.tobytes()
+            offset = f.tell()
+            f.write(data)
+            v.const_value = StreamedTensor(
+                location, offset, len(data), t.dtype, shape=t.shape, name=t.name or "", doc_string=t.doc_string,
+                metadata_props=dict(t.metadata_props) if t.metadata_props else None, base_dir=folder.name,
+            )
+            moved += len(data)
+            del data
+    for g in model.graphs():
+        for node in g:
+            for name, attr in list(node.attributes.items()):
+                tensors = attr.type == ir.AttributeType.TENSORS
+                if isinstance(attr.value, TensorProtoTensor):
+                    node.attributes[name] = ir.Attr(name, attr.type, _own_proto(attr.value), doc_string=attr.doc_string)
+                elif tensors and any(isinstance(x, TensorProtoTensor) for x in attr.value or ()):
+                    copies = [_own_proto(x) if isinstance(x, TensorProtoTensor) else x for x in attr.value]
+                    node.attributes[name] = ir.Attr(name, attr.type, copies, doc_string=attr.doc_string)
+    model.meta[SPILLED_META] = folder
+    gc.collect()  # the loaded protobuf goes once nothing views it
+    logger.info("%.0f MB of embedded weights moved to %s, read one at a time", moved / 1e6, folder.name)
+    return moved
+
+
+def _own_proto(t: object) -> ir.TensorProtocol:
+    """A tensor of its own protobuf copy (not a view of the loaded model's message)."""
+    import onnx
+    from onnx_ir.serde import TensorProtoTensor
+
+    proto = onnx.TensorProto()
+    proto.CopyFrom(t.raw)  # type: ignore[attr-defined]
+    return TensorProtoTensor(proto)
+
+
 def load_calib_for(
     model: ir.Model,
     calib_path: str | os.PathLike[str] | None,
@@ -171,7 +255,9 @@ def analyze_file(
     from lpcompile.frontend.torch_export import module_paths_from_metadata
 
     config = config or AnalysisConfig()
-    model = model if model is not None else load_normalized(model_path)
+    if model is None:
+        model = load_normalized(model_path)
+        spill_for_streaming(model, config)
     check_model(model).log()
     calib = calib if calib is not None else analysis_calib(model, calib_path, config)
     table = analyze(
@@ -181,9 +267,16 @@ def analyze_file(
     return replace(table, model=Path(model_path).name)
 
 
-def write_outputs(applied: Applied, out_path: Path, model_path: str | os.PathLike[str]) -> tuple[Path, int]:
-    """Write the rewritten model (and external data) and its plan; return the plan path and total bytes."""
-    data_path = save_model(applied.model, out_path)
+def write_outputs(
+    applied: Applied, out_path: Path, model_path: str | os.PathLike[str], spilled: bool = False
+) -> tuple[Path, int]:
+    """Write the rewritten model (and external data) and its plan; return the plan path and total bytes.
+
+    ``spilled``: the model's embedded weights were moved to a temporary file (:func:`spill_embedded_weights`):
+    the output is written inline or with external data as it would have been without that.
+    """
+    external = model_bytes_estimate(applied.model) > EXTERNAL_THRESHOLD if spilled else None
+    data_path = save_model(applied.model, out_path, external=external)
     plan_out = plan_path_for(out_path)
     applied.plan.save(plan_out)
     return plan_out, out_path.stat().st_size + (data_path.stat().st_size if data_path else 0)
@@ -251,8 +344,9 @@ def apply_file(
         calib = None
     elif calib is None:
         calib = load_calib_for(model, calib_path, seed=config.seed)
+    spilled = model.meta.get(SPILLED_META) is not None
     applied = apply(model, plan, config, calib, hessians=hessians)
-    plan_out, out_bytes = write_outputs(applied, out_path, model_path)
+    plan_out, out_bytes = write_outputs(applied, out_path, model_path, spilled)
     return ApplyResult(
         output=out_path,
         plan_path=plan_out,
@@ -293,6 +387,7 @@ def compile_file(
         parse_budget(budget)  # fail fast on a malformed budget or output path, before minutes of analysis
     check_output_path(model_path, out or default_output(model_path), force, [calib_path])
     model = load_normalized(model_path)
+    spill_for_streaming(model, config)
     from lpcompile.feasibility import check_budget, retarget_table  # issue 13: fail before analysis
 
     target = decide_config.target.value

@@ -22,10 +22,15 @@ The guard never changes the written files.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
-from collections.abc import Callable, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lpcompile.errors import LpError, UsageError
@@ -38,6 +43,9 @@ DEFAULT_MAX_DISTORTION = 0.1
 SWEEP_STEP_BITS = 0.25
 SWEEP_MAX_BITS = 16.0
 WORST_NODES = 3
+
+#: a model file bigger than this (its weights embedded) is measured from a temporary copy with external data
+LEAN_REFERENCE_BYTES = 256 << 20
 
 PredictAt = Callable[[float], float | None]
 """Predicted loss of the plan the solver picks at a budget in bits per weight (None: infeasible)."""
@@ -206,7 +214,8 @@ def check_quality(
     source = "default" if max_loss is None else "--max-loss"
     if heldout.num_samples == 0:
         raise LpError("the quality guard needs at least one held-out sample")
-    report = evaluate(written, reference, heldout, batch_size=batch_size, outputs=tuple(outputs) if outputs else None)
+    with lean_model_file(written) as w, lean_model_file(reference) as r:
+        report = evaluate(w, r, heldout, batch_size=batch_size, outputs=tuple(outputs) if outputs else None)
     distortion = float(report.distortion if report.distortion is not None else math.nan)
     fired = not math.isfinite(distortion) or distortion > threshold
     top1s = [m.top1 for name, m in report.outputs.items() if m.top1 is not None and name in report.loss_outputs]
@@ -238,6 +247,39 @@ def check_quality(
     )
     result.log()
     return result
+
+
+@contextlib.contextmanager
+def lean_model_file(model: Any) -> Iterator[Any]:
+    """A model file whose weights are embedded and above :data:`LEAN_REFERENCE_BYTES`, as a temporary copy
+    with its weights in external data (removed afterwards); anything else as it is.
+
+    :func:`lpcompile.evaluate.evaluate` reads a file's graph, names and metadata as a protobuf and lets ONNX
+    Runtime read the weights from the path: with embedded weights that protobuf holds them all (SmolLM2-135M:
+    541 MB) beside the session's own copy, for the whole measurement. The copy holds the same tensors.
+    """
+    if not isinstance(model, str | os.PathLike) or not Path(model).is_file():
+        yield model
+        return
+    path = Path(model)
+    if path.stat().st_size <= LEAN_REFERENCE_BYTES:
+        yield model
+        return
+    import onnx
+
+    from lpcompile.frontend.onnx_io import load_proto
+
+    proto = load_proto(path)  # the checks evaluate would make, and any external data too
+    with tempfile.TemporaryDirectory(prefix="lpcompile-guard-") as folder:
+        copy = Path(folder) / path.name
+        onnx.save_model(
+            proto, str(copy), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=path.name + ".data", size_threshold=1024,
+        )
+        del proto
+        gc.collect()
+        logger.info("measuring %s from a copy with external data (%s)", path.name, copy)
+        yield copy
 
 
 def heldout_split(

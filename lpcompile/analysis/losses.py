@@ -315,8 +315,8 @@ def _mask_covers(model: ir.Model, mask: str, output: ir.Value, shape: Sequence[A
 # distortion
 
 
-#: float64 elements per chunk of the KL probe (positions × vocabulary): bounds its temporaries (~8 × 32 MB)
-_KL_CHUNK = 1 << 22
+#: float64 elements per chunk of the KL probe (positions × vocabulary): bounds its temporaries (~8 × 8 MB)
+_KL_CHUNK = 1 << 20
 
 
 def _kl_probe(y_ref: torch.Tensor, gen: torch.Generator, mask: Any) -> torch.Tensor:
@@ -325,11 +325,9 @@ def _kl_probe(y_ref: torch.Tensor, gen: torch.Generator, mask: Any) -> torch.Ten
     import torch
 
     y = y_ref.detach()
-    u8 = torch.randint(0, 2, y.shape, generator=gen, dtype=torch.int8)
     vocab = max(int(y.shape[-1]), 1) if y.ndim else 1
     rows = y.reshape(-1, vocab)
-    u_rows = u8.reshape(-1, vocab)
-    m = _torch_mask(mask, y.to(torch.float64)[..., :1], 1)
+    m = _torch_mask(mask, y[..., :1], 1)  # (only the device of the reference is read)
     m_rows = m.reshape(-1, 1) if m is not None else None
     div = math.sqrt(max(rows.shape[0], 1)) if m is None else math.sqrt(float(m.sum().clamp_min(1.0)))
     out = torch.empty(rows.shape, dtype=y_ref.dtype, device=y.device)
@@ -337,7 +335,9 @@ def _kl_probe(y_ref: torch.Tensor, gen: torch.Generator, mask: Any) -> torch.Ten
     for start in range(0, rows.shape[0], step):
         sl = slice(start, start + step)
         y0 = rows[sl].to(torch.float64)
-        u = u_rows[sl].to(torch.float64).mul_(2).sub_(1)
+        # the signs of these rows: consecutive draws of one generator are one draw of the whole tensor
+        u8 = torch.randint(0, 2, (y0.shape[0], vocab), generator=gen, dtype=torch.int8)
+        u = u8.to(torch.float64).mul_(2).sub_(1)
         p = torch.softmax(y0, dim=-1)
         a = p.sqrt()
         z = a * u - p * (a * u).sum(-1, keepdim=True)
@@ -403,15 +403,38 @@ def numpy_distortion(
     """The numpy twin of :func:`torch_distortion` (float64; KL by :func:`lpcompile.metrics.kl_divergence`)."""
     total = 0.0
     for name, kind in kinds.items():
-        y = np.asarray(outputs[name], dtype=np.float64)
-        y0 = np.asarray(reference[name], dtype=np.float64)
         mask = (masks or {}).get(name)
         if kind == "kl":
-            total += kl_divergence(y0, y, from_logits=True, mask=mask)
-        else:
-            denom = max(masked_mean(y0 * y0, mask), 1e-30)
-            total += masked_mean((y - y0) ** 2, mask) / denom
+            total += _kl_mean(reference[name], outputs[name], mask)
+            continue
+        y = np.asarray(outputs[name], dtype=np.float64)
+        y0 = np.asarray(reference[name], dtype=np.float64)
+        denom = max(masked_mean(y0 * y0, mask), 1e-30)
+        total += masked_mean((y - y0) ** 2, mask) / denom
     return total
+
+
+#: KL outputs of more elements are measured a position at a time by :func:`numpy_distortion`
+KL_BY_POSITION_ABOVE = 1 << 22
+
+
+def _kl_mean(ref: Any, test: Any, mask: Any) -> float:
+    """:func:`lpcompile.metrics.kl_divergence` of logits (float64), a position at a time above
+    :data:`KL_BY_POSITION_ABOVE` elements: the same per-position values and the same masked mean, with
+    float64 temporaries of one position instead of ~8 of the whole output (SmolLM2's guard: 4 × 128 ×
+    49,152 logits, 200 MB per copy)."""
+    r, t = np.asarray(ref), np.asarray(test)
+    if r.size <= KL_BY_POSITION_ABOVE or r.ndim < 2 or r.shape != t.shape:
+        return kl_divergence(np.asarray(r, dtype=np.float64), np.asarray(t, dtype=np.float64), from_logits=True,
+                             mask=mask)
+    rows_r, rows_t = r.reshape(-1, r.shape[-1]), t.reshape(-1, t.shape[-1])
+    per = np.empty(rows_r.shape[0], dtype=np.float64)
+    for i in range(rows_r.shape[0]):  # one position: its mean is its (clamped) value
+        rr = rows_r[i : i + 1].astype(np.float64)
+        per[i] = kl_divergence(rr, rows_t[i : i + 1].astype(np.float64), from_logits=True)
+    if np.isnan(per).any():
+        return float("nan")
+    return masked_mean(per.reshape(r.shape[:-1]), mask)
 
 
 def ggn_output_probe(y_ref: torch.Tensor, kind: str, gen: torch.Generator, mask: Any = None) -> torch.Tensor:

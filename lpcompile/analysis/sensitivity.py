@@ -657,8 +657,8 @@ def predict_losses(
     out = []
     for n in nodes:
         w = weight_array(model, n.weight)
-        d = diag[n.weight]
-        trace = float(d.sum())
+        d = diag[n.weight]  # float64, or float32 (widened exactly in the products below; the trace sums float64)
+        trace = float(np.asarray(d, dtype=np.float64).sum())
         cands: dict[str, Candidate] = {}
         for f in offered[n.name]:
             fmt = get_format(f)

@@ -35,7 +35,7 @@ import ctypes
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -55,11 +55,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Segment", "StreamedResult", "analyze_streamed", "plan_segments", "streamable"]
 
-#: default weight bytes per segment: the model's weights / 16, within these bounds (and ≥ the largest tensor)
+#: default weight bytes per segment: the model's weights / 16, within these bounds
 MIN_SEGMENT_BYTES = 16 << 20
 MAX_SEGMENT_BYTES = 512 << 20
 #: per-probe partial gradients of weights read in several segments are kept in memory up to this
-SPILL_BYTES = 256 << 20
+SPILL_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,9 @@ def plan_segments(model: ir.Model, segment_bytes: int | None = None) -> list[Seg
 
     Args:
         model: the normalised model (nodes in topological order).
-        segment_bytes: weight bytes per segment (None: the weights / 16, within 16–512 MB, and at
-            least the largest initializer).
+        segment_bytes: weight bytes per segment (None: the weights / 16, within 16–512 MB; a segment
+            that reads a bigger tensor is cut at the next place few tensors are live. A given value is
+            raised to the largest initializer).
     """
     nodes = list(model.graph)
     inits = model.graph.initializers
@@ -138,8 +139,11 @@ def plan_segments(model: ir.Model, segment_bytes: int | None = None) -> list[Seg
     sizes = {name: _nbytes(v) for name, v in inits.items()}
     total = sum(sizes[n] for n in first_read if n in sizes)
     if segment_bytes is None:
+        # not raised to the largest tensor (SmolLM2's 113 MB embedding table would make segments of 8–14
+        # of its 30 layers: a batch's autograd graph through them, not the weights, is the memory then)
         segment_bytes = min(max(total // 16, MIN_SEGMENT_BYTES), MAX_SEGMENT_BYTES)
-    segment_bytes = max(segment_bytes, max(sizes.values(), default=0))
+    else:
+        segment_bytes = max(segment_bytes, max(sizes.values(), default=0))
     new_bytes = [0] * len(nodes)
     for name, i in first_read.items():
         if name in sizes:
@@ -332,7 +336,16 @@ def analyze_streamed(
     t_build = time.perf_counter()
 
     # ---- pass 1: forward, segment by segment; keep what crosses cuts, the outputs and activation ranges
-    keep_names = {n for seg in segments for n in seg.inputs} | {v.name for v in model.graph.outputs}
+    out_names = [v.name for v in model.graph.outputs]
+    # the reference outputs the probes are drawn from: when every graph output comes out of one segment,
+    # that segment's backward recomputes them (the same forward on the same inputs) and no batch's
+    # outputs are kept (SmolLM2: 16 × 128 × 49,152 logits = 400 MB); else they are kept from here
+    out_segs = {producer_seg[n] for n in out_names if n in producer_seg}
+    refs_from_backward = len(out_segs) == 1 and all(n in producer_seg for n in out_names)
+    keep_names = {n for seg in segments for n in seg.inputs}
+    if not refs_from_backward:
+        keep_names |= set(out_names)
+    out_shapes: list[dict[str, tuple[int, ...]]] = [{} for _ in batch_list]
     stored: list[dict[str, torch.Tensor]] = [
         {k: torch.as_tensor(np.asarray(v)) for k, v in b.items() if k in keep_names} for b in batch_list
     ]
@@ -351,19 +364,32 @@ def analyze_streamed(
                 for name in seg.outputs:
                     if name in keep_names:
                         stored[b][name] = res[name].detach()
+                    if name in out_names:
+                        out_shapes[b][name] = tuple(res[name].shape)
                 for t in capture:
                     m = finite_amax(res[t])
                     if m is not None:
                         amax[t] = max(amax[t], m)
         del params
         _trim_heap()
-    refs = [{v.name: stored[b][v.name] for v in model.graph.outputs} for b in range(len(batch_list))]
-    spec = choose_outputs(
-        model, config.outputs, config.loss, shapes={k: tuple(v.shape) for k, v in (refs[0] if refs else {}).items()}
+        logger.debug("forward: segment %d/%d done", seg.index + 1, len(segments))
+    for b, batch in enumerate(batch_list):  # outputs that are graph inputs or initializers (no producer here)
+        for name in out_names:
+            if name not in out_shapes[b] and name in stored[b]:
+                out_shapes[b][name] = tuple(stored[b][name].shape)
+            elif name not in out_shapes[b] and name in batch:
+                out_shapes[b][name] = tuple(np.shape(batch[name]))
+    refs: list[dict[str, torch.Tensor]] = (
+        [] if refs_from_backward else [{n: stored[b][n] for n in out_names} for b in range(len(batch_list))]
     )
+    spec = choose_outputs(model, config.outputs, config.loss, shapes=out_shapes[0] if out_shapes else {})
     kinds = spec.kinds()
-    masks = [spec.masks(b, {n: tuple(r[n].shape) for n in kinds}) for b, r in zip(batch_list, refs, strict=True)]
+    masks = [spec.masks(b, {n: sh[n] for n in kinds}) for b, sh in zip(batch_list, out_shapes, strict=True)]
     t_ref = time.perf_counter()
+    logger.debug(
+        "forward pass done (%d batch(es)); reference outputs %s", len(batch_list),
+        "recomputed by their segment's backward" if refs_from_backward else "kept",
+    )
 
     # ---- pass 2: backward, segments in reverse order
     sizes = np.array([batch_len(b) for b in batch_list], dtype=np.float64)
@@ -386,11 +412,18 @@ def analyze_streamed(
             sg = graphs[seg.index]
             seg_weights = [n for n in seg.initializers if n in wset]
             params = _load(model, seg.initializers, set(seg_weights), device)
-            acc = {w: torch.zeros_like(params[w]) for w in seg_weights}
+            # (a weight read in several segments accumulates where it is read first: its other readers only
+            # hand on their per-probe partial gradients)
+            acc = {w: torch.zeros_like(params[w]) for w in seg_weights if seg.index == readers[w][0]}
             seg_nodes = [n for n in nodes if seg_of_node.get(n.name) == seg.index]
             hacc = HessianAccumulator(hessian_specs(model, seg_nodes)) if want_h else None
+            logger.debug("backward: segment %d loaded (%d weights)", seg.index, len(seg_weights))
             perturb_names = [t for t in act_tensors if producer_seg.get(t) == seg.index or
                              (t in graph_input_names and t in seg.inputs)]
+            # an activation's gradient is taken at the tensor itself (no zero perturbation leaf and no
+            # ``a + 0`` copy of every activation: the same gradient); one that no gradient reaches otherwise
+            # (computed from inputs alone) gets the additive leaf
+            leafed: set[str] = set()
             for b, batch in enumerate(batch_list):
                 k = per_batch[b]
                 if k == 0 and hacc is None:
@@ -401,19 +434,28 @@ def analyze_streamed(
                     if dep.get(n) and v.is_floating_point():
                         v = v.detach().clone().requires_grad_(True)
                     feeds[n] = v
-                perturb = {t: None for t in perturb_names}
                 capture = list(dict.fromkeys([*(hacc.tensors if hacc else ()), *perturb_names]))
-                res = sg.forward({**feeds, **params}, capture=capture, perturb=perturb)
+                res = sg.forward({**feeds, **params}, capture=capture, perturb=dict.fromkeys(leafed) or None)
+                unreached = [t for t in perturb_names if t not in leafed and t in res and not res[t].requires_grad]
+                if unreached:
+                    leafed.update(unreached)
+                    del res
+                    res = sg.forward({**feeds, **params}, capture=capture, perturb=dict.fromkeys(leafed))
                 if hacc is not None:
                     hacc.update({t: res[t] for t in hacc.tensors if t in res}, attention_mask(batch))
                 leaves = [params[w] for w in seg_weights]
                 in_leaves = [(n, feeds[n]) for n in seg.inputs if feeds[n].requires_grad]
-                act_leaves = [(t, sg.perturbations[t]) for t in perturb_names if t in sg.perturbations]
+                act_leaves = [
+                    (t, sg.perturbations[t] if t in leafed else res[t])
+                    for t in perturb_names
+                    if (t in leafed and t in sg.perturbations) or (t not in leafed and t in res)
+                ]
                 sq = {t: torch.zeros_like(leaf) for t, leaf in act_leaves}
                 for j in range(k):
                     outs, gouts = [], []
+                    zz: torch.Tensor | None = None
                     z = (
-                        _probe(zcache, (b, j), refs[b], kinds, masks[b], config.seed)
+                        _probe(zcache, (b, j), refs[b] if refs else _detached(res, kinds), kinds, masks[b], config.seed)
                         if any(name in kinds for name in seg.outputs)
                         else {}
                     )
@@ -433,6 +475,8 @@ def analyze_streamed(
                         continue
                     targets = [*leaves, *(v for _, v in in_leaves), *(v for _, v in act_leaves)]
                     grads = torch.autograd.grad(outs, targets, grad_outputs=gouts, retain_graph=True, allow_unused=True)
+                    del outs, gouts, g, z  # this probe's output vectors (the outputs' size) go now
+                    zz = None
                     gw = grads[: len(leaves)]
                     gi = grads[len(leaves) : len(leaves) + len(in_leaves)]
                     ga = grads[len(leaves) + len(in_leaves) :]
@@ -444,10 +488,11 @@ def analyze_streamed(
                                 partials.add((w, b, j), g)
                                 continue
                             prev = partials.pop((w, b, j))
-                            g = g.detach() if prev is None else g.detach() + prev.to(g.device)
-                        s2 = g.detach() * g.detach()
+                            g = g if prev is None else prev.to(g.device).add_(g.detach())  # (= g + prev)
+                        s2 = _square_(g.detach())  # a fresh gradient, or the partial sum: squared where it is
                         acc[w].add_(s2, alpha=float(bweights[b]) / k)
                         samples[w][b].append(float(s2.sum()))
+                        del s2
                     nxt = incoming.setdefault((b, j), {})
                     for (n, _), g in zip(in_leaves, gi, strict=True):
                         if g is not None:
@@ -457,6 +502,8 @@ def analyze_streamed(
                             sq[t].add_(g.detach() * g.detach())
                     if not nxt:
                         incoming.pop((b, j), None)
+                    del grads, gw, gi, ga  # before the next probe's gradients are made
+                    logger.debug("backward: segment %d batch %d probe %d", seg.index, b, j)
                 for t, leaf in act_leaves:
                     if k == 0:
                         continue
@@ -466,6 +513,7 @@ def analyze_streamed(
                         act_term[(t, e)] += float(bweights[b]) * 0.5 * activation_error(d, a, e, amax[t])
                     del leaf
                 del res
+                logger.debug("backward: segment %d batch %d: %d probe(s) done", seg.index, b, k)
             act_done.update(perturb_names)
             for w in seg_weights:
                 if seg.index == readers[w][0]:
@@ -479,6 +527,7 @@ def analyze_streamed(
                     hess[name] = h
                 del hacc
             tp = time.perf_counter()
+            logger.debug("backward: segment %d scoring", seg.index)
             pending = _score_ready(
                 model, pending, diag, act_done, act_tensors, rows, fmts, config, act_term, act_elements,
                 module_paths, hess, want_h, rounding, groups,
@@ -548,6 +597,39 @@ def _probe(
     return cache[key]
 
 
+class _Float32Diagonals(Mapping[str, np.ndarray]):
+    """The diagonals :func:`~lpcompile.analysis.sensitivity.predict_losses` scores with, as float32 numpy
+    views where they are float32 tensors: its products widen them to float64 exactly and its trace sums a
+    float64 copy, so the numbers are those of the float64 diagonals."""
+
+    def __init__(self, d64: Float64Diagonals) -> None:
+        self._d64 = d64
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._d64._diag.get(name)
+        if t is not None and t.dtype == torch.float32:
+            return t.detach().numpy()
+        return self._d64[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d64)
+
+    def __len__(self) -> int:
+        return len(self._d64)
+
+
+def _square_(g: torch.Tensor) -> torch.Tensor:
+    """``g * g``, in ``g``'s memory unless its elements overlap (an expanded tensor)."""
+    try:
+        return g.mul_(g)
+    except RuntimeError:
+        return g * g
+
+
+def _detached(res: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    return {n: res[n].detach() for n in names if n in res}
+
+
 def _produced(model: ir.Model, seg: Segment) -> list[str]:
     nodes = list(model.graph)[seg.nodes[0] : seg.nodes[1]]
     return [v.name for n in nodes for v in n.outputs if v.name]
@@ -604,6 +686,8 @@ def _score_ready(
         return pending
     d64 = Float64Diagonals({n.weight: diag[n.weight] for n in ready}, {n.weight: n.shape for n in ready})
     rounded = rounding not in ("nearest",) or any(split_candidate(c)[1] for c in fmts)
+    if not rounded:  # round to nearest reads float32 diagonals (no float64 copy of a 28M-weight table)
+        d64 = _Float32Diagonals(d64)
     if rounded:
         scored, _ = predict_rounded_losses(
             model, ready, fmts, d64, act_term, act_elements, module_paths,

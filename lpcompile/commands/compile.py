@@ -142,6 +142,7 @@ def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResu
     from lpcompile.frontend.onnx_io import load_model
     from lpcompile.guard import check_quality, heldout_split
 
+    _release_compile_memory()
     if args.calib and result.calib is not None:
         heldout = heldout_split(result.calib)[1]  # the data compile loaded, not a second read
     else:
@@ -159,3 +160,15 @@ def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResu
         outputs=config.outputs,
         batch_size=config.batch_size,
     )
+
+
+def _release_compile_memory() -> None:
+    """Before the guard's ONNX Runtime sessions: collect the compile's model (onnx-ir graphs are reference
+    cycles, freed only by the collector) and hand the freed heap back to the OS."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
