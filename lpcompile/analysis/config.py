@@ -7,8 +7,9 @@ from typing import Literal
 
 from lpcompile.formats import canonical_name
 
-#: ``stream="auto"`` streams the analysis of models with more weight bytes than this
-STREAM_AUTO_BYTES = 1 << 30
+#: ``stream="auto"`` streams the analysis of models with more weight bytes than this (SmolLM2-135M's 0.54 GB:
+#: the whole-graph analysis peaked at 12.8 GB there, the streamed compile at 2 GB; issue 18, wave 6)
+STREAM_AUTO_BYTES = 256 << 20
 
 DEFAULT_FORMATS = ("fp8_e4m3", "int8", "int4_b128", "int4_b64", "int4_b32", "bf16", "bf16w", "w8a8_dyn")
 

@@ -84,7 +84,7 @@ def add_scale_args(g: argparse._ArgumentGroup) -> None:
         "--stream",
         choices=["auto", "on", "off"],
         default="auto",
-        help="analyse segment by segment, one segment's weights in memory (auto: when the weights exceed 1 GiB)",
+        help="analyse segment by segment, one segment's weights in memory (auto: when the weights exceed 256 MiB)",
     )
     g.add_argument("--segment-mb", type=float, metavar="MB", help="weight megabytes per streamed segment")
 
