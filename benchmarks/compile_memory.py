@@ -15,7 +15,9 @@ Models (``--models``, comma-separated keys; ``EXTRA`` flags after the key's own)
   (built by ``benchmarks/bench_minilm.py``), the whole-graph analysis (the default below 1 GiB);
 * ``smollm2``: SmolLM2-135M, ``artifacts/bench/smollm2.onnx`` + ``artifacts/bench/smollm2/calib.npz``
   (16 × 128 tokens; built by ``benchmarks/bench_smollm2.py``) with ``--stream on``;
-* ``digits``: the embedded digits MLP (seconds; a smoke run of the script).
+* ``digits``: the embedded digits MLP (seconds; a smoke run of the script);
+* ``ocr``: the seeded OCR-style CNN+transformer recogniser of ``benchmarks/ocr_standin.py`` (built when
+  missing).
 
     python benchmarks/compile_memory.py [--models minilm,smollm2] [--old 4009b72 | --old-tree PATH]
                                         [--repeats 1] [--new-only] [--json-out benchmarks/compile_memory.json]
@@ -24,7 +26,6 @@ Models (``--models``, comma-separated keys; ``EXTRA`` flags after the key's own)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -39,12 +40,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lpcompile.io_utils import atomic_write_text  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OLD = "4009b72"
+OCR_WORK = ROOT / "artifacts" / "bench" / "ocr_standin"  # benchmarks/ocr_standin.py builds it
 GIB = 2**30
 
 
@@ -64,12 +67,17 @@ def cases(keys: list[str]) -> list[Case]:
         "minilm": Case("minilm", bench / "minilm.onnx", bench / "minilm" / "calib.npz"),
         "smollm2": Case("smollm2", bench / "smollm2.onnx", bench / "smollm2" / "calib.npz", ("--stream", "on")),
         "digits": Case("digits", examples / "digits_mlp.onnx", examples / "digits_calib.npz"),
+        "ocr": Case("ocr", OCR_WORK / "recogniser.onnx", OCR_WORK / "calib.npz"),
     }
     out = []
     for k in keys:
         if k not in known:
             raise SystemExit(f"unknown model key {k!r} (known: {', '.join(known)})")
         case = known[k]
+        if k == "ocr":  # the seeded stand-in is built here when missing
+            from ocr_standin import build
+
+            build()
         if not case.model.is_file() or not case.calib.is_file():
             raise SystemExit(f"{case.model} or {case.calib} is missing: run benchmarks/bench_{k}.py first")
         out.append(case)
@@ -138,17 +146,10 @@ def run_compile(tree: Path, case: Case, out: Path, budget: str) -> dict[str, Any
     done = threading.Event()
 
     def sample() -> None:
-        import psutil
+        from scale import _tree_rss
 
         while not done.is_set():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-                rss = 0
-                for p in procs:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        if p.name() not in ("nice", "time"):
-                            rss += p.memory_info().rss
-                peak[0] = max(peak[0], rss)
+            peak[0] = max(peak[0], _tree_rss(proc.pid, exclude=("nice", "time")))
             done.wait(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -217,23 +217,23 @@ def _w8a8_plan(ctx: Context, table: Any, budget: float, objective: str, target: 
     return decide(table, f"{budget}bits", cfg).plan
 
 
-def _per_run_decodes(path: Path) -> dict[str, int]:
-    """Ops of the ORT_ENABLE_ALL graph that still decode or round per inference."""
-    from lpcompile.runtime.ort import optimized_proto
+#: ops of the ORT_ENABLE_ALL graph that still decode or round per inference
+PER_RUN_OPS = (
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "Cast",
+    "com.microsoft.MatMulNBits",
+    "com.microsoft.MatMulIntegerToFloat",
+    "lpcompile.TwoPassSoftmax",
+)
 
-    opt = optimized_proto(path, "all")
+
+def _per_run_decodes(steps: tuple[Any, ...]) -> dict[str, int]:
+    """Counts of :data:`PER_RUN_OPS` among the optimised graph's nodes (``ort_kernels.kernel_steps``)."""
     counts: dict[str, int] = {}
-    for n in opt.graph.node:
-        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-        if key in (
-            "DequantizeLinear",
-            "QuantizeLinear",
-            "Cast",
-            "com.microsoft.MatMulNBits",
-            "com.microsoft.MatMulIntegerToFloat",
-            "lpcompile.TwoPassSoftmax",
-        ):
-            counts[key] = counts.get(key, 0) + 1
+    for s in steps:
+        if s.op in PER_RUN_OPS:
+            counts[s.op] = counts.get(s.op, 0) + 1
     return counts
 
 
@@ -259,11 +259,14 @@ def measure(
     batch: int,
     fresh: bool,
     sessions: int = 1,
+    ref_steps: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
-    """Build one variant and measure latency (vs fp32), size, bits and quality (cached as JSON)."""
+    """Build one variant and measure latency (vs fp32), size, bits and quality (cached as JSON).
+
+    ``ref_steps``: the fp32 model's ``kernel_steps`` (read here when not given)."""
     from lpcompile.errors import LpError
     from lpcompile.runtime.ort import compare_latency, latency_inputs
-    from lpcompile.runtime.ort_kernels import compare_kernels
+    from lpcompile.runtime.ort_kernels import compare_kernels, kernel_steps
 
     cache = OUT_DIR / ctx.task.name / f"{key}.json"
     if cache.exists() and not fresh:
@@ -279,8 +282,9 @@ def measure(
     proto = onnx.load(str(path), load_external_data=False)
     row["contrib_ops"] = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     try:
-        row["per_run_ops"] = _per_run_decodes(path)
-        row["kernels"] = compare_kernels(path, ctx.task.model).to_dict()
+        steps = kernel_steps(path)  # ORT's optimised graph, read once for both
+        row["per_run_ops"] = _per_run_decodes(steps)
+        row["kernels"] = compare_kernels(steps, ref_steps or kernel_steps(ctx.task.model)).to_dict()
         lat = compare_latency(
             path, ctx.task.model, ctx.task.latency_feed, threads=threads, runs=runs, sessions=sessions
         )
@@ -319,6 +323,7 @@ def _json_default(o: Any) -> Any:
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from lpcompile.passes.targets import latency_formats
     from lpcompile.runtime.ort import compare_latency
+    from lpcompile.runtime.ort_kernels import kernel_steps
 
     task = _task(name)
     ctx = prepare(task, ARTIFACTS)
@@ -338,6 +343,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     fp32["control_ci95"] = list(ctl.ratio_interval())
     logger.info("%s: fp32 %.3f ms; fp32 vs itself %.3fx (noise floor)", name, ctl.reference_ms, ctl.ratio)
     rows = [fp32]
+    ref_steps = kernel_steps(task.model)  # the fp32 graph as ORT runs it, compared with every row
     targets = [t for t in args.targets.split(",") if t] + (["dq"] if args.before else [])
     fast_formats = latency_formats("qdq", LPC_FORMATS, "latency")
     for budget in budgets:
@@ -367,6 +373,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     args.batch,
                     args.fresh,
                     args.sessions,
+                    ref_steps,
                 )
                 row.update(variant=variant, budget=budget, target=target, mix=_mix(plan), formats=list(formats))
                 if "latency" in plan.metadata:
@@ -387,6 +394,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 args.batch,
                 args.fresh,
                 args.sessions,
+                ref_steps,
             )
             row.update(variant=f"uniform-{fmt}", budget=None, target=target)
             rows.append(row)

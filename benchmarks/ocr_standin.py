@@ -10,9 +10,9 @@ layers (d = 192, 6 heads, MLP 768, GELU), and a CTC head of 6,625 classes (Paddl
 dictionary size) — about 2.7M weights, 10.6 MB fp32. Calibration images are synthetic text lines
 (light background, dark glyph-like strokes), seeded.
 
-It then runs the bare compile in fresh processes under ``/usr/bin/time -v`` (``--repeats`` times) and
-reports the peak RSS against the limit, with the load average before and after. The model and data
-are cached in ``artifacts/bench/ocr_standin/``.
+It then measures the bare compile as ``benchmarks/compile_memory.py --models ocr --new-only`` does
+(fresh processes under ``/usr/bin/time -v``, ``--repeats`` times; peak RSS against the limit, load
+average before and after). The model and data are cached in ``artifacts/bench/ocr_standin/``.
 
     python benchmarks/ocr_standin.py [--repeats 1] [--json-out benchmarks/ocr_standin.json]
 """
@@ -20,30 +20,20 @@ are cached in ``artifacts/bench/ocr_standin/``.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from lpcompile.io_utils import atomic_write_text  # noqa: E402
-
-logger = logging.getLogger("ocr_standin")
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 WORK = ROOT / "artifacts" / "bench" / "ocr_standin"
 SEED = 18
 HEIGHT, WIDTH, CLASSES, DIM = 48, 320, 6625, 192
-GIB = 2**30
 
 
 def build_model(path: Path) -> None:
@@ -132,35 +122,14 @@ def build_calib(path: Path, n: int = 32) -> None:
     os.replace(f.name, path)
 
 
-def fp32_weight_bytes(path: Path) -> int:
-    """4 bytes per element of every floating initializer (the issue's "fp32 weights")."""
-    import onnx
-
-    m = onnx.load(str(path))
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    return sum(4 * int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type in floats)
-
-
-def compile_once(model: Path, calib: Path, out_dir: Path) -> dict[str, Any]:
-    """One ``lpcompile MODEL --budget 4.5bits`` under ``nice -n 10 /usr/bin/time -v``."""
-    out = out_dir / "ocr.lp.onnx"
-    cmd = [
-        "nice", "-n", "10", "/usr/bin/time", "-v", sys.executable, "-m", "lpcompile", str(model),
-        "--budget", "4.5bits", "--calib", str(calib), "-o", str(out), "--force",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    load0 = os.getloadavg()
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    wall = time.perf_counter() - t0
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    if proc.returncode != 0 or m is None:
-        raise SystemExit(f"compile failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    summary = " ".join(ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if "bits/weight" in ln)
-    return {
-        "peak_rss_kib": int(m.group(1)), "wall_s": wall, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
-        "summary": summary,
-    }  # fmt: skip
+def build() -> tuple[Path, Path]:
+    """The stand-in's model and calibration file (cached in :data:`WORK`, built when missing)."""
+    model, calib = WORK / "recogniser.onnx", WORK / "calib.npz"
+    if not model.exists():
+        build_model(model)
+    if not calib.exists():
+        build_calib(calib)
+    return model, calib
 
 
 def main() -> None:
@@ -168,35 +137,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json-out", type=Path, default=ROOT / "benchmarks" / "ocr_standin.json")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    model, calib = WORK / "recogniser.onnx", WORK / "calib.npz"
-    if not model.exists():
-        build_model(model)
-    if not calib.exists():
-        build_calib(calib)
-    weights = fp32_weight_bytes(model)
-    limit = 2 * weights + GIB
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="ocr_standin_out_") as tmp:
-        for i in range(max(1, args.repeats)):
-            r = compile_once(model, calib, Path(tmp))
-            runs.append(r)
-            logger.info("run %d: peak %.0f MiB, %.1f s", i, r["peak_rss_kib"] / 1024, r["wall_s"])
-    peak = max(r["peak_rss_kib"] for r in runs) * 1024
-    print(f"OCR-style recogniser stand-in: {weights / 2**20:.1f} MiB fp32 weights, limit {limit / 2**20:.1f} MiB")
-    print(f"{'run':>4} {'peak RSS MiB':>13} {'÷ limit':>8} {'wall s':>8}  load before → after")
-    for i, r in enumerate(runs):
-        mib = r["peak_rss_kib"] / 1024
-        lb, la = r["loadavg_before"][0], r["loadavg_after"][0]
-        print(f"{i:>4} {mib:13.0f} {mib * 2**20 / limit:8.2f} {r['wall_s']:8.1f}  {lb:.2f} → {la:.2f}")
-    print(runs[-1]["summary"])
-    payload = {
-        "model": "OCR-style CNN+transformer recogniser stand-in (benchmarks/ocr_standin.py, seeded)",
-        "fp32_weight_bytes": weights, "limit_bytes": limit, "peak_rss_bytes": peak, "within_limit": peak <= limit,
-        "runs": runs,
-    }  # fmt: skip
-    atomic_write_text(args.json_out, json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {args.json_out}")
+    build()
+    from compile_memory import main as compile_memory
+
+    argv = ["--models", "ocr", "--new-only", "--repeats", str(args.repeats), "--json-out", str(args.json_out)]
+    raise SystemExit(compile_memory(argv))
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ def uptime() -> str:
     return out.split("load average:")[-1].strip() if "load average" in out else out
 
 
-def _tree_rss(pid: int) -> int:
-    """Sum of the RSS (bytes) of ``pid`` and its descendants (0 when gone)."""
+def _tree_rss(pid: int, exclude: tuple[str, ...] = ()) -> int:
+    """Sum of the RSS (bytes) of ``pid`` and its descendants (0 when gone), leaving out processes
+    named in ``exclude`` (e.g. the ``nice`` / ``time`` wrappers)."""
     import psutil
 
     try:
@@ -80,7 +81,8 @@ def _tree_rss(pid: int) -> int:
     total = 0
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
+            if not exclude or p.name() not in exclude:
+                total += p.memory_info().rss
     return total
 
 

@@ -94,10 +94,15 @@ def kernel_steps(model: ModelLike) -> tuple[KernelStep, ...]:
     return tuple(steps)
 
 
-def compare_kernels(model: ModelLike, reference: ModelLike) -> KernelComparison:
+def compare_kernels(
+    model: ModelLike | tuple[KernelStep, ...], reference: ModelLike | tuple[KernelStep, ...]
+) -> KernelComparison:
     """Whether ``model`` and ``reference`` run the same kernels on the same shapes once ORT has optimised them
-    (``same``), or the same kernels on weights of the same sizes laid out otherwise (``same_ops``)."""
-    a, b = kernel_steps(model), kernel_steps(reference)
+    (``same``), or the same kernels on weights of the same sizes laid out otherwise (``same_ops``). Either
+    may be given as its :func:`kernel_steps` already (one optimisation per model, e.g. a reference
+    compared with many rewrites)."""
+    a = model if isinstance(model, tuple) else kernel_steps(model)
+    b = reference if isinstance(reference, tuple) else kernel_steps(reference)
     first = ""
     for i in range(max(len(a), len(b))):
         x = a[i] if i < len(a) else None

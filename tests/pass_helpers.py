@@ -102,3 +102,29 @@ g (float[{batch},{k}] x) => (float[{batch},{n}] y) {{
   r = Relu(h)
   y = MatMul(r, W2)
 }}"""
+
+
+#: one MatMul ``y = x·W`` (``.format(k=…, n=…)``, then ``parse(…, W=w)``)
+ONE_MATMUL = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[3,{k}] x) => (float[3,{n}] y) {{
+  y = MatMul(x, W)
+}}"""
+
+
+def relu_mlp(
+    rng: np.random.Generator, k: int = 64, h: int = 48, n: int = 10, batch: int = 5
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``y = Relu(x·W1 + b1)·W2`` with weights drawn from ``rng`` (W1, b1, W2 in that order), and the weights."""
+    w = {
+        "W1": (rng.standard_normal((k, h)) * 0.2).astype(np.float32),
+        "b1": rng.standard_normal(h).astype(np.float32),
+        "W2": (rng.standard_normal((h, n)) * 0.2).astype(np.float32),
+    }
+    text = f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[{batch},{k}] x) => (float[{batch},{n}] y) {{
+      m1 = MatMul(x, W1)
+      a1 = Add(m1, b1)
+      r1 = Relu(a1)
+      y = MatMul(r1, W2)
+    }}"""
+    return parse(text, **w), w

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from pass_helpers import assert_matmul_close, check, parse, to_ir
+from pass_helpers import ONE_MATMUL, assert_matmul_close, check, parse, to_ir
 
 from lpcompile import format_grammar as fg
 from lpcompile.errors import FormatError
@@ -45,10 +45,6 @@ FAMILY = (
     "int6_asym_b32_zbf16",
 )
 
-ONE = """<ir_version: 10, opset_import: ["" : 21]>
-g (float[3,{k}] x) => (float[3,{n}] y) {{
-  y = MatMul(x, W)
-}}"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +287,7 @@ def test_ort_runs_the_written_form_exactly(name: str, target: str) -> None:
     w[:, 0] = 0.0
     w[:, 1] = 0.25 + np.abs(w[:, 1])  # all positive: the offset carries the block's minimum
     x = rng.standard_normal((3, k)).astype(np.float32)
-    model = to_ir(parse(ONE.format(k=k, n=n), W=w))
+    model = to_ir(parse(ONE_MATMUL.format(k=k, n=n), W=w))
     out = QuantizeWeightsPass(_plan(model, name), target=target)(model).model
     mm = next(nd for nd in out.graph if nd.op_type == "MatMul")
     out.graph.outputs.append(mm.inputs[1])
@@ -315,7 +311,7 @@ def test_plan_bits_equal_file_bits(name: str) -> None:
     rng = np.random.default_rng(5)
     k, n = 128, 16
     w = rng.standard_normal((k, n)).astype(np.float32)
-    model = to_ir(parse(ONE.format(k=k, n=n), W=w))
+    model = to_ir(parse(ONE_MATMUL.format(k=k, n=n), W=w))
     plan = _plan(model, name)
     out = QuantizeWeightsPass(plan)(model).model
     stored = sum(8 * v.const_value.nbytes for v in out.graph.initializers.values() if v.name.endswith(STORED))

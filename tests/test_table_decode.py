@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from pass_helpers import assert_matmul_close, check, parse, session, to_ir
+from pass_helpers import ONE_MATMUL, assert_matmul_close, check, parse, session, to_ir
 
 from lpcompile.formats import MATMUL_LAYOUT, dequantize, get_format, quantize_weight
 from lpcompile.graph import find_weight_nodes
@@ -41,10 +41,6 @@ FAMILIES = (
     "int6_b32_se8m0",
 )
 
-ONE = """<ir_version: 10, opset_import: ["" : 21]>
-g (float[3,{k}] x) => (float[3,{n}] y) {{
-  y = MatMul(x, W)
-}}"""
 
 
 def _plan(model: ir.Model, fmt: str) -> PrecisionPlan:
@@ -82,7 +78,7 @@ def test_ort_runs_the_table_decode_bit_exactly(fmt: str) -> None:
     w = (rng.standard_normal((k, n)) * np.exp(rng.uniform(-3, 3, (1, n)))).astype(np.float32)
     w[:, 0] = 0.0
     x = rng.standard_normal((3, k)).astype(np.float32)
-    model = to_ir(parse(ONE.format(k=k, n=n), W=w))
+    model = to_ir(parse(ONE_MATMUL.format(k=k, n=n), W=w))
     res = QuantizeWeightsPass(_plan(model, fmt))(model)
     assert res.modified
     out = res.model
@@ -105,7 +101,7 @@ def test_ort_runs_the_table_decode_bit_exactly(fmt: str) -> None:
 def test_packed_storage_is_small() -> None:
     rng = np.random.default_rng(2)
     w = rng.standard_normal((256, 64)).astype(np.float32)
-    model = to_ir(parse(ONE.format(k=256, n=64), W=w))
+    model = to_ir(parse(ONE_MATMUL.format(k=256, n=64), W=w))
     out = QuantizeWeightsPass(_plan(model, "mxfp4"))(model).model
     sizes = {v.name: v.const_value.nbytes for v in out.graph.initializers.values()}
     codes = [s for name, s in sizes.items() if name.endswith("_codes")]
@@ -146,7 +142,7 @@ def test_plan_bits_equal_file_bits(fmt: str) -> None:
     rng = np.random.default_rng(5)
     k, n = 128, 16
     w = rng.standard_normal((k, n)).astype(np.float32)
-    model = to_ir(parse(ONE.format(k=k, n=n), W=w))
+    model = to_ir(parse(ONE_MATMUL.format(k=k, n=n), W=w))
     plan = _plan(model, fmt)
     out = QuantizeWeightsPass(plan)(model).model
     stored = sum(8 * v.const_value.nbytes for v in out.graph.initializers.values() if v.name.endswith(STORED))

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from pass_helpers import assert_matmul_close, check, ops, parse, run, to_ir
+from pass_helpers import assert_matmul_close, check, ops, relu_mlp, run, to_ir
 
 from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
 from lpcompile.budget import parse_budget
@@ -71,19 +71,7 @@ def test_w8a8_format_and_kernels() -> None:
 
 
 def mlp(k: int = 64, h: int = 48, n: int = 10) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    w = {
-        "W1": (RNG.standard_normal((k, h)) * 0.2).astype(np.float32),
-        "b1": RNG.standard_normal(h).astype(np.float32),
-        "W2": (RNG.standard_normal((h, n)) * 0.2).astype(np.float32),
-    }
-    text = f"""<ir_version: 10, opset_import: ["" : 21]>
-    g (float[5,{k}] x) => (float[5,{n}] y) {{
-      m1 = MatMul(x, W1)
-      a1 = Add(m1, b1)
-      r1 = Relu(a1)
-      y = MatMul(r1, W2)
-    }}"""
-    return parse(text, **w), w
+    return relu_mlp(RNG, k, h, n)
 
 
 def w8a8_plan(model: onnx.ModelProto, amax: dict[str, float]) -> PrecisionPlan:

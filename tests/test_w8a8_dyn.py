@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from pass_helpers import assert_matmul_close, check, ops, parse, run, to_ir
+from pass_helpers import assert_matmul_close, check, ops, parse, relu_mlp, run, to_ir
 
 from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
 from lpcompile.budget import parse_budget
@@ -107,19 +107,7 @@ def test_format_registry_and_kernels() -> None:
 
 
 def mlp(k: int = 64, h: int = 48, n: int = 10, batch: int = 5) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    w = {
-        "W1": (RNG.standard_normal((k, h)) * 0.2).astype(np.float32),
-        "b1": RNG.standard_normal(h).astype(np.float32),
-        "W2": (RNG.standard_normal((h, n)) * 0.2).astype(np.float32),
-    }
-    text = f"""<ir_version: 10, opset_import: ["" : 21]>
-    g (float[{batch},{k}] x) => (float[{batch},{n}] y) {{
-      m1 = MatMul(x, W1)
-      a1 = Add(m1, b1)
-      r1 = Relu(a1)
-      y = MatMul(r1, W2)
-    }}"""
-    return parse(text, **w), w
+    return relu_mlp(RNG, k, h, n, batch)
 
 
 def dyn_plan(model: onnx.ModelProto) -> PrecisionPlan:

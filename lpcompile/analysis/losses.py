@@ -404,37 +404,14 @@ def numpy_distortion(
     total = 0.0
     for name, kind in kinds.items():
         mask = (masks or {}).get(name)
-        if kind == "kl":
-            total += _kl_mean(reference[name], outputs[name], mask)
+        if kind == "kl":  # converted to float64 a block of positions at a time (an LLM's logits: 200 MB a copy)
+            total += kl_divergence(reference[name], outputs[name], from_logits=True, mask=mask)
             continue
         y = np.asarray(outputs[name], dtype=np.float64)
         y0 = np.asarray(reference[name], dtype=np.float64)
         denom = max(masked_mean(y0 * y0, mask), 1e-30)
         total += masked_mean((y - y0) ** 2, mask) / denom
     return total
-
-
-#: KL outputs of more elements are measured a position at a time by :func:`numpy_distortion`
-KL_BY_POSITION_ABOVE = 1 << 22
-
-
-def _kl_mean(ref: Any, test: Any, mask: Any) -> float:
-    """:func:`lpcompile.metrics.kl_divergence` of logits (float64), a position at a time above
-    :data:`KL_BY_POSITION_ABOVE` elements: the same per-position values and the same masked mean, with
-    float64 temporaries of one position instead of ~8 of the whole output (SmolLM2's guard: 4 × 128 ×
-    49,152 logits, 200 MB per copy)."""
-    r, t = np.asarray(ref), np.asarray(test)
-    if r.size <= KL_BY_POSITION_ABOVE or r.ndim < 2 or r.shape != t.shape:
-        return kl_divergence(np.asarray(r, dtype=np.float64), np.asarray(t, dtype=np.float64), from_logits=True,
-                             mask=mask)
-    rows_r, rows_t = r.reshape(-1, r.shape[-1]), t.reshape(-1, t.shape[-1])
-    per = np.empty(rows_r.shape[0], dtype=np.float64)
-    for i in range(rows_r.shape[0]):  # one position: its mean is its (clamped) value
-        rr = rows_r[i : i + 1].astype(np.float64)
-        per[i] = kl_divergence(rr, rows_t[i : i + 1].astype(np.float64), from_logits=True)
-    if np.isnan(per).any():
-        return float("nan")
-    return masked_mean(per.reshape(r.shape[:-1]), mask)
 
 
 def ggn_output_probe(y_ref: torch.Tensor, kind: str, gen: torch.Generator, mask: Any = None) -> torch.Tensor:
