@@ -445,7 +445,13 @@ def apply(
     nodes = check_plan(model, plan)
     plan = with_model_facts(plan, nodes, "ort" if config.target == Target.ORT else "qdq")
     plan = complete_scales(model, plan, calib, config.batch_size)
-    written_by = {"target": config.target.value, "rounding": config.rounding.value, "seed": config.seed}
+    written_by: dict[str, object] = {
+        "target": config.target.value,
+        "rounding": config.rounding.value,
+        "seed": config.seed,
+    }
+    if config.int8_residuals:
+        written_by["int8_residuals"] = True
     plan = replace(plan, metadata={**plan.metadata, "written": written_by})  # how, not what: no decision changes
     low = frozenset(n.name for n in plan.nodes if n.format != "fp32")
     softmax = TwoPassSoftmaxPass(plan.softmax, low)
@@ -468,6 +474,7 @@ def apply(
             seed=config.seed,
             extra_passes=[softmax],
             hessians=hessians,
+            int8_residuals=config.int8_residuals,
         )
     except ir.passes.PassError as exc:
         raise LpError(f"internal error while rewriting the model: {_root_cause(exc)}") from exc

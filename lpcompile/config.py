@@ -117,15 +117,21 @@ class ApplyConfig:
         rounding: weight rounding mode.
         seed: seeds stochastic rounding and synthetic calibration data.
         batch_size: calibration batch size for FP8 activation scales a plan still lacks.
+        int8_residuals: on ``ort``, also round the residual ``Add`` s between w8a8 Convs so their
+            int8 chains run through (:mod:`lpcompile.passes.qlinear_add`; adds error the analyzer
+            does not score, which the guard measures).
     """
 
     target: Target = Target.QDQ
     rounding: Rounding = Rounding.NEAREST
     seed: int = 0
     batch_size: int = 16
+    int8_residuals: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", parse_option(Target, self.target, "--target"))
         object.__setattr__(self, "rounding", parse_option(Rounding, self.rounding, "--rounding"))
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise UsageError(f"--seed must be an integer in [0, 2**63), not {self.seed!r}")
+        if self.int8_residuals and self.target != Target.ORT:
+            raise UsageError("--int8-residuals needs --target ort (QLinearAdd is an ONNX Runtime op)")

@@ -23,6 +23,7 @@ from lpcompile.passes.annotate import AnnotatePass
 from lpcompile.passes.cleanup import CleanupPass
 from lpcompile.passes.normalize import NormalizeWeightsPass, needs_normalization
 from lpcompile.passes.opset import default_opset, min_ir_version
+from lpcompile.passes.qlinear_add import QLinearAddPass, RoundResidualsPass
 from lpcompile.passes.qlinear_conv import QLinearConvChainPass
 from lpcompile.passes.quantize_weights import QuantizeWeightsPass
 from lpcompile.passes.targets import activation_style
@@ -58,6 +59,7 @@ def apply_plan(
     seed: int | None = None,
     extra_passes: Sequence[ir.passes.PassBase] = (),
     hessians: Mapping[str, np.ndarray] | None = None,
+    int8_residuals: bool = False,
 ) -> tuple[ir.Model, list[str]]:
     """Rewrite ``model`` in place by ``plan``; return it and the names of the passes that changed it.
 
@@ -72,13 +74,18 @@ def apply_plan(
             (e.g. the two-pass softmax).
         hessians: ``XᵀX`` per activation tensor for ``mse``/``gptq`` rounding
             (:func:`lpcompile.analysis.input_hessians.collect_input_hessians`).
+        int8_residuals: on ``ort``, round residual ``Add`` s between w8a8 Convs and write them as
+            ``QLinearAdd`` (:mod:`lpcompile.passes.qlinear_add`).
     """
+    residual = int8_residuals and target == "ort"
     log: list[str] = []
     passes: list[ir.passes.PassBase] = [
         NormalizeWeightsPass(),
         QuantizeWeightsPass(plan, target=target, rounding=rounding, seed=seed, hessians=hessians),
         ActivationPrecisionPass(plan, style=activation_style(target)),
+        *([RoundResidualsPass()] if residual else []),
         *([FuseW8A8MatMulPass(), QLinearConvChainPass()] if target == "ort" else []),
+        *([QLinearAddPass()] if residual else []),
         *([FuseW8A8MatMulPass(standard=True)] if target == "qdq" else []),
         *extra_passes,
         CleanupPass(),

@@ -157,6 +157,16 @@ def add_target_args(p: argparse.ArgumentParser, softmax_default: str | None = "a
     )
 
 
+def add_int8_residuals_arg(p: argparse.ArgumentParser) -> None:
+    """``--int8-residuals`` (:mod:`lpcompile.passes.qlinear_add`)."""
+    p.add_argument(
+        "--int8-residuals",
+        action="store_true",
+        help="with --target ort: also round the residual Adds between w8a8 Convs (QLinearAdd), so the int8 "
+        "Conv chains run through each block; adds error the analyzer does not score (the guard measures it)",
+    )
+
+
 def add_objective_arg(p: argparse.ArgumentParser) -> None:
     """``--objective`` (:mod:`lpcompile.solver.latency`)."""
     p.add_argument(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lpcompile.commands._args import add_target_args
+from lpcompile.commands._args import add_int8_residuals_arg, add_target_args
 from lpcompile.config import Rounding
 from lpcompile.console import Output
 from lpcompile.plan import PrecisionPlan
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output model (default MODEL.lp.onnx); the plan goes beside it")
     p.add_argument("--calib", help="calibration .npz or folder (FP8 activation scales)")
     add_target_args(p, softmax_default=None)
+    add_int8_residuals_arg(p)
     p.add_argument(
         "--rounding",
         "--weight-rounding",
@@ -39,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from lpcompile.io_utils import OutputSession
 
     out = Output(quiet=args.quiet, json=args.json)
-    config = ApplyConfig(target=args.target, rounding=args.rounding, seed=args.seed)  # checks the seed
+    config = ApplyConfig(  # checks the seed
+        target=args.target, rounding=args.rounding, seed=args.seed, int8_residuals=args.int8_residuals
+    )
     target = Path(args.output) if args.output else default_output(args.model)
     # io_utils guard (issue 15): outputs never replace an input or its external data; locked; temp files
     # removed on SIGINT/SIGTERM. defer=False: apply_file stats its outputs before returning.

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from lpcompile.commands._args import (
     add_analysis_args,
+    add_int8_residuals_arg,
     add_keep_arg,
     add_objective_arg,
     add_target_args,
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_analysis_args(p)
     add_keep_arg(p)
     add_target_args(p)
+    add_int8_residuals_arg(p)
     add_objective_arg(p)
     p.add_argument("--validate", action="store_true", help="also measure every (node, format) in ORT (slow)")
     p.add_argument("--report", metavar="HTML", help="write a self-contained HTML report")
@@ -72,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
         keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss,
         objective=args.objective,
     )
-    apply_config = ApplyConfig(target=args.target, seed=config.seed, rounding=config.rounding)
+    apply_config = ApplyConfig(
+        target=args.target, seed=config.seed, rounding=config.rounding, int8_residuals=args.int8_residuals
+    )
     # io_utils guard (issue 15); defer=False: compile_file stats its outputs before returning
     if args.strict:
         _refuse_nothing_to_do(args.model)

@@ -1,0 +1,201 @@
+"""Residual ``Add`` s of w8a8 Conv blocks as uint8 ``QLinearAdd`` on ONNX Runtime (passes/qlinear_add.py).
+
+Reference: the same plan written for ``qdq`` (standard Q/DQ and float Convs) with the residual roundings
+inserted in standard ONNX by :class:`RoundResidualsPass`, run by ONNX Runtime with its optimisations off.
+Which tensors are rounded, and with which step, is asserted on the graph; the integer file may differ
+from the reference only where its int32 bias or its fp32 requantization moves a value across a rounding
+boundary (one code, on a small fraction of elements). No test asserts a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+from pass_helpers import check, ops, parse, run, to_ir
+
+from lpcompile.config import ApplyConfig
+from lpcompile.errors import UsageError
+from lpcompile.formats import get_format
+from lpcompile.graph import find_weight_nodes
+from lpcompile.passes.pipeline import apply_plan
+from lpcompile.passes.qlinear_add import RoundResidualsPass
+from lpcompile.plan import NodeAssignment, PrecisionPlan
+
+RNG = np.random.default_rng(2024)
+
+# stem → Clip → two inverted-residual blocks (expand 1×1 → Clip → depthwise 3×3 → Clip → project 1×1, + skip)
+# → head 1×1 → y. The first skip is the stem's clipped output, the second the first block's sum.
+TEXT = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[2,3,12,12] x) => (float[2,4,12,12] y) {
+  c0 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, W0, B0)
+  a0 = Clip(c0, lo, hi)
+  ce1 = Conv <kernel_shape = [1, 1]> (a0, E1, BE1)
+  e1 = Clip(ce1, lo, hi)
+  cd1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 16> (e1, D1, BD1)
+  d1 = Clip(cd1, lo, hi)
+  p1 = Conv <kernel_shape = [1, 1]> (d1, P1, BP1)
+  s1 = Add(p1, a0)
+  ce2 = Conv <kernel_shape = [1, 1]> (s1, E2, BE2)
+  e2 = Clip(ce2, lo, hi)
+  cd2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 16> (e2, D2, BD2)
+  d2 = Clip(cd2, lo, hi)
+  p2 = Conv <kernel_shape = [1, 1]> (d2, P2, BP2)
+  s2 = Add(p2, s1)
+  y = Conv <kernel_shape = [1, 1]> (s2, H)
+}"""
+ROUNDED = ("x", "a0", "e1", "d1", "s1", "e2", "d2", "s2")  # every Conv input (the w8a8 plan's roundings)
+
+
+def _weights() -> dict[str, np.ndarray]:
+    def w(*shape: int, s: float) -> np.ndarray:
+        return (RNG.standard_normal(shape) * s).astype(np.float32)
+
+    return {
+        "W0": w(8, 3, 3, 3, s=0.3), "B0": w(8, s=0.5),
+        "E1": w(16, 8, 1, 1, s=0.3), "BE1": w(16, s=0.3),
+        "D1": w(16, 1, 3, 3, s=0.4), "BD1": w(16, s=0.1),
+        "P1": w(8, 16, 1, 1, s=0.2), "BP1": w(8, s=0.1),
+        "E2": w(16, 8, 1, 1, s=0.3), "BE2": w(16, s=0.3),
+        "D2": w(16, 1, 3, 3, s=0.4), "BD2": w(16, s=0.1),
+        "P2": w(8, 16, 1, 1, s=0.2), "BP2": w(8, s=0.1),
+        "H": w(4, 8, 1, 1, s=0.3),
+        "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32),
+    }  # fmt: skip
+
+
+def _model(text: str = TEXT) -> tuple[onnx.ModelProto, np.ndarray]:
+    x = (RNG.standard_normal((2, 3, 12, 12)) * 2).astype(np.float32)
+    return parse(text, **_weights()), x
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for name in names:
+        out.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return out
+
+
+def _plan(proto: onnx.ModelProto, x: np.ndarray) -> PrecisionPlan:
+    """Uniform w8a8, every Conv input's range measured on ``x`` (ORT, optimisations off)."""
+    names = [n for n in ROUNDED if n != "x"]
+    outs = run(_with_outputs(proto, names), x=x)
+    got = dict(zip(names, outs[len(proto.graph.output) :], strict=True))
+    amax = {"x": float(np.abs(x).max()), **{n: float(np.abs(got[n]).max()) for n in names}}
+    f = get_format("w8a8")
+    nodes = tuple(
+        NodeAssignment(w.name, w.op_type, w.weight, w.params, "w8a8", f.bits_for(w.shape, w.layout))
+        for w in find_weight_nodes(to_ir(proto))
+    )
+    return PrecisionPlan(nodes=nodes, activation_scales=amax)
+
+
+def _session_run(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, x: np.ndarray) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+def _optimised_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+def test_residual_blocks_become_one_int8_chain(tmp_path: Path) -> None:
+    proto, x = _model()
+    plan = _plan(proto, x)
+    plain = check(apply_plan(to_ir(proto), plan, target="ort")[0])
+    chained = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])
+    # without: the stem (its output is also the first skip), the project Convs (they feed Adds) and the head
+    # (a graph output) stay float
+    assert ops(plain).count("QLinearConv") == 4 and ops(plain).count("Conv") == 4 and "QLinearAdd" not in ops(plain)
+    # with: every Conv but the head is a QLinearConv, both Adds are QLinearAdd, and the only float tensor
+    # on the way is the head's input
+    assert ops(chained).count("QLinearConv") == 7 and ops(chained).count("QLinearAdd") == 2
+    assert ops(chained).count("Conv") == 1 and "Add" not in ops(chained)
+    assert {n.domain for n in chained.graph.node if n.op_type == "QLinearAdd"} == {"com.microsoft"}
+    assert any(o.domain == "com.microsoft" for o in chained.opset_import)
+    # ORT runs the blocks in NHWC without a transpose between them: one pair around the whole chain at most
+    # (the stem's input and the head's), against one pair per float Conv without
+    assert _optimised_ops(chained, tmp_path).count("Transpose") <= 2
+    assert _optimised_ops(plain, tmp_path).count("Transpose") > 2
+
+
+def test_the_added_roundings_use_the_sums_step() -> None:
+    """The project Conv's output is rounded with its sum's step; the skip is read through the rounding its
+    other reader (the next expand Conv) makes anyway; nothing else is rounded that the plan did not round."""
+    proto, x = _model()
+    plan = _plan(proto, x)
+    model = apply_plan(to_ir(proto), plan, target="qdq")[0]
+    before = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert RoundResidualsPass()(model).modified
+    added = [n for n in model.graph if n.op_type == "QuantizeLinear" and n not in before]
+    assert sorted(n.inputs[0].name for n in added) == ["p1", "p2"]
+    for q in added:
+        sum_name = {"p1": "s1", "p2": "s2"}[q.inputs[0].name]
+        step = float(q.inputs[1].const_value.numpy())
+        assert step == pytest.approx(plan.activation_scales[sum_name] / 127, rel=1e-6)
+    for add in (n for n in model.graph if n.op_type == "Add"):
+        for v in add.inputs:  # both inputs are read rounded
+            assert v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+
+
+def test_int8_chain_computes_the_rounded_reference() -> None:
+    proto, x = _model()
+    plan = _plan(proto, x)
+    reference = apply_plan(to_ir(proto), plan, target="qdq")[0]
+    RoundResidualsPass()(reference)
+    reference = check(reference)
+    chained = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])
+    (want,) = _session_run(reference, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x)
+    step_s2 = plan.activation_scales["s2"] / 127
+    h = _weights()["H"]
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        (got,) = _session_run(chained, level, x)
+        # y = H · s2 per position: a code of s2 one step off moves y by at most step · max Σ|H| (1 % for H's
+        # own rounding); the int32 biases and the requantizations may flip a code at each of the chain's
+        # roundings and a flip reaches s2 through at most two blocks: allow two steps, on few elements
+        bound = 2 * 1.01 * step_s2 * np.abs(h).sum(axis=(1, 2, 3)).max()
+        diff = np.abs(got - want)
+        assert diff.max() <= bound + 1e-5, (diff.max(), bound)
+        assert np.mean(diff > 1e-5 * max(1.0, np.abs(want).max())) <= 0.1
+
+
+def test_the_file_computes_the_same_at_every_optimisation_level() -> None:
+    proto, x = _model()
+    model = check(apply_plan(to_ir(proto), _plan(proto, x), target="ort", int8_residuals=True)[0])
+    (off,) = _session_run(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x)
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        (on,) = _session_run(model, level, x)
+        assert np.abs(on - off).max() <= 1e-4 * max(1.0, float(np.abs(off).max())), level
+
+
+def test_a_sum_read_unrounded_is_left_alone() -> None:
+    """s2 is also a graph output here: its Add stays float, and so does s1's, whose sum it reads."""
+    text = TEXT.replace("=> (float[2,4,12,12] y)", "=> (float[2,4,12,12] y, float[2,8,12,12] s2)")
+    proto, x = _model(text)
+    plan = _plan(proto, x)
+    model = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])
+    names = ops(model)
+    # s1 feeds the rounded expand Conv and the second Add (which stays float): a reader that is neither
+    assert "QLinearAdd" not in names and names.count("Add") == 2
+    plain = check(apply_plan(to_ir(proto), plan, target="ort")[0])
+    assert ops(plain) == names
+
+
+def test_only_on_the_ort_target() -> None:
+    with pytest.raises(UsageError, match="--target ort"):
+        ApplyConfig(target="qdq", int8_residuals=True)
+    assert ApplyConfig(target="ort", int8_residuals=True).int8_residuals
