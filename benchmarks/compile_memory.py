@@ -20,7 +20,11 @@ Models (``--models``, comma-separated keys; ``EXTRA`` flags after the key's own)
   missing).
 
     python benchmarks/compile_memory.py [--models minilm,smollm2] [--old 4009b72 | --old-tree PATH]
-                                        [--repeats 1] [--new-only] [--json-out benchmarks/compile_memory.json]
+                                        [--repeats 1] [--new-only] [--bare] [--json-out benchmarks/compile_memory.json]
+
+``--bare`` runs every tree with only ``--budget``/``--calib``/``-o`` (no per-model flags such as ``--stream
+on``, which an old tree may not know): each tree's own default path, e.g. the first wave's tree (e25a897)
+against this one for issue 18's "≥ 4× faster than today's path". The table then also gives old ÷ new wall.
 """
 
 from __future__ import annotations
@@ -131,12 +135,12 @@ def old_tree(rev: str) -> Path:
     return path
 
 
-def run_compile(tree: Path, case: Case, out: Path, budget: str) -> dict[str, Any]:
+def run_compile(tree: Path, case: Case, out: Path, budget: str, bare: bool = False) -> dict[str, Any]:
     """One compile in a fresh process with ``tree`` first on the path, under ``nice -n 10`` and
     ``/usr/bin/time -v``; a sampler also records the peak RSS of the process tree (psutil, every 50 ms)."""
     cmd = [
         "nice", "-n", "10", "/usr/bin/time", "-v", sys.executable, "-m", "lpcompile", str(case.model),
-        "--budget", budget, "--calib", str(case.calib), "-o", str(out), "--force", "-q", *case.flags,
+        "--budget", budget, "--calib", str(case.calib), "-o", str(out), "--force", "-q", *(() if bare else case.flags),
     ]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     record: dict[str, Any] = {"tree": str(tree), "command": " ".join(cmd[5:]), "load_before": load_average()}
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old", default=DEFAULT_OLD, help="git revision of the old tree (default %(default)s)")
     p.add_argument("--old-tree", help="an existing checkout of the old revision (instead of making a worktree)")
     p.add_argument("--new-only", action="store_true", help="measure this tree only")
+    p.add_argument("--bare", action="store_true", help="no per-model flags: each tree's default path")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--budget", default="4.5bits")
     p.add_argument("--workdir", default="/tmp/lpcompile-compile-memory")
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             for which, tree in trees.items():
                 out = work / f"{case.key}.{which}.lp.onnx"
-                run = run_compile(tree, case, out, args.budget)
+                run = run_compile(tree, case, out, args.budget, bare=args.bare)
                 run["which"], run["repeat"] = which, rep
                 row["runs"].append(run)
                 outs[which] = out
@@ -239,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                             ("max_rss_kib", "wall_s", "load_before", "load_after", "exit")})
         if len(outs) == 2:
             row["old_vs_new"] = same_outputs(outs["old"], outs["new"])
+            walls = {w: sorted(r["wall_s"] for r in row["runs"] if r["which"] == w and "wall_s" in r) for w in outs}
+            if walls["old"] and walls["new"]:
+                row["old_over_new_wall"] = walls["old"][len(walls["old"]) // 2] / walls["new"][len(walls["new"]) // 2]
         results.append(row)
     doc = {
         "benchmark": "compile_memory",
@@ -246,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "new": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip(),
         "budget": args.budget,
+        "bare": args.bare,
         "results": results,
     }
     atomic_write_text(Path(args.json_out), json.dumps(doc, indent=1) + "\n")
@@ -253,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if "old_vs_new" in r:
             print(f"{r['model']}: old vs new outputs {r['old_vs_new']}")
+        if "old_over_new_wall" in r:
+            print(f"{r['model']}: old / new wall time (medians) {r['old_over_new_wall']:.2f}x")
     return 0
 
 

@@ -1,12 +1,14 @@
 """W8A8 Convs on ONNX Runtime: uniform ``w8a8`` on a Conv model written for ``qdq`` and ``ort`` (QLinearConv
-chains), against ORT's own ``quantize_static`` (QDQ, per-channel, uint8 activations), in one process.
+chains, and with ``--int8-residuals`` QLinearAdd residuals as well), against ORT's own ``quantize_static``
+(QDQ, per-channel, uint8 activations), in one process.
 
 For each file: KL of the logits to fp32 on the task's evaluation data at every ORT optimisation level (a file
 must compute the same at every level: ORT's WeightBiasQuantization re-quantized decoded float weights
 behind an activation DequantizeLinear), and the batch-1 latency over fp32, each file timed ABBA-interleaved
-with fp32 (``fp32`` against itself is the control), with a 95 % bootstrap interval.
+with fp32 (``fp32`` against itself is the control), with a 95 % bootstrap interval; ``--sessions S``
+repeats each comparison with S fresh session pairs (``compare_latency(sessions=S)``).
 
-    python benchmarks/w8a8_conv.py [--model efficientnet_lite0|fashion_mnist_cnn] [--runs 40]
+    python benchmarks/w8a8_conv.py [--model efficientnet_lite0|fashion_mnist_cnn] [--runs 40] [--sessions 1]
 
 Writes ``benchmarks/results_w8a8_conv.json`` and prints a table.
 """
@@ -75,6 +77,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="efficientnet_lite0", choices=["efficientnet_lite0", "fashion_mnist_cnn"])
     p.add_argument("--runs", type=int, default=40)
+    p.add_argument("--sessions", type=int, default=1, help="fresh session pairs per comparison")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration inputs for quantize_static")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results_w8a8_conv.json")
     args = p.parse_args()
@@ -92,14 +95,18 @@ def main() -> None:
     with np.load(task.calib) as data:
         name = data.files[0]
         calib = data[name][: args.calib_samples]
-    result: dict[str, Any] = {"model": task.name, "loadavg_start": os.getloadavg(), "rows": []}
+    result: dict[str, Any] = {
+        "model": task.name, "runs": args.runs, "sessions": args.sessions, "loadavg_start": os.getloadavg(), "rows": []
+    }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="w8a8_conv_") as tmp:
         files = {"fp32": str(task.model)}
-        for target in ("qdq", "ort"):
-            out = f"{tmp}/w8a8_{target}.onnx"
+        for target, residuals in (("qdq", False), ("ort", False), ("ort", True)):
+            key = f"lpcompile w8a8 {target}" + (" int8-residuals" if residuals else "")
+            out = f"{tmp}/{key.replace(' ', '_')}.onnx"
             plan = decide_uniform(load_normalized(task.model), "w8a8", target=target)
-            apply_file(task.model, out, plan=plan, calib_path=task.calib, config=ApplyConfig(target=target))
-            files[f"lpcompile w8a8 {target}"] = out
+            config = ApplyConfig(target=target, int8_residuals=residuals)
+            apply_file(task.model, out, plan=plan, calib_path=task.calib, config=config)
+            files[key] = out
         files["ORT quantize_static"] = f"{tmp}/qs.onnx"
         _quantize_static(str(task.model), calib, name, files["ORT quantize_static"])
         ref = task.collect(_session(files["fp32"], "disable"))  # the task's evaluation data and metric
@@ -110,16 +117,17 @@ def main() -> None:
         # each file against fp32 in its own ABBA-interleaved pair (lpcompile.runtime.ort.compare_latency);
         # a fixed round-robin over all sessions put fp32 first in every round and read it up to 20 % slow
         # against itself (control 0.82x, 2026-12-03)
-        lats = {k: compare_latency(f, files["fp32"], dict(task.latency_feed), threads=2, runs=args.runs)
+        lats = {k: compare_latency(f, files["fp32"], dict(task.latency_feed), threads=2, runs=args.runs,
+                                   sessions=args.sessions)
                 for k, f in files.items()}  # fmt: skip
-    print(f"{task.name}: KL on the task's evaluation data, {args.runs} ABBA batch-1 runs per file against fp32, "
-          "2 threads")  # fmt: skip
-    head = f"{'file':24s} {'KL off':>9s} {'KL basic':>9s} {'KL all':>9s} {'ms':>8s} {'x fp32':>7s}"
+    print(f"{task.name}: KL on the task's evaluation data, {args.runs} ABBA batch-1 runs x {args.sessions} session "
+          "pair(s) per file against fp32, 2 threads")  # fmt: skip
+    head = f"{'file':38s} {'KL off':>9s} {'KL basic':>9s} {'KL all':>9s} {'ms':>8s} {'x fp32':>7s}"
     print(f"{head} {'95% interval':>13s}")
     for k, lat in lats.items():
         kl = kls[k]
         lo, hi = lat.ratio_interval()
-        print(f"{k:24s} {kl['disable']:9.4g} {kl['basic']:9.4g} {kl['all']:9.4g} {lat.model_ms:8.2f} "
+        print(f"{k:38s} {kl['disable']:9.4g} {kl['basic']:9.4g} {kl['all']:9.4g} {lat.model_ms:8.2f} "
               f"{lat.ratio:7.2f} {lo:6.2f}-{hi:5.2f}")  # fmt: skip
         result["rows"].append(
             {"file": k, "kl": kl, "ms": lat.model_ms, "fp32_ms": lat.reference_ms, "x_fp32": lat.ratio,
