@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_OLD = "4009b72"
 OCR_WORK = ROOT / "artifacts" / "bench" / "ocr_standin"  # benchmarks/ocr_standin.py builds it
 GIB = 2**30
+_CLI = "import sys; from lpcompile.cli import main; sys.exit(main())"
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,18 @@ def old_tree(rev: str) -> Path:
 def run_compile(tree: Path, case: Case, out: Path, budget: str, bare: bool = False) -> dict[str, Any]:
     """One compile in a fresh process with ``tree`` first on the path, under ``nice -n 10`` and
     ``/usr/bin/time -v``; a sampler also records the peak RSS of the process tree (psutil, every 50 ms)."""
+    # the first wave's trees have no lpcompile/__main__.py: call the console script's function
+    entry = ["-m", "lpcompile"] if (tree / "lpcompile" / "__main__.py").is_file() else ["-c", _CLI]
     cmd = [
-        "nice", "-n", "10", "/usr/bin/time", "-v", sys.executable, "-m", "lpcompile", str(case.model),
+        "nice", "-n", "10", "/usr/bin/time", "-v", sys.executable, *entry, str(case.model),
         "--budget", budget, "--calib", str(case.calib), "-o", str(out), "--force", "-q", *(() if bare else case.flags),
     ]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     record: dict[str, Any] = {"tree": str(tree), "command": " ".join(cmd[5:]), "load_before": load_average()}
+    for sub in ("passes", "runtime"):  # trees that map lpcompile.passes/.runtime by package-dir only
+        link = tree / "lpcompile" / sub
+        if not link.exists() and (tree / sub).is_dir():
+            link.symlink_to(Path("..") / sub)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
     peak = [0]

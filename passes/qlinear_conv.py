@@ -21,7 +21,9 @@ the layout transposes between consecutive ones cancelled). Activations are uint8
 ones on x86). The only change to the numbers is the bias, stored as ``int32 round(b / (s_x·ws))``
 as ``QLinearConv`` requires (an error of at most ``s_x·ws/2`` before the output rounding), and the
 requantization's fp32 arithmetic. Convs whose output goes anywhere else (a residual ``Add``, a
-pooling average, a graph output) keep the decoded-once form.
+pooling average, a graph output) keep the decoded-once form; with ``int8_residuals``,
+:mod:`lpcompile.passes.qlinear_add` rounds the residual ``Add`` s' inputs first, so the Convs that
+feed them join the chain and the sums become ``QLinearAdd``.
 """
 
 from __future__ import annotations
