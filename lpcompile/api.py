@@ -255,10 +255,13 @@ def decide(table: SensitivityTable, budget: str | Budget | None, config: DecideC
     if objective == "size":
         solution = solve(items, b)
         return Decision(plan=plan_from_solution(table, solution, str(budget), config), solution=solution)
-    solution = solve_with_objective(items, b, table, target, objective)
+    residuals = config.int8_residuals
+    solution = solve_with_objective(items, b, table, target, objective, int8_residuals=residuals)
     plan = plan_from_solution(table, solution, str(budget), config)
-    est = predict_latency(table, solution.assignments, target)
+    est = predict_latency(table, solution.assignments, target, int8_residuals=residuals)
     latency = {"objective": objective, "target": target, "predicted_x_fp32": round(est.ratio, 4)}
+    if residuals:
+        latency["int8_residuals"] = True
     plan = replace(plan, metadata={**plan.metadata, "latency": latency})
     return Decision(plan=plan, solution=solution)
 

@@ -89,6 +89,8 @@ class DecideConfig:
             choices the faster one on ``target``) or ``"latency"`` (only choices that run at least as
             fast as fp32, speed first); see :mod:`lpcompile.solver.latency`. Applies to a
             budget, not to the ``max_loss`` dual.
+        int8_residuals: the plan will be written with ``--int8-residuals`` (``ort``): the latency model
+            counts w8a8 Convs as int8 chains through residual blocks.
     """
 
     formats: tuple[str, ...] | None = None
@@ -97,6 +99,7 @@ class DecideConfig:
     target: Target = Target.QDQ
     max_loss: float | None = None
     objective: str = "auto"
+    int8_residuals: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "softmax", parse_option(SoftmaxMode, self.softmax, "--softmax"))
@@ -106,6 +109,8 @@ class DecideConfig:
             raise UsageError(f"--objective must be auto, size, fast, latency or both, not {self.objective!r}")
         if self.max_loss is not None and not (isinstance(self.max_loss, int | float) and self.max_loss >= 0):
             raise UsageError(f"--max-loss must be a non-negative number, not {self.max_loss!r}")
+        if self.int8_residuals and self.target != Target.ORT:
+            raise UsageError("--int8-residuals needs --target ort (QLinearAdd is an ONNX Runtime op)")
 
 
 @dataclass(frozen=True)

@@ -379,7 +379,12 @@ def compile_file(
     """
     config = config or AnalysisConfig()
     decide_config = decide_config or DecideConfig()
-    apply_config = apply_config or ApplyConfig(target=decide_config.target, seed=config.seed, rounding=config.rounding)
+    apply_config = apply_config or ApplyConfig(
+        target=decide_config.target,
+        seed=config.seed,
+        rounding=config.rounding,
+        int8_residuals=decide_config.int8_residuals,
+    )
     t0 = time.perf_counter()
     if budget is None and decide_config.max_loss is None:
         raise UsageError("give a budget (--budget) or a loss bound (--max-loss)")

@@ -331,6 +331,9 @@ _INT8_GEMM_COST = 0.3
 _INT8_CONV_COST = 1.0
 """W8A8 Convs as uint8 QLinearConv chains: uniform w8a8 EfficientNet-Lite0 ran at 0.95–1.06× fp32 quiet (whole model;
 0.69–0.88× at load 5–11), so no faster than a decoded-once weight."""
+_INT8_CONV_RESIDUAL_COST = 0.6
+"""The same with ``int8_residuals`` (QLinearAdd residuals, one chain through the blocks): 0.57× (0.54–0.70) over six
+session pairs, ``benchmarks/w8a8_conv.py``."""
 
 
 def relative_latency(
@@ -342,12 +345,15 @@ def relative_latency(
     rank: int = 2,
     axis: int = 0,
     elements: int = 0,
+    int8_residuals: bool = False,
 ) -> float:
     """Declared batch-1 latency of an op in ``fmt`` over its fp32 latency on ``target`` (a solver tie-break).
 
     A declared table (``_RELATIVE_COST``; measured figures in the module docstring), not a per-machine
     measurement: decode-once and cast weights 1.0, MatMulNBits 0.6, a per-run DequantizeLinear 3.0,
     the int8 GEMM of ``w8a8`` on ``ort`` 0.3; activation rounding emulated per run adds 0.1–0.3.
+    ``int8_residuals``: the model is written with :mod:`lpcompile.passes.qlinear_add`, so a ``w8a8``
+    Conv on ``ort`` runs in an int8 chain through residual blocks (0.6).
     """
     f = get_format(fmt) if isinstance(fmt, str) else fmt
     if f.is_identity:
@@ -355,7 +361,9 @@ def relative_latency(
     tgt = check_target(target)
     act = activation_kernel(tgt, f.activation, op_type)
     if f.activation in ("int8", DYNAMIC_UINT8) and act.fast:
-        return _INT8_CONV_COST if op_class(op_type) == "conv" else _INT8_GEMM_COST
+        if op_class(op_type) != "conv":
+            return _INT8_GEMM_COST
+        return _INT8_CONV_RESIDUAL_COST if int8_residuals and tgt == "ort" else _INT8_CONV_COST
     form = weight_form(tgt, op_type, f, block_size=block_size, rank=rank, axis=axis, elements=elements)
     cost = _RELATIVE_COST[form] if tgt != "tvm" else 1.0
     if not act.fast and f.activation is not None:

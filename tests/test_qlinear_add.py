@@ -199,3 +199,40 @@ def test_only_on_the_ort_target() -> None:
     with pytest.raises(UsageError, match="--target ort"):
         ApplyConfig(target="qdq", int8_residuals=True)
     assert ApplyConfig(target="ort", int8_residuals=True).int8_residuals
+
+
+def test_the_latency_objective_counts_the_int8_chain() -> None:
+    """With int8 residuals a w8a8 Conv is declared faster than its weight-only int8 twin on ``ort``, so
+    ``--objective latency`` takes it (without, the two cost the same and the loss decides)."""
+    from lpcompile.analysis.table import Candidate, NodeSensitivity, SensitivityTable
+    from lpcompile.budget import parse_budget
+    from lpcompile.passes.targets import relative_latency
+    from lpcompile.solver.latency import predict_latency, solve_with_objective
+    from lpcompile.solver.problem import Choice, Item
+
+    assert relative_latency("ort", "Conv", "w8a8", int8_residuals=True) < 1.0
+    assert relative_latency("ort", "Conv", "w8a8") == relative_latency("ort", "Conv", "int8")
+    assert relative_latency("qdq", "Conv", "w8a8", int8_residuals=True) == relative_latency("qdq", "Conv", "w8a8")
+    nodes = tuple(
+        NodeSensitivity(
+            name=name, op_type="Conv", weight=f"{name}.w", params=64 * 64, shape=(64, 64, 1, 1),
+            candidates={"fp32": Candidate(32.0, 0.0), "int8": Candidate(8.5, 0.01), "w8a8": Candidate(8.5, 0.02)},
+            activation=f"{name}.x",
+        )
+        for name in ("a", "b")
+    )  # fmt: skip
+    table = SensitivityTable(formats=("int8", "w8a8"), method="hutchinson", loss="kl", nodes=nodes)
+    items = [
+        Item(n.name, n.params, tuple(Choice(f, c.bits, float(c.predicted_loss or 0)) for f, c in n.candidates.items()))
+        for n in table.nodes
+    ]
+    budget = parse_budget("8.5bits")
+    plain = solve_with_objective(items, budget, table, "ort", "latency")
+    chained = solve_with_objective(items, budget, table, "ort", "latency", int8_residuals=True)
+    assert set(plain.assignments.values()) == {"int8"}
+    assert set(chained.assignments.values()) == {"w8a8"}
+    assert predict_latency(table, chained.assignments, "ort", int8_residuals=True).ratio < 1.0
+    with pytest.raises(UsageError, match="--target ort"):
+        from lpcompile.config import DecideConfig
+
+        DecideConfig(target="tvm", int8_residuals=True)

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     config = analysis_config(args)
     decide_config = DecideConfig(
         keep=tuple(keep_rules(args)), softmax=args.softmax, target=args.target, max_loss=args.max_loss,
-        objective=args.objective,
+        objective=args.objective, int8_residuals=args.int8_residuals,
     )
     apply_config = ApplyConfig(
         target=args.target, seed=config.seed, rounding=config.rounding, int8_residuals=args.int8_residuals

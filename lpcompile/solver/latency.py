@@ -75,9 +75,10 @@ def _geometry(node: NodeSensitivity, fmt: str) -> dict[str, int]:
     return {"block_size": bs, "rank": rank, "axis": axis, "elements": int(node.params)}
 
 
-def node_cost(node: NodeSensitivity, fmt: str, target: str) -> float:
-    """Declared latency of ``node`` in ``fmt`` over its fp32 latency on ``target``."""
-    return relative_latency(target, node.op_type, fmt, **_geometry(node, fmt))
+def node_cost(node: NodeSensitivity, fmt: str, target: str, int8_residuals: bool = False) -> float:
+    """Declared latency of ``node`` in ``fmt`` over its fp32 latency on ``target`` (``int8_residuals``: written
+    with QLinearAdd residuals, :mod:`lpcompile.passes.qlinear_add`)."""
+    return relative_latency(target, node.op_type, fmt, int8_residuals=int8_residuals, **_geometry(node, fmt))
 
 
 def node_fast(node: NodeSensitivity, fmt: str, target: str) -> bool:
@@ -94,7 +95,9 @@ class LatencyEstimate:
     slow_nodes: int
 
 
-def predict_latency(table: SensitivityTable, assignments: Mapping[str, str], target: str) -> LatencyEstimate:
+def predict_latency(
+    table: SensitivityTable, assignments: Mapping[str, str], target: str, int8_residuals: bool = False
+) -> LatencyEstimate:
     """``Σ params·cost / Σ params`` over the assigned nodes of ``table`` (1.0 = fp32)."""
     num = den = 0.0
     slow = 0
@@ -102,7 +105,7 @@ def predict_latency(table: SensitivityTable, assignments: Mapping[str, str], tar
         fmt = assignments.get(n.name)
         if fmt is None:
             continue
-        c = node_cost(n, fmt, target)
+        c = node_cost(n, fmt, target, int8_residuals)
         num += n.params * c
         den += n.params
         slow += c > 1.0
@@ -110,7 +113,12 @@ def predict_latency(table: SensitivityTable, assignments: Mapping[str, str], tar
 
 
 def _tie_broken(
-    items: Sequence[Item], nodes: Mapping[str, NodeSensitivity], target: str, eps: float, total: int
+    items: Sequence[Item],
+    nodes: Mapping[str, NodeSensitivity],
+    target: str,
+    eps: float,
+    total: int,
+    int8_residuals: bool = False,
 ) -> list[Item]:
     out = []
     for it in items:
@@ -119,7 +127,7 @@ def _tie_broken(
             out.append(it)
             continue
         choices = tuple(
-            replace(c, loss=c.loss + eps * (node_cost(n, c.format, target) - 1.0) * it.params / total)
+            replace(c, loss=c.loss + eps * (node_cost(n, c.format, target, int8_residuals) - 1.0) * it.params / total)
             for c in it.choices
         )
         out.append(replace(it, choices=choices))
@@ -145,8 +153,12 @@ def solve_with_objective(
     target: str,
     objective: str,
     tolerance: float = DEFAULT_TOLERANCE,
+    int8_residuals: bool = False,
 ) -> Solution:
-    """Solve ``items`` at ``budget`` for ``objective`` (module docstring); the loss reported is the true one."""
+    """Solve ``items`` at ``budget`` for ``objective`` (module docstring); the loss reported is the true one.
+
+    ``int8_residuals``: the plan will be written with QLinearAdd residuals (w8a8 Convs cost less on ``ort``).
+    """
     objective = resolve_objective(objective, target)
     nodes = {n.name: n for n in table.nodes}
     if objective == "fast":  # the size plan is solved only when the fast choices cannot meet the budget
@@ -166,10 +178,10 @@ def solve_with_objective(
         worst = sum(max(abs(c.loss) for c in it.choices) for it in items if it.choices)
         eps = LATENCY_FIRST * max(worst, 1e-30)
     try:
-        sol = solve(_tie_broken(chosen, nodes, target, eps, total), budget)
+        sol = solve(_tie_broken(chosen, nodes, target, eps, total, int8_residuals), budget)
     except BudgetError:
         logger.warning("objective latency: the budget needs formats that run slower than fp32; allowing them")
-        sol = solve(_tie_broken(items, nodes, target, eps, total), budget)
+        sol = solve(_tie_broken(items, nodes, target, eps, total, int8_residuals), budget)
     true = {it.name: {c.format: c.loss for c in it.choices} for it in items}
     loss = sum(true[name][fmt] for name, fmt in sol.assignments.items() if name in true)
     return replace(sol, predicted_loss=loss)
