@@ -30,11 +30,11 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from lpcompile.passes._common import MS_DOMAIN, Namer, is_onnx_op
 from lpcompile.passes.qlinear_conv import (
     ZERO_POINT_U8,
-    _activation,
-    _int8_weight,
-    _rounded_from,
-    _scalar_scale,
-    _zero_point,
+    activation_of,
+    int8_conv_weight,
+    rounded_from,
+    scalar_scale,
+    zero_point_kind,
 )
 from lpcompile.passes.w8a8 import Uint8Quantizer
 
@@ -50,8 +50,8 @@ def _int8_roundings(value: ir.Value) -> list[ir.Node]:
             is_onnx_op(q, "QuantizeLinear")
             and use.idx == 0
             and len(q.inputs) > 2
-            and _zero_point(q.inputs[2]) == 0
-            and _scalar_scale(q.inputs[1]) is not None
+            and zero_point_kind(q.inputs[2]) == 0
+            and scalar_scale(q.inputs[1]) is not None
             and not q.outputs[0].is_graph_output()
             and all(is_onnx_op(u.node, "DequantizeLinear") and u.idx == 0 for u in q.outputs[0].uses())
         ):
@@ -64,7 +64,7 @@ def _is_w8a8_conv_output(value: ir.Value, add: ir.Node) -> bool:
     conv = value.producer()
     if conv is None or not is_onnx_op(conv, "Conv") or len(conv.inputs) < 2 or value.is_graph_output():
         return False
-    if _activation(conv.inputs[0]) is None or _int8_weight(conv.inputs[1]) is None:
+    if activation_of(conv.inputs[0]) is None or int8_conv_weight(conv.inputs[1]) is None:
         return False
     return all(u.node is add for u in value.uses())
 
@@ -82,7 +82,7 @@ class RoundResidualsPass(ir.passes.InPlacePass):
         chosen: dict[int, tuple[ir.Node, ir.Node]] = {}  # id(add) -> (add, the Q rounding its sum)
         for add in adds:
             qs = _int8_roundings(add.outputs[0])
-            steps = {_scalar_scale(q.inputs[1]) for q in qs}
+            steps = {scalar_scale(q.inputs[1]) for q in qs}
             if len(steps) != 1 or add.outputs[0].is_graph_output():
                 continue
             if all(_is_w8a8_conv_output(x, add) or _int8_roundings(x) for x in add.inputs if x is not None):
@@ -146,7 +146,7 @@ class QLinearAddPass(ir.passes.InPlacePass):
         for add in list(graph):
             if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or add.graph is not graph:
                 continue
-            acts = [_activation(x) for x in add.inputs]
+            acts = [activation_of(x) for x in add.inputs]
             s = add.outputs[0]
             if any(a is None for a in acts) or s.is_graph_output():
                 continue
@@ -155,11 +155,11 @@ class QLinearAddPass(ir.passes.InPlacePass):
                 is_onnx_op(r, "QuantizeLinear") and r.inputs[0] is s and len(r.inputs) > 2 for r in readers
             ):
                 continue
-            steps = {_scalar_scale(r.inputs[1]) for r in readers}
-            kinds = {_zero_point(r.inputs[2]) for r in readers}
+            steps = {scalar_scale(r.inputs[1]) for r in readers}
+            kinds = {zero_point_kind(r.inputs[2]) for r in readers}
             if len(steps) != 1 or None in steps or None in kinds:
                 continue
-            floats = [None if a.unsigned else _rounded_from(a) for a in acts]  # type: ignore[union-attr]
+            floats = [None if a.unsigned else rounded_from(a) for a in acts]  # type: ignore[union-attr]
             if any(f is None and not a.unsigned for f, a in zip(floats, acts, strict=True)):  # type: ignore[union-attr]
                 continue
             new_nodes: list[ir.Node] = []
@@ -179,7 +179,7 @@ class QLinearAddPass(ir.passes.InPlacePass):
             )
             graph.insert_before(add, new_nodes)
             for r in readers:
-                if _zero_point(r.inputs[2]) == ZERO_POINT_U8:  # a uint8 rounding of the sum: the sum itself
+                if zero_point_kind(r.inputs[2]) == ZERO_POINT_U8:  # a uint8 rounding of the sum: the sum itself
                     r.outputs[0].replace_all_uses_with(y)
                     continue
                 for use in list(r.outputs[0].uses()):

@@ -44,7 +44,7 @@ ZERO_POINT_U8 = UINT8_ZERO_POINT
 _TRANSPARENT = ("Clip", "Relu", "MaxPool", "Reshape", "Flatten")
 
 
-def _zero_point(value: ir.Value | None) -> int | None:
+def zero_point_kind(value: ir.Value | None) -> int | None:
     """0 for a scalar int8 zero point 0 (the activation pass's), 128 for a scalar uint8 128 (the fused
     MatMul's and this pass's), else None."""
     z = const_array(value)
@@ -58,7 +58,7 @@ def _zero_point(value: ir.Value | None) -> int | None:
     return None
 
 
-def _scalar_scale(value: ir.Value | None) -> float | None:
+def scalar_scale(value: ir.Value | None) -> float | None:
     s = const_array(value)
     if s is None or s.size != 1 or not np.isfinite(s).all() or not float(s.reshape(())) > 0:
         return None
@@ -75,29 +75,29 @@ class _Act:
     unsigned: bool
 
 
-def _activation(value: ir.Value | None) -> _Act | None:
+def activation_of(value: ir.Value | None) -> _Act | None:
     """``value = DQ(q, s, zp)`` with a positive scalar scale and zp int8 0 or uint8 128 (this pass's own)."""
     dq = value.producer() if value is not None else None
     if dq is None or not is_onnx_op(dq, "DequantizeLinear") or len(dq.inputs) < 3:
         return None
     q, s, zp = dq.inputs[:3]
-    kind, step = _zero_point(zp), _scalar_scale(s)
+    kind, step = zero_point_kind(zp), scalar_scale(s)
     if q is None or s is None or step is None or kind is None:
         return None
     return _Act(q, s, step, unsigned=kind == ZERO_POINT_U8)
 
 
-def _rounded_from(act: _Act) -> ir.Value | None:
+def rounded_from(act: _Act) -> ir.Value | None:
     """The float tensor an int8 activation rounding quantizes: ``x`` of ``Q(x, s, 0)`` with the same ``s``."""
     q = act.q.producer()
     if q is None or not is_onnx_op(q, "QuantizeLinear") or len(q.inputs) < 3:
         return None
-    if _scalar_scale(q.inputs[1]) != act.step or _zero_point(q.inputs[2]) != 0:
+    if scalar_scale(q.inputs[1]) != act.step or zero_point_kind(q.inputs[2]) != 0:
         return None
     return q.inputs[0]
 
 
-def _int8_weight(value: ir.Value | None) -> tuple[ir.Value, ir.Value, np.ndarray] | None:
+def int8_conv_weight(value: ir.Value | None) -> tuple[ir.Value, ir.Value, np.ndarray] | None:
     """``(codes, scale, per-channel scales)`` of a per-channel int8 Conv weight ``DQ(codes, scale, axis=0)``
     (how :mod:`lpcompile.passes.targets` writes every ``w8a8`` weight on ``ort``); ``QLinearConv`` reads the
     same two initializers."""
@@ -160,18 +160,18 @@ def _output_chain(conv: ir.Node) -> _Chain | None:
         if not uses:
             return None
         if all(is_onnx_op(u, "QuantizeLinear") and u.inputs[0] is v and len(u.inputs) > 2 for u in uses):
-            steps = {_scalar_scale(u.inputs[1]) for u in uses}
+            steps = {scalar_scale(u.inputs[1]) for u in uses}
             step = steps.pop() if len(steps) == 1 else None
             if step is None:
                 return None
             for u in uses:
-                kind = _zero_point(u.inputs[2])
+                kind = zero_point_kind(u.inputs[2])
                 if u.outputs[0].is_graph_output() or kind is None:
                     return None
                 if kind == 0:  # int8: every reader must be a DequantizeLinear (rewired to the uint8 end)
                     for w in u.outputs[0].uses():
                         dq = w.node
-                        if not is_onnx_op(dq, "DequantizeLinear") or w.idx != 0 or _activation(dq.outputs[0]) is None:
+                        if not is_onnx_op(dq, "DequantizeLinear") or w.idx != 0 or activation_of(dq.outputs[0]) is None:
                             return None
             return _Chain(tuple(ops), uses[0].inputs[1], step, tuple(uses))  # type: ignore[arg-type]
         if len(uses) != 1 or not _is_transparent(uses[0], v):
@@ -197,8 +197,8 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
         for conv in list(graph):
             if not is_onnx_op(conv, "Conv") or len(conv.inputs) < 2 or conv.graph is not graph:
                 continue
-            act = _activation(conv.inputs[0])
-            wt = _int8_weight(conv.inputs[1])
+            act = activation_of(conv.inputs[0])
+            wt = int8_conv_weight(conv.inputs[1])
             if act is None or wt is None:
                 continue
             bias = const_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
@@ -207,7 +207,7 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
             chain = _output_chain(conv)
             if chain is None:
                 continue
-            x_float = None if act.unsigned else _rounded_from(act)
+            x_float = None if act.unsigned else rounded_from(act)
             if not act.unsigned and x_float is None:
                 continue
             w_codes, w_scale, ws = wt
@@ -242,7 +242,7 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
                 cur = self._int_op(graph, namer, op, cur, s_z, new_nodes)
             graph.insert_before(conv, new_nodes)
             for qn in chain.quantizers:
-                if _zero_point(qn.inputs[2]) == ZERO_POINT_U8:  # MatMulIntegerToFloat's input: uint8 already
+                if zero_point_kind(qn.inputs[2]) == ZERO_POINT_U8:  # MatMulIntegerToFloat's input: uint8 already
                     qn.outputs[0].replace_all_uses_with(cur)
                     continue
                 for use in list(qn.outputs[0].uses()):

@@ -265,8 +265,8 @@ def activation_kernel(target: str, element: str | None, op_type: str = "MatMul")
     uint8 activations (:mod:`lpcompile.passes.w8a8`; 0.25–0.27× an fp32 MatMul of 47×384×1536 with
     bias, measured), and on an ``ort`` Conv whose output reaches only later int8 roundings, a uint8
     ``QLinearConv`` chain (:mod:`lpcompile.passes.qlinear_conv`; uniform w8a8 EfficientNet-Lite0 0.95–1.06×
-    fp32; 0.57× with ``int8_residuals``, :mod:`lpcompile.passes.qlinear_add`). Elsewhere the Q/DQ pair is a per-run rounding (on ``qdq`` ORT turns a biased Q/DQ MatMul into
-    a Gemm with per-run DQs).
+    fp32; 0.57× with ``int8_residuals``, :mod:`lpcompile.passes.qlinear_add`). Elsewhere the Q/DQ pair
+    is a per-run rounding (on ``qdq`` ORT turns a biased Q/DQ MatMul into a Gemm with per-run DQs).
     """
     tgt = check_target(target)
     if element is None:
