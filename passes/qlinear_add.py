@@ -132,6 +132,10 @@ class RoundResidualsPass(ir.passes.InPlacePass):
             count += 1
         if count:
             logger.info("rounded the inputs of %d residual Add(s) for uint8 QLinearAdd chains", count)
+        else:
+            logger.warning(
+                "--int8-residuals: no residual Add between w8a8 Convs whose sum is rounded anyway; nothing changed"
+            )
         return ir.passes.PassResult(model, count > 0)
 
 
