@@ -182,12 +182,14 @@ def test_the_file_computes_the_same_at_every_optimisation_level() -> None:
         assert np.abs(on - off).max() <= 1e-4 * max(1.0, float(np.abs(off).max())), level
 
 
-def test_a_sum_read_unrounded_is_left_alone() -> None:
+def test_a_sum_read_unrounded_is_left_alone(caplog: pytest.LogCaptureFixture) -> None:
     """s2 is also a graph output here: its Add stays float, and so does s1's, whose sum it reads."""
     text = TEXT.replace("=> (float[2,4,12,12] y)", "=> (float[2,4,12,12] y, float[2,8,12,12] s2)")
     proto, x = _model(text)
     plan = _plan(proto, x)
-    model = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])
+    with caplog.at_level("WARNING", logger="lpcompile.passes.qlinear_add"):
+        model = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])
+    assert "nothing changed" in caplog.text
     names = ops(model)
     # s1 feeds the rounded expand Conv and the second Add (which stays float): a reader that is neither
     assert "QLinearAdd" not in names and names.count("Add") == 2
