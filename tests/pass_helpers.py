@@ -33,6 +33,25 @@ def run(model: onnx.ModelProto | ir.Model, **feeds: np.ndarray) -> list[np.ndarr
     return session(model).run(None, feeds)
 
 
+def run_at_level(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, **feeds: np.ndarray) -> list[np.ndarray]:
+    """Run ``model`` in an ORT CPU session at optimisation ``level`` (one thread)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the intermediate tensors ``names``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for name in names:
+        out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return out
+
+
 def check(model: onnx.ModelProto | ir.Model) -> onnx.ModelProto:
     """Serialise and run the full ONNX checker (strict shape inference included)."""
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model

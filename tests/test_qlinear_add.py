@@ -15,8 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
-from pass_helpers import check, ops, parse, run, to_ir
+from pass_helpers import check, ops, parse, run, run_at_level, to_ir, with_outputs
 
 from lpcompile.config import ApplyConfig
 from lpcompile.errors import UsageError
@@ -73,18 +72,11 @@ def _model(text: str = TEXT) -> tuple[onnx.ModelProto, np.ndarray]:
     return parse(text, **_weights()), x
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for name in names:
-        out.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return out
-
 
 def _plan(proto: onnx.ModelProto, x: np.ndarray) -> PrecisionPlan:
     """Uniform w8a8, every Conv input's range measured on ``x`` (ORT, optimisations off)."""
     names = [n for n in ROUNDED if n != "x"]
-    outs = run(_with_outputs(proto, names), x=x)
+    outs = run(with_outputs(proto, names), x=x)
     got = dict(zip(names, outs[len(proto.graph.output) :], strict=True))
     amax = {"x": float(np.abs(x).max()), **{n: float(np.abs(got[n]).max()) for n in names}}
     f = get_format("w8a8")
@@ -94,14 +86,6 @@ def _plan(proto: onnx.ModelProto, x: np.ndarray) -> PrecisionPlan:
     )
     return PrecisionPlan(nodes=nodes, activation_scales=amax)
 
-
-def _session_run(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, x: np.ndarray) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})
 
 
 def _optimised_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
@@ -159,11 +143,11 @@ def test_int8_chain_computes_the_rounded_reference() -> None:
     RoundResidualsPass()(reference)
     reference = check(reference)
     chained = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])
-    (want,) = _session_run(reference, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x)
+    (want,) = run_at_level(reference, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x=x)
     step_s2 = plan.activation_scales["s2"] / 127
     h = _weights()["H"]
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        (got,) = _session_run(chained, level, x)
+        (got,) = run_at_level(chained, level, x=x)
         # y = H · s2 per position: a code of s2 one step off moves y by at most step · max Σ|H| (1 % for H's
         # own rounding); the int32 biases and the requantizations may flip a code at each of the chain's
         # roundings and a flip reaches s2 through at most two blocks: allow two steps, on few elements
@@ -176,9 +160,9 @@ def test_int8_chain_computes_the_rounded_reference() -> None:
 def test_the_file_computes_the_same_at_every_optimisation_level() -> None:
     proto, x = _model()
     model = check(apply_plan(to_ir(proto), _plan(proto, x), target="ort", int8_residuals=True)[0])
-    (off,) = _session_run(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x)
+    (off,) = run_at_level(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x=x)
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        (on,) = _session_run(model, level, x)
+        (on,) = run_at_level(model, level, x=x)
         assert np.abs(on - off).max() <= 1e-4 * max(1.0, float(np.abs(off).max())), level
 
 

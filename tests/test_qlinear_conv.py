@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
-from pass_helpers import check, ops, parse, run, to_ir
+from pass_helpers import check, ops, parse, run, run_at_level, to_ir, with_outputs
 
 from lpcompile.formats import get_format
 from lpcompile.graph import find_weight_nodes
@@ -81,21 +81,6 @@ def _plan(proto: onnx.ModelProto, x: np.ndarray) -> PrecisionPlan:
     return PrecisionPlan(nodes=nodes, activation_scales=amax)
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for name in names:
-        out.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return out
-
-
-def _session_run(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, x: np.ndarray) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})
 
 
 def _dq_output(model: onnx.ModelProto, rounded: str) -> str:
@@ -132,10 +117,10 @@ def test_chain_computes_the_plan() -> None:
     qdq_model = check(apply_plan(to_ir(proto), plan, target="qdq")[0])
     # expose the rounded input of c3 (the end of the second chain) in both files
     ort_dq, qdq_dq = _dq_output(ort_model, "r2"), _dq_output(qdq_model, "r2")
-    want_y, want_r = run(_with_outputs(qdq_model, [qdq_dq]), x=x)
+    want_y, want_r = run(with_outputs(qdq_model, [qdq_dq]), x=x)
     scale = plan.activation_scales["r2"] / 127
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        got_y, got_r = _session_run(_with_outputs(ort_model, [ort_dq]), level, x)
+        got_y, got_r = run_at_level(with_outputs(ort_model, [ort_dq]), level, x=x)
         codes = np.rint((got_r - want_r) / scale)
         assert np.abs(got_r - want_r - codes * scale).max() <= 1e-5 * max(1.0, np.abs(want_r).max())
         assert np.abs(codes).max() <= 1, "more than one code from the Q/DQ form"
@@ -154,9 +139,9 @@ def test_w8a8_file_computes_the_same_at_every_optimisation_level(target: str) ->
     (WeightBiasQuantization, from ORT_ENABLE_BASIC): the written form must not offer it one."""
     proto, x = _model()
     model = check(apply_plan(to_ir(proto), _plan(proto, x), target=target)[0])
-    (off,) = _session_run(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x)
+    (off,) = run_at_level(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x=x)
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        (on,) = _session_run(model, level, x)
+        (on,) = run_at_level(model, level, x=x)
         assert np.abs(on - off).max() <= 1e-4 * max(1.0, float(np.abs(off).max())), level
 
 
@@ -188,7 +173,7 @@ def test_chain_runs_into_a_fused_int8_matmul() -> None:
     }
     proto = parse(CNN_TEXT, **w)
     x = (RNG.standard_normal((2, 1, 8, 8)) * 2).astype(np.float32)
-    probe = _with_outputs(proto, ["f1"])
+    probe = with_outputs(proto, ["f1"])
     f1 = run(probe, x=x)[1]
     f = get_format("w8a8")
     nodes = tuple(
@@ -204,7 +189,7 @@ def test_chain_runs_into_a_fused_int8_matmul() -> None:
     assert producers[mm.input[0]] == "Flatten"
     (want,) = run(check(apply_plan(to_ir(proto), plan, target="qdq")[0]), x=x)
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        (got,) = _session_run(ort_model, level, x)
+        (got,) = run_at_level(ort_model, level, x=x)
         # every code of f1 (scale s) one step off moves an output by at most s · max_j Σ_i |W2[i, j]|
         # (1 % for W2's own rounding, which can raise a weight by half its per-column step)
         bound = 1.01 * plan.activation_scales["f1"] / 127 * np.abs(w["W2"]).sum(axis=0).max()
