@@ -131,6 +131,7 @@ class RoundResidualsPass(ir.passes.InPlacePass):
                 add.replace_input_with(idx, dv)
             count += 1
         if count:
+            graph.sort()  # (defensive: the activation pass puts each rounding right after its producer)
             logger.info("rounded the inputs of %d residual Add(s) for uint8 QLinearAdd chains", count)
         else:
             logger.warning(
