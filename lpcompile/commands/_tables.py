@@ -115,8 +115,9 @@ def _latency_note(plan: PrecisionPlan) -> str:
     lat = plan.metadata.get("latency") if isinstance(plan.metadata, dict) else None
     if not isinstance(lat, dict) or "predicted_x_fp32" not in lat:
         return ""
+    chain = " with int8 residuals" if lat.get("int8_residuals") else ""
     return (
-        f"; predicted latency {lat['predicted_x_fp32']:.2f}x fp32 on {lat.get('target')} "
+        f"; predicted latency {lat['predicted_x_fp32']:.2f}x fp32 on {lat.get('target')}{chain} "
         f"(objective {lat.get('objective')}; measure: lpcompile eval --latency)"
     )
 
