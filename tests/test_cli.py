@@ -115,6 +115,7 @@ def _bad_plan(tmp_path: Path, **change: str) -> Path:
         ("unknown_format", 1, "unknown format"),
         ("same_output", 2, "is the input model"),
         ("no_plan", 2, "either a plan file or --uniform"),
+        ("int8_residuals_on_qdq", 2, "--int8-residuals needs --target ort"),
     ],
 )
 def test_bad_input_one_line_no_traceback_input_untouched(
@@ -139,6 +140,8 @@ def test_bad_input_one_line_no_traceback_input_untouched(
         args = ["apply", str(model), "--uniform", "int4", "-o", str(model)]
     elif case == "no_plan":
         args = ["apply", str(model), "-o", str(tmp_path / "o.onnx")]
+    elif case == "int8_residuals_on_qdq":
+        args = [*args, "--int8-residuals"]
     before = _digest(model) if model.exists() else None
     capsys.readouterr()
     try:
