@@ -9,15 +9,17 @@ float Convs there, with the NCHW↔NHWC transposes around them, cost what the in
 With ``int8_residuals`` the target rounds the two tensors a plan leaves in float there:
 
 * :class:`RoundResidualsPass` (before the chain pass): for an ``Add`` whose sum is rounded with one
-  scale ``s`` by every reader (the next w8a8 node, or another such ``Add``), a w8a8 Conv output it
+  scale ``s`` by every reader (the next w8a8 node, or another such ``Add``), possibly after ops that
+  commute with the rounding (a ResNet block's ``Relu``, a ``Clip``), a w8a8 Conv output it
   adds is rounded with ``s`` too, and an input that is rounded for another reader anyway (the skip
   tensor, rounded for the expand Conv it also feeds) is read rounded. These are the roundings
   ORT's ``quantize_static`` makes everywhere; they add error the analyzer does not score (one
   rounding of the project Conv's output with the sum's step, and the skip tensor's rounding, per
   block), which the compile's measured guard reports.
-* :class:`QLinearAddPass` (after the chain pass): ``DQ(a) + DQ(b)`` rounded with ``s`` becomes ONNX
-  Runtime's ``QLinearAdd`` (``com.microsoft``) on the uint8 tensors, so the chain goes on through
-  the block in int8 and NHWC.
+* :class:`QLinearAddPass` (after the chain pass): ``DQ(a) + DQ(b)`` rounded with ``s`` (after those
+  ops) becomes ONNX Runtime's ``QLinearAdd`` (``com.microsoft``) on the uint8 tensors, the ops
+  applied to its uint8 output as the chain pass applies them, so the chain goes on through the
+  block in int8 and NHWC.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lpcompile.passes._common import MS_DOMAIN, Namer, is_onnx_op
 from lpcompile.passes.qlinear_conv import (
-    ZERO_POINT_U8,
     activation_of,
     int8_conv_weight,
+    int8_op,
+    is_transparent,
+    output_chain,
+    rewire_roundings,
     rounded_from,
     scalar_scale,
     zero_point_kind,
@@ -59,6 +64,18 @@ def _int8_roundings(value: ir.Value) -> list[ir.Node]:
     return out
 
 
+def _sum_end(add: ir.Node) -> ir.Value | None:
+    """The end of the single-reader ops after ``add`` that commute with a rounding (none: the sum itself);
+    None when a tensor on the way is a graph output."""
+    v = add.outputs[0]
+    while not v.is_graph_output():
+        uses = list(v.uses())
+        if len(uses) != 1 or not is_transparent(uses[0].node, v):
+            return v
+        v = uses[0].node.outputs[0]
+    return None
+
+
 def _is_w8a8_conv_output(value: ir.Value, add: ir.Node) -> bool:
     """``value`` is a w8a8 Conv's output read only by ``add``."""
     conv = value.producer()
@@ -80,19 +97,23 @@ class RoundResidualsPass(ir.passes.InPlacePass):
         # An Add qualifies when its sum is rounded with one scale by every reader but other qualifying Adds,
         # and each input is a w8a8 Conv output of its own or a tensor rounded for another reader anyway.
         chosen: dict[int, tuple[ir.Node, ir.Node]] = {}  # id(add) -> (add, the Q rounding its sum)
+        ends: dict[int, ir.Value] = {}
         for add in adds:
-            qs = _int8_roundings(add.outputs[0])
+            end = _sum_end(add)
+            qs = _int8_roundings(end) if end is not None else []
             steps = {scalar_scale(q.inputs[1]) for q in qs}
-            if len(steps) != 1 or add.outputs[0].is_graph_output():
+            if end is None or len(steps) != 1:
                 continue
+            ends[id(add)] = end
             if all(_is_w8a8_conv_output(x, add) or _int8_roundings(x) for x in add.inputs if x is not None):
                 chosen[id(add)] = (add, qs[0])
         changed = True
         while changed:  # drop Adds whose sum has a reader that is neither a rounding nor a chosen Add
             changed = False
-            for key, (add, _) in list(chosen.items()):
-                readers = [u.node for u in add.outputs[0].uses()]
-                rounded = {id(q) for q in _int8_roundings(add.outputs[0])}
+            for key in list(chosen):
+                end = ends[key]
+                readers = [u.node for u in end.uses()]
+                rounded = {id(q) for q in _int8_roundings(end)}
                 if any(id(r) not in rounded and id(r) not in chosen for r in readers):
                     del chosen[key]
                     changed = True
@@ -152,17 +173,8 @@ class QLinearAddPass(ir.passes.InPlacePass):
             if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or add.graph is not graph:
                 continue
             acts = [activation_of(x) for x in add.inputs]
-            s = add.outputs[0]
-            if any(a is None for a in acts) or s.is_graph_output():
-                continue
-            readers = [u.node for u in s.uses()]
-            if not readers or not all(
-                is_onnx_op(r, "QuantizeLinear") and r.inputs[0] is s and len(r.inputs) > 2 for r in readers
-            ):
-                continue
-            steps = {scalar_scale(r.inputs[1]) for r in readers}
-            kinds = {zero_point_kind(r.inputs[2]) for r in readers}
-            if len(steps) != 1 or None in steps or None in kinds:
+            chain = output_chain(add)  # the sum (through Relu/Clip/...) read only by roundings of one step
+            if any(a is None for a in acts) or chain is None:
                 continue
             floats = [None if a.unsigned else rounded_from(a) for a in acts]  # type: ignore[union-attr]
             if any(f is None and not a.unsigned for f, a in zip(floats, acts, strict=True)):  # type: ignore[union-attr]
@@ -174,22 +186,20 @@ class QLinearAddPass(ir.passes.InPlacePass):
                 assert a is not None
                 q = a.q if f is None else u8.quantize(f, a.scale, base, new_nodes)
                 ins += [q, a.scale, u8.zero_point]
+            s = add.outputs[0]
             y = ir.Value(name=namer.value(f"{s.name or base}_u8"), type=ir.TensorType(ir.DataType.UINT8))
             y.shape = s.shape.copy() if s.shape is not None else None
-            ins += [readers[0].inputs[1], u8.zero_point]
+            ins += [chain.scale, u8.zero_point]
             new_nodes.append(
                 ir.node(
                     "QLinearAdd", ins, None, domain=MS_DOMAIN, name=add.name, outputs=[y], doc_string=add.doc_string
                 )
             )
+            cur = y
+            for op in chain.ops:
+                cur = int8_op(graph, namer, op, cur, chain.step, new_nodes)
             graph.insert_before(add, new_nodes)
-            for r in readers:
-                if zero_point_kind(r.inputs[2]) == ZERO_POINT_U8:  # a uint8 rounding of the sum: the sum itself
-                    r.outputs[0].replace_all_uses_with(y)
-                    continue
-                for use in list(r.outputs[0].uses()):
-                    use.node.replace_input_with(0, y)
-                    use.node.replace_input_with(2, u8.zero_point)
+            rewire_roundings(chain, cur, u8.zero_point)
             count += 1
         if not count:
             return ir.passes.PassResult(model, False)

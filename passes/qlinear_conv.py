@@ -122,7 +122,7 @@ def int8_conv_weight(value: ir.Value | None) -> tuple[ir.Value, ir.Value, np.nda
     return codes_v, scale_v, s  # type: ignore[return-value]
 
 
-def _is_transparent(node: ir.Node, data: ir.Value) -> bool:
+def is_transparent(node: ir.Node, data: ir.Value) -> bool:
     """An op that commutes with a monotone per-tensor rounding, with ``data`` as its rounded input."""
     if not is_onnx_op(node, _TRANSPARENT) or not node.inputs or node.inputs[0] is not data:
         return False
@@ -136,7 +136,7 @@ def _is_transparent(node: ir.Node, data: ir.Value) -> bool:
 
 
 @dataclass(frozen=True)
-class _Chain:
+class Chain:
     """The transparent ops after a Conv, and the roundings (of one scale) that read their end."""
 
     ops: tuple[ir.Node, ...]
@@ -145,7 +145,7 @@ class _Chain:
     quantizers: tuple[ir.Node, ...]
 
 
-def _output_chain(conv: ir.Node) -> _Chain | None:
+def output_chain(conv: ir.Node) -> Chain | None:
     """The transparent ops after ``conv`` up to a tensor read only by int8 roundings of one scale.
 
     A rounding is ``QuantizeLinear`` with int8 zero point 0 read by ``DequantizeLinear`` s (the activation
@@ -173,8 +173,8 @@ def _output_chain(conv: ir.Node) -> _Chain | None:
                         dq = w.node
                         if not is_onnx_op(dq, "DequantizeLinear") or w.idx != 0 or activation_of(dq.outputs[0]) is None:
                             return None
-            return _Chain(tuple(ops), uses[0].inputs[1], step, tuple(uses))  # type: ignore[arg-type]
-        if len(uses) != 1 or not _is_transparent(uses[0], v):
+            return Chain(tuple(ops), uses[0].inputs[1], step, tuple(uses))  # type: ignore[arg-type]
+        if len(uses) != 1 or not is_transparent(uses[0], v):
             return None
         ops.append(uses[0])
         v = uses[0].outputs[0]
@@ -204,7 +204,7 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
             bias = const_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
             if len(conv.inputs) > 2 and conv.inputs[2] is not None and bias is None:
                 continue
-            chain = _output_chain(conv)
+            chain = output_chain(conv)
             if chain is None:
                 continue
             x_float = None if act.unsigned else rounded_from(act)
@@ -239,16 +239,9 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
             )
             cur = y
             for op in chain.ops:
-                cur = self._int_op(graph, namer, op, cur, s_z, new_nodes)
+                cur = int8_op(graph, namer, op, cur, s_z, new_nodes)
             graph.insert_before(conv, new_nodes)
-            for qn in chain.quantizers:
-                if zero_point_kind(qn.inputs[2]) == ZERO_POINT_U8:  # MatMulIntegerToFloat's input: uint8 already
-                    qn.outputs[0].replace_all_uses_with(cur)
-                    continue
-                for use in list(qn.outputs[0].uses()):
-                    dq = use.node
-                    dq.replace_input_with(0, cur)
-                    dq.replace_input_with(2, zp_u8)
+            rewire_roundings(chain, cur, zp_u8)
             count += 1
         if not count:
             return ir.passes.PassResult(model, False)
@@ -256,39 +249,43 @@ class QLinearConvChainPass(ir.passes.InPlacePass):
         logger.info("wrote %d w8a8 Conv(s) as QLinearConv chains (uint8 activations)", count)
         return ir.passes.PassResult(model, True)
 
-    @staticmethod
-    def _int_op(graph: ir.Graph, namer: Namer, op: ir.Node, data: ir.Value, s_z: float, out: list[ir.Node]) -> ir.Value:
-        """``op`` applied to the uint8 tensor ``data`` (the output rounded with ``s_z``, zero point 128)."""
-        result = ir.Value(
-            name=namer.value(f"{op.outputs[0].name or op.op_type}_u8"), type=ir.TensorType(ir.DataType.UINT8)
-        )
-        result.shape = op.outputs[0].shape.copy() if op.outputs[0].shape is not None else None
-        name = namer.node(f"{op.name or op.op_type}/u8")
-        if is_onnx_op(op, ("Clip", "Relu")):
-            lo = 0.0 if is_onnx_op(op, "Relu") else None
-            hi = None
-            if is_onnx_op(op, "Clip"):
-                if len(op.inputs) > 1 and op.inputs[1] is not None:
-                    lo = float(const_array(op.inputs[1]).reshape(()))  # type: ignore[union-attr]
-                if len(op.inputs) > 2 and op.inputs[2] is not None:
-                    hi = float(const_array(op.inputs[2]).reshape(()))  # type: ignore[union-attr]
-            bounds: list[ir.Value | None] = [
-                None
-                if lo is None
-                else add_initializer(graph, namer, f"{name}_min", np.array(_q_u8(lo, s_z), np.uint8)),
-                None
-                if hi is None
-                else add_initializer(graph, namer, f"{name}_max", np.array(_q_u8(hi, s_z), np.uint8)),
-            ]
-            while bounds and bounds[-1] is None:
-                bounds.pop()
-            out.append(ir.node("Clip", [data, *bounds], None, name=name, outputs=[result]))
-        else:
-            attrs = {a.name: a for a in op.attributes.values()}
-            out.append(
-                ir.node(op.op_type, [data, *op.inputs[1:]], attrs, domain=op.domain, name=name, outputs=[result])
-            )
-        return result
+
+def int8_op(graph: ir.Graph, namer: Namer, op: ir.Node, data: ir.Value, s_z: float, out: list[ir.Node]) -> ir.Value:
+    """``op`` applied to the uint8 tensor ``data`` (the output rounded with ``s_z``, zero point 128)."""
+    result = ir.Value(name=namer.value(f"{op.outputs[0].name or op.op_type}_u8"), type=ir.TensorType(ir.DataType.UINT8))
+    result.shape = op.outputs[0].shape.copy() if op.outputs[0].shape is not None else None
+    name = namer.node(f"{op.name or op.op_type}/u8")
+    if is_onnx_op(op, ("Clip", "Relu")):
+        lo = 0.0 if is_onnx_op(op, "Relu") else None
+        hi = None
+        if is_onnx_op(op, "Clip"):
+            if len(op.inputs) > 1 and op.inputs[1] is not None:
+                lo = float(const_array(op.inputs[1]).reshape(()))  # type: ignore[union-attr]
+            if len(op.inputs) > 2 and op.inputs[2] is not None:
+                hi = float(const_array(op.inputs[2]).reshape(()))  # type: ignore[union-attr]
+        bounds: list[ir.Value | None] = [
+            None if lo is None else add_initializer(graph, namer, f"{name}_min", np.array(_q_u8(lo, s_z), np.uint8)),
+            None if hi is None else add_initializer(graph, namer, f"{name}_max", np.array(_q_u8(hi, s_z), np.uint8)),
+        ]
+        while bounds and bounds[-1] is None:
+            bounds.pop()
+        out.append(ir.node("Clip", [data, *bounds], None, name=name, outputs=[result]))
+    else:
+        attrs = {a.name: a for a in op.attributes.values()}
+        out.append(ir.node(op.op_type, [data, *op.inputs[1:]], attrs, domain=op.domain, name=name, outputs=[result]))
+    return result
 
 
-__all__ = ["ZERO_POINT_U8", "QLinearConvChainPass"]
+def rewire_roundings(chain: Chain, cur: ir.Value, zp_u8: ir.Value) -> None:
+    """Point the roundings at the end of ``chain`` at the uint8 tensor ``cur`` (the same rounding, done)."""
+    for qn in chain.quantizers:
+        if zero_point_kind(qn.inputs[2]) == ZERO_POINT_U8:  # a uint8 rounding (MatMulIntegerToFloat's input)
+            qn.outputs[0].replace_all_uses_with(cur)
+            continue
+        for use in list(qn.outputs[0].uses()):
+            dq = use.node
+            dq.replace_input_with(0, cur)
+            dq.replace_input_with(2, zp_u8)
+
+
+__all__ = ["ZERO_POINT_U8", "Chain", "QLinearConvChainPass", "int8_op", "output_chain", "rewire_roundings"]

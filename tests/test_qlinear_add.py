@@ -259,3 +259,50 @@ def test_a_skip_rounded_for_a_later_reader() -> None:
     assert ops(out).count("QLinearAdd") == 1
     (y,) = run_at_level(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, x=x)
     assert np.isfinite(y).all()
+
+
+# ResNet basic blocks: the sum goes through a Relu before its readers (the next block's Conv and Add)
+RESNET = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[2,3,12,12] x) => (float[2,4,12,12] y) {
+  c0 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, W0, B0)
+  a0 = Relu(c0)
+  c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (a0, K1, B0)
+  r1 = Relu(c1)
+  c2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r1, K2, B0)
+  s1 = Add(c2, a0)
+  o1 = Relu(s1)
+  c3 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (o1, K3, B0)
+  r3 = Relu(c3)
+  c4 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r3, K4, B0)
+  s2 = Add(c4, o1)
+  o2 = Relu(s2)
+  y = Conv <kernel_shape = [1, 1]> (o2, H)
+}"""
+
+
+def test_resnet_blocks_with_a_relu_after_the_sum(tmp_path: Path) -> None:
+    w = _weights()
+    kernels = {k: (RNG.standard_normal((8, 8, 3, 3)) * 0.1).astype(np.float32) for k in ("K1", "K2", "K3", "K4")}
+    proto = parse(RESNET, **{k: w[k] for k in ("W0", "B0", "H")}, **kernels)
+    x = (RNG.standard_normal((2, 3, 12, 12)) * 2).astype(np.float32)
+    names = ["a0", "r1", "o1", "r3", "o2"]
+    got = dict(zip(names, run(with_outputs(proto, names), x=x)[1:], strict=True))
+    f = get_format("w8a8")
+    nodes = tuple(
+        NodeAssignment(n.name, n.op_type, n.weight, n.params, "w8a8", f.bits_for(n.shape, n.layout))
+        for n in find_weight_nodes(to_ir(proto))
+    )
+    amax = {"x": float(np.abs(x).max()), **{n: float(np.abs(v).max()) for n, v in got.items()}}
+    plan = PrecisionPlan(nodes=nodes, activation_scales=amax)
+    chained = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])
+    assert ops(chained).count("QLinearAdd") == 2 and ops(chained).count("QLinearConv") == 5
+    assert ops(chained).count("Conv") == 1  # the head: a graph output
+    assert _optimised_ops(chained, tmp_path).count("Transpose") <= 2  # one NHWC chain through both blocks
+    reference = apply_plan(to_ir(proto), plan, target="qdq")[0]
+    RoundResidualsPass()(reference)
+    added = [n for n in reference.graph if n.op_type == "QuantizeLinear" and n.name.endswith(("residual_q0",))]
+    assert sorted(n.inputs[0].name for n in added) == ["c2", "c4"]  # the second conv of each block, sum's step
+    (want,) = run_at_level(check(reference), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x=x)
+    (got_y,) = run_at_level(chained, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, x=x)
+    bound = 2 * 1.01 * amax["o2"] / 127 * np.abs(w["H"]).sum(axis=(1, 2, 3)).max()
+    assert np.abs(got_y - want).max() <= bound + 1e-5, (np.abs(got_y - want).max(), bound)
