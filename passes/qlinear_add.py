@@ -15,7 +15,8 @@ With ``int8_residuals`` the target rounds the two tensors a plan leaves in float
   tensor, rounded for the expand Conv it also feeds) is read rounded. These are the roundings
   ORT's ``quantize_static`` makes everywhere; they add error the analyzer does not score (one
   rounding of the project Conv's output with the sum's step, and the skip tensor's rounding, per
-  block), which the compile's measured guard reports.
+  block), which the compile's measured guard reports. The project Conv's output saturates at the sum's
+  range (±128 steps): where it alone is much larger than the sum, this clips it.
 * :class:`QLinearAddPass` (after the chain pass): ``DQ(a) + DQ(b)`` rounded with ``s`` (after those
   ops) becomes ONNX Runtime's ``QLinearAdd`` (``com.microsoft``) on the uint8 tensors, the ops
   applied to its uint8 output as the chain pass applies them, so the chain goes on through the
