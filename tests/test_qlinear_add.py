@@ -72,10 +72,9 @@ def _model(text: str = TEXT) -> tuple[onnx.ModelProto, np.ndarray]:
     return parse(text, **_weights()), x
 
 
-
-def _plan(proto: onnx.ModelProto, x: np.ndarray) -> PrecisionPlan:
-    """Uniform w8a8, every Conv input's range measured on ``x`` (ORT, optimisations off)."""
-    names = [n for n in ROUNDED if n != "x"]
+def _plan(proto: onnx.ModelProto, x: np.ndarray, rounded: tuple[str, ...] = ROUNDED) -> PrecisionPlan:
+    """Uniform w8a8, the range of every rounded tensor (``rounded``: the Conv inputs) measured on ``x`` (ORT)."""
+    names = [n for n in rounded if n != "x"]
     outs = run(with_outputs(proto, names), x=x)
     got = dict(zip(names, outs[len(proto.graph.output) :], strict=True))
     amax = {"x": float(np.abs(x).max()), **{n: float(np.abs(got[n]).max()) for n in names}}
@@ -85,7 +84,6 @@ def _plan(proto: onnx.ModelProto, x: np.ndarray) -> PrecisionPlan:
         for w in find_weight_nodes(to_ir(proto))
     )
     return PrecisionPlan(nodes=nodes, activation_scales=amax)
-
 
 
 def _optimised_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
@@ -224,7 +222,6 @@ def test_the_latency_objective_counts_the_int8_chain() -> None:
         DecideConfig(target="tvm", int8_residuals=True)
 
 
-
 # the skip a0 is rounded only for q, a Conv listed after the Add that reads it (the rounding sits after a0's producer)
 BRANCHES = """<ir_version: 10, opset_import: ["" : 21]>
 g (float[2,3,12,12] x) => (float[2,4,12,12] y) {
@@ -245,16 +242,7 @@ def test_a_skip_rounded_for_a_later_reader() -> None:
     w["P1"] = (RNG.standard_normal((8, 8, 1, 1)) * 0.2).astype(np.float32)
     proto = parse(BRANCHES, **{k: w[k] for k in ("W0", "B0", "P1", "H", "lo", "hi")})
     x = (RNG.standard_normal((2, 3, 12, 12)) * 2).astype(np.float32)
-    names = ["a0", "b1", "s"]
-    got = dict(zip(names, run(with_outputs(proto, names), x=x)[1:], strict=True))
-    f = get_format("w8a8")
-    nodes = tuple(
-        NodeAssignment(n.name, n.op_type, n.weight, n.params, "w8a8", f.bits_for(n.shape, n.layout))
-        for n in find_weight_nodes(to_ir(proto))
-    )
-    amax = {"x": float(np.abs(x).max()), **{n: float(np.abs(v).max()) for n, v in got.items()}}
-    model = apply_plan(to_ir(proto), PrecisionPlan(nodes=nodes, activation_scales=amax), target="ort",
-                       int8_residuals=True)[0]  # fmt: skip
+    model = apply_plan(to_ir(proto), _plan(proto, x, ("x", "a0", "b1", "s")), target="ort", int8_residuals=True)[0]
     out = check(model)  # the checker requires topological order
     assert ops(out).count("QLinearAdd") == 1
     (y,) = run_at_level(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, x=x)
@@ -285,15 +273,7 @@ def test_resnet_blocks_with_a_relu_after_the_sum(tmp_path: Path) -> None:
     kernels = {k: (RNG.standard_normal((8, 8, 3, 3)) * 0.1).astype(np.float32) for k in ("K1", "K2", "K3", "K4")}
     proto = parse(RESNET, **{k: w[k] for k in ("W0", "B0", "H")}, **kernels)
     x = (RNG.standard_normal((2, 3, 12, 12)) * 2).astype(np.float32)
-    names = ["a0", "r1", "o1", "r3", "o2"]
-    got = dict(zip(names, run(with_outputs(proto, names), x=x)[1:], strict=True))
-    f = get_format("w8a8")
-    nodes = tuple(
-        NodeAssignment(n.name, n.op_type, n.weight, n.params, "w8a8", f.bits_for(n.shape, n.layout))
-        for n in find_weight_nodes(to_ir(proto))
-    )
-    amax = {"x": float(np.abs(x).max()), **{n: float(np.abs(v).max()) for n, v in got.items()}}
-    plan = PrecisionPlan(nodes=nodes, activation_scales=amax)
+    plan = _plan(proto, x, ("x", "a0", "r1", "o1", "r3", "o2"))
     chained = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])
     assert ops(chained).count("QLinearAdd") == 2 and ops(chained).count("QLinearConv") == 5
     assert ops(chained).count("Conv") == 1  # the head: a graph output
@@ -304,5 +284,5 @@ def test_resnet_blocks_with_a_relu_after_the_sum(tmp_path: Path) -> None:
     assert sorted(n.inputs[0].name for n in added) == ["c2", "c4"]  # the second conv of each block, sum's step
     (want,) = run_at_level(check(reference), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x=x)
     (got_y,) = run_at_level(chained, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, x=x)
-    bound = 2 * 1.01 * amax["o2"] / 127 * np.abs(w["H"]).sum(axis=(1, 2, 3)).max()
+    bound = 2 * 1.01 * plan.activation_scales["o2"] / 127 * np.abs(w["H"]).sum(axis=(1, 2, 3)).max()
     assert np.abs(got_y - want).max() <= bound + 1e-5, (np.abs(got_y - want).max(), bound)
