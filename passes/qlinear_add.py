@@ -153,7 +153,7 @@ class RoundResidualsPass(ir.passes.InPlacePass):
                 add.replace_input_with(idx, dv)
             count += 1
         if count:
-            graph.sort()  # (defensive: the activation pass puts each rounding right after its producer)
+            graph.sort()  # a graph input's rounding sits before its first reader, which may follow the Add
             logger.info("rounded the inputs of %d residual Add(s) for uint8 QLinearAdd chains", count)
         else:
             logger.warning(

@@ -153,3 +153,7 @@ def test_float64_diagonals_convert_on_access() -> None:
     assert sorted(d) == ["a", "b"] and len(d) == 2
     assert d["a"].dtype == np.float64 and np.array_equal(d["a"], t.double().numpy())
     assert np.array_equal(d["b"], np.zeros(3))
+    # widen=False: float32 views (no copy), the same values; zeros for weights without an estimate still
+    lean = Float64Diagonals({"a": t}, {"a": (1, 2), "b": (3,)}, widen=False)
+    assert lean["a"].dtype == np.float32 and np.shares_memory(lean["a"], t.numpy())
+    assert np.array_equal(lean["a"].astype(np.float64), d["a"]) and np.array_equal(lean["b"], np.zeros(3))

@@ -9,8 +9,6 @@ boundary (one code, on a small fraction of elements). No test asserts a time.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,11 +17,10 @@ from pass_helpers import check, ops, parse, run, run_at_level, to_ir, with_outpu
 
 from lpcompile.config import ApplyConfig
 from lpcompile.errors import UsageError
-from lpcompile.formats import get_format
-from lpcompile.graph import find_weight_nodes
-from lpcompile.passes.pipeline import apply_plan
+from lpcompile.passes.pipeline import apply_plan, uniform_plan
 from lpcompile.passes.qlinear_add import RoundResidualsPass
-from lpcompile.plan import NodeAssignment, PrecisionPlan
+from lpcompile.plan import PrecisionPlan
+from lpcompile.runtime.ort import optimized_proto
 
 RNG = np.random.default_rng(2024)
 
@@ -72,30 +69,23 @@ def _model(text: str = TEXT) -> tuple[onnx.ModelProto, np.ndarray]:
     return parse(text, **_weights()), x
 
 
-def _plan(proto: onnx.ModelProto, x: np.ndarray, rounded: tuple[str, ...] = ROUNDED) -> PrecisionPlan:
-    """Uniform w8a8, the range of every rounded tensor (``rounded``: the Conv inputs) measured on ``x`` (ORT)."""
-    names = [n for n in rounded if n != "x"]
-    outs = run(with_outputs(proto, names), x=x)
-    got = dict(zip(names, outs[len(proto.graph.output) :], strict=True))
-    amax = {"x": float(np.abs(x).max()), **{n: float(np.abs(got[n]).max()) for n in names}}
-    f = get_format("w8a8")
-    nodes = tuple(
-        NodeAssignment(w.name, w.op_type, w.weight, w.params, "w8a8", f.bits_for(w.shape, w.layout))
-        for w in find_weight_nodes(to_ir(proto))
-    )
-    return PrecisionPlan(nodes=nodes, activation_scales=amax)
+def _plan(
+    proto: onnx.ModelProto, x: np.ndarray, rounded: tuple[str, ...] = ROUNDED, **inputs: np.ndarray
+) -> PrecisionPlan:
+    """Uniform w8a8, the range of every rounded tensor (``rounded``: the Conv inputs) measured on ``x`` and
+    any other graph ``inputs`` (ORT)."""
+    feeds = {"x": x, **inputs}
+    names = [n for n in rounded if n not in feeds]
+    outs = run(with_outputs(proto, names), **feeds)
+    got = {**feeds, **dict(zip(names, outs[len(proto.graph.output) :], strict=True))}
+    return uniform_plan(to_ir(proto), "w8a8", activation_scales={n: float(np.abs(got[n]).max()) for n in rounded})
 
 
-def _optimised_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+def _optimised_ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in optimized_proto(model, "all").graph.node]
 
 
-def test_residual_blocks_become_one_int8_chain(tmp_path: Path) -> None:
+def test_residual_blocks_become_one_int8_chain() -> None:
     proto, x = _model()
     plan = _plan(proto, x)
     plain = check(apply_plan(to_ir(proto), plan, target="ort")[0])
@@ -111,8 +101,8 @@ def test_residual_blocks_become_one_int8_chain(tmp_path: Path) -> None:
     assert any(o.domain == "com.microsoft" for o in chained.opset_import)
     # ORT runs the blocks in NHWC without a transpose between them: one pair around the whole chain at most
     # (the stem's input and the head's), against one pair per float Conv without
-    assert _optimised_ops(chained, tmp_path).count("Transpose") <= 2
-    assert _optimised_ops(plain, tmp_path).count("Transpose") > 2
+    assert _optimised_ops(chained).count("Transpose") <= 2
+    assert _optimised_ops(plain).count("Transpose") > 2
 
 
 def test_the_added_roundings_use_the_sums_step() -> None:
@@ -222,31 +212,37 @@ def test_the_latency_objective_counts_the_int8_chain() -> None:
         DecideConfig(target="tvm", int8_residuals=True)
 
 
-# the skip a0 is rounded only for q, a Conv listed after the Add that reads it (the rounding sits after a0's producer)
+# the skip u is a graph input whose rounding (for q) the activation pass puts before q, after the Add
 BRANCHES = """<ir_version: 10, opset_import: ["" : 21]>
-g (float[2,3,12,12] x) => (float[2,4,12,12] y) {
-  c0 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, W0, B0)
-  a0 = Clip(c0, lo, hi)
+g (float[2,3,12,12] x, float[2,8,12,12] u) => (float[2,4,12,12] y) {
   cb = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, W0, B0)
   b1 = Clip(cb, lo, hi)
   p = Conv <kernel_shape = [1, 1]> (b1, P1)
-  s = Add(p, a0)
+  s = Add(p, u)
   h = Conv <kernel_shape = [1, 1]> (s, H)
-  q = Conv <kernel_shape = [1, 1]> (a0, H)
+  q = Conv <kernel_shape = [1, 1]> (u, H)
   y = Add(h, q)
 }"""
 
 
-def test_a_skip_rounded_for_a_later_reader() -> None:
+def test_a_skip_rounded_only_after_its_add() -> None:
+    """The Add reads the skip through a rounding listed after it: the written graph is sorted again, and
+    computes the rounded reference."""
     w = _weights()
     w["P1"] = (RNG.standard_normal((8, 8, 1, 1)) * 0.2).astype(np.float32)
     proto = parse(BRANCHES, **{k: w[k] for k in ("W0", "B0", "P1", "H", "lo", "hi")})
     x = (RNG.standard_normal((2, 3, 12, 12)) * 2).astype(np.float32)
-    model = apply_plan(to_ir(proto), _plan(proto, x, ("x", "a0", "b1", "s")), target="ort", int8_residuals=True)[0]
-    out = check(model)  # the checker requires topological order
+    u = np.abs(RNG.standard_normal((2, 8, 12, 12))).astype(np.float32)
+    plan = _plan(proto, x, ("x", "b1", "s", "u"), u=u)
+    out = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])  # checks the node order
     assert ops(out).count("QLinearAdd") == 1
-    (y,) = run_at_level(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, x=x)
-    assert np.isfinite(y).all()
+    reference = apply_plan(to_ir(proto), plan, target="qdq")[0]
+    RoundResidualsPass()(reference)
+    (want,) = run_at_level(check(reference), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x=x, u=u)
+    (got,) = run_at_level(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, x=x, u=u)
+    # y = H·s + H·u: codes of s one step off (the int32 bias, the requantizations) move y by step·Σ|H| each
+    bound = 2 * 1.01 * plan.activation_scales["s"] / 127 * np.abs(w["H"]).sum(axis=(1, 2, 3)).max()
+    assert np.abs(got - want).max() <= bound + 1e-5, (np.abs(got - want).max(), bound)
 
 
 # ResNet basic blocks: the sum goes through a Relu before its readers (the next block's Conv and Add)
@@ -268,7 +264,7 @@ g (float[2,3,12,12] x) => (float[2,4,12,12] y) {
 }"""
 
 
-def test_resnet_blocks_with_a_relu_after_the_sum(tmp_path: Path) -> None:
+def test_resnet_blocks_with_a_relu_after_the_sum() -> None:
     w = _weights()
     kernels = {k: (RNG.standard_normal((8, 8, 3, 3)) * 0.1).astype(np.float32) for k in ("K1", "K2", "K3", "K4")}
     proto = parse(RESNET, **{k: w[k] for k in ("W0", "B0", "H")}, **kernels)
@@ -277,7 +273,7 @@ def test_resnet_blocks_with_a_relu_after_the_sum(tmp_path: Path) -> None:
     chained = check(apply_plan(to_ir(proto), plan, target="ort", int8_residuals=True)[0])
     assert ops(chained).count("QLinearAdd") == 2 and ops(chained).count("QLinearConv") == 5
     assert ops(chained).count("Conv") == 1  # the head: a graph output
-    assert _optimised_ops(chained, tmp_path).count("Transpose") <= 2  # one NHWC chain through both blocks
+    assert _optimised_ops(chained).count("Transpose") <= 2  # one NHWC chain through both blocks
     reference = apply_plan(to_ir(proto), plan, target="qdq")[0]
     RoundResidualsPass()(reference)
     added = [n for n in reference.graph if n.op_type == "QuantizeLinear" and n.name.endswith(("residual_q0",))]

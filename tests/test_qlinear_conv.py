@@ -13,13 +13,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
 from pass_helpers import check, ops, parse, run, run_at_level, to_ir, with_outputs
 
-from lpcompile.formats import get_format
-from lpcompile.graph import find_weight_nodes
-from lpcompile.passes.pipeline import apply_plan
-from lpcompile.plan import NodeAssignment, PrecisionPlan
+from lpcompile.passes.pipeline import apply_plan, uniform_plan
+from lpcompile.plan import PrecisionPlan
 
 RNG = np.random.default_rng(1717)
 
@@ -66,21 +63,11 @@ def _model() -> tuple[onnx.ModelProto, np.ndarray]:
 
 def _plan(proto: onnx.ModelProto, x: np.ndarray) -> PrecisionPlan:
     """Uniform w8a8 with every Conv input's range measured on ``x`` (ORT, optimisations off)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    for name in ("a1", "r2", "s3"):
-        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    got = dict(zip([o.name for o in probe.graph.output], run(probe, x=x), strict=True))
-    amax = {"x": float(np.abs(x).max()), **{n: float(np.abs(got[n]).max()) for n in ("a1", "r2", "s3")}}
+    names = ["a1", "r2", "s3"]
+    got = dict(zip(names, run(with_outputs(proto, names), x=x)[1:], strict=True))
+    amax = {"x": float(np.abs(x).max()), **{n: float(np.abs(got[n]).max()) for n in names}}
     amax["p2"] = amax["r2"]
-    f = get_format("w8a8")
-    nodes = tuple(
-        NodeAssignment(w.name, w.op_type, w.weight, w.params, "w8a8", f.bits_for(w.shape, w.layout))
-        for w in find_weight_nodes(to_ir(proto))
-    )
-    return PrecisionPlan(nodes=nodes, activation_scales=amax)
-
-
+    return uniform_plan(to_ir(proto), "w8a8", activation_scales=amax)
 
 
 def _dq_output(model: onnx.ModelProto, rounded: str) -> str:
@@ -173,14 +160,9 @@ def test_chain_runs_into_a_fused_int8_matmul() -> None:
     }
     proto = parse(CNN_TEXT, **w)
     x = (RNG.standard_normal((2, 1, 8, 8)) * 2).astype(np.float32)
-    probe = with_outputs(proto, ["f1"])
-    f1 = run(probe, x=x)[1]
-    f = get_format("w8a8")
-    nodes = tuple(
-        NodeAssignment(n.name, n.op_type, n.weight, n.params, "w8a8", f.bits_for(n.shape, n.layout))
-        for n in find_weight_nodes(to_ir(proto))
-    )
-    plan = PrecisionPlan(nodes=nodes, activation_scales={"x": float(np.abs(x).max()), "f1": float(np.abs(f1).max())})
+    f1 = run(with_outputs(proto, ["f1"]), x=x)[1]
+    amax = {"x": float(np.abs(x).max()), "f1": float(np.abs(f1).max())}
+    plan = uniform_plan(to_ir(proto), "w8a8", activation_scales=amax)
     ort_model = check(apply_plan(to_ir(proto), plan, target="ort")[0])
     assert ops(ort_model).count("QLinearConv") == 1 and ops(ort_model).count("MatMulIntegerToFloat") == 1
     assert ops(ort_model).count("QuantizeLinear") == 1  # only the image is quantized from float

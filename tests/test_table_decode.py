@@ -42,7 +42,6 @@ FAMILIES = (
 )
 
 
-
 def _plan(model: ir.Model, fmt: str) -> PrecisionPlan:
     nodes = []
     for w in find_weight_nodes(model):

@@ -488,15 +488,24 @@ def run_analysis(
 class Float64Diagonals(Mapping[str, np.ndarray]):
     """The float64 numpy diagonals the candidates are scored with, made when a weight is scored (the
     same values as converting them all first, without a float64 copy of every diagonal at once);
-    weights without an estimate get zeros."""
+    weights without an estimate get zeros.
 
-    def __init__(self, diag: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    ``widen=False``: float32 diagonals are handed out as float32 views, no copy. For
+    :func:`predict_losses` the numbers are the same (its products widen them to float64 exactly and its
+    trace sums a float64 copy); the streamed analysis scores a 28M-weight table that way.
+    """
+
+    def __init__(
+        self, diag: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], widen: bool = True
+    ) -> None:
         self._diag = diag
         self._shapes = shapes
+        self._widen = widen
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._diag:
-            return self._diag[name].detach().double().numpy()
+            t = self._diag[name].detach()
+            return t.numpy() if not self._widen and t.dtype == torch.float32 else t.double().numpy()
         return np.zeros(self._shapes[name], dtype=np.float64)
 
     def __iter__(self) -> Iterator[str]:

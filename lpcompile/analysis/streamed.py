@@ -30,12 +30,10 @@ rounds would need the whole graph again).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -46,7 +44,7 @@ import torch
 from lpcompile.analysis.config import AnalysisConfig, candidate_formats
 from lpcompile.analysis.interpreter import TorchGraph
 from lpcompile.analysis.losses import choose_outputs, ggn_output_probe
-from lpcompile.analysis.sensitivity import Float64Diagonals, activation_error, finite_amax
+from lpcompile.analysis.sensitivity import Float64Diagonals, activation_error, finite_amax, trim_heap
 from lpcompile.analysis.table import NodeSensitivity, SensitivityTable
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import WeightNode, find_weight_nodes, release_data, tied_groups
@@ -371,7 +369,7 @@ def analyze_streamed(
                     if m is not None:
                         amax[t] = max(amax[t], m)
         del params
-        _trim_heap()
+        trim_heap()
         logger.debug("forward: segment %d/%d done", seg.index + 1, len(segments))
     for b, batch in enumerate(batch_list):  # outputs that are graph inputs or initializers (no producer here)
         for name in out_names:
@@ -533,7 +531,7 @@ def analyze_streamed(
                 module_paths, hess, want_h, rounding, groups,
             )
             t_predict += time.perf_counter() - tp
-            _trim_heap()
+            trim_heap()
             logger.info("segment %d/%d done", len(segments) - seg.index, len(segments))
     finally:
         partials.close()
@@ -570,14 +568,6 @@ def _table_term(
         act_term[(name, e)] = 0.5 * activation_error(d, a, e, amax[name])
 
 
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps freed blocks below its (adaptive, ≤ 32 MB)
-    mmap threshold in its arenas, so a segment's many mid-sized tensors would otherwise stay resident
-    after the segment is done."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _probe(
     cache: dict[tuple[int, int], dict[str, torch.Tensor]],
     key: tuple[int, int],
@@ -595,27 +585,6 @@ def _probe(
             name: ggn_output_probe(ref[name].cpu(), kind, gen, masks.get(name)) for name, kind in kinds.items()
         }
     return cache[key]
-
-
-class _Float32Diagonals(Mapping[str, np.ndarray]):
-    """The diagonals :func:`~lpcompile.analysis.sensitivity.predict_losses` scores with, as float32 numpy
-    views where they are float32 tensors: its products widen them to float64 exactly and its trace sums a
-    float64 copy, so the numbers are those of the float64 diagonals."""
-
-    def __init__(self, d64: Float64Diagonals) -> None:
-        self._d64 = d64
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        t = self._d64._diag.get(name)
-        if t is not None and t.dtype == torch.float32:
-            return t.detach().numpy()
-        return self._d64[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._d64)
-
-    def __len__(self) -> int:
-        return len(self._d64)
 
 
 def _square_(g: torch.Tensor) -> torch.Tensor:
@@ -684,10 +653,11 @@ def _score_ready(
     ready = [n for n in pending if n.weight in diag and (n.activation not in acts or n.activation in act_done)]
     if not ready:
         return pending
-    d64 = Float64Diagonals({n.weight: diag[n.weight] for n in ready}, {n.weight: n.shape for n in ready})
     rounded = rounding not in ("nearest",) or any(split_candidate(c)[1] for c in fmts)
-    if not rounded:  # round to nearest reads float32 diagonals (no float64 copy of a 28M-weight table)
-        d64 = _Float32Diagonals(d64)
+    # round to nearest reads float32 diagonals (no float64 copy of a 28M-weight table)
+    d64 = Float64Diagonals(
+        {n.weight: diag[n.weight] for n in ready}, {n.weight: n.shape for n in ready}, widen=rounded
+    )
     if rounded:
         scored, _ = predict_rounded_losses(
             model, ready, fmts, d64, act_term, act_elements, module_paths,

@@ -169,10 +169,9 @@ def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResu
 def _release_compile_memory() -> None:
     """Before the guard's ONNX Runtime sessions: collect the compile's model (onnx-ir graphs are reference
     cycles, freed only by the collector) and hand the freed heap back to the OS."""
-    import contextlib
-    import ctypes
     import gc
 
+    from lpcompile.analysis.sensitivity import trim_heap
+
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()

@@ -91,7 +91,7 @@ def _latency(args: argparse.Namespace, calib: object, out: Output) -> list[dict[
         feed = latency_inputs(args.reference, calib, b)
         c = compare_latency(
             args.model, args.reference, feed, threads=args.threads, runs=args.latency_runs,
-            sessions=max(1, int(getattr(args, "latency_sessions", 1))),
+            sessions=max(1, args.latency_sessions),
         )  # fmt: skip
         lo, hi = c.ratio_interval()
         results.append({**c.to_dict(), **kernels.to_dict()})
