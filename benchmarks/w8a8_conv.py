@@ -9,6 +9,7 @@ with fp32 (``fp32`` against itself is the control), with a 95 % bootstrap interv
 repeats each comparison with S fresh session pairs (``compare_latency(sessions=S)``).
 
     python benchmarks/w8a8_conv.py [--model efficientnet_lite0|fashion_mnist_cnn] [--runs 40] [--sessions 1]
+                                   [--qs-methods MinMax,Entropy,Percentile]
 
 Writes ``benchmarks/results_w8a8_conv.json`` and prints a table.
 """
@@ -56,8 +57,14 @@ def _kl(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean(np.sum(np.exp(lr) * (lr - lg), axis=1)))
 
 
-def _quantize_static(model: str, calib: np.ndarray, name: str, out: str) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def _quantize_static(model: str, calib: np.ndarray, name: str, out: str, method: str = "MinMax") -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -70,7 +77,8 @@ def _quantize_static(model: str, calib: np.ndarray, name: str, out: str) -> None
     pre = out + ".pre.onnx"
     quant_pre_process(model, pre)
     quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod[method])  # fmt: skip
 
 
 def main() -> None:
@@ -79,6 +87,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=40)
     p.add_argument("--sessions", type=int, default=1, help="fresh session pairs per comparison")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration inputs for quantize_static")
+    p.add_argument("--qs-methods", default="MinMax",
+                   help="quantize_static calibration methods, comma-separated (MinMax, Entropy, Percentile)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results_w8a8_conv.json")
     args = p.parse_args()
     setup_logging()
@@ -107,13 +117,13 @@ def main() -> None:
             config = ApplyConfig(target=target, int8_residuals=residuals)
             apply_file(task.model, out, plan=plan, calib_path=task.calib, config=config)
             files[key] = out
-        files["ORT quantize_static"] = f"{tmp}/qs.onnx"
-        _quantize_static(str(task.model), calib, name, files["ORT quantize_static"])
+        for method in args.qs_methods.split(","):
+            key = "ORT quantize_static" + ("" if method == "MinMax" else f" ({method})")
+            files[key] = f"{tmp}/qs_{method}.onnx"
+            _quantize_static(str(task.model), calib, name, files[key], method)
         ref = task.collect(_session(files["fp32"], "disable"))  # the task's evaluation data and metric
-        kls = {
-            k: {lv: float(task.score(task.collect(_session(f, lv)), ref)["kl"]) for lv in LEVELS}
-            for k, f in files.items()
-        }
+        scores = {k: {lv: task.score(task.collect(_session(f, lv)), ref) for lv in LEVELS} for k, f in files.items()}
+        kls = {k: {lv: float(s["kl"]) for lv, s in by_level.items()} for k, by_level in scores.items()}
         # each file against fp32 in its own ABBA-interleaved pair (lpcompile.runtime.ort.compare_latency);
         # a fixed round-robin over all sessions put fp32 first in every round and read it up to 20 % slow
         # against itself (control 0.82x, 2026-12-03)
@@ -122,16 +132,17 @@ def main() -> None:
                 for k, f in files.items()}  # fmt: skip
     print(f"{task.name}: KL on the task's evaluation data, {args.runs} ABBA batch-1 runs x {args.sessions} session "
           "pair(s) per file against fp32, 2 threads")  # fmt: skip
-    head = f"{'file':38s} {'KL off':>9s} {'KL basic':>9s} {'KL all':>9s} {'ms':>8s} {'x fp32':>7s}"
+    head = f"{'file':38s} {'KL off':>9s} {'KL basic':>9s} {'KL all':>9s} {'top1=':>6s} {'ms':>8s} {'x fp32':>7s}"
     print(f"{head} {'95% interval':>13s}")
     for k, lat in lats.items():
         kl = kls[k]
+        top1 = float(scores[k]["all"]["top1_agree"])  # agreement with fp32's top class at ORT_ENABLE_ALL
         lo, hi = lat.ratio_interval()
-        print(f"{k:38s} {kl['disable']:9.4g} {kl['basic']:9.4g} {kl['all']:9.4g} {lat.model_ms:8.2f} "
+        print(f"{k:38s} {kl['disable']:9.4g} {kl['basic']:9.4g} {kl['all']:9.4g} {top1:6.3f} {lat.model_ms:8.2f} "
               f"{lat.ratio:7.2f} {lo:6.2f}-{hi:5.2f}")  # fmt: skip
         result["rows"].append(
-            {"file": k, "kl": kl, "ms": lat.model_ms, "fp32_ms": lat.reference_ms, "x_fp32": lat.ratio,
-             "x_fp32_ci95": [lo, hi]}
+            {"file": k, "kl": kl, "top1_agree_all": top1, "ms": lat.model_ms, "fp32_ms": lat.reference_ms,
+             "x_fp32": lat.ratio, "x_fp32_ci95": [lo, hi]}
         )  # fmt: skip
     result["loadavg_end"] = os.getloadavg()
     args.out.write_text(json.dumps(result, indent=1))

@@ -265,7 +265,7 @@ def activation_kernel(target: str, element: str | None, op_type: str = "MatMul")
     uint8 activations (:mod:`lpcompile.passes.w8a8`; 0.25–0.27× an fp32 MatMul of 47×384×1536 with
     bias, measured), and on an ``ort`` Conv whose output reaches only later int8 roundings, a uint8
     ``QLinearConv`` chain (:mod:`lpcompile.passes.qlinear_conv`; uniform w8a8 EfficientNet-Lite0 0.95–1.06×
-    fp32; 0.57× with ``int8_residuals``, :mod:`lpcompile.passes.qlinear_add`). Elsewhere the Q/DQ pair
+    fp32; 0.55–0.57× with ``int8_residuals``, :mod:`lpcompile.passes.qlinear_add`). Elsewhere the Q/DQ pair
     is a per-run rounding (on ``qdq`` ORT turns a biased Q/DQ MatMul into a Gemm with per-run DQs).
     """
     tgt = check_target(target)
@@ -332,8 +332,8 @@ _INT8_CONV_COST = 1.0
 """W8A8 Convs as uint8 QLinearConv chains: uniform w8a8 EfficientNet-Lite0 ran at 0.95–1.06× fp32 quiet (whole model;
 0.69–0.88× at load 5–11), so no faster than a decoded-once weight."""
 _INT8_CONV_RESIDUAL_COST = 0.6
-"""The same with ``int8_residuals`` (QLinearAdd residuals, one chain through the blocks): 0.57× (0.54–0.70) over six
-session pairs, ``benchmarks/w8a8_conv.py``."""
+"""The same with ``int8_residuals`` (QLinearAdd residuals, one chain through the blocks): 0.55× (0.52–0.62) and 0.57×
+(0.54–0.70) in two runs over six session pairs, ``benchmarks/w8a8_conv.py``."""
 
 
 def relative_latency(
