@@ -38,7 +38,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from lpcompile.errors import CalibrationError, ModelLoadError
-from lpcompile.frontend.onnx_io import EXTERNAL_THRESHOLD, load_proto, model_bytes_estimate
+from lpcompile.frontend.onnx_io import EXTERNAL_THRESHOLD, external_tensors, load_proto, model_bytes_estimate
 
 logger = logging.getLogger(__name__)
 
@@ -195,14 +195,15 @@ def make_session(
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` for a model given as a proto, an onnx-ir model or a file path.
 
-    Models whose initializers exceed the protobuf limit are written to a temporary folder with
-    external data and loaded from there. A model stamped with an IR version newer than this ORT
+    Models whose initializers exceed the protobuf limit, or that read weights from an external data
+    file (a session made from bytes would look for it in the working directory), are written to a
+    temporary folder with external data and loaded from there. A model stamped with an IR version newer than this ORT
     reads is loaded with the version lowered to ORT's maximum.
     """
     so = session_options(numerics, threads)
     provs = list(providers) if providers is not None else list(DEFAULT_PROVIDERS)
     if isinstance(model, ir.Model):
-        if model_bytes_estimate(model) > EXTERNAL_THRESHOLD:
+        if model_bytes_estimate(model) > EXTERNAL_THRESHOLD or external_tensors(model):
             return _session_from_large(model, so, provs)
         return _session_from_proto(ir.to_proto(model), so, provs)
     if isinstance(model, onnx.ModelProto):

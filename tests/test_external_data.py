@@ -21,7 +21,13 @@ from onnx import TensorProto, helper, numpy_helper
 import lpcompile.frontend.onnx_io as onnx_io
 from lpcompile.cli import main
 from lpcompile.errors import LpError, ModelLoadError
-from lpcompile.frontend.onnx_io import _check_external_locations, load_model, load_proto, save_model
+from lpcompile.frontend.onnx_io import (
+    _check_external_locations,
+    external_tensors,
+    load_model,
+    load_proto,
+    save_model,
+)
 from lpcompile.runtime.ort import make_session, run
 
 RNG = np.random.default_rng(0)
@@ -151,6 +157,26 @@ def test_eval_and_compile_on_an_external_data_model(ext_model: Path, tmp_path: P
     assert main(["eval", str(out), "--reference", str(ext_model), "--synthetic", "--json", "-q"]) == 0, (
         capsys.readouterr().err
     )
+
+
+def test_synthetic_inputs_for_a_memory_mapped_model_from_another_folder(
+    ext_model: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """No --calib: the input sizes are probed in ONNX Runtime, which must find the weights' data file
+    (a session from bytes would look for it in the working directory)."""
+    monkeypatch.setattr(onnx_io, "INLINE_EXTERNAL_LIMIT", 0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = load_model(ext_model)
+    assert external_tensors(model)
+    x = RNG.standard_normal((2, 64)).astype(np.float32)
+    assert _close(run(make_session(model), {"x": x})["y"], run(make_session(str(ext_model)), {"x": x})["y"])
+    out = tmp_path / "c.onnx"
+    # (a model whose weights stay in their file is one above the streaming threshold: --stream on)
+    code = main(["compile", str(ext_model), "--budget", "8", "-o", str(out), "--probes", "2", "--stream", "on", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
 
 
 def test_save_model_inline_materialises_external_tensors(ext_model: Path, tmp_path: Path, monkeypatch) -> None:
