@@ -16,8 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import ml_dtypes
@@ -368,6 +368,12 @@ def _grammar_format(key: str) -> Format:
     return fmt
 
 
+def weight_rounding_key(fmt: Format) -> Format | str:
+    """What decides the weights ``fmt`` stores: formats with equal keys write the same codes, scales and
+    decoded weights (``int8`` and ``w8a8_dyn``, ``bf16`` and ``bf16w`` differ in their activations only)."""
+    return replace(fmt, name="", activation=None, description="") if is_classic(fmt) else fmt.name
+
+
 def is_classic(fmt: Format) -> bool:
     """Whether the original reference below handles ``fmt`` (the registry's families: symmetric
     int4/int8 with fp32/fp16 scales, per-channel FP8, bf16/fp16/fp32 casts); other grammar formats
@@ -429,6 +435,15 @@ def round_to_int(
     x: np.ndarray, qmin: int, qmax: int, rounding: Rounding = "nearest", rng: np.random.Generator | None = None
 ) -> np.ndarray:
     """Round to integers (half-to-even, or stochastic) and clip to ``[qmin, qmax]``; NaN → 0."""
+    x = np.asarray(x)
+    if rounding == "nearest" and x.dtype in (np.float32, np.float64):
+        # rint is exact in either float type; one rounded copy, clipped in place, NaN zeroed where there is one
+        q = np.rint(x)
+        np.clip(q, qmin, qmax, out=q)
+        nan = np.isnan(q)
+        if nan.any():
+            q[nan] = 0.0
+        return q.astype(np.int8)
     x = np.asarray(x, dtype=np.float64)
     x = np.where(np.isnan(x), 0.0, x)
     if rounding == "nearest":
@@ -474,13 +489,28 @@ def _block_scale_shape(shape: tuple[int, ...], axis: int, block: int) -> tuple[i
 
 
 def _finite_amax(w: np.ndarray, axes: tuple[int, ...], keepdims: bool = True) -> np.ndarray:
+    """max |w| over ``axes`` in float64, NaN read as 0 and ±Inf as float32's max."""
+    if not w.size:
+        return np.zeros([1] * w.ndim)
+    fast = np.max(np.abs(w), axis=axes, keepdims=keepdims)  # exact in w's type; NaN and Inf show in it
+    if np.isfinite(fast).all():
+        return fast.astype(np.float64)
     a = np.abs(np.where(np.isnan(w), 0.0, w)).astype(np.float64)
     a = np.where(np.isinf(a), np.finfo(np.float32).max, a)
-    return np.max(a, axis=axes, keepdims=keepdims) if a.size else np.zeros([1] * w.ndim)
+    return np.max(a, axis=axes, keepdims=keepdims)
 
 
 def _expand_blocks(scale: np.ndarray, axis: int, block: int, length: int) -> np.ndarray:
     return np.repeat(scale, block, axis=axis).take(np.arange(length), axis=axis)
+
+
+def _per_block(x: np.ndarray, scale: np.ndarray, axis: int, block: int, op: Callable[..., np.ndarray]) -> np.ndarray:
+    """``op(x, scale expanded over its blocks)``: a broadcast over ``x`` split into (blocks, block) along
+    ``axis`` when the blocks tile the axis (no expanded copy of the scales), else the expanded scales."""
+    if x.shape[axis] % block:
+        return op(x, _expand_blocks(scale, axis, block, x.shape[axis]))
+    split = (*x.shape[:axis], x.shape[axis] // block, block, *x.shape[axis + 1 :])
+    return op(x.reshape(split), np.expand_dims(scale, axis + 1)).reshape(x.shape)
 
 
 def quantize_weight(
@@ -540,8 +570,8 @@ def quantize_weight(
     tiny16 = np.float16(np.finfo(np.float16).smallest_subnormal)
     scale16 = np.where(amax > 0, np.maximum(scale16, tiny16), np.float16(1.0)).astype(np.float16)
     scale = (amax / qmax).astype(np.float32) if fmt.scale_dtype == "float32" else scale16
-    full = _expand_blocks(scale.astype(np.float32), r, block, w.shape[r])
-    codes = round_to_int(w / full, *INT_RANGES[fmt.element], rounding, rng)
+    scaled = _per_block(w, scale.astype(np.float32), r, block, np.divide)
+    codes = round_to_int(scaled, *INT_RANGES[fmt.element], rounding, rng)
     return QuantizedWeight(fmt.name, codes, scale, r, block)
 
 
@@ -594,8 +624,7 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
         return q.codes.astype(np.float32)
     values = q.codes.astype(np.float32)
     if q.block_size:
-        full = _expand_blocks(q.scale.astype(np.float32), q.axis, q.block_size, q.codes.shape[q.axis])
-        out = values * full
+        out = _per_block(values, q.scale.astype(np.float32), q.axis, q.block_size, np.multiply)
         if fmt.scale_dtype == "float16":
             out = out.astype(np.float16).astype(np.float32)
         return out.astype(np.float32)

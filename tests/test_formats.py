@@ -23,6 +23,7 @@ from lpcompile.formats import (
     qdq_weight,
     quantize_weight,
     round_to_float,
+    weight_rounding_key,
 )
 
 FP8 = [("float8_e4m3fn", ml_dtypes.float8_e4m3fn), ("float8_e5m2", ml_dtypes.float8_e5m2)]
@@ -424,3 +425,38 @@ def test_rounding_suffix_makes_a_candidate() -> None:
     assert parse_format_list("int4_b128:gptq,int4_b128,int8:mse") == ("int4_b128:gptq", "int4_b128", "int8:mse")
     with pytest.raises(FormatError, match="unknown rounding"):
         canonical_name("int4:fancy")
+
+
+def test_formats_differing_in_activations_only_share_their_weight_rounding() -> None:
+    """The analysis rounds a weight once per rounding key: equal keys must write the same weights."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    w[0, 0], w[1, 1] = np.nan, np.inf
+    names = format_names()
+    for a in names:
+        for b in names:
+            same = weight_rounding_key(get_format(a)) == weight_rounding_key(get_format(b))
+            if a == b or not same:
+                continue
+            qa, qb = qdq_weight(a, w, MATMUL_LAYOUT), qdq_weight(b, w, MATMUL_LAYOUT)
+            np.testing.assert_array_equal(qa, qb)
+    key = weight_rounding_key
+    assert key(get_format("int8")) == key(get_format("w8a8_dyn")) == key(get_format("w8a8"))
+    assert key(get_format("bf16")) == key(get_format("bf16w")) != key(get_format("fp16w"))
+    assert len({key(get_format(f"int4_b{b}")) for b in (32, 64, 128)}) == 3
+    assert key(get_format("fp8_e4m3")) != key(get_format("fp8_e5m2"))
+
+
+@pytest.mark.parametrize("rows", [128, 100])  # blocks that tile the reduction axis, and a padded last block
+def test_blocked_int4_matches_the_expanded_scale_formula(rows: int) -> None:
+    """Codes and decoded weights of per-block int4 equal the formula with the scales expanded element by
+    element (the broadcast over blocks is an implementation detail)."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((rows, 16)) * 3).astype(np.float32)
+    w[5, 3] = 0.0
+    q = quantize_weight("int4_b32", w, MATMUL_LAYOUT)
+    full = np.repeat(q.scale.astype(np.float32), 32, axis=0)[:rows]
+    expect = np.clip(np.rint(w / full), -8, 7)  # float32 division, as QuantizeLinear divides
+    np.testing.assert_array_equal(q.codes, expect.astype(np.int8))
+    decoded = (q.codes.astype(np.float32) * full).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(dequantize(q).reshape(w.shape), decoded)

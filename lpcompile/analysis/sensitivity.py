@@ -45,6 +45,7 @@ from lpcompile.formats import (
     is_classic,
     qdq_activation,
     qdq_weight,
+    weight_rounding_key,
 )
 from lpcompile.frontend.calib import CalibrationSet, batches, dynamic_sequence_inputs, trim_padding
 from lpcompile.graph import WeightNode, candidate_nodes, find_weight_nodes, tied_groups, weight_array
@@ -669,13 +670,17 @@ def predict_losses(
         d = diag[n.weight]  # float64, or float32 (widened exactly in the products below; the trace sums float64)
         trace = float(np.asarray(d, dtype=np.float64).sum())
         cands: dict[str, Candidate] = {}
+        errors: dict[object, tuple[float, float]] = {}  # formats that write the same weights are rounded once
         for f in offered[n.name]:
             fmt = get_format(f)
             bits = fmt.bits_for(n.shape, n.layout)
             if fmt.is_identity:
                 cands[f] = Candidate(bits=bits, predicted_loss=0.0)
                 continue
-            weighted, plain = rounding_error(fmt, w, n.layout, d)
+            key = weight_rounding_key(fmt)
+            if key not in errors:
+                errors[key] = rounding_error(fmt, w, n.layout, d)
+            weighted, plain = errors[key]
             pred = 0.5 * trace / max(n.params, 1) * plain if config.method == "trace" else 0.5 * weighted
             if fmt.activation and fmt.activation in act_elements:
                 pred += act_term[(n.activation, fmt.activation)]
@@ -705,17 +710,29 @@ def rounding_error(fmt: Format, w: np.ndarray, layout: WeightLayout, d: np.ndarr
         and fmt.scale in ("none", "per_channel", "per_block") and c != layout.reduction_axis % w.ndim
     )
     if not sliceable:
-        delta = qdq_weight(fmt, w, layout).astype(np.float64) - w
-        return float(np.sum(d * delta * delta)), float(np.sum(delta * delta))
+        return _squared_errors(qdq_weight(fmt, w, layout), w, d)
     step = max(1, PREDICT_SLICE * w.shape[c] // w.size)
     weighted = plain = 0.0
     for start in range(0, w.shape[c], step):
         idx = tuple(slice(start, start + step) if i == c else slice(None) for i in range(w.ndim))
         ws = np.ascontiguousarray(w[idx])
-        delta = qdq_weight(fmt, ws, layout).astype(np.float64) - ws
-        weighted += float(np.sum(d[idx] * delta * delta))
-        plain += float(np.sum(delta * delta))
+        sw, sp = _squared_errors(qdq_weight(fmt, ws, layout), ws, d[idx])
+        weighted += sw
+        plain += sp
     return weighted, plain
+
+
+def _squared_errors(q: np.ndarray, w: np.ndarray, d: np.ndarray) -> tuple[float, float]:
+    """(Σ (d·δ)·δ, Σ δ·δ) in float64 for δ = q − w: the products of ``d * delta * delta`` in their order,
+    with two float64 temporaries instead of five."""
+    delta = q.astype(np.float64)
+    delta -= w
+    t = np.multiply(d, delta)
+    t *= delta
+    weighted = float(np.sum(t))
+    del t
+    delta *= delta
+    return weighted, float(np.sum(delta))
 
 
 def assemble_table(
