@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
-    p.add_argument("--calib", required=True)
+    p.add_argument("--calib", help="calibration data (default: none, the compile's synthetic inputs)")
     p.add_argument("--budget", default="4.5bits")
     p.add_argument("-o", "--output", default="/tmp/lpcompile-phases/out.lp.onnx")
     p.add_argument("--interval", type=float, default=0.01, help="RSS sampling period in seconds")
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     lp.propagate = False
     instrument(sampler)
     load = os.getloadavg()
-    cmd = [args.model, "--budget", args.budget, "--calib", args.calib, "-o", args.output, "--force", "-q", *extra]
+    calib = ["--calib", args.calib] if args.calib else []
+    cmd = [args.model, "--budget", args.budget, *calib, "-o", args.output, "--force", "-q", *extra]
     code = cli_main(cmd)
     sampler.mark(f"compile returned {code}")
     sampler.stop()

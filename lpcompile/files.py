@@ -81,6 +81,7 @@ class CompileResult:
     applied: ApplyResult
     timings: Mapping[str, float]
     calib: CalibrationSet | None = None  # the calibration data analysis and apply used (loaded once)
+    heldout: CalibrationSet | None = None  # without --calib: the guard's fresh synthetic inputs
 
     @property
     def plan(self) -> PrecisionPlan:
@@ -223,6 +224,24 @@ def load_calib_for(
         seed=seed,
         max_samples=max_samples,
     )
+
+
+def synthetic_heldout(model: ir.Model, calib: CalibrationSet, seed: int) -> CalibrationSet:
+    """Fresh synthetic inputs (``seed`` + 1) at the sizes the synthetic ``calib`` runs at, for the quality guard.
+
+    Made from the compile's own model before it is rewritten: no second read of the model and no ONNX Runtime
+    session to find sizes (reading the file again and probing it held two more copies of the weights: the bare
+    compile of SmolLM2 peaked at 3.0 GB in the guard).
+    """
+    from lpcompile.frontend.calib import synthesize
+    from lpcompile.frontend.input_spec import ShapeOverride
+
+    shapes = calib.shapes.inputs if calib.shapes is not None else ()
+    fixed = tuple(
+        ShapeOverride(r.name, sizes=tuple((axis, d) for axis, d in enumerate(r.shape) if axis != r.sample_axis))
+        for r in shapes
+    )
+    return synthesize(model, num_samples=16, seed=seed + 1, input_shapes=fixed, probe=not fixed)
 
 
 def analysis_calib(
@@ -399,6 +418,7 @@ def compile_file(
     if budget is not None:
         check_budget(model, budget, decide_config.formats or config.formats, target)
     calib = analysis_calib(model, calib_path, config)  # loaded once: analysis, apply and the caller share it
+    heldout = synthetic_heldout(model, calib, config.seed) if calib.synthetic else None
     from lpcompile.analysis.input_hessians import HessianStore
 
     hessians = HessianStore()  # the XᵀX the analysis gathers for mse/gptq: apply rounds with the same ones
@@ -422,6 +442,7 @@ def compile_file(
         applied=applied,
         timings={"analyze_s": t1 - t0, "plan_s": t2 - t1, "apply_s": t3 - t2, "total_s": t3 - t0},
         calib=calib,
+        heldout=heldout,
     )
 
 

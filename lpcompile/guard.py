@@ -269,7 +269,8 @@ def lean_model_file(model: Any) -> Iterator[Any]:
 
     from lpcompile.frontend.onnx_io import load_proto
 
-    proto = load_proto(path)  # the checks evaluate would make, and any external data too
+    # (the file was checked when the compile read it: onnx.checker would hold a second copy of the weights here)
+    proto = load_proto(path, check=False)
     with tempfile.TemporaryDirectory(prefix="lpcompile-guard-") as folder:
         copy = Path(folder) / path.name
         onnx.save_model(

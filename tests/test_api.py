@@ -258,3 +258,26 @@ def test_compile_writes_the_weights_its_analysis_scored(tmp_path: Path) -> None:
     for name in codes:
         got = onnx.numpy_helper.to_array(written[name])
         np.testing.assert_array_equal(got, again.model.graph.initializers[name].const_value.numpy())
+
+
+def test_guard_inputs_without_calib_come_from_the_compiles_model(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without --calib the guard measures fresh synthetic inputs (seed + 1) at the compile's sizes, made from
+    the model the compile loaded: it does not read the model again (nor start an ORT session to size them)."""
+    import numpy as np
+
+    import lpcompile.frontend.onnx_io as onnx_io
+    from lpcompile.frontend.calib import synthesize
+
+    res = compile_file(MLP, "4.5bits", out=tmp_path / "m.onnx", config=AnalysisConfig(probes=2))
+    assert res.calib is not None and res.calib.synthetic and res.heldout is not None
+    fresh = synthesize(load_normalized(MLP), num_samples=16, seed=1)
+    assert res.heldout.arrays.keys() == fresh.arrays.keys() == res.calib.arrays.keys()
+    for name, arr in res.heldout.arrays.items():
+        np.testing.assert_array_equal(arr, fresh.arrays[name])
+        assert arr.shape[1:] == res.calib.arrays[name].shape[1:] and not np.array_equal(arr, res.calib.arrays[name])
+    reads: list[object] = []
+    real = onnx_io.load_model
+    monkeypatch.setattr(onnx_io, "load_model", lambda *a, **k: reads.append(a) or real(*a, **k))
+    assert main([str(MLP), "--budget", "4.5bits", "-o", str(tmp_path / "c.onnx"), "--probes", "2", "--json", "-q"]) == 0
+    guard = json.loads(capsys.readouterr().out)["guard"]
+    assert guard["synthetic"] and guard["num_samples"] == 16 and reads == []

@@ -17,7 +17,7 @@ from lpcompile.commands._args import (
 )
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output, StageProgress
-from lpcompile.errors import UsageError
+from lpcompile.errors import LpError, UsageError
 
 if TYPE_CHECKING:
     from lpcompile.analysis.config import AnalysisConfig
@@ -141,18 +141,15 @@ def _refuse_nothing_to_do(model_path: str) -> None:
 
 def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResult) -> GuardResult:
     """The quality guard on held-out samples: the last quarter of --calib, or fresh synthetic inputs (seed + 1)."""
-    from lpcompile.frontend.calib import calibration_for
-    from lpcompile.frontend.input_spec import parse_input_shapes
-    from lpcompile.frontend.onnx_io import load_model
     from lpcompile.guard import check_quality, heldout_split
 
-    _release_compile_memory()
     if args.calib and result.calib is not None:
         heldout = heldout_split(result.calib)[1]  # the data compile loaded, not a second read
+    elif result.heldout is not None:
+        heldout = result.heldout  # fresh synthetic inputs, made from the compile's model before the rewrite
     else:
-        shapes = parse_input_shapes(config.input_shapes)
-        raw = load_model(args.model)
-        heldout = calibration_for(raw, None, input_shapes=shapes, num_samples=16, seed=config.seed + 1)
+        raise LpError("the quality guard has no held-out samples (the compile made no synthetic inputs)")
+    _release_compile_memory()
     return check_quality(
         result.applied.output,
         args.model,
