@@ -134,10 +134,11 @@ def analyze(
 
 
 def use_streamed(model: ir.Model, config: AnalysisConfig) -> bool:
-    """Whether :func:`analyze` streams (``config.stream``; ``auto``: weights above ``STREAM_AUTO_BYTES``).
+    """Whether :func:`analyze` streams (``config.stream``; ``auto``: weights above ``STREAM_AUTO_BYTES``, or
+    bf16 probe passes, which only the streamed analysis runs).
 
     Raises:
-        UsageError: ``stream="on"`` with settings that need the whole graph.
+        UsageError: ``stream="on"`` or bf16 probes with settings that need the whole graph.
     """
     from lpcompile.analysis.config import STREAM_AUTO_BYTES
     from lpcompile.analysis.streamed import streamable
@@ -145,9 +146,10 @@ def use_streamed(model: ir.Model, config: AnalysisConfig) -> bool:
     if config.stream == "off":
         return False
     why = streamable(model, config)
-    if config.stream == "on":
+    if config.stream == "on" or config.probe_dtype != "float32":
         if why:
-            raise UsageError(f"--stream on: {why}")
+            flag = "--stream on" if config.stream == "on" else f"--probe-dtype {config.probe_dtype} (streamed only)"
+            raise UsageError(f"{flag}: {why}")
         return True
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if weight_bytes <= STREAM_AUTO_BYTES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,58 @@ def test_big_weights_are_scored_in_channel_slices_with_the_same_result(monkeypat
             whole = sens.rounding_error(fmt, w, layout, d)
             monkeypatch.setattr(sens, "PREDICT_SLICE", 5000)
             np.testing.assert_allclose(sens.rounding_error(fmt, w, layout, d), whole, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_bf16_probes_agree_with_fp32_within_the_probe_noise(toy: Path, rounding: str) -> None:
+    """--probe-dtype bfloat16: the same probes with bf16 products. Traces and predicted losses move by far less
+    than another seed moves them; what the probes do not touch (activation ranges, XᵀX, the bf16 activation
+    term's rounding) is the fp32 forward's exactly."""
+    model = load_normalized(toy)
+    cfg = AnalysisConfig(seeding="per-probe", batch_size=2, probes=8, rounding=rounding)
+    store32, store16 = HessianStore(), HessianStore()
+    t32 = analyze_streamed(model, _calib(), cfg, segment_bytes=20_000, hessians=store32).table
+    t16 = analyze_streamed(
+        model, _calib(), replace(cfg, probe_dtype="bfloat16"), segment_bytes=20_000, hessians=store16
+    ).table
+    other_seed = analyze_streamed(model, _calib(), replace(cfg, seed=1), segment_bytes=20_000).table
+    assert t16.probe_dtype == "bfloat16" and t32.probe_dtype == "float32"
+
+    def log_ratios(a: object, b: object) -> np.ndarray:
+        pairs = [
+            (c.predicted_loss, y.candidates[f].predicted_loss)
+            for x, y in zip(a.nodes, b.nodes, strict=True)  # type: ignore[attr-defined]
+            for f, c in x.candidates.items()
+            if c.predicted_loss > 0
+        ]
+        return np.abs(np.log([p for p, _ in pairs]) - np.log([q for _, q in pairs]))
+
+    bf16_err, seed_err = log_ratios(t32, t16), log_ratios(t32, other_seed)
+    assert np.sqrt(np.mean(bf16_err**2)) < 0.25 * np.sqrt(np.mean(seed_err**2))
+    for x, y in zip(t32.nodes, t16.nodes, strict=True):
+        np.testing.assert_allclose(y.trace, x.trace, rtol=0.05)
+    assert t16.activation_amax == t32.activation_amax
+    assert sorted(store16) == sorted(store32)
+    for name in store32:
+        np.testing.assert_array_equal(store16[name], store32[name])
+    store32.close()
+    store16.close()
+
+
+def test_bf16_probes_run_streamed_only(toy: Path) -> None:
+    from lpcompile.api import use_streamed
+    from lpcompile.errors import UsageError
+
+    model = load_normalized(toy)
+    assert use_streamed(model, AnalysisConfig(probe_dtype="bfloat16"))  # auto streams a small model for them
+    with pytest.raises(UsageError, match=r"probe-dtype bfloat16.*probe-tol"):
+        use_streamed(model, AnalysisConfig(probe_dtype="bfloat16", probe_tol=0.1))
+    with pytest.raises(UsageError, match="streamed analysis"):
+        analyze_onnx(model, _calib(), AnalysisConfig(probe_dtype="bfloat16"))
+    with pytest.raises(UsageError, match="drop --stream off"):
+        AnalysisConfig(probe_dtype="bfloat16", stream="off")
+    out = subprocess.run(
+        [sys.executable, "-m", "lpcompile", "analyze", str(toy), "--probe-dtype", "float16"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr

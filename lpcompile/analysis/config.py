@@ -57,6 +57,10 @@ class AnalysisConfig:
             seeding. ``auto``: streamed when the weights exceed :data:`STREAM_AUTO_BYTES` and the
             settings allow it (``ggn``, no ``--probe-tol``, not sharded).
         segment_mb: weight megabytes per streamed segment (None: the weights / 16, 16–512 MB).
+        probe_dtype: the arithmetic of the streamed analysis' probe passes (``--probe-dtype``): ``float32``,
+            or ``bfloat16`` (their matrix products in bf16 with fp32 accumulation, under torch autocast; the
+            reference outputs the probes are drawn from, the activation values and ``XᵀX`` still come from an
+            fp32 forward). Streamed analysis only (``auto`` streams when it is bf16).
     """
 
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -80,6 +84,7 @@ class AnalysisConfig:
     rounding: str = "nearest"
     stream: Literal["auto", "on", "off"] = "auto"
     segment_mb: float | None = None
+    probe_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         from lpcompile.errors import UsageError
@@ -98,6 +103,10 @@ class AnalysisConfig:
             raise UsageError("sequential seeding cannot be sharded: use seeding='per-probe' with --workers/--ray")
         if self.stream not in ("auto", "on", "off"):
             raise UsageError(f"--stream: unknown value {self.stream!r} (auto, on, off)")
+        if self.probe_dtype not in ("float32", "bfloat16"):
+            raise UsageError(f"--probe-dtype: unknown value {self.probe_dtype!r} (float32, bfloat16)")
+        if self.probe_dtype != "float32" and self.stream == "off":
+            raise UsageError("--probe-dtype bfloat16 runs in the streamed analysis: drop --stream off")
         if self.segment_mb is not None and not self.segment_mb > 0:
             raise UsageError(f"--segment-mb must be positive, not {self.segment_mb}")
 

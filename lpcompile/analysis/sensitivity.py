@@ -404,7 +404,14 @@ def run_analysis(
         prepare: called once with the first batch before the reference pass (module hooks observe).
         shards: runs the probe passes elsewhere (:class:`lpcompile.analysis.shard.ShardPool`); None:
             in this process with ``adapter``.
+
+    Raises:
+        UsageError: ``config.probe_dtype`` other than float32 (the streamed analysis runs those).
     """
+    if config.probe_dtype != "float32":
+        from lpcompile.errors import UsageError
+
+        raise UsageError(f"--probe-dtype {config.probe_dtype} runs in the streamed analysis of an ONNX model only")
     fmts = candidate_formats(config)
     weights = sorted({n.weight for n in nodes})
     act_elements = activation_elements(fmts) if config.activations else set()

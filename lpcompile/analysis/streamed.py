@@ -318,6 +318,7 @@ def analyze_streamed(
     act_inits = [t for t in act_all if t in inits]  # a Gather's "activation" is its table
     act_tensors = [t for t in act_all if t not in inits]
     rounding = config.rounding if config.rounding != "stochastic" else "nearest"
+    low = config.probe_dtype == "bfloat16"
     want_h = needs_hessians(rounding, fmts)
     data = limit_samples(calib, config.max_samples)
     dynamic = dynamic_sequence_inputs(model)
@@ -433,14 +434,19 @@ def analyze_streamed(
                         v = v.detach().clone().requires_grad_(True)
                     feeds[n] = v
                 capture = list(dict.fromkeys([*(hacc.tensors if hacc else ()), *perturb_names]))
-                res = sg.forward({**feeds, **params}, capture=capture, perturb=dict.fromkeys(leafed) or None)
-                unreached = [t for t in perturb_names if t not in leafed and t in res and not res[t].requires_grad]
-                if unreached:
-                    leafed.update(unreached)
-                    del res
-                    res = sg.forward({**feeds, **params}, capture=capture, perturb=dict.fromkeys(leafed))
+                # bf16 probes: the values (activations, XᵀX, the outputs the probes are drawn from) come from an
+                # fp32 forward; the differentiable forward runs under autocast, so the probes' products are bf16
+                exact = _exact_values(sg, feeds, params, capture) if low else None
+                with _autocast(device, low):
+                    res = sg.forward({**feeds, **params}, capture=capture, perturb=dict.fromkeys(leafed) or None)
+                    unreached = [t for t in perturb_names if t not in leafed and t in res and not res[t].requires_grad]
+                    if unreached:
+                        leafed.update(unreached)
+                        del res
+                        res = sg.forward({**feeds, **params}, capture=capture, perturb=dict.fromkeys(leafed))
+                vals = exact if exact is not None else res
                 if hacc is not None:
-                    hacc.update({t: res[t] for t in hacc.tensors if t in res}, attention_mask(batch))
+                    hacc.update({t: vals[t] for t in hacc.tensors if t in vals}, attention_mask(batch))
                 leaves = [params[w] for w in seg_weights]
                 in_leaves = [(n, feeds[n]) for n in seg.inputs if feeds[n].requires_grad]
                 act_leaves = [
@@ -448,12 +454,13 @@ def analyze_streamed(
                     for t in perturb_names
                     if (t in leafed and t in sg.perturbations) or (t not in leafed and t in res)
                 ]
-                sq = {t: torch.zeros_like(leaf) for t, leaf in act_leaves}
+                sq = {t: torch.zeros_like(leaf, dtype=torch.float32) for t, leaf in act_leaves}
                 for j in range(k):
                     outs, gouts = [], []
                     zz: torch.Tensor | None = None
+                    ref = refs[b] if refs else _detached(vals, kinds)
                     z = (
-                        _probe(zcache, (b, j), refs[b] if refs else _detached(res, kinds), kinds, masks[b], config.seed)
+                        _probe(zcache, (b, j), ref, kinds, masks[b], config.seed)
                         if any(name in kinds for name in seg.outputs)
                         else {}
                     )
@@ -466,7 +473,7 @@ def analyze_streamed(
                         if g is None or not res[name].requires_grad:
                             continue
                         outs.append(res[name])
-                        gouts.append(g.to(res[name].device))
+                        gouts.append(g.to(res[name].device, res[name].dtype))  # (bf16 where autocast made one)
                     if not zcache.get((b, j), True):
                         zcache.pop((b, j), None)
                     if not outs:
@@ -497,7 +504,8 @@ def analyze_streamed(
                             nxt[n] = nxt[n] + g.detach() if n in nxt else g.detach()
                     for (t, _), g in zip(act_leaves, ga, strict=True):
                         if g is not None:
-                            sq[t].add_(g.detach() * g.detach())
+                            g = g.detach().float()
+                            sq[t].add_(g * g)
                     if not nxt:
                         incoming.pop((b, j), None)
                     del grads, gw, gi, ga  # before the next probe's gradients are made
@@ -506,11 +514,11 @@ def analyze_streamed(
                     if k == 0:
                         continue
                     d = (sq[t] / k).cpu().numpy()  # float32: activation_error widens it exactly
-                    a = res[t].detach().float().cpu().numpy()
+                    a = vals[t].detach().float().cpu().numpy()
                     for e in act_elements:
                         act_term[(t, e)] += float(bweights[b]) * 0.5 * activation_error(d, a, e, amax[t])
                     del leaf
-                del res
+                del res, vals, exact
                 logger.debug("backward: segment %d batch %d: %d probe(s) done", seg.index, b, k)
             act_done.update(perturb_names)
             for w in seg_weights:
@@ -546,7 +554,9 @@ def analyze_streamed(
     table = assemble_table(
         table_nodes, fmts, config, kinds, data, int(sizes.sum()), amax, (t0, t_build, t_ref, t_hvp - t_predict, t_hvp)
     )
-    table = replace(table, probes=config.probes, seeding="per-probe", loss_outputs=spec.to_dict())
+    table = replace(
+        table, probes=config.probes, seeding="per-probe", loss_outputs=spec.to_dict(), probe_dtype=config.probe_dtype
+    )
     table = replace(table, timings={**table.timings, "segments": float(len(segments))})
     return StreamedResult(table=table, hessians=hess)
 
@@ -585,6 +595,19 @@ def _probe(
             name: ggn_output_probe(ref[name].cpu(), kind, gen, masks.get(name)) for name, kind in kinds.items()
         }
     return cache[key]
+
+
+def _autocast(device: str, enabled: bool) -> torch.autocast:
+    """bf16 autocast on ``device`` (matrix products in bf16 with fp32 accumulation) when ``enabled``."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _exact_values(
+    sg: TorchGraph, feeds: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], capture: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """The fp32 forward of a segment, without gradients: what bf16 probe passes read values from."""
+    with torch.no_grad():
+        return sg.forward({**{n: v.detach() for n, v in feeds.items()}, **params}, capture=list(capture))
 
 
 def _square_(g: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ Schema (version 1)::
      "nodes": [{"name", "op_type", "weight", "params", "shape", "group", "module_path",
                 "trace", "trace_rse"?, "candidates": {"int8": {"bits", "predicted_loss", "measured_loss"}}}]}
 
-``trace_rse`` (per node, when known), ``probe_tol`` and ``seeding`` (when not ``sequential``) are
-written only when set, so tables of the default analysis read and write as before.
+``trace_rse`` (per node, when known), ``probe_tol``, ``seeding`` (when not ``sequential``) and ``probe_dtype``
+(when not ``float32``) are written only when set, so tables of the default analysis read and write as before.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ class SensitivityTable:
     loss_outputs: Mapping[str, Any] | None = None  # LossSpec.to_dict(): outputs, loss per output, masks
     probe_tol: float | None = None  # convergence mode: the target relative standard error of each trace
     seeding: str = "sequential"  # how probes were seeded: sequential | per-probe (sharded runs)
+    probe_dtype: str = "float32"  # the probe passes' arithmetic (bfloat16: --probe-dtype)
 
     def node(self, name: str) -> NodeSensitivity | None:
         """The node called ``name`` (None when the table has none)."""
@@ -146,6 +147,7 @@ class SensitivityTable:
             **({"loss_outputs": dict(self.loss_outputs)} if self.loss_outputs else {}),
             **({"probe_tol": self.probe_tol} if self.probe_tol is not None else {}),
             **({"seeding": self.seeding} if self.seeding != "sequential" else {}),
+            **({"probe_dtype": self.probe_dtype} if self.probe_dtype != "float32" else {}),
             "nodes": [
                 {
                     "name": n.name,
@@ -237,6 +239,7 @@ class SensitivityTable:
             loss_outputs=data.get("loss_outputs"),
             probe_tol=None if data.get("probe_tol") is None else float(data["probe_tol"]),
             seeding=str(data.get("seeding", "sequential")),
+            probe_dtype=str(data.get("probe_dtype", "float32")),
             timings=dict(data.get("timings") or {}),
         )
 
