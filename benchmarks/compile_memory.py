@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -136,14 +137,18 @@ def old_tree(rev: str) -> Path:
     return path
 
 
-def run_compile(tree: Path, case: Case, out: Path, budget: str, bare: bool = False) -> dict[str, Any]:
+def run_compile(
+    tree: Path, case: Case, out: Path, budget: str, bare: bool = False, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """One compile in a fresh process with ``tree`` first on the path, under ``nice -n 10`` and
-    ``/usr/bin/time -v``; a sampler also records the peak RSS of the process tree (psutil, every 50 ms)."""
+    ``/usr/bin/time -v``; a sampler also records the peak RSS of the process tree (psutil, every 50 ms).
+    ``extra``: flags after the case's own (a variant of this tree)."""
     # the first wave's trees have no lpcompile/__main__.py: call the console script's function
     entry = ["-m", "lpcompile"] if (tree / "lpcompile" / "__main__.py").is_file() else ["-c", _CLI]
     cmd = [
         "nice", "-n", "10", "/usr/bin/time", "-v", sys.executable, *entry, str(case.model),
         "--budget", budget, "--calib", str(case.calib), "-o", str(out), "--force", "-q", *(() if bare else case.flags),
+        *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     record: dict[str, Any] = {"tree": str(tree), "command": " ".join(cmd[5:]), "load_before": load_average()}
@@ -219,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old-tree", help="an existing checkout of the old revision (instead of making a worktree)")
     p.add_argument("--new-only", action="store_true", help="measure this tree only")
     p.add_argument("--bare", action="store_true", help="no per-model flags: each tree's default path")
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=FLAGS",
+        help="also run this tree with FLAGS added (e.g. bf16='--probe-dtype bfloat16'); repeatable",
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--budget", default="4.5bits")
     p.add_argument("--workdir", default="/tmp/lpcompile-compile-memory")
@@ -229,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     old = Path(args.old_tree) if args.old_tree else None
     trees = {"new": ROOT} if args.new_only else {"old": old or old_tree(args.old), "new": ROOT}
+    variants: dict[str, tuple[str, ...]] = {}
+    for spec in args.variant:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or name in ("old", "new"):
+            p.error(f"--variant {spec!r}: give NAME=FLAGS with a new name")
+        variants[name] = tuple(shlex.split(flags))
+    runs = [(w, t, ()) for w, t in trees.items()] + [(name, ROOT, flags) for name, flags in variants.items()]
     results: list[dict[str, Any]] = []
     for case in cases(args.models.split(",")):
         wbytes = fp32_weight_bytes(case.model)
@@ -241,19 +257,21 @@ def main(argv: list[str] | None = None) -> int:
         }
         outs: dict[str, Path] = {}
         for rep in range(args.repeats):
-            for which, tree in trees.items():
+            for which, tree, extra in runs:
                 out = work / f"{case.key}.{which}.lp.onnx"
-                run = run_compile(tree, case, out, args.budget, bare=args.bare)
+                run = run_compile(tree, case, out, args.budget, bare=args.bare, extra=extra)
                 run["which"], run["repeat"] = which, rep
                 row["runs"].append(run)
                 outs[which] = out
                 logger.info("%s / %s: %s", case.key, which, {k: run.get(k) for k in
                             ("max_rss_kib", "wall_s", "load_before", "load_after", "exit")})
-        if len(outs) == 2:
+        if "old" in outs and "new" in outs:
             row["old_vs_new"] = same_outputs(outs["old"], outs["new"])
             walls = {w: sorted(r["wall_s"] for r in row["runs"] if r["which"] == w and "wall_s" in r) for w in outs}
-            if walls["old"] and walls["new"]:
-                row["old_over_new_wall"] = walls["old"][len(walls["old"]) // 2] / walls["new"][len(walls["new"]) // 2]
+            for which in outs:
+                if which != "old" and walls["old"] and walls[which]:
+                    ratio = walls["old"][len(walls["old"]) // 2] / walls[which][len(walls[which]) // 2]
+                    row["old_over_new_wall" if which == "new" else f"old_over_{which}_wall"] = ratio
         results.append(row)
     doc = {
         "benchmark": "compile_memory",
@@ -262,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                               text=True).stdout.strip(),
         "budget": args.budget,
         "bare": args.bare,
+        "variants": {name: list(flags) for name, flags in variants.items()},
         "results": results,
     }
     atomic_write_text(Path(args.json_out), json.dumps(doc, indent=1) + "\n")
@@ -269,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if "old_vs_new" in r:
             print(f"{r['model']}: old vs new outputs {r['old_vs_new']}")
-        if "old_over_new_wall" in r:
-            print(f"{r['model']}: old / new wall time (medians) {r['old_over_new_wall']:.2f}x")
+        for key, value in r.items():
+            if key.startswith("old_over_") and key.endswith("_wall"):
+                which = key[len("old_over_") : -len("_wall")]
+                print(f"{r['model']}: old / {which} wall time (medians) {value:.2f}x")
     return 0
 
 

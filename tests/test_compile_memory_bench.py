@@ -39,7 +39,10 @@ def test_new_only_digits_run(tmp_path: Path) -> None:
     from compile_memory import main
 
     out = tmp_path / "m.json"
-    assert main(["--models", "digits", "--new-only", "--workdir", str(tmp_path), "--json-out", str(out)]) == 0
+    argv = ["--models", "digits", "--new-only", "--workdir", str(tmp_path), "--json-out", str(out)]
+    assert main([*argv, "--variant", "p2=--probes 2"]) == 0
     doc = json.loads(out.read_text())
-    (run,) = doc["results"][0]["runs"]
+    run, variant = doc["results"][0]["runs"]
     assert run["exit"] == 0 and run["max_rss_kib"] > 0
+    assert variant["which"] == "p2" and variant["exit"] == 0 and variant["command"].endswith("--probes 2")
+    assert doc["variants"] == {"p2": ["--probes", "2"]}
