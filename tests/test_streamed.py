@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from lpcompile.analysis.config import AnalysisConfig
 from lpcompile.analysis.input_hessians import HessianStore
@@ -215,3 +216,34 @@ def test_bf16_probes_run_streamed_only(toy: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_a_tied_table_keeps_only_the_gathered_rows_between_its_segments(
+    toy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head's per-probe gradient of the tied embedding is squared where it is made, except on the rows the
+    embedding Gather reads in that batch: only those wait for the first segment (no dense partials, no spill),
+    and the table is still the whole-graph one."""
+    import lpcompile.analysis.streamed as streamed
+
+    model = load_normalized(toy)
+    segs = plan_segments(model, segment_bytes=20_000)
+    readers: dict[str, list[int]] = {}
+    for seg in segs:
+        for name in seg.initializers:
+            readers.setdefault(name, []).append(seg.index)
+    assert streamed._row_gathers(model, segs, readers) == {"model.embed_tokens.weight": ["input_ids"]}
+    dense: list[tuple[str, int, int]] = []
+    real_add = streamed._Partials.add
+    monkeypatch.setattr(streamed._Partials, "add", lambda self, key, g: dense.append(key) or real_add(self, key, g))
+    monkeypatch.setattr(streamed, "SPILL_BYTES", 0)
+    cfg = AnalysisConfig(seeding="per-probe", batch_size=2, probes=6)
+    _same_tables(analyze_onnx(model, _calib(), cfg), analyze_streamed(model, _calib(), cfg, segment_bytes=20_000).table)
+    assert not [key for key in dense if key[0] == "model.embed_tokens.weight"]
+
+
+def test_gathered_rows_wrap_negative_indices() -> None:
+    from lpcompile.analysis.streamed import _read_rows
+
+    rows = _read_rows([torch.tensor([[3, -1, 3]]), torch.tensor([0, -10])], 10)
+    assert rows.tolist() == [0, 3, 9]
