@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
     setup_logging()
+    from lpcompile.io_utils import atomic_write_text
     from lpcompile.runtime.ort import make_session
 
     task = smollm2_task(eval_windows=args.eval_windows)
@@ -38,7 +39,7 @@ def main() -> None:
         rows.append({"file": str(f), **s})
         print(f"{f!s:48s} {s['ppl']:8.3f} {s['kl']:9.4f} {s['top1_agree']:7.4f}")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"loadavg": os.getloadavg(), "rows": rows}, indent=1) + "\n")
+        atomic_write_text(args.json_out, json.dumps({"loadavg": os.getloadavg(), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

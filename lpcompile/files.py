@@ -30,6 +30,7 @@ from lpcompile.formats import needs_input_hessians
 from lpcompile.frontend.calib import CalibrationSet, calibration_for
 from lpcompile.frontend.onnx_io import EXTERNAL_THRESHOLD, StreamedTensor, load_model, model_bytes_estimate, save_model
 from lpcompile.graph import find_weight_nodes
+from lpcompile.guard import heldout_split
 from lpcompile.io_utils import check_outputs
 from lpcompile.plan import PrecisionPlan
 
@@ -80,8 +81,8 @@ class CompileResult:
     decision: Decision
     applied: ApplyResult
     timings: Mapping[str, float]
-    calib: CalibrationSet | None = None  # the calibration data analysis and apply used (loaded once)
-    heldout: CalibrationSet | None = None  # without --calib: the guard's fresh synthetic inputs
+    calib: CalibrationSet  # the calibration data analysis and apply used (loaded once)
+    heldout: CalibrationSet  # what the quality guard measures (guard.heldout_split of calib, or synthetic)
 
     @property
     def plan(self) -> PrecisionPlan:
@@ -418,7 +419,8 @@ def compile_file(
     if budget is not None:
         check_budget(model, budget, decide_config.formats or config.formats, target)
     calib = analysis_calib(model, calib_path, config)  # loaded once: analysis, apply and the caller share it
-    heldout = synthetic_heldout(model, calib, config.seed) if calib.synthetic else None
+    # the guard's held-out samples: the last quarter of the user's data, or fresh synthetic inputs
+    heldout = synthetic_heldout(model, calib, config.seed) if calib.synthetic else heldout_split(calib)[1]
     from lpcompile.analysis.input_hessians import HessianStore
 
     hessians = HessianStore()  # the XᵀX the analysis gathers for mse/gptq: apply rounds with the same ones

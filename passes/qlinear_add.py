@@ -30,7 +30,7 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from lpcompile.passes._common import MS_DOMAIN, Namer, is_onnx_op
+from lpcompile.passes._common import MS_DOMAIN, Namer, is_onnx_op, make_node
 from lpcompile.passes.qlinear_conv import (
     activation_of,
     int8_conv_weight,
@@ -127,30 +127,21 @@ class RoundResidualsPass(ir.passes.InPlacePass):
                     q = qs[0]
                     dq_in = [q.outputs[0], q.inputs[1], q.inputs[2]]
                 else:  # the project Conv's output, rounded with the sum's step
-                    qv = ir.Value(name=namer.value(f"{x.name or 'residual'}_q"), type=ir.TensorType(ir.DataType.INT8))
-                    qv.shape = x.shape.copy() if x.shape is not None else None
-                    q = ir.node(
-                        "QuantizeLinear",
-                        [x, q_sum.inputs[1], q_sum.inputs[2]],
-                        None,
+                    q = make_node(
+                        "QuantizeLinear", [x, q_sum.inputs[1], q_sum.inputs[2]], None,
                         name=namer.node(f"{add.name or 'add'}/residual_q{idx}"),
-                        outputs=[qv],
-                    )
+                        out_name=namer.value(f"{x.name or 'residual'}_q"), out_dtype=ir.DataType.INT8,
+                        out_shape=x.shape,
+                    )  # fmt: skip
                     graph.insert_before(add, [q])
-                    dq_in = [qv, q_sum.inputs[1], q_sum.inputs[2]]
-                dv = ir.Value(
-                    name=namer.value(f"{x.name or 'residual'}_rounded"), type=ir.TensorType(ir.DataType.FLOAT)
-                )
-                dv.shape = x.shape.copy() if x.shape is not None else None
-                dq = ir.node(
-                    "DequantizeLinear",
-                    dq_in,
-                    None,
-                    name=namer.node(f"{add.name or 'add'}/residual_dq{idx}"),
-                    outputs=[dv],
-                )
+                    dq_in = [q.outputs[0], q_sum.inputs[1], q_sum.inputs[2]]
+                dq = make_node(
+                    "DequantizeLinear", dq_in, None, name=namer.node(f"{add.name or 'add'}/residual_dq{idx}"),
+                    out_name=namer.value(f"{x.name or 'residual'}_rounded"), out_dtype=ir.DataType.FLOAT,
+                    out_shape=x.shape,
+                )  # fmt: skip
                 graph.insert_before(add, [dq])
-                add.replace_input_with(idx, dv)
+                add.replace_input_with(idx, dq.outputs[0])
             count += 1
         if count:
             graph.sort()  # a graph input's rounding sits before its first reader, which may follow the Add
@@ -188,15 +179,14 @@ class QLinearAddPass(ir.passes.InPlacePass):
                 q = a.q if f is None else u8.quantize(f, a.scale, base, new_nodes)
                 ins += [q, a.scale, u8.zero_point]
             s = add.outputs[0]
-            y = ir.Value(name=namer.value(f"{s.name or base}_u8"), type=ir.TensorType(ir.DataType.UINT8))
-            y.shape = s.shape.copy() if s.shape is not None else None
             ins += [chain.scale, u8.zero_point]
-            new_nodes.append(
-                ir.node(
-                    "QLinearAdd", ins, None, domain=MS_DOMAIN, name=add.name, outputs=[y], doc_string=add.doc_string
-                )
-            )
-            cur = y
+            qadd = make_node(
+                "QLinearAdd", ins, None, domain=MS_DOMAIN, name=add.name or "",
+                out_name=namer.value(f"{s.name or base}_u8"), out_dtype=ir.DataType.UINT8, out_shape=s.shape,
+            )  # fmt: skip
+            qadd.doc_string = add.doc_string
+            new_nodes.append(qadd)
+            cur = qadd.outputs[0]
             for op in chain.ops:
                 cur = int8_op(graph, namer, op, cur, chain.step, new_nodes)
             graph.insert_before(add, new_nodes)

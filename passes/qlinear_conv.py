@@ -288,4 +288,17 @@ def rewire_roundings(chain: Chain, cur: ir.Value, zp_u8: ir.Value) -> None:
             dq.replace_input_with(2, zp_u8)
 
 
-__all__ = ["ZERO_POINT_U8", "Chain", "QLinearConvChainPass", "int8_op", "output_chain", "rewire_roundings"]
+__all__ = [
+    "ZERO_POINT_U8",
+    "Chain",
+    "QLinearConvChainPass",
+    "activation_of",
+    "int8_conv_weight",
+    "int8_op",
+    "is_transparent",
+    "output_chain",
+    "rewire_roundings",
+    "rounded_from",
+    "scalar_scale",
+    "zero_point_kind",
+]

@@ -275,6 +275,12 @@ def test_guard_inputs_without_calib_come_from_the_compiles_model(tmp_path: Path,
     for name, arr in res.heldout.arrays.items():
         np.testing.assert_array_equal(arr, fresh.arrays[name])
         assert arr.shape[1:] == res.calib.arrays[name].shape[1:] and not np.array_equal(arr, res.calib.arrays[name])
+    cfg = AnalysisConfig(probes=2)
+    with_calib = compile_file(MLP, "4.5bits", out=tmp_path / "d.onnx", calib_path=CALIB, config=cfg)
+    n = with_calib.calib.num_samples  # with --calib: its last quarter
+    assert with_calib.heldout.num_samples == n // 4
+    for name, arr in with_calib.heldout.arrays.items():
+        np.testing.assert_array_equal(arr, with_calib.calib.arrays[name][n - n // 4 :])
     reads: list[object] = []
     real = onnx_io.load_model
     monkeypatch.setattr(onnx_io, "load_model", lambda *a, **k: reads.append(a) or real(*a, **k))

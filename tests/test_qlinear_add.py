@@ -277,7 +277,10 @@ def test_resnet_blocks_with_a_relu_after_the_sum() -> None:
     reference = apply_plan(to_ir(proto), plan, target="qdq")[0]
     RoundResidualsPass()(reference)
     added = [n for n in reference.graph if n.op_type == "QuantizeLinear" and n.name.endswith(("residual_q0",))]
-    assert sorted(n.inputs[0].name for n in added) == ["c2", "c4"]  # the second conv of each block, sum's step
+    assert sorted(n.inputs[0].name for n in added) == ["c2", "c4"]  # the second conv of each block
+    for q in added:  # with the step of the roundings after the sum's Relu
+        after = {"c2": "o1", "c4": "o2"}[q.inputs[0].name]
+        assert float(q.inputs[1].const_value.numpy()) == pytest.approx(plan.activation_scales[after] / 127, rel=1e-6)
     (want,) = run_at_level(check(reference), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x=x)
     (got_y,) = run_at_level(chained, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, x=x)
     bound = 2 * 1.01 * plan.activation_scales["o2"] / 127 * np.abs(w["H"]).sum(axis=(1, 2, 3)).max()

@@ -338,8 +338,6 @@ def analyze_streamed(
     # a tied table read by Gathers in its first segment and densely in one later one (an LLM's embedding and
     # head): the later reader's per-probe gradient is kept only on the rows the Gathers read in that batch
     gather_ids = _row_gathers(model, segments, readers)
-    gather_ids = {w: ids for w, ids in gather_ids.items() if all(
-        i in graph_input_names or producer_seg.get(i) == readers[w][0] for i in ids)}
     gathered: dict[str, list[torch.Tensor]] = {w: [] for w in gather_ids}  # per batch: the rows read
     t_build = time.perf_counter()
 
@@ -655,8 +653,10 @@ def _row_gathers(
     model: ir.Model, segments: Sequence[Segment], readers: Mapping[str, list[int]]
 ) -> dict[str, list[str]]:
     """Weights read in exactly two segments, in the first only as the table of axis-0 ``Gather`` s (an embedding
-    tied to a head): weight → the index tensors of those Gathers."""
+    tied to a head) whose indices are graph inputs or made in that segment (its forward sees them): weight →
+    the index tensors of those Gathers."""
     nodes = list(model.graph)
+    inputs = {v.name for v in model.graph.inputs}
     out: dict[str, list[str]] = {}
     for w, segs in readers.items():
         if len(segs) != 2:
@@ -664,10 +664,12 @@ def _row_gathers(
         first = nodes[segments[segs[0]].nodes[0] : segments[segs[0]].nodes[1]]
         if any(n.op_type in ("If", "Loop", "Scan") for n in first):  # (a body might read it unseen)
             continue
+        made = {v.name for n in first for v in n.outputs}
         uses = [n for n in first if any(v is not None and v.name == w for v in n.inputs)]
         ok = uses and all(
             n.op_type == "Gather" and n.domain in ("", "ai.onnx") and len(n.inputs) == 2 and n.inputs[0] is not None
             and n.inputs[0].name == w and n.inputs[1] is not None and n.inputs[1].name != w
+            and (n.inputs[1].name in inputs or n.inputs[1].name in made)
             and (n.attributes["axis"].as_int() if "axis" in n.attributes else 0) == 0
             for n in uses
         )

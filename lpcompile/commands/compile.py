@@ -17,7 +17,7 @@ from lpcompile.commands._args import (
 )
 from lpcompile.commands._tables import plan_rows, print_plan
 from lpcompile.console import Output, StageProgress
-from lpcompile.errors import LpError, UsageError
+from lpcompile.errors import UsageError
 
 if TYPE_CHECKING:
     from lpcompile.analysis.config import AnalysisConfig
@@ -140,20 +140,15 @@ def _refuse_nothing_to_do(model_path: str) -> None:
 
 
 def _guard(args: argparse.Namespace, config: AnalysisConfig, result: CompileResult) -> GuardResult:
-    """The quality guard on held-out samples: the last quarter of --calib, or fresh synthetic inputs (seed + 1)."""
-    from lpcompile.guard import check_quality, heldout_split
+    """The quality guard on the compile's held-out samples: the last quarter of --calib, or fresh synthetic
+    inputs (seed + 1), both chosen by :func:`lpcompile.files.compile_file`."""
+    from lpcompile.guard import check_quality
 
-    if args.calib and result.calib is not None:
-        heldout = heldout_split(result.calib)[1]  # the data compile loaded, not a second read
-    elif result.heldout is not None:
-        heldout = result.heldout  # fresh synthetic inputs, made from the compile's model before the rewrite
-    else:
-        raise LpError("the quality guard has no held-out samples (the compile made no synthetic inputs)")
     _release_compile_memory()
     return check_quality(
         result.applied.output,
         args.model,
-        heldout,
+        result.heldout,
         plan=result.plan,
         table=result.table,
         max_loss=args.max_loss,
